@@ -1,0 +1,1 @@
+"""imgfs drivers, one module per format or protocol (installed as imgfs.drivers)."""

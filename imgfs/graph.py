@@ -1,0 +1,262 @@
+"""Opening and creating images: option trees become a graph of `Node`s.
+
+The rules that make imgfs behave like QEMU live here: a tree without a
+``driver`` probes its format (raw only when nothing else claims the file),
+backing and data files named inside an image are opened by the core,
+relative to the image's own location and read-only, and the read-only
+decision is made once for the whole graph before any lock is taken.
+"""
+from __future__ import annotations
+
+import os
+from collections.abc import Mapping
+from typing import Any
+
+from .block import BlockDriver, ChildRef, Kind
+from .errors import CorruptImage, ImgfsError, PermissionDenied, Unsupported, UsageError
+from .node import Node, OpenContext
+from .registry import get_driver, probe_format, protocol_for
+from .source import SOURCE_KEY, child_tree, parse_source, protocol_tree, with_options
+
+#: keys of a tree that belong to the core, not to the driver's schema
+CORE_KEYS = frozenset({"driver", "file", "backing", "data-file", "node-name",
+                       "read-only", "auto-read-only", "discard", "detect-zeroes",
+                       SOURCE_KEY})
+#: bytes read from the start of a file to probe its format
+PROBE_BYTES = 4096
+#: a backing chain deeper than this is treated as a loop
+MAX_CHAIN_DEPTH = 64
+
+
+async def open_image(source: str | Mapping[str, Any], ctx: OpenContext, *,
+                     fmt: str | None = None,
+                     options: Mapping[str, Any] | None = None) -> Node:
+    """Open SOURCE (filename, URL, json:, or a tree) with its whole chain."""
+    tree = parse_source(source) if isinstance(source, str) else dict(source)
+    if options:
+        tree = with_options(tree, options)
+    if fmt is not None:
+        tree = _force_format(tree, fmt)
+    node = await open_tree(tree, ctx, read_only=bool(ctx.read_only))
+    try:
+        _decide_read_only(node, ctx)
+        await node.activate()
+    except BaseException:
+        await node.aclose()
+        raise
+    return node
+
+
+def _force_format(tree: dict[str, Any], fmt: str) -> dict[str, Any]:
+    given = tree.get("driver")
+    cls = get_driver(fmt)
+    if cls.kind is Kind.PROTOCOL:
+        # format=nbd and friends: the protocol node itself is the image
+        leaf = tree.get("file", tree)
+        leaf = child_tree(leaf, leaf=True) if not isinstance(leaf, dict) else dict(leaf)
+        leaf.setdefault("driver", fmt)
+        return leaf
+    if given is not None and given != fmt:
+        raise UsageError(f"format '{fmt}' conflicts with driver '{given}' of the source")
+    return {**tree, "driver": fmt}
+
+
+def _decide_read_only(node: Node, ctx: OpenContext) -> None:
+    read_only = ctx.read_only
+    if read_only is None:
+        read_only = node.driver.read_only_format
+    if not read_only and node.driver.read_only_format:
+        raise Unsupported(f"{node.format_name} images can only be opened read-only (use -o ro)")
+    if not read_only:
+        for leaf in _data_leaves(node):
+            if not getattr(leaf.driver, "writable", True):
+                raise PermissionDenied(f"{leaf.filename}: cannot open for writing "
+                                       "(permission denied; use -o ro)")
+    node.set_read_only(read_only)
+
+
+def _data_leaves(node: Node) -> list[Node]:
+    """The protocol nodes that hold this node's own data (not backing)."""
+    if not node.children:
+        return [node]
+    leaves = []
+    for name, child in node.children.items():
+        if name != "backing":
+            leaves.extend(_data_leaves(child))
+    return leaves
+
+
+async def open_tree(tree: Mapping[str, Any], ctx: OpenContext, *, read_only: bool,
+                    depth: int = 0) -> Node:
+    """Open one tree: a protocol leaf, or a format (given or probed) over its file."""
+    if depth > MAX_CHAIN_DEPTH:
+        raise CorruptImage(f"backing chain deeper than {MAX_CHAIN_DEPTH} (a loop?)")
+    driver_name = tree.get("driver")
+    cls = get_driver(driver_name) if driver_name else None
+    if (cls is None and "file" not in tree) or (cls is not None and cls.kind is Kind.PROTOCOL):
+        return await open_protocol(tree, ctx, read_only=read_only, cls=cls)
+    if "file" not in tree:
+        raise UsageError(f"format '{driver_name}' needs a 'file' child")
+    file_node = await open_tree(child_tree(tree["file"], leaf=True), ctx,
+                                read_only=read_only, depth=depth + 1)
+    try:
+        probed = cls is None
+        if cls is None:
+            cls = await probe(file_node)
+        return await open_format(cls, file_node, tree, ctx, read_only=read_only,
+                                 probed=probed, depth=depth)
+    except BaseException:
+        await file_node.aclose()
+        raise
+
+
+async def probe(file_node: Node) -> type[BlockDriver]:
+    head = await file_node.read(0, min(file_node.size, PROBE_BYTES))
+    return probe_format(head, file_node.filename)
+
+
+def _driver_options(tree: Mapping[str, Any]) -> dict[str, Any]:
+    return {key: value for key, value in tree.items() if key not in CORE_KEYS}
+
+
+def _name_of(tree: Mapping[str, Any], cls: type[BlockDriver]) -> str:
+    return str(tree.get("filename") or tree.get(SOURCE_KEY) or cls.name)
+
+
+async def open_protocol(tree: Mapping[str, Any], ctx: OpenContext, *, read_only: bool,
+                        cls: type[BlockDriver] | None = None) -> Node:
+    if cls is None:
+        filename = tree.get("filename")
+        if not isinstance(filename, str) or not filename:
+            raise UsageError("no filename given")
+        protocol = protocol_for(filename)
+        if protocol is not None and protocol != "file":
+            return await open_protocol(protocol_tree(filename) | _driver_options(tree), ctx,
+                                       read_only=read_only, cls=get_driver(protocol))
+        cls = get_driver("file")
+    driver = cls()
+    node = Node(driver, _name_of(tree, cls), read_only, ctx)
+    options = cls.open_opts.parse(_driver_options(tree), what=cls.name)
+    await _run_open(node, options, ctx)
+    return node
+
+
+async def _run_open(node: Node, options: dict[str, Any], ctx: OpenContext) -> None:
+    try:
+        await node.driver.open(options, ctx)
+    except ImgfsError as exc:
+        exc.path = exc.path or node.filename
+        await node.aclose()
+        raise
+    except (OSError, ValueError) as exc:
+        await node.aclose()
+        wrapped = node._wrap(exc)
+        wrapped.path = node.filename
+        raise wrapped from exc
+    except BaseException:
+        await node.aclose()
+        raise
+
+
+async def open_format(cls: type[BlockDriver], file_node: Node, tree: Mapping[str, Any],
+                      ctx: OpenContext, *, read_only: bool, probed: bool = False,
+                      depth: int = 0) -> Node:
+    driver = cls()
+    node = Node(driver, file_node.filename, read_only, ctx)
+    node.probed = probed
+    driver.children["file"] = file_node
+    options = cls.open_opts.parse(_driver_options(tree), what=cls.name)
+    await _run_open(node, options, ctx)
+    try:
+        for name, ref in driver.child_refs().items():
+            if name in tree and tree[name] is None:
+                continue            # json: {"backing": null} drops the backing file
+            if name in tree:
+                child_spec = child_tree(tree[name], leaf=name != "backing")
+            else:
+                child_spec = ref_tree(ref, file_node, leaf=name != "backing")
+            driver.children[name] = await open_tree(
+                child_spec, ctx, read_only=ref.read_only or read_only, depth=depth + 1)
+        await driver.attach()
+    except ImgfsError as exc:
+        exc.path = exc.path or node.filename
+        await node.aclose()
+        raise
+    except BaseException:
+        await node.aclose()
+        raise
+    return node
+
+
+def resolve_relative(name: str, file_node: Node) -> str:
+    """A name written inside an image, resolved as QEMU resolves it: relative
+    to the directory of the image's own file."""
+    if name.startswith("json:") or protocol_for(name) is not None or os.path.isabs(name):
+        return name
+    base = file_node.filename
+    if protocol_for(base) is not None or base.startswith("json:"):
+        return name
+    return os.path.join(os.path.dirname(base), name)
+
+
+def ref_tree(ref: ChildRef, file_node: Node, *, leaf: bool) -> dict[str, Any]:
+    filename = resolve_relative(ref.filename, file_node)
+    if ref.fmt and not leaf:
+        tree = {"driver": ref.fmt, "file": protocol_tree(filename)}
+    else:
+        tree = child_tree(filename, leaf=leaf)
+    return with_options(tree, ref.options) if ref.options else tree
+
+
+# -- creation -------------------------------------------------------------------
+
+
+async def create_image(filename: str, fmt: str, size: int | None,
+                       options: Mapping[str, Any], ctx: OpenContext) -> dict[str, Any]:
+    """Create an image; returns the parsed options (for the summary line)."""
+    cls = get_driver(fmt)
+    if cls.create_opts is None:
+        raise Unsupported(f"format '{fmt}' does not support image creation")
+    parsed = cls.create_opts.parse(options, what=fmt)
+    backing = parsed.get("backing_file")
+    if size is None:
+        if not backing:
+            raise UsageError("image size required")
+        size = await _backing_size(filename, backing, parsed.get("backing_fmt"), ctx)
+    parsed["size"] = size
+    await cls.create(filename, size, parsed, ctx)
+    return parsed
+
+
+async def _backing_size(filename: str, backing: str, backing_fmt: str | None,
+                        ctx: OpenContext) -> int:
+    if not os.path.isabs(backing) and protocol_for(backing) is None:
+        backing = os.path.join(os.path.dirname(filename), backing)
+    node = await open_image(backing, OpenContext(read_only=True, force_share=True,
+                                                 locking=ctx.locking, secrets=ctx.secrets),
+                            fmt=backing_fmt)
+    try:
+        return node.size
+    finally:
+        await node.aclose()
+
+
+async def create_protocol_file(filename: str, ctx: OpenContext, *, size: int = 0,
+                               options: Mapping[str, Any] | None = None) -> Node:
+    """Create an empty file (or the protocol's equivalent) and open it
+    writable, for a format's `create` to write its metadata into."""
+    protocol = protocol_for(filename) or "file"
+    cls = get_driver(protocol)
+    if cls.create_opts is None:
+        raise Unsupported(f"protocol '{protocol}' cannot create files")
+    file_options = cls.create_opts.parse(
+        {k: v for k, v in (options or {}).items() if cls.create_opts.get(k)}, what=protocol)
+    await cls.create(filename, size, file_options, ctx)
+    write_ctx = OpenContext(read_only=False, locking=ctx.locking, cache=ctx.cache)
+    node = await open_tree(protocol_tree(filename), write_ctx, read_only=False)
+    try:
+        await node.activate()
+    except BaseException:
+        await node.aclose()
+        raise
+    return node

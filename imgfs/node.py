@@ -1,0 +1,368 @@
+"""The core of the block graph: `Node` wraps a driver and enforces the rules
+every driver relies on.
+
+* bounds: a request that crosses the end of the node is refused;
+* read-only: a write to a read-only node is refused;
+* alignment: requests are widened to the driver's `request_alignment`
+  (read-modify-write for writes), and split at its `max_transfer`;
+* allocation: the default format read walks `block_status` and resolves
+  what this layer does not allocate to the backing node, or to zeros;
+* errors: an OSError or struct.error escaping a driver becomes an
+  `ImgfsError` here, so callers see one family of exceptions.
+"""
+from __future__ import annotations
+
+import struct
+from dataclasses import dataclass, field
+from typing import Any
+import trio
+
+from .block import BlockDriver, Extent, Kind, Status
+from .errors import CorruptImage, ImgfsError, OutOfRange, ReadOnly, Unsupported, from_oserror
+
+
+@dataclass
+class OpenContext:
+    """Settings that apply to a whole graph (from the command line)."""
+
+    #: None: read-write unless the format is read-only
+    read_only: bool | None = None
+    locking: str = "auto"
+    force_share: bool = False
+    #: writeback | writethrough | none (none opens files with O_DIRECT)
+    cache: str = "writeback"
+    #: secrets by id (--object secret,...)
+    secrets: dict[str, bytes] = field(default_factory=dict)
+    #: True when the top-level format was probed rather than given
+    probed: bool = False
+    #: a terminal is there to ask for a passphrase
+    interactive: bool = False
+    #: for drivers that need background tasks (connection readers); the
+    #: mount and the CLI own it and cancel it after every node is closed
+    nursery: Any = None
+
+
+class Node:
+    """One node of the graph: a driver instance plus the core's rules."""
+
+    __slots__ = ("driver", "filename", "read_only", "ctx", "probed",
+                 "_rmw_lock", "_closed")
+
+    def __init__(self, driver: BlockDriver, filename: str, read_only: bool,
+                 ctx: OpenContext) -> None:
+        self.driver = driver
+        self.filename = filename
+        self.read_only = read_only
+        self.ctx = ctx
+        self.probed = False
+        self._rmw_lock = trio.Lock()
+        self._closed = False
+        driver.node = self
+        driver.children = {}
+
+    # -- graph ----------------------------------------------------------------
+
+    @property
+    def size(self) -> int:
+        return self.driver.size
+
+    @property
+    def children(self) -> dict[str, Node]:
+        return self.driver.children
+
+    @property
+    def format_name(self) -> str:
+        return self.driver.name
+
+    @property
+    def kind(self) -> Kind:
+        return self.driver.kind
+
+    @property
+    def backing(self) -> Node | None:
+        return self.driver.children.get("backing")
+
+    @property
+    def file(self) -> Node | None:
+        return self.driver.children.get("file")
+
+    def chain(self) -> list[Node]:
+        """This node and its backing nodes, top first."""
+        nodes, node = [], self
+        while node is not None:
+            nodes.append(node)
+            node = node.backing
+        return nodes
+
+    def set_read_only(self, read_only: bool) -> None:
+        """Propagate a read-only decision to the children that carry our data."""
+        self.read_only = read_only
+        for name, child in self.children.items():
+            if name != "backing":
+                child.set_read_only(read_only)
+
+    def allocated_bytes(self) -> int | None:
+        """Host bytes used by this node and its non-backing children."""
+        own = self.driver.allocated_bytes()
+        if own is not None:
+            return own
+        total, known = 0, False
+        for name, child in self.children.items():
+            if name == "backing":
+                continue
+            used = child.allocated_bytes()
+            if used is not None:
+                total, known = total + used, True
+        return total if known else None
+
+    # -- checks ---------------------------------------------------------------
+
+    def _check_range(self, offset: int, length: int) -> None:
+        if offset < 0 or length < 0 or offset + length > self.driver.size:
+            raise OutOfRange(f"request {offset}+{length} outside the "
+                             f"{self.driver.size}-byte node {self.filename}")
+
+    def _check_writable(self) -> None:
+        if self.read_only:
+            raise ReadOnly(f"{self.filename} is open read-only")
+
+    def _wrap(self, exc: Exception) -> ImgfsError:
+        if isinstance(exc, OSError):
+            return from_oserror(exc, self.filename)
+        return CorruptImage(f"{self.filename}: malformed metadata ({exc})")
+
+    # -- reads ----------------------------------------------------------------
+
+    async def read(self, offset: int, length: int) -> bytes:
+        self._check_range(offset, length)
+        if length == 0:
+            return b""
+        align = self.driver.request_alignment
+        if align > 1 and (offset | length) & (align - 1):
+            start = offset & ~(align - 1)
+            end = min(-(-(offset + length) // align) * align, self._aligned_size())
+            data = await self._read_split(start, end - start)
+            return data[offset - start:offset - start + length]
+        return await self._read_split(offset, length)
+
+    def _aligned_size(self) -> int:
+        align = self.driver.request_alignment
+        return -(-self.driver.size // align) * align
+
+    async def _read_split(self, offset: int, length: int) -> bytes:
+        limit = self.driver.max_transfer
+        try:
+            if not limit or length <= limit:
+                return await self.driver.read(offset, length)
+            parts = []
+            for start in range(offset, offset + length, limit):
+                parts.append(await self.driver.read(start, min(limit, offset + length - start)))
+            return b"".join(parts)
+        except ImgfsError:
+            raise
+        except (OSError, struct.error, ValueError) as exc:
+            raise self._wrap(exc) from exc
+
+    async def read_via_status(self, offset: int, length: int) -> bytes:
+        """The default format read: walk block_status, one read per extent."""
+        driver = self.driver
+        end = offset + length
+        parts: list[bytes] = []
+        while offset < end:
+            extent = await driver.block_status(offset, end - offset)
+            count = min(extent.length, end - offset)
+            if count <= 0:
+                raise CorruptImage(f"{self.filename}: empty extent at offset {offset}")
+            parts.append(await self._read_extent(offset, count, extent))
+            offset += count
+        return parts[0] if len(parts) == 1 else b"".join(parts)
+
+    async def _read_extent(self, offset: int, count: int, extent: Extent) -> bytes:
+        status = extent.status
+        if not status & Status.ALLOCATED:
+            return await self.read_unallocated(offset, count)
+        if status & Status.ZERO:
+            return bytes(count)
+        if extent.host_offset is not None:
+            child = self.driver.children.get(extent.child)
+            if child is None:
+                raise CorruptImage(f"{self.filename}: no '{extent.child}' child")
+            return await child.read(extent.host_offset, count)
+        return await self.driver.read_data(offset, count, extent)
+
+    async def read_unallocated(self, offset: int, length: int) -> bytes:
+        """Bytes this layer does not hold: the backing node's, then zeros."""
+        backing = self.backing
+        if backing is None or offset >= backing.size:
+            return bytes(length)
+        available = min(length, backing.size - offset)
+        data = await backing.read(offset, available)
+        return data if available == length else data + bytes(length - available)
+
+    # -- writes ---------------------------------------------------------------
+
+    async def write(self, offset: int, data: bytes) -> None:
+        self._check_writable()
+        self._check_range(offset, len(data))
+        if not data:
+            return
+        align = self.driver.request_alignment
+        try:
+            if align > 1:
+                async with self._rmw_lock:
+                    await self._write_aligned(offset, data, align)
+            else:
+                await self._write_split(offset, data)
+        except ImgfsError:
+            raise
+        except (OSError, struct.error, ValueError) as exc:
+            raise self._wrap(exc) from exc
+
+    async def _write_aligned(self, offset: int, data: bytes, align: int) -> None:
+        end = offset + len(data)
+        start = offset & ~(align - 1)
+        aligned_end = -(-end // align) * align
+        if start == offset and aligned_end == end:
+            await self._write_split(offset, data)
+            return
+        # Read-modify-write of the partial head and tail blocks.
+        old = await self._read_split(start, min(aligned_end, self._aligned_size()) - start)
+        old = old.ljust(aligned_end - start, b"\0")
+        merged = old[:offset - start] + data + old[end - start:]
+        await self._write_split(start, merged)
+
+    async def _write_split(self, offset: int, data: bytes) -> None:
+        limit = self.driver.max_transfer
+        if not limit or len(data) <= limit:
+            await self.driver.write(offset, data)
+            return
+        view = memoryview(data)
+        for start in range(0, len(data), limit):
+            await self.driver.write(offset + start, bytes(view[start:start + limit]))
+
+    async def write_zeroes(self, offset: int, length: int, *, may_unmap: bool = False) -> None:
+        self._check_writable()
+        self._check_range(offset, length)
+        align = self.driver.request_alignment
+        head = -offset % align if align > 1 else 0
+        if head or (align > 1 and length % align):
+            # Partial blocks become ordinary writes of zeros.
+            first = min(length, head or length)
+            await self.write(offset, bytes(first))
+            offset, length = offset + first, length - first
+            tail = length % align
+            if tail:
+                await self.write(offset + length - tail, bytes(tail))
+                length -= tail
+        if length:
+            try:
+                await self.driver.write_zeroes(offset, length, may_unmap=may_unmap)
+            except ImgfsError:
+                raise
+            except (OSError, struct.error, ValueError) as exc:
+                raise self._wrap(exc) from exc
+
+    async def discard(self, offset: int, length: int) -> None:
+        self._check_writable()
+        self._check_range(offset, length)
+        align = self.driver.request_alignment
+        start = -(-offset // align) * align
+        end = (offset + length) // align * align
+        if end > start:
+            try:
+                await self.driver.discard(start, end - start)
+            except (OSError, struct.error, ValueError) as exc:
+                raise self._wrap(exc) from exc
+
+    async def flush(self) -> None:
+        """Make everything written so far durable, this layer then its children."""
+        if self.read_only:
+            return
+        try:
+            await self.driver.flush()
+        except ImgfsError:
+            raise
+        except (OSError, struct.error, ValueError) as exc:
+            raise self._wrap(exc) from exc
+        for name, child in self.children.items():
+            if name != "backing":
+                await child.flush()
+
+    async def truncate(self, size: int, preallocation: str = "off") -> None:
+        self._check_writable()
+        if not self.driver.can_resize:
+            raise Unsupported(f"{self.driver.name} images on {self.filename} cannot be resized")
+        if size < 0:
+            raise OutOfRange("negative size")
+        try:
+            await self.driver.truncate(size, preallocation)
+        except ImgfsError:
+            raise
+        except (OSError, struct.error, ValueError) as exc:
+            raise self._wrap(exc) from exc
+
+    # -- allocation -----------------------------------------------------------
+
+    async def block_status(self, offset: int, length: int) -> Extent:
+        """This layer's status of the range at `offset` (length clamped)."""
+        self._check_range(offset, length)
+        try:
+            extent = await self.driver.block_status(offset, length)
+        except ImgfsError:
+            raise
+        except (OSError, struct.error, ValueError) as exc:
+            raise self._wrap(exc) from exc
+        if extent.length <= 0:
+            raise CorruptImage(f"{self.filename}: empty extent at offset {offset}")
+        if extent.length > length:
+            extent = Extent(length, extent.status, extent.host_offset, extent.child)
+        return extent
+
+    async def block_status_above(self, offset: int, length: int) -> tuple[int, Status, int]:
+        """Status resolved through the backing chain.
+
+        Returns (length, status, depth): `depth` is how many backing layers
+        down the range was found (status NONE when no layer allocates it).
+        """
+        node: Node | None = self
+        depth = 0
+        while node is not None:
+            if offset >= node.size:
+                return length, Status.ZERO, depth
+            extent = await node.block_status(offset, min(length, node.size - offset))
+            length = extent.length
+            if extent.status & Status.ALLOCATED:
+                return length, extent.status, depth
+            node = node.backing
+            depth += 1
+        return length, Status.NONE, depth
+
+    # -- life cycle -----------------------------------------------------------
+
+    async def activate(self) -> None:
+        """Take locks once the graph's read-only decisions are final."""
+        for child in self.children.values():
+            await child.activate()
+        activate = getattr(self.driver, "activate", None)
+        if activate is not None:
+            try:
+                await activate()
+            except OSError as exc:
+                raise self._wrap(exc) from exc
+
+    async def aclose(self) -> None:
+        """Flush what the driver caches and close the whole subtree."""
+        if self._closed:
+            return
+        self._closed = True
+        with trio.CancelScope(shield=True):
+            try:
+                await self.driver.aclose()
+            finally:
+                for child in self.children.values():
+                    await child.aclose()
+
+
+def describe_status(status: Status) -> dict[str, bool]:
+    return {"data": bool(status & Status.DATA), "zero": bool(status & Status.ZERO)}
+
