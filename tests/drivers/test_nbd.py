@@ -700,6 +700,220 @@ def test_not_an_nbd_server(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> N
     run(check)
 
 
+# -- a misbehaving server: every field the server sends is checked ------------------
+
+
+async def recv_exactly(stream: trio.SocketStream, size: int) -> bytes:
+    data = b""
+    while len(data) < size:
+        more = await stream.receive_some(size - len(data))
+        if not more:
+            raise EOFError
+        data += more
+    return data
+
+
+def option_reply(option: int, reply_type: int, payload: bytes = b"") -> bytes:
+    return nbd.OPTION_REPLY.pack(nbd.NBD_OPTION_REPLY_MAGIC, option, reply_type,
+                                 len(payload)) + payload
+
+
+async def fake_handshake(stream: trio.SocketStream, *, go_replies: list[bytes] | None = None,
+                         structured_reply: bytes | None = None) -> None:
+    """Play a fixed newstyle server up to the end of NBD_OPT_GO."""
+    await stream.send_all(nbd.HELLO.pack(nbd.NBDMAGIC, nbd.IHAVEOPT,
+                                         nbd.NBD_FLAG_FIXED_NEWSTYLE))
+    await recv_exactly(stream, 4)
+    while True:
+        _, option, length = nbd.OPTION.unpack(await recv_exactly(stream, nbd.OPTION.size))
+        await recv_exactly(stream, length)
+        if option == nbd.NBD_OPT_STRUCTURED_REPLY:
+            await stream.send_all(structured_reply or option_reply(option, nbd.NBD_REP_ACK))
+        elif option == nbd.NBD_OPT_GO:
+            info = nbd.INFO_EXPORT.pack(nbd.NBD_INFO_EXPORT, MiB, nbd.NBD_FLAG_HAS_FLAGS)
+            for reply in go_replies or [option_reply(option, nbd.NBD_REP_INFO, info),
+                                        option_reply(option, nbd.NBD_REP_ACK)]:
+                await stream.send_all(reply)
+            return
+        else:
+            await stream.send_all(option_reply(option, nbd.NBD_REP_ERR_UNSUP))
+
+
+async def answer_first_read(stream: trio.SocketStream, reply: Any) -> None:
+    """Answer the first request with `reply(handle, offset, length)`."""
+    _, _, _, handle, offset, length = nbd.REQUEST.unpack(
+        await recv_exactly(stream, nbd.REQUEST.size))
+    await stream.send_all(reply(handle, offset, length))
+    await trio.sleep_forever()
+
+
+def chunk(handle: int, chunk_type: int, payload: bytes, flags: int = nbd.NBD_REPLY_FLAG_DONE
+          ) -> bytes:
+    return nbd.STRUCTURED_REPLY.pack(nbd.NBD_STRUCTURED_REPLY_MAGIC, flags, chunk_type,
+                                     handle, len(payload)) + payload
+
+
+GO = nbd.NBD_OPT_GO
+HOSTILE_HANDSHAKES = {
+    "huge option reply": (
+        {"structured_reply": nbd.OPTION_REPLY.pack(
+            nbd.NBD_OPTION_REPLY_MAGIC, nbd.NBD_OPT_STRUCTURED_REPLY, nbd.NBD_REP_ACK,
+            0xFFFFFFFF)},
+        Unreachable, "option reply of 4294967295 bytes"),
+    "bad minimum block size": (
+        {"go_replies": [
+            option_reply(GO, nbd.NBD_REP_INFO, nbd.INFO_EXPORT.pack(0, MiB, 1)),
+            option_reply(GO, nbd.NBD_REP_INFO, nbd.INFO_BLOCK_SIZE.pack(3, 3, 4096, 65536)),
+            option_reply(GO, nbd.NBD_REP_ACK)]},
+        Unreachable, "minimum block size 3"),
+    "short NBD_INFO_EXPORT": (
+        {"go_replies": [option_reply(GO, nbd.NBD_REP_INFO, b"\0\0\0\0"),
+                        option_reply(GO, nbd.NBD_REP_ACK)]},
+        Unreachable, "NBD_INFO_EXPORT of 4 bytes"),
+    "no NBD_INFO_EXPORT": (
+        {"go_replies": [option_reply(GO, nbd.NBD_REP_ACK)]},
+        Unreachable, "without NBD_INFO_EXPORT"),
+    "unknown export": (
+        {"go_replies": [option_reply(GO, nbd.NBD_REP_ERR_UNKNOWN, b"no export 'x'\x1b[2J")]},
+        NotFound, "export '' refused: no such export (server says: no export 'x' [2J)"),
+}
+
+
+@pytest.mark.parametrize("case", sorted(HOSTILE_HANDSHAKES))
+def test_hostile_handshake(case: str) -> None:
+    script, error, text = HOSTILE_HANDSHAKES[case]
+
+    async def handler(stream: trio.SocketStream) -> None:
+        with contextlib.suppress(EOFError, trio.BrokenResourceError):
+            await fake_handshake(stream, **script)
+            await trio.sleep_forever()
+
+    async def check() -> None:
+        async with trio.open_nursery() as nursery:
+            listeners = await nursery.start(partial(trio.serve_tcp, handler, 0,
+                                                    host="127.0.0.1"))
+            port = listeners[0].socket.getsockname()[1]
+            with pytest.raises(error) as info:
+                await open_image(f"nbd://127.0.0.1:{port}", RO)
+            assert text in str(info.value) and "\n" not in str(info.value)
+            nursery.cancel_scope.cancel()
+
+    run(check)
+
+
+HOSTILE_REPLIES = {
+    "unknown handle": lambda handle, offset, length: nbd.SIMPLE_REPLY.pack(
+        nbd.NBD_SIMPLE_REPLY_MAGIC, 0, handle + 1),
+    "bad magic": lambda handle, offset, length: b"\xff" * 16,
+    "data outside the request": lambda handle, offset, length: chunk(
+        handle, nbd.NBD_REPLY_TYPE_OFFSET_DATA, nbd.U64.pack(offset + length) + b"x"),
+    "hole too long": lambda handle, offset, length: chunk(
+        handle, nbd.NBD_REPLY_TYPE_OFFSET_HOLE, nbd.OFFSET_HOLE.pack(offset, length + 1)),
+    "unknown chunk type": lambda handle, offset, length: chunk(handle, 77, b""),
+    "error message longer than chunk": lambda handle, offset, length: chunk(
+        handle, nbd.NBD_REPLY_TYPE_ERROR, nbd.ERROR_CHUNK.pack(nbd.NBD_EIO, 500) + b"short"),
+}
+
+
+@pytest.mark.parametrize("case", sorted(HOSTILE_REPLIES) + ["short read"])
+def test_hostile_replies(case: str) -> None:
+    """A malformed reply fails its request with EIO and drops the connection;
+    a well-formed reply that leaves data out fails only that request."""
+    def short(handle: int, offset: int, length: int) -> bytes:
+        return chunk(handle, nbd.NBD_REPLY_TYPE_OFFSET_DATA, nbd.U64.pack(offset) + b"x",
+                     flags=0) + chunk(handle, nbd.NBD_REPLY_TYPE_NONE, b"")
+
+    reply = HOSTILE_REPLIES.get(case, short)
+
+    async def handler(stream: trio.SocketStream) -> None:
+        with contextlib.suppress(EOFError, trio.BrokenResourceError):
+            await fake_handshake(stream)
+            await answer_first_read(stream, reply)
+
+    async def check() -> None:
+        async with trio.open_nursery() as nursery:
+            listeners = await nursery.start(partial(trio.serve_tcp, handler, 0,
+                                                    host="127.0.0.1"))
+            port = listeners[0].socket.getsockname()[1]
+            node = await open_image(f"nbd://127.0.0.1:{port}", RO, fmt="nbd")
+            try:
+                with pytest.raises(ImgfsError) as info:
+                    await node.read(0, 4096)
+                assert info.value.errno == errno.EIO and "\n" not in str(info.value)
+                if case == "short read":
+                    assert "sent 1 of 4096 bytes" in str(info.value)
+                else:
+                    assert "protocol error" in str(info.value)
+                    with pytest.raises(Unreachable):
+                        await node.read(0, 512)
+            finally:
+                await node.aclose()
+            nursery.cancel_scope.cancel()
+
+    run(check)
+
+
+def test_size_rounded_down_to_minimum_block() -> None:
+    """Bytes past the last whole minimum block cannot be addressed: hide them."""
+    go_replies = [
+        option_reply(GO, nbd.NBD_REP_INFO, nbd.INFO_EXPORT.pack(0, MiB + 100, 1)),
+        option_reply(GO, nbd.NBD_REP_INFO, nbd.INFO_BLOCK_SIZE.pack(3, 512, 4096, 65536)),
+        option_reply(GO, nbd.NBD_REP_ACK)]
+
+    async def handler(stream: trio.SocketStream) -> None:
+        with contextlib.suppress(EOFError, trio.BrokenResourceError):
+            await fake_handshake(stream, go_replies=go_replies)
+            await trio.sleep_forever()
+
+    async def check() -> None:
+        async with trio.open_nursery() as nursery:
+            listeners = await nursery.start(partial(trio.serve_tcp, handler, 0,
+                                                    host="127.0.0.1"))
+            port = listeners[0].socket.getsockname()[1]
+            node = await open_image(f"nbd://127.0.0.1:{port}", RO, fmt="nbd")
+            try:
+                driver = nbd_driver(node)
+                assert (node.size, driver.request_alignment, driver.max_transfer) == (
+                    MiB, 512, 65536)
+            finally:
+                await node.aclose()
+            nursery.cancel_scope.cancel()
+
+    run(check)
+
+
+def _ipv6_loopback() -> bool:
+    try:
+        with socket.socket(socket.AF_INET6) as probe:
+            probe.bind(("::1", 0))
+        return True
+    except OSError:
+        return False
+
+
+@needs_qemu
+@pytest.mark.skipif(not _ipv6_loopback(), reason="no IPv6 loopback here")
+def test_ipv6_literal(tmp_path: Path) -> None:
+    image = tmp_path / "disk.img"
+    data = random_image(image, 64 * 1024)
+    port = free_port()
+    argv = ["qemu-nbd", "-t", "-r", "-f", "raw", "-x", "exp", "-b", "::1", "-p", str(port),
+            str(image)]
+    with subprocess.Popen(argv, stderr=subprocess.DEVNULL) as proc:
+        try:
+            deadline = time.monotonic() + 10
+            while True:
+                with socket.socket(socket.AF_INET6) as probe:
+                    if probe.connect_ex(("::1", port)) == 0:
+                        break
+                assert time.monotonic() < deadline and proc.poll() is None
+                time.sleep(0.02)
+            assert run(read_all, f"nbd://[::1]:{port}/exp") == data
+            assert run(read_all, f"nbd:[::1]:{port}:exportname=exp") == data
+        finally:
+            stop(proc)
+
+
 def test_format_nbd_is_listed() -> None:
     cls = get_driver("nbd")
     assert cls is nbd.NbdDriver and cls.kind.value == "protocol"
