@@ -15,6 +15,7 @@ from __future__ import annotations
 import struct
 from dataclasses import dataclass, field
 from typing import Any
+
 import trio
 
 from .block import BlockDriver, Extent, Kind, Status

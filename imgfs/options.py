@@ -242,7 +242,8 @@ def merge_trees(base: Mapping[str, Any], extra: Mapping[str, Any]) -> dict[str, 
     result = dict(base)
     for key, value in extra.items():
         old = result.get(key)
-        if isinstance(old, str) and isinstance(value, dict) and key in ("file", "backing", "data-file"):
+        is_child = key in ("file", "backing", "data-file")
+        if isinstance(old, str) and isinstance(value, dict) and is_child:
             old = {"filename": old}
         if isinstance(old, dict) and isinstance(value, dict):
             result[key] = merge_trees(old, value)

@@ -19,7 +19,6 @@ from .errors import UsageError
 from .options import merge_trees, nest_dotted
 from .registry import get_driver, protocol_for
 
-
 #: private key remembering the text a protocol tree came from (for messages)
 SOURCE_KEY = "_source"
 

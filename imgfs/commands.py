@@ -1,0 +1,397 @@
+"""The sub-commands behind the CLI (argument parsing lives in cli.py)."""
+from __future__ import annotations
+
+import argparse
+import base64
+import json
+import os
+import sys
+import time
+from typing import Any
+
+from .errors import ImgfsError, Unsupported, UsageError
+from .options import parse_size, split_opt_string
+
+# -- shared helpers -------------------------------------------------------------------
+
+
+def parse_objects(objects: list[str]) -> dict[str, bytes]:
+    """``--object secret,id=ID,data=S|file=PATH[,format=raw|base64]`` -> {ID: bytes}."""
+    secrets: dict[str, bytes] = {}
+    for text in objects:
+        fields = split_opt_string(text)
+        kind = next(iter(fields), "")
+        if kind == "qom-type":
+            kind = fields.pop("qom-type")
+        else:
+            fields.pop(kind, None)
+        if kind != "secret":
+            raise UsageError(f"unsupported --object type '{kind}' (only 'secret')")
+        secret_id = fields.pop("id", None)
+        if not secret_id:
+            raise UsageError("--object secret needs id=")
+        secrets[secret_id] = _secret_value(secret_id, fields)
+    return secrets
+
+
+def _secret_value(secret_id: str, fields: dict[str, str]) -> bytes:
+    encoding = fields.pop("format", "raw")
+    if "data" in fields and "file" in fields:
+        raise UsageError(f"secret '{secret_id}': give data= or file=, not both")
+    if "data" in fields:
+        value = fields.pop("data").encode()
+    elif "file" in fields:
+        path = fields.pop("file")
+        try:
+            with open(path, "rb") as handle:
+                value = handle.read()          # the file's bytes exactly, as QEMU
+        except OSError as exc:
+            raise UsageError(f"secret '{secret_id}': {path}: {exc.strerror}") from None
+    else:
+        raise UsageError(f"secret '{secret_id}' needs data= or file=")
+    if fields:
+        raise UsageError(f"secret '{secret_id}': unknown option '{next(iter(fields))}'")
+    if encoding == "base64":
+        try:
+            return base64.b64decode(value, validate=True)
+        except ValueError:
+            raise UsageError(f"secret '{secret_id}': invalid base64 data") from None
+    if encoding != "raw":
+        raise UsageError(f"secret '{secret_id}': format must be raw or base64")
+    return value
+
+
+def merged_options(option_strings: list[str]) -> dict[str, str]:
+    merged: dict[str, str] = {}
+    for text in option_strings:
+        merged.update(split_opt_string(text))
+    return merged
+
+
+def run_trio(async_fn: Any, *args: Any) -> Any:
+    import trio
+    return trio.run(async_fn, *args)
+
+
+def make_context(args: argparse.Namespace, *, read_only: bool | None) -> Any:
+    from .node import OpenContext
+    return OpenContext(read_only=read_only,
+                       force_share=bool(getattr(args, "force_share", False)),
+                       secrets=parse_objects(getattr(args, "object", []) or []),
+                       interactive=sys.stdin.isatty())
+
+
+async def _open(args: argparse.Namespace, filename: str, *, read_only: bool | None) -> Any:
+    from .graph import open_image
+    return await open_image(filename, make_context(args, read_only=read_only),
+                            fmt=getattr(args, "fmt", None))
+
+
+# -- mount ------------------------------------------------------------------------------
+
+
+def cmd_mount(args: argparse.Namespace) -> int:
+    if len(args.paths) < 2:
+        raise UsageError("mount needs SOURCE... MOUNTPOINT")
+    return mount_sources(args.paths[:-1], args.paths[-1], args.options, objects=args.object,
+                         foreground=args.foreground, debug=args.debug)
+
+
+def absolute_source(source: str) -> str:
+    """Plain paths (and a fat: directory) made absolute: the daemon runs in /."""
+    from .registry import protocol_for
+    protocol = protocol_for(source)
+    if protocol is None:
+        return os.path.abspath(source)
+    if protocol == "file":
+        return "file:" + os.path.abspath(source[5:])
+    if protocol == "fat":
+        head, _, directory = source.rpartition(":")
+        return f"{head}:{os.path.abspath(directory)}"
+    return source
+
+
+def mount_sources(sources: list[str], mountpoint: str, option_strings: list[str], *,
+                  objects: list[str], foreground: bool, debug: bool, sloppy: bool = False,
+                  fake: bool = False, verbose: bool = False) -> int:
+    from .mount import check_mountpoint, export_names, parse_mount_options
+    opts = parse_mount_options(option_strings, sloppy=sloppy)
+    opts.secrets = parse_objects(objects)
+    sources = [absolute_source(source) for source in sources]
+    mountpoint = os.path.abspath(mountpoint)
+    check_mountpoint(mountpoint, sources, opts)
+    export_names(sources, opts)
+    if verbose:
+        print(f"imgfs: mounting {', '.join(sources)} on {mountpoint}", file=sys.stderr)
+    if fake:
+        return 0
+    if foreground:
+        return _serve_foreground(sources, mountpoint, opts)
+    return _serve_daemon(sources, mountpoint, opts, debug)
+
+
+def _serve_foreground(sources: list[str], mountpoint: str, opts: Any) -> int:
+    from .mount import serve
+    failure: list[str] = []
+
+    def report(error: str | None) -> None:
+        if error is not None:
+            failure.append(error)
+    run_trio(serve, sources, mountpoint, opts, report)
+    if failure:
+        print(f"imgfs: {failure[0]}", file=sys.stderr)
+        return 1
+    return 0
+
+
+def _serve_daemon(sources: list[str], mountpoint: str, opts: Any, debug: bool) -> int:
+    """Fork; the child mounts and serves, the parent waits for "ready"."""
+    read_end, write_end = os.pipe()
+    pid = os.fork()
+    if pid:
+        os.close(write_end)
+        with os.fdopen(read_end, "rb") as pipe:
+            message = pipe.read().decode(errors="replace")
+        if message == "ready":
+            return 0
+        os.waitpid(pid, 0)
+        print(f"imgfs: {message or 'the mount process died before it was ready'}",
+              file=sys.stderr)
+        return 1
+    os.close(read_end)
+    os.setsid()
+    os._exit(_daemon_child(sources, mountpoint, opts, write_end, debug))
+
+
+def _daemon_child(sources: list[str], mountpoint: str, opts: Any, pipe: int,
+                  debug: bool) -> int:
+    from .mount import serve
+
+    def report(error: str | None) -> None:
+        nonlocal pipe
+        if pipe < 0:
+            return
+        os.write(pipe, b"ready" if error is None else error.encode())
+        os.close(pipe)
+        pipe = -1
+        if error is None:
+            _detach_stdio(keep_stderr=debug)
+    try:
+        os.chdir("/")
+        run_trio(serve, sources, mountpoint, opts, report)
+        return 0
+    except BaseException as exc:     # never let a traceback escape a daemon
+        from .mount import describe_error
+        report(describe_error(exc))
+        return 1
+
+
+def _detach_stdio(keep_stderr: bool) -> None:
+    null = os.open(os.devnull, os.O_RDWR)
+    os.dup2(null, 0)
+    os.dup2(null, 1)
+    if not keep_stderr:
+        os.dup2(null, 2)
+    os.close(null)
+
+
+# -- create -----------------------------------------------------------------------------
+
+
+def cmd_create(args: argparse.Namespace) -> int:
+    from .graph import create_image
+    from .registry import get_driver
+    options = merged_options(args.options)
+    cls = get_driver(args.fmt)
+    if options.get("help") == "on" or "help" in args.options:
+        print(_create_help(cls))
+        return 0
+    if args.backing:
+        options["backing_file"] = args.backing
+    if args.backing_fmt:
+        options["backing_fmt"] = args.backing_fmt
+    size = parse_size(args.size) if args.size is not None else None
+    ctx = make_context(args, read_only=False)
+    if args.unsafe and size is None:
+        raise UsageError("-u needs an explicit SIZE (the backing file is not opened)")
+    parsed = run_trio(create_image, args.filename, args.fmt, size, options, ctx)
+    if not args.quiet:
+        print(_formatting_line(args.filename, args.fmt, parsed))
+    return 0
+
+
+def _create_help(cls: Any) -> str:
+    if cls.create_opts is None:
+        raise Unsupported(f"format '{cls.name}' does not support image creation")
+    return cls.create_opts.help_text(cls.name)
+
+
+def _formatting_line(filename: str, fmt: str, parsed: dict[str, Any]) -> str:
+    shown = [f"fmt={fmt}", f"size={parsed['size']}"]
+    for key, value in parsed.items():
+        if key == "size" or value is None or value is False or value == "off":
+            continue
+        shown.append(f"{key}={'on' if value is True else value}")
+    return f"Formatting '{filename}', {' '.join(shown)}"
+
+
+# -- info / map -------------------------------------------------------------------------
+
+
+def cmd_info(args: argparse.Namespace) -> int:
+    from .info import chain_info, image_info, render_human, render_json
+
+    async def gather() -> Any:
+        node = await _open(args, args.filename, read_only=True)
+        try:
+            if args.backing_chain:
+                return chain_info(node, args.filename)
+            return image_info(node, args.filename)
+        finally:
+            await node.aclose()
+    report = run_trio(gather)
+    if args.output == "json":
+        print(render_json(report))
+    elif isinstance(report, list):
+        print("\n\n".join(render_human(item) for item in report))
+    else:
+        print(render_human(report))
+    return 0
+
+
+def cmd_map(args: argparse.Namespace) -> int:
+    async def gather() -> list[dict[str, Any]]:
+        node = await _open(args, args.filename, read_only=True)
+        try:
+            return await allocation_map(node)
+        finally:
+            await node.aclose()
+    entries = run_trio(gather)
+    if args.output == "json":
+        print("[" + ",\n".join(json.dumps(entry) for entry in entries) + "]")
+    else:
+        for entry in entries:
+            if entry["data"]:
+                print(f"{entry['start']:#x} {entry['length']:#x} depth {entry['depth']}")
+    return 0
+
+
+async def allocation_map(node: Any) -> list[dict[str, Any]]:
+    """qemu-img map's entries: runs of (depth, data, zero) through the chain."""
+    from .block import Status
+    entries: list[dict[str, Any]] = []
+    offset = 0
+    while offset < node.size:
+        length, status, depth = await node.block_status_above(offset, node.size - offset)
+        entry = {"start": offset, "length": length, "depth": depth,
+                 "present": bool(status & Status.ALLOCATED),
+                 "zero": bool(status & Status.ZERO) or not status & Status.ALLOCATED,
+                 "data": bool(status & Status.DATA)}
+        last = entries[-1] if entries else None
+        if last and all(last[k] == entry[k] for k in ("depth", "present", "zero", "data")):
+            last["length"] += length
+        else:
+            entries.append(entry)
+        offset += length
+    return entries
+
+
+# -- check / snapshot / resize ---------------------------------------------------------
+
+
+def cmd_check(args: argparse.Namespace) -> int:
+    async def run() -> int:
+        node = await _open(args, args.filename, read_only=args.repair is None)
+        try:
+            check = getattr(node.driver, "check", None)
+            if check is None:
+                print(f"imgfs: {args.filename}: this image format does not support checks",
+                      file=sys.stderr)
+                return 63
+            return int(await check(repair=args.repair, output=args.output,
+                                   quiet=args.quiet))
+        finally:
+            await node.aclose()
+    try:
+        return int(run_trio(run))
+    except ImgfsError as exc:
+        print(f"imgfs: {args.filename}: {exc}", file=sys.stderr)
+        return 1
+
+
+def cmd_snapshot(args: argparse.Namespace) -> int:
+    async def run() -> int:
+        node = await _open(args, args.filename, read_only=bool(args.list))
+        try:
+            snapshots = getattr(node.driver, "snapshot_command", None)
+            if snapshots is None:
+                raise Unsupported(f"{node.format_name} images have no internal snapshots")
+            return int(await snapshots(args))
+        finally:
+            await node.aclose()
+    return int(run_trio(run))
+
+
+def cmd_resize(args: argparse.Namespace) -> int:
+    text = args.size
+    relative = text[:1] if text[:1] in "+-" else ""
+    amount = parse_size(text[1:] if relative else text)
+
+    async def run() -> None:
+        node = await _open(args, args.filename, read_only=False)
+        try:
+            new_size = node.size + amount if relative == "+" else \
+                node.size - amount if relative == "-" else amount
+            if new_size < 0:
+                raise UsageError("the new size would be negative")
+            if new_size < node.size and not args.shrink and node.format_name != "raw":
+                raise UsageError("use --shrink to shrink an image (data past the new end is lost)")
+            await node.truncate(new_size, args.preallocation)
+            await node.flush()
+        finally:
+            await node.aclose()
+    run_trio(run)
+    print("Image resized.")
+    return 0
+
+
+# -- convert ----------------------------------------------------------------------------
+
+
+def cmd_convert(args: argparse.Namespace) -> int:
+    from .convert import convert
+    options = merged_options(args.options)
+    if args.backing:
+        options["backing_file"] = args.backing
+    sparse = parse_size(args.sparse) if args.sparse not in ("0",) else 0
+    run_trio(convert, args, options, sparse)
+    return 0
+
+
+# -- formats ----------------------------------------------------------------------------
+
+
+def cmd_formats(args: argparse.Namespace) -> int:
+    from .block import Kind
+    from .registry import available_drivers
+    print("Formats (rw: read and write; ro: read-only; create: imgfs create):")
+    drivers = available_drivers()
+    for cls in drivers:
+        if cls.kind is Kind.FORMAT:
+            print(f"  {cls.name:<12} {_abilities(cls):<16} {cls.description}")
+    print("Protocols and sources:")
+    for cls in drivers:
+        if cls.kind is Kind.PROTOCOL:
+            print(f"  {cls.name:<12} {_abilities(cls):<16} {cls.description}")
+    return 0
+
+
+def _abilities(cls: Any) -> str:
+    parts = ["ro" if cls.read_only_format else "rw"]
+    if cls.create_opts is not None:
+        parts.append("create")
+    return ", ".join(parts)
+
+
+def elapsed(start: float) -> str:
+    return f"{time.monotonic() - start:.1f}s"

@@ -1,0 +1,117 @@
+"""`imgfs info`: qemu-img's report of an image, with its key names."""
+from __future__ import annotations
+
+import json
+import os
+from typing import Any
+
+from .node import Node
+
+#: keys a driver's info() may set at the top level of the report; any other
+#: key it returns goes under "format-specific"
+TOP_LEVEL_KEYS = frozenset({"cluster-size", "dirty-flag", "encrypted", "snapshots",
+                            "format-specific", "backing-filename",
+                            "backing-filename-format", "full-backing-filename"})
+
+
+def image_info(node: Node, filename: str) -> dict[str, Any]:
+    report: dict[str, Any] = {"virtual-size": node.size, "filename": filename,
+                              "format": node.format_name}
+    used = node.allocated_bytes()
+    if used is not None:
+        report["actual-size"] = used
+    extra = dict(node.driver.info())
+    top = {key: extra.pop(key) for key in list(extra) if key in TOP_LEVEL_KEYS}
+    if extra:
+        top.setdefault("format-specific", {"type": node.format_name, "data": extra})
+    report.update(top)
+    refs = node.driver.child_refs()
+    backing = refs.get("backing")
+    if backing is not None:
+        report["backing-filename"] = backing.filename
+        if backing.fmt:
+            report["backing-filename-format"] = backing.fmt
+        if node.backing is not None:
+            report["full-backing-filename"] = node.backing.filename
+    report.setdefault("dirty-flag", False)
+    return report
+
+
+def chain_info(node: Node, filename: str) -> list[dict[str, Any]]:
+    reports = []
+    current: Node | None = node
+    name = filename
+    while current is not None:
+        reports.append(image_info(current, name))
+        current = current.backing
+        if current is not None:
+            name = current.filename
+    return reports
+
+
+def human_size(value: int) -> str:
+    """``1.5 GiB``: three significant digits, as qemu-img prints sizes."""
+    units = ["B", "KiB", "MiB", "GiB", "TiB", "PiB", "EiB"]
+    amount = float(value)
+    unit = 0
+    while amount >= 1024 and unit < len(units) - 1:
+        amount /= 1024
+        unit += 1
+    if unit == 0:
+        return f"{value} B"
+    return f"{amount:.3g} {units[unit]}"
+
+
+def render_human(report: dict[str, Any]) -> str:
+    lines = [f"image: {report['filename']}",
+             f"file format: {report['format']}",
+             f"virtual size: {human_size(report['virtual-size'])} "
+             f"({report['virtual-size']} bytes)"]
+    if "actual-size" in report:
+        lines.append(f"disk size: {human_size(report['actual-size'])}")
+    if report.get("encrypted"):
+        lines.append("encrypted: yes")
+    if "cluster-size" in report:
+        lines.append(f"cluster_size: {report['cluster-size']}")
+    if "backing-filename" in report:
+        backing = report["backing-filename"]
+        full = report.get("full-backing-filename")
+        shown = f"{backing} (actual path: {full})" if full and full != backing else backing
+        lines.append(f"backing file: {shown}")
+        if "backing-filename-format" in report:
+            lines.append(f"backing file format: {report['backing-filename-format']}")
+    if report.get("snapshots"):
+        lines.append("Snapshot list:")
+        lines.append("ID        TAG               VM SIZE                DATE"
+                     "     VM CLOCK     ICOUNT")
+        for snap in report["snapshots"]:
+            lines.append(f"{snap.get('id', ''):<10}{snap.get('name', ''):<18}"
+                         f"{human_size(snap.get('vm-state-size', 0)):>7}")
+    specific = report.get("format-specific")
+    if specific and specific.get("data"):
+        lines.append("Format specific information:")
+        lines.extend(_render_fields(specific["data"], indent=4))
+    return "\n".join(lines)
+
+
+def _render_fields(data: dict[str, Any], indent: int) -> list[str]:
+    lines = []
+    pad = " " * indent
+    for key, value in data.items():
+        label = key.replace("-", " ")
+        if isinstance(value, dict):
+            lines.append(f"{pad}{label}:")
+            lines.extend(_render_fields(value, indent + 4))
+        elif isinstance(value, bool):
+            lines.append(f"{pad}{label}: {'true' if value else 'false'}")
+        else:
+            lines.append(f"{pad}{label}: {value}")
+    return lines
+
+
+def render_json(report: Any) -> str:
+    return json.dumps(report, indent=4)
+
+
+def display_path(path: str) -> str:
+    return path if not path.startswith(os.getcwd() + "/") else os.path.relpath(path)

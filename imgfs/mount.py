@@ -1,0 +1,345 @@
+"""`imgfs mount`: open the images, start the FUSE session, serve, clean up.
+
+The command returns only once the mount is usable: a child process opens
+every image and mounts, then reports "ready" (or the one-line error) through
+a pipe; the parent prints any error and exits.  The child keeps serving in
+the background (``-f`` serves in the foreground instead).  SIGTERM, SIGINT
+and ``umount`` all end in the same clean-up: every node flushed and closed,
+so the image locks are gone once the process exits.
+"""
+from __future__ import annotations
+
+import errno
+import logging
+import os
+import signal
+import stat
+import sys
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+from .errors import ImgfsError, UsageError
+from .options import parse_bool, parse_int, split_opt_string
+
+log = logging.getLogger("imgfs.mount")
+
+#: mount(8)/fstab options that mean nothing to imgfs (or that mount.fuse3
+#: and the kernel handle), accepted so fstab lines work
+GENERIC_MOUNT_OPTIONS = frozenset({
+    "defaults", "auto", "noauto", "user", "nouser", "users", "owner", "group",
+    "nofail", "_netdev", "async", "sync", "dirsync", "exec", "noexec", "suid",
+    "nosuid", "dev", "nodev", "atime", "noatime", "relatime", "norelatime",
+    "strictatime", "nodiratime", "diratime", "lazytime", "silent", "loud",
+    "noforget", "auto_unmount", "default_permissions",
+})
+#: of those, the ones passed on to the kernel mount
+KERNEL_FLAGS = frozenset({"nosuid", "nodev", "noexec", "noatime", "dirsync", "sync"})
+#: queries (offset 0) the kernel's read-ahead may send at once; 1024 KiB makes
+#: sequential reads arrive as 1 MiB requests instead of 128 KiB (measured:
+#: the per-request cost dominates a Python filesystem's sequential read)
+READ_AHEAD_KB = 1024
+
+
+@dataclass
+class MountOptions:
+    read_only: bool | None = None
+    fmt: str | None = None
+    name: str | None = None
+    snapshot: bool = False
+    locking: str = "auto"
+    force_share: bool = False
+    cache: str = "writeback"
+    allow_other: bool = False
+    default_permissions: bool = True
+    uid: int | None = None
+    gid: int | None = None
+    umask: int = 0
+    snapshots: bool = False
+    key_secret: str | None = None
+    passphrase_file: str | None = None
+    kernel_flags: list[str] = field(default_factory=list)
+    #: --object secret values by id
+    secrets: dict[str, bytes] = field(default_factory=dict)
+    #: everything else: options for the drivers (offset=, file.locking=, ...)
+    driver_options: dict[str, str] = field(default_factory=dict)
+
+
+def _choice(value: str, allowed: tuple[str, ...], name: str) -> str:
+    if value not in allowed:
+        raise UsageError(f"option '{name}': invalid value '{value}' "
+                         f"(expected one of: {', '.join(allowed)})")
+    return value
+
+
+def parse_mount_options(option_strings: list[str], *, sloppy: bool = False) -> MountOptions:
+    """Merge every ``-o`` list (later wins) and check each option."""
+    merged: dict[str, str] = {}
+    for text in option_strings:
+        merged.update(split_opt_string(text))
+    opts = MountOptions()
+    for key, value in merged.items():
+        try:
+            _apply_option(opts, key, value)
+        except UsageError:
+            if not sloppy:
+                raise
+    if opts.force_share and opts.read_only is False:
+        raise UsageError("force-share needs a read-only mount (-o ro)")
+    return opts
+
+
+def _apply_option(opts: MountOptions, key: str, value: str) -> None:
+    if key in ("ro", "rw"):
+        opts.read_only = key == "ro"
+    elif key == "format":
+        opts.fmt = value
+    elif key == "name":
+        if not value or "/" in value or value in (".", ".."):
+            raise UsageError(f"option 'name': invalid file name '{value}'")
+        opts.name = value
+    elif key in ("snapshot", "force-share", "allow_other", "snapshots"):
+        setattr(opts, key.replace("-", "_"), parse_bool(value))
+    elif key == "locking":
+        opts.locking = _choice(value, ("on", "off", "auto"), key)
+    elif key == "cache":
+        opts.cache = _choice(value, ("writeback", "writethrough", "none"), key)
+    elif key in ("uid", "gid"):
+        setattr(opts, key, parse_int(value))
+    elif key == "umask":
+        opts.umask = int(value, 8) & 0o777 if value.isdigit() else _bad(key, value)
+    elif key == "key-secret":
+        opts.key_secret = value
+    elif key == "passphrase-file":
+        opts.passphrase_file = value
+    elif key in GENERIC_MOUNT_OPTIONS or key.startswith(("x-", "comment")):
+        if key in KERNEL_FLAGS:
+            opts.kernel_flags.append(key)
+    else:
+        # Anything else is for the drivers (offset=, file.locking=, ...):
+        # their schemas refuse unknown names before anything is mounted.
+        opts.driver_options[key] = value
+
+
+def _bad(key: str, value: str) -> int:
+    raise UsageError(f"option '{key}': invalid value '{value}'")
+
+
+def export_names(sources: list[str], opts: MountOptions) -> list[str]:
+    from .source import export_name
+    if opts.name is not None:
+        if len(sources) != 1:
+            raise UsageError("name= needs a single SOURCE")
+        names = [opts.name]
+    else:
+        names = [export_name(source) for source in sources]
+    names = [name + ".raw" for name in names]
+    seen: set[str] = set()
+    for name in names:
+        if name in seen:
+            raise UsageError(f"two sources would both appear as '{name}' "
+                             f"(rename one, or mount them separately)")
+        seen.add(name)
+    return names
+
+
+def check_mountpoint(mountpoint: str, sources: list[str], opts: MountOptions) -> bool:
+    """True for a regular-file mountpoint; raises for anything unusable."""
+    try:
+        info = os.stat(mountpoint)
+    except OSError as exc:
+        raise UsageError(f"mountpoint {mountpoint}: {exc.strerror}") from None
+    if stat.S_ISDIR(info.st_mode):
+        return False
+    if not stat.S_ISREG(info.st_mode):
+        raise UsageError(f"mountpoint {mountpoint}: not a directory or regular file")
+    if len(sources) != 1:
+        raise UsageError("a regular-file mountpoint takes exactly one SOURCE")
+    if opts.name is not None:
+        raise UsageError("name= cannot be used with a regular-file mountpoint")
+    return True
+
+
+# -- the serving process ----------------------------------------------------------
+
+
+def fuse_options(opts: MountOptions, sources: list[str]) -> set[str]:
+    fsname = sources[0] if len(sources) == 1 else "imgfs"
+    fsname = fsname.replace("\\", "\\\\").replace(",", "\\,")
+    options = {f"fsname={fsname}", "subtype=imgfs"}
+    if opts.default_permissions:
+        options.add("default_permissions")
+    if opts.allow_other:
+        options.add("allow_other")
+    if opts.read_only:
+        options.add("ro")
+    options.update(opts.kernel_flags)
+    return options
+
+
+async def serve(sources: list[str], mountpoint: str, opts: MountOptions,
+                report_ready: Callable[[str | None], None]) -> None:
+    """Open, mount, tell the parent, serve until unmounted, close everything."""
+    import pyfuse3
+    import trio
+
+    async with trio.open_nursery() as nursery:
+        nodes: list[Any] = []
+        session_done = trio.Event()
+        try:
+            await _mount(sources, mountpoint, opts, nodes, nursery, session_done)
+        except BaseException as exc:
+            with trio.CancelScope(shield=True):
+                await close_all(nodes, flush=False)
+            report_ready(describe_error(exc))
+            nursery.cancel_scope.cancel()
+            if isinstance(exc, (ImgfsError, OSError, trio.TooSlowError)):
+                return
+            raise
+        report_ready(None)
+        nursery.start_soon(_stop_on_signals)
+        await session_done.wait()
+        with trio.CancelScope(shield=True):
+            pyfuse3.close(unmount=True)
+            await close_all(nodes)
+        nursery.cancel_scope.cancel()
+
+
+async def _mount(sources: list[str], mountpoint: str, opts: MountOptions, nodes: list[Any],
+                 nursery: Any, session_done: Any) -> None:
+    """Open every source into `nodes`, mount, and wait until the kernel's
+    INIT is answered.  On failure nothing is left mounted."""
+    import pyfuse3
+    import trio
+
+    from .fs import Export, ImageFS
+
+    file_mountpoint = check_mountpoint(mountpoint, sources, opts)
+    names = export_names(sources, opts)
+    exports = []
+    for index, (source, name) in enumerate(zip(sources, names, strict=True)):
+        node = await open_source(source, opts, nursery)
+        nodes.append(node)
+        inode = pyfuse3.ROOT_INODE if file_mountpoint else pyfuse3.ROOT_INODE + 1 + index
+        exports.append(Export(name=name, node=node, inode=inode, read_only=node.read_only,
+                              writethrough=opts.cache != "writeback"))
+    operations = ImageFS(exports, file_mountpoint=file_mountpoint,
+                         uid=os.getuid() if opts.uid is None else opts.uid,
+                         gid=os.getgid() if opts.gid is None else opts.gid,
+                         umask=opts.umask)
+    # The kernel's writeback cache acknowledges writes before they reach us,
+    # which writethrough and none must not do.
+    operations.enable_writeback_cache = opts.cache == "writeback"
+    operations.initialized = trio.Event()
+    # Resolved before mounting: once mounted, a stat() of the mountpoint
+    # waits for the session we have not started serving.
+    real_mountpoint = os.path.realpath(mountpoint)
+    pyfuse3.init(operations, mountpoint, fuse_options(opts, sources))
+    try:
+        nursery.start_soon(_run_session, session_done)
+        with trio.fail_after(30):
+            await operations.initialized.wait()
+    except BaseException:
+        pyfuse3.close(unmount=True)
+        raise
+    # The INIT reply, written right after init() returned, set the read-ahead
+    # from its own max_readahead: raise it only now.
+    await trio.sleep(0)
+    tune_read_ahead(real_mountpoint)
+
+
+async def _run_session(session_done: Any) -> None:
+    import pyfuse3
+    try:
+        await pyfuse3.main()
+    finally:
+        session_done.set()
+
+
+async def open_source(source: str, opts: MountOptions, nursery: Any) -> Any:
+    from .graph import open_image
+    from .node import OpenContext
+    from .overlay import SnapshotOverlay
+
+    ctx = OpenContext(read_only=True if opts.snapshot else opts.read_only,
+                      locking=opts.locking, force_share=opts.force_share,
+                      cache=opts.cache, secrets=opts.secrets,
+                      interactive=sys.stdin.isatty(), nursery=nursery)
+    node = await open_image(source, ctx, fmt=opts.fmt, options=opts.driver_options)
+    if opts.snapshot:
+        node = SnapshotOverlay.wrap(node)
+        node.read_only = bool(opts.read_only)
+    return node
+
+
+async def close_all(nodes: list[Any], *, flush: bool = True) -> None:
+    for node in nodes:
+        try:
+            if flush:
+                await node.flush()
+        except ImgfsError as exc:
+            log.error("%s: flush at unmount failed: %s", node.filename, exc)
+        try:
+            await node.aclose()
+        except ImgfsError as exc:
+            log.error("%s: close failed: %s", node.filename, exc)
+
+
+async def _stop_on_signals() -> None:
+    import pyfuse3
+    import trio
+    with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT, signal.SIGHUP) as signals:
+        async for _ in signals:
+            # Ends pyfuse3.main(); the clean-up in serve() then runs.
+            pyfuse3.terminate()
+            return
+
+
+def tune_read_ahead(mountpoint: str) -> None:
+    """Let sequential reads reach us as 1 MiB requests (root only).
+
+    `mountpoint` must already be resolved (see serve)."""
+    device = _mount_device(mountpoint)
+    if device is None:
+        return
+    try:
+        with open(f"/sys/class/bdi/{device}/read_ahead_kb", "w") as control:
+            control.write(str(READ_AHEAD_KB))
+    except OSError as exc:
+        log.debug("cannot raise read-ahead: %s", exc)
+
+
+def _mount_device(mountpoint: str) -> str | None:
+    """major:minor of the FUSE mount at `mountpoint`, from mountinfo (a
+    stat() would send a FUSE request we are not yet serving)."""
+    target = mountpoint
+    found = None
+    try:
+        with open("/proc/self/mountinfo") as table:
+            for line in table:
+                fields = line.split()
+                if len(fields) > 4 and _unescape(fields[4]) == target and " fuse" in line:
+                    found = fields[2]
+    except OSError:
+        return None
+    return found
+
+
+def _unescape(path: str) -> str:
+    return path.replace("\\040", " ").replace("\\011", "\t").replace("\\012", "\n") \
+        .replace("\\134", "\\")
+
+
+def describe_error(exc: BaseException) -> str:
+    from .source import display_name
+    if isinstance(exc, ImgfsError):
+        where = display_name(exc.path) if exc.path else None
+        return f"{where}: {exc}" if where else str(exc)
+    if isinstance(exc, OSError):
+        reason = exc.strerror or str(exc)
+        if exc.errno == errno.EPERM and not os.getuid() == 0:
+            reason += " (is fusermount3 installed and /dev/fuse accessible?)"
+        return f"{exc.filename}: {reason}" if exc.filename else reason
+    if isinstance(exc, KeyboardInterrupt):
+        return "interrupted"
+    return f"internal error: {exc!r}"
