@@ -510,8 +510,8 @@ class NbdConnection:
         if magic != NBDMAGIC:
             raise _ProtocolError(f"greeting magic {magic:#x}, expected NBDMAGIC")
         if second == CLISERV_MAGIC:
-            raise Unsupported(f"{self.name}: the server uses oldstyle negotiation, "
-                              "which imgfs does not support")
+            raise Unsupported("the server uses oldstyle negotiation, which imgfs "
+                              "does not support")
         if second != IHAVEOPT:
             raise _ProtocolError(f"greeting magic {second:#x}, expected IHAVEOPT")
         fixed = bool(handshake_flags & NBD_FLAG_FIXED_NEWSTYLE)
@@ -617,7 +617,7 @@ class NbdConnection:
     def _export_refused(self, export: str, reply_type: int, payload: bytes) -> ImgfsError:
         reason = REPLY_ERROR_NAMES.get(reply_type, f"error {reply_type & ~NBD_REP_FLAG_ERROR}")
         said = _printable(payload)
-        message = f"{self.name}: export '{export}' refused: {reason}" + (
+        message = f"export '{export}' refused: {reason}" + (
             f" (server says: {said})" if said else "")
         if reply_type == NBD_REP_ERR_UNKNOWN:
             return NotFound(message)
@@ -633,8 +633,8 @@ class NbdConnection:
             reply = await self._recv(EXPORT_NAME_REPLY.size)
         except _Lost:
             # The only way this option can fail is the server hanging up.
-            raise NotFound(f"{self.name}: the server closed the connection "
-                           f"(no export named '{export}'?)") from None
+            raise NotFound(f"the server closed the connection (no export named "
+                           f"'{export}'?)") from None
         if not no_zeroes:
             await self._recv(EXPORT_NAME_PADDING)
         size, flags = EXPORT_NAME_REPLY.unpack(reply)
@@ -767,6 +767,10 @@ class NbdConnection:
             self._fail(f"connection to the server lost ({exc})")
         except _ProtocolError as exc:
             self._fail(f"protocol error, disconnected: {exc}")
+        except Exception as exc:
+            # A bug here may have left half a message unread: never read on
+            # from the middle of one.
+            self._fail(f"internal error, disconnected: {exc!r}")
         finally:
             self._reader = None
 
@@ -936,8 +940,10 @@ class NbdConnection:
     async def close(self) -> None:
         """Soft disconnect (NBD_CMD_DISC) if the connection still works, then
         close the socket.  Never raises."""
-        if self._broken is None or self._shutting_down:
-            self._broken = "the connection is closed"
+        polite = self._broken is None or self._shutting_down
+        self._broken = self._broken or "the connection is closed"
+        self._shutting_down = False
+        if polite:
             disc = REQUEST.pack(NBD_REQUEST_MAGIC, 0, NBD_CMD_DISC, 0, 0, 0)
             with trio.move_on_after(DISCONNECT_TIMEOUT):
                 try:
@@ -945,7 +951,6 @@ class NbdConnection:
                         await self._send(disc)
                 except _Lost:
                     pass
-        self._shutting_down = False
         self._fail(self._broken)
 
 
