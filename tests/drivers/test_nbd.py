@@ -12,7 +12,7 @@ import shutil
 import socket
 import subprocess
 import time
-from collections.abc import Iterator
+from collections.abc import AsyncIterator, Iterator
 from functools import partial
 from pathlib import Path
 from typing import Any
@@ -674,6 +674,19 @@ def test_unreachable_server(tmp_path: Path) -> None:
     run(check)
 
 
+@contextlib.asynccontextmanager
+async def peers(*handlers: Any) -> AsyncIterator[list[int]]:
+    """In-process TCP peers on loopback, one per handler; yields their ports."""
+    async with trio.open_nursery() as nursery:
+        ports = []
+        for handler in handlers:
+            listeners = await nursery.start(partial(trio.serve_tcp, handler, 0,
+                                                    host="127.0.0.1"))
+            ports.append(listeners[0].socket.getsockname()[1])
+        yield ports
+        nursery.cancel_scope.cancel()
+
+
 def test_not_an_nbd_server(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """A peer that speaks something else, or nothing at all."""
     monkeypatch.setattr(nbd, "HANDSHAKE_TIMEOUT", 0.5)
@@ -686,18 +699,13 @@ def test_not_an_nbd_server(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> N
         await trio.sleep_forever()
 
     async def check() -> None:
-        async with trio.open_nursery() as nursery:
-            listeners = [await nursery.start(partial(trio.serve_tcp, handler, 0,
-                                                     host="127.0.0.1"))
-                         for handler in (http_like, silent)]
-            ports = [listener[0].socket.getsockname()[1] for listener in listeners]
+        async with peers(http_like, silent) as ports:
             with pytest.raises(Unreachable) as info:
                 await open_image(f"nbd://127.0.0.1:{ports[0]}/", RO)
             assert "not a usable NBD server" in str(info.value)
             with pytest.raises(Unreachable) as info:
                 await open_image(f"nbd://127.0.0.1:{ports[1]}/", RO)
             assert "timed out" in str(info.value)
-            nursery.cancel_scope.cancel()
 
     run(check)
 
@@ -739,6 +747,12 @@ async def fake_handshake(stream: trio.SocketStream, *, go_replies: list[bytes] |
             return
         else:
             await stream.send_all(option_reply(option, nbd.NBD_REP_ERR_UNSUP))
+
+
+async def handshake_only(stream: trio.SocketStream, **script: Any) -> None:
+    with contextlib.suppress(EOFError, trio.BrokenResourceError):
+        await fake_handshake(stream, **script)
+        await trio.sleep_forever()
 
 
 async def answer_first_read(stream: trio.SocketStream, reply: Any) -> None:
@@ -785,20 +799,13 @@ HOSTILE_HANDSHAKES = {
 def test_hostile_handshake(case: str) -> None:
     script, error, text = HOSTILE_HANDSHAKES[case]
 
-    async def handler(stream: trio.SocketStream) -> None:
-        with contextlib.suppress(EOFError, trio.BrokenResourceError):
-            await fake_handshake(stream, **script)
-            await trio.sleep_forever()
+    handler = partial(handshake_only, **script)
 
     async def check() -> None:
-        async with trio.open_nursery() as nursery:
-            listeners = await nursery.start(partial(trio.serve_tcp, handler, 0,
-                                                    host="127.0.0.1"))
-            port = listeners[0].socket.getsockname()[1]
+        async with peers(handler) as (port,):
             with pytest.raises(error) as info:
                 await open_image(f"nbd://127.0.0.1:{port}", RO)
             assert text in str(info.value) and "\n" not in str(info.value)
-            nursery.cancel_scope.cancel()
 
     run(check)
 
@@ -833,10 +840,7 @@ def test_hostile_replies(case: str) -> None:
             await answer_first_read(stream, reply)
 
     async def check() -> None:
-        async with trio.open_nursery() as nursery:
-            listeners = await nursery.start(partial(trio.serve_tcp, handler, 0,
-                                                    host="127.0.0.1"))
-            port = listeners[0].socket.getsockname()[1]
+        async with peers(handler) as (port,):
             node = await open_image(f"nbd://127.0.0.1:{port}", RO, fmt="nbd")
             try:
                 with pytest.raises(ImgfsError) as info:
@@ -850,7 +854,6 @@ def test_hostile_replies(case: str) -> None:
                         await node.read(0, 512)
             finally:
                 await node.aclose()
-            nursery.cancel_scope.cancel()
 
     run(check)
 
@@ -862,16 +865,10 @@ def test_size_rounded_down_to_minimum_block() -> None:
         option_reply(GO, nbd.NBD_REP_INFO, nbd.INFO_BLOCK_SIZE.pack(3, 512, 4096, 65536)),
         option_reply(GO, nbd.NBD_REP_ACK)]
 
-    async def handler(stream: trio.SocketStream) -> None:
-        with contextlib.suppress(EOFError, trio.BrokenResourceError):
-            await fake_handshake(stream, go_replies=go_replies)
-            await trio.sleep_forever()
+    handler = partial(handshake_only, go_replies=go_replies)
 
     async def check() -> None:
-        async with trio.open_nursery() as nursery:
-            listeners = await nursery.start(partial(trio.serve_tcp, handler, 0,
-                                                    host="127.0.0.1"))
-            port = listeners[0].socket.getsockname()[1]
+        async with peers(handler) as (port,):
             node = await open_image(f"nbd://127.0.0.1:{port}", RO, fmt="nbd")
             try:
                 driver = nbd_driver(node)
@@ -879,7 +876,6 @@ def test_size_rounded_down_to_minimum_block() -> None:
                     MiB, 512, 65536)
             finally:
                 await node.aclose()
-            nursery.cancel_scope.cancel()
 
     run(check)
 
