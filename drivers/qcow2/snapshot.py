@@ -1,0 +1,130 @@
+"""qcow2 internal snapshot table (read side).
+
+Spec: qemu/qemu docs/interop/qcow2.txt, "Snapshots".  Entries have a
+40-byte fixed part, extra data (v3: at least 16 bytes: the 64-bit VM state
+size and the snapshot's virtual disk size), the ID and name strings, then
+padding to a multiple of 8.  `parse_snapshot_table` is pure and checks
+every length against the bytes it was given.
+"""
+from __future__ import annotations
+
+import struct
+from dataclasses import dataclass
+from typing import Any, NamedTuple
+
+from imgfs.errors import InvalidImage
+
+from .header import QCOW_MAX_L1_SIZE
+
+SNAPSHOT_ENTRY = struct.Struct(">QIHHIIQII")
+EXTRA_VM_STATE_SIZE = struct.Struct(">Q")
+EXTRA_DISK_SIZE = struct.Struct(">Q")
+EXTRA_ICOUNT = struct.Struct(">Q")
+
+
+class SnapshotEntry(NamedTuple):
+    """The fixed 40-byte part of a snapshot table entry."""
+
+    l1_table_offset: int
+    l1_size: int
+    id_str_size: int
+    name_size: int
+    date_sec: int
+    date_nsec: int
+    vm_clock_nsec: int
+    vm_state_size: int
+    extra_data_size: int
+
+    @classmethod
+    def unpack(cls, data: bytes, offset: int = 0) -> SnapshotEntry:
+        return cls(*SNAPSHOT_ENTRY.unpack_from(data, offset))
+
+
+@dataclass(frozen=True)
+class Snapshot:
+    id: str
+    name: str
+    l1_table_offset: int
+    l1_size: int
+    date_sec: int
+    date_nsec: int
+    vm_clock_nsec: int
+    vm_state_size: int
+    disk_size: int | None
+    icount: int | None
+
+    def info(self) -> dict[str, Any]:
+        """qemu-img info's keys for one snapshot."""
+        report: dict[str, Any] = {
+            "id": self.id, "name": self.name, "vm-state-size": self.vm_state_size,
+            "date-sec": self.date_sec, "date-nsec": self.date_nsec,
+            "vm-clock-sec": self.vm_clock_nsec // 10**9,
+            "vm-clock-nsec": self.vm_clock_nsec % 10**9,
+        }
+        if self.icount is not None:
+            report["icount"] = self.icount
+        return report
+
+
+def parse_snapshot_table(table: bytes, count: int, cluster_size: int,
+                         file_size: int) -> list[Snapshot]:
+    """Decode `count` entries from `table` (the bytes at snapshots_offset)."""
+    snapshots: list[Snapshot] = []
+    pos = 0
+    for number in range(count):
+        if pos + SNAPSHOT_ENTRY.size > len(table):
+            raise InvalidImage(f"snapshot table overflows: entry {number} of {count} "
+                               f"starts at byte {pos} of {len(table)}")
+        entry = SnapshotEntry.unpack(table, pos)
+        pos += SNAPSHOT_ENTRY.size
+        end = pos + entry.extra_data_size + entry.id_str_size + entry.name_size
+        if end > len(table):
+            raise InvalidImage(f"snapshot table overflows: entry {number} ends at byte "
+                               f"{end} of {len(table)}")
+        extra = table[pos:pos + entry.extra_data_size]
+        pos += entry.extra_data_size
+        snap_id = table[pos:pos + entry.id_str_size].decode("utf-8", "replace")
+        pos += entry.id_str_size
+        name = table[pos:pos + entry.name_size].decode("utf-8", "replace")
+        pos += entry.name_size
+        pos += -pos % 8
+        _check_snapshot_l1(number, entry, cluster_size, file_size)
+        snapshots.append(_snapshot(entry, extra, snap_id, name))
+    return snapshots
+
+
+def table_length(table: bytes, count: int) -> int:
+    """Bytes the first `count` entries occupy (padding included)."""
+    pos = 0
+    for _ in range(count):
+        entry = SnapshotEntry.unpack(table, pos)
+        pos += SNAPSHOT_ENTRY.size + entry.extra_data_size + entry.id_str_size \
+            + entry.name_size
+        pos += -pos % 8
+    return pos
+
+
+def _check_snapshot_l1(number: int, entry: SnapshotEntry, cluster_size: int,
+                       file_size: int) -> None:
+    if entry.l1_size > QCOW_MAX_L1_SIZE // 8:
+        raise InvalidImage(f"snapshot {number}: l1_size {entry.l1_size} too large "
+                           f"(at most {QCOW_MAX_L1_SIZE // 8})")
+    if entry.l1_table_offset % cluster_size or \
+            entry.l1_table_offset + entry.l1_size * 8 > file_size:
+        raise InvalidImage(f"snapshot {number}: L1 table offset "
+                           f"{entry.l1_table_offset:#x} is unaligned or beyond the file")
+
+
+def _snapshot(entry: SnapshotEntry, extra: bytes, snap_id: str, name: str) -> Snapshot:
+    vm_state_size = entry.vm_state_size
+    disk_size = icount = None
+    if len(extra) >= 8:
+        vm_state_size = EXTRA_VM_STATE_SIZE.unpack_from(extra, 0)[0]
+    if len(extra) >= 16:
+        disk_size = EXTRA_DISK_SIZE.unpack_from(extra, 8)[0]
+    if len(extra) >= 24:
+        icount = EXTRA_ICOUNT.unpack_from(extra, 16)[0]
+        if icount == 2**64 - 1:
+            icount = None
+    return Snapshot(snap_id, name, entry.l1_table_offset, entry.l1_size, entry.date_sec,
+                    entry.date_nsec, entry.vm_clock_nsec, vm_state_size, disk_size, icount)
