@@ -131,16 +131,16 @@ def mount_sources(sources: list[str], mountpoint: str, option_strings: list[str]
 
 
 def _serve_foreground(sources: list[str], mountpoint: str, opts: Any) -> int:
-    from .mount import serve
-    failure: list[str] = []
+    from .mount import describe_error, exit_status, serve
+    failure: list[BaseException] = []
 
-    def report(error: str | None) -> None:
+    def report(error: BaseException | None) -> None:
         if error is not None:
             failure.append(error)
     run_trio(serve, sources, mountpoint, opts, report)
     if failure:
-        print(f"imgfs: {failure[0]}", file=sys.stderr)
-        return 1
+        print(f"imgfs: {describe_error(failure[0])}", file=sys.stderr)
+        return exit_status(failure[0])
     return 0
 
 
@@ -155,9 +155,10 @@ def _serve_daemon(sources: list[str], mountpoint: str, opts: Any, debug: bool) -
         if message == "ready":
             return 0
         os.waitpid(pid, 0)
-        print(f"imgfs: {message or 'the mount process died before it was ready'}",
+        status, _, text = message.partition(":")
+        print(f"imgfs: {text or 'the mount process died before it was ready'}",
               file=sys.stderr)
-        return 1
+        return 2 if status == "2" else 1
     os.close(read_end)
     os.setsid()
     os._exit(_daemon_child(sources, mountpoint, opts, write_end, debug))
@@ -165,13 +166,14 @@ def _serve_daemon(sources: list[str], mountpoint: str, opts: Any, debug: bool) -
 
 def _daemon_child(sources: list[str], mountpoint: str, opts: Any, pipe: int,
                   debug: bool) -> int:
-    from .mount import serve
+    from .mount import describe_error, exit_status, serve
 
-    def report(error: str | None) -> None:
+    def report(error: BaseException | None) -> None:
         nonlocal pipe
         if pipe < 0:
             return
-        os.write(pipe, b"ready" if error is None else error.encode())
+        message = "ready" if error is None else f"{exit_status(error)}:{describe_error(error)}"
+        os.write(pipe, message.encode())
         os.close(pipe)
         pipe = -1
         if error is None:
@@ -181,8 +183,7 @@ def _daemon_child(sources: list[str], mountpoint: str, opts: Any, pipe: int,
         run_trio(serve, sources, mountpoint, opts, report)
         return 0
     except BaseException as exc:     # never let a traceback escape a daemon
-        from .mount import describe_error
-        report(describe_error(exc))
+        report(exc)
         return 1
 
 

@@ -219,15 +219,24 @@ class ImageFS(pyfuse3.Operations):
         if export.read_only:
             raise pyfuse3.FUSEError(errno.EROFS)
         node = export.node
-        if off >= node.size:
-            raise pyfuse3.FUSEError(errno.ENOSPC)
         if off + len(buf) > node.size:
-            buf = buf[:node.size - off]          # a short write, then ENOSPC
+            buf = await self._write_past_end(node, off, buf)
         await node.write(off, buf)
         if export.writethrough:
             await node.flush()
         export.mtime_ns = time.time_ns()
         return len(buf)
+
+    async def _write_past_end(self, node: Node, off: int, buf: bytes) -> bytes:
+        """With the writeback cache the kernel grows the file by itself on a
+        write past the end (it trusts its own i_size), so a format that can
+        resize grows like a file would; any other refuses what lies past."""
+        if node.driver.can_resize:
+            await node.truncate(off + len(buf))
+            return buf
+        if off >= node.size:
+            raise pyfuse3.FUSEError(errno.ENOSPC)
+        return buf[:node.size - off]              # a short write, then ENOSPC
 
     @fuse_errors
     async def fsync(self, fh: int, datasync: bool) -> None:

@@ -8,6 +8,7 @@ decision is made once for the whole graph before any lock is taken.
 """
 from __future__ import annotations
 
+import logging
 import os
 from collections.abc import Mapping
 from typing import Any
@@ -17,6 +18,8 @@ from .errors import CorruptImage, ImgfsError, PermissionDenied, Unsupported, Usa
 from .node import Node, OpenContext
 from .registry import get_driver, probe_format, protocol_for
 from .source import SOURCE_KEY, child_tree, parse_source, protocol_tree, with_options
+
+log = logging.getLogger("imgfs")
 
 #: keys of a tree that belong to the core, not to the driver's schema
 CORE_KEYS = frozenset({"driver", "file", "backing", "data-file", "node-name",
@@ -62,16 +65,20 @@ def _force_format(tree: dict[str, Any], fmt: str) -> dict[str, Any]:
 
 
 def _decide_read_only(node: Node, ctx: OpenContext) -> None:
+    """Read-write unless asked otherwise; like mount(8), a source that cannot
+    be written is opened read-only with a warning unless rw was explicit."""
     read_only = ctx.read_only
+    unwritable = [leaf for leaf in _data_leaves(node)
+                  if not getattr(leaf.driver, "writable", True)]
     if read_only is None:
-        read_only = node.driver.read_only_format
+        read_only = node.driver.read_only_format or bool(unwritable)
+        if unwritable and not node.driver.read_only_format:
+            log.warning("%s: write-protected, opening read-only", unwritable[0].filename)
     if not read_only and node.driver.read_only_format:
         raise Unsupported(f"{node.format_name} images can only be opened read-only (use -o ro)")
-    if not read_only:
-        for leaf in _data_leaves(node):
-            if not getattr(leaf.driver, "writable", True):
-                raise PermissionDenied(f"{leaf.filename}: cannot open for writing "
-                                       "(permission denied; use -o ro)")
+    if not read_only and unwritable:
+        raise PermissionDenied(f"{unwritable[0].filename}: cannot open for writing "
+                               "(read-only source or permission denied; use -o ro)")
     node.set_read_only(read_only)
 
 

@@ -178,7 +178,7 @@ def fuse_options(opts: MountOptions, sources: list[str]) -> set[str]:
 
 
 async def serve(sources: list[str], mountpoint: str, opts: MountOptions,
-                report_ready: Callable[[str | None], None]) -> None:
+                report_ready: Callable[[BaseException | None], None]) -> None:
     """Open, mount, tell the parent, serve until unmounted, close everything."""
     import pyfuse3
     import trio
@@ -191,7 +191,7 @@ async def serve(sources: list[str], mountpoint: str, opts: MountOptions,
         except BaseException as exc:
             with trio.CancelScope(shield=True):
                 await close_all(nodes, flush=False)
-            report_ready(describe_error(exc))
+            report_ready(exc)
             nursery.cancel_scope.cancel()
             if isinstance(exc, (ImgfsError, OSError, trio.TooSlowError)):
                 return
@@ -228,13 +228,21 @@ async def _mount(sources: list[str], mountpoint: str, opts: MountOptions, nodes:
                          gid=os.getgid() if opts.gid is None else opts.gid,
                          umask=opts.umask)
     # The kernel's writeback cache acknowledges writes before they reach us,
-    # which writethrough and none must not do.
-    operations.enable_writeback_cache = opts.cache == "writeback"
+    # which writethrough and none must not do.  It also makes the kernel
+    # trust only its own idea of a regular file's size, and the root inode
+    # of a regular-file mountpoint starts at size 0 (from the mountpoint),
+    # so a file mountpoint goes without it.
+    operations.enable_writeback_cache = opts.cache == "writeback" and not file_mountpoint
     operations.initialized = trio.Event()
     # Resolved before mounting: once mounted, a stat() of the mountpoint
     # waits for the session we have not started serving.
     real_mountpoint = os.path.realpath(mountpoint)
-    pyfuse3.init(operations, mountpoint, fuse_options(opts, sources))
+    try:
+        pyfuse3.init(operations, mountpoint, fuse_options(opts, sources))
+    except RuntimeError as exc:
+        # libfuse has already printed why (no /dev/fuse access, no
+        # fusermount3, mountpoint not allowed...)
+        raise ImgfsError(f"cannot mount on {mountpoint} ({exc})") from None
     try:
         nursery.start_soon(_run_session, session_done)
         with trio.fail_after(30):
@@ -328,6 +336,11 @@ def _mount_device(mountpoint: str) -> str | None:
 def _unescape(path: str) -> str:
     return path.replace("\\040", " ").replace("\\011", "\t").replace("\\012", "\n") \
         .replace("\\134", "\\")
+
+
+def exit_status(exc: BaseException) -> int:
+    """2 for usage errors, 1 for everything else (as the CLI)."""
+    return 2 if isinstance(exc, UsageError) else 1
 
 
 def describe_error(exc: BaseException) -> str:

@@ -129,8 +129,11 @@ class Node:
 
     def _wrap(self, exc: Exception) -> ImgfsError:
         if isinstance(exc, OSError):
-            return from_oserror(exc, self.filename)
-        return CorruptImage(f"{self.filename}: malformed metadata ({exc})")
+            wrapped = from_oserror(exc)
+        else:
+            wrapped = CorruptImage(f"malformed metadata ({exc})")
+        wrapped.path = self.filename
+        return wrapped
 
     # -- reads ----------------------------------------------------------------
 

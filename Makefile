@@ -1,0 +1,88 @@
+# imgfs — `make help` lists the targets.
+# Everything a fresh Debian machine needs is installed by `make deps`
+# (called by demo, test and install), so two commands get a working mount.
+
+VENV      ?= .venv
+# Debian's own Python: every user (the tests mount as nobody too) can run it.
+PYTHON    ?= $(shell [ -x /usr/bin/python3 ] && echo /usr/bin/python3 || echo python3)
+PY        := $(VENV)/bin/python
+PREFIX    ?= /usr/local
+MANDIR    ?= $(PREFIX)/share/man
+SBINDIR   ?= /sbin
+PYTEST_ARGS ?=
+
+# Run time: FUSE and what pyfuse3 needs to build.  Test oracles: the real
+# tools every test compares against (qemu-img/qemu-io/qemu-nbd, qemu-storage-
+# daemon, nbdkit, cryptsetup, dosfstools, mtools, 7-Zip, sshd, tgtd, fio).
+APT_RUNTIME := fuse3 libfuse3-dev pkg-config gcc python3-dev python3-venv
+APT_DEMO    := fdisk e2fsprogs util-linux mount
+APT_TEST    := qemu-utils qemu-system-common qemu-block-extra nbdkit fio \
+               dosfstools mtools cryptsetup-bin 7zip openssh-server tgt \
+               man-db groff-base xfsprogs
+
+.PHONY: help deps deps-test venv demo test test-fast install uninstall bench lint typecheck clean
+
+help:  ## list the targets
+	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | sed 's/:.*## /\t/' | sort
+
+define apt_install
+	@missing=$$(for p in $(1); do dpkg-query -W -f='$${Status}\n' $$p 2>/dev/null \
+	    | grep -q 'install ok installed' || echo $$p; done); \
+	if [ -n "$$missing" ]; then \
+	    echo "installing Debian packages:" $$missing; \
+	    $(SUDO) apt-get update -qq && \
+	    DEBIAN_FRONTEND=noninteractive $(SUDO) apt-get install -y -qq $$missing >/dev/null; \
+	fi
+endef
+SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
+
+deps:  ## Debian packages needed to build and run imgfs
+	$(call apt_install,$(APT_RUNTIME) $(APT_DEMO))
+
+deps-test: deps  ## plus the test oracles
+	$(call apt_install,$(APT_TEST))
+
+$(VENV)/.installed: setup.cfg pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(VENV)/bin/pip install -q --upgrade pip
+	$(VENV)/bin/pip install -q -e '.[test,dev]'
+	touch $@
+
+venv: deps $(VENV)/.installed  ## the virtualenv with imgfs installed (editable)
+
+demo: venv  ## make a sample disk image, mount it, look inside, unmount
+	@PATH="$(CURDIR)/$(VENV)/bin:$$PATH" bash tests/demo.sh
+
+test: deps-test venv  ## install everything, then run the whole test suite
+	IMGFS_REQUIRE_ORACLES=1 PATH="$(CURDIR)/$(VENV)/bin:$$PATH" \
+	    $(PY) -m pytest -q -rs $(PYTEST_ARGS) tests
+
+test-fast: venv  ## unit tests only
+	$(PY) -m pytest -q tests/unit
+
+install: deps  ## install system-wide: imgfs on PATH, mount.imgfs in /sbin, man pages
+	$(PYTHON) -m venv /opt/imgfs
+	/opt/imgfs/bin/pip install -q .
+	ln -sf /opt/imgfs/bin/imgfs $(PREFIX)/bin/imgfs
+	ln -sf /opt/imgfs/bin/mount.imgfs $(SBINDIR)/mount.imgfs
+	install -d $(MANDIR)/man1 $(MANDIR)/man7 $(MANDIR)/man8
+	install -m 644 man/imgfs.1 $(MANDIR)/man1/
+	install -m 644 man/imgfs-formats.7 $(MANDIR)/man7/
+	install -m 644 man/mount.imgfs.8 $(MANDIR)/man8/
+	-mandb -q 2>/dev/null
+
+uninstall:  ## undo make install
+	rm -rf /opt/imgfs $(PREFIX)/bin/imgfs $(SBINDIR)/mount.imgfs
+	rm -f $(MANDIR)/man1/imgfs.1 $(MANDIR)/man7/imgfs-formats.7 $(MANDIR)/man8/mount.imgfs.8
+
+bench: deps-test venv  ## imgfs against qemu-storage-daemon's FUSE export (ARGS=--quick ...)
+	PATH="$(CURDIR)/$(VENV)/bin:$$PATH" $(PY) bench/run.py $(ARGS)
+
+lint: venv  ## ruff
+	$(VENV)/bin/ruff check imgfs drivers tests bench
+
+typecheck: venv  ## mypy
+	$(VENV)/bin/mypy imgfs drivers
+
+clean:  ## remove the virtualenv and caches
+	rm -rf $(VENV) build *.egg-info .pytest_cache .mypy_cache .ruff_cache

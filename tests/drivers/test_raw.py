@@ -1,0 +1,134 @@
+"""The core rules and the raw/file drivers, through the Python API,
+checked against qemu-img / qemu-io."""
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+import pytest
+import trio
+
+from imgfs.block import Status
+from imgfs.errors import ImgfsError, InvalidImage, OutOfRange, PermissionDenied, ReadOnly
+from imgfs.graph import open_image
+from imgfs.node import Node, OpenContext
+from tests.conftest import imgfs, need, qemu_raw, random_bytes, run
+
+MiB = 1 << 20
+
+
+def with_node(source: object, coro, **ctx_args: object) -> object:
+    async def main() -> object:
+        ctx = OpenContext(**ctx_args)  # type: ignore[arg-type]
+        fmt = ctx_args.pop("fmt", None) if False else None
+        node = await open_image(source, ctx, fmt=fmt)  # type: ignore[arg-type]
+        try:
+            return await coro(node)
+        finally:
+            await node.aclose()
+    return trio.run(main)
+
+
+@pytest.fixture
+def image(workdir: Path) -> Path:
+    need("qemu-img", "qemu-io")
+    path = workdir / "disk.img"
+    run("qemu-img", "create", "-f", "raw", path, "4M")
+    run("qemu-io", "-f", "raw", "-c", "write -P 0xab 1M 64k", path)
+    return path
+
+
+def test_bounds_and_read_only_are_enforced_by_the_core(image: Path) -> None:
+    async def check(node: Node) -> None:
+        with pytest.raises(OutOfRange):
+            await node.read(4 * MiB - 1, 2)
+        with pytest.raises(ReadOnly):
+            await node.write(0, b"x")
+        assert await node.read(4 * MiB, 0) == b""
+    with_node(str(image), check, read_only=True)
+
+
+def test_offset_and_size_window(image: Path, workdir: Path) -> None:
+    whole = qemu_raw(image, workdir / "whole.raw")
+    source = json.dumps({"driver": "raw", "offset": MiB, "size": 65536,
+                         "file": {"driver": "file", "filename": str(image)}})
+
+    async def check(node: Node) -> None:
+        assert node.size == 65536
+        assert await node.read(0, 65536) == whole[MiB:MiB + 65536]
+        await node.write(10, b"hello")
+    with_node("json:" + source, check, read_only=False)
+    run("qemu-io", "-f", "raw", "-c", "read -P 0x68 1048586 1", image)
+
+
+def test_window_past_the_end_is_refused(image: Path) -> None:
+    source = f'json:{{"driver":"raw","offset":"5M","file":"{image}"}}'
+    with pytest.raises(InvalidImage, match="beyond the end"):
+        with_node(source, lambda node: trio.sleep(0))
+
+
+def test_probed_raw_refuses_a_format_header_in_sector_0(image: Path) -> None:
+    qcow2_header = b"QFI\xfb\0\0\0\3" + bytes(504)       # magic, version 3
+
+    async def check(node: Node) -> None:
+        assert node.format_name == "raw" and node.probed
+        try:
+            from imgfs.registry import get_driver
+            get_driver("qcow2")
+        except ImgfsError:
+            pytest.skip("no qcow2 driver to recognise the header")
+        with pytest.raises(PermissionDenied):
+            await node.write(0, qcow2_header)
+        await node.write(0, b"\x55" * 512)      # an ordinary first sector is fine
+    with_node(str(image), check, read_only=False)
+
+
+def test_o_direct_alignment_and_read_modify_write(image: Path, workdir: Path) -> None:
+    expected = bytearray(qemu_raw(image, workdir / "before.raw"))
+    writes = [(1, random_bytes(3, 1)), (4095, random_bytes(4098, 2)), (MiB + 7, b"x" * 100)]
+
+    async def check(node: Node) -> None:
+        assert node.file is not None and node.file.driver.request_alignment >= 512
+        for offset, data in writes:
+            await node.write(offset, data)
+            expected[offset:offset + len(data)] = data
+        await node.flush()
+        assert await node.read(3, 9000) == bytes(expected[3:9003])
+
+    with_node(str(image), check, read_only=False, cache="none")
+    (workdir / "expected.raw").write_bytes(expected)
+    run("qemu-img", "compare", "-f", "raw", "-F", "raw", image, workdir / "expected.raw")
+
+
+def test_block_status_matches_qemu_img_map(image: Path) -> None:
+    theirs = json.loads(run("qemu-img", "map", "--output=json", "-f", "raw", image).stdout)
+    ours = json.loads(imgfs("map", "-f", "raw", image).stdout)
+    assert [(e["start"], e["length"], e["data"], e["zero"]) for e in ours] == \
+        [(e["start"], e["length"], e["data"], e["zero"]) for e in theirs]
+
+
+def test_write_zeroes_and_discard(image: Path) -> None:
+    async def check(node: Node) -> None:
+        await node.write_zeroes(MiB + 5, 1000)
+        await node.discard(MiB + 65536 - 4096, 4096)
+        await node.write_zeroes(3 * MiB, 65536, may_unmap=True)
+        status = await node.block_status(3 * MiB, 65536)
+        assert status.status & Status.ZERO
+    with_node(str(image), check, read_only=False)
+    run("qemu-io", "-f", "raw", "-c", "read -P 0xab 1M 5", "-c", "read -P 0 1048581 1000",
+        "-c", "read -P 0xab 1049581 1000", image)
+
+
+def test_convert_raw_to_raw_keeps_holes(image: Path, workdir: Path) -> None:
+    out = workdir / "copy.img"
+    imgfs("convert", "-O", "raw", image, out)
+    run("qemu-img", "compare", image, out)
+    assert os.stat(out).st_blocks * 512 <= 2 * MiB
+
+
+def test_resize(image: Path) -> None:
+    imgfs("resize", image, "+1M")
+    assert image.stat().st_size == 5 * MiB
+    imgfs("resize", image, "2M")
+    assert image.stat().st_size == 2 * MiB

@@ -1,0 +1,104 @@
+"""Pure parts of the core: options, filename forms, names, lock bytes."""
+from __future__ import annotations
+
+import pytest
+from hypothesis import given
+from hypothesis import strategies as st
+
+from imgfs.errors import UsageError
+from imgfs.locking import Perm, wanted_perms
+from imgfs.mount import export_names, parse_mount_options
+from imgfs.options import (Opt, Schema, Size, merge_trees, nest_dotted, parse_size,
+                           power_of_two, split_opt_string)
+from imgfs.source import export_name, parse_source, protocol_tree
+
+
+@pytest.mark.parametrize("text, value", [
+    ("0", 0), ("512", 512), ("1k", 1024), ("1K", 1024), ("64M", 64 << 20), ("1G", 1 << 30),
+    ("2T", 2 << 40), ("1.5G", 3 << 29), ("10b", 10), ("4KiB", 4096),
+])
+def test_sizes_as_qemu_img_reads_them(text: str, value: int) -> None:
+    assert parse_size(text) == value
+
+
+@pytest.mark.parametrize("text", ["", "-1", "1Q", "abc", "1.3k", "99999999999999999999T"])
+def test_bad_sizes(text: str) -> None:
+    with pytest.raises(UsageError):
+        parse_size(text)
+
+
+@given(st.integers(min_value=0, max_value=2 ** 50))
+def test_size_round_trip(value: int) -> None:
+    assert parse_size(str(value)) == value
+
+
+def test_option_strings_as_qemu() -> None:
+    assert split_opt_string("a=1,b=x,,y,flag") == {"a": "1", "b": "x,y", "flag": "on"}
+    assert split_opt_string("a=1,a=2") == {"a": "2"}
+
+
+def test_schema_checks_and_defaults() -> None:
+    schema = Schema(Opt("cluster_size", Size, default=65536, check=power_of_two(512, 2 << 20)),
+                    Opt("name"))
+    assert schema.parse({}) == {"cluster_size": 65536, "name": None}
+    assert schema.parse({"cluster_size": "4k"})["cluster_size"] == 4096
+    with pytest.raises(UsageError, match="power of two"):
+        schema.parse({"cluster_size": "3k"})
+    with pytest.raises(UsageError, match="unknown option 'nme'"):
+        schema.parse({"nme": "x"})
+    assert "cluster_size=<size>" in schema.help_text("qcow2")
+
+
+def test_dotted_options_nest() -> None:
+    assert nest_dotted({"file.locking": "off", "offset": "1"}) == \
+        {"file": {"locking": "off"}, "offset": "1"}
+    tree = merge_trees({"file": "disk.img"}, nest_dotted({"file.locking": "off"}))
+    assert tree == {"file": {"filename": "disk.img", "locking": "off"}}
+
+
+def test_filename_forms() -> None:
+    assert parse_source("/a/b.img") == {"file": {"filename": "/a/b.img"}}
+    assert parse_source("file:/a/b:c.img") == {"file": {"driver": "file",
+                                                        "filename": "/a/b:c.img"}}
+    tree = parse_source('json:{"driver": "raw", "file.filename": "/x", "offset": 512}')
+    assert tree == {"driver": "raw", "file": {"filename": "/x"}, "offset": 512}
+    assert protocol_tree("nbd://localhost/vm")["driver"] == "nbd"
+    with pytest.raises(UsageError):
+        parse_source("json:[1]")
+
+
+@pytest.mark.parametrize("source, name", [
+    ("/var/lib/img/vm.qcow2", "vm"), ("disk.img", "disk"), ("noext", "noext"),
+    ("nbd://host:10809/export1", "export1"), ("fat:rw:/srv/share", "share"),
+    ("fat:floppy:12:/srv/share/", "share"),
+    ('json:{"driver":"qcow2","file":{"driver":"file","filename":"/x/y.qcow2"}}', "y"),
+])
+def test_export_names(source: str, name: str) -> None:
+    assert export_name(source) == name
+
+
+def test_duplicate_and_custom_names() -> None:
+    opts = parse_mount_options([])
+    with pytest.raises(UsageError, match="both appear"):
+        export_names(["/a/vm.qcow2", "/b/vm.img"], opts)
+    assert export_names(["/a/x.img"], parse_mount_options(["name=disk"])) == ["disk.raw"]
+    with pytest.raises(UsageError):
+        export_names(["/a", "/b"], parse_mount_options(["name=disk"]))
+
+
+def test_mount_options() -> None:
+    opts = parse_mount_options(["ro,format=qcow2", "locking=off,noatime,offset=1M"])
+    assert opts.read_only and opts.fmt == "qcow2" and opts.locking == "off"
+    assert opts.kernel_flags == ["noatime"] and opts.driver_options == {"offset": "1M"}
+    with pytest.raises(UsageError):
+        parse_mount_options(["cache=fast"])
+    with pytest.raises(UsageError):
+        parse_mount_options(["rw,force-share"])
+
+
+def test_lock_bytes_follow_qemu() -> None:
+    held, shared = wanted_perms(read_only=False, force_share=False)
+    assert held == Perm.CONSISTENT_READ | Perm.WRITE | Perm.RESIZE
+    assert not shared & Perm.WRITE and not shared & Perm.RESIZE
+    held, shared = wanted_perms(read_only=True, force_share=True)
+    assert held == Perm.CONSISTENT_READ and shared & Perm.WRITE
