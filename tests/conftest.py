@@ -40,7 +40,8 @@ def need_root() -> None:
 
 
 def run(*args: str | os.PathLike[str], check: bool = True, input: bytes | None = None,
-        timeout: float = 120, env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
+        timeout: float = 120,
+        env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
     result = subprocess.run([str(arg) for arg in args], capture_output=True, timeout=timeout,
                             input=input.decode() if input is not None else None, text=True,
                             env=env)

@@ -11,8 +11,21 @@ from pathlib import Path
 
 import pytest
 
-from tests.conftest import (BIN, IMGFS, MOUNT_HELPER, daemon_pids, imgfs, is_mounted, mounted,
-                            need, need_root, qemu_raw, run, unmount, wait_gone)
+from tests.conftest import (
+    BIN,
+    IMGFS,
+    MOUNT_HELPER,
+    daemon_pids,
+    imgfs,
+    is_mounted,
+    mounted,
+    need,
+    need_root,
+    qemu_raw,
+    run,
+    unmount,
+    wait_gone,
+)
 
 MiB = 1 << 20
 

@@ -8,8 +8,16 @@ from hypothesis import strategies as st
 from imgfs.errors import UsageError
 from imgfs.locking import Perm, wanted_perms
 from imgfs.mount import export_names, parse_mount_options
-from imgfs.options import (Opt, Schema, Size, merge_trees, nest_dotted, parse_size,
-                           power_of_two, split_opt_string)
+from imgfs.options import (
+    Opt,
+    Schema,
+    Size,
+    merge_trees,
+    nest_dotted,
+    parse_size,
+    power_of_two,
+    split_opt_string,
+)
 from imgfs.source import export_name, parse_source, protocol_tree
 
 
