@@ -227,15 +227,12 @@ class Qcow2Driver(BlockDriver):
     async def _prepare_for_write(self) -> None:
         """First modification: drop the auto-clear bits we do not maintain
         (spec: autoclear_features) and, with lazy refcounts, mark dirty."""
+        if self.header.incompatible_features & INCOMPAT_CORRUPT:
+            raise CorruptImage("the image is marked corrupt; refusing to write")
         if self.prepared:
             return
         if self.snapshot_view:
             raise ReadOnly("internal snapshots are opened read-only")
-        if self.snapshots:
-            raise Unsupported("writing qcow2 images that have internal snapshots is not "
-                              "supported yet")
-        if self.header.incompatible_features & INCOMPAT_CORRUPT:
-            raise CorruptImage("the image is marked corrupt; refusing to write")
         header = self.header
         keep = header.autoclear_features & AUTOCLEAR_DATA_FILE_RAW
         if self.version >= 3 and header.autoclear_features != keep:
@@ -341,12 +338,27 @@ class Qcow2Driver(BlockDriver):
             if host is None:
                 return await self._allocating_write(table, offset, data[:length])
             host_offset, length = host
+            if not self.has_data_file and self._overlaps_metadata(host_offset, length):
+                raise await self._mark_corrupt(
+                    f"data cluster at host offset {host_offset:#x} overlaps the header, "
+                    "L1 table or refcount table")
             self.inflight += 1
         try:
             await self.children[self.data_child].write(host_offset, bytes(data[:length]))
         finally:
             self.inflight -= 1
         return length
+
+    def _overlaps_metadata(self, host: int, length: int) -> bool:
+        """QEMU's cheapest overlap checks: a guest write must never land on
+        the header, the active L1 table or the refcount table."""
+        header = self.header
+        regions = ((0, self.cluster_size),
+                   (header.l1_table_offset, header.l1_size * 8),
+                   (header.refcount_table_offset,
+                    header.refcount_table_clusters << header.cluster_bits))
+        return any(host < start + size and start < host + length
+                   for start, size in regions if size)
 
     def _table_end(self, offset: int) -> int:
         geometry = self.geometry
@@ -379,8 +391,8 @@ class Qcow2Driver(BlockDriver):
         l2_offset = entry & L1E_OFFSET_MASK
         if l2_offset:
             if not entry & QCOW_OFLAG_COPIED:
-                if await self.refcounts.get(l2_offset >> self.geometry.cluster_bits) != 1:
-                    raise Unsupported("writing to a shared L2 table is not supported yet")
+                if await self.refcounts.get(l2_offset >> self.geometry.cluster_bits) > 1:
+                    return await self._copy_shared_l2(l1_index, l2_offset)
                 self.l1[l1_index] = entry | QCOW_OFLAG_COPIED
                 self.l1_dirty.add(l1_index)
             return await self._l2_table(l2_offset)
@@ -392,6 +404,37 @@ class Qcow2Driver(BlockDriver):
         self.l1[l1_index] = l2_offset | QCOW_OFLAG_COPIED
         self.l1_dirty.add(l1_index)
         return table
+
+    async def _copy_shared_l2(self, l1_index: int, l2_offset: int) -> L2Table:
+        """Copy-on-write of an L2 table shared with a snapshot (spec:
+        "Snapshots").  A data cluster's refcount counts the L1 tables that
+        reach it, which the copy does not change; its entries keep no
+        COPIED flag (those clusters are still shared).  The old table loses
+        the active L1's reference once the new L1 entry is on disk."""
+        old = await self._l2_table(l2_offset)
+        entries = list(old.entries)
+        words = 2 if self.geometry.extended_l2 else 1
+        for index in range(0, len(entries), words):
+            entries[index] &= ~QCOW_OFLAG_COPIED
+        new_offset = await self.refcounts.allocate(1)
+        table = L2Table(new_offset, entries)
+        self.l2_cache.mark_dirty(table)
+        self.l1[l1_index] = new_offset | QCOW_OFLAG_COPIED
+        self.l1_dirty.add(l1_index)
+        self.refcounts.queue_free(l2_offset)
+        return table
+
+    def _clusters_of(self, entry: int) -> list[tuple[int, int]]:
+        """(host offset, cluster count) runs that an L2 entry holds a reference to."""
+        if self.has_data_file or not entry:
+            return []
+        if entry & QCOW_OFLAG_COMPRESSED:
+            host_offset, most = compressed_range(entry, self.geometry.cluster_bits)
+            first = host_offset >> self.geometry.cluster_bits
+            last = (host_offset + most - 1) >> self.geometry.cluster_bits
+            return [(first << self.geometry.cluster_bits, last - first + 1)]
+        mapping = decode_entry(entry, zero_flag=self.zero_flag)
+        return [(mapping.host_offset, 1)] if mapping.host_offset else []
 
     async def _old_contents(self, start: int, end: int) -> bytes:
         """What guest bytes start..end read as now (zeros past the disk end)."""
@@ -461,17 +504,8 @@ class Qcow2Driver(BlockDriver):
 
     def _release(self, entry: int) -> None:
         """Queue the host clusters an overwritten L2 entry held."""
-        if self.has_data_file or not entry:
-            return
-        if entry & QCOW_OFLAG_COMPRESSED:
-            host_offset, most = compressed_range(entry, self.geometry.cluster_bits)
-            first = host_offset >> self.geometry.cluster_bits
-            last = (host_offset + most - 1) >> self.geometry.cluster_bits
-            self.refcounts.queue_free(first << self.geometry.cluster_bits, last - first + 1)
-            return
-        mapping = decode_entry(entry, zero_flag=self.zero_flag)
-        if mapping.host_offset:
-            self.refcounts.queue_free(mapping.host_offset)
+        for host, count in self._clusters_of(entry):
+            self.refcounts.queue_free(host, count)
 
     async def _allocating_write_extended(self, table: L2Table, offset: int,
                                          data: memoryview) -> int:
@@ -723,8 +757,8 @@ class Qcow2Driver(BlockDriver):
         if self.snapshots:
             report["snapshots"] = [snap.info() for snap in self.snapshots]
         report["compat"] = "0.10" if header.version < 3 else "1.1"
+        report["compression-type"] = COMPRESSION_NAMES.get(header.compression_type, "?")
         if header.version >= 3:
-            report["compression-type"] = COMPRESSION_NAMES.get(header.compression_type, "?")
             report["lazy-refcounts"] = bool(header.compatible_features
                                             & COMPAT_LAZY_REFCOUNTS)
         report["refcount-bits"] = 1 << header.refcount_order

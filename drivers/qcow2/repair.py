@@ -34,10 +34,10 @@ async def count_references(driver: Qcow2Driver) -> Counter[int]:
     counts: Counter[int] = Counter()
     bits = header.cluster_bits
 
-    def add(offset: int, length: int) -> None:
+    def add(offset: int, length: int, past_end: bool = False) -> None:
         if length <= 0:
             return
-        if offset + length > file.size:
+        if offset + length > file.size and not (past_end and offset < file.size):
             raise CorruptImage(f"metadata at {offset:#x} (+{length}) lies beyond the end "
                                "of the file")
         for cluster in range(offset >> bits, ((offset + length - 1) >> bits) + 1):
@@ -72,7 +72,7 @@ async def _count_l1(driver: Qcow2Driver, l1: list[int], add) -> None:  # type: i
         for entry in table.entries[::words]:
             if entry & QCOW_OFLAG_COMPRESSED:
                 host, most = compressed_range(entry, driver.geometry.cluster_bits)
-                add(host, min(most, driver.children["file"].size - host))
+                add(host, most, past_end=True)       # the last sector may pass EOF
                 continue
             mapping = decode_entry(entry, zero_flag=driver.zero_flag)
             if mapping.host_offset and not driver.has_data_file and \

@@ -232,16 +232,24 @@ def test_internal_snapshot_read_and_info(tmp_path):
     assert run(read_all, image, {"snapshot": "first"}) == \
         reference(image, "-l", "snapshot.name=first")
 
-    async def check_info_and_refuse_write():
+    snapshot_data = reference(image, "-l", "snapshot.name=first")
+
+    async def check_info_and_write():
         node = await open_image(str(image), OpenContext(read_only=False))
         try:
             assert [s["name"] for s in node.driver.info()["snapshots"]] == ["first"]
-            with pytest.raises(Unsupported):
-                await node.write(0, b"x")
+            await node.write(4000, b"x" * 70000)
+            await node.write_zeroes(0, 4096)
+            await node.discard(512 * KiB, 64 * KiB)
         finally:
             await node.aclose()
-    run(check_info_and_refuse_write)
+    expected = bytearray(reference(image))
+    run(check_info_and_write)
+    expected[4000:74000] = b"x" * 70000
+    expected[0:4096] = bytes(4096)
     check_clean(image)
+    assert reference(image) == bytes(expected)
+    assert reference(image, "-l", "snapshot.name=first") == snapshot_data
 
 
 # -- writes ----------------------------------------------------------------------------
@@ -257,6 +265,8 @@ WRITE_CASES = {
     "data file": ["data_file=w.data", "cluster_size=4k"],
     "data file raw": ["data_file=w.data", "data_file_raw=on", "cluster_size=4k"],
     "2M clusters": ["cluster_size=2M"],
+    "snapshot": ["cluster_size=4k"],
+    "snapshot extended L2": ["extended_l2=on", "cluster_size=16k"],
 }
 
 
@@ -302,8 +312,13 @@ def test_writes_pass_qemu_check_and_compare(tmp_path, case):
     size = 4 * MiB if "2M" in case else 1 * MiB + 512
     image = create(tmp_path / "w.qcow2", size, *WRITE_CASES[case])
     out_of_order_writes(image, 4096, size)
+    if "snapshot" in case:
+        assert qemu_img("snapshot", "-c", "before", str(image)).returncode == 0
+        snapshot_data = reference(image, "-l", "snapshot.name=before")
     expected = bytearray(reference(image))
     run(random_writes, image, expected, len(case))
+    if "snapshot" in case:
+        assert reference(image, "-l", "snapshot.name=before") == snapshot_data
     check_clean(image)
     assert_same(image, bytes(expected), tmp_path)
     info = json.loads(qemu_img("info", "--output=json", str(image)).stdout)
@@ -569,3 +584,73 @@ def test_read_only_open_refuses_writes(tmp_path):
             await node.aclose()
     with pytest.raises(ReadOnly):
         run(try_write)
+
+
+# -- crash safety ----------------------------------------------------------------------------
+
+CRASH_WRITER = r"""
+import os, random, sys, trio
+from imgfs.graph import open_image
+from imgfs.node import OpenContext
+
+async def main(path, seed):
+    rnd = random.Random(seed)
+    node = await open_image(path, OpenContext(read_only=False))
+    size = node.size
+    round_ = 0
+    while True:
+        round_ += 1
+        segment = size // 16
+        for _ in range(rnd.randrange(1, 20)):
+            # anywhere but the promised stripes at the start of each segment
+            offset = rnd.randrange(16) * segment + 8192 + rnd.randrange(segment // 2)
+            length = rnd.randrange(1, segment // 2 - 8192)
+            if rnd.random() < 0.15:
+                await node.write_zeroes(offset, length, may_unmap=True)
+            elif rnd.random() < 0.05:
+                await node.discard(offset, length)
+            else:
+                await node.write(offset, bytes([round_ % 251 + 1]) * length)
+        # after a flush, this stripe's contents are promised
+        stripe = (round_ % 16) * (size // 16)
+        await node.write(stripe, round_.to_bytes(8, "big") * 512)
+        await node.flush()
+        print(round_, flush=True)
+
+trio.run(main, sys.argv[1], int(sys.argv[2]))
+"""
+
+
+@pytest.mark.parametrize("options", [["cluster_size=4k"], ["cluster_size=512",
+                                                              "refcount_bits=8"],
+                                     ["extended_l2=on", "cluster_size=16k"]])
+def test_sigkill_during_writes_leaves_no_corruption(tmp_path, options):
+    import signal
+    import sys
+    image = create(tmp_path / "crash.qcow2", 4 * MiB, *options)
+    script = tmp_path / "writer.py"
+    script.write_text(CRASH_WRITER)
+    writer = subprocess.Popen([sys.executable, str(script), str(image), "5"],
+                              stdout=subprocess.PIPE, text=True)
+    assert writer.stdout is not None
+    synced = []
+    deadline = time.monotonic() + 20
+    while len(synced) < 40 and time.monotonic() < deadline:
+        line = writer.stdout.readline()
+        if not line:
+            break
+        synced.append(int(line))
+    time.sleep(0.01 * (len(options) + 1))     # land somewhere inside a write stream
+    writer.send_signal(signal.SIGKILL)
+    writer.wait()
+    assert len(synced) >= 20
+    result = qemu_img("check", "--output=json", str(image))
+    report = json.loads(result.stdout)
+    assert report["check-errors"] == 0 and not report.get("corruptions"), result.stdout
+    data = reference(image)
+    # Each stripe holds at least the last round that wrote it before a flush returned.
+    last = synced[-1]
+    for round_ in range(max(1, last - 15), last + 1):
+        stripe = (round_ % 16) * (4 * MiB // 16)
+        found = int.from_bytes(data[stripe:stripe + 8], "big")
+        assert found >= round_, (round_, found)
