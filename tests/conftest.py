@@ -153,3 +153,14 @@ def workdir(tmp_path: Path) -> Path:
 def random_bytes(size: int, seed: int = 1) -> bytes:
     import random
     return random.Random(seed).randbytes(size)
+
+
+@pytest.hookimpl(hookwrapper=True)
+def pytest_runtest_makereport(item: pytest.Item, call: pytest.CallInfo[None]):  # type: ignore[no-untyped-def]
+    """Under `make test`, a skip because an oracle is "not installed" is a
+    failure, whichever way the test spelled its skip."""
+    outcome = yield
+    report = outcome.get_result()
+    if REQUIRE_ORACLES and report.skipped and "not installed" in str(report.longrepr):
+        report.outcome = "failed"
+        report.longrepr = f"oracle missing under make test: {report.longrepr}"
