@@ -79,6 +79,9 @@ class ImageFS(pyfuse3.Operations):
         self.mount_time_ns = time.time_ns()
         #: set once the kernel's INIT handshake is answered
         self.initialized: Any = None
+        #: --debug: log every read, write and fsync (checked once here so the
+        #: hot path pays one attribute test)
+        self.trace = log.isEnabledFor(logging.DEBUG)
 
     def init(self) -> None:
         # Called by pyfuse3 just before it answers the kernel's INIT; the
@@ -208,6 +211,8 @@ class ImageFS(pyfuse3.Operations):
     @fuse_errors
     async def read(self, fh: int, off: int, size: int) -> bytes:
         node = self._export(fh).node
+        if self.trace:
+            log.debug("read %s %d+%d", node.filename, off, size)
         end = min(off + size, node.size)
         if off >= end:
             return b""
@@ -219,6 +224,8 @@ class ImageFS(pyfuse3.Operations):
         if export.read_only:
             raise pyfuse3.FUSEError(errno.EROFS)
         node = export.node
+        if self.trace:
+            log.debug("write %s %d+%d", node.filename, off, len(buf))
         if off + len(buf) > node.size:
             buf = await self._write_past_end(node, off, buf)
         await node.write(off, buf)
@@ -241,6 +248,8 @@ class ImageFS(pyfuse3.Operations):
     @fuse_errors
     async def fsync(self, fh: int, datasync: bool) -> None:
         export = self._export(fh)
+        if self.trace:
+            log.debug("fsync %s", export.node.filename)
         if not export.read_only:
             await export.node.flush()
 
