@@ -368,3 +368,47 @@ def test_create_raw_matches_qemu(workdir: Path) -> None:
         if prealloc != "off":
             assert os.stat(path).st_blocks * 512 >= 3 * MiB
     assert qemu_raw(workdir / "new-full.img", workdir / "out.raw") == bytes(3 * MiB)
+
+
+def test_host_block_device_as_source(image: Path, mnt: Path) -> None:
+    """A /dev path: size from the device (not st_size), reads and writes."""
+    need_root()
+    need("losetup")
+    loop = run("losetup", "--show", "-f", image).stdout.strip()
+    try:
+        with mounted(loop, mountpoint=mnt):
+            exposed = mnt / f"{Path(loop).name}.raw"
+            assert exposed.stat().st_size == 64 * MiB
+            assert exposed.read_bytes()[MiB:MiB + 65536] == b"\x5a" * 65536
+            fd = os.open(exposed, os.O_WRONLY)
+            try:
+                os.pwrite(fd, b"\x42" * 4096, 8 * MiB)
+                os.fsync(fd)
+            finally:
+                os.close(fd)
+        info = json.loads(imgfs("info", "--output=json", loop).stdout)
+        assert info["virtual-size"] == 64 * MiB and info["format"] == "raw"
+    finally:
+        run("losetup", "-d", loop)
+    assert image.read_bytes()[8 * MiB:8 * MiB + 4096] == b"\x42" * 4096
+
+
+def test_create_nocow_on_btrfs(workdir: Path) -> None:
+    need_root()
+    need("mkfs.btrfs", "lsattr")
+    backing = workdir / "btrfs.img"
+    with open(backing, "wb") as handle:
+        handle.truncate(256 * MiB)
+    run("mkfs.btrfs", "-q", backing)
+    fs_dir = workdir / "btrfs"
+    fs_dir.mkdir()
+    result = run("mount", "-o", "loop", backing, fs_dir, check=False)
+    if result.returncode:
+        pytest.skip(f"cannot mount btrfs here: {result.stderr.strip()}")
+    try:
+        imgfs("create", "-f", "raw", "-o", "nocow=on", fs_dir / "nocow.img", "1M")
+        imgfs("create", "-f", "raw", fs_dir / "cow.img", "1M")
+        assert "C" in run("lsattr", fs_dir / "nocow.img").stdout.split()[0]
+        assert "C" not in run("lsattr", fs_dir / "cow.img").stdout.split()[0]
+    finally:
+        run("umount", fs_dir)
