@@ -1,0 +1,878 @@
+#!/usr/bin/env python3
+"""imgfs benchmark: imgfs against qemu-storage-daemon's FUSE export.
+
+Method
+------
+For each case (an image format, see CASES) one image is built in a scratch
+directory under /var/tmp (a real disk, not tmpfs, so the image file behaves
+as a user's would).  Every metric is then measured through both exporters,
+imgfs first and qemu-storage-daemon ("qsd") right after it, so that the two
+numbers of a ratio are taken seconds apart on the same machine state:
+
+* seq_read     MB/s, 1 MiB reads, one pass over the whole raw view per fio
+               run, repeated until the runtime is used (see seq_read_job)
+* rand_read    IOPS, 4 KiB random reads, time-based
+* rand_write   IOPS, 4 KiB random writes, time-based, ends with an fsync
+* seq_write    MB/s, 1 MiB writes, time-based, ends with an fsync
+* seq_write_new  MB/s, 1 MiB writes filling a freshly created empty image
+               once (what "copy a disk into a new image" costs)
+* mount_latency  ms from starting the mount command until the raw file
+               opens and its first 4 KiB has been read; median of N
+
+All I/O jobs use fio with ioengine=psync, iodepth=1, direct=0: buffered I/O,
+so the kernel's FUSE page cache, read-ahead and (for imgfs) writeback cache
+act exactly as they do for a user running dd or cp.
+
+Cache state is controlled deliberately, because with direct=0 a careless
+benchmark measures memory copies instead of the exporter:
+
+* Every job gets a fresh mount (a new daemon, an empty FUSE page cache, no
+  dirty pages left over from the previous job), preceded by
+  `sync; echo 3 > /proc/sys/vm/drop_caches`.
+* The image file itself is then read once into the host page cache, for
+  both exporters alike.  We benchmark the request path of the FUSE daemon,
+  not the disk under /var/tmp; with a cold host cache both daemons would be
+  capped by the disk and every ratio would tend to 1.  `--cold` skips this
+  warm-up to show the disk-bound picture.
+* Sequential reads never read a byte twice in one fio run: a time-based job
+  wraps around at the end of the file and would read the second pass out of
+  the page cache (8 GB/s here, for imgfs which keeps the cache across
+  opens).  So each fio run reads the file exactly once, and fio's
+  invalidate=1 (posix_fadvise DONTNEED at open) empties the FUSE page cache
+  before each further pass.
+* Random reads are safe as time-based jobs: fio's random map visits every
+  block once before repeating any, and fio's fadvise(RANDOM) turns off
+  read-ahead, so every 4 KiB read reaches the daemon unless the run covers
+  the whole file (only with --quick's small image).
+* Write jobs end with fsync (end_fsync=1), counted in fio's runtime: with
+  the writeback cache a write is "done" only once the daemon has it and the
+  layers below have made it durable, which is what qsd also has to do.
+
+Results go to a table on stdout (imgfs, qsd, ratio imgfs/qsd, target,
+PASS/FAIL; for mount latency the ratio is qsd/imgfs and the target is on
+imgfs's absolute ms) and to bench/results/<timestamp>.json with the machine
+description.  `--profile` additionally samples imgfs with py-spy during its
+random read and write jobs and prints the hottest functions (the numbers of
+a profiled run are perturbed by the sampling and are marked so).
+
+Needs root (drop_caches, FUSE mounts), fio, qemu-img, qemu-storage-daemon.
+"""
+from __future__ import annotations
+
+import argparse
+import collections
+import contextlib
+import datetime
+import json
+import os
+import platform
+import shutil
+import signal
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Iterator
+
+BENCH_DIR = Path(__file__).resolve().parent
+RESULTS_DIR = BENCH_DIR / "results"
+SCRATCH_PARENT = "/var/tmp"
+SECRET_ID = "sec0"
+PASSPHRASE = "imgfs-bench"
+# A short PBKDF keeps LUKS mounts (several per metric) from dominating the
+# run; both exporters pay the same PBKDF, so the comparison is unaffected.
+LUKS_ITER_TIME_MS = 200
+CLUSTER_SIZE = 65536
+MiB = 1024 * 1024
+GiB = 1024 * MiB
+
+
+# -- metrics and cases --------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Metric:
+    name: str
+    label: str
+    unit: str
+    #: "latency" metrics compare qsd/imgfs (lower is better), others imgfs/qsd
+    kind: str = "rate"
+
+
+METRICS = {m.name: m for m in (
+    Metric("seq_read", "sequential read 1M", "MB/s"),
+    Metric("rand_read", "4k random read", "IOPS"),
+    Metric("rand_write", "4k random write", "IOPS"),
+    Metric("seq_write", "sequential write 1M", "MB/s"),
+    Metric("seq_write_new", "seq write, new image", "MB/s"),
+    Metric("mount_latency", "mount latency", "ms", kind="latency"),
+)}
+
+
+@dataclass(frozen=True)
+class Target:
+    """min_ratio: imgfs/qsd must reach it; max_ms: imgfs's own latency cap."""
+    min_ratio: float | None = None
+    max_ms: float | None = None
+
+    def describe(self) -> str:
+        if self.max_ms is not None:
+            return f"<= {self.max_ms:g} ms"
+        return f">= {self.min_ratio:g}x"
+
+    def met(self, ratio: float, imgfs_value: float) -> bool:
+        if self.max_ms is not None:
+            return imgfs_value <= self.max_ms
+        return ratio >= self.min_ratio
+
+
+@dataclass(frozen=True)
+class Case:
+    name: str
+    #: the driver name, for imgfs `-o format=` and qsd `driver=`
+    fmt: str
+    #: formats `imgfs formats` must list for the case to run
+    needs: tuple[str, ...]
+    #: qemu-img convert arguments that turn random raw data into the image
+    convert_args: tuple[str, ...]
+    #: qemu-img create arguments for an empty image (seq_write_new), if used
+    create_args: tuple[str, ...] = ()
+    #: metric name -> target (None: measured and reported, no target)
+    metrics: dict[str, Target | None] = field(default_factory=dict)
+    encrypted: bool = False
+    #: how qsd's format node names the secret (luks: key-secret, qcow2: encrypt.key-secret)
+    qsd_secret_key: str = "key-secret"
+
+
+def _luks_create_opts(prefix: str) -> str:
+    return (f"{prefix}key-secret={SECRET_ID},{prefix}cipher-alg=aes-256,"
+            f"{prefix}cipher-mode=xts,{prefix}ivgen-alg=plain64,"
+            f"{prefix}iter-time={LUKS_ITER_TIME_MS}")
+
+
+QCOW2_OPTS = f"cluster_size={CLUSTER_SIZE}"
+LUKS_TARGETS: dict[str, Target | None] = {
+    "seq_read": Target(1.0), "rand_read": Target(0.6), "rand_write": None,
+    "seq_write": Target(0.8), "mount_latency": None,
+}
+
+CASES = {c.name: c for c in (
+    Case("raw", "raw", ("raw",), ("-O", "raw"), metrics={
+        "seq_read": Target(2.0), "rand_read": Target(0.9), "rand_write": Target(1.0),
+        "seq_write": Target(1.2), "mount_latency": Target(max_ms=200),
+    }),
+    Case("qcow2", "qcow2", ("qcow2",), ("-O", "qcow2", "-o", QCOW2_OPTS),
+         create_args=("-f", "qcow2", "-o", QCOW2_OPTS), metrics={
+             "seq_read": Target(1.5), "rand_read": Target(0.8),
+             # the image is converted from random data: every cluster is allocated
+             "rand_write": Target(0.8), "seq_write": None,
+             "seq_write_new": Target(1.0), "mount_latency": None,
+         }),
+    Case("qcow2-compressed", "qcow2", ("qcow2",), ("-c", "-O", "qcow2", "-o", QCOW2_OPTS),
+         metrics={"seq_read": Target(1.0), "rand_read": None, "mount_latency": None}),
+    Case("luks", "luks", ("luks",), ("-O", "luks", "-o", _luks_create_opts("")),
+         metrics=LUKS_TARGETS, encrypted=True),
+    Case("qcow2-luks", "qcow2", ("qcow2", "luks"),
+         ("-O", "qcow2", "-o", f"{QCOW2_OPTS},encrypt.format=luks,"
+          + _luks_create_opts("encrypt.")),
+         metrics=LUKS_TARGETS, encrypted=True, qsd_secret_key="encrypt.key-secret"),
+)}
+
+
+@dataclass
+class Settings:
+    runtime: float
+    image_size: int
+    latency_reps: int
+    warm_host_cache: bool
+    profile: bool
+    workdir: Path
+
+
+# -- small system helpers ----------------------------------------------------
+
+
+def run(cmd: list[str], **kwargs: Any) -> subprocess.CompletedProcess:
+    """Run a tool; its stderr goes into the exception if it fails."""
+    return subprocess.run(cmd, check=True, text=True, capture_output=True, **kwargs)
+
+
+def tool(name: str) -> str:
+    """A tool next to this interpreter (the venv's imgfs, py-spy) or on PATH."""
+    beside = Path(sys.executable).parent / name
+    if beside.exists():
+        return str(beside)
+    found = shutil.which(name)
+    if found is None:
+        raise SystemExit(f"bench: {name} not found")
+    return found
+
+
+def drop_caches() -> None:
+    # sync first: dirty pages are not dropped, and a FUSE file's dirty pages
+    # must go through its daemon before the next job starts.
+    os.sync()
+    Path("/proc/sys/vm/drop_caches").write_text("3\n")
+
+
+def warm_file(path: Path) -> None:
+    """Read the image file into the host page cache (see the docstring)."""
+    with open(path, "rb", buffering=0) as image:
+        while image.read(8 * MiB):
+            pass
+
+
+def prepare_caches(image: Path, settings: Settings) -> None:
+    drop_caches()
+    if settings.warm_host_cache:
+        warm_file(image)
+
+
+def _unescape_mount_field(text: str) -> str:
+    for code, char in (("\\040", " "), ("\\011", "\t"), ("\\012", "\n"), ("\\134", "\\")):
+        text = text.replace(code, char)
+    return text
+
+
+def mount_entry(path: Path) -> list[str] | None:
+    """The /proc/self/mountinfo fields of the mount at `path`, if any."""
+    with open("/proc/self/mountinfo") as table:
+        for line in table:
+            fields = line.split()
+            if _unescape_mount_field(fields[4]) == str(path):
+                return fields
+    return None
+
+
+def read_ahead_kb(mountpoint: Path) -> int | None:
+    """The kernel read-ahead of a FUSE mount, which sets the size of the
+    read requests a buffered sequential read sends to the daemon."""
+    entry = mount_entry(mountpoint)
+    if entry is None:
+        return None
+    try:
+        return int(Path(f"/sys/class/bdi/{entry[2]}/read_ahead_kb").read_text())
+    except OSError:
+        return None
+
+
+def pids_with_arg(program: str, last_arg: str) -> list[int]:
+    """Processes whose command line mentions `program` and ends in `last_arg`
+    (how we find the daemon `imgfs mount` left behind)."""
+    found = []
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            args = (entry / "cmdline").read_bytes().split(b"\0")[:-1]
+        except OSError:
+            continue
+        if args and args[-1].decode(errors="replace") == last_arg \
+                and any(program in a.decode(errors="replace") for a in args[:2]):
+            found.append(int(entry.name))
+    return found
+
+
+def wait_gone(pid: int, timeout: float = 30.0) -> bool:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if not Path(f"/proc/{pid}").exists():
+            return True
+        stat = Path(f"/proc/{pid}/stat").read_text(errors="replace") \
+            if Path(f"/proc/{pid}/stat").exists() else ""
+        if ") Z " in stat:                 # a zombie has released everything
+            return True
+        time.sleep(0.01)
+    return False
+
+
+def read_first_block(path: Path) -> None:
+    with open(path, "rb", buffering=0) as raw:
+        if len(raw.read(4096)) != 4096:
+            raise RuntimeError(f"{path}: short first read")
+
+
+# -- the two exporters ----------------------------------------------------------
+
+
+class Exporter:
+    """One way of presenting an image as a raw file; mounted one at a time."""
+
+    name = "?"
+
+    def __init__(self, case: Case, image: Path, workdir: Path) -> None:
+        self.case, self.image, self.workdir = case, image, workdir
+        self.pid: int | None = None
+
+    @property
+    def raw_path(self) -> Path:
+        raise NotImplementedError
+
+    @property
+    def mountpoint(self) -> Path:
+        raise NotImplementedError
+
+    def mount(self) -> None:
+        """Returns once the raw file can be opened."""
+        raise NotImplementedError
+
+    def unmount(self) -> None:
+        """Returns once the daemon has exited (its image locks are free)."""
+        raise NotImplementedError
+
+
+class ImgfsExporter(Exporter):
+    name = "imgfs"
+
+    @property
+    def mountpoint(self) -> Path:
+        return self.workdir / "imgfs-mnt"
+
+    @property
+    def raw_path(self) -> Path:
+        return self.mountpoint / f"{self.image.stem}.raw"
+
+    def command(self) -> list[str]:
+        cmd = [tool("imgfs"), "mount", "-o", f"format={self.case.fmt}"]
+        if self.case.encrypted:
+            cmd += ["--object", f"secret,id={SECRET_ID},data={PASSPHRASE}",
+                    "-o", f"key-secret={SECRET_ID}"]
+        return cmd + [str(self.image), str(self.mountpoint)]
+
+    def mount(self) -> None:
+        self.mountpoint.mkdir(exist_ok=True)
+        # `imgfs mount` daemonizes once the FUSE session is up.
+        run(self.command())
+        pids = pids_with_arg("imgfs", str(self.mountpoint))
+        self.pid = pids[0] if pids else None
+
+    def unmount(self) -> None:
+        if mount_entry(self.mountpoint) is not None:
+            result = subprocess.run(["umount", str(self.mountpoint)], capture_output=True)
+            if result.returncode != 0:
+                subprocess.run(["umount", "-l", str(self.mountpoint)], capture_output=True)
+        if self.pid is not None and not wait_gone(self.pid):
+            os.kill(self.pid, signal.SIGKILL)
+            wait_gone(self.pid)
+        self.pid = None
+
+
+class QsdExporter(Exporter):
+    name = "qsd"
+
+    def __init__(self, case: Case, image: Path, workdir: Path) -> None:
+        super().__init__(case, image, workdir)
+        self.process: subprocess.Popen | None = None
+
+    @property
+    def mountpoint(self) -> Path:
+        return self.workdir / "qsd-export.raw"
+
+    @property
+    def raw_path(self) -> Path:
+        return self.mountpoint
+
+    def command(self) -> list[str]:
+        fmt_node = f"driver={self.case.fmt},node-name=fmt0,file=file0"
+        cmd = ["qemu-storage-daemon"]
+        if self.case.encrypted:
+            cmd += ["--object", f"secret,id={SECRET_ID},data={PASSPHRASE}"]
+            fmt_node += f",{self.case.qsd_secret_key}={SECRET_ID}"
+        return cmd + [
+            "--blockdev", f"driver=file,node-name=file0,filename={self.image}",
+            "--blockdev", fmt_node,
+            "--export", f"type=fuse,id=exp0,node-name=fmt0,"
+                        f"mountpoint={self.mountpoint},writable=on",
+        ]
+
+    def mount(self) -> None:
+        self.mountpoint.touch()
+        self.process = subprocess.Popen(self.command(), stdout=subprocess.DEVNULL,
+                                        stderr=subprocess.PIPE, text=True)
+        self.pid = self.process.pid
+        deadline = time.monotonic() + 30
+        # qsd stays in the foreground: the export is usable once the FUSE
+        # mount exists (the kernel queues our open until qsd serves it).
+        while mount_entry(self.mountpoint) is None:
+            if self.process.poll() is not None:
+                raise RuntimeError(f"qemu-storage-daemon failed: {self.process.stderr.read()}")
+            if time.monotonic() > deadline:
+                raise RuntimeError("qemu-storage-daemon: export did not appear")
+            time.sleep(0.001)
+
+    def unmount(self) -> None:
+        if self.process is not None and self.process.poll() is None:
+            self.process.send_signal(signal.SIGTERM)
+            try:
+                self.process.wait(timeout=30)
+            except subprocess.TimeoutExpired:
+                self.process.kill()
+                self.process.wait()
+        if mount_entry(self.mountpoint) is not None:
+            subprocess.run(["fusermount3", "-u", str(self.mountpoint)], capture_output=True)
+        self.process = self.pid = None
+
+
+EXPORTERS: tuple[type[Exporter], ...] = (ImgfsExporter, QsdExporter)
+
+#: every exporter currently mounted, for the clean-up on errors and Ctrl-C
+LIVE: list[Exporter] = []
+
+
+@contextlib.contextmanager
+def mounted(exporter: Exporter) -> Iterator[Exporter]:
+    LIVE.append(exporter)
+    try:
+        exporter.mount()
+        yield exporter
+    finally:
+        exporter.unmount()
+        LIVE.remove(exporter)
+
+
+# -- fio -----------------------------------------------------------------------------
+
+
+def fio(path: Path, name: str, **options: Any) -> dict:
+    """One fio job on `path`; returns the job's section of fio's JSON."""
+    base = {"ioengine": "psync", "iodepth": 1, "direct": 0, "numjobs": 1,
+            # the file must exist already (a typo must not benchmark a new file)
+            "allow_file_create": 0, "fallocate": "none", "invalidate": 1}
+    base.update(options)
+    cmd = ["fio", f"--name={name}", f"--filename={path}", "--output-format=json"]
+    cmd += [f"--{key}={value}" for key, value in base.items()]
+    result = run(cmd)
+    return json.loads(result.stdout[result.stdout.index("{"):])["jobs"][0]
+
+
+def seq_read_job(path: Path, settings: Settings) -> tuple[float, dict]:
+    """MB/s over whole-file passes, each from an empty FUSE page cache."""
+    total_bytes = total_ms = 0
+    passes = 0
+    while passes == 0 or (total_ms < settings.runtime * 1000 and passes < 10):
+        job = fio(path, "seq_read", rw="read", bs="1M", size=settings.image_size,
+                  runtime=max(settings.runtime, 60))
+        total_bytes += job["read"]["io_bytes"]
+        total_ms += job["read"]["runtime"]
+        passes += 1
+    return total_bytes / (total_ms / 1000) / 1e6, {"passes": passes, "bytes": total_bytes}
+
+
+def rand_read_job(path: Path, settings: Settings) -> tuple[float, dict]:
+    job = fio(path, "rand_read", rw="randread", bs="4k",
+              time_based=1, runtime=settings.runtime)
+    return job["read"]["iops"], {"ios": job["read"]["total_ios"]}
+
+
+def rand_write_job(path: Path, settings: Settings) -> tuple[float, dict]:
+    job = fio(path, "rand_write", rw="randwrite", bs="4k", end_fsync=1,
+              time_based=1, runtime=settings.runtime)
+    return job["write"]["iops"], {"ios": job["write"]["total_ios"],
+                                  "runtime_ms": job["write"]["runtime"]}
+
+
+def seq_write_job(path: Path, settings: Settings) -> tuple[float, dict]:
+    job = fio(path, "seq_write", rw="write", bs="1M", end_fsync=1,
+              time_based=1, runtime=settings.runtime)
+    return job["write"]["bw_bytes"] / 1e6, {"bytes": job["write"]["io_bytes"],
+                                           "runtime_ms": job["write"]["runtime"]}
+
+
+def seq_write_new_job(path: Path, settings: Settings) -> tuple[float, dict]:
+    # One pass: a second one would overwrite clusters allocated by the first.
+    job = fio(path, "seq_write_new", rw="write", bs="1M", end_fsync=1,
+              size=settings.image_size, runtime=max(settings.runtime, 120))
+    return job["write"]["bw_bytes"] / 1e6, {"bytes": job["write"]["io_bytes"],
+                                           "runtime_ms": job["write"]["runtime"]}
+
+
+IO_JOBS: dict[str, Callable[[Path, Settings], tuple[float, dict]]] = {
+    "seq_read": seq_read_job,
+    "rand_read": rand_read_job,
+    "rand_write": rand_write_job,
+    "seq_write": seq_write_job,
+    "seq_write_new": seq_write_new_job,
+}
+
+
+# -- profiling ---------------------------------------------------------------------------
+
+
+@contextlib.contextmanager
+def profiled(exporter: Exporter, label: str, settings: Settings,
+             into: dict) -> Iterator[None]:
+    """Sample imgfs with py-spy while the body runs (only with --profile)."""
+    if not settings.profile or exporter.name != "imgfs" or exporter.pid is None:
+        yield
+        return
+    out = settings.workdir / f"profile-{label}.txt"
+    # --nonblocking: do not stop the daemon to sample it (less distortion);
+    # idle threads (trio waiting in epoll) are left out, so the samples
+    # taken, against rate x time, also show how busy the daemon was.
+    rate = 250
+    spy = subprocess.Popen([tool("py-spy"), "record", "--pid", str(exporter.pid),
+                            "--rate", str(rate), "--nonblocking", "--format", "raw",
+                            "-o", str(out)],
+                           stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    started = time.monotonic()
+    try:
+        yield
+    finally:
+        elapsed = time.monotonic() - started
+        spy.send_signal(signal.SIGINT)
+        spy.wait(timeout=60)
+        if out.exists():
+            into[label] = summarize_profile(out.read_text(), rate * elapsed)
+
+
+def summarize_profile(collapsed: str, expected_samples: float, top: int = 15) -> dict:
+    """Self and inclusive sample shares per function from py-spy's raw
+    (collapsed-stack) output: "frame;frame;...;leaf count" per line."""
+    self_counts: collections.Counter = collections.Counter()
+    total_counts: collections.Counter = collections.Counter()
+    samples = 0
+    for line in collapsed.splitlines():
+        stack, _, count_text = line.rpartition(" ")
+        if not stack or not count_text.isdigit():
+            continue
+        count = int(count_text)
+        frames = stack.split(";")
+        samples += count
+        self_counts[frames[-1]] += count
+        for frame in set(frames):
+            total_counts[frame] += count
+
+    def share(counter: collections.Counter) -> list[list]:
+        return [[frame, round(100 * n / samples, 1)] for frame, n in counter.most_common(top)]
+
+    return {"samples": samples,
+            "busy_percent": round(100 * samples / expected_samples, 1) if expected_samples else None,
+            "self_percent": share(self_counts) if samples else [],
+            "inclusive_percent": share(total_counts) if samples else []}
+
+
+# -- measuring -------------------------------------------------------------------------
+
+
+def measure_io(metric: str, exporter: Exporter, settings: Settings,
+               profiles: dict) -> tuple[float, dict]:
+    """One I/O metric through one exporter, on a fresh mount."""
+    prepare_caches(exporter.image, settings)
+    with mounted(exporter):
+        extra = {"read_ahead_kb": read_ahead_kb(exporter.mountpoint)}
+        with profiled(exporter, metric, settings, profiles):
+            value, details = IO_JOBS[metric](exporter.raw_path, settings)
+    return value, {**details, **extra}
+
+
+def measure_mount_latency(exporter: Exporter, settings: Settings) -> tuple[float, dict]:
+    """Median ms from starting the mount until the first 4 KiB is read.
+
+    The caches are left warm (as on a machine where the tools were just
+    used); the first of the repetitions also pays for cold ones."""
+    samples = []
+    for _ in range(settings.latency_reps):
+        LIVE.append(exporter)
+        try:
+            started = time.perf_counter()
+            exporter.mount()
+            read_first_block(exporter.raw_path)
+            samples.append((time.perf_counter() - started) * 1000)
+        finally:
+            exporter.unmount()
+            LIVE.remove(exporter)
+    return statistics.median(samples), {"samples_ms": [round(s, 1) for s in samples]}
+
+
+def new_image_exporter(cls: type[Exporter], case: Case, settings: Settings) -> Exporter:
+    """An exporter on a freshly created empty image (seq_write_new)."""
+    image = settings.workdir / f"new-{cls.name}.{case.fmt}"
+    image.unlink(missing_ok=True)
+    run(["qemu-img", "create", *case.create_args, str(image), str(settings.image_size)])
+    return cls(case, image, settings.workdir)
+
+
+def measure_metric(case: Case, metric: str, image: Path, settings: Settings,
+                   profiles: dict) -> dict:
+    """Both exporters, imgfs first, for one metric: {exporter: (value, details)}."""
+    outcome = {}
+    for cls in EXPORTERS:
+        if metric == "mount_latency":
+            outcome[cls.name] = measure_mount_latency(cls(case, image, settings.workdir),
+                                                      settings)
+        elif metric == "seq_write_new":
+            exporter = new_image_exporter(cls, case, settings)
+            try:
+                outcome[cls.name] = measure_io(metric, exporter, settings, profiles)
+            finally:
+                exporter.image.unlink(missing_ok=True)
+        else:
+            exporter = cls(case, image, settings.workdir)
+            outcome[cls.name] = measure_io(metric, exporter, settings, profiles)
+        print(f"  {metric:<14} {cls.name:<6} {outcome[cls.name][0]:10.1f} "
+              f"{METRICS[metric].unit}", flush=True)
+    return outcome
+
+
+def judge(metric: str, target: Target | None, imgfs: float, qsd: float) -> dict:
+    """The ratio that is printed for a metric, and whether the target is met."""
+    if METRICS[metric].kind == "latency":
+        ratio = qsd / imgfs if imgfs else float("inf")
+    else:
+        ratio = imgfs / qsd if qsd else float("inf")
+    result = {"ratio": round(ratio, 3)}
+    if target is not None:
+        result["target"] = target.describe()
+        result["pass"] = target.met(ratio, imgfs)
+    return result
+
+
+# -- images --------------------------------------------------------------------------
+
+
+def random_source(settings: Settings) -> Path:
+    """Random raw data every case's image is converted from (made once)."""
+    path = settings.workdir / "random.data"
+    if not path.exists():
+        with open(path, "wb") as out:
+            remaining = settings.image_size
+            while remaining:
+                chunk = min(remaining, 16 * MiB)
+                out.write(os.urandom(chunk))
+                remaining -= chunk
+    return path
+
+
+def build_image(case: Case, settings: Settings) -> Path:
+    image = settings.workdir / f"bench-{case.name}.{case.fmt}"
+    secret = ["--object", f"secret,id={SECRET_ID},data={PASSPHRASE}"] if case.encrypted else []
+    run(["qemu-img", "convert", *secret, "-f", "raw", *case.convert_args,
+         str(random_source(settings)), str(image)])
+    return image
+
+
+def available_formats() -> set[str]:
+    """Format names from `imgfs formats` (the lines of its Formats section)."""
+    text = run([tool("imgfs"), "formats"]).stdout
+    formats, in_formats = set(), False
+    for line in text.splitlines():
+        if line.startswith("Formats"):
+            in_formats = True
+        elif line and not line.startswith(" "):
+            in_formats = False
+        elif in_formats and line.strip():
+            formats.add(line.split()[0])
+    return formats
+
+
+def run_case(case: Case, settings: Settings) -> dict:
+    print(f"\n== {case.name}: building a {settings.image_size // MiB} MiB image", flush=True)
+    image = build_image(case, settings)
+    metrics, profiles = {}, {}
+    try:
+        for metric, target in case.metrics.items():
+            outcome = measure_metric(case, metric, image, settings, profiles)
+            imgfs, qsd = outcome["imgfs"][0], outcome["qsd"][0]
+            metrics[metric] = {
+                "unit": METRICS[metric].unit,
+                "imgfs": round(imgfs, 2), "qsd": round(qsd, 2),
+                **judge(metric, target, imgfs, qsd),
+                "details": {"imgfs": outcome["imgfs"][1], "qsd": outcome["qsd"][1]},
+            }
+    finally:
+        image.unlink(missing_ok=True)
+    result: dict[str, Any] = {"status": "ran", "format": case.fmt, "metrics": metrics}
+    if profiles:
+        result["imgfs_profile"] = profiles
+    return result
+
+
+# -- reporting -------------------------------------------------------------------------
+
+
+def format_row(case: str, metric: str, entry: dict) -> str:
+    unit = entry["unit"]
+    ratio_label = "qsd/imgfs" if METRICS[metric].kind == "latency" else "imgfs/qsd"
+    verdict = ""
+    if "target" in entry:
+        verdict = f"{entry['target']:>10}  {'PASS' if entry['pass'] else 'FAIL'}"
+    return (f"{case:<17} {METRICS[metric].label:<21} {entry['imgfs']:>10.1f} "
+            f"{entry['qsd']:>10.1f} {unit:<5} {entry['ratio']:>6.2f} {ratio_label:<9} {verdict}")
+
+
+def print_table(results: dict) -> None:
+    print(f"\n{'case':<17} {'metric':<21} {'imgfs':>10} {'qsd':>10} {'unit':<5} "
+          f"{'ratio':>6} {'':<9} {'target':>10}  result")
+    for case, outcome in results.items():
+        if outcome["status"] != "ran":
+            print(f"{case:<17} {outcome['status']}")
+            continue
+        for metric, entry in outcome["metrics"].items():
+            print(format_row(case, metric, entry))
+    for case, outcome in results.items():
+        for label, profile in outcome.get("imgfs_profile", {}).items():
+            print_profile(case, label, profile)
+
+
+def print_profile(case: str, label: str, profile: dict) -> None:
+    print(f"\nimgfs profile, {case} {label}: {profile['samples']} samples, "
+          f"daemon busy ~{profile['busy_percent']}% of the time")
+    print("  self%  function (file:line)")
+    for frame, share in profile["self_percent"]:
+        print(f"  {share:5.1f}  {frame}")
+    print("  incl%  function (file:line)")
+    for frame, share in profile["inclusive_percent"]:
+        print(f"  {share:5.1f}  {frame}")
+
+
+def first_line(cmd: list[str]) -> str:
+    try:
+        return run(cmd).stdout.splitlines()[0].strip()
+    except (OSError, subprocess.CalledProcessError, IndexError):
+        return "unknown"
+
+
+def machine_description() -> dict:
+    return {
+        "hostname": platform.node(),
+        "nproc": os.cpu_count(),
+        "kernel": platform.release(),
+        "cpu": next((line.split(":", 1)[1].strip()
+                     for line in Path("/proc/cpuinfo").read_text().splitlines()
+                     if line.startswith("model name")), "unknown"),
+        "memory_kib": int(Path("/proc/meminfo").read_text().split()[1]),
+        "loadavg_at_start": Path("/proc/loadavg").read_text().split()[:3],
+        "python": platform.python_version(),
+        "fio": first_line(["fio", "--version"]),
+        "qemu": first_line(["qemu-storage-daemon", "--version"]),
+        "qemu_img": first_line(["qemu-img", "--version"]),
+        "imgfs": first_line([tool("imgfs"), "--version"]),
+        "imgfs_commit": first_line(["git", "-C", str(BENCH_DIR.parent), "rev-parse", "HEAD"]),
+    }
+
+
+def write_results(document: dict) -> Path:
+    RESULTS_DIR.mkdir(exist_ok=True)
+    stamp = datetime.datetime.now(datetime.timezone.utc).strftime("%Y%m%dT%H%M%SZ")
+    path = RESULTS_DIR / f"{stamp}.json"
+    path.write_text(json.dumps(document, indent=2) + "\n")
+    return path
+
+
+# -- main -----------------------------------------------------------------------------
+
+
+def parse_args(argv: list[str]) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--case", default="raw",
+                        help=f"comma-separated cases, or 'all' ({', '.join(CASES)})")
+    parser.add_argument("--quick", action="store_true",
+                        help="smoke test: 64 MiB image, 2 s jobs, 3 mounts for latency")
+    parser.add_argument("--runtime", type=float, help="seconds per fio job (default 10)")
+    parser.add_argument("--size", help="image size, e.g. 1G or 256M (default 1G)")
+    parser.add_argument("--latency-reps", type=int, help="mounts for the latency median (5)")
+    parser.add_argument("--cold", action="store_true",
+                        help="do not pre-read the image into the host page cache")
+    parser.add_argument("--profile", action="store_true",
+                        help="sample imgfs with py-spy during its random I/O jobs")
+    args = parser.parse_args(argv)
+    names = list(CASES) if args.case == "all" else args.case.split(",")
+    unknown = [name for name in names if name not in CASES]
+    if unknown:
+        parser.error(f"unknown case {', '.join(unknown)} (known: {', '.join(CASES)})")
+    args.cases = names
+    return args
+
+
+def parse_size(text: str) -> int:
+    units = {"K": 1024, "M": MiB, "G": GiB}
+    if text[-1].upper() in units:
+        return int(float(text[:-1]) * units[text[-1].upper()])
+    return int(text)
+
+
+def make_settings(args: argparse.Namespace, workdir: Path) -> Settings:
+    return Settings(
+        runtime=args.runtime or (2.0 if args.quick else 10.0),
+        image_size=parse_size(args.size) if args.size else (64 * MiB if args.quick else GiB),
+        latency_reps=args.latency_reps or (3 if args.quick else 5),
+        warm_host_cache=not args.cold,
+        profile=args.profile,
+        workdir=workdir,
+    )
+
+
+def cleanup(workdir: Path) -> None:
+    """Unmount whatever is still mounted, then delete the scratch files."""
+    for exporter in list(LIVE):
+        with contextlib.suppress(Exception):
+            exporter.unmount()
+    LIVE.clear()
+    busy = [line for line in Path("/proc/self/mountinfo").read_text().splitlines()
+            if str(workdir) in line]
+    if busy:
+        print(f"bench: left {workdir} in place, still mounted: {busy}", file=sys.stderr)
+        return
+    shutil.rmtree(workdir, ignore_errors=True)
+
+
+def run_all(args: argparse.Namespace, settings: Settings) -> dict:
+    formats = available_formats()
+    results = {}
+    for name in args.cases:
+        case = CASES[name]
+        missing = [fmt for fmt in case.needs if fmt not in formats]
+        if missing:
+            print(f"\n== {name}: skipped (format not available: {', '.join(missing)})")
+            results[name] = {"status": "skipped (format not available)"}
+            continue
+        try:
+            results[name] = run_case(case, settings)
+        except (subprocess.CalledProcessError, RuntimeError, OSError) as exc:
+            detail = getattr(exc, "stderr", "") or ""
+            print(f"== {name}: FAILED: {exc} {detail.strip()}", file=sys.stderr)
+            results[name] = {"status": f"failed: {exc} {detail.strip()}"}
+    return results
+
+
+def interrupt(signum: int, frame: Any) -> None:
+    raise KeyboardInterrupt
+
+
+def main(argv: list[str]) -> int:
+    args = parse_args(argv)
+    if os.geteuid() != 0:
+        raise SystemExit("bench: run as root (drop_caches, FUSE mounts)")
+    # SIGTERM takes the same clean-up path as Ctrl-C.
+    signal.signal(signal.SIGTERM, interrupt)
+    workdir = Path(tempfile.mkdtemp(prefix="imgfs-bench-", dir=SCRATCH_PARENT))
+    settings = make_settings(args, workdir)
+    started = time.monotonic()
+    try:
+        document = {
+            "started_utc": datetime.datetime.now(datetime.timezone.utc).isoformat(),
+            "machine": machine_description(),
+            "settings": {"runtime_s": settings.runtime, "image_size": settings.image_size,
+                         "latency_reps": settings.latency_reps,
+                         "host_cache": "warm" if settings.warm_host_cache else "cold",
+                         "profiled": settings.profile, "quick": args.quick},
+        }
+        results = run_all(args, settings)
+    except KeyboardInterrupt:
+        print("\nbench: interrupted, cleaning up", file=sys.stderr)
+        return 130
+    finally:
+        cleanup(workdir)
+    document["cases"] = results
+    document["duration_s"] = round(time.monotonic() - started, 1)
+    print_table(results)
+    print(f"\nresults: {write_results(document)}  ({document['duration_s']} s)")
+    failed = any(outcome["status"].startswith("failed") for outcome in results.values())
+    return 1 if failed else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:]))
