@@ -42,6 +42,9 @@ from .header import (
 )
 from .refcount import RefcountGeometry, set_refcount
 
+#: QEMU sizes disks in 512-byte sectors
+SECTOR = 512
+
 
 def _refcount_bits_check(value: int) -> None:
     if value < 1 or value > 64 or value & (value - 1):
@@ -228,6 +231,7 @@ def metadata_clusters(settings: CreateSettings, layout: Layout) -> dict[int, byt
 async def create_image(target: Any, size: int, options: dict[str, Any],
                        ctx: OpenContext) -> None:
     from imgfs.graph import create_protocol_file
+    size = -(-size // SECTOR) * SECTOR          # qemu-img rounds up to whole sectors
     settings = settings_from_options(size, options)
     layout = initial_layout(size, settings)
     filename = str(target)

@@ -134,7 +134,7 @@ class Header(NamedTuple):
         v3 = HEADER_V3_FIELDS.unpack_from(data, HEADER_V2.size)
         header_length = v3[4]
         compression_type = data[104] if header_length > 104 and len(data) > 104 else 0
-        return cls(*v2, *v3, compression_type)
+        return cls._make((*v2, *v3, compression_type))
 
     def pack(self) -> bytes:
         """Encode the header (header_length bytes, padding zeroed)."""

@@ -21,7 +21,6 @@ from .cluster import (
     decode_entry,
     unpack_table,
 )
-from .snapshot import table_length
 
 if TYPE_CHECKING:
     from .driver import Qcow2Driver
@@ -51,9 +50,7 @@ async def count_references(driver: Qcow2Driver) -> Counter[int]:
     add(header.l1_table_offset, header.l1_size * 8)
     await _count_l1(driver, driver.l1, add)
     if header.nb_snapshots:
-        raw = await file.read(header.snapshots_offset,
-                              file.size - header.snapshots_offset)
-        add(header.snapshots_offset, table_length(raw, header.nb_snapshots))
+        add(header.snapshots_offset, driver.snapshot_table_length)
         for snap in driver.snapshots:
             add(snap.l1_table_offset, snap.l1_size * 8)
             l1 = unpack_table(await file.read(snap.l1_table_offset, snap.l1_size * 8))

@@ -93,17 +93,6 @@ def parse_snapshot_table(table: bytes, count: int, cluster_size: int,
     return snapshots
 
 
-def table_length(table: bytes, count: int) -> int:
-    """Bytes the first `count` entries occupy (padding included)."""
-    pos = 0
-    for _ in range(count):
-        entry = SnapshotEntry.unpack(table, pos)
-        pos += SNAPSHOT_ENTRY.size + entry.extra_data_size + entry.id_str_size \
-            + entry.name_size
-        pos += -pos % 8
-    return pos
-
-
 def _check_snapshot_l1(number: int, entry: SnapshotEntry, cluster_size: int,
                        file_size: int) -> None:
     if entry.l1_size > QCOW_MAX_L1_SIZE // 8:
