@@ -105,6 +105,12 @@ class BlockDriver(abc.ABC):
     max_transfer: int = 0
     #: True when the driver can shrink or grow (`truncate`)
     can_resize: bool = False
+    #: False when this source cannot be written (a read-only NBD export, a
+    #: file without write permission): opened read-only unless rw was asked
+    writable: bool = True
+    #: True when read-only is this source's normal mode (fat: without rw:),
+    #: so opening it read-only deserves no warning
+    read_only_by_default: bool = False
 
     # -- probing and filename parsing (pure) ------------------------------------
 

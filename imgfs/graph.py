@@ -68,11 +68,11 @@ def _decide_read_only(node: Node, ctx: OpenContext) -> None:
     """Read-write unless asked otherwise; like mount(8), a source that cannot
     be written is opened read-only with a warning unless rw was explicit."""
     read_only = ctx.read_only
-    unwritable = [leaf for leaf in _data_leaves(node)
-                  if not getattr(leaf.driver, "writable", True)]
+    unwritable = [leaf for leaf in _data_leaves(node) if not leaf.driver.writable]
     if read_only is None:
         read_only = node.driver.read_only_format or bool(unwritable)
-        if unwritable and not node.driver.read_only_format:
+        if unwritable and not node.driver.read_only_format and \
+                not unwritable[0].driver.read_only_by_default:
             log.warning("%s: write-protected, opening read-only", unwritable[0].filename)
     if not read_only and node.driver.read_only_format:
         raise Unsupported(f"{node.format_name} images can only be opened read-only (use -o ro)")

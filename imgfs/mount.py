@@ -270,6 +270,7 @@ async def open_source(source: str, opts: MountOptions, nursery: Any) -> Any:
     from .overlay import SnapshotOverlay
 
     ctx = OpenContext(read_only=True if opts.snapshot else opts.read_only,
+                      key_secret=opts.key_secret, passphrase_file=opts.passphrase_file,
                       locking=opts.locking, force_share=opts.force_share,
                       cache=opts.cache, secrets=opts.secrets,
                       interactive=sys.stdin.isatty(), nursery=nursery)

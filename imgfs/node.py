@@ -34,6 +34,10 @@ class OpenContext:
     cache: str = "writeback"
     #: secrets by id (--object secret,...)
     secrets: dict[str, bytes] = field(default_factory=dict)
+    #: the mount's key-secret=ID and passphrase-file=PATH: used by an
+    #: encrypted image whose own options name no secret (see imgfs.secrets)
+    key_secret: str | None = None
+    passphrase_file: str | None = None
     #: True when the top-level format was probed rather than given
     probed: bool = False
     #: a terminal is there to ask for a passphrase
