@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import argparse
 import logging
+import os
+import re
 import sys
 from collections.abc import Callable, Sequence
 from typing import NoReturn
@@ -52,7 +54,7 @@ def build_parser() -> ArgumentParser:
                         help="do not open the backing file")
     create.add_argument("-q", dest="quiet", action="store_true")
     _add_object(create)
-    create.add_argument("filename", metavar="FILE")
+    create.add_argument("filename", nargs="?", metavar="FILE")
     create.add_argument("size", nargs="?", metavar="SIZE")
 
     info = commands.add_parser("info", help="show what an image is")
@@ -105,11 +107,16 @@ def build_parser() -> ArgumentParser:
 
     mapping = commands.add_parser("map", help="where the data of an image lives")
     mapping.add_argument("-f", dest="fmt", metavar="FMT")
-    mapping.add_argument("--output", choices=("human", "json"), default="json")
+    mapping.add_argument("--output", choices=("human", "json"), default="human")
     mapping.add_argument("-U", "--force-share", action="store_true")
     mapping.add_argument("filename", metavar="FILE")
 
     commands.add_parser("formats", help="list the supported formats and protocols")
+    for sub_parser in commands.choices.values():
+        # --debug is accepted after the sub-command too (SUPPRESS keeps a
+        # sub-parser's default from hiding the main parser's value)
+        sub_parser.add_argument("--debug", action="store_true", default=argparse.SUPPRESS,
+                                help="tracebacks and request logging")
     return parser
 
 
@@ -126,7 +133,18 @@ def main(argv: Sequence[str] | None = None) -> int:
     debug = "--debug" in args_list
     if _is_bare_mount(args_list):
         args_list = ["mount", *args_list]
+    args_list = _protect_negative_size(args_list)
     return run_guarded(lambda: _dispatch(build_parser().parse_args(args_list)), debug)
+
+
+def _protect_negative_size(args: list[str]) -> list[str]:
+    """``imgfs resize FILE -1G``: a size is not an option (as qemu-img)."""
+    if "resize" not in args:
+        return args
+    for index, arg in enumerate(args):
+        if index > args.index("resize") and re.fullmatch(r"-\d[\d.]*[kKmMgGtT]?", arg):
+            return [*args[:index], "--", *args[index:]]
+    return args
 
 
 def _is_bare_mount(args: list[str]) -> bool:
@@ -142,10 +160,12 @@ def run_guarded(action: Callable[[], int], debug: bool) -> int:
     try:
         return action()
     except UsageError as exc:
-        if debug:
-            raise
         print(f"{PROG}: {_where(exc)}{exc}", file=sys.stderr)
         return 2
+    except BrokenPipeError:
+        # `imgfs info ... | head`: the reader went away, nothing to report
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 0
     except ImgfsError as exc:
         if debug:
             raise
@@ -168,8 +188,11 @@ def run_guarded(action: Callable[[], int], debug: bool) -> int:
 
 
 def _where(exc: ImgfsError) -> str:
+    """``FILE: `` before a message, unless the message names it already."""
     from .source import display_name
-    return f"{display_name(exc.path)}: " if exc.path else ""
+    if not exc.path or exc.path in str(exc):
+        return ""
+    return f"{display_name(exc.path)}: "
 
 
 def _setup_logging(debug: bool) -> None:

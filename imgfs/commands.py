@@ -100,6 +100,8 @@ def cmd_mount(args: argparse.Namespace) -> int:
 def absolute_source(source: str) -> str:
     """Plain paths (and a fat: directory) made absolute: the daemon runs in /."""
     from .registry import protocol_for
+    if source.startswith("json:"):
+        return source
     protocol = protocol_for(source)
     if protocol is None:
         return os.path.abspath(source)
@@ -204,9 +206,11 @@ def cmd_create(args: argparse.Namespace) -> int:
     from .registry import get_driver
     options = merged_options(args.options)
     cls = get_driver(args.fmt)
-    if options.get("help") == "on" or "help" in args.options:
+    if "help" in options:
         print(_create_help(cls))
         return 0
+    if args.filename is None:
+        raise UsageError("create needs FILE [SIZE]")
     if args.backing:
         options["backing_file"] = args.backing
     if args.backing_fmt:
@@ -271,9 +275,10 @@ def cmd_map(args: argparse.Namespace) -> int:
     if args.output == "json":
         print("[" + ",\n".join(json.dumps(entry) for entry in entries) + "]")
     else:
+        print(f"{'Offset':<16}{'Length':<16}{'Depth':<8}Contents")
         for entry in entries:
-            if entry["data"]:
-                print(f"{entry['start']:#x} {entry['length']:#x} depth {entry['depth']}")
+            contents = "data" if entry["data"] else "zero" if entry["present"] else "unallocated"
+            print(f"{entry['start']:<#16x}{entry['length']:<#16x}{entry['depth']:<8}{contents}")
     return 0
 
 

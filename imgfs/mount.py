@@ -84,8 +84,8 @@ def parse_mount_options(option_strings: list[str], *, sloppy: bool = False) -> M
         except UsageError:
             if not sloppy:
                 raise
-    if opts.force_share and opts.read_only is False:
-        raise UsageError("force-share needs a read-only mount (-o ro)")
+    if opts.force_share and not opts.read_only:
+        raise UsageError("force-share needs a read-only mount (-o ro,force-share)")
     return opts
 
 

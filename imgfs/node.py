@@ -355,6 +355,9 @@ class Node:
         if activate is not None:
             try:
                 await activate()
+            except ImgfsError as exc:
+                exc.path = exc.path or self.filename
+                raise
             except OSError as exc:
                 raise self._wrap(exc) from exc
 

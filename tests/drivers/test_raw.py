@@ -103,7 +103,7 @@ def test_o_direct_alignment_and_read_modify_write(image: Path, workdir: Path) ->
 
 def test_block_status_matches_qemu_img_map(image: Path) -> None:
     theirs = json.loads(run("qemu-img", "map", "--output=json", "-f", "raw", image).stdout)
-    ours = json.loads(imgfs("map", "-f", "raw", image).stdout)
+    ours = json.loads(imgfs("map", "--output=json", "-f", "raw", image).stdout)
     assert [(e["start"], e["length"], e["data"], e["zero"]) for e in ours] == \
         [(e["start"], e["length"], e["data"], e["zero"]) for e in theirs]
 
