@@ -21,6 +21,7 @@ clusters that lost their last reference are released only after that.
 from __future__ import annotations
 
 import struct
+import sys
 import zlib
 from typing import Any
 
@@ -32,6 +33,7 @@ from imgfs.node import OpenContext
 from imgfs.options import Bool, Opt, Schema, Size, Str
 
 from . import create as create_mod
+from . import repair as checks
 from .cluster import (
     L1E_OFFSET_MASK,
     QCOW_OFLAG_COMPRESSED,
@@ -194,14 +196,12 @@ class Qcow2Driver(WriteMixin, BlockDriver):
             snap.l1_table_offset, snap.l1_size * 8))
 
     async def _open_for_writing(self) -> None:
+        # A corrupt image opens (so that check -r all can repair it) but
+        # refuses every guest write (_prepare_for_write).
         incompat = self.header.incompatible_features
-        if incompat & INCOMPAT_CORRUPT:
-            raise CorruptImage("the image is marked corrupt (run 'qemu-img check -r all'); "
-                               "it can only be opened read-only")
         if incompat & INCOMPAT_DIRTY and getattr(self.children["file"].driver,
                                                  "writable", True):
-            from .repair import rebuild_refcounts
-            await rebuild_refcounts(self)
+            await checks.rebuild_refcounts(self)
             await self._set_incompat(self.header.incompatible_features & ~INCOMPAT_DIRTY)
 
     def child_refs(self) -> dict[str, ChildRef]:
@@ -236,7 +236,8 @@ class Qcow2Driver(WriteMixin, BlockDriver):
         """First modification: drop the auto-clear bits we do not maintain
         (spec: autoclear_features) and, with lazy refcounts, mark dirty."""
         if self.header.incompatible_features & INCOMPAT_CORRUPT:
-            raise CorruptImage("the image is marked corrupt; refusing to write")
+            raise CorruptImage("the image is marked corrupt; refusing to write (repair it "
+                               "with check -r all)")
         if self.prepared:
             return
         if self.snapshot_view:
@@ -395,6 +396,34 @@ class Qcow2Driver(WriteMixin, BlockDriver):
             report["data-file"] = self.data_file_name
             report["data-file-raw"] = self.data_file_raw
         return report
+
+    async def check(self, *, repair: str | None = None, output: str = "human",
+                    quiet: bool = False) -> int:
+        """`imgfs check`: qemu-img check's report, messages and exit code."""
+        async with self.lock:
+            await self._write_back()
+            report = await checks.check_image(self)
+            if repair and (report.leaks or report.corruptions):
+                fixed = (report.leaks, report.corruptions if repair == "all" else 0)
+                await checks.rebuild_refcounts(self, leaks_only=repair == "leaks")
+                if repair == "all":
+                    await checks.fix_copied_flags(self)
+                report = await checks.check_image(self)
+                if repair == "all" and not report.corruptions and \
+                        self.header.incompatible_features & INCOMPAT_CORRUPT:
+                    await self._set_incompat(self.header.incompatible_features
+                                             & ~INCOMPAT_CORRUPT)
+                if output == "human" and not quiet:
+                    print("The following inconsistencies were found and repaired:\n\n"
+                          f"    {fixed[0]} leaked clusters\n    {fixed[1]} corruptions\n\n"
+                          "Double checking the fixed image now...")
+        for message in report.messages:
+            print(message, file=sys.stderr)
+        if output == "json":
+            print(checks.report_json(report, self.node.filename))
+        elif not quiet:
+            print(checks.report_human(report))
+        return checks.exit_code(report)
 
     @classmethod
     async def create(cls, target: Any, size: int, options: dict[str, Any],

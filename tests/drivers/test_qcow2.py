@@ -399,14 +399,41 @@ def test_dirty_bit_is_set_while_writing_with_lazy_refcounts(tmp_path):
     check_clean(image)
 
 
-def test_corrupt_bit_refuses_read_write_open(tmp_path):
+def test_corrupt_bit_refuses_writes(tmp_path):
     image = create(tmp_path / "c.qcow2", 1 * MiB)
     with open(image, "r+b") as handle:
         handle.seek(72)
         handle.write(struct.pack(">Q", 2))
+
+    async def try_write():
+        node = await open_image(str(image), OpenContext(read_only=False))
+        try:
+            await node.write(0, b"x")
+        finally:
+            await node.aclose()
     with pytest.raises(CorruptImage):
-        run(open_image, str(image), OpenContext(read_only=False))
+        run(try_write)
     assert run(read_all, image) == bytes(MiB)
+
+
+def test_inconsistency_found_during_io_sets_the_corrupt_bit(tmp_path):
+    image = create(tmp_path / "c.qcow2", 1 * MiB, "cluster_size=4k")
+    qemu_io(image, "write -P 1 0 8k")
+    raw = image.read_bytes()
+    l1_offset = struct.unpack(">Q", raw[40:48])[0]
+    _patch(image, l1_offset, struct.pack(">Q", 1 << 63 | 1 << 45))   # L2 past EOF
+
+    async def try_write():
+        node = await open_image(str(image), OpenContext(read_only=False))
+        try:
+            with pytest.raises(CorruptImage):
+                await node.write(0, b"x")
+            with pytest.raises(CorruptImage, match="marked corrupt"):
+                await node.write(0, b"x")
+        finally:
+            await node.aclose()
+    run(try_write)
+    assert struct.unpack(">Q", image.read_bytes()[72:80])[0] & 2
 
 
 def test_grow(tmp_path):
@@ -687,3 +714,66 @@ def test_write_compressed_passes_qemu_check(tmp_path, options):
     assert report.get("compressed-clusters", 0) > 0
     assert_same(image, bytes(source), tmp_path)
     assert run(read_all, image) == bytes(source)
+
+
+# -- check ------------------------------------------------------------------------------------
+
+def _damaged_image(tmp_path: Path, damage: str) -> Path:
+    image = create(tmp_path / "k.qcow2", 1 * MiB, "cluster_size=4k")
+    qemu_io(image, "write -P 3 0 100k", "write -c 200k 8k", "write -z 300k 8k")
+    raw = image.read_bytes()
+    table = struct.unpack(">Q", raw[48:56])[0]
+    block = struct.unpack(">Q", raw[table:table + 8])[0]
+    clusters = -(-len(raw) // 4096)
+    if damage in ("leaks", "both"):
+        with open(image, "r+b") as handle:
+            handle.truncate((clusters + 2) * 4096)
+        for cluster in (clusters, clusters + 1):
+            _patch(image, block + 2 * cluster, struct.pack(">H", 1))
+    if damage in ("corruption", "both"):
+        _patch(image, block + 2 * 10, struct.pack(">H", 0))
+    return image
+
+
+async def _imgfs_check(image: Path, repair: str | None, output: str) -> int:
+    node = await open_image(str(image), OpenContext(read_only=repair is None))
+    try:
+        return await node.driver.check(repair=repair, output=output)
+    finally:
+        await node.aclose()
+
+
+@pytest.mark.parametrize("damage", ["none", "leaks", "corruption", "both"])
+def test_check_agrees_with_qemu_img(tmp_path, damage, capsys):
+    image = _damaged_image(tmp_path, damage)
+    expected = qemu_img("check", "--output=json", str(image))
+    code = run(_imgfs_check, image, None, "json")
+    report = json.loads(capsys.readouterr().out)
+    assert code == expected.returncode
+    assert report == json.loads(expected.stdout) | {"filename": str(image)}
+
+
+@pytest.mark.parametrize("damage, repair", [("leaks", "leaks"), ("both", "all"),
+                                            ("corruption", "all")])
+def test_check_repairs(tmp_path, damage, repair, capsys):
+    image = _damaged_image(tmp_path, damage)
+    before = reference(image)
+    run(_imgfs_check, image, repair, "human")
+    assert "repaired" in capsys.readouterr().out
+    check_clean(image)
+    assert reference(image) == before
+
+
+@pytest.mark.parametrize("options", [["compat=0.10"], ["extended_l2=on"],
+                                     ["data_file=d.data"], ["cluster_size=512"],
+                                     ["snapshot"]])
+def test_check_json_matches_qemu_on_varied_images(tmp_path, options, capsys):
+    image = create(tmp_path / "v.qcow2", 2 * MiB, *[o for o in options if o != "snapshot"])
+    qemu_io(image, "write -P 1 0 300k", "write -z 400k 64k", "write -P 2 1M 10k")
+    if "snapshot" in options:
+        assert qemu_img("snapshot", "-c", "s", str(image)).returncode == 0
+        qemu_io(image, "write -P 5 100k 100k")
+    expected = qemu_img("check", "--output=json", str(image))
+    assert run(_imgfs_check, image, None, "json") == expected.returncode
+    assert json.loads(capsys.readouterr().out) == \
+        json.loads(expected.stdout) | {"filename": str(image)}
