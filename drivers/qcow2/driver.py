@@ -34,6 +34,7 @@ from imgfs.options import Bool, Opt, Schema, Size, Str
 
 from . import create as create_mod
 from . import repair as checks
+from . import snapshot_ops
 from .cluster import (
     L1E_OFFSET_MASK,
     QCOW_OFLAG_COMPRESSED,
@@ -66,6 +67,7 @@ from .header import (
 )
 from .refcount import RefcountGeometry, RefcountStore
 from .snapshot import SNAPSHOT_ENTRY, Snapshot, SnapshotEntry, parse_snapshot_table
+from .snapshot import listing as snapshot_listing
 from .write import WriteMixin
 
 #: bytes read before the cluster size is known (the fixed header fits)
@@ -424,6 +426,21 @@ class Qcow2Driver(WriteMixin, BlockDriver):
         elif not quiet:
             print(checks.report_human(report))
         return checks.exit_code(report)
+
+    async def snapshot_command(self, args: Any) -> int:
+        """`imgfs snapshot -c|-l|-a|-d` (qemu-img snapshot's actions)."""
+        if args.list:
+            if self.snapshots:
+                print(snapshot_listing(self.snapshots))
+            return 0
+        async with self.lock:
+            if args.create:
+                await snapshot_ops.create_snapshot(self, args.create)
+            elif args.apply:
+                await snapshot_ops.apply_snapshot(self, args.apply)
+            elif args.delete:
+                await snapshot_ops.delete_snapshot(self, args.delete)
+        return 0
 
     @classmethod
     async def create(cls, target: Any, size: int, options: dict[str, Any],

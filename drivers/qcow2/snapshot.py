@@ -9,6 +9,7 @@ every length against the bytes it was given.
 from __future__ import annotations
 
 import struct
+import time
 from dataclasses import dataclass
 from typing import Any, NamedTuple
 
@@ -52,6 +53,18 @@ class Snapshot:
     vm_state_size: int
     disk_size: int | None
     icount: int | None
+    #: the extra data as stored (kept byte for byte when the table is rewritten)
+    extra: bytes = b""
+
+    def pack(self) -> bytes:
+        """The table entry, padded to a multiple of 8 (spec: "Snapshots")."""
+        snap_id, name = self.id.encode(), self.name.encode()
+        fixed = SNAPSHOT_ENTRY.pack(self.l1_table_offset, self.l1_size, len(snap_id),
+                                    len(name), self.date_sec, self.date_nsec,
+                                    self.vm_clock_nsec, min(self.vm_state_size, 2**32 - 1),
+                                    len(self.extra))
+        raw = fixed + self.extra + snap_id + name
+        return raw + bytes(-len(raw) % 8)
 
     def info(self) -> dict[str, Any]:
         """qemu-img info's keys for one snapshot."""
@@ -116,4 +129,34 @@ def _snapshot(entry: SnapshotEntry, extra: bytes, snap_id: str, name: str) -> Sn
         if icount == 2**64 - 1:
             icount = None
     return Snapshot(snap_id, name, entry.l1_table_offset, entry.l1_size, entry.date_sec,
-                    entry.date_nsec, entry.vm_clock_nsec, vm_state_size, disk_size, icount)
+                    entry.date_nsec, entry.vm_clock_nsec, vm_state_size, disk_size, icount,
+                    bytes(extra))
+
+
+def new_extra_data(disk_size: int) -> bytes:
+    """v3 extra data: 64-bit VM state size, disk size, icount (none: 0 as qemu-img)."""
+    return EXTRA_VM_STATE_SIZE.pack(0) + EXTRA_DISK_SIZE.pack(disk_size) + \
+        EXTRA_ICOUNT.pack(0)
+
+
+def listing(snapshots: list[Snapshot]) -> str:
+    """`qemu-img snapshot -l`'s table."""
+    lines = ["Snapshot list:",
+             f"{'ID':<9} {'TAG':<17} {'VM SIZE':>7}{'DATE':>20}{'VM CLOCK':>13}{'ICOUNT':>11}"]
+    for snap in snapshots:
+        date = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(snap.date_sec))
+        seconds, nsec = divmod(snap.vm_clock_nsec, 10**9)
+        clock = f"{seconds // 3600:02d}:{seconds // 60 % 60:02d}:{seconds % 60:02d}." \
+            f"{nsec // 10**6:03d}"
+        icount = "" if snap.icount is None else str(snap.icount)
+        lines.append(f"{snap.id:<9} {snap.name:<17} {_size(snap.vm_state_size):>7}"
+                     f"{date:>20}{clock:>13}{icount:>11}")
+    return "\n".join(lines)
+
+
+def _size(value: int) -> str:
+    units = ["B", "KiB", "MiB", "GiB", "TiB"]
+    amount, unit = float(value), 0
+    while amount >= 1024 and unit < len(units) - 1:
+        amount, unit = amount / 1024, unit + 1
+    return f"{value} B" if unit == 0 else f"{amount:.3g} {units[unit]}"

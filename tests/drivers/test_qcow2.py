@@ -6,6 +6,7 @@ the reference for what an image contains.
 """
 from __future__ import annotations
 
+import functools
 import json
 import os
 import random
@@ -777,3 +778,59 @@ def test_check_json_matches_qemu_on_varied_images(tmp_path, options, capsys):
     assert run(_imgfs_check, image, None, "json") == expected.returncode
     assert json.loads(capsys.readouterr().out) == \
         json.loads(expected.stdout) | {"filename": str(image)}
+
+
+# -- internal snapshots ---------------------------------------------------------------------
+
+class _Args:
+    def __init__(self, **given):
+        self.create = self.apply = self.delete = None
+        self.list = False
+        self.__dict__.update(given)
+
+
+async def _snapshot(image: Path, **given) -> None:
+    node = await open_image(str(image), OpenContext(read_only=bool(given.get("list"))))
+    try:
+        await node.driver.snapshot_command(_Args(**given))
+    finally:
+        await node.aclose()
+
+
+async def _write(image: Path, offset: int, data: bytes) -> None:
+    node = await open_image(str(image), OpenContext(read_only=False))
+    try:
+        await node.write(offset, data)
+    finally:
+        await node.aclose()
+
+
+@pytest.mark.parametrize("options", [["cluster_size=4k"], ["compat=0.10"],
+                                     ["extended_l2=on"], ["cluster_size=512"]])
+def test_snapshot_create_apply_delete(tmp_path, options, capsys):
+    image = create(tmp_path / "s.qcow2", 2 * MiB, *options)
+    qemu_io(image, "write -P 1 0 300k", "write -c 1M 64k", "write -z 1500k 64k")
+    first = reference(image)
+    run(functools.partial(_snapshot, image, create="one"))
+    check_clean(image)
+    run(_write, image, 100 * KiB, b"\x02" * 200 * KiB)
+    second = reference(image)
+    run(functools.partial(_snapshot, image, create="two"))
+    run(_write, image, 0, b"\x03" * 50 * KiB)
+    check_clean(image)
+    listed = qemu_img("snapshot", "-l", str(image)).stdout
+    assert "one" in listed and "two" in listed
+    run(functools.partial(_snapshot, image, list=True))
+    assert capsys.readouterr().out == listed
+    assert reference(image, "-l", "snapshot.name=one") == first
+    assert reference(image, "-l", "snapshot.name=two") == second
+    run(functools.partial(_snapshot, image, apply="one"))
+    check_clean(image)
+    assert reference(image) == first
+    run(functools.partial(_snapshot, image, delete="one"))
+    check_clean(image)
+    assert "one" not in qemu_img("snapshot", "-l", str(image)).stdout
+    assert reference(image, "-l", "snapshot.name=two") == second
+    run(functools.partial(_snapshot, image, delete="two"))
+    check_clean(image)
+    assert reference(image) == first
