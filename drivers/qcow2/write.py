@@ -20,7 +20,7 @@ import struct
 import zlib
 from typing import TYPE_CHECKING
 
-from imgfs.errors import CorruptImage, Unsupported
+from imgfs.errors import CorruptImage, Unsupported, UsageError
 
 from .cluster import (
     BITMAP_ALL_ALLOCATED,
@@ -49,6 +49,7 @@ if TYPE_CHECKING:
     from .cluster import Geometry, L2Cache
     from .header import Header
     from .refcount import RefcountStore
+    from .snapshot import Snapshot
 
 #: most clusters one allocating write takes at once
 MAX_ALLOCATION_CLUSTERS = 512
@@ -76,6 +77,7 @@ class WriteMixin:
         lock: trio.Lock
         inflight: int
         compressed_cursor: int
+        snapshots: list[Snapshot]
 
         async def _prepare_for_write(self) -> None: ...
         async def _l2_table(self, l2_offset: int) -> L2Table: ...
@@ -442,8 +444,17 @@ class WriteMixin:
     # -- resize ---------------------------------------------------------------------------
 
     async def truncate(self, size: int, preallocation: str = "off") -> None:
-        if size < self.size:
-            raise Unsupported("shrinking qcow2 images is not supported yet")
+        """Grow, or shrink (dropping the clusters past the new end), as
+        qemu-img resize; the new area reads as zeros even where the old last
+        cluster or a longer backing file held data."""
+        if size % 512:
+            raise UsageError(f"the new size {size} is not a multiple of 512 bytes")
+        if preallocation != "off":
+            raise Unsupported("preallocation when resizing qcow2 images is not supported yet")
+        old_size = self.size
+        if size < old_size:
+            await self._shrink(size)
+            return
         async with self.lock:
             await self._prepare_for_write()
             needed = self.geometry.l1_entries_for(size)
@@ -451,9 +462,41 @@ class WriteMixin:
                 await self._grow_l1(needed)
             if self.data_file_raw and self.children["data-file"].size < size:
                 await self.children["data-file"].truncate(size)
-            await self._write_header_bytes(OFFSET_SIZE, struct.pack(">Q", size))
-            self.header = self.header._replace(size=size)
-            self.size = size
+            await self._set_size(size)
+        zero_end = old_size
+        if old_size % self.cluster_size:
+            zero_end = min(size, self.geometry.cluster_start(old_size) + self.cluster_size)
+        backing = self.node.backing
+        if backing is not None:
+            zero_end = max(zero_end, min(size, backing.size))
+        if zero_end > old_size:
+            await self.write_zeroes(old_size, zero_end - old_size)
+
+    async def _set_size(self, size: int) -> None:
+        await self._write_header_bytes(OFFSET_SIZE, struct.pack(">Q", size))
+        self.header = self.header._replace(size=size)
+        self.size = size
+
+    async def _shrink(self, size: int) -> None:
+        if self.snapshots:
+            raise Unsupported("cannot shrink an image that has internal snapshots")
+        keep_end = -(-size // self.cluster_size) * self.cluster_size
+        if keep_end < self.size:
+            await self._clear_range(keep_end, self.size - keep_end, zero=False, unmap=True)
+        async with self.lock:
+            first_unused = self.geometry.l1_entries_for(size)
+            dropped = []
+            for l1_index in range(first_unused, len(self.l1)):
+                l2_offset = self.l1[l1_index] & L1E_OFFSET_MASK
+                if l2_offset:
+                    self.refcounts.queue_free(l2_offset)
+                    dropped.append(l2_offset)
+                    self.l1[l1_index] = 0
+                    self.l1_dirty.add(l1_index)
+            await self._write_back()
+            for l2_offset in dropped:
+                self.l2_cache.drop(l2_offset)
+            await self._set_size(size)
 
     async def _grow_l1(self, entries: int) -> None:
         """Copy the L1 table to a bigger one, then point the header at it."""

@@ -95,18 +95,24 @@ async def map_of(path: Path) -> list[tuple[int, int, bool, bool, int | None]]:
             host = extent.host_offset if extent is not None else None
             data = bool(status & Status.DATA)
             zero = bool(status & Status.ZERO) or not status & Status.ALLOCATED
-            item = (offset, length, data, zero, host if data else None)
-            last = runs[-1] if runs else None
-            if last and last[2:4] == item[2:4] and (not data or host is not None and
-                                                    last[4] is not None and
-                                                    last[4] + last[1] == host):
-                runs[-1] = (last[0], last[1] + length, data, zero, last[4])
-            else:
-                runs.append(item)
+            _append_run(runs, (offset, length, data, zero, host if data else None))
             offset += length
     finally:
         await node.aclose()
     return runs
+
+
+def _append_run(runs: list[tuple[int, int, bool, bool, int | None]],
+                item: tuple[int, int, bool, bool, int | None]) -> None:
+    """Coalesce as qemu-img map does: same flags, and host-contiguous data
+    (or data with no host offset on both sides, such as compressed runs)."""
+    last = runs[-1] if runs else None
+    if last and last[2:4] == item[2:4]:
+        if not item[2] or (last[4] is None and item[4] is None) or \
+                (last[4] is not None and item[4] is not None and last[4] + last[1] == item[4]):
+            runs[-1] = (last[0], last[1] + item[1], *last[2:])
+            return
+    runs.append(item)
 
 
 def qemu_map(path: Path) -> list[tuple[int, int, bool, bool, int | None]]:
@@ -117,14 +123,7 @@ def qemu_map(path: Path) -> list[tuple[int, int, bool, bool, int | None]]:
         data = item["data"]
         zero = item["zero"] and not data
         host = item.get("offset") if data and item["depth"] == 0 else None
-        entry = (item["start"], item["length"], data, zero, host)
-        last = runs[-1] if runs else None
-        if last and last[2:4] == entry[2:4] and (not data or host is not None and
-                                                 last[4] is not None and
-                                                 last[4] + last[1] == host):
-            runs[-1] = (last[0], last[1] + entry[1], data, zero, last[4])
-        else:
-            runs.append(entry)
+        _append_run(runs, (item["start"], item["length"], data, zero, host))
     return runs
 
 
@@ -182,6 +181,7 @@ def test_compressed_read_matches_qemu(tmp_path, options):
                       str(source), str(image))
     assert result.returncode == 0, result.stderr
     assert run(read_all, image) == reference(source)
+    assert run(map_of, image) == qemu_map(image)
 
 
 def test_zstd_compressed_read(tmp_path):
@@ -220,6 +220,7 @@ def test_external_data_file_read(tmp_path, raw_flag):
                    f"data_file_raw={raw_flag}")
     qemu_io(image, "write -P 0x5a 4k 200k", "write -z 64k 64k", "write -P 1 1M 1")
     assert run(read_all, image) == reference(image)
+    assert run(map_of, image) == qemu_map(image)
     if raw_flag == "on":
         assert (tmp_path / "ext.data").read_bytes() == reference(image)
 
@@ -437,6 +438,15 @@ def test_inconsistency_found_during_io_sets_the_corrupt_bit(tmp_path):
     assert struct.unpack(">Q", image.read_bytes()[72:80])[0] & 2
 
 
+async def _resize(image: Path, *sizes: int) -> None:
+    node = await open_image(str(image), OpenContext(read_only=False))
+    try:
+        for size in sizes:
+            await node.truncate(size)
+    finally:
+        await node.aclose()
+
+
 def test_grow(tmp_path):
     image = create(tmp_path / "g.qcow2", 1 * MiB, "cluster_size=512")
     qemu_io(image, "write -P 3 0 1M")
@@ -450,6 +460,30 @@ def test_grow(tmp_path):
     check_clean(image)
     data = reference(image)
     assert len(data) == 64 * MiB and data[60 * MiB:60 * MiB + 1000] == b"y" * 1000
+
+
+@pytest.mark.parametrize("options", [["cluster_size=64k"], ["compat=0.10"],
+                                     ["extended_l2=on"]])
+def test_shrink_then_grow_reads_zeros(tmp_path, options):
+    image = create(tmp_path / "s.qcow2", 4 * MiB, *options)
+    qemu_io(image, "write -c -P 5 3M 64k", "write -P 7 0 3M")
+    before = reference(image)
+    run(_resize, image, MiB + 1536)
+    check_clean(image)
+    assert reference(image) == before[:MiB + 1536]
+    run(_resize, image, 3 * MiB)
+    check_clean(image)
+    assert reference(image) == before[:MiB + 1536] + bytes(3 * MiB - MiB - 1536)
+
+
+def test_grow_over_a_longer_backing_file_reads_zeros(tmp_path):
+    base = create(tmp_path / "base.qcow2", 2 * MiB)
+    qemu_io(base, "write -P 9 0 2M")
+    top = create(tmp_path / "top.qcow2", 1 * MiB, "backing_file=base.qcow2",
+                 "backing_fmt=qcow2")
+    run(_resize, top, 2 * MiB)
+    check_clean(top)
+    assert reference(top) == b"\x09" * MiB + bytes(MiB)
 
 
 # -- creation -----------------------------------------------------------------------------
