@@ -52,7 +52,6 @@ from .header import (
     COMPAT_LAZY_REFCOUNTS,
     COMPRESSION_NAMES,
     COMPRESSION_ZSTD,
-    HEADER_V2_LENGTH,
     INCOMPAT_CORRUPT,
     INCOMPAT_DATA_FILE,
     INCOMPAT_DIRTY,
@@ -479,5 +478,3 @@ def _decompress_zstd(raw: bytes, cluster_size: int) -> bytes:
                            f"(expected {cluster_size})")
     return cluster
 
-
-__all__ = ["Qcow2Driver", "HEADER_V2_LENGTH"]

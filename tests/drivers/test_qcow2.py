@@ -868,3 +868,57 @@ def test_snapshot_create_apply_delete(tmp_path, options, capsys):
     run(functools.partial(_snapshot, image, delete="two"))
     check_clean(image)
     assert reference(image) == first
+
+
+# -- mutated images --------------------------------------------------------------------------
+
+@pytest.mark.parametrize("options, seed", [(["cluster_size=4k"], 1), (["cluster_size=512"], 2),
+                                           (["extended_l2=on", "cluster_size=16k"], 3),
+                                           (["compat=0.10", "snapshot"], 4)])
+def test_mutated_metadata_gives_only_clean_errors(tmp_path, options, seed):
+    """Random byte changes in the metadata clusters: every failure must be an
+    ImgfsError, quickly, whatever is read, written or discarded."""
+    image = create(tmp_path / "m.qcow2", 1 * MiB, *[o for o in options if o != "snapshot"])
+    qemu_io(image, "write -P 1 0 100k", "write -c 256k 64k", "write -z 400k 16k")
+    if "snapshot" in options:
+        assert qemu_img("snapshot", "-c", "s", str(image)).returncode == 0
+        qemu_io(image, "write -P 3 0 8k")
+    pristine = image.read_bytes()
+    rnd = random.Random(seed)
+    mutated = tmp_path / "mutated.qcow2"
+
+    async def exercise(read_only: bool) -> None:
+        try:
+            node = await open_image(str(mutated), OpenContext(read_only=read_only), fmt="qcow2")
+        except ImgfsError:
+            return
+        try:
+            length = min(node.size, 2 * MiB)
+            for action in ("read", "write", "discard"):
+                if read_only and action != "read":
+                    break
+                try:
+                    if action == "read":
+                        await node.read(0, length)
+                    elif action == "write":
+                        await node.write(0, b"w" * min(length, 70000))
+                    else:
+                        await node.discard(0, length)
+                except ImgfsError:
+                    pass
+        finally:
+            try:
+                await node.aclose()
+            except ImgfsError:
+                pass
+
+    for _ in range(40):
+        data = bytearray(pristine)
+        for _ in range(rnd.randrange(1, 5)):
+            position = rnd.randrange(min(len(data), 12 * 4096))
+            data[position] = rnd.randrange(256)
+        mutated.write_bytes(bytes(data))
+        start = time.monotonic()
+        run(exercise, True)
+        run(exercise, False)
+        assert time.monotonic() - start < 5
