@@ -42,11 +42,10 @@ from .cluster import (
 from .header import COMPRESSION_ZSTD, OFFSET_L1, OFFSET_SIZE
 
 if TYPE_CHECKING:
-    import trio
-
     from imgfs.node import Node
 
     from .cluster import Geometry, L2Cache
+    from .driver import MetadataLock
     from .header import Header
     from .refcount import RefcountStore
     from .snapshot import Snapshot
@@ -74,7 +73,7 @@ class WriteMixin:
         l1_dirty: set[int]
         l2_cache: L2Cache
         refcounts: RefcountStore
-        lock: trio.Lock
+        lock: MetadataLock
         inflight: int
         compressed_cursor: int
         snapshots: list[Snapshot]
@@ -133,6 +132,16 @@ class WriteMixin:
         """(host offset, length) of the part of the range that is allocated
         with refcount 1 and can be overwritten in place, or None."""
         geometry = self.geometry
+        in_cluster = offset & (self.cluster_size - 1)
+        if in_cluster + length <= self.cluster_size and not geometry.extended_l2:
+            # the common small request: one entry decides
+            entry = table.entries[(offset >> geometry.cluster_bits) & (geometry.l2_entries - 1)]
+            unusable = QCOW_OFLAG_COMPRESSED | (QCOW_OFLAG_ZERO if self.zero_flag else 0)
+            host = entry & L2E_OFFSET_MASK
+            if entry & QCOW_OFLAG_COPIED and not entry & unusable and \
+                    (host or self.has_data_file):
+                return host + in_cluster, length
+            return None
         run = l2_run(table.entries, geometry, offset, length, zero_flag=self.zero_flag)
         if run.type is not ClusterType.NORMAL:
             return None
