@@ -51,9 +51,16 @@ benchmark measures memory copies instead of the exporter:
 Results go to a table on stdout (imgfs, qsd, ratio imgfs/qsd, target,
 PASS/FAIL; for mount latency the ratio is qsd/imgfs and the target is on
 imgfs's absolute ms) and to bench/results/<timestamp>.json with the machine
-description.  `--profile` additionally samples imgfs with py-spy during its
-random read and write jobs and prints the hottest functions (the numbers of
-a profiled run are perturbed by the sampling and are marked so).
+description.  `--profile` additionally samples imgfs with py-spy during each
+of its I/O jobs and prints the hottest functions (the numbers of a profiled
+run are perturbed by the sampling and are marked so in the JSON);
+`--profile=native` includes C frames, which shows how much of a request is
+the read/writev on /dev/fuse, the pread/pwrite on the image, and epoll.
+`--imgfs CMD` benchmarks another imgfs command (a wrapper that patches
+something for an A/B experiment, or another checkout).  `--repeat N` measures
+each metric N times, alternating the exporters, and reports medians: use it
+on a machine with other load, where single 10 s runs vary by +-30%.
+`--only METRIC,...` measures a subset.
 
 Needs root (drop_caches, FUSE mounts), fio, qemu-img, qemu-storage-daemon.
 """
@@ -73,9 +80,10 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Iterator
+from typing import Any
 
 BENCH_DIR = Path(__file__).resolve().parent
 RESULTS_DIR = BENCH_DIR / "results"
@@ -126,7 +134,7 @@ class Target:
     def met(self, ratio: float, imgfs_value: float) -> bool:
         if self.max_ms is not None:
             return imgfs_value <= self.max_ms
-        return ratio >= self.min_ratio
+        return self.min_ratio is not None and ratio >= self.min_ratio
 
 
 @dataclass(frozen=True)
@@ -188,8 +196,15 @@ class Settings:
     image_size: int
     latency_reps: int
     warm_host_cache: bool
-    profile: bool
+    #: "", "python" or "native" (see --profile)
+    profile: str
     workdir: Path
+    #: measurements per metric and exporter; the median is reported
+    repeat: int = 1
+    #: metrics to measure (--only); empty: every metric of the case
+    only: tuple[str, ...] = ()
+    #: the imgfs command to benchmark (--imgfs, for A/B experiments)
+    imgfs: str = ""
 
 
 # -- small system helpers ----------------------------------------------------
@@ -303,8 +318,9 @@ class Exporter:
 
     name = "?"
 
-    def __init__(self, case: Case, image: Path, workdir: Path) -> None:
-        self.case, self.image, self.workdir = case, image, workdir
+    def __init__(self, case: Case, image: Path, settings: Settings) -> None:
+        self.case, self.image, self.settings = case, image, settings
+        self.workdir = settings.workdir
         self.pid: int | None = None
 
     @property
@@ -336,7 +352,7 @@ class ImgfsExporter(Exporter):
         return self.mountpoint / f"{self.image.stem}.raw"
 
     def command(self) -> list[str]:
-        cmd = [tool("imgfs"), "mount", "-o", f"format={self.case.fmt}"]
+        cmd = [self.settings.imgfs, "mount", "-o", f"format={self.case.fmt}"]
         if self.case.encrypted:
             cmd += ["--object", f"secret,id={SECRET_ID},data={PASSPHRASE}",
                     "-o", f"key-secret={SECRET_ID}"]
@@ -363,8 +379,8 @@ class ImgfsExporter(Exporter):
 class QsdExporter(Exporter):
     name = "qsd"
 
-    def __init__(self, case: Case, image: Path, workdir: Path) -> None:
-        super().__init__(case, image, workdir)
+    def __init__(self, case: Case, image: Path, settings: Settings) -> None:
+        super().__init__(case, image, settings)
         self.process: subprocess.Popen | None = None
 
     @property
@@ -398,7 +414,8 @@ class QsdExporter(Exporter):
         # mount exists (the kernel queues our open until qsd serves it).
         while mount_entry(self.mountpoint) is None:
             if self.process.poll() is not None:
-                raise RuntimeError(f"qemu-storage-daemon failed: {self.process.stderr.read()}")
+                _, errors = self.process.communicate()
+                raise RuntimeError(f"qemu-storage-daemon failed: {errors.strip()}")
             if time.monotonic() > deadline:
                 raise RuntimeError("qemu-storage-daemon: export did not appear")
             time.sleep(0.001)
@@ -512,10 +529,10 @@ def profiled(exporter: Exporter, label: str, settings: Settings,
     # --nonblocking: do not stop the daemon to sample it (less distortion);
     # idle threads (trio waiting in epoll) are left out, so the samples
     # taken, against rate x time, also show how busy the daemon was.
-    rate = 250
+    # Native unwinding needs the process stopped, so it samples less often.
+    rate, mode = (100, ["--native"]) if settings.profile == "native" else (250, ["--nonblocking"])
     spy = subprocess.Popen([tool("py-spy"), "record", "--pid", str(exporter.pid),
-                            "--rate", str(rate), "--nonblocking", "--format", "raw",
-                            "-o", str(out)],
+                            "--rate", str(rate), *mode, "--format", "raw", "-o", str(out)],
                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     started = time.monotonic()
     try:
@@ -528,7 +545,14 @@ def profiled(exporter: Exporter, label: str, settings: Settings,
             into[label] = summarize_profile(out.read_text(), rate * elapsed)
 
 
-def summarize_profile(collapsed: str, expected_samples: float, top: int = 15) -> dict:
+def function_of(frame: str) -> str:
+    """'name (path/file.py:123)' -> 'name (path/file.py)': one entry per
+    function rather than per line."""
+    name, _, where = frame.partition(" (")
+    return f"{name} ({where.rstrip(')').rsplit(':', 1)[0]})" if where else frame
+
+
+def summarize_profile(collapsed: str, expected_samples: float, top: int = 12) -> dict:
     """Self and inclusive sample shares per function from py-spy's raw
     (collapsed-stack) output: "frame;frame;...;leaf count" per line."""
     self_counts: collections.Counter = collections.Counter()
@@ -539,19 +563,25 @@ def summarize_profile(collapsed: str, expected_samples: float, top: int = 15) ->
         if not stack or not count_text.isdigit():
             continue
         count = int(count_text)
-        frames = stack.split(";")
+        functions = [function_of(frame) for frame in stack.split(";")]
         samples += count
-        self_counts[frames[-1]] += count
-        for frame in set(frames):
-            total_counts[frame] += count
+        self_counts[functions[-1]] += count
+        for function in set(functions):
+            total_counts[function] += count
+    if not samples:
+        return {"samples": 0, "busy_percent": 0, "self_percent": [], "inclusive_percent": []}
+    # The frames every sample passes through (main, trio.run...) say nothing.
+    for function in [f for f, n in total_counts.items() if n >= 0.95 * samples]:
+        del total_counts[function]
 
     def share(counter: collections.Counter) -> list[list]:
-        return [[frame, round(100 * n / samples, 1)] for frame, n in counter.most_common(top)]
+        return [[function, round(100 * n / samples, 1)]
+                for function, n in counter.most_common(top)]
 
     return {"samples": samples,
-            "busy_percent": round(100 * samples / expected_samples, 1) if expected_samples else None,
-            "self_percent": share(self_counts) if samples else [],
-            "inclusive_percent": share(total_counts) if samples else []}
+            "busy_percent": round(100 * samples / expected_samples, 1),
+            "self_percent": share(self_counts),
+            "inclusive_percent": share(total_counts)}
 
 
 # -- measuring -------------------------------------------------------------------------
@@ -592,28 +622,42 @@ def new_image_exporter(cls: type[Exporter], case: Case, settings: Settings) -> E
     image = settings.workdir / f"new-{cls.name}.{case.fmt}"
     image.unlink(missing_ok=True)
     run(["qemu-img", "create", *case.create_args, str(image), str(settings.image_size)])
-    return cls(case, image, settings.workdir)
+    return cls(case, image, settings)
+
+
+def measure_once(cls: type[Exporter], case: Case, metric: str, image: Path,
+                 settings: Settings, profiles: dict) -> tuple[float, dict]:
+    if metric == "mount_latency":
+        return measure_mount_latency(cls(case, image, settings), settings)
+    if metric == "seq_write_new":
+        exporter = new_image_exporter(cls, case, settings)
+        try:
+            return measure_io(metric, exporter, settings, profiles)
+        finally:
+            exporter.image.unlink(missing_ok=True)
+    return measure_io(metric, cls(case, image, settings), settings, profiles)
 
 
 def measure_metric(case: Case, metric: str, image: Path, settings: Settings,
                    profiles: dict) -> dict:
-    """Both exporters, imgfs first, for one metric: {exporter: (value, details)}."""
+    """Both exporters for one metric: {exporter: (value, details)}.
+
+    imgfs and qsd alternate, so that with --repeat a burst of load from
+    elsewhere on the machine hits both; the value is the median of the
+    repetitions (all of them are kept in the details)."""
+    runs: dict[str, list[tuple[float, dict]]] = {cls.name: [] for cls in EXPORTERS}
+    for _ in range(settings.repeat):
+        for cls in EXPORTERS:
+            value, details = measure_once(cls, case, metric, image, settings, profiles)
+            runs[cls.name].append((value, details))
+            print(f"  {metric:<14} {cls.name:<6} {value:10.1f} {METRICS[metric].unit}",
+                  flush=True)
     outcome = {}
-    for cls in EXPORTERS:
-        if metric == "mount_latency":
-            outcome[cls.name] = measure_mount_latency(cls(case, image, settings.workdir),
-                                                      settings)
-        elif metric == "seq_write_new":
-            exporter = new_image_exporter(cls, case, settings)
-            try:
-                outcome[cls.name] = measure_io(metric, exporter, settings, profiles)
-            finally:
-                exporter.image.unlink(missing_ok=True)
-        else:
-            exporter = cls(case, image, settings.workdir)
-            outcome[cls.name] = measure_io(metric, exporter, settings, profiles)
-        print(f"  {metric:<14} {cls.name:<6} {outcome[cls.name][0]:10.1f} "
-              f"{METRICS[metric].unit}", flush=True)
+    for name, results in runs.items():
+        values = [value for value, _ in results]
+        details = results[0][1] if len(results) == 1 else \
+            {"runs": [round(v, 2) for v in values], "first": results[0][1]}
+        outcome[name] = (statistics.median(values), details)
     return outcome
 
 
@@ -623,7 +667,7 @@ def judge(metric: str, target: Target | None, imgfs: float, qsd: float) -> dict:
         ratio = qsd / imgfs if imgfs else float("inf")
     else:
         ratio = imgfs / qsd if qsd else float("inf")
-    result = {"ratio": round(ratio, 3)}
+    result: dict[str, Any] = {"ratio": round(ratio, 3)}
     if target is not None:
         result["target"] = target.describe()
         result["pass"] = target.met(ratio, imgfs)
@@ -654,9 +698,9 @@ def build_image(case: Case, settings: Settings) -> Path:
     return image
 
 
-def available_formats() -> set[str]:
+def available_formats(imgfs: str) -> set[str]:
     """Format names from `imgfs formats` (the lines of its Formats section)."""
-    text = run([tool("imgfs"), "formats"]).stdout
+    text = run([imgfs, "formats"]).stdout
     formats, in_formats = set(), False
     for line in text.splitlines():
         if line.startswith("Formats"):
@@ -671,9 +715,12 @@ def available_formats() -> set[str]:
 def run_case(case: Case, settings: Settings) -> dict:
     print(f"\n== {case.name}: building a {settings.image_size // MiB} MiB image", flush=True)
     image = build_image(case, settings)
-    metrics, profiles = {}, {}
+    metrics: dict[str, dict] = {}
+    profiles: dict[str, dict] = {}
     try:
         for metric, target in case.metrics.items():
+            if settings.only and metric not in settings.only:
+                continue
             outcome = measure_metric(case, metric, image, settings, profiles)
             imgfs, qsd = outcome["imgfs"][0], outcome["qsd"][0]
             metrics[metric] = {
@@ -719,7 +766,7 @@ def print_table(results: dict) -> None:
 
 def print_profile(case: str, label: str, profile: dict) -> None:
     print(f"\nimgfs profile, {case} {label}: {profile['samples']} samples, "
-          f"daemon busy ~{profile['busy_percent']}% of the time")
+          f"{profile['busy_percent']}% of rate x time (python mode: how busy the daemon was)")
     print("  self%  function (file:line)")
     for frame, share in profile["self_percent"]:
         print(f"  {share:5.1f}  {frame}")
@@ -735,7 +782,7 @@ def first_line(cmd: list[str]) -> str:
         return "unknown"
 
 
-def machine_description() -> dict:
+def machine_description(settings: Settings) -> dict:
     return {
         "hostname": platform.node(),
         "nproc": os.cpu_count(),
@@ -749,14 +796,14 @@ def machine_description() -> dict:
         "fio": first_line(["fio", "--version"]),
         "qemu": first_line(["qemu-storage-daemon", "--version"]),
         "qemu_img": first_line(["qemu-img", "--version"]),
-        "imgfs": first_line([tool("imgfs"), "--version"]),
+        "imgfs": first_line([settings.imgfs, "--version"]),
         "imgfs_commit": first_line(["git", "-C", str(BENCH_DIR.parent), "rev-parse", "HEAD"]),
     }
 
 
 def write_results(document: dict) -> Path:
     RESULTS_DIR.mkdir(exist_ok=True)
-    stamp = datetime.datetime.now(datetime.timezone.utc).strftime("%Y%m%dT%H%M%SZ")
+    stamp = datetime.datetime.now(datetime.UTC).strftime("%Y%m%dT%H%M%SZ")
     path = RESULTS_DIR / f"{stamp}.json"
     path.write_text(json.dumps(document, indent=2) + "\n")
     return path
@@ -774,16 +821,28 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     parser.add_argument("--runtime", type=float, help="seconds per fio job (default 10)")
     parser.add_argument("--size", help="image size, e.g. 1G or 256M (default 1G)")
     parser.add_argument("--latency-reps", type=int, help="mounts for the latency median (5)")
+    parser.add_argument("--repeat", type=int, default=1,
+                        help="measure each metric N times, alternating imgfs and qsd, "
+                        "and report medians (for a noisy machine)")
+    parser.add_argument("--only", default="",
+                        help=f"comma-separated metrics to measure ({', '.join(METRICS)})")
     parser.add_argument("--cold", action="store_true",
                         help="do not pre-read the image into the host page cache")
-    parser.add_argument("--profile", action="store_true",
-                        help="sample imgfs with py-spy during its random I/O jobs")
+    parser.add_argument("--profile", nargs="?", const="python", default="",
+                        choices=("python", "native"),
+                        help="sample imgfs with py-spy during its I/O jobs; 'native' also "
+                        "shows C frames (syscalls, libfuse) but pauses the daemon per sample")
+    parser.add_argument("--imgfs", help="imgfs command to benchmark (default: the one "
+                        "installed beside this Python), e.g. a wrapper for an experiment")
     args = parser.parse_args(argv)
     names = list(CASES) if args.case == "all" else args.case.split(",")
     unknown = [name for name in names if name not in CASES]
     if unknown:
         parser.error(f"unknown case {', '.join(unknown)} (known: {', '.join(CASES)})")
     args.cases = names
+    args.only = tuple(filter(None, args.only.split(",")))
+    if any(metric not in METRICS for metric in args.only):
+        parser.error(f"unknown metric in --only (known: {', '.join(METRICS)})")
     return args
 
 
@@ -802,6 +861,9 @@ def make_settings(args: argparse.Namespace, workdir: Path) -> Settings:
         warm_host_cache=not args.cold,
         profile=args.profile,
         workdir=workdir,
+        imgfs=args.imgfs or tool("imgfs"),
+        repeat=max(1, args.repeat),
+        only=args.only,
     )
 
 
@@ -820,7 +882,7 @@ def cleanup(workdir: Path) -> None:
 
 
 def run_all(args: argparse.Namespace, settings: Settings) -> dict:
-    formats = available_formats()
+    formats = available_formats(settings.imgfs)
     results = {}
     for name in args.cases:
         case = CASES[name]
@@ -851,14 +913,16 @@ def main(argv: list[str]) -> int:
     workdir = Path(tempfile.mkdtemp(prefix="imgfs-bench-", dir=SCRATCH_PARENT))
     settings = make_settings(args, workdir)
     started = time.monotonic()
+    document: dict[str, Any] = {}
     try:
         document = {
-            "started_utc": datetime.datetime.now(datetime.timezone.utc).isoformat(),
-            "machine": machine_description(),
+            "started_utc": datetime.datetime.now(datetime.UTC).isoformat(),
+            "machine": machine_description(settings),
             "settings": {"runtime_s": settings.runtime, "image_size": settings.image_size,
                          "latency_reps": settings.latency_reps,
                          "host_cache": "warm" if settings.warm_host_cache else "cold",
-                         "profiled": settings.profile, "quick": args.quick},
+                         "profiled": settings.profile, "quick": args.quick,
+                         "imgfs_command": settings.imgfs, "repeat": settings.repeat},
         }
         results = run_all(args, settings)
     except KeyboardInterrupt:
