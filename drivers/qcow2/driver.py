@@ -101,7 +101,6 @@ class Qcow2Driver(WriteMixin, BlockDriver):
     open_opts = Schema(
         Opt("l2-cache-size", Size, help="bytes of L2 tables kept in memory"),
         Opt("lazy-refcounts", Bool, help="accepted for QEMU compatibility"),
-        Opt("data-file", Str, help="external data file (overrides the image's name)"),
         Opt("snapshot", Str, help="open this internal snapshot (ID or name), read-only"),
         passthrough=("encrypt.", "cache-size", "refcount-cache-size", "overlap-check",
                      "pass-discard-", "cache-clean-interval", "discard-no-unref"),
@@ -143,11 +142,10 @@ class Qcow2Driver(WriteMixin, BlockDriver):
         self.cluster_size = header.cluster_size
         self.size = header.size
         self.zero_flag = header.version >= 3 and not self.geometry.extended_l2
-        self.data_file_name = options["data-file"] or self.image.data_file
+        # With no name in the image, the data file must come from the
+        # option tree ({"data-file": ...}), which the core opens instead.
+        self.data_file_name = self.image.data_file
         self.has_data_file = bool(incompat & INCOMPAT_DATA_FILE)
-        if self.has_data_file and not self.data_file_name:
-            raise InvalidImage("the image uses an external data file but names none "
-                               "(give the data-file option)")
         self.data_child = "data-file" if self.has_data_file else "file"
         self.data_file_raw = bool(header.autoclear_features & AUTOCLEAR_DATA_FILE_RAW)
         cache_bytes = options["l2-cache-size"] or DEFAULT_L2_CACHE
@@ -213,6 +211,11 @@ class Qcow2Driver(WriteMixin, BlockDriver):
                                f"for its {self.size}-byte disk")
         self.l1 = unpack_table(await self.children["file"].read(
             snap.l1_table_offset, snap.l1_size * 8))
+
+    async def attach(self) -> None:
+        if self.has_data_file and "data-file" not in self.children:
+            raise InvalidImage("the image uses an external data file but names none "
+                               "(give one with the data-file option)")
 
     async def _open_for_writing(self) -> None:
         # A corrupt image opens (so that check -r all can repair it) but
@@ -408,12 +411,13 @@ class Qcow2Driver(WriteMixin, BlockDriver):
             report["lazy-refcounts"] = bool(header.compatible_features
                                             & COMPAT_LAZY_REFCOUNTS)
         report["refcount-bits"] = 1 << header.refcount_order
+        if self.has_data_file and self.data_file_name:
+            report["data-file"] = self.data_file_name
+        if self.has_data_file:
+            report["data-file-raw"] = self.data_file_raw
         if header.version >= 3:
             report["corrupt"] = bool(header.incompatible_features & INCOMPAT_CORRUPT)
             report["extended-l2"] = self.geometry.extended_l2
-        if self.has_data_file:
-            report["data-file"] = self.data_file_name
-            report["data-file-raw"] = self.data_file_raw
         return report
 
     async def check(self, *, repair: str | None = None, output: str = "human",

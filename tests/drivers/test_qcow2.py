@@ -922,3 +922,12 @@ def test_mutated_metadata_gives_only_clean_errors(tmp_path, options, seed):
         run(exercise, True)
         run(exercise, False)
         assert time.monotonic() - start < 5
+
+
+def test_data_file_given_in_the_option_tree(tmp_path):
+    image = create(tmp_path / "e.qcow2", 1 * MiB, "data_file=first.data")
+    qemu_io(image, "write -P 0x5a 4k 200k")
+    expected = reference(image)
+    (tmp_path / "first.data").rename(tmp_path / "moved.data")
+    got = run(read_all, image, {"data-file": str(tmp_path / "moved.data")})
+    assert got == expected
