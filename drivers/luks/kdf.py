@@ -1,0 +1,143 @@
+"""Key derivation for LUKS: hashes, PBKDF2, Argon2, the anti-forensic
+splitter, and PBKDF2 calibration against the clock.
+
+The AF splitter (LUKS1 spec section 2.4, "AF-Splitter"): the volume key is
+stored as `stripes` blocks of key size; all but the last are random, each
+is XORed into a running value that is then diffused through the hash, and
+the last block is that value XOR the key.  Losing any stripe loses the key,
+which is the point: a partly overwritten key slot is unrecoverable.
+The diffusion hashes the block in digest-sized pieces, each prefixed with
+its big-endian 32-bit index, keeping as many bytes of each digest as the
+piece had.
+
+Every primitive is `cryptography`'s; this module only composes them.
+"""
+from __future__ import annotations
+
+import os
+import time
+from typing import Any
+
+import cryptography
+from cryptography.hazmat.primitives import hashes
+from cryptography.hazmat.primitives.kdf.pbkdf2 import PBKDF2HMAC
+
+from imgfs.errors import Unsupported
+
+#: LUKS hash names (as cryptsetup and QEMU write them) -> cryptography
+HASHES: dict[str, type[hashes.HashAlgorithm]] = {
+    "sha1": hashes.SHA1,
+    "sha224": hashes.SHA224,
+    "sha256": hashes.SHA256,
+    "sha384": hashes.SHA384,
+    "sha512": hashes.SHA512,
+    "sha3-224": hashes.SHA3_224,
+    "sha3-256": hashes.SHA3_256,
+    "sha3-384": hashes.SHA3_384,
+    "sha3-512": hashes.SHA3_512,
+    "sm3": hashes.SM3,
+    "md5": hashes.MD5,
+}
+#: PBKDF2 / Argon2 limits: a header asking for more is refused rather than
+#: letting a hostile image hang the open or exhaust memory.  cryptsetup's own
+#: maxima are 4 GiB of Argon2 memory and 4 Argon2 threads.
+MAX_PBKDF2_ITERATIONS = 100_000_000
+MAX_ARGON2_TIME = 10_000
+MAX_ARGON2_MEMORY_KIB = 4 * 1024 * 1024
+MAX_ARGON2_LANES = 16
+MIN_PBKDF2_ITERATIONS = 1000
+
+
+def hash_algorithm(name: str) -> hashes.HashAlgorithm:
+    try:
+        return HASHES[name.strip().lower()]()
+    except KeyError:
+        raise Unsupported(f"hash not supported: {name}") from None
+
+
+def digest(name: str | None, data: bytes) -> bytes:
+    context = hashes.Hash(hash_algorithm(name or ""))
+    context.update(data)
+    return context.finalize()
+
+
+def pbkdf2(hash_name: str, passphrase: bytes, salt: bytes, iterations: int,
+           length: int) -> bytes:
+    kdf = PBKDF2HMAC(algorithm=hash_algorithm(hash_name), length=length, salt=salt,
+                     iterations=iterations)
+    return kdf.derive(passphrase)
+
+
+def argon2(variant: str, passphrase: bytes, salt: bytes, *, time_cost: int,
+           memory_kib: int, lanes: int, length: int) -> bytes:
+    """Argon2i / Argon2id (version 1.3) as LUKS2 keyslots use them."""
+    class_name = {"argon2id": "Argon2id", "argon2i": "Argon2i"}.get(variant)
+    if class_name is None:
+        raise Unsupported(f"key derivation not supported: {variant}")
+    argon2_module: Any = None
+    try:
+        from cryptography.hazmat.primitives.kdf import argon2 as argon2_module
+    except ImportError:
+        pass
+    cls = getattr(argon2_module, class_name, None)
+    if cls is None:      # Argon2 arrived in cryptography 44 (argon2id) and later
+        raise Unsupported(f"{variant} needs a newer 'cryptography' package than "
+                          f"{cryptography.__version__}")
+    kdf = cls(salt=salt, length=length, iterations=time_cost, lanes=lanes,
+              memory_cost=memory_kib)
+    return kdf.derive(passphrase)
+
+
+def xor_bytes(left: bytes, right: bytes) -> bytes:
+    mixed = int.from_bytes(left, "little") ^ int.from_bytes(right, "little")
+    return mixed.to_bytes(len(left), "little")
+
+
+def diffuse(block: bytes, hash_name: str) -> bytes:
+    """LUKS1 spec "H1": hash each digest-sized piece with its index."""
+    algorithm = hash_algorithm(hash_name)
+    step = algorithm.digest_size
+    pieces = []
+    for index, start in enumerate(range(0, len(block), step)):
+        piece = block[start:start + step]
+        context = hashes.Hash(algorithm)
+        context.update(index.to_bytes(4, "big") + piece)
+        pieces.append(context.finalize()[:len(piece)])
+    return b"".join(pieces)
+
+
+def af_merge(material: bytes, key_size: int, stripes: int, hash_name: str) -> bytes:
+    """Recover the key from `stripes` blocks of `key_size` bytes."""
+    running = _af_running(material, key_size, stripes, hash_name)
+    last = material[(stripes - 1) * key_size:stripes * key_size]
+    return xor_bytes(running, last)
+
+
+def _af_running(stripes_data: bytes, key_size: int, stripes: int, hash_name: str) -> bytes:
+    """The running value after the first stripes - 1 blocks."""
+    running = bytes(key_size)
+    for stripe in range(stripes - 1):
+        block = stripes_data[stripe * key_size:(stripe + 1) * key_size]
+        running = diffuse(xor_bytes(running, block), hash_name)
+    return running
+
+
+def af_split(key: bytes, stripes: int, hash_name: str) -> bytes:
+    """The inverse of `af_merge`, with random stripes from os.urandom."""
+    random_part = os.urandom(len(key) * (stripes - 1))
+    return random_part + xor_bytes(_af_running(random_part, len(key), stripes, hash_name), key)
+
+
+def calibrate_pbkdf2(hash_name: str, key_size: int, milliseconds: int) -> int:
+    """Iterations that take about `milliseconds` here, as cryptsetup and QEMU
+    calibrate (never fewer than the LUKS minimum of 1000)."""
+    iterations = 1000
+    while True:
+        started = time.perf_counter()
+        pbkdf2(hash_name, b"calibration", bytes(32), iterations, key_size)
+        elapsed = time.perf_counter() - started
+        if elapsed >= 0.05 or iterations >= MAX_PBKDF2_ITERATIONS // 4:
+            break
+        iterations *= 4
+    wanted = int(iterations * (milliseconds / 1000) / max(elapsed, 1e-6))
+    return max(MIN_PBKDF2_ITERATIONS, min(wanted, MAX_PBKDF2_ITERATIONS))

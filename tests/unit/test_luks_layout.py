@@ -1,0 +1,366 @@
+"""LUKS pure code: struct sizes, the bulk sector ciphers against
+`cryptography`'s own modes, tweak math, the AF splitter, header layout and
+validation of damaged headers."""
+from __future__ import annotations
+
+import base64
+import hashlib
+import json
+import os
+import struct
+
+import pytest
+import trio
+from cryptography.hazmat.primitives.ciphers import Cipher, algorithms, modes
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from imgfs.drivers.luks import crypto, kdf, luks1, luks2
+from imgfs.drivers.luks.driver import CREATE_OPTS, create_spec
+
+from imgfs.errors import CorruptImage, InvalidImage, PermissionDenied, Unsupported
+
+KEY64 = bytes(range(64))
+
+
+def test_struct_sizes() -> None:
+    assert luks1.PHDR.size == 208
+    assert luks1.KEYSLOT.size == 48
+    assert luks1.HEADER_SIZE == 592
+    assert luks2.HDR_DISK.size == 512
+
+
+def _xts_reference(key: bytes, first: int, data: bytes, sector_size: int,
+                   plain: bool = False) -> bytes:
+    parts = []
+    for index in range(len(data) // sector_size):
+        number = first + index
+        if plain:
+            number &= 0xFFFFFFFF
+        tweak = number.to_bytes(16, "little")
+        encryptor = Cipher(algorithms.AES(key), modes.XTS(tweak)).encryptor()
+        parts.append(encryptor.update(data[index * sector_size:(index + 1) * sector_size]))
+    return b"".join(parts)
+
+
+@settings(max_examples=30, deadline=None)
+@given(first=st.one_of(st.integers(0, 1 << 20), st.integers((1 << 32) - 8, (1 << 32) + 8),
+                       st.integers((1 << 64) - 40, (1 << 64) - 20)),
+       sectors=st.integers(1, 20), sector_size=st.sampled_from([512, 4096]),
+       key_bytes=st.sampled_from([32, 64]))
+def test_bulk_xts_matches_cryptography(first: int, sectors: int, sector_size: int,
+                                       key_bytes: int) -> None:
+    key = hashlib.sha512(bytes([first % 251, sectors])).digest()[:key_bytes]
+    data = os.urandom(sectors * sector_size)
+    cipher = crypto.SectorCipher(crypto.parse_cipher("aes", "xts-plain64"), key, sector_size)
+    encrypted = cipher.encrypt(first, data)
+    assert encrypted == _xts_reference(key, first, data, sector_size)
+    assert cipher.decrypt(first, encrypted) == data
+
+
+def test_plain_iv_wraps_at_32_bits() -> None:
+    data = os.urandom(4 * 512)
+    cipher = crypto.SectorCipher(crypto.parse_cipher("aes", "xts-plain"), KEY64)
+    first = (1 << 32) - 2
+    assert cipher.encrypt(first, data) == _xts_reference(KEY64, first, data, 512, plain=True)
+
+
+def test_large_request_is_chunked_consistently() -> None:
+    data = os.urandom(crypto.CHUNK * 2 + 3 * 512)
+    cipher = crypto.SectorCipher(crypto.parse_cipher("aes", "xts-plain64"), KEY64)
+    assert cipher.encrypt(9, data) == _xts_reference(KEY64, 9, data, 512)
+
+
+def _gf_double(value: int) -> int:
+    value <<= 1
+    return (value ^ 0x87) & ((1 << 128) - 1) if value >> 128 else value
+
+
+@given(st.binary(min_size=16, max_size=16), st.sampled_from([32, 256, 40]))
+def test_xts_tweaks_are_alpha_powers(start: bytes, blocks: int) -> None:
+    tweaks = crypto.xts_tweaks(start, blocks)
+    value = int.from_bytes(start, "little")
+    for index in range(blocks):
+        assert tweaks[0, index].tobytes() == value.to_bytes(16, "little")
+        value = _gf_double(value)
+
+
+@pytest.mark.parametrize("name,key", [("aes", KEY64[:32]), ("aes", KEY64[:16]),
+                                      ("cast5", KEY64[:16]), ("camellia", KEY64[:32])])
+def test_cbc_matches_cryptography(name: str, key: bytes) -> None:
+    algorithm = crypto.ALGORITHMS[name]
+    data = os.urandom(3 * 512)
+    cipher = crypto.SectorCipher(crypto.parse_cipher(name, "cbc-plain64"), key)
+    expected = b""
+    for index in range(3):
+        iv = (7 + index).to_bytes(8, "little").ljust(algorithm.block_size, b"\0")
+        encryptor = Cipher(algorithm.factory(key), modes.CBC(iv)).encryptor()
+        expected += encryptor.update(data[index * 512:(index + 1) * 512])
+    assert cipher.encrypt(7, data) == expected
+    assert cipher.decrypt(7, expected) == data
+
+
+def test_essiv_iv_is_encrypted_sector_number() -> None:
+    key = KEY64[:16]
+    data = os.urandom(2 * 512)
+    cipher = crypto.SectorCipher(crypto.parse_cipher("aes", "cbc-essiv:sha256"), key)
+    essiv_key = hashlib.sha256(key).digest()
+    expected = b""
+    for sector in (5, 6):
+        iv = Cipher(algorithms.AES(essiv_key), modes.ECB()).encryptor().update(
+            sector.to_bytes(16, "little"))
+        expected += Cipher(algorithms.AES(key), modes.CBC(iv)).encryptor().update(
+            data[(sector - 5) * 512:(sector - 4) * 512])
+    assert cipher.encrypt(5, data) == expected
+
+
+def test_ctr_counter_carries_across_64_bits() -> None:
+    ivs = crypto.np.array([[0xFFFFFFFFFFFFFFFF, 0xFFFFFFFFFFFFFFFF]], dtype="<u8")
+    counters = crypto.ctr_blocks(ivs.byteswap(), 3).tobytes()
+    assert counters[:16] == b"\xff" * 16
+    assert counters[16:32] == bytes(16)            # wraps as one 128-bit number
+    assert counters[32:48] == bytes(15) + b"\x01"
+    data = os.urandom(2 * 512)
+    cipher = crypto.SectorCipher(crypto.parse_cipher("aes", "ctr-plain64"), KEY64[:32])
+    iv = (3).to_bytes(8, "little") + bytes(8)
+    expected = Cipher(algorithms.AES(KEY64[:32]), modes.CTR(iv)).encryptor().update(data[:512])
+    assert cipher.encrypt(3, data)[:512] == expected
+
+
+@pytest.mark.parametrize("mode", ["ecb", "ecb-plain64", "cbc-plain", "ctr-plain64",
+                                  "xts-essiv:sha256", "cbc-null"])
+def test_round_trip_every_mode(mode: str) -> None:
+    key = KEY64 if mode.startswith("xts") else KEY64[:32]
+    cipher = crypto.SectorCipher(crypto.parse_cipher("aes", mode), key)
+    data = os.urandom(4 * 512)
+    assert cipher.decrypt(11, cipher.encrypt(11, data)) == data
+
+
+@pytest.mark.parametrize("name,mode,error,text", [
+    ("serpent", "xts-plain64", Unsupported, "cipher not supported: serpent"),
+    ("twofish", "cbc-plain", Unsupported, "cipher not supported: twofish"),
+    ("aes", "gcm-plain64", Unsupported, "cipher mode not supported"),
+    ("aes", "cbc-benbi", Unsupported, "IV generator not supported: benbi"),
+    ("aes", "cbc-essiv:sha1", Unsupported, "160-bit key"),
+    ("cast5", "xts-plain64", Unsupported, "128-bit block cipher"),
+    ("aes", "cbc-essiv:whirlpool", Unsupported, "hash not supported: whirlpool"),
+    ("a\x01", "cbc-plain", InvalidImage, "invalid cipher name"),
+])
+def test_cipher_refusals(name: str, mode: str, error: type, text: str) -> None:
+    with pytest.raises(error, match=text):
+        crypto.parse_cipher(name, mode)
+
+
+def test_parse_luks2_encryption() -> None:
+    spec = crypto.parse_encryption("aes-cbc-essiv:sha256")
+    assert (spec.algorithm.name, spec.mode, spec.ivgen, spec.ivgen_hash) == \
+        ("aes", "cbc", "essiv", "sha256")
+    assert str(spec) == "aes-cbc-essiv:sha256"
+    with pytest.raises(InvalidImage):
+        crypto.parse_encryption("aes")
+
+
+@pytest.mark.parametrize("hash_name", ["sha1", "sha256", "sha512"])
+def test_af_split_merge_round_trip(hash_name: str) -> None:
+    key = os.urandom(32)
+    split = kdf.af_split(key, 50, hash_name)
+    assert len(split) == 50 * 32
+    assert kdf.af_merge(split, 32, 50, hash_name) == key
+    damaged = bytes([split[0] ^ 1]) + split[1:]
+    assert kdf.af_merge(damaged, 32, 50, hash_name) != key
+
+
+def test_diffuse_hashes_indexed_pieces() -> None:
+    block = bytes(range(40))                      # sha256: one full piece, one of 8
+    expected = hashlib.sha256(b"\0\0\0\0" + block[:32]).digest() + \
+        hashlib.sha256(b"\0\0\0\1" + block[32:]).digest()[:8]
+    assert kdf.diffuse(block, "sha256") == expected
+
+
+def test_calibration_has_the_luks_minimum() -> None:
+    assert kdf.calibrate_pbkdf2("sha256", 32, 1) >= kdf.MIN_PBKDF2_ITERATIONS
+
+
+def test_slot_layout_matches_qemu() -> None:
+    # qemu-img create -f luks (aes-256-xts): key slots every 258048 bytes
+    # from 4096, payload at 2068480 (as `qemu-img info` reports them).
+    offsets = [sector * 512 for sector in luks1.slot_layout(64)]
+    assert offsets == [4096 + index * 258048 for index in range(8)]
+    assert offsets[-1] + 258048 == 2068480
+
+
+def test_create_spec_names() -> None:
+    options = CREATE_OPTS.parse({"cipher-alg": "aes-128", "cipher-mode": "cbc",
+                                 "ivgen-alg": "essiv"})
+    spec, key_bytes = create_spec(options)
+    assert (spec.mode_string, key_bytes) == ("cbc-essiv:sha256", 16)
+    spec, key_bytes = create_spec(CREATE_OPTS.parse({}))
+    assert (str(spec), key_bytes) == ("aes-xts-plain64", 64)
+    with pytest.raises(Unsupported, match="cipher not supported: serpent"):
+        create_spec(CREATE_OPTS.parse({"cipher-alg": "serpent-256"}))
+
+
+# -- LUKS1 headers built in memory --------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def small_luks1() -> tuple[bytearray, bytes]:
+    spec = crypto.parse_cipher("aes", "xts-plain64")
+    new = luks1.format_header(spec, 64, "sha256", b"secret", 1)
+    image = bytearray(new.payload_offset + 4096)
+    for offset, data in new.pieces:
+        image[offset:offset + len(data)] = data
+    return image, new.volume_key
+
+
+def _reader(image: bytes | bytearray):
+    async def read(offset: int, length: int) -> bytes:
+        return bytes(image[offset:offset + length])
+    return read
+
+
+def test_new_header_unlocks(small_luks1: tuple[bytearray, bytes]) -> None:
+    image, volume_key = small_luks1
+    header = luks1.parse_header(bytes(image[:luks1.HEADER_SIZE]), len(image))
+    assert header.active_slots() == [0]
+    assert header.payload_size(len(image)) == 4096
+    assert trio.run(header.unlock, _reader(image), b"secret") == volume_key
+    with pytest.raises(PermissionDenied, match="no key slot matches this passphrase"):
+        trio.run(header.unlock, _reader(image), b"wrong")
+
+
+def _patch_slot(image: bytearray, index: int, **fields: int) -> bytes:
+    raw = bytearray(image[:luks1.HEADER_SIZE])
+    offset = luks1.PHDR.size + index * luks1.KEYSLOT.size
+    slot = luks1.KeySlot._make(luks1.KEYSLOT.unpack_from(raw, offset))._replace(**fields)
+    raw[offset:offset + luks1.KEYSLOT.size] = slot.pack()
+    return bytes(raw)
+
+
+@pytest.mark.parametrize("fields,error,text", [
+    ({"stripes": 4001}, InvalidImage, "4001 stripes"),
+    ({"stripes": 0}, InvalidImage, "0 stripes"),
+    ({"key_material_offset": 0}, InvalidImage, "outside the"),
+    ({"key_material_offset": 1 << 30}, InvalidImage, "outside the"),
+    ({"iterations": 4_000_000_000}, InvalidImage, "would hang the open"),
+    ({"active": 0x1234}, CorruptImage, "invalid state"),
+])
+def test_damaged_key_slots(small_luks1: tuple[bytearray, bytes], fields: dict[str, int],
+                           error: type, text: str) -> None:
+    image, _ = small_luks1
+    with pytest.raises(error, match=text):
+        luks1.parse_header(_patch_slot(image, 0, **fields), len(image))
+
+
+def test_overlapping_slots_and_payload(small_luks1: tuple[bytearray, bytes]) -> None:
+    image, _ = small_luks1
+    slot0 = luks1.KeySlot._make(luks1.KEYSLOT.unpack_from(image, luks1.PHDR.size))
+    patched = bytearray(_patch_slot(image, 3, **slot0._asdict()))
+    with pytest.raises(CorruptImage, match="overlap"):
+        luks1.parse_header(bytes(patched), len(image))
+    header = luks1.parse_header(bytes(image[:luks1.HEADER_SIZE]), len(image))
+    with pytest.raises(InvalidImage, match="beyond the end"):
+        header.payload_size(1000)
+
+
+def test_bad_magic_and_version(small_luks1: tuple[bytearray, bytes]) -> None:
+    image, _ = small_luks1
+    with pytest.raises(InvalidImage, match="bad magic"):
+        luks1.parse_header(b"XXXX" + bytes(image[4:luks1.HEADER_SIZE]), len(image))
+    raw = bytearray(image[:luks1.HEADER_SIZE])
+    raw[6:8] = struct.pack(">H", 3)
+    with pytest.raises(InvalidImage, match="version 3"):
+        luks1.parse_header(bytes(raw), len(image))
+
+
+# -- LUKS2 metadata -----------------------------------------------------------------
+
+
+def luks2_image(metadata: dict, hdr_size: int = 16384, damage: str = "") -> bytes:
+    """Two checksummed header copies around `metadata` (no key material)."""
+    copies = []
+    for index, magic in enumerate((luks2.LUKS2_MAGIC_1ST, luks2.LUKS2_MAGIC_2ND)):
+        hdr = luks2.HdrDisk(magic, 2, hdr_size, 1, bytes(48), b"sha256", bytes(64),
+                            b"11111111-2222-3333-4444-555555555555", bytes(48),
+                            index * hdr_size, bytes(184), bytes(64))
+        area = bytearray(HDR_PACK(hdr) + bytes(luks2.LUKS2_HDR_BIN_LEN - 512))
+        area += json.dumps(metadata).encode().ljust(hdr_size - len(area), b"\0")
+        area[448:480] = hashlib.sha256(bytes(area)).digest()
+        copies.append(bytes(area))
+    if "primary" in damage:
+        copies[0] = copies[0][:600] + b"X" + copies[0][601:]
+    if "secondary" in damage:
+        copies[1] = copies[1][:600] + b"X" + copies[1][601:]
+    return b"".join(copies) + bytes(4 * 1024 * 1024)
+
+
+def HDR_PACK(hdr: luks2.HdrDisk) -> bytes:
+    return luks2.HDR_DISK.pack(*hdr)
+
+
+def metadata(**changes: object) -> dict:
+    salt = base64.b64encode(bytes(32)).decode()
+    data = {
+        "keyslots": {"0": {"type": "luks2", "key_size": 64,
+                           "af": {"type": "luks1", "stripes": 4000, "hash": "sha256"},
+                           "area": {"type": "raw", "offset": "32768", "size": "258048",
+                                    "encryption": "aes-xts-plain64", "key_size": 64},
+                           "kdf": {"type": "argon2id", "time": 4, "memory": 32768,
+                                   "cpus": 1, "salt": salt}}},
+        "tokens": {},
+        "segments": {"0": {"type": "crypt", "offset": "16777216", "size": "dynamic",
+                           "iv_tweak": "0", "encryption": "aes-xts-plain64",
+                           "sector_size": 4096}},
+        "digests": {"0": {"type": "pbkdf2", "keyslots": ["0"], "segments": ["0"],
+                          "hash": "sha256", "iterations": 1000, "salt": salt,
+                          "digest": salt}},
+        "config": {"json_size": "12288", "keyslots_size": "16744448"},
+    }
+    for path, value in changes.items():
+        node = data
+        keys = path.split("__")
+        for key in keys[:-1]:
+            node = node[key]
+        node[keys[-1]] = value
+    return data
+
+
+def parse2(image: bytes):
+    return trio.run(luks2.parse_header, _reader(image), len(image))
+
+
+def test_luks2_metadata_parses() -> None:
+    header = parse2(luks2_image(metadata()))
+    assert header.sector_size == 4096
+    assert header.payload_offset == 16777216
+    assert [slot.kdf.kind for slot in header.keyslots] == ["argon2id"]
+
+
+@pytest.mark.parametrize("damage", ["primary", "secondary"])
+def test_luks2_one_damaged_copy_is_tolerated(damage: str) -> None:
+    assert parse2(luks2_image(metadata(), damage=damage)).sector_size == 4096
+
+
+def test_luks2_both_copies_damaged() -> None:
+    with pytest.raises(CorruptImage, match="both LUKS2 header copies"):
+        parse2(luks2_image(metadata(), damage="primary,secondary"))
+
+
+@pytest.mark.parametrize("changes,error,text", [
+    ({"segments__0__integrity": {"type": "hmac(sha256)"}}, Unsupported, "integrity"),
+    ({"config__requirements": {"mandatory": ["online-reencrypt-v2"]}}, Unsupported,
+     "reencryption is in progress"),
+    ({"keyslots__0__type": "reencrypt"}, Unsupported, "reencryption"),
+    ({"segments__0__type": "linear"}, Unsupported, "segment type 'linear'"),
+    ({"segments__0__sector_size": 3000}, InvalidImage, "sector size 3000"),
+    ({"segments__0__encryption": "serpent-xts-plain64"}, Unsupported,
+     "cipher not supported: serpent"),
+    ({"keyslots__0__kdf__memory": 1 << 40}, InvalidImage, "beyond what imgfs accepts"),
+    ({"keyslots__0__kdf__type": "scrypt"}, Unsupported, "scrypt"),
+    ({"keyslots__0__area__offset": "0"}, InvalidImage, "outside the keyslots area"),
+    ({"keyslots__0__af__stripes": 1 << 40}, InvalidImage, "stripes out of range"),
+    ({"digests__0__iterations": 1 << 40}, InvalidImage, "PBKDF2 iterations"),
+    ({"segments__0__offset": "4096"}, InvalidImage, "overlaps the keyslots area"),
+])
+def test_luks2_refusals(changes: dict, error: type, text: str) -> None:
+    with pytest.raises(error, match=text):
+        parse2(luks2_image(metadata(**changes)))
