@@ -32,9 +32,9 @@ from imgfs.errors import CorruptImage, ImgfsError, InvalidImage, ReadOnly, Unsup
 from imgfs.node import OpenContext
 from imgfs.options import Bool, Opt, Schema, Size, Str
 
+from . import bitmaps, snapshot_ops
 from . import create as create_mod
 from . import repair as checks
-from . import snapshot_ops
 from .cluster import (
     L1E_OFFSET_MASK,
     QCOW_OFLAG_COMPRESSED,
@@ -48,10 +48,12 @@ from .cluster import (
     unpack_table,
 )
 from .header import (
+    AUTOCLEAR_BITMAPS,
     AUTOCLEAR_DATA_FILE_RAW,
     COMPAT_LAZY_REFCOUNTS,
     COMPRESSION_NAMES,
     COMPRESSION_ZSTD,
+    EXT_BITMAPS,
     INCOMPAT_CORRUPT,
     INCOMPAT_DATA_FILE,
     INCOMPAT_DIRTY,
@@ -128,6 +130,7 @@ class Qcow2Driver(WriteMixin, BlockDriver):
         self.l1 = unpack_table(await file.read(self.header.l1_table_offset,
                                                self.header.l1_size * 8))
         self.snapshots = await self._read_snapshots()
+        self.bitmaps = self._bitmaps_extension()
         await self._open_refcounts()
         if options["snapshot"]:
             await self._select_snapshot(options["snapshot"])
@@ -184,6 +187,35 @@ class Qcow2Driver(WriteMixin, BlockDriver):
         table = await file.read(start, end - start)
         self.snapshot_table_length = end - start
         return parse_snapshot_table(table, header.nb_snapshots, self.cluster_size, file.size)
+
+    def _bitmaps_extension(self) -> bitmaps.BitmapsExtension | None:
+        """The bitmaps extension, when its auto-clear bit says it is valid."""
+        if not self.header.autoclear_features & AUTOCLEAR_BITMAPS:
+            return None
+        for ext in self.image.extensions:
+            if ext.type == EXT_BITMAPS:
+                found = bitmaps.BitmapsExtension.unpack(ext.data)
+                bitmaps.check_extension(found, self.cluster_size, self.children["file"].size)
+                return found
+        return None
+
+    async def bitmap_entries(self) -> list[bitmaps.BitmapEntry]:
+        if self.bitmaps is None:
+            return []
+        raw = await self.children["file"].read(self.bitmaps.bitmap_directory_offset,
+                                               self.bitmaps.bitmap_directory_size)
+        return bitmaps.parse_directory(raw, self.bitmaps.nb_bitmaps)
+
+    async def _mark_bitmaps_in_use(self) -> None:
+        """We do not track writes in bitmaps: say so before the first write."""
+        if self.bitmaps is None:
+            return
+        offset = self.bitmaps.bitmap_directory_offset
+        raw = bytearray(await self.children["file"].read(offset,
+                                                         self.bitmaps.bitmap_directory_size))
+        if bitmaps.mark_in_use(raw, bitmaps.parse_directory(bytes(raw),
+                                                            self.bitmaps.nb_bitmaps)):
+            await self._write_header_bytes(offset, bytes(raw))
 
     async def _open_refcounts(self) -> None:
         header = self.header
@@ -264,8 +296,11 @@ class Qcow2Driver(WriteMixin, BlockDriver):
             return
         if self.snapshot_view:
             raise ReadOnly("internal snapshots are opened read-only")
+        await self._mark_bitmaps_in_use()
         header = self.header
         keep = header.autoclear_features & AUTOCLEAR_DATA_FILE_RAW
+        if self.bitmaps is not None:
+            keep |= AUTOCLEAR_BITMAPS
         if self.version >= 3 and header.autoclear_features != keep:
             await self._write_header_bytes(OFFSET_AUTOCLEAR, struct.pack(">Q", keep))
             self.header = header._replace(autoclear_features=keep)

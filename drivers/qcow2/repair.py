@@ -19,6 +19,7 @@ from collections import Counter
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
+from .bitmaps import BME_TABLE_ENTRY_OFFSET_MASK
 from .cluster import (
     L1E_OFFSET_MASK,
     QCOW_OFLAG_COMPRESSED,
@@ -139,6 +140,7 @@ async def scan_references(driver: Qcow2Driver) -> References:
                      "refcount block")
     walk.add(header.l1_table_offset, header.l1_size * 8, "L1 table")
     await walk.l1_table(driver.l1, active=True)
+    await _bitmap_references(driver, walk)
     if header.nb_snapshots:
         walk.add(header.snapshots_offset, driver.snapshot_table_length, "snapshot table",
                  past_end=True)
@@ -147,6 +149,27 @@ async def scan_references(driver: Qcow2Driver) -> References:
             l1 = unpack_table(await file.read(snap.l1_table_offset, snap.l1_size * 8))
             await walk.l1_table(l1, active=False)
     return walk.result
+
+
+async def _bitmap_references(driver: Qcow2Driver, walk: _Walk) -> None:
+    """The bitmap directory, tables and data clusters (spec: "Bitmaps")."""
+    if driver.bitmaps is None:
+        return
+    walk.add(driver.bitmaps.bitmap_directory_offset, driver.bitmaps.bitmap_directory_size,
+             "bitmap directory")
+    file = driver.children["file"]
+    for entry in await driver.bitmap_entries():
+        length = entry.table_size * 8
+        if entry.table_offset % driver.cluster_size or \
+                entry.table_offset + length > file.size:
+            walk.result.errors.append(f"ERROR bitmap table at {entry.table_offset:#x} is "
+                                      "unaligned or beyond the end of the file")
+            continue
+        walk.add(entry.table_offset, length, "bitmap table")
+        for table_entry in unpack_table(await file.read(entry.table_offset, length)):
+            data_offset = table_entry & BME_TABLE_ENTRY_OFFSET_MASK
+            if data_offset:
+                walk.add(data_offset, driver.cluster_size, "bitmap data cluster")
 
 
 async def check_image(driver: Qcow2Driver) -> CheckReport:

@@ -931,3 +931,18 @@ def test_data_file_given_in_the_option_tree(tmp_path):
     (tmp_path / "first.data").rename(tmp_path / "moved.data")
     got = run(read_all, image, {"data-file": str(tmp_path / "moved.data")})
     assert got == expected
+
+
+def test_persistent_bitmaps_are_marked_in_use_not_leaked(tmp_path, capsys):
+    image = create(tmp_path / "b.qcow2", 1 * MiB)
+    assert qemu_img("bitmap", "--add", str(image), "b0").returncode == 0
+    qemu_io(image, "write 0 64k")
+    expected = qemu_img("check", "--output=json", str(image))
+    assert run(_imgfs_check, image, None, "json") == 0
+    assert json.loads(capsys.readouterr().out) == \
+        json.loads(expected.stdout) | {"filename": str(image)}
+    run(_write, image, 100 * KiB, b"x" * 5000)
+    check_clean(image)
+    info = json.loads(qemu_img("info", "--output=json", str(image)).stdout)
+    flags = info["format-specific"]["data"]["bitmaps"][0]["flags"]
+    assert "in-use" in flags and "auto" in flags
