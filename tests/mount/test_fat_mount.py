@@ -1,0 +1,111 @@
+"""Virtual FAT through the real mount: `imgfs mount fat:DIR MNT` shows
+MNT/DIR.raw, checked with fsck.fat, mtools and (where the kernel has it)
+a read-only vfat loop mount."""
+from __future__ import annotations
+
+import errno
+import os
+import time
+from pathlib import Path
+
+import pytest
+
+from tests.conftest import imgfs, mounted, need, need_root, run
+from tests.drivers.test_fat import (
+    MTOOLS_ENV,
+    PARTITION,
+    extract_partition,
+    fsck_clean,
+    host_listing,
+    make_tree,
+    mcopy_tree,
+    mdir_paths,
+)
+
+
+def test_mount_shows_dir_raw_read_only(tmp_path: Path, mnt: Path) -> None:
+    tree = make_tree(tmp_path / "share")
+    with mounted(f"fat:{tree}", mountpoint=mnt):
+        assert os.listdir(mnt) == ["share.raw"]
+        disk = mnt / "share.raw"
+        with pytest.raises(OSError) as caught:
+            os.open(disk, os.O_WRONLY)
+        assert caught.value.errno in (errno.EROFS, errno.EACCES)
+        assert mcopy_tree(f"{disk}@@{PARTITION}", tmp_path / "out") == host_listing(tree)
+        copy = tmp_path / "disk.raw"
+        run("cp", "--sparse=always", disk, copy)
+    fsck_clean(extract_partition(copy, tmp_path / "part.raw"))
+
+
+def test_floppy_and_forced_types_through_the_mount(tmp_path: Path, mnt: Path) -> None:
+    tree = make_tree(tmp_path / "share", many=10, big=10_000)
+    with mounted(f"fat:floppy:{tree}", mountpoint=mnt):
+        disk = mnt / "share.raw"
+        assert disk.stat().st_size == 1474560
+        assert mcopy_tree(str(disk), tmp_path / "floppy") == host_listing(tree)
+    with mounted(f"fat:32:{tree}", mountpoint=mnt, options="name=thirty-two"):
+        disk = mnt / "thirty-two.raw"
+        run("cp", "--sparse=always", disk, tmp_path / "disk32.raw")
+    report = fsck_clean(extract_partition(tmp_path / "disk32.raw", tmp_path / "part32.raw"))
+    assert "32 bit entries" in report
+
+
+def test_host_file_changed_after_mount_reads_as_eio(tmp_path: Path, mnt: Path) -> None:
+    tree = make_tree(tmp_path / "share", many=5)
+    (tree / "shrinks.bin").write_bytes(b"s" * 100_000)
+    with mounted(f"fat:{tree}", mountpoint=mnt):
+        disk = mnt / "share.raw"
+        assert "shrinks.bin" in mdir_paths(f"{disk}@@{PARTITION}")
+        os.truncate(tree / "shrinks.bin", 10)
+        (tree / "README.TXT").unlink()
+        with pytest.raises(OSError) as caught:
+            disk.read_bytes()
+        assert caught.value.errno == errno.EIO
+        # one request failed; the mount is still there and the rest reads
+        assert "crowd" in mdir_paths(f"{disk}@@{PARTITION}")
+        need("mtype")
+        result = run("mtype", "-i", f"{disk}@@{PARTITION}", "::/shrinks.bin", check=False,
+                     env=MTOOLS_ENV)
+        assert result.returncode != 0
+        listing = run("mtype", "-i", f"{disk}@@{PARTITION}", "::/.hidden", env=MTOOLS_ENV)
+        assert listing.stdout == "dot file\n"
+
+
+def test_ten_thousand_files_mount_in_under_two_seconds(tmp_path: Path, mnt: Path) -> None:
+    tree = tmp_path / "many"
+    for directory in range(100):
+        folder = tree / f"folder {directory:03d}"
+        folder.mkdir(parents=True)
+        for number in range(100):
+            (folder / f"a file called {number:03d}.txt").write_bytes(b"%d\n" % number)
+    started = time.monotonic()
+    imgfs("mount", f"fat:{tree}", mnt)
+    try:
+        elapsed = time.monotonic() - started
+        assert elapsed < 2.0, f"mounting 10,000 files took {elapsed:.2f} s"
+        paths = mdir_paths(f"{mnt / 'many.raw'}@@{PARTITION}")
+        assert len(paths) == 100 + 10_000
+        assert "folder 099/a file called 099.txt" in paths
+    finally:
+        run("umount", mnt)
+
+
+def test_vfat_loop_mount_shows_the_same_tree(tmp_path: Path, mnt: Path) -> None:
+    need_root()
+    need("losetup")
+    tree = make_tree(tmp_path / "share", many=30)
+    target = tmp_path / "vfat"
+    target.mkdir()
+    with mounted(f"fat:{tree}", mountpoint=mnt):
+        loop = run("losetup", "-r", "-f", "--show", "-o", str(PARTITION),
+                   mnt / "share.raw").stdout.strip()
+        try:
+            result = run("mount", "-t", "vfat", "-o", "ro,utf8", loop, target, check=False)
+            if result.returncode != 0:
+                pytest.skip(f"this kernel cannot mount vfat: {result.stderr.strip()}")
+            try:
+                assert host_listing(target) == host_listing(tree)
+            finally:
+                run("umount", target)
+        finally:
+            run("losetup", "-d", loop)
