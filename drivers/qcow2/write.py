@@ -411,25 +411,31 @@ class WriteMixin:
 
     # -- preallocation (create) ---------------------------------------------------------
 
-    async def preallocate(self, mode: str) -> None:
-        """Allocate every L2 table and data cluster of the disk (QEMU's
-        preallocation=metadata|falloc|full)."""
+    async def preallocate(self, mode: str, start: int = 0) -> None:
+        """Allocate the L2 tables and data clusters of the disk from guest
+        offset `start` on, where none is allocated yet (QEMU's
+        preallocation=metadata|falloc|full, at create and resize)."""
         geometry = self.geometry
         total = -(-self.size // self.cluster_size)
-        position = 0
+        position = start >> geometry.cluster_bits
+        words = 2 if geometry.extended_l2 else 1
         async with self.lock:
             await self._prepare_for_write()
             while position < total:
                 table = await self._l2_for_write(position >> geometry.l2_bits)
                 index = position & (geometry.l2_entries - 1)
-                count = min(geometry.l2_entries - index, total - position)
-                host = await self._new_clusters(position << geometry.cluster_bits, count)
-                await self._reserve(host, count << geometry.cluster_bits, mode)
-                for number in range(count):
-                    self._set_preallocated(table, index + number,
-                                           host + (number << geometry.cluster_bits), mode)
-                self.l2_cache.mark_dirty(table)
-                position += count
+                limit = min(geometry.l2_entries - index, total - position)
+                count = 0
+                while count < limit and not table.entries[(index + count) * words]:
+                    count += 1
+                if count:
+                    host = await self._new_clusters(position << geometry.cluster_bits, count)
+                    await self._reserve(host, count << geometry.cluster_bits, mode)
+                    for number in range(count):
+                        self._set_preallocated(table, index + number,
+                                               host + (number << geometry.cluster_bits), mode)
+                    self.l2_cache.mark_dirty(table)
+                position += max(count, 1)
             await self._write_back()
 
     def _set_preallocated(self, table: L2Table, index: int, host: int, mode: str) -> None:
@@ -458,10 +464,11 @@ class WriteMixin:
         cluster or a longer backing file held data."""
         if size % 512:
             raise UsageError(f"the new size {size} is not a multiple of 512 bytes")
-        if preallocation != "off":
-            raise Unsupported("preallocation when resizing qcow2 images is not supported yet")
+        preallocation = preallocation or "off"
         old_size = self.size
         if size < old_size:
+            if preallocation != "off":
+                raise UsageError("preallocation only applies when growing an image")
             await self._shrink(size)
             return
         async with self.lock:
@@ -480,6 +487,8 @@ class WriteMixin:
             zero_end = max(zero_end, min(size, backing.size))
         if zero_end > old_size:
             await self.write_zeroes(old_size, zero_end - old_size)
+        if preallocation != "off":
+            await self.preallocate(preallocation, start=old_size)
 
     async def _set_size(self, size: int) -> None:
         await self._write_header_bytes(OFFSET_SIZE, struct.pack(">Q", size))

@@ -476,6 +476,24 @@ def test_shrink_then_grow_reads_zeros(tmp_path, options):
     assert reference(image) == before[:MiB + 1536] + bytes(3 * MiB - MiB - 1536)
 
 
+@pytest.mark.parametrize("mode", ["metadata", "falloc", "full"])
+def test_grow_with_preallocation(tmp_path, mode):
+    image = create(tmp_path / "p.qcow2", 1 * MiB + 512, "cluster_size=4k")
+    qemu_io(image, "write -P 4 0 1M")
+
+    async def grow():
+        node = await open_image(str(image), OpenContext(read_only=False))
+        try:
+            await node.truncate(3 * MiB, mode)
+        finally:
+            await node.aclose()
+    run(grow)
+    check_clean(image)
+    assert reference(image) == b"\x04" * MiB + bytes(2 * MiB)
+    assert all(item["data"] for item in json.loads(
+        qemu_img("map", "--output=json", str(image)).stdout) if item["start"] >= MiB + 4096)
+
+
 def test_grow_over_a_longer_backing_file_reads_zeros(tmp_path):
     base = create(tmp_path / "base.qcow2", 2 * MiB)
     qemu_io(base, "write -P 9 0 2M")
