@@ -23,7 +23,7 @@ from typing import Any
 
 import trio
 
-from imgfs.block import BlockDriver, Kind
+from imgfs.block import DATA, ZERO, BlockDriver, Extent, Kind
 from imgfs.errors import ImgfsError, Unsupported, UsageError
 from imgfs.node import OpenContext
 from imgfs.options import Bool, Int, Opt, Schema, Size, Str
@@ -158,6 +158,35 @@ class FatDriver(BlockDriver):
         if not self.image.free_clusters:
             return 0xFFFFFFFF
         return 2 + self.image.used_clusters
+
+    # -- allocation -------------------------------------------------------------------
+
+    async def block_status(self, offset: int, length: int) -> Extent:
+        """Free clusters and the gaps between regions are ZERO (so convert,
+        cp --sparse and SEEK_HOLE skip them); everything else is DATA."""
+        index = max(0, bisect_right(self.region_starts, offset) - 1)
+        start, stop, produce = self.regions[index]
+        if offset >= stop:
+            following = index + 1
+            gap_end = self.regions[following][0] if following < len(self.regions) else self.size
+            return Extent(min(length, gap_end - offset), ZERO)
+        length = min(length, stop - offset)
+        if produce != self._data:
+            return Extent(length, DATA)
+        image = self.image
+        cluster_size = image.cluster_size
+        relative = offset - start
+        cluster = 2 + relative // cluster_size
+        run = image.owner(cluster)
+        if run >= 0:
+            node = image.nodes[image.run_node[run]]
+            run_end = (node.first_cluster + node.cluster_count - 2) * cluster_size
+            if relative < run_end:
+                return Extent(min(length, run_end - relative), DATA)
+        if run + 1 < len(image.run_first):
+            next_start = (image.run_first[run + 1] - 2) * cluster_size
+            return Extent(min(length, next_start - relative), ZERO)
+        return Extent(length, ZERO)
 
     # -- reads ----------------------------------------------------------------------
 

@@ -11,6 +11,7 @@ from pathlib import Path
 import pytest
 import trio
 
+from imgfs.block import Status
 from imgfs.errors import ImgfsError, NoSpace, Unsupported, UsageError
 from imgfs.graph import open_image
 from imgfs.node import Node, OpenContext
@@ -291,6 +292,32 @@ def test_largest_file_maps_to_the_right_clusters(tmp_path: Path) -> None:
             assert await node.read(end - 3, 3) == b"END"
             tail = await node.read(end - 3, 4096)
             assert tail[:3] == b"END" and tail.count(0) == 4093
+        finally:
+            await node.aclose()
+    trio.run(main)
+
+
+def test_free_space_is_reported_as_zero(tmp_path: Path) -> None:
+    tree = make_tree(tmp_path / "tree", many=5)
+
+    async def main() -> None:
+        node = await _open(f"fat:16:{tree}")
+        try:
+            driver = fat_driver(node)
+            image = driver.image
+            offset, extents = 0, []
+            while offset < node.size:
+                extent = await driver.block_status(offset, node.size - offset)
+                extents.append((offset, extent.length, bool(extent.status & Status.ZERO)))
+                offset += extent.length
+            # the gap after the MBR, and the free clusters at the end, are zero
+            assert extents[1][0] == 512 and extents[1][2]
+            free = image.free_clusters * image.cluster_size
+            assert extents[-1][2] and extents[-1][1] >= free
+            for start, length, zero in extents:
+                if zero:
+                    assert await node.read(start, min(length, 4 * MiB)) == \
+                        bytes(min(length, 4 * MiB))
         finally:
             await node.aclose()
     trio.run(main)
