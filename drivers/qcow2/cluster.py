@@ -7,9 +7,12 @@ must be written back.
 """
 from __future__ import annotations
 
+import array
 import enum
 import struct
+import sys
 from collections import OrderedDict
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import NamedTuple
 
@@ -149,7 +152,7 @@ class Run(NamedTuple):
     host_offset: int          # host offset of the run's first byte (NORMAL only)
 
 
-def l2_run(entries: list[int], geometry: Geometry, offset: int, length: int, *,
+def l2_run(entries: Sequence[int], geometry: Geometry, offset: int, length: int, *,
            zero_flag: bool) -> Run:
     """The run that starts at guest `offset`, from the L2 table `entries`.
 
@@ -183,7 +186,7 @@ def l2_run(entries: list[int], geometry: Geometry, offset: int, length: int, *,
     return Run(min(covered, length), first.type, 0)
 
 
-def _extended_state(entries: list[int], index: int, sub: int) -> tuple[ClusterType, int]:
+def _extended_state(entries: Sequence[int], index: int, sub: int) -> tuple[ClusterType, int]:
     entry = entries[2 * index]
     if entry & QCOW_OFLAG_COMPRESSED:
         return ClusterType.COMPRESSED, 0
@@ -191,7 +194,7 @@ def _extended_state(entries: list[int], index: int, sub: int) -> tuple[ClusterTy
     return state, entry & L2E_OFFSET_MASK
 
 
-def _l2_run_extended(entries: list[int], geometry: Geometry, offset: int,
+def _l2_run_extended(entries: Sequence[int], geometry: Geometry, offset: int,
                      length: int) -> Run:
     """`l2_run` for extended L2 entries: state changes per subcluster."""
     sub_size = geometry.subcluster_size
@@ -225,11 +228,29 @@ def _l2_run_extended(entries: list[int], geometry: Geometry, offset: int,
 
 
 def unpack_table(data: bytes) -> list[int]:
-    """Big-endian 64-bit entries (L1, L2 and refcount tables)."""
+    """Big-endian 64-bit entries (L1 and refcount tables)."""
     return list(struct.unpack(f">{len(data) // 8}Q", data))
 
 
-def pack_table(entries: list[int]) -> bytes:
+def unpack_l2(data: bytes) -> array.array[int]:
+    """An L2 table as 8 bytes per entry (a list of ints costs 5x the memory,
+    which matters for 2 MiB tables)."""
+    entries = array.array("Q", data[:len(data) - len(data) % 8])
+    if sys.byteorder == "little":
+        entries.byteswap()
+    return entries
+
+
+def empty_l2(entries: int) -> array.array[int]:
+    return array.array("Q", bytes(entries * 8))
+
+
+def pack_table(entries: Sequence[int]) -> bytes:
+    if isinstance(entries, array.array):
+        packed = array.array("Q", entries)
+        if sys.byteorder == "little":
+            packed.byteswap()
+        return packed.tobytes()
     return struct.pack(f">{len(entries)}Q", *entries)
 
 
@@ -238,7 +259,7 @@ class L2Table:
 
     __slots__ = ("offset", "entries", "dirty")
 
-    def __init__(self, offset: int, entries: list[int]) -> None:
+    def __init__(self, offset: int, entries: array.array[int]) -> None:
         self.offset = offset
         self.entries = entries
         self.dirty = False

@@ -45,6 +45,7 @@ from .cluster import (
     compressed_range,
     l2_run,
     pack_table,
+    unpack_l2,
     unpack_table,
 )
 from .header import (
@@ -328,7 +329,7 @@ class Qcow2Driver(WriteMixin, BlockDriver):
             raise await self._mark_corrupt(f"L2 table offset {l2_offset:#x} is unaligned or "
                                            f"beyond the end of the {file.size}-byte file")
         raw = await file.read(l2_offset, self.cluster_size)
-        return self.l2_cache.insert(L2Table(l2_offset, unpack_table(raw)))
+        return self.l2_cache.insert(L2Table(l2_offset, unpack_l2(raw)))
 
     async def block_status(self, offset: int, length: int) -> Extent:
         geometry = self.geometry

@@ -115,8 +115,8 @@ def first_free(block: bytes | bytearray, start: int, order: int) -> int:
 class RefcountStore:
     """The refcount table, a cache of refcount blocks, and cluster allocation."""
 
-    #: refcount blocks kept in memory (clean ones beyond this are dropped)
-    CACHE_BLOCKS = 256
+    #: bytes of refcount blocks kept in memory (clean ones beyond are dropped)
+    CACHE_BYTES = 4 * 1024 * 1024
 
     def __init__(self, file: Node, geometry: RefcountGeometry, table: list[int],
                  table_offset: int, table_clusters: int,
@@ -166,7 +166,7 @@ class RefcountStore:
     def _trim(self, keep: int = -1) -> None:
         """Drop clean blocks beyond the cache size, never `keep` (the block
         the caller is about to use) nor a dirty one."""
-        excess = len(self.blocks) - self.CACHE_BLOCKS
+        excess = len(self.blocks) - max(4, self.CACHE_BYTES >> self.geometry.cluster_bits)
         if excess <= 0:
             return
         victims = [off for off in self.blocks

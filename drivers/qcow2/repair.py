@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import json
 from collections import Counter
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
@@ -97,7 +98,7 @@ class _Walk:
             self.next_contiguous = 0        # as QEMU: fragmentation is per L2 table
             self.l2_table(table.entries, active=active)
 
-    def l2_table(self, entries: list[int], *, active: bool) -> None:
+    def l2_table(self, entries: Sequence[int], *, active: bool) -> None:
         driver = self.driver
         words = 2 if driver.geometry.extended_l2 else 1
         for entry in entries[::words]:

@@ -16,6 +16,7 @@ the driver's `open`.
 """
 from __future__ import annotations
 
+import array
 import struct
 import zlib
 from typing import TYPE_CHECKING
@@ -36,6 +37,7 @@ from .cluster import (
     compressed_descriptor,
     compressed_range,
     decode_entry,
+    empty_l2,
     l2_run,
     pack_table,
 )
@@ -172,7 +174,7 @@ class WriteMixin:
         if self.l2_cache.dirty_count() >= self.l2_cache.capacity:
             await self._write_back()
         l2_offset = await self.refcounts.allocate(1)
-        table = L2Table(l2_offset, [0] * (self.cluster_size // 8))
+        table = L2Table(l2_offset, empty_l2(self.cluster_size // 8))
         self.l2_cache.mark_dirty(table)
         self.l1[l1_index] = l2_offset | QCOW_OFLAG_COPIED
         self.l1_dirty.add(l1_index)
@@ -185,7 +187,7 @@ class WriteMixin:
         COPIED flag (those clusters are still shared).  The old table loses
         the active L1's reference once the new L1 entry is on disk."""
         old = await self._l2_table(l2_offset)
-        entries = list(old.entries)
+        entries = array.array("Q", old.entries)
         words = 2 if self.geometry.extended_l2 else 1
         for index in range(0, len(entries), words):
             entries[index] &= ~QCOW_OFLAG_COPIED
