@@ -79,21 +79,32 @@ DEFAULT_L2_CACHE = 4 * 1024 * 1024
 
 
 class MetadataLock:
-    """A trio.Lock that, when free, is taken without a trip through the
-    scheduler: the hot paths (in-place writes, lookups) take it per request,
-    and the round-trip cost more than the request when measured."""
+    """The per-node metadata lock.  Held sections are shielded from
+    cancellation: a cancelled request must not stop between, say, writing a
+    new refcount table and switching the header to it.  When free, the lock
+    is taken without a trip through the scheduler (the hot paths take it per
+    request, and the round-trip cost more than the request when measured)."""
 
     def __init__(self) -> None:
         self._lock = trio.Lock()
+        self._shield: trio.CancelScope | None = None
 
     async def __aenter__(self) -> None:
         try:
             self._lock.acquire_nowait()
         except trio.WouldBlock:
             await self._lock.acquire()
+        shield = trio.CancelScope(shield=True)
+        shield.__enter__()
+        self._shield = shield
 
-    async def __aexit__(self, *exc_info: object) -> None:
-        self._lock.release()
+    async def __aexit__(self, *exc_info: Any) -> None:
+        shield, self._shield = self._shield, None
+        try:
+            if shield is not None:
+                shield.__exit__(*exc_info)
+        finally:
+            self._lock.release()
 
 
 class Qcow2Driver(WriteMixin, BlockDriver):
