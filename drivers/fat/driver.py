@@ -14,23 +14,28 @@ at the same size read as they are now.
 """
 from __future__ import annotations
 
+import contextlib
 import errno
+import logging
 import os
+import struct
 from bisect import bisect_right
 from collections import OrderedDict
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from typing import Any
 
 import trio
 
 from imgfs.block import DATA, ZERO, BlockDriver, Extent, Kind
-from imgfs.errors import ImgfsError, Unsupported, UsageError
+from imgfs.errors import CorruptImage, ImgfsError, UsageError
 from imgfs.node import OpenContext
 from imgfs.options import Bool, Int, Opt, Schema, Size, Str
 
-from . import layout
+from . import layout, writeback
 from .image import FatImage, Request
 from .tree import HostNode, scan_tree
+
+log = logging.getLogger("imgfs.fat")
 
 #: host files kept open between reads (a guest reads many files in turn)
 FD_CACHE_SIZE = 64
@@ -72,7 +77,7 @@ class FatDriver(BlockDriver):
     name = "fat"
     kind = Kind.PROTOCOL
     prefixes = ("fat:",)
-    description = "a host directory as a virtual FAT disk (read-only)"
+    description = "a host directory as a virtual FAT disk (rw: writes go back to it)"
     open_opts = Schema(
         Opt("dir", Str, help="the host directory to present"),
         Opt("floppy", Bool, default=False,
@@ -92,6 +97,10 @@ class FatDriver(BlockDriver):
     def __init__(self) -> None:
         self.region_starts: list[int] = []
         self.fds: OrderedDict[int, int] = OrderedDict()
+        self.rw = False
+        self.overlay: writeback.Overlay | None = None
+        #: the volume as last applied to the host (rw mode)
+        self.synced: dict[str, writeback.FatFile] = {}
 
     @classmethod
     def parse_filename(cls, filename: str) -> dict[str, Any]:
@@ -101,9 +110,6 @@ class FatDriver(BlockDriver):
         directory = options["dir"]
         if not directory:
             raise UsageError("fat: no directory given (option 'dir')")
-        if options["rw"]:
-            raise Unsupported("fat: rw mode (writing back to the directory) is not "
-                              "supported yet; drop 'rw:' to mount read-only")
         request = Request(fat_type=options["fat-type"] or None, floppy=options["floppy"],
                           size=options["size"], label=options["label"])
         tree = await trio.to_thread.run_sync(scan_tree, directory)
@@ -111,10 +117,26 @@ class FatDriver(BlockDriver):
         self.size = self.image.size
         self.regions = self._regions()
         self.region_starts = [start for start, _, _ in self.regions]
+        if options["rw"]:
+            self._open_rw()
+
+    def _open_rw(self) -> None:
+        """rw: whole-block writes into an overlay; the volume as generated is
+        the state the host already has."""
+        self.rw = self.writable = True
+        self.read_only_by_default = False
+        self.request_alignment = writeback.BLOCK_SIZE
+        self.synced = self._volume_reader().walk()
 
     async def aclose(self) -> None:
-        while self.fds:
-            os.close(self.fds.popitem()[1])
+        try:
+            if self.overlay is not None and not self.node.read_only:
+                self._sync()
+        finally:
+            if self.overlay is not None:
+                self.overlay.close()
+            while self.fds:
+                os.close(self.fds.popitem()[1])
 
     def info(self) -> dict[str, Any]:
         image = self.image
@@ -191,6 +213,15 @@ class FatDriver(BlockDriver):
     # -- reads ----------------------------------------------------------------------
 
     async def read(self, offset: int, length: int) -> bytes:
+        return self._view(offset, length)
+
+    def _view(self, offset: int, length: int) -> bytes:
+        """The disk as the guest sees it: its writes over the generated disk."""
+        if self.overlay is None:
+            return self._generated(offset, length)
+        return self.overlay.read(offset, length, self._generated)
+
+    def _generated(self, offset: int, length: int) -> bytes:
         parts = []
         end = offset + length
         index = max(0, bisect_right(self.region_starts, offset) - 1)
@@ -276,6 +307,124 @@ class FatDriver(BlockDriver):
         if len(self.fds) > FD_CACHE_SIZE:
             os.close(self.fds.popitem(last=False)[1])
         return fd
+
+
+    # -- rw mode ------------------------------------------------------------------
+
+    async def write(self, offset: int, data: bytes) -> None:
+        if not self.rw:
+            return await super().write(offset, data)
+        if self.overlay is None:
+            self.overlay = writeback.Overlay()
+        # The last block may stretch past the end of the disk: keep it whole.
+        self.overlay.write(offset, data)
+
+    async def flush(self) -> None:
+        self._sync()
+
+    def _volume_reader(self) -> writeback.VolumeReader:
+        image = self.image
+        base = image.partition_start * layout.SECTOR_SIZE
+        generated_boot = layout.boot_sector(image.volume, image.serial, image.label)
+        if self._view(base, layout.SECTOR_SIZE)[11:36] != generated_boot[11:36]:
+            raise CorruptImage("the boot sector's geometry changed (was the volume "
+                               "reformatted?)")
+        return writeback.VolumeReader(self._view, image.volume, base)
+
+    def _sync(self) -> None:
+        """Bring the host directory up to date with the volume, or log why not."""
+        overlay = self.overlay
+        if overlay is None or not overlay.dirty:
+            return
+        root = self.image.tree.root_path
+        try:
+            current = self._volume_reader().walk()
+        except (ImgfsError, ValueError, struct.error) as exc:
+            log.error("fat: %s: the FAT is not consistent, changes not applied: %s", root, exc)
+            return
+        dirty = self._dirty_clusters(overlay.dirty)
+        changes = writeback.plan_changes(self.synced, current,
+                                         lambda chain: not dirty.isdisjoint(chain))
+        try:
+            self._pin_replaced(changes)
+            self._apply(changes)
+        except (ImgfsError, OSError) as exc:
+            log.error("fat: %s: applying changes failed: %s", root, exc)
+            return
+        self.synced = current
+        overlay.dirty.clear()
+
+    def _dirty_clusters(self, blocks: set[int]) -> set[int]:
+        volume = self.image.volume
+        data_start = (self.image.partition_start + volume.data_sector) * layout.SECTOR_SIZE
+        data_end = data_start + volume.cluster_count * volume.cluster_size
+        clusters: set[int] = set()
+        for block in blocks:
+            low = max(block * writeback.BLOCK_SIZE, data_start)
+            high = min((block + 1) * writeback.BLOCK_SIZE, data_end)
+            if low < high:
+                first = 2 + (low - data_start) // volume.cluster_size
+                last = 2 + (high - 1 - data_start) // volume.cluster_size
+                clusters.update(range(first, last + 1))
+        return clusters
+
+    def _cluster_ranges(self, chain: tuple[int, ...]) -> list[tuple[int, int]]:
+        """(disk offset, length) of each run of consecutive clusters."""
+        volume = self.image.volume
+        base = self.image.partition_start * layout.SECTOR_SIZE
+        ranges: list[tuple[int, int]] = []
+        for cluster in chain:
+            offset = base + volume.cluster_sector(cluster) * layout.SECTOR_SIZE
+            if ranges and ranges[-1][0] + ranges[-1][1] == offset:
+                ranges[-1] = (ranges[-1][0], ranges[-1][1] + volume.cluster_size)
+            else:
+                ranges.append((offset, volume.cluster_size))
+        return ranges
+
+    def _pin_replaced(self, changes: writeback.Changes) -> None:
+        """Host files about to be removed or replaced still back clusters of
+        the view: copy those into the overlay first."""
+        assert self.overlay is not None
+        paths = changes.remove_files + [item.path for item in changes.write_files]
+        for path in paths:
+            before = self.synced.get(path)
+            if before is None or before.is_dir:
+                continue
+            for offset, length in self._cluster_ranges(before.chain):
+                self.overlay.pin(offset, length, self._generated)
+
+    def _apply(self, changes: writeback.Changes) -> None:
+        root = self.image.tree.root_path
+
+        def host(path: str) -> str:
+            return os.path.join(root, *path.split("/"))
+
+        for path in changes.remove_files:
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(host(path))
+        for path in changes.remove_dirs:
+            try:
+                os.rmdir(host(path))
+            except FileNotFoundError:
+                pass
+            except OSError as exc:     # host files FAT does not show are left alone
+                log.warning("fat: cannot remove %s: %s", host(path), exc.strerror)
+        for path in changes.make_dirs:
+            os.makedirs(host(path), exist_ok=True)
+        for item in changes.write_files:
+            writeback.write_host_file(root, item, self._file_content)
+        if not changes.empty():
+            log.info("fat: %s: %d written, %d removed, %d directories made", root,
+                     len(changes.write_files), len(changes.remove_files),
+                     len(changes.make_dirs))
+
+    def _file_content(self, item: writeback.FatFile) -> Iterator[bytes]:
+        remaining = item.size
+        for offset, length in self._cluster_ranges(item.chain):
+            while length and remaining:
+                step = min(length, remaining, 1 << 20)
+                yield self._view(offset, step)
+                offset, length, remaining = offset + step, length - step, remaining - step
 
 
 def _slicer(data: bytes) -> Producer:

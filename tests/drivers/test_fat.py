@@ -12,7 +12,7 @@ import pytest
 import trio
 
 from imgfs.block import Status
-from imgfs.errors import ImgfsError, NoSpace, Unsupported, UsageError
+from imgfs.errors import ImgfsError, NoSpace, UsageError
 from imgfs.graph import open_image
 from imgfs.node import Node, OpenContext
 from tests.conftest import need, random_bytes, run
@@ -342,7 +342,6 @@ def test_json_form_options_and_label(tmp_path: Path) -> None:
     ("fat:12:{tree}", NoSpace, "does not fit in FAT12"),
     ("fat:floppy:{tree}", NoSpace, "does not fit on a floppy"),
     ("fat:floppy:32:{tree}", UsageError, "FAT32"),
-    ("fat:rw:{tree}", Unsupported, "rw"),
     ("fat:{tree}/missing", ImgfsError, "missing"),
     ('json:{{"driver": "fat", "dir": "{tree}", "size": "3M"}}', NoSpace, "does not fit"),
     ('json:{{"driver": "fat", "dir": "{tree}", "fat-type": 14}}', UsageError, "fat-type"),
@@ -366,3 +365,36 @@ def test_cli_refuses_with_one_line(tmp_path: Path) -> None:
     assert result.returncode == 1
     assert result.stderr.count("\n") == 1 and "does not fit on a floppy" in result.stderr
     assert isinstance(result, subprocess.CompletedProcess)
+
+
+def test_rw_through_the_api_and_a_refused_sync(tmp_path: Path,
+                                                caplog: pytest.LogCaptureFixture) -> None:
+    tree = make_tree(tmp_path / "tree", many=3)
+    before = host_listing(tree)
+    caplog.set_level(logging.INFO, logger="imgfs")
+
+    async def main() -> None:
+        node = await open_image(f"fat:rw:{tree}", OpenContext())
+        try:
+            assert not node.read_only
+            driver = fat_driver(node)
+            image = driver.image
+            fat = (image.partition_start + image.volume.first_fat_sector) * 512
+            # Rewrite README.TXT's data in place (same size): applied on flush.
+            readme = next(n for n in image.nodes if n.name == "README.TXT")
+            where = (image.partition_start + image.volume.cluster_sector(
+                readme.first_cluster)) * 512
+            await node.write(where, b"PLAIN")
+            await node.flush()
+            assert (tree / "README.TXT").read_bytes() == b"PLAIN 8.3 name\n"
+            # Break every chain in both FATs: the next flush is refused.
+            await node.write(fat + 6, bytes(100))
+            await node.write(fat + image.volume.fat_sectors * 512 + 6, bytes(100))
+            await node.flush()
+            assert any("not consistent" in r.getMessage() for r in caplog.records)
+            assert await node.read(fat + 6, 100) == bytes(100)
+        finally:
+            await node.aclose()
+    trio.run(main)
+    before["README.TXT"] = b"PLAIN 8.3 name\n"
+    assert host_listing(tree) == before
