@@ -339,6 +339,9 @@ class Qcow2Driver(WriteMixin, BlockDriver):
         if l2_offset & (self.cluster_size - 1) or l2_offset + self.cluster_size > file.size:
             raise await self._mark_corrupt(f"L2 table offset {l2_offset:#x} is unaligned or "
                                            f"beyond the end of the {file.size}-byte file")
+        if self._overlaps_metadata(l2_offset, self.cluster_size):
+            raise await self._mark_corrupt(f"L2 table offset {l2_offset:#x} overlaps the "
+                                           "header, the L1 table or the refcount table")
         raw = await file.read(l2_offset, self.cluster_size)
         return self.l2_cache.insert(L2Table(l2_offset, unpack_l2(raw)))
 

@@ -148,6 +148,13 @@ class RefcountStore:
         if offset & (self.cluster_size - 1):
             raise CorruptImage(f"refcount block offset {offset:#x} (table index "
                                f"{table_index}) is not cluster aligned")
+        table_end = self.table_offset + (self.table_clusters << self.geometry.cluster_bits)
+        if offset and (offset < self.cluster_size or
+                       self.table_offset <= offset < table_end):
+            # a block over the header or the table itself would loop back
+            # into the structures it describes
+            raise CorruptImage(f"refcount block offset {offset:#x} (table index "
+                               f"{table_index}) overlaps the header or the refcount table")
         return offset
 
     async def _load(self, offset: int) -> bytearray:

@@ -595,6 +595,15 @@ def _first_l2_entry_offset(path: Path) -> int:
     return l2_offset
 
 
+def test_refcount_block_over_the_refcount_table_is_refused(tmp_path):
+    image = create(tmp_path / "r.qcow2", 1 * MiB, "cluster_size=4k")
+    raw = image.read_bytes()
+    table = struct.unpack(">Q", raw[48:56])[0]
+    _patch(image, table, struct.pack(">Q", table))        # block 0 = the table itself
+    with pytest.raises(CorruptImage, match="overlaps"):
+        run(_write, image, 0, b"x" * 5000)
+
+
 HOSTILE_PATCHES = {
     "l1 offset past EOF": (40, struct.pack(">Q", 1 << 50)),
     "l1 offset unaligned": (40, struct.pack(">Q", 0x30008)),
@@ -623,7 +632,8 @@ def test_hostile_headers_fail_cleanly(tmp_path, case):
 
 
 @pytest.mark.parametrize("what", ["l2 past EOF", "l2 unaligned", "compressed outside",
-                                  "data past EOF"])
+                                  "data past EOF", "l2 on the refcount table",
+                                  "l2 on the l1"])
 def test_hostile_tables_fail_per_request(tmp_path, what):
     image = create(tmp_path / "h.qcow2", 1 * MiB, "cluster_size=4k")
     qemu_io(image, "write -P 1 0 100k")
@@ -635,6 +645,10 @@ def test_hostile_tables_fail_per_request(tmp_path, what):
         _patch(image, l1_offset, struct.pack(">Q", copied | 1 << 45))
     elif what == "l2 unaligned":
         _patch(image, l1_offset, struct.pack(">Q", copied | (l2_offset + 512)))
+    elif what == "l2 on the refcount table":
+        _patch(image, l1_offset, struct.pack(">Q", copied | struct.unpack(">Q", raw[48:56])[0]))
+    elif what == "l2 on the l1":
+        _patch(image, l1_offset, struct.pack(">Q", copied | l1_offset))
     elif what == "compressed outside":
         _patch(image, l2_offset, struct.pack(">Q", 1 << 62 | (1 << 40)))
     else:
