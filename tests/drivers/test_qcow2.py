@@ -327,11 +327,14 @@ def test_writes_pass_qemu_check_and_compare(tmp_path, case):
     assert info.get("dirty-flag") is False
 
 
-def test_writes_over_backing_copy_on_write(tmp_path):
+@pytest.mark.parametrize("options", [["cluster_size=64k"], ["extended_l2=on"],
+                                     ["compat=0.10", "cluster_size=4k"],
+                                     ["data_file=top.data", "cluster_size=4k"]])
+def test_writes_over_backing_copy_on_write(tmp_path, options):
     base = create(tmp_path / "base.qcow2", 2 * MiB, "cluster_size=4k")
     qemu_io(base, "write -P 0x42 0 2M")
     top = create(tmp_path / "top.qcow2", 2 * MiB, "backing_file=base.qcow2",
-                 "backing_fmt=qcow2", "cluster_size=64k")
+                 "backing_fmt=qcow2", *options)
     expected = bytearray(reference(top))
     run(random_writes, top, expected, 7)
     check_clean(top)
