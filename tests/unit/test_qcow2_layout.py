@@ -216,3 +216,35 @@ def test_snapshot_table_overflow_is_refused():
         snapshot.parse_snapshot_table(entry + b"x" * 8, 1, 65536, FILE_SIZE)
     with pytest.raises(InvalidImage, match="overflows"):
         snapshot.parse_snapshot_table(b"", 3, 65536, FILE_SIZE)
+
+
+def test_bitmap_directory_in_use_flag():
+    from imgfs.drivers.qcow2 import bitmaps
+    entry = bitmaps.BITMAP_DIRECTORY_ENTRY.pack(0x50000, 1, 2, 1, 16, 2, 0) + b"b0"
+    raw = bytearray(entry + bytes(-len(entry) % 8))
+    entries = bitmaps.parse_directory(bytes(raw), 1)
+    assert entries == [bitmaps.BitmapEntry(0, 0x50000, 1, 2)]
+    assert bitmaps.mark_in_use(raw, entries)
+    assert bitmaps.parse_directory(bytes(raw), 1)[0].flags == 3
+    with pytest.raises(InvalidImage):
+        bitmaps.parse_directory(bytes(raw), 2)
+    with pytest.raises(InvalidImage):
+        bitmaps.check_extension(bitmaps.BitmapsExtension(1, 0, 1 << 40, 0x10000),
+                                65536, FILE_SIZE)
+    with pytest.raises(InvalidImage):
+        bitmaps.check_extension(bitmaps.BitmapsExtension(0, 0, 8, 0x10000), 65536, FILE_SIZE)
+
+
+@given(st.lists(st.tuples(st.text(min_size=1, max_size=20),
+                          st.integers(0, 2**32 - 1)), max_size=5))
+@settings(max_examples=40)
+def test_snapshot_entries_round_trip(items):
+    snaps = [snapshot.Snapshot(str(number + 1), name, 0x10000 * (number + 1), number, 1, 2,
+                               3 * 10**9 + 4, size, 1 << 20, 0,
+                               snapshot.new_extra_data(1 << 20))
+             for number, (name, size) in enumerate(items)]
+    table = b"".join(snap.pack() for snap in snaps)
+    assert len(table) % 8 == 0
+    parsed = snapshot.parse_snapshot_table(table, len(snaps), 65536, 1 << 40)
+    assert [(s.id, s.name, s.l1_table_offset, s.disk_size) for s in parsed] == \
+        [(s.id, s.name, s.l1_table_offset, s.disk_size) for s in snaps]
