@@ -1,22 +1,25 @@
-"""The qcow2 format driver: open, block_status, read, write, flush.
+"""The qcow2 format driver: open, block_status, read, flush, info, check.
 
 Spec: qemu/qemu docs/interop/qcow2.txt.  Supported: versions 2 and 3,
 cluster sizes 512 B .. 2 MiB, zero clusters, compressed clusters (zlib;
-zstd when the `zstandard` module is installed), backing files (the core
-reads them), external data files, extended L2 entries, every refcount
+zstd reads when the `zstandard` module is installed), backing files (the
+core reads them), external data files, extended L2 entries, every refcount
 width, lazy refcounts and the dirty bit (a dirty image opened read-write
-gets its refcounts rebuilt), internal snapshots listed and readable through
-the `snapshot` open option (writes to an image with snapshots copy the
-shared tables and clusters first).  Refused: encryption.
+gets its refcounts rebuilt), the corrupt bit, persistent bitmaps (marked
+in use on the first write), and internal snapshots (listed, readable
+through the `snapshot` open option, created / applied / deleted by
+`snapshot_command`).  Refused: encryption, writing zstd clusters.
 
-Layout of a write: the L2 entry decides.  A cluster that is allocated with
-refcount 1 (the COPIED flag) is written in place without holding the
-metadata lock.  Anything else (unallocated, zero, compressed, shared) takes
-the lock, gets a fresh cluster filled with the old contents around the new
-bytes (copy-on-write from the backing node), and has its L2 entry updated
-in the cache.  `flush` writes metadata in the order that keeps a crashed
-image consistent: refcount blocks, flush, L2 tables, flush, L1 entries;
-clusters that lost their last reference are released only after that.
+Module map: `header` (fields, features, extensions), `cluster` (L1/L2
+math, L2 cache), `refcount` (refcount cache, allocation, table growth),
+`write` (the write path), `repair` (check and refcount rebuild),
+`snapshot` / `snapshot_ops`, `bitmaps`, `create`.
+
+Reads are `block_status` alone: host-contiguous runs become one read by
+the core; compressed clusters go through `read_data`.  `flush` writes
+metadata in the order that keeps a crashed image consistent: refcount
+blocks, flush, L2 tables, flush, L1 entries; clusters that lost their last
+reference are released only after that.
 """
 from __future__ import annotations
 
