@@ -531,6 +531,10 @@ def decompress_cluster(raw: bytes, cluster_size: int, compression_type: int) -> 
         cluster = zlib.decompressobj(-12).decompress(raw, cluster_size)
     except zlib.error as exc:
         raise CorruptImage(f"compressed cluster does not decompress: {exc}") from None
+    return _whole_cluster(cluster, cluster_size)
+
+
+def _whole_cluster(cluster: bytes, cluster_size: int) -> bytes:
     if len(cluster) != cluster_size:
         raise CorruptImage(f"compressed cluster decompresses to {len(cluster)} bytes "
                            f"(expected {cluster_size})")
@@ -548,8 +552,5 @@ def _decompress_zstd(raw: bytes, cluster_size: int) -> bytes:
         cluster = reader.decompress(raw)[:cluster_size]
     except zstandard.ZstdError as exc:
         raise CorruptImage(f"compressed cluster does not decompress: {exc}") from None
-    if len(cluster) != cluster_size:
-        raise CorruptImage(f"compressed cluster decompresses to {len(cluster)} bytes "
-                           f"(expected {cluster_size})")
-    return cluster
+    return _whole_cluster(cluster, cluster_size)
 

@@ -409,15 +409,8 @@ def test_corrupt_bit_refuses_writes(tmp_path):
     with open(image, "r+b") as handle:
         handle.seek(72)
         handle.write(struct.pack(">Q", 2))
-
-    async def try_write():
-        node = await open_image(str(image), OpenContext(read_only=False))
-        try:
-            await node.write(0, b"x")
-        finally:
-            await node.aclose()
     with pytest.raises(CorruptImage):
-        run(try_write)
+        run(_write, image, 0, b"x")
     assert run(read_all, image) == bytes(MiB)
 
 
