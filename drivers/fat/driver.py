@@ -385,38 +385,55 @@ class FatDriver(BlockDriver):
         """Host files about to be removed or replaced still back clusters of
         the view: copy those into the overlay first."""
         assert self.overlay is not None
-        paths = changes.remove_files + [item.path for item in changes.write_files]
-        for path in paths:
-            before = self.synced.get(path)
-            if before is None or before.is_dir:
-                continue
-            for offset, length in self._cluster_ranges(before.chain):
+        for path in changes.replaced(self.synced):
+            for offset, length in self._cluster_ranges(self.synced[path].chain):
                 self.overlay.pin(offset, length, self._generated)
 
+    def _host(self, path: str) -> str:
+        """The host path of a volume path: one checked component per level,
+        joined under DIR, so nothing is ever written outside it."""
+        return os.path.join(self.image.tree.root_path, *path.split("/"))
+
     def _apply(self, changes: writeback.Changes) -> None:
-        root = self.image.tree.root_path
-
-        def host(path: str) -> str:
-            return os.path.join(root, *path.split("/"))
-
         for path in changes.remove_files:
             with contextlib.suppress(FileNotFoundError):
-                os.unlink(host(path))
+                os.unlink(self._host(path))
+        staged = self._stage_moves(changes.moves)
         for path in changes.remove_dirs:
             try:
-                os.rmdir(host(path))
+                os.rmdir(self._host(path))
             except FileNotFoundError:
                 pass
             except OSError as exc:     # host files FAT does not show are left alone
-                log.warning("fat: cannot remove %s: %s", host(path), exc.strerror)
+                log.warning("fat: cannot remove %s: %s", self._host(path), exc.strerror)
         for path in changes.make_dirs:
-            os.makedirs(host(path), exist_ok=True)
+            os.makedirs(self._host(path), exist_ok=True)
+        for temporary, new_path, node in staged:
+            os.replace(temporary, new_path)
+            if node is not None:
+                node.path = new_path   # the view keeps reading the file there
         for item in changes.write_files:
-            writeback.write_host_file(root, item, self._file_content)
+            writeback.write_host_file(self.image.tree.root_path, item, self._file_content)
         if not changes.empty():
-            log.info("fat: %s: %d written, %d removed, %d directories made", root,
-                     len(changes.write_files), len(changes.remove_files),
-                     len(changes.make_dirs))
+            log.info("fat: %s: %d written, %d moved, %d removed, %d directories made",
+                     self.image.tree.root_path, len(changes.write_files),
+                     len(changes.moves), len(changes.remove_files), len(changes.make_dirs))
+
+    def _stage_moves(self, moves: list[tuple[str, str]],
+                     ) -> list[tuple[str, str, HostNode | None]]:
+        """First step of renaming files: each source to a temporary name in
+        its target's directory (so that swaps and cycles lose nothing), with
+        the snapshot node that reads it, if any."""
+        by_path = {node.path: node for node in self.image.nodes if not node.is_dir}
+        staged = []
+        for number, (source, target) in enumerate(moves):
+            new_path = self._host(target)
+            os.makedirs(os.path.dirname(new_path), exist_ok=True)
+            temporary = os.path.join(os.path.dirname(new_path),
+                                     f".imgfs-{os.getpid()}-move-{number}")
+            os.rename(self._host(source), temporary)
+            staged.append((temporary, new_path, by_path.get(self._host(source))))
+        return staged
 
     def _file_content(self, item: writeback.FatFile) -> Iterator[bytes]:
         remaining = item.size

@@ -130,11 +130,11 @@ def _admit(tree: HostTree, entry: os.DirEntry[str], real_root: str,
         tree.skip(entry.path, f"name {name_fault}")
         return None
     try:
-        info = entry.stat(follow_symlinks=False)
-        if stat.S_ISLNK(info.st_mode):
+        info: os.stat_result | None = entry.stat(follow_symlinks=False)
+        if info is not None and stat.S_ISLNK(info.st_mode):
             info = _follow_link(tree, entry.path, real_root, ancestors)
-            if info is None:
-                return None
+        if info is None:
+            return None
     except OSError as exc:
         tree.skip(entry.path, exc.strerror or str(exc))
         return None

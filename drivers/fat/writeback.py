@@ -24,7 +24,7 @@ import struct
 import time
 from array import array
 from collections.abc import Callable, Iterable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from imgfs.errors import CorruptImage
 
@@ -217,10 +217,20 @@ class Changes:
     remove_dirs: list[str]
     make_dirs: list[str]
     write_files: list[FatFile]
+    #: (old path, new path) of files that only changed name or directory
+    moves: list[tuple[str, str]] = field(default_factory=list)
 
     def empty(self) -> bool:
         return not (self.remove_files or self.remove_dirs or self.make_dirs or
-                    self.write_files)
+                    self.write_files or self.moves)
+
+    def replaced(self, old: dict[str, FatFile]) -> list[str]:
+        """Old files whose host file is removed or overwritten (not moved)."""
+        sources = {source for source, _ in self.moves}
+        paths = self.remove_files + [item.path for item in self.write_files] + \
+            [target for _, target in self.moves]
+        return [path for path in paths if path in old and not old[path].is_dir and
+                path not in sources]
 
 
 def plan_changes(old: dict[str, FatFile], new: dict[str, FatFile],
@@ -243,7 +253,31 @@ def plan_changes(old: dict[str, FatFile], new: dict[str, FatFile],
                        key=lambda path: path.count("/"))
     write_files = [item for path, item in sorted(new.items())
                    if not item.is_dir and not unchanged(path)]
-    return Changes(remove_files, remove_dirs, make_dirs, write_files)
+    changes = Changes(remove_files, remove_dirs, make_dirs, write_files)
+    _find_moves(changes, old, dirty)
+    return changes
+
+
+def _find_moves(changes: Changes, old: dict[str, FatFile],
+                dirty: Callable[[tuple[int, ...]], bool]) -> None:
+    """A file whose clusters, untouched, now sit under another name, while
+    its old name is gone or holds something else, was renamed or moved:
+    rename it on the host instead of copying it."""
+    rewritten = {item.path for item in changes.write_files}
+    sources = {old[path].chain: path for path in changes.remove_files + sorted(rewritten)
+               if path in old and not old[path].is_dir and old[path].chain}
+    kept = []
+    for item in changes.write_files:
+        source = sources.pop(item.chain, None)
+        if source is not None and old[source].size == item.size and not dirty(item.chain):
+            changes.moves.append((source, item.path))
+            if source in changes.remove_files:
+                changes.remove_files.remove(source)
+        else:
+            if source is not None:
+                sources[item.chain] = source
+            kept.append(item)
+    changes.write_files = kept
 
 
 def fat_mtime(item: FatFile) -> float | None:

@@ -63,6 +63,35 @@ def test_mtools_changes_reach_the_host(tmp_path: Path, mnt: Path) -> None:
     assert not [name for name in os.listdir(tree) if name.startswith(".imgfs-")]
 
 
+def test_renames_and_swaps_move_host_files(tmp_path: Path, mnt: Path) -> None:
+    need("mren", "mmove")
+    tree = make_rw_tree(tmp_path / "share")
+    (tree / "Alpha File.txt").write_bytes(b"alpha\n")
+    (tree / "Beta File.txt").write_bytes(b"beta, longer\n")
+    expected = host_listing(tree)
+    inode = (tree / "big.bin").stat().st_ino
+    with mounted(f"fat:rw:{tree}", mountpoint=mnt):
+        disk = f"{mnt / 'share.raw'}@@{PARTITION}"
+        mtools("mren", "-i", disk, "::/Alpha File.txt", "::/Swap Space")
+        mtools("mren", "-i", disk, "::/Beta File.txt", "::/Alpha File.txt")
+        mtools("mren", "-i", disk, "::/Swap Space", "::/Beta File.txt")
+        mtools("mmove", "-i", disk, "::/big.bin", "::/sub/moved big.bin")
+        # the view keeps reading the moved file after a flush moved it
+        fd = os.open(mnt / "share.raw", os.O_RDONLY)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+        out = tmp_path / "moved.bin"
+        mtools("mcopy", "-i", disk, "::/sub/moved big.bin", out)
+        assert out.read_bytes() == expected["big.bin"]
+    expected["Alpha File.txt"], expected["Beta File.txt"] = \
+        expected["Beta File.txt"], expected["Alpha File.txt"]
+    expected["sub/moved big.bin"] = expected.pop("big.bin")
+    assert host_listing(tree) == expected
+    assert (tree / "sub" / "moved big.bin").stat().st_ino == inode     # renamed, not copied
+
+
 def test_fsync_applies_changes_before_unmount(tmp_path: Path, mnt: Path) -> None:
     need("mcopy")
     tree = make_rw_tree(tmp_path / "share")

@@ -50,11 +50,26 @@ def test_plan_changes():
         "n/m": FatFile("n/m", True, 0, (8,)),
     }
     changes = plan_changes(old, new, lambda chain: 5 in chain)
-    assert changes.remove_files == ["b"]
+    assert changes.remove_files == []
+    assert changes.moves == [("b", "b2")]
     assert changes.remove_dirs == ["e"]
     assert changes.make_dirs == ["n", "n/m"]
-    assert [item.path for item in changes.write_files] == ["b2", "d/c", "e"]
+    assert [item.path for item in changes.write_files] == ["d/c", "e"]
+    assert changes.replaced(old) == ["d/c"]
     assert plan_changes(old, old, lambda chain: False).empty()
+
+
+def test_a_swap_is_two_moves_and_a_rewritten_source_is_no_move():
+    old = {"a": FatFile("a", False, 10, (2,)), "b": FatFile("b", False, 20, (3, 4))}
+    swapped = {"a": FatFile("a", False, 20, (3, 4)), "b": FatFile("b", False, 10, (2,))}
+    changes = plan_changes(old, swapped, lambda chain: False)
+    assert sorted(changes.moves) == [("a", "b"), ("b", "a")]
+    assert not changes.write_files and not changes.remove_files
+    assert changes.replaced(old) == []
+    renamed = {"c": FatFile("c", False, 10, (2,)), "b": old["b"]}
+    changes = plan_changes(old, renamed, lambda chain: 2 in chain)
+    assert changes.moves == [] and changes.remove_files == ["a"]
+    assert [item.path for item in changes.write_files] == ["c"]
 
 
 def test_fat_mtime_round_trips_fat_stamps():
