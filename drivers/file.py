@@ -78,7 +78,7 @@ PREALLOC = choice("off", "falloc", "full")
 class FileDriver(BlockDriver):
     name = "file"
     kind = Kind.PROTOCOL
-    prefixes = ("file:",)
+    prefixes: tuple[str, ...] = ("file:",)
     description = "regular files (and host devices) on this machine"
     open_opts = Schema(
         Opt("filename", Str, help="path of the file"),

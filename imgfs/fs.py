@@ -16,9 +16,9 @@ import logging
 import os
 import stat
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import Callable, Coroutine
 from dataclasses import dataclass, field
-from typing import Any, TypeVar
+from typing import Any, ParamSpec, TypeVar
 
 import pyfuse3
 
@@ -27,6 +27,7 @@ from .node import Node
 
 log = logging.getLogger("imgfs.fs")
 T = TypeVar("T")
+P = ParamSpec("P")
 BLOCK = 4096
 
 
@@ -44,10 +45,11 @@ class Export:
     open_count: int = 0
 
 
-def fuse_errors(handler: Callable[..., Awaitable[T]]) -> Callable[..., Awaitable[T]]:
+def fuse_errors(handler: Callable[P, Coroutine[Any, Any, T]]
+                ) -> Callable[P, Coroutine[Any, Any, T]]:
     """The one place where exceptions become errnos for the kernel."""
     @functools.wraps(handler)
-    async def wrapper(*args: Any, **kwargs: Any) -> T:
+    async def wrapper(*args: P.args, **kwargs: P.kwargs) -> T:
         try:
             return await handler(*args, **kwargs)
         except pyfuse3.FUSEError:

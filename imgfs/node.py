@@ -93,7 +93,8 @@ class Node:
 
     def chain(self) -> list[Node]:
         """This node and its backing nodes, top first."""
-        nodes, node = [], self
+        nodes: list[Node] = []
+        node: Node | None = self
         while node is not None:
             nodes.append(node)
             node = node.backing
