@@ -18,7 +18,7 @@ import mmap
 import os
 import stat
 import struct
-from typing import Any
+from typing import Any, ClassVar
 
 from imgfs import locking
 from imgfs.block import DATA, ZERO, BlockDriver, Extent, Kind
@@ -78,7 +78,7 @@ PREALLOC = choice("off", "falloc", "full")
 class FileDriver(BlockDriver):
     name = "file"
     kind = Kind.PROTOCOL
-    prefixes: tuple[str, ...] = ("file:",)
+    prefixes: ClassVar[tuple[str, ...]] = ("file:",)
     description = "regular files (and host devices) on this machine"
     open_opts = Schema(
         Opt("filename", Str, help="path of the file"),
