@@ -974,3 +974,29 @@ def test_persistent_bitmaps_are_marked_in_use_not_leaked(tmp_path, capsys):
     info = json.loads(qemu_img("info", "--output=json", str(image)).stdout)
     flags = info["format-specific"]["data"]["bitmaps"][0]["flags"]
     assert "in-use" in flags and "auto" in flags
+
+
+@pytest.mark.parametrize("options", [["cluster_size=512", "refcount_bits=2"],
+                                     ["extended_l2=on", "cluster_size=16k"]])
+def test_concurrent_writes_with_io_that_yields(tmp_path, monkeypatch, options):
+    """Local file I/O never yields to other tasks; network children do.  Make
+    every file request yield a random number of times so that concurrent
+    requests interleave inside the driver, then judge with qemu-img."""
+    from imgfs.drivers import file as file_driver
+    rnd = random.Random(9)
+
+    def yielding(method):
+        async def wrapper(self, *args):
+            for _ in range(rnd.randrange(3)):
+                await trio.sleep(0)
+            return await method(self, *args)
+        return wrapper
+    for name in ("read", "write", "flush", "truncate"):
+        monkeypatch.setattr(file_driver.FileDriver, name,
+                            yielding(getattr(file_driver.FileDriver, name)))
+    image = create(tmp_path / "y.qcow2", 2 * MiB, *options)
+    qemu_io(image, "write -P 1 0 1M", "write -c 1536k 64k")
+    expected = bytearray(reference(image))
+    run(random_writes, image, expected, 11)
+    check_clean(image)
+    assert_same(image, bytes(expected), tmp_path)
