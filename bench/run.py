@@ -908,8 +908,10 @@ def main(argv: list[str]) -> int:
     args = parse_args(argv)
     if os.geteuid() != 0:
         raise SystemExit("bench: run as root (drop_caches, FUSE mounts)")
-    # SIGTERM takes the same clean-up path as Ctrl-C.
+    # SIGTERM takes the same clean-up path as Ctrl-C; SIGINT is restored
+    # explicitly because a shell starts background jobs with it ignored.
     signal.signal(signal.SIGTERM, interrupt)
+    signal.signal(signal.SIGINT, signal.default_int_handler)
     workdir = Path(tempfile.mkdtemp(prefix="imgfs-bench-", dir=SCRATCH_PARENT))
     settings = make_settings(args, workdir)
     started = time.monotonic()
