@@ -47,6 +47,10 @@ class OpenContext:
     nursery: Any = None
 
 
+#: what a driver may let escape by accident; the core turns them into ImgfsError
+DRIVER_FAULTS = (OSError, struct.error, ValueError)
+
+
 class Node:
     """One node of the graph: a driver instance plus the core's rules."""
 
@@ -167,9 +171,7 @@ class Node:
             for start in range(offset, offset + length, limit):
                 parts.append(await self.driver.read(start, min(limit, offset + length - start)))
             return b"".join(parts)
-        except ImgfsError:
-            raise
-        except (OSError, struct.error, ValueError) as exc:
+        except DRIVER_FAULTS as exc:
             raise self._wrap(exc) from exc
 
     async def read_via_status(self, offset: int, length: int) -> bytes:
@@ -222,9 +224,7 @@ class Node:
                     await self._write_aligned(offset, data, align)
             else:
                 await self._write_split(offset, data)
-        except ImgfsError:
-            raise
-        except (OSError, struct.error, ValueError) as exc:
+        except DRIVER_FAULTS as exc:
             raise self._wrap(exc) from exc
 
     async def _write_aligned(self, offset: int, data: bytes, align: int) -> None:
@@ -266,9 +266,7 @@ class Node:
         if length:
             try:
                 await self.driver.write_zeroes(offset, length, may_unmap=may_unmap)
-            except ImgfsError:
-                raise
-            except (OSError, struct.error, ValueError) as exc:
+            except DRIVER_FAULTS as exc:
                 raise self._wrap(exc) from exc
 
     async def discard(self, offset: int, length: int) -> None:
@@ -280,7 +278,7 @@ class Node:
         if end > start:
             try:
                 await self.driver.discard(start, end - start)
-            except (OSError, struct.error, ValueError) as exc:
+            except DRIVER_FAULTS as exc:
                 raise self._wrap(exc) from exc
 
     async def flush(self) -> None:
@@ -289,9 +287,7 @@ class Node:
             return
         try:
             await self.driver.flush()
-        except ImgfsError:
-            raise
-        except (OSError, struct.error, ValueError) as exc:
+        except DRIVER_FAULTS as exc:
             raise self._wrap(exc) from exc
         for name, child in self.children.items():
             if name != "backing":
@@ -305,9 +301,7 @@ class Node:
             raise OutOfRange("negative size")
         try:
             await self.driver.truncate(size, preallocation)
-        except ImgfsError:
-            raise
-        except (OSError, struct.error, ValueError) as exc:
+        except DRIVER_FAULTS as exc:
             raise self._wrap(exc) from exc
 
     # -- allocation -----------------------------------------------------------
@@ -317,9 +311,7 @@ class Node:
         self._check_range(offset, length)
         try:
             extent = await self.driver.block_status(offset, length)
-        except ImgfsError:
-            raise
-        except (OSError, struct.error, ValueError) as exc:
+        except DRIVER_FAULTS as exc:
             raise self._wrap(exc) from exc
         if extent.length <= 0:
             raise CorruptImage(f"{self.filename}: empty extent at offset {offset}")
