@@ -275,6 +275,8 @@ class L2Cache:
     def __init__(self, capacity: int) -> None:
         self.capacity = max(capacity, 4)
         self.tables: OrderedDict[int, L2Table] = OrderedDict()
+        #: bumped by every change, so a load that raced one can tell
+        self.changes = 0
 
     def get(self, offset: int) -> L2Table | None:
         table = self.tables.get(offset)
@@ -310,6 +312,7 @@ class L2Cache:
         wait during which the clean table was dropped, so put it back (it
         is newer than any copy loaded since)."""
         table.dirty = True
+        self.changes += 1
         if self.tables.get(table.offset) is not table:
             self.tables[table.offset] = table
             self._trim(keep=table.offset)

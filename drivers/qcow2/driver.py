@@ -345,8 +345,16 @@ class Qcow2Driver(WriteMixin, BlockDriver):
         if self._overlaps_metadata(l2_offset, self.cluster_size):
             raise await self._mark_corrupt(f"L2 table offset {l2_offset:#x} overlaps the "
                                            "header, the L1 table or the refcount table")
-        raw = await file.read(l2_offset, self.cluster_size)
-        return self.l2_cache.insert(L2Table(l2_offset, unpack_l2(raw)))
+        while True:
+            # A table changed (and perhaps written and dropped) while this
+            # read was in flight would come back stale: read it again.
+            changes = self.l2_cache.changes
+            raw = await file.read(l2_offset, self.cluster_size)
+            table = self.l2_cache.get(l2_offset)
+            if table is not None:
+                return table
+            if self.l2_cache.changes == changes:
+                return self.l2_cache.insert(L2Table(l2_offset, unpack_l2(raw)))
 
     async def block_status(self, offset: int, length: int) -> Extent:
         geometry = self.geometry
