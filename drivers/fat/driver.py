@@ -111,7 +111,8 @@ class FatDriver(BlockDriver):
         if not directory:
             raise UsageError("fat: no directory given (option 'dir')")
         request = Request(fat_type=options["fat-type"] or None, floppy=options["floppy"],
-                          size=options["size"], label=options["label"])
+                          size=options["size"], label=options["label"],
+                          writable=options["rw"])
         tree = await trio.to_thread.run_sync(scan_tree, directory)
         self.image = FatImage(tree, request)
         self.size = self.image.size

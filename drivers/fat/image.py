@@ -31,6 +31,7 @@ from .layout import (
     Volume,
     ceil_div,
     check_label,
+    free_space,
     plan_auto_size,
     plan_fixed_size,
     plan_floppy,
@@ -52,6 +53,8 @@ class Request:
     floppy: bool = False
     size: int | None = None
     label: str | None = None
+    #: rw mode: an automatically sized disk gets more free space
+    writable: bool = False
 
 
 def default_label(path: str) -> bytes:
@@ -123,7 +126,8 @@ class FatImage:
             return plan_floppy(fat_type, root_entries, self.clusters_needed, sectors)
         if request.size is None:
             used = sum(node.size for node in self.nodes)
-            volume = plan_auto_size(fat_type, root_entries, self.clusters_needed, used)
+            free = free_space(used, writable=request.writable)
+            volume = plan_auto_size(fat_type, root_entries, self.clusters_needed, used, free)
         else:
             volume = plan_fixed_size(fat_type, root_entries, self.clusters_needed,
                                      _volume_sectors(request.size))

@@ -240,10 +240,13 @@ FLOPPY_144 = Floppy(2880, 18, 1, 224)
 FLOPPY_288 = Floppy(5760, 36, 2, 240)
 
 
-def free_clusters(used_bytes: int, cluster_size: int) -> int:
-    """Free space an automatically sized disk gets: a tenth of the tree, at
-    least 1 MiB (room for a guest's temporary files in rw mode)."""
-    return ceil_div(max(used_bytes // 10, 1 << 20), cluster_size)
+def free_space(used_bytes: int, *, writable: bool) -> int:
+    """Free bytes an automatically sized disk gets beyond the tree: read-only,
+    a tenth of the tree (at least 1 MiB); rw, room for the guest to work in:
+    half the tree, at least 256 MiB.  size= chooses anything else."""
+    if writable:
+        return max(used_bytes // 2, 256 << 20)
+    return max(used_bytes // 10, 1 << 20)
 
 
 def plan_floppy(fat_type: int | None, root_entries: int,
@@ -274,8 +277,10 @@ def plan_floppy(fat_type: int | None, root_entries: int,
 
 
 def plan_auto_size(fat_type: int | None, root_entries: int,
-                   clusters_needed: Callable[[int, int], int], used_bytes: int) -> Volume:
-    """Size a hard-disk volume to the tree plus free space."""
+                   clusters_needed: Callable[[int, int], int], used_bytes: int,
+                   free_bytes: int) -> Volume:
+    """Size a hard-disk volume to the tree (`used_bytes` of files) plus
+    `free_bytes` of free space."""
     types = (fat_type,) if fat_type else (12, 16, 32)
     for kind in types:
         limit = 64 if fat_type else AUTO_MAX_CLUSTER[kind]
@@ -283,7 +288,7 @@ def plan_auto_size(fat_type: int | None, root_entries: int,
             if per_cluster > limit:
                 break
             cluster_size = per_cluster * SECTOR_SIZE
-            count = clusters_needed(kind, cluster_size) + free_clusters(used_bytes, cluster_size)
+            count = clusters_needed(kind, cluster_size) + ceil_div(free_bytes, cluster_size)
             if count > MAX_CLUSTERS[kind]:
                 continue
             if per_cluster < PREFERRED_MIN_CLUSTER[kind] and count > MIN_CLUSTERS[kind]:

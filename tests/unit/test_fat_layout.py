@@ -122,7 +122,8 @@ def test_auto_size_gives_a_legal_cluster_count(used, forced):
     def needed(fat_type: int, cluster_size: int) -> int:
         return -(-used // cluster_size) + 1
     try:
-        volume = layout.plan_auto_size(forced, 512, needed, used)
+        volume = layout.plan_auto_size(forced, 512, needed, used,
+                                       layout.free_space(used, writable=False))
     except ImgfsError:
         assert forced in (12, 16)           # only the small types run out
         return
@@ -130,6 +131,12 @@ def test_auto_size_gives_a_legal_cluster_count(used, forced):
     assert forced in (None, volume.fat_type)
     assert needed(volume.fat_type, volume.cluster_size) <= volume.cluster_count
     assert volume.cluster_size <= layout.MAX_CLUSTER_SIZE
+
+
+def test_rw_disks_get_room_to_work_in():
+    assert layout.free_space(10 << 20, writable=False) == 1 << 20
+    assert layout.free_space(10 << 20, writable=True) == 256 << 20
+    assert layout.free_space(10 << 30, writable=True) == 5 << 30
 
 
 def test_fixed_size_refuses_what_does_not_fit():
