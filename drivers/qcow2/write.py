@@ -52,8 +52,8 @@ if TYPE_CHECKING:
     from .refcount import RefcountStore
     from .snapshot import Snapshot
 
-#: most clusters one allocating write takes at once
-MAX_ALLOCATION_CLUSTERS = 512
+#: most bytes one allocating write takes at once (it builds them in memory)
+MAX_ALLOCATION_BYTES = 32 * 1024 * 1024
 
 
 class WriteMixin:
@@ -252,7 +252,8 @@ class WriteMixin:
         geometry = self.geometry
         index = geometry.l2_index(offset)
         wanted = -(-(geometry.offset_in_cluster(offset) + length) >> geometry.cluster_bits)
-        wanted = min(wanted, geometry.l2_entries - index, MAX_ALLOCATION_CLUSTERS)
+        wanted = min(wanted, geometry.l2_entries - index,
+                     max(1, MAX_ALLOCATION_BYTES >> geometry.cluster_bits))
         count = 1
         while count < wanted:
             entry = table.entries[index + count]
