@@ -210,6 +210,8 @@ def test_same_files_as_qemu_vvfat(tmp_path: Path) -> None:
     theirs = mdir_paths(f"{tmp_path / 'qemu.raw'}@@{63 * 512}")
     assert mdir_paths(f"{tmp_path / 'ours.raw'}@@{PARTITION}") == theirs
     assert theirs >= {"README.TXT", "crowd/photo 0049.jpeg"}
+    assert mcopy_tree(f"{tmp_path / 'ours.raw'}@@{PARTITION}", tmp_path / "ours") == \
+        mcopy_tree(f"{tmp_path / 'qemu.raw'}@@{63 * 512}", tmp_path / "theirs")
 
 
 def test_host_changes_read_as_eio(tmp_path: Path) -> None:
