@@ -11,6 +11,11 @@ no longer names the same inode with the snapshot's size (deleted, replaced,
 truncated, grown), the request fails with EIO rather than return bytes that
 disagree with the FAT the guest already read.  Contents rewritten in place
 at the same size read as they are now.
+
+rw mode (``fat:rw:``): requests are aligned to 4 KiB blocks, writes go to
+the overlay of `writeback`, and `flush` / `aclose` parse the volume and
+apply it to the host directory.  The host directory must not be changed
+behind the mount's back in rw mode: the guest's view wins at the next flush.
 """
 from __future__ import annotations
 
