@@ -14,8 +14,10 @@ at the same size read as they are now.
 
 rw mode (``fat:rw:``): requests are aligned to 4 KiB blocks, writes go to
 the overlay of `writeback`, and `flush` / `aclose` parse the volume and
-apply it to the host directory.  The host directory must not be changed
-behind the mount's back in rw mode: the guest's view wins at the next flush.
+apply what changed since the last flush to the host directory: a host file
+the guest rewrote, renamed or deleted is replaced, moved or removed even if
+the host changed it meanwhile; host files the guest did not touch, and
+host files the snapshot never showed, are left alone.
 """
 from __future__ import annotations
 
