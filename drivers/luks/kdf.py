@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import os
 import time
+from collections.abc import Callable
 from typing import Any
 
 import cryptography
@@ -25,7 +26,7 @@ from cryptography.hazmat.primitives.kdf.pbkdf2 import PBKDF2HMAC
 from imgfs.errors import Unsupported
 
 #: LUKS hash names (as cryptsetup and QEMU write them) -> cryptography
-HASHES: dict[str, type[hashes.HashAlgorithm]] = {
+HASHES: dict[str, Callable[[], hashes.HashAlgorithm]] = {
     "sha1": hashes.SHA1,
     "sha224": hashes.SHA224,
     "sha256": hashes.SHA256,
@@ -35,6 +36,8 @@ HASHES: dict[str, type[hashes.HashAlgorithm]] = {
     "sha3-256": hashes.SHA3_256,
     "sha3-384": hashes.SHA3_384,
     "sha3-512": hashes.SHA3_512,
+    "blake2b-512": lambda: hashes.BLAKE2b(64),
+    "blake2s-256": lambda: hashes.BLAKE2s(32),
     "sm3": hashes.SM3,
     "md5": hashes.MD5,
 }
