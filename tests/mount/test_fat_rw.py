@@ -7,10 +7,9 @@ import os
 import struct
 from pathlib import Path
 
-import pytest
-
-from tests.conftest import mounted, need, need_root, run
+from tests.conftest import mounted, need, run
 from tests.drivers.test_fat import MTOOLS_ENV, PARTITION, host_listing, mdir_paths
+from tests.mount.test_fat_mount import vfat_loop_mount
 
 
 def make_rw_tree(root: Path) -> Path:
@@ -135,32 +134,18 @@ def test_inconsistent_fat_leaves_the_host_untouched(tmp_path: Path, mnt: Path) -
 
 
 def test_vfat_loop_mount_changes_reach_the_host(tmp_path: Path, mnt: Path) -> None:
-    need_root()
-    need("losetup")
     tree = make_rw_tree(tmp_path / "share")
-    target = tmp_path / "vfat"
-    target.mkdir()
-    with mounted(f"fat:rw:{tree}", mountpoint=mnt):
-        loop = run("losetup", "-f", "--show", "-o", str(PARTITION),
-                   mnt / "share.raw").stdout.strip()
-        try:
-            result = run("mount", "-t", "vfat", "-o", "utf8", loop, target, check=False)
-            if result.returncode != 0:
-                pytest.skip(f"this kernel cannot mount vfat: {result.stderr.strip()}")
-            try:
-                (target / "created ☃.txt").write_bytes(b"created\n")
-                with open(target / "grows.txt", "ab") as handle:
-                    handle.write(b"appended\n")
-                (target / "big.bin").write_bytes(b"overwritten")
-                os.truncate(target / "shrinks.bin", 5)
-                os.rename(target / "one.txt", target / "sub" / "one moved.txt")
-                (target / "gone" / "x.txt").unlink()
-                (target / "gone").rmdir()
-                (target / "made" / "deeper").mkdir(parents=True)
-            finally:
-                run("umount", target)
-        finally:
-            run("losetup", "-d", loop)
+    with mounted(f"fat:rw:{tree}", mountpoint=mnt), \
+            vfat_loop_mount(mnt / "share.raw", tmp_path / "vfat", read_only=False) as target:
+        (target / "created ☃.txt").write_bytes(b"created\n")
+        with open(target / "grows.txt", "ab") as handle:
+            handle.write(b"appended\n")
+        (target / "big.bin").write_bytes(b"overwritten")
+        os.truncate(target / "shrinks.bin", 5)
+        os.rename(target / "one.txt", target / "sub" / "one moved.txt")
+        (target / "gone" / "x.txt").unlink()
+        (target / "gone").rmdir()
+        (target / "made" / "deeper").mkdir(parents=True)
     assert host_listing(tree) == {
         "big.bin": b"overwritten", "created ☃.txt": b"created\n", "empty dir": None,
         "grows.txt": b"short\nappended\n", "made": None, "made/deeper": None,
