@@ -428,3 +428,38 @@ def test_probe_finds_luks(qemu_templates: dict[str, Path], tmp_path: Path) -> No
         finally:
             await node.aclose()
     assert trio.run(main) == "luks"
+
+
+@pytest.mark.parametrize("options,sector_size", [
+    ("pbkdf-memory=32768,pbkdf-parallel=1", 512),
+    ("pbkdf=argon2i,pbkdf-memory=32768,sector-size=4096", 4096),
+    ("pbkdf=pbkdf2,sector-size=4096,hash-alg=sha512", 4096),
+])
+def test_created_luks2_opens_in_cryptsetup(tmp_path: Path, options: str,
+                                           sector_size: int) -> None:
+    need("cryptsetup")
+    image = tmp_path / "new.luks"
+    imgfs("create", "-f", "luks", *SECRET, "-o",
+          f"key-secret=sec0,iter-time=10,format=luks2,{options}", image, "2M")
+    dump = run("cryptsetup", "luksDump", image).stdout
+    assert "Version:       \t2" in dump and f"sector: {sector_size} [bytes]" in dump
+    image.with_suffix(".key").write_text(PASS)
+    run("cryptsetup", "open", "--test-passphrase", f"--key-file={image.with_suffix('.key')}",
+        image)
+    writes = [(sector_size * 3 + 1, random_bytes(sector_size * 2, seed=4)), (0, b"head")]
+    expected = bytearray(read_all(image))
+    assert len(expected) == 2 * MiB
+    write_at(image, writes, expected)
+    key = volume_key(image)
+    with open(image, "rb") as handle:
+        for sector in (0, 3, 4, 5):
+            handle.seek(16 * MiB + sector * sector_size)
+            assert decrypt_xts(key, handle.read(sector_size), sector) == \
+                expected[sector * sector_size:(sector + 1) * sector_size]
+
+
+def test_create_refuses_luks2_options_for_luks1(tmp_path: Path) -> None:
+    result = imgfs("create", "-f", "luks", *SECRET, "-o", "key-secret=sec0,pbkdf=argon2id",
+                   tmp_path / "new.luks", "1M", check=False)
+    assert result.returncode == 2 and "luks1 images use pbkdf2" in result.stderr
+    assert not (tmp_path / "new.luks").exists()

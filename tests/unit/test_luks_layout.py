@@ -15,7 +15,7 @@ from cryptography.hazmat.primitives.ciphers import Cipher, algorithms, modes
 from hypothesis import given, settings
 from hypothesis import strategies as st
 from imgfs.drivers.luks import crypto, kdf, luks1, luks2
-from imgfs.drivers.luks.driver import CREATE_OPTS, create_spec
+from imgfs.drivers.luks.create import CREATE_OPTS, create_spec
 
 from imgfs.errors import CorruptImage, InvalidImage, PermissionDenied, Unsupported
 
@@ -364,3 +364,18 @@ def test_luks2_both_copies_damaged() -> None:
 def test_luks2_refusals(changes: dict, error: type, text: str) -> None:
     with pytest.raises(error, match=text):
         parse2(luks2_image(metadata(**changes)))
+
+
+def test_created_luks2_headers_parse_back() -> None:
+    from imgfs.drivers.luks import create
+    options = CREATE_OPTS.parse({"format": "luks2", "pbkdf": "pbkdf2", "iter-time": 1,
+                                 "sector-size": 4096})
+    new = create.format_header(options, b"pw")
+    image = bytearray(new.payload_offset + 8192)
+    for offset, data in new.pieces:
+        image[offset:offset + len(data)] = data
+    header = parse2(bytes(image))
+    assert (header.sector_size, header.payload_size(len(image))) == (4096, 8192)
+    assert trio.run(header.unlock, _reader(image), b"pw") == new.volume_key
+    hdr, _ = luks2.check_copy(bytes(image[16384:32768]), luks2.LUKS2_MAGIC_2ND)
+    assert hdr.hdr_offset == 16384
