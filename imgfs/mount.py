@@ -244,14 +244,22 @@ async def _mount(sources: list[str], mountpoint: str, opts: MountOptions, nodes:
     from .fs import Export, ImageFS
 
     file_mountpoint = check_mountpoint(mountpoint, sources, opts)
-    names = export_names(sources, opts)
-    exports = []
-    for index, (source, name) in enumerate(zip(sources, names, strict=True)):
+    if file_mountpoint and opts.snapshots:
+        raise UsageError("snapshots needs a directory mountpoint")
+    views: list[tuple[str, Any]] = []
+    for source, name in zip(sources, export_names(sources, opts), strict=True):
         node = await open_source(source, opts, nursery)
         nodes.append(node)
-        inode = pyfuse3.ROOT_INODE if file_mountpoint else pyfuse3.ROOT_INODE + 1 + index
-        exports.append(Export(name=name, node=node, inode=inode, read_only=node.read_only,
-                              writethrough=opts.cache != "writeback"))
+        views.append((name, node))
+        if opts.snapshots:
+            for snapshot_name, snapshot_node in await open_snapshot_views(source, name, node,
+                                                                          opts):
+                nodes.append(snapshot_node)
+                views.append((snapshot_name, snapshot_node))
+    first_inode = pyfuse3.ROOT_INODE if file_mountpoint else pyfuse3.ROOT_INODE + 1
+    exports = [Export(name=name, node=node, inode=first_inode + index, read_only=node.read_only,
+                      writethrough=opts.cache != "writeback")
+               for index, (name, node) in enumerate(views)]
     operations = ImageFS(exports, file_mountpoint=file_mountpoint,
                          uid=os.getuid() if opts.uid is None else opts.uid,
                          gid=os.getgid() if opts.gid is None else opts.gid,
@@ -308,6 +316,34 @@ async def open_source(source: str, opts: MountOptions, nursery: Any) -> Any:
         node = SnapshotOverlay.wrap(node)
         node.read_only = bool(opts.read_only)
     return node
+
+
+async def open_snapshot_views(source: str, name: str, node: Any,
+                              opts: MountOptions) -> list[tuple[str, Any]]:
+    """``-o snapshots``: each internal snapshot as ``<name>@<tag>.raw``, read-only.
+
+    A snapshot's tables never change while the image is open (writes to the
+    live image copy shared clusters first), so a second, read-only driver
+    instance can serve it; it takes no locks of its own, the live image's
+    already cover the file."""
+    from .graph import open_image
+    from .node import OpenContext
+
+    snapshots = getattr(node.driver, "snapshots", None)
+    if snapshots is None:
+        raise UsageError(f"{node.format_name} images have no internal snapshots "
+                         "(-o snapshots)")
+    stem = name[:-len(".raw")]
+    views = []
+    for snapshot in snapshots:
+        ctx = OpenContext(read_only=True, locking="off", cache=opts.cache,
+                          secrets=opts.secrets, key_secret=opts.key_secret,
+                          passphrase_file=opts.passphrase_file)
+        view = await open_image(source, ctx, fmt=node.format_name,
+                                options={**opts.driver_options, "snapshot": snapshot.id})
+        tag = (snapshot.name or snapshot.id).replace("/", "_")
+        views.append((f"{stem}@{tag}.raw", view))
+    return views
 
 
 async def close_all(nodes: list[Any], *, flush: bool = True) -> None:
