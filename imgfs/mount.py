@@ -304,7 +304,7 @@ async def _run_session(session_done: Any) -> None:
 async def open_source(source: str, opts: MountOptions, nursery: Any) -> Any:
     from .graph import open_image
     from .node import OpenContext
-    from .overlay import SnapshotOverlay
+    from .overlay import snapshot_overlay
 
     ctx = OpenContext(read_only=True if opts.snapshot else opts.read_only,
                       key_secret=opts.key_secret, passphrase_file=opts.passphrase_file,
@@ -313,8 +313,8 @@ async def open_source(source: str, opts: MountOptions, nursery: Any) -> Any:
                       interactive=sys.stdin.isatty(), nursery=nursery)
     node = await open_image(source, ctx, fmt=opts.fmt, options=opts.driver_options)
     if opts.snapshot:
-        node = SnapshotOverlay.wrap(node)
-        node.read_only = bool(opts.read_only)
+        node = await snapshot_overlay(node)
+        node.set_read_only(bool(opts.read_only))
     return node
 
 
