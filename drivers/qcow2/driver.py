@@ -1,14 +1,14 @@
 """The qcow2 format driver: open, block_status, read, flush, info, check.
 
 Spec: qemu/qemu docs/interop/qcow2.txt.  Supported: versions 2 and 3,
-cluster sizes 512 B .. 2 MiB, zero clusters, compressed clusters (zlib;
-zstd reads when the `zstandard` module is installed), backing files (the
+cluster sizes 512 B .. 2 MiB, zero clusters, compressed clusters (zlib,
+and zstd through the `zstandard` module: `compress`), backing files (the
 core reads them), external data files, extended L2 entries, every refcount
 width, lazy refcounts and the dirty bit (a dirty image opened read-write
 gets its refcounts rebuilt), the corrupt bit, persistent bitmaps (marked
 in use on the first write), and internal snapshots (listed, readable
 through the `snapshot` open option, created / applied / deleted by
-`snapshot_command`).  Refused: encryption, writing zstd clusters.
+`snapshot_command`).  Refused: encryption.
 
 Module map: `header` (fields, features, extensions), `cluster` (L1/L2
 math, L2 cache), `refcount` (refcount cache, allocation, table growth),
@@ -25,13 +25,12 @@ from __future__ import annotations
 
 import struct
 import sys
-import zlib
 from typing import Any
 
 import trio
 
 from imgfs.block import DATA, UNALLOCATED, ZERO, BlockDriver, ChildRef, Extent, Kind
-from imgfs.errors import CorruptImage, ImgfsError, InvalidImage, ReadOnly, Unsupported
+from imgfs.errors import CorruptImage, ImgfsError, InvalidImage, ReadOnly
 from imgfs.node import OpenContext
 from imgfs.options import Bool, Opt, Schema, Size, Str
 
@@ -51,18 +50,17 @@ from .cluster import (
     unpack_l2,
     unpack_table,
 )
+from .compress import decompress_cluster
 from .header import (
     AUTOCLEAR_BITMAPS,
     AUTOCLEAR_DATA_FILE_RAW,
     COMPAT_LAZY_REFCOUNTS,
     COMPRESSION_NAMES,
-    COMPRESSION_ZSTD,
     EXT_BITMAPS,
     INCOMPAT_CORRUPT,
     INCOMPAT_DATA_FILE,
     INCOMPAT_DIRTY,
     INCOMPAT_EXTL2,
-    MAGIC,
     OFFSET_AUTOCLEAR,
     OFFSET_INCOMPAT,
     OFFSET_REFCOUNT_TABLE,
@@ -70,6 +68,7 @@ from .header import (
     Header,
     parse_image_header,
 )
+from .header import probe as probe_header
 from .refcount import RefcountGeometry, RefcountStore
 from .snapshot import SNAPSHOT_ENTRY, Snapshot, SnapshotEntry, parse_snapshot_table
 from .snapshot import listing as snapshot_listing
@@ -128,10 +127,7 @@ class Qcow2Driver(WriteMixin, BlockDriver):
 
     @staticmethod
     def probe(head: bytes, filename: str) -> int:
-        if len(head) >= 8 and head[:4] == MAGIC and \
-                struct.unpack(">I", head[4:8])[0] in (2, 3):
-            return 100
-        return 0
+        return probe_header(head, filename)
 
     async def open(self, options: dict[str, Any], ctx: OpenContext) -> None:
         file = self.children["file"]
@@ -528,37 +524,3 @@ class Qcow2Driver(WriteMixin, BlockDriver):
     async def create(cls, target: Any, size: int, options: dict[str, Any],
                      ctx: OpenContext) -> None:
         await create_mod.create_image(target, size, options, ctx)
-
-
-def decompress_cluster(raw: bytes, cluster_size: int, compression_type: int) -> bytes:
-    """One cluster from its compressed bytes (spec: "Compressed Clusters
-    Descriptor"; zlib clusters are raw deflate streams)."""
-    if compression_type == COMPRESSION_ZSTD:
-        return _decompress_zstd(raw, cluster_size)
-    try:
-        cluster = zlib.decompressobj(-12).decompress(raw, cluster_size)
-    except zlib.error as exc:
-        raise CorruptImage(f"compressed cluster does not decompress: {exc}") from None
-    return _whole_cluster(cluster, cluster_size)
-
-
-def _whole_cluster(cluster: bytes, cluster_size: int) -> bytes:
-    if len(cluster) != cluster_size:
-        raise CorruptImage(f"compressed cluster decompresses to {len(cluster)} bytes "
-                           f"(expected {cluster_size})")
-    return cluster
-
-
-def _decompress_zstd(raw: bytes, cluster_size: int) -> bytes:
-    try:
-        import zstandard
-    except ImportError:
-        raise Unsupported("zstd-compressed qcow2 clusters need the Python 'zstandard' "
-                          "module, which is not installed") from None
-    try:
-        reader = zstandard.ZstdDecompressor().decompressobj()
-        cluster = reader.decompress(raw)[:cluster_size]
-    except zstandard.ZstdError as exc:
-        raise CorruptImage(f"compressed cluster does not decompress: {exc}") from None
-    return _whole_cluster(cluster, cluster_size)
-

@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import array
 import struct
-import zlib
 from typing import TYPE_CHECKING
 
 from imgfs.errors import CorruptImage, Unsupported, UsageError
@@ -41,7 +40,8 @@ from .cluster import (
     l2_run,
     pack_table,
 )
-from .header import COMPRESSION_ZSTD, OFFSET_L1, OFFSET_SIZE
+from .compress import compress_cluster
+from .header import OFFSET_L1, OFFSET_SIZE
 
 if TYPE_CHECKING:
     from imgfs.node import Node
@@ -542,13 +542,12 @@ class WriteMixin:
     # -- compressed writes (convert -c) ------------------------------------------------
 
     async def write_compressed(self, offset: int, data: bytes) -> None:
-        """Store whole clusters of `data` compressed (raw deflate, as QEMU);
-        partial clusters, and clusters that do not shrink, are written
-        normally.  Clusters of zeros on a layer without backing are skipped."""
+        """Store whole clusters of `data` compressed (deflate or zstd, as the
+        header's compression_type says); partial clusters, and clusters that
+        do not shrink, are written normally.  Clusters of zeros on a layer
+        without backing are skipped."""
         if self.has_data_file:
             raise Unsupported("compressed clusters cannot be used with an external data file")
-        if self.header.compression_type == COMPRESSION_ZSTD:
-            raise Unsupported("writing zstd-compressed clusters is not supported yet")
         view = memoryview(data)
         position, end = offset, offset + len(data)
         while position < end:
@@ -563,8 +562,8 @@ class WriteMixin:
             position = step_end
 
     async def _write_compressed_cluster(self, guest_offset: int, data: bytes) -> None:
-        compressor = zlib.compressobj(zlib.Z_DEFAULT_COMPRESSION, zlib.DEFLATED, -12)
-        packed = compressor.compress(data.ljust(self.cluster_size, b"\0")) + compressor.flush()
+        packed = compress_cluster(data.ljust(self.cluster_size, b"\0"),
+                                  self.header.compression_type)
         if len(packed) >= self.cluster_size:
             await self.write(guest_offset, data)
             return
