@@ -3,10 +3,18 @@
 Driver modules are imported only when needed: a mount of a raw image should
 not pay for importing the qcow2 or LUKS code.  To add a driver, write
 `drivers/NAME.py` with a `DRIVERS` list and add it to the tables below.
+
+Probing asks every format, so it must stay cheap: a driver package whose
+code is large (or needs numpy) defines a module-level ``probe(head,
+filename)`` in its ``__init__`` from light modules only, and imports its
+driver class on first use of ``DRIVERS`` (a module ``__getattr__``).
 """
 from __future__ import annotations
 
+import functools
 import importlib
+from collections.abc import Callable
+from types import ModuleType
 from typing import TYPE_CHECKING
 
 from .errors import UsageError
@@ -40,6 +48,10 @@ DRIVER_MODULES: dict[str, str] = {
     "fat": "fat",
 }
 
+#: the formats probing asks, in order (raw, which claims anything, last)
+FORMATS = ("qcow2", "qcow", "qed", "vmdk", "vhdx", "vpc", "vdi", "luks", "parallels",
+           "bochs", "cloop", "dmg", "raw")
+
 #: filename prefix (before the first ':') -> protocol driver name
 PREFIXES: dict[str, str] = {
     "file": "file",
@@ -58,16 +70,20 @@ PREFIXES: dict[str, str] = {
 }
 
 
-def _load(name: str) -> type[BlockDriver] | None:
+def _module(name: str) -> ModuleType | None:
     module_name = DRIVER_MODULES.get(name)
     if module_name is None:
         return None
     try:
-        module = importlib.import_module(f"imgfs.drivers.{module_name}")
+        return importlib.import_module(f"imgfs.drivers.{module_name}")
     except ModuleNotFoundError as exc:
         if exc.name == f"imgfs.drivers.{module_name}":
             return None          # listed but not written yet
         raise
+
+
+def _load(name: str) -> type[BlockDriver] | None:
+    module = _module(name)
     for cls in getattr(module, "DRIVERS", ()):
         if cls.name == name:
             return cls
@@ -91,11 +107,6 @@ def available_drivers() -> list[type[BlockDriver]]:
     return found
 
 
-def format_drivers() -> list[type[BlockDriver]]:
-    from .block import Kind
-    return [cls for cls in available_drivers() if cls.kind is Kind.FORMAT]
-
-
 def protocol_for(filename: str) -> str | None:
     """The protocol a filename names with a ``proto:`` prefix, if any."""
     head, sep, _ = filename.partition(":")
@@ -104,14 +115,28 @@ def protocol_for(filename: str) -> str | None:
     return PREFIXES.get(head.lower())
 
 
+ProbeFn = Callable[[bytes, str], int]
+
+
+@functools.cache
+def _probe_function(name: str) -> ProbeFn | None:
+    """The module's light ``probe`` if it has one, else the class's."""
+    module = _module(name)
+    if module is None:
+        return None
+    light = module.__dict__.get("probe")
+    if light is not None:
+        return light  # type: ignore[no-any-return]
+    cls = _load(name)
+    return cls.probe if cls is not None else None
+
+
 def probe_format(head: bytes, filename: str) -> type[BlockDriver]:
     """The format whose probe scores highest; raw (score 1) only as a last resort."""
-    best: type[BlockDriver] | None = None
-    best_score = 0
-    for cls in format_drivers():
-        score = cls.probe(head, filename)
+    best, best_score = "raw", 0
+    for name in FORMATS:
+        probe = _probe_function(name)
+        score = probe(head, filename) if probe is not None else 0
         if score > best_score:
-            best, best_score = cls, score
-    if best is None:
-        return get_driver("raw")
-    return best
+            best, best_score = name, score
+    return get_driver(best)

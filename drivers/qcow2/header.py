@@ -373,3 +373,10 @@ def _ext_string(by_type: dict[int, bytes], ext_type: int, what: str) -> str | No
         return raw.decode("utf-8")
     except UnicodeDecodeError:
         raise InvalidImage(f"{what} is not valid UTF-8") from None
+
+
+def probe(head: bytes, filename: str) -> int:
+    """100 for the qcow2 magic with version 2 or 3 (the registry's light probe)."""
+    if len(head) >= 8 and head[:4] == MAGIC and struct.unpack(">I", head[4:8])[0] in (2, 3):
+        return 100
+    return 0
