@@ -111,6 +111,8 @@ class BlockDriver(abc.ABC):
     #: True when read-only is this source's normal mode (fat: without rw:),
     #: so opening it read-only deserves no warning
     read_only_by_default: bool = False
+    #: why a source that is not `writable` cannot be opened read-write
+    read_only_reason: str = "read-only source or permission denied; use -o ro"
 
     # -- probing and filename parsing (pure) ------------------------------------
 

@@ -77,8 +77,9 @@ def _decide_read_only(node: Node, ctx: OpenContext) -> None:
     if not read_only and node.driver.read_only_format:
         raise Unsupported(f"{node.format_name} images can only be opened read-only (use -o ro)")
     if not read_only and unwritable:
-        raise PermissionDenied(f"{unwritable[0].filename}: cannot open for writing "
-                               "(read-only source or permission denied; use -o ro)")
+        leaf = unwritable[0]
+        raise PermissionDenied(f"{leaf.filename}: cannot open for writing "
+                               f"({leaf.driver.read_only_reason})")
     node.set_read_only(read_only)
 
 

@@ -97,6 +97,7 @@ class FatDriver(BlockDriver):
     )
     writable = False
     read_only_by_default = True
+    read_only_reason = "a fat: directory is read-only unless given as fat:rw:DIR"
 
     image: FatImage
     regions: list[tuple[int, int, Producer]]
