@@ -20,9 +20,10 @@ from imgfs.options import Opt, Schema, Str
 from imgfs.secrets import resolve_passphrase
 
 from . import luks1
+from . import probe as probe_luks
 from .create import CREATE_OPTS, check_options, create_spec, format_header
 from .crypto import SectorCipher
-from .header import LuksHeader, probe_version, read_header
+from .header import LuksHeader, read_header
 
 #: requests at least this large are encrypted in a worker thread
 THREAD_MIN = 64 * 1024
@@ -44,7 +45,7 @@ class LuksDriver(BlockDriver):
 
     @staticmethod
     def probe(head: bytes, filename: str) -> int:
-        return 100 if probe_version(head) else 0
+        return probe_luks(head, filename)
 
     async def open(self, options: dict[str, Any], ctx: OpenContext) -> None:
         file = self.children["file"]

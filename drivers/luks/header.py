@@ -15,7 +15,7 @@ from typing import Protocol
 
 from imgfs.errors import InvalidImage
 
-from . import luks1, luks2
+from . import luks1, luks2, probe_version
 from .crypto import CipherSpec
 from .luks1 import LUKS_MAGIC, ReadFn
 
@@ -32,14 +32,6 @@ class LuksHeader(Protocol):
     def payload_size(self, file_size: int) -> int: ...
     async def unlock(self, read: ReadFn, passphrase: bytes) -> bytes: ...
     def info(self) -> dict[str, object]: ...
-
-
-def probe_version(head: bytes) -> int:
-    """1 or 2 for a LUKS header at the start of `head`, else 0."""
-    if len(head) < 8 or head[:6] != LUKS_MAGIC:
-        return 0
-    version = int.from_bytes(head[6:8], "big")
-    return version if version in (1, 2) else 0
 
 
 async def read_header(read: ReadFn, area_size: int) -> LuksHeader:
