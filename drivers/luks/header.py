@@ -7,7 +7,12 @@ for formats that embed a LUKS header (qcow2 ``encrypt.format=luks``).
     plain = cipher.decrypt(sector_number, data)   # sectors from the payload start
 
 `read(offset, length)` reads relative to the start of the header, wherever
-the header lives; `area_size` is how many bytes it may span.
+the header lives; `area_size` is how many bytes it may span.  A format that
+embeds the header picks the sector numbers itself (QEMU's qcow2 numbers
+LUKS sectors by host offset / 512: check it against qemu-img).  To create
+one: `create.format_header(options, passphrase)` gives the pieces to write
+relative to the header start and the size of the whole header area
+(`payload_offset`).
 """
 from __future__ import annotations
 
