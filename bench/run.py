@@ -226,6 +226,12 @@ def tool(name: str) -> str:
     return found
 
 
+def imgfs_command(imgfs: str) -> list[str]:
+    """A Python file given to --imgfs runs under this interpreter (the
+    venv's, where imgfs and pyfuse3 are installed)."""
+    return [sys.executable, imgfs] if imgfs.endswith(".py") else [imgfs]
+
+
 def drop_caches() -> None:
     # sync first: dirty pages are not dropped, and a FUSE file's dirty pages
     # must go through its daemon before the next job starts.
@@ -274,9 +280,10 @@ def read_ahead_kb(mountpoint: Path) -> int | None:
         return None
 
 
-def pids_with_arg(program: str, last_arg: str) -> list[int]:
-    """Processes whose command line mentions `program` and ends in `last_arg`
-    (how we find the daemon `imgfs mount` left behind)."""
+def mount_daemon_pids(mountpoint: str) -> list[int]:
+    """Processes whose command line is "... mount ... MOUNTPOINT": how we
+    find the daemon `imgfs mount` leaves behind (the mountpoint is unique to
+    this run, and the command may be a wrapper such as bench/variant.py)."""
     found = []
     for entry in Path("/proc").iterdir():
         if not entry.name.isdigit():
@@ -285,8 +292,7 @@ def pids_with_arg(program: str, last_arg: str) -> list[int]:
             args = (entry / "cmdline").read_bytes().split(b"\0")[:-1]
         except OSError:
             continue
-        if args and args[-1].decode(errors="replace") == last_arg \
-                and any(program in a.decode(errors="replace") for a in args[:2]):
+        if args and args[-1].decode(errors="replace") == mountpoint and b"mount" in args:
             found.append(int(entry.name))
     return found
 
@@ -352,7 +358,7 @@ class ImgfsExporter(Exporter):
         return self.mountpoint / f"{self.image.stem}.raw"
 
     def command(self) -> list[str]:
-        cmd = [self.settings.imgfs, "mount", "-o", f"format={self.case.fmt}"]
+        cmd = [*imgfs_command(self.settings.imgfs), "mount", "-o", f"format={self.case.fmt}"]
         if self.case.encrypted:
             cmd += ["--object", f"secret,id={SECRET_ID},data={PASSPHRASE}",
                     "-o", f"key-secret={SECRET_ID}"]
@@ -362,7 +368,7 @@ class ImgfsExporter(Exporter):
         self.mountpoint.mkdir(exist_ok=True)
         # `imgfs mount` daemonizes once the FUSE session is up.
         run(self.command())
-        pids = pids_with_arg("imgfs", str(self.mountpoint))
+        pids = mount_daemon_pids(str(self.mountpoint))
         self.pid = pids[0] if pids else None
 
     def unmount(self) -> None:
@@ -700,7 +706,7 @@ def build_image(case: Case, settings: Settings) -> Path:
 
 def available_formats(imgfs: str) -> set[str]:
     """Format names from `imgfs formats` (the lines of its Formats section)."""
-    text = run([imgfs, "formats"]).stdout
+    text = run([*imgfs_command(imgfs), "formats"]).stdout
     formats, in_formats = set(), False
     for line in text.splitlines():
         if line.startswith("Formats"):
@@ -796,7 +802,7 @@ def machine_description(settings: Settings) -> dict:
         "fio": first_line(["fio", "--version"]),
         "qemu": first_line(["qemu-storage-daemon", "--version"]),
         "qemu_img": first_line(["qemu-img", "--version"]),
-        "imgfs": first_line([settings.imgfs, "--version"]),
+        "imgfs": first_line([*imgfs_command(settings.imgfs), "--version"]),
         "imgfs_commit": first_line(["git", "-C", str(BENCH_DIR.parent), "rev-parse", "HEAD"]),
     }
 

@@ -1,0 +1,70 @@
+#!/usr/bin/env python3
+"""imgfs with a FUSE setting changed from outside, for A/B benchmarks.
+
+    IMGFS_VARIANT=max_tasks=1,writeback=off,read_ahead_kb=4096 \\
+        .venv/bin/python bench/run.py --imgfs bench/variant.py --repeat 3
+
+Runs the installed imgfs CLI unchanged, after patching, in this process
+only (the mount daemon is a fork of it, so it inherits the patches):
+
+* max_tasks=N      pyfuse3.main(max_tasks=N): how many worker tasks take
+                   requests from /dev/fuse (pyfuse3's default is 99; with
+                   more than one, every request passes a trio Lock between
+                   two workers)
+* writeback=off    no FUSE writeback cache (what cache=writethrough does,
+                   without its flush after every write)
+* read_ahead_kb=N  the read-ahead imgfs sets on its mount, which is the
+                   size (up to 1 MiB) and the pipelining of sequential reads
+
+Nothing in imgfs is edited; an unknown switch is an error.
+"""
+from __future__ import annotations
+
+import os
+import sys
+from typing import Any
+
+
+def patch_max_tasks(value: str) -> None:
+    import pyfuse3
+    original = pyfuse3.main
+
+    async def main(min_tasks: int = 1, max_tasks: int = 99) -> None:
+        await original(min_tasks=min_tasks, max_tasks=int(value))
+    pyfuse3.main = main  # type: ignore[assignment]
+
+
+def patch_writeback(value: str) -> None:
+    if value not in ("on", "off"):
+        raise SystemExit(f"variant: writeback={value}: on or off")
+    import pyfuse3
+    original = pyfuse3.init
+
+    def init(operations: Any, *args: Any) -> None:
+        # mount.py sets the attribute just before init(), so set it here
+        operations.enable_writeback_cache = value == "on"
+        original(operations, *args)
+    pyfuse3.init = init  # type: ignore[assignment]
+
+
+def patch_read_ahead_kb(value: str) -> None:
+    import imgfs.mount
+    imgfs.mount.READ_AHEAD_KB = int(value)
+
+
+PATCHES = {"max_tasks": patch_max_tasks, "writeback": patch_writeback,
+           "read_ahead_kb": patch_read_ahead_kb}
+
+
+def apply(spec: str) -> None:
+    for item in filter(None, spec.split(",")):
+        key, _, value = item.partition("=")
+        if key not in PATCHES:
+            raise SystemExit(f"variant: unknown switch {key!r} (known: {', '.join(PATCHES)})")
+        PATCHES[key](value)
+
+
+if __name__ == "__main__":
+    apply(os.environ.get("IMGFS_VARIANT", ""))
+    from imgfs.cli import main as imgfs_main
+    sys.exit(imgfs_main())
