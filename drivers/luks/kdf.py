@@ -51,6 +51,16 @@ MAX_ARGON2_LANES = 16
 MIN_PBKDF2_ITERATIONS = 1000
 
 
+def argon2_memory_limit_kib() -> int:
+    """Argon2 memory imgfs will spend: cryptsetup's maximum, and never more
+    than half of this machine's RAM (a hostile header must not exhaust it)."""
+    try:
+        ram_kib = os.sysconf("SC_PHYS_PAGES") * os.sysconf("SC_PAGE_SIZE") // 1024
+    except (ValueError, OSError):
+        return MAX_ARGON2_MEMORY_KIB
+    return min(MAX_ARGON2_MEMORY_KIB, max(ram_kib // 2, 64 * 1024))
+
+
 def hash_algorithm(name: str) -> hashes.HashAlgorithm:
     try:
         return HASHES[name.strip().lower()]()

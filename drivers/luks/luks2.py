@@ -201,7 +201,7 @@ def parse_kdf(data: dict[str, Any], what: str) -> Kdf:
         memory = _u64(data.get("memory"), f"{what} memory")
         lanes = _u64(data.get("cpus"), f"{what} cpus")
         if not (1 <= time_cost <= kdf.MAX_ARGON2_TIME and 1 <= lanes <= kdf.MAX_ARGON2_LANES
-                and 8 * lanes <= memory <= kdf.MAX_ARGON2_MEMORY_KIB):
+                and 8 * lanes <= memory <= kdf.argon2_memory_limit_kib()):
             raise InvalidImage(f"{what}: {kind} time {time_cost}, memory {memory} KiB, "
                                f"{lanes} threads is beyond what imgfs accepts")
         return Kdf(kind, salt, time_cost=time_cost, memory_kib=memory, lanes=lanes)
