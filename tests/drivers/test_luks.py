@@ -6,11 +6,15 @@ cannot open here) is checked by decrypting with the volume key that
 directly."""
 from __future__ import annotations
 
+import base64
 import json
+import os
+import pty
 import re
 import shutil
 import struct
 import subprocess
+import time
 from pathlib import Path
 
 import pytest
@@ -20,7 +24,7 @@ from cryptography.hazmat.primitives.ciphers import Cipher, algorithms, modes
 from imgfs.errors import PermissionDenied
 from imgfs.graph import open_image
 from imgfs.node import OpenContext
-from tests.conftest import imgfs, need, random_bytes, run
+from tests.conftest import IMGFS, imgfs, need, random_bytes, run
 
 PASS = "correct horse"
 SECRET = ["--object", f"secret,id=sec0,data={PASS}"]
@@ -463,3 +467,40 @@ def test_create_refuses_luks2_options_for_luks1(tmp_path: Path) -> None:
                    tmp_path / "new.luks", "1M", check=False)
     assert result.returncode == 2 and "luks1 images use pbkdf2" in result.stderr
     assert not (tmp_path / "new.luks").exists()
+
+
+def test_base64_secret(tmp_path: Path) -> None:
+    image = cryptsetup_format(tmp_path / "disk.luks", 3 * MiB)
+    encoded = base64.b64encode(PASS.encode()).decode()
+    source = "json:" + json.dumps({"driver": "luks", "key-secret": "k",
+                                   "file": {"driver": "file", "filename": str(image)}})
+    info = imgfs("info", "--output", "json", "--object",
+                 f"secret,id=k,data={encoded},format=base64", source)
+    assert json.loads(info.stdout)["virtual-size"] == MiB
+
+
+def test_passphrase_prompt_on_a_terminal(tmp_path: Path) -> None:
+    """No secret given and a terminal there: imgfs asks, without echo."""
+    image = cryptsetup_format(tmp_path / "disk.luks", 3 * MiB)
+    pid, master = pty.fork()
+    if pid == 0:                                   # child: the pty is its terminal
+        os.execv(IMGFS, [IMGFS, "info", "--output", "json", str(image)])
+    output = b""
+    try:
+        deadline = time.monotonic() + 30
+        while b"Passphrase for disk.luks" not in output and time.monotonic() < deadline:
+            output += os.read(master, 1024)
+        os.write(master, PASS.encode() + b"\n")
+        while True:
+            try:
+                chunk = os.read(master, 4096)
+            except OSError:                        # EIO: the child closed the pty
+                break
+            if not chunk:
+                break
+            output += chunk
+    finally:
+        _, status = os.waitpid(pid, 0)
+    assert os.waitstatus_to_exitcode(status) == 0, output
+    assert PASS.encode() not in output            # not echoed
+    assert b'"format": "luks"' in output
