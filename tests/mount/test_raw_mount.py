@@ -191,6 +191,30 @@ def test_truncate_resizes_raw(workdir: Path, mnt: Path) -> None:
     assert image.stat().st_size == 2 * MiB
 
 
+def test_truncate_refused_where_the_format_cannot_resize(raw_image: Path, mnt: Path) -> None:
+    with mounted(raw_image, mountpoint=mnt, options=f"format=raw,offset=1M,size={4 * MiB}"):
+        with pytest.raises(OSError) as info:
+            os.truncate(mnt / "disk.raw", 2 * MiB)
+        assert info.value.errno == errno.EOPNOTSUPP
+        assert (mnt / "disk.raw").stat().st_size == 4 * MiB
+
+
+def test_cache_none_and_dotted_driver_options(raw_image: Path, mnt: Path, workdir: Path) -> None:
+    """cache=none (O_DIRECT below) and a dotted option for the file node."""
+    expected = qemu_raw(raw_image, workdir / "expected.raw")
+    with mounted(raw_image, mountpoint=mnt, options="cache=none,file.locking=off"):
+        exposed = mnt / "disk.raw"
+        assert exposed.read_bytes() == expected
+        fd = os.open(exposed, os.O_RDWR)
+        try:
+            os.pwrite(fd, b"direct", 4097)
+            assert os.pread(fd, 6, 4097) == b"direct"
+        finally:
+            os.close(fd)
+        # file.locking=off: QEMU can open the image while it is mounted
+        run("qemu-io", "-f", "raw", "-c", "read -P 0x64 4097 1", raw_image)
+
+
 def test_info_matches_qemu(raw_image: Path) -> None:
     import json
     ours = json.loads(imgfs("info", "--output", "json", raw_image).stdout)

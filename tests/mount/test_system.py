@@ -202,6 +202,11 @@ def test_mount_refused_while_qemu_writes(image: Path, mnt: Path, qsd_writer: Non
     assert not is_mounted(mnt)
     with mounted(image, mountpoint=mnt, options="ro,force-share"):
         assert (mnt / "vm.raw").stat().st_size == 64 * MiB
+    # the tools: refused while QEMU writes, unless -U
+    result = imgfs("info", image, check=False)
+    assert result.returncode == 1 and "locked" in result.stderr
+    assert imgfs("info", "-U", image).returncode == 0
+    assert imgfs("convert", "-U", "-O", "raw", image, image.with_suffix(".copy")).returncode == 0
 
 
 def test_locking_off(image: Path, mnt: Path, qsd_writer: None) -> None:
