@@ -25,10 +25,17 @@ async def convert(args: argparse.Namespace, options: dict[str, Any], sparse: int
     try:
         await create_image(args.target, args.out_fmt, source.size, options,
                            OpenContext(read_only=False, secrets=src_ctx.secrets))
+        # The new image opens with the secret it was created with (-o key-secret).
+        key_secret = options.get("key-secret") or options.get("encrypt.key-secret")
         target = await open_image(args.target, OpenContext(read_only=False,
-                                                           secrets=src_ctx.secrets),
+                                                           secrets=src_ctx.secrets,
+                                                           key_secret=key_secret),
                                   fmt=args.out_fmt)
         try:
+            # Skipping zeros assumes a new image reads as zeros; an encrypted
+            # one reads as noise (QEMU's bdrv_has_zero_init).
+            if not getattr(target.driver, "has_zero_init", True):
+                sparse = 0
             await copy_image(source, target, sparse=sparse, compress=args.compress,
                              progress=args.progress and not args.quiet,
                              keep_backing=bool(args.backing))

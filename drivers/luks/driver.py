@@ -38,6 +38,9 @@ class LuksDriver(BlockDriver):
     )
     create_opts = CREATE_OPTS
 
+    #: unwritten payload decrypts to noise, not zeros: convert must write zeros
+    has_zero_init = False
+
     header: LuksHeader
     cipher: SectorCipher
     payload_offset = 0

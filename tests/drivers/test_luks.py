@@ -504,3 +504,19 @@ def test_passphrase_prompt_on_a_terminal(tmp_path: Path) -> None:
     assert os.waitstatus_to_exitcode(status) == 0, output
     assert PASS.encode() not in output            # not echoed
     assert b'"format": "luks"' in output
+
+
+def test_convert_into_and_out_of_luks(tmp_path: Path) -> None:
+    """imgfs convert -O luks writes the zeros too (a new LUKS payload reads as
+    noise, not zeros), and QEMU reads back the source; and back out again."""
+    need("qemu-img")
+    data = bytearray(random_bytes(3 * MiB, seed=21))
+    data[MiB:2 * MiB] = bytes(MiB)
+    source = tmp_path / "src.raw"
+    source.write_bytes(data)
+    image = tmp_path / "conv.luks"
+    imgfs("convert", "-O", "luks", "-o", "key-secret=sec0,iter-time=10", *SECRET, source, image)
+    assert qemu_contents(image, tmp_path) == data
+    out = tmp_path / "out.raw"
+    imgfs("convert", "-O", "raw", *SECRET, json_source(image), out)
+    assert out.read_bytes() == data
