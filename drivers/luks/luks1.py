@@ -108,6 +108,12 @@ class Luks1Header:
 
     def payload_size(self, file_size: int) -> int:
         """A standalone image's payload runs to the end of the file."""
+        header_end = max([HEADER_SIZE] + [
+            (slot.key_material_offset + material_sectors(self.phdr.key_bytes, slot.stripes))
+            * LUKS_SECTOR_SIZE for slot in self.slots if slot.active == LUKS_KEY_ENABLED])
+        if self.payload_offset < header_end:
+            raise InvalidImage(f"payload offset {self.payload_offset} lies inside the header "
+                               f"(a detached header is not supported)")
         if self.payload_offset > file_size:
             raise InvalidImage(f"payload offset {self.payload_offset} is beyond the end of "
                                f"the {file_size}-byte image")

@@ -379,3 +379,12 @@ def test_created_luks2_headers_parse_back() -> None:
     assert trio.run(header.unlock, _reader(image), b"pw") == new.volume_key
     hdr, _ = luks2.check_copy(bytes(image[16384:32768]), luks2.LUKS2_MAGIC_2ND)
     assert hdr.hdr_offset == 16384
+
+
+def test_payload_inside_the_header_is_refused(small_luks1: tuple[bytearray, bytes]) -> None:
+    image, _ = small_luks1
+    raw = bytearray(image[:luks1.HEADER_SIZE])
+    raw[104:108] = struct.pack(">I", 0)          # cryptsetup --header: data elsewhere
+    header = luks1.parse_header(bytes(raw), len(image))
+    with pytest.raises(InvalidImage, match="detached header"):
+        header.payload_size(len(image))
