@@ -480,23 +480,17 @@ class Qcow2Driver(WriteMixin, BlockDriver):
     async def check(self, *, repair: str | None = None, output: str = "human",
                     quiet: bool = False) -> int:
         """`imgfs check`: qemu-img check's report, messages and exit code."""
+        fixed = (0, 0)
         async with self.lock:
             await self._write_back()
             report = await checks.check_image(self)
             if repair and (report.leaks or report.corruptions):
-                fixed = (report.leaks, report.corruptions if repair == "all" else 0)
-                await checks.rebuild_refcounts(self, leaks_only=repair == "leaks")
-                if repair == "all":
-                    await checks.fix_copied_flags(self)
-                report = await checks.check_image(self)
-                if repair == "all" and not report.corruptions and \
-                        self.header.incompatible_features & INCOMPAT_CORRUPT:
-                    await self._set_incompat(self.header.incompatible_features
-                                             & ~INCOMPAT_CORRUPT)
-                if output == "human" and not quiet:
-                    print("The following inconsistencies were found and repaired:\n\n"
-                          f"    {fixed[0]} leaked clusters\n    {fixed[1]} corruptions\n\n"
-                          "Double checking the fixed image now...")
+                fixed, report = await self._repair(report, repair)
+        if any(fixed) and output == "human" and not quiet:
+            # qemu-img prints this only when something was repaired
+            print("The following inconsistencies were found and repaired:\n\n"
+                  f"    {fixed[0]} leaked clusters\n    {fixed[1]} corruptions\n\n"
+                  "Double checking the fixed image now...")
         for message in report.messages:
             print(message, file=sys.stderr)
         if output == "json":
@@ -504,6 +498,31 @@ class Qcow2Driver(WriteMixin, BlockDriver):
         elif not quiet:
             print(checks.report_human(report))
         return checks.exit_code(report)
+
+    async def _repair(self, report: checks.CheckReport,
+                      repair: str) -> tuple[tuple[int, int], checks.CheckReport]:
+        """`check -r leaks|all` as QEMU's qcow2_check_refcounts: returns
+        (leaks fixed, corruptions fixed) and the report after the repair.
+        Corruptions fixed are the refcounts raised plus the bit-63 flags
+        still wrong once the refcounts are right; errors in the tables
+        themselves stay."""
+        if repair == "leaks" and report.needs_rebuild:
+            # a referenced cluster with refcount 0: only -r all may fix that
+            for message in report.messages:
+                print(message, file=sys.stderr)
+            print("ERROR need to rebuild refcount structures", file=sys.stderr)
+            raise CorruptImage("check failed: the refcount structures need a rebuild "
+                               "(use -r all)")
+        await checks.rebuild_refcounts(self, leaks_only=repair == "leaks")
+        rebuilt = await checks.check_image(self)
+        if repair == "leaks":
+            return (report.leaks, 0), rebuilt
+        await checks.fix_copied_flags(self)
+        after = await checks.check_image(self)
+        if not after.corruptions and self.header.incompatible_features & INCOMPAT_CORRUPT:
+            await self._set_incompat(self.header.incompatible_features & ~INCOMPAT_CORRUPT)
+        fixed_flags = rebuilt.corruptions - after.corruptions
+        return (report.leaks, report.refcount_errors + fixed_flags), after
 
     async def snapshot_command(self, args: Any) -> int:
         """`imgfs snapshot -c|-l|-a|-d` (qemu-img snapshot's actions)."""

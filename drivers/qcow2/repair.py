@@ -51,6 +51,10 @@ class CheckReport:
     """qemu-img check's numbers (ImageCheck in its JSON)."""
 
     corruptions: int = 0
+    #: of the corruptions, the clusters whose refcount is below their references
+    refcount_errors: int = 0
+    #: a referenced cluster has refcount 0 (QEMU: "need to rebuild refcount structures")
+    needs_rebuild: bool = False
     leaks: int = 0
     check_errors: int = 0
     messages: list[str] = field(default_factory=list)
@@ -189,6 +193,8 @@ async def check_image(driver: Qcow2Driver) -> CheckReport:
             highest = cluster
         if stored < wanted:
             report.corruptions += 1
+            report.refcount_errors += 1
+            report.needs_rebuild |= stored == 0
             report.messages.append(f"ERROR cluster {cluster} refcount={stored} "
                                    f"reference={wanted}")
         elif stored > wanted:
