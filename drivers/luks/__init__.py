@@ -6,15 +6,17 @@ docs/on-disk-format-luks2.pdf and the JSON that ``cryptsetup luksDump
 --dump-json-metadata`` prints.
 
 Modules: `crypto` (sector ciphers, bulk XTS/CBC/CTR), `kdf` (PBKDF2, Argon2,
-AF splitter), `luks1` and `luks2` (headers, key slots), `header` (the entry
-point qcow2's ``encrypt.format=luks`` reuses), `driver` (the format driver).
+AF splitter), `luks1` and `luks2` (headers, key slots), `create` (qemu-img's
+create options, the LUKS2 layout), `header` (the entry point qcow2's
+``encrypt.format=luks`` can reuse), `driver` (the format driver).
 
-Supported: LUKS1 read/write/create (all 8 key slots, PBKDF2 with the SHA
-family and SM3, aes/camellia/sm4/cast5/blowfish/des3_ede in xts, cbc, ecb,
-ctr with plain, plain64, essiv and null IVs); LUKS2 read/write (keyslots
-with pbkdf2, argon2i, argon2id; one crypt segment, sector sizes 512 to
-4096).  Refused: ciphers `cryptography` lacks (serpent, twofish, ...),
-LUKS2 integrity, reencryption, several segments; resizing.
+Supported: LUKS1 read/write/create (all 8 key slots, PBKDF2 with the SHA-1,
+SHA-2, SHA-3, BLAKE2 and SM3 hashes, aes/camellia/sm4/cast5/blowfish/des3_ede
+in xts, cbc, ecb, ctr with plain, plain64, essiv and null IVs); LUKS2
+read/write and create with ``format=luks2`` (keyslots with pbkdf2, argon2i,
+argon2id; one crypt segment, sector sizes 512 to 4096).  Refused with a
+message: ciphers `cryptography` lacks (serpent, twofish, ...), LUKS2
+integrity, reencryption, several segments, detached headers; resizing.
 """
 from __future__ import annotations
 
