@@ -22,9 +22,14 @@ from typing import TYPE_CHECKING, Any
 
 from .bitmaps import BME_TABLE_ENTRY_OFFSET_MASK
 from .cluster import (
+    BITMAP_ALL_ALLOCATED,
     L1E_OFFSET_MASK,
+    L1E_RESERVED,
+    L2E_OFFSET_MASK,
+    L2E_STANDARD_RESERVED,
     QCOW_OFLAG_COMPRESSED,
     QCOW_OFLAG_COPIED,
+    QCOW_OFLAG_ZERO,
     ClusterType,
     compressed_range,
     decode_entry,
@@ -89,6 +94,9 @@ class _Walk:
     async def l1_table(self, l1: list[int], *, active: bool) -> None:
         driver = self.driver
         for l1_index, l1_entry in enumerate(l1):
+            if l1_entry & L1E_RESERVED:
+                self.result.errors.append("ERROR found L1 entry with reserved bits set: "
+                                          f"{l1_entry:x}")
             l2_offset = l1_entry & L1E_OFFSET_MASK
             if not l2_offset:
                 continue
@@ -105,7 +113,11 @@ class _Walk:
     def l2_table(self, entries: Sequence[int], *, active: bool) -> None:
         driver = self.driver
         words = 2 if driver.geometry.extended_l2 else 1
-        for entry in entries[::words]:
+        for index in range(0, len(entries), words):
+            entry = entries[index]
+            if entry & L2E_STANDARD_RESERVED and not entry & QCOW_OFLAG_COMPRESSED:
+                self.result.errors.append("ERROR found l2 entry with reserved bits set: "
+                                          f"{entry:x}")
             if entry & QCOW_OFLAG_COMPRESSED:
                 host, most = compressed_range(entry, self.bits)
                 self.add(host, most, "compressed cluster", past_end=True)
@@ -118,6 +130,8 @@ class _Walk:
             if mapping.type is ClusterType.UNALLOCATED or \
                     mapping.type is ClusterType.ZERO and not mapping.host_offset:
                 continue
+            if mapping.host_offset & (driver.cluster_size - 1):
+                self._unaligned(entry, entries[index + 1] if words == 2 else 0)
             if not driver.has_data_file:
                 # with subclusters QEMU writes only part of a cluster: the
                 # file may end inside the last one
@@ -128,6 +142,18 @@ class _Walk:
                 if self.next_contiguous and mapping.host_offset != self.next_contiguous:
                     self.result.fragmented += 1
                 self.next_contiguous = mapping.host_offset + driver.cluster_size
+
+
+    def _unaligned(self, entry: int, bitmap: int) -> None:
+        """QEMU's check_refcounts_l2: an unaligned host offset is one
+        corruption (the cluster is still counted where it points)."""
+        if self.driver.geometry.extended_l2:
+            holds_data = bool(bitmap & BITMAP_ALL_ALLOCATED)
+        else:
+            holds_data = not entry & QCOW_OFLAG_ZERO
+        kind = "Data" if holds_data else "Preallocated"
+        self.result.errors.append(f"ERROR offset={entry & L2E_OFFSET_MASK:x}: {kind} cluster "
+                                  "is not properly aligned; L2 entry corrupted.")
 
 
 async def scan_references(driver: Qcow2Driver) -> References:
