@@ -121,7 +121,16 @@ def settings_from_options(size: int, options: dict[str, Any]) -> CreateSettings:
         compression_type=COMPRESSION_ZSTD if options["compression_type"] == "zstd" else 0,
         backing_file=options["backing_file"] or None, backing_fmt=options["backing_fmt"],
         data_file=options["data_file"] or None, data_file_raw=options["data_file_raw"],
-        preallocation=options["preallocation"])
+        preallocation=_preallocation(options))
+
+
+def _preallocation(options: dict[str, Any]) -> str:
+    """data_file_raw promises the data file reads as the image by itself, so
+    every cluster must map to its own offset there: QEMU's qcow2_co_create
+    turns preallocation=off into metadata for it."""
+    if options["data_file_raw"] and options["preallocation"] == "off":
+        return "metadata"
+    return str(options["preallocation"])
 
 
 def _check_combinations(options: dict[str, Any], cluster_bits: int) -> None:
