@@ -134,8 +134,29 @@ def test_create_option_agrees_with_qemu_img(workdir: Path, case: str) -> None:
     check_clean(ours)
     assert_info_agrees(ours)
     assert shared_info(info_json("qemu-img", ours)) == shared_info(info_json("qemu-img", theirs))
+    assert _layout(ours) == _layout(theirs)
     qemu_io(ours, "write -P 0x5a 1000 70000", "read -P 0x5a 1000 70000")
     check_clean(ours)
+
+
+def test_create_data_file_raw_maps_the_whole_data_file(workdir: Path) -> None:
+    """data_file_raw=on: bytes put straight into the data file read through
+    the qcow2 image (QEMU preallocates the metadata for that)."""
+    image = workdir / "img.qcow2"
+    imgfs("create", "-q", "-f", "qcow2", "-o", "data_file=img.data,data_file_raw=on", image, "8M")
+    payload = random_bytes(100_000, seed=3)
+    with open(workdir / "img.data", "r+b") as handle:
+        handle.seek(3 * MiB + 5)
+        handle.write(payload)
+    check_clean(image)
+    contents = qemu_raw_bytes(image, workdir / "img.raw")
+    assert contents[3 * MiB + 5:3 * MiB + 5 + len(payload)] == payload
+
+
+def _layout(image: Path) -> list[tuple]:
+    """qemu-img map without host offsets: preallocation shows here."""
+    return [tuple(item[key] for key in ("start", "length", "depth", "present", "zero", "data"))
+            for item in json.loads(qemu_img("map", "--output=json", image))]
 
 
 def test_create_with_backing(workdir: Path) -> None:
