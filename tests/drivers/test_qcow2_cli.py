@@ -210,6 +210,35 @@ def _image_lines(report: str) -> list[str]:
     return [line for line in report.splitlines() if line.startswith("image:")]
 
 
+@pytest.mark.parametrize("options", ["compat=0.10", "extended_l2=on,lazy_refcounts=on",
+                                     "data_file=img.data,data_file_raw=on",
+                                     "backing_file=base.raw,backing_fmt=raw"])
+def test_info_human_output_agrees(workdir: Path, options: str) -> None:
+    qemu_create(workdir / "base.raw", "4M", fmt="raw")
+    image = qemu_create(workdir / "img.qcow2", "4M", options)
+    qemu_io(image, "write -P 1 0 100k")
+    ours = imgfs("info", "img.qcow2").stdout
+    theirs = run("qemu-img", "info", "img.qcow2").stdout
+    if "data_file" in options:
+        # QEMU 7.2 counts only the qcow2 file as disk size; later QEMUs
+        # sum every data-bearing child, as imgfs does
+        ours, theirs = _without_disk_size(ours), _without_disk_size(theirs)
+    assert ours == theirs
+
+
+def _without_disk_size(report: str) -> str:
+    return "\n".join(line for line in report.splitlines() if not line.startswith("disk size"))
+
+
+@pytest.mark.xfail(strict=True, reason="core bug: render_human (imgfs/info.py) prints only "
+                   "ID, TAG and VM SIZE of each snapshot under a header that also names "
+                   "DATE, VM CLOCK and ICOUNT")
+def test_info_human_lists_snapshots_as_qemu_img(workdir: Path) -> None:
+    image = qemu_create(workdir / "img.qcow2", "4M")
+    qemu_img("snapshot", "-c", "first", image)
+    assert imgfs("info", "img.qcow2").stdout == run("qemu-img", "info", "img.qcow2").stdout
+
+
 # -- check --------------------------------------------------------------------------------
 
 def _refcount_block(image: Path) -> int:

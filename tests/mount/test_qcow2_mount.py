@@ -341,6 +341,33 @@ def test_dirty_lazy_refcount_image_is_repaired_by_a_rw_mount(workdir: Path, mnt:
     compare_with(image, bytes(expected), workdir)
 
 
+def test_writes_to_an_image_with_internal_snapshots(workdir: Path, mnt: Path) -> None:
+    """Clusters shared with snapshots are copied on write; the snapshots,
+    shown beside the live image with -o snapshots, keep their contents."""
+    image = qemu_create(workdir / "snap.qcow2", "8M", "cluster_size=4k")
+    qemu_io(image, "write -P 1 0 2M", "write -c -P 2 4M 64k")
+    run("qemu-img", "snapshot", "-c", "before", image)
+    snapshot = qemu_raw(image, workdir / "before.raw")
+    expected = bytearray(snapshot)
+    with mounted(image, mountpoint=mnt, options="snapshots"):
+        fd = os.open(mnt / "snap.raw", os.O_WRONLY)
+        try:
+            for offset, length in UNALIGNED_WRITES[:-1] + [(4 * MiB + 100, 5000)]:
+                data = random_bytes(length, seed=length)
+                os.pwrite(fd, data, offset)
+                expected[offset:offset + length] = data
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+        assert (mnt / "snap@before.raw").read_bytes() == snapshot
+        assert (mnt / "snap.raw").read_bytes() == expected
+    check_clean(image)
+    compare_with(image, bytes(expected), workdir)
+    run("qemu-img", "convert", "-l", "snapshot.name=before", "-O", "raw", image,
+        workdir / "snap-after.raw")
+    assert (workdir / "snap-after.raw").read_bytes() == snapshot
+
+
 def test_snapshot_option_discards_writes(workdir: Path, mnt: Path) -> None:
     image = qemu_create(workdir / "s.qcow2", "8M", "cluster_size=4k")
     qemu_io(image, "write -P 0x42 0 2M")
