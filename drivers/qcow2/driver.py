@@ -39,6 +39,7 @@ from . import create as create_mod
 from . import repair as checks
 from .cluster import (
     L1E_OFFSET_MASK,
+    L2E_OFFSET_MASK,
     QCOW_OFLAG_COMPRESSED,
     ClusterType,
     Geometry,
@@ -363,6 +364,7 @@ class Qcow2Driver(WriteMixin, BlockDriver):
         if not l2_offset:
             return Extent(length, UNALLOCATED)
         table = await self._l2_table(l2_offset)
+        await self._check_host_alignment(table, offset)
         run = l2_run(table.entries, geometry, offset, length, zero_flag=self.zero_flag)
         if run.type is ClusterType.NORMAL:
             # Past the end of its file a cluster reads as zeros, as in QEMU.
@@ -376,6 +378,18 @@ class Qcow2Driver(WriteMixin, BlockDriver):
         if run.type is ClusterType.COMPRESSED:
             return Extent(run.length, DATA)
         return Extent(run.length, UNALLOCATED)
+
+    async def _check_host_alignment(self, table: L2Table, offset: int) -> None:
+        """The host offset of a standard L2 entry is cluster aligned (spec:
+        "Standard Cluster Descriptor", bits 9..55).  As QEMU, a request that
+        meets one that is not fails and marks the image corrupt; a run of
+        contiguous clusters is aligned when its first one is."""
+        index = self.geometry.l2_index(offset)
+        entry = table.entries[index * (2 if self.geometry.extended_l2 else 1)]
+        host = entry & L2E_OFFSET_MASK
+        if host & (self.cluster_size - 1) and not entry & QCOW_OFLAG_COMPRESSED:
+            raise await self._mark_corrupt(f"cluster allocation offset {host:#x} unaligned "
+                                           f"(L2 table at {table.offset:#x}, index {index})")
 
     async def _entry_at(self, offset: int) -> int:
         """The (first word of the) L2 entry of guest `offset`; 0 if none."""
