@@ -443,9 +443,12 @@ def test_hostile_image_is_refused_at_mount(workdir: Path, mnt: Path) -> None:
     assert sha256(image) == before
 
 
-def test_damage_found_after_mount_fails_that_read_only(workdir: Path, mnt: Path) -> None:
+@pytest.mark.parametrize("damage", ["compressed past EOF", "unaligned data cluster"])
+def test_damage_found_after_mount_fails_that_read_only(workdir: Path, mnt: Path,
+                                                       damage: str) -> None:
     """With 4 KiB clusters an L2 table covers 2 MiB: damage a table the
-    mount has not read yet, then only reads through it fail."""
+    mount has not read yet, then only reads through it fail (qemu-io fails
+    the same reads with EIO)."""
     image = qemu_create(workdir / "d.qcow2", "8M", "cluster_size=4k")
     qemu_io(image, "write -P 0x31 0 8M")
     expected = qemu_raw(image, workdir / "expected.raw")
@@ -455,8 +458,7 @@ def test_damage_found_after_mount_fails_that_read_only(workdir: Path, mnt: Path)
         view = exposed(mnt, image)
         with open(view, "rb") as handle:
             assert os.pread(handle.fileno(), 1 * MiB, 0) == expected[:1 * MiB]
-            # a compressed descriptor pointing far past the end of the file
-            _patch(image, l2_offset, struct.pack(">Q", 1 << 62 | 1 << 40))
+            _patch(image, l2_offset, struct.pack(">Q", _damaged_entry(image, l2_offset, damage)))
             with pytest.raises(OSError) as info:
                 os.pread(handle.fileno(), 4096, 6 * MiB)
             assert info.value.errno == errno.EIO
@@ -466,6 +468,12 @@ def test_damage_found_after_mount_fails_that_read_only(workdir: Path, mnt: Path)
         assert is_mounted(mnt)
         assert subprocess.run(["cat", str(view)], capture_output=True).returncode != 0
         assert os.stat(view).st_size == len(expected)
+
+
+def _damaged_entry(image: Path, l2_offset: int, damage: str) -> int:
+    if damage == "compressed past EOF":
+        return 1 << 62 | 1 << 40           # a descriptor far past the end of the file
+    return _be64(image, l2_offset) + 0x200    # inside the cluster it pointed at
 
 
 @pytest.mark.parametrize("options", [["cluster_size=4k"], ["cluster_size=64k", "compat=0.10"]])
