@@ -430,6 +430,19 @@ def test_qemu_io_cannot_write_a_mounted_image(workdir: Path, mnt: Path) -> None:
     run("qemu-io", "-f", "qcow2", "-c", "write 0 4k", image)       # released at unmount
 
 
+def test_imgfs_tools_respect_a_mounts_lock(workdir: Path, mnt: Path) -> None:
+    """check and snapshot are refused on a mounted image, as qemu-img's are;
+    check -U reads anyway."""
+    image = qemu_create(workdir / "l.qcow2", "8M")
+    with mounted(image, mountpoint=mnt):
+        for args in (["check", image], ["snapshot", "-c", "s", image], ["resize", image, "+1M"]):
+            result = imgfs(*args, check=False)
+            assert result.returncode == 1 and "lock" in result.stderr, (args, result.stderr)
+            assert result.stderr.count("\n") == 1
+        assert imgfs("check", "-U", image).returncode == 0
+    assert run("qemu-img", "snapshot", "-l", image).stdout == ""
+
+
 def test_hostile_image_is_refused_at_mount(workdir: Path, mnt: Path) -> None:
     image = qemu_create(workdir / "h.qcow2", "8M")
     qemu_io(image, "write -P 1 0 100k")
