@@ -136,6 +136,20 @@ def test_reads_match_qemu(workdir: Path, mnt: Path, compat: str, cluster_size: i
     assert_reads_like_qemu(image, mnt, workdir)
 
 
+@pytest.mark.parametrize("cluster_size", [32 * KiB, 2 * MiB])
+def test_extended_l2_subclusters_read(workdir: Path, mnt: Path, cluster_size: int) -> None:
+    """Subcluster-sized and -unaligned writes, zero writes and discards
+    leave clusters partly allocated, partly zero, partly unallocated."""
+    size = max(24 * cluster_size, 8 * MiB)
+    image = qemu_create(workdir / "ext.qcow2", size, "extended_l2=on",
+                        f"cluster_size={cluster_size}")
+    sub = cluster_size // 32
+    out_of_order_writes(image, cluster_size, size)
+    qemu_io(image, f"write -P 0x77 {sub + 5} {sub}", f"write -z {4 * sub} {3 * sub}",
+            f"discard {cluster_size + 8 * sub} {2 * sub}", f"write -P 0x78 {40 * sub - 1} 2")
+    assert_reads_like_qemu(image, mnt, workdir)
+
+
 @pytest.mark.parametrize("options", ["compression_type=zlib,cluster_size=4k",
                                      "compression_type=zlib,compat=0.10",
                                      "compression_type=zstd,cluster_size=4k",
