@@ -296,6 +296,60 @@ def test_writes_through_the_mount(workdir: Path, mnt: Path, case: str) -> None:
     compare_with(image, bytes(expected), workdir)
 
 
+@pytest.mark.parametrize("options", [["cluster_size=64k"], ["extended_l2=on", "cluster_size=64k"]])
+def test_parallel_writers_share_clusters(workdir: Path, mnt: Path, options: list[str]) -> None:
+    """Eight writers fill disjoint 1000-byte pieces of the same clusters,
+    unallocated over a backing file: every copy-on-write keeps the others'
+    bytes."""
+    base = workdir / "base.raw"
+    base.write_bytes(random_bytes(2 * MiB, seed=21))
+    image = qemu_create(workdir / "top.qcow2", "2M", "backing_file=base.raw",
+                        "backing_fmt=raw", *options)
+    expected = bytearray(base.read_bytes())
+    pieces = {writer: [(writer * 1000 + round_ * 8000 + 3, random_bytes(1000, writer * 97 + round_))
+                       for round_ in range(40)] for writer in range(8)}
+    for writes in pieces.values():
+        for offset, data in writes:
+            expected[offset:offset + len(data)] = data
+    with mounted(image, mountpoint=mnt):
+        view = exposed(mnt, image)
+
+        def writer(number: int) -> None:
+            fd = os.open(view, os.O_WRONLY)
+            try:
+                for offset, data in pieces[number]:
+                    os.pwrite(fd, data, offset)
+                os.fsync(fd)
+            finally:
+                os.close(fd)
+        threads = [threading.Thread(target=writer, args=(number,)) for number in pieces]
+        for thread in threads:
+            thread.start()
+        for thread in threads:
+            thread.join()
+    check_clean(image)
+    compare_with(image, bytes(expected), workdir)
+
+
+@pytest.mark.parametrize("options", [None, "cache=none", "cache=writethrough"])
+def test_direct_io_through_the_mount(workdir: Path, mnt: Path, options: str | None) -> None:
+    """O_DIRECT (what QEMU's cache=none uses on the raw view) reads and writes."""
+    image = qemu_create(workdir / "d.qcow2", "8M", "cluster_size=4k")
+    payload = workdir / "payload.bin"
+    payload.write_bytes(random_bytes(1 * MiB, seed=31))
+    expected = bytearray(8 * MiB)
+    expected[3 * 65536:3 * 65536 + MiB] = payload.read_bytes()
+    with mounted(image, mountpoint=mnt, options=options):
+        view = exposed(mnt, image)
+        run("dd", f"if={payload}", f"of={view}", "bs=64k", "seek=3", "oflag=direct",
+            "conv=notrunc", "status=none")
+        run("dd", f"if={view}", f"of={workdir / 'back.bin'}", "bs=64k", "skip=3", "count=16",
+            "iflag=direct", "status=none")
+        assert (workdir / "back.bin").read_bytes() == payload.read_bytes()
+    check_clean(image)
+    compare_with(image, bytes(expected), workdir)
+
+
 def test_writes_over_a_backing_chain(workdir: Path, mnt: Path) -> None:
     """Copy-on-write from the chain below; the backing files stay untouched."""
     top = _chain(workdir)
