@@ -371,11 +371,16 @@ def test_writes_over_a_backing_chain(workdir: Path, mnt: Path) -> None:
     assert {name: sha256(workdir / name) for name in lower} == lower
 
 
-def test_compressed_clusters_overwritten_through_the_mount(workdir: Path, mnt: Path) -> None:
+@pytest.mark.parametrize("compression", ["zlib", "zstd"])
+def test_compressed_clusters_overwritten_through_the_mount(workdir: Path, mnt: Path,
+                                                           compression: str) -> None:
+    if compression == "zstd":
+        pytest.importorskip("zstandard")
     source = qemu_create(workdir / "src.qcow2", "8M", "cluster_size=4k")
     qemu_io(source, "write -P 0x61 0 4M")
     image = workdir / "packed.qcow2"
-    run("qemu-img", "convert", "-c", "-O", "qcow2", "-o", "cluster_size=4k", source, image)
+    run("qemu-img", "convert", "-c", "-O", "qcow2", "-o",
+        f"cluster_size=4k,compression_type={compression}", source, image)
     expected = bytearray(qemu_raw(image, workdir / "before.raw"))
     with mounted(image, mountpoint=mnt):
         fd = os.open(exposed(mnt, image), os.O_WRONLY)
