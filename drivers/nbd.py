@@ -1005,6 +1005,7 @@ class NbdDriver(BlockDriver):
     kind = Kind.PROTOCOL
     prefixes = ("nbd:", "nbd+tcp:", "nbd+unix:")
     description = "Network Block Device exports (nbd://, nbd+unix://, nbd:HOST:PORT)"
+    async_io = True
     open_opts = Schema(
         Opt("server", parse_server,
             help="server address: type=inet with host and port, or type=unix with path"),

@@ -103,6 +103,10 @@ class BlockDriver(abc.ABC):
     request_alignment: int = 1
     #: largest request the driver wants in one call (0: no limit)
     max_transfer: int = 0
+    #: True when the driver's I/O really waits (a network protocol), so that
+    #: requests gain from being in flight at once; local files and generated
+    #: disks answer with blocking calls on the trio thread instead
+    async_io: ClassVar[bool] = False
     #: True when the driver can shrink or grow (`truncate`)
     can_resize: bool = False
     #: False when this source cannot be written (a read-only NBD export, a

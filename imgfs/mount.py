@@ -281,7 +281,7 @@ async def _mount(sources: list[str], mountpoint: str, opts: MountOptions, nodes:
         # fusermount3, mountpoint not allowed...)
         raise ImgfsError(f"cannot mount on {mountpoint} ({exc})") from None
     try:
-        nursery.start_soon(_run_session, session_done)
+        nursery.start_soon(_run_session, session_done, worker_tasks(nodes))
         with trio.fail_after(30):
             await operations.initialized.wait()
     except BaseException:
@@ -293,10 +293,28 @@ async def _mount(sources: list[str], mountpoint: str, opts: MountOptions, nodes:
     tune_read_ahead(real_mountpoint)
 
 
-async def _run_session(session_done: Any) -> None:
+def worker_tasks(nodes: list[Any]) -> int:
+    """How many pyfuse3 workers take requests from /dev/fuse at once.
+
+    With local files every request runs to completion on the trio thread
+    (pread/pwrite block it), so a second worker cannot overlap anything and
+    only adds a lock hand-over per request (py-spy: 10-18% of a random-write
+    profile).  Measured back to back on raw: 23.4k vs 19.3k IOPS for 4 KiB
+    random reads (random writes unchanged, ~30k).  A network source keeps
+    many requests in flight.
+    """
+    def leaves(node: Any) -> list[Any]:
+        children = list(node.children.values())
+        return [leaf for child in children for leaf in leaves(child)] if children else [node]
+    if any(leaf.driver.async_io for node in nodes for leaf in leaves(node)):
+        return 64
+    return 1
+
+
+async def _run_session(session_done: Any, max_tasks: int) -> None:
     import pyfuse3
     try:
-        await pyfuse3.main()
+        await pyfuse3.main(max_tasks=max_tasks)
     finally:
         session_done.set()
 
