@@ -15,6 +15,8 @@ only (the mount daemon is a fork of it, so it inherits the patches):
                    without its flush after every write)
 * read_ahead_kb=N  the read-ahead imgfs sets on its mount, which is the
                    size (up to 1 MiB) and the pipelining of sequential reads
+* strict_limit=0|1, max_ratio=N   the mount's dirty-page limits (FUSE's
+                   own default is strict_limit=1, max_ratio=1)
 
 Nothing in imgfs is edited; an unknown switch is an error.
 """
@@ -47,13 +49,17 @@ def patch_writeback(value: str) -> None:
     pyfuse3.init = init  # type: ignore[assignment]
 
 
-def patch_read_ahead_kb(value: str) -> None:
-    import imgfs.mount
-    imgfs.mount.READ_AHEAD_KB = int(value)
+def patch_bdi(name: str) -> Any:
+    def patch(value: str) -> None:
+        import imgfs.mount
+        imgfs.mount.BDI_SETTINGS = tuple(
+            (key, value if key == name else old) for key, old in imgfs.mount.BDI_SETTINGS)
+    return patch
 
 
 PATCHES = {"max_tasks": patch_max_tasks, "writeback": patch_writeback,
-           "read_ahead_kb": patch_read_ahead_kb}
+           "read_ahead_kb": patch_bdi("read_ahead_kb"),
+           "strict_limit": patch_bdi("strict_limit"), "max_ratio": patch_bdi("max_ratio")}
 
 
 def apply(spec: str) -> None:
