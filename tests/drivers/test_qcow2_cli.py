@@ -16,6 +16,7 @@ from pathlib import Path
 import pytest
 
 from tests.conftest import imgfs, need, random_bytes, run
+from tests.drivers.test_qcow2 import _damaged_image as driver_damaged_image
 
 KiB = 1024
 MiB = 1024 * KiB
@@ -255,33 +256,26 @@ def _refcount_block(image: Path) -> int:
     return struct.unpack(">Q", raw[table:table + 8])[0]
 
 
-def _patch(image: Path, offset: int, data: bytes) -> None:
+def patch_bytes(image: Path, offset: int, data: bytes) -> None:
     with open(image, "r+b") as handle:
         handle.seek(offset)
         handle.write(data)
 
 
 def damaged_image(workdir: Path, damage: str) -> Path:
-    """4 KiB clusters, 16-bit refcounts.  "leaks": two clusters past the end
-    with refcount 1; "corruption": an in-use data cluster with refcount 0
-    (QEMU must rebuild the refcounts to fix that); "low refcount": a cluster
-    shared with a snapshot with refcount 1 instead of 2."""
-    image = qemu_create(workdir / f"{damage}.qcow2", "1M", "cluster_size=4k")
+    """4 KiB clusters, 16-bit refcounts.  "leaks", "corruption", "both":
+    the driver tests' images (two leaked clusters past the end; an in-use
+    data cluster with refcount 0, which QEMU must rebuild the refcounts to
+    fix); "low refcount": a cluster shared with a snapshot with refcount 1
+    instead of 2; "l2 ...": a damaged L2 entry."""
+    if damage in ("none", "leaks", "corruption", "both"):
+        return driver_damaged_image(workdir, damage)
+    image = qemu_create(workdir / "k.qcow2", "1M", "cluster_size=4k")
     qemu_io(image, "write -P 3 0 100k", "write -c 200k 8k", "write -z 300k 8k")
     if damage == "low refcount":
         qemu_img("snapshot", "-c", "s", image)
-    block = _refcount_block(image)
-    clusters = -(-image.stat().st_size // 4096)
-    if damage in ("leaks", "both"):
-        with open(image, "r+b") as handle:
-            handle.truncate((clusters + 2) * 4096)
-        for cluster in (clusters, clusters + 1):
-            _patch(image, block + 2 * cluster, struct.pack(">H", 1))
-    if damage in ("corruption", "both"):
-        _patch(image, block + 2 * 10, struct.pack(">H", 0))
-    if damage == "low refcount":
-        _patch(image, block + 2 * 10, struct.pack(">H", 1))
-    if damage.startswith("l2 "):
+        patch_bytes(image, _refcount_block(image) + 2 * 10, struct.pack(">H", 1))
+    else:
         _damage_l2_entry(image, damage)
     return image
 
@@ -298,7 +292,7 @@ def _damage_l2_entry(image: Path, damage: str) -> None:
     past_end = -(-len(raw) // 4096) * 4096 + 0x10000
     entry = {"l2 shared": first, "l2 unaligned": first + 0x200,
              "l2 past eof": 1 << 63 | past_end, "l2 reserved bits": first | 0x10}[damage]
-    _patch(image, l2_offset + 8, struct.pack(">Q", entry))
+    patch_bytes(image, l2_offset + 8, struct.pack(">Q", entry))
 
 
 def both_check(image: Path, *args: str) -> tuple[tuple[int, str, str], tuple[int, str, str]]:
@@ -571,7 +565,7 @@ def _convert_damaged_compressed(workdir: Path, compression: str) -> str:
     l2_offset = struct.unpack(">Q", data[l1_offset:l1_offset + 8])[0] & 0x00FF_FFFF_FFFF_FE00
     descriptor = struct.unpack(">Q", data[l2_offset:l2_offset + 8])[0]
     host = descriptor & ((1 << (62 - (12 - 8))) - 1)
-    _patch(image, host, b"\xff" * 16)
+    patch_bytes(image, host, b"\xff" * 16)
     assert run("qemu-img", "convert", "-O", "raw", image, workdir / "q.raw",
                check=False).returncode == 1
     result = imgfs("convert", "-O", "raw", image, workdir / "out.raw", check=False)

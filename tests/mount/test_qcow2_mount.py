@@ -34,6 +34,7 @@ from tests.conftest import (
     run,
     sha256,
 )
+from tests.drivers.test_qcow2_cli import check_clean, patch_bytes, qemu_create, qemu_io
 
 KiB = 1024
 MiB = 1024 * KiB
@@ -48,20 +49,6 @@ def _oracles(workdir: Path, monkeypatch: pytest.MonkeyPatch) -> None:
 
 
 # -- helpers ------------------------------------------------------------------------------
-
-def qemu_create(image: Path, size: int | str, *options: str, fmt: str = "qcow2") -> Path:
-    run("qemu-img", "create", "-q", "-f", fmt,
-        *(["-o", ",".join(options)] if options else []), image, str(size))
-    return image
-
-
-def qemu_io(image: Path, *commands: str, fmt: str = "qcow2") -> None:
-    args: list[str] = []
-    for command in commands:
-        args += ["-c", command]
-    output = run("qemu-io", "-f", fmt, *args, image).stdout
-    assert "error" not in output.lower(), output
-
 
 def out_of_order_writes(image: Path, cluster: int, size: int) -> None:
     """Unaligned, cluster-crossing, zero, discarded and compressed ranges,
@@ -97,25 +84,11 @@ def assert_reads_like_qemu(image: Path, mnt: Path, workdir: Path, *,
     return expected
 
 
-def check_clean(image: Path) -> None:
-    result = run("qemu-img", "check", "--output=json", image, check=False)
-    report = json.loads(result.stdout)
-    assert result.returncode == 0, result.stdout + result.stderr
-    assert report["check-errors"] == 0 and not report.get("corruptions") \
-        and not report.get("leaks"), report
-
-
 def compare_with(image: Path, expected: bytes, workdir: Path) -> None:
     raw = workdir / "want.raw"
     raw.write_bytes(expected)
     result = run("qemu-img", "compare", "-F", "raw", image, raw, check=False)
     assert result.returncode == 0, result.stdout + result.stderr
-
-
-def _patch(path: Path, offset: int, data: bytes) -> None:
-    with open(path, "r+b") as handle:
-        handle.seek(offset)
-        handle.write(data)
 
 
 def _be64(path: Path, offset: int) -> int:
@@ -519,7 +492,7 @@ def test_imgfs_tools_respect_a_mounts_lock(workdir: Path, mnt: Path) -> None:
 def test_hostile_image_is_refused_at_mount(workdir: Path, mnt: Path) -> None:
     image = qemu_create(workdir / "h.qcow2", "8M")
     qemu_io(image, "write -P 1 0 100k")
-    _patch(image, 40, struct.pack(">Q", 1 << 50))        # l1_table_offset past EOF
+    patch_bytes(image, 40, struct.pack(">Q", 1 << 50))        # l1_table_offset past EOF
     before = sha256(image)
     result = imgfs("mount", image, mnt, check=False, timeout=30)
     assert result.returncode == 1
@@ -544,7 +517,8 @@ def test_damage_found_after_mount_fails_that_read_only(workdir: Path, mnt: Path,
         view = exposed(mnt, image)
         with open(view, "rb") as handle:
             assert os.pread(handle.fileno(), 1 * MiB, 0) == expected[:1 * MiB]
-            _patch(image, l2_offset, struct.pack(">Q", _damaged_entry(image, l2_offset, damage)))
+            damaged = _damaged_entry(image, l2_offset, damage)
+            patch_bytes(image, l2_offset, struct.pack(">Q", damaged))
             with pytest.raises(OSError) as info:
                 os.pread(handle.fileno(), 4096, 6 * MiB)
             assert info.value.errno == errno.EIO
