@@ -215,6 +215,8 @@ class FileDriver(BlockDriver):
         os.fdatasync(self.fd)
 
     async def truncate(self, size: int, preallocation: str = "off") -> None:
+        if preallocation not in ("off", "falloc", "full"):
+            raise Unsupported(f"preallocation={preallocation} is not supported for files")
         old = self.size
         os.ftruncate(self.fd, size)
         preallocate(self.fd, old, size, preallocation)

@@ -101,7 +101,8 @@ def build_parser() -> ArgumentParser:
     resize = commands.add_parser("resize", help="grow or shrink an image")
     resize.add_argument("-f", dest="fmt", metavar="FMT")
     resize.add_argument("--shrink", action="store_true")
-    resize.add_argument("--preallocation", default="off", choices=("off", "falloc", "full"))
+    resize.add_argument("--preallocation", default="off",
+                        choices=("off", "metadata", "falloc", "full"))
     resize.add_argument("filename", metavar="FILE")
     resize.add_argument("size", metavar="[+|-]SIZE")
 

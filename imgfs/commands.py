@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import argparse
 import base64
+import functools
 import json
 import os
 import sys
@@ -217,9 +218,8 @@ def cmd_create(args: argparse.Namespace) -> int:
         options["backing_fmt"] = args.backing_fmt
     size = parse_size(args.size) if args.size is not None else None
     ctx = make_context(args, read_only=False)
-    if args.unsafe and size is None:
-        raise UsageError("-u needs an explicit SIZE (the backing file is not opened)")
-    parsed = run_trio(create_image, args.filename, args.fmt, size, options, ctx)
+    parsed = run_trio(functools.partial(create_image, unsafe=args.unsafe), args.filename,
+                      args.fmt, size, options, ctx)
     if not args.quiet:
         print(_formatting_line(args.filename, args.fmt, parsed))
     return 0

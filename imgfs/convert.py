@@ -16,6 +16,8 @@ from .graph import create_image, open_image
 from .node import Node, OpenContext
 
 CHUNK = 2 * 1024 * 1024
+#: with -B, the unit compared against the backing file (a common cluster size)
+BACKING_GRANULE = 64 * 1024
 
 
 async def convert(args: argparse.Namespace, options: dict[str, Any], sparse: int) -> None:
@@ -54,9 +56,12 @@ async def copy_image(source: Node, target: Node, *, sparse: int, compress: bool,
     offset, size = 0, source.size
     while offset < size:
         length, status, _ = await source.block_status_above(offset, min(CHUNK, size - offset))
-        if status & Status.DATA or (keep_backing and status & Status.ALLOCATED):
+        if keep_backing:
+            await _write_over_backing(source, target, offset, length,
+                                      write_compressed if compress else None)
+        elif status & Status.DATA:
             data = await source.read(offset, length)
-            await _write_run(target, offset, data, sparse, keep_backing,
+            await _write_run(target, offset, data, sparse,
                              write_compressed if compress else None)
         offset += length
         if progress:
@@ -66,14 +71,32 @@ async def copy_image(source: Node, target: Node, *, sparse: int, compress: bool,
         print(file=sys.stdout)
 
 
+async def _write_over_backing(source: Node, target: Node, offset: int, length: int,
+                              write_compressed: Any) -> None:
+    """``-B``: write what differs from the target's backing file, in
+    BACKING_GRANULE pieces; zeros over backing data become zero writes."""
+    data = await source.read(offset, length)
+    below = await target.read_unallocated(offset, length)
+    for start in range(0, length, BACKING_GRANULE):
+        piece = data[start:start + BACKING_GRANULE]
+        if piece == below[start:start + BACKING_GRANULE]:
+            continue
+        if write_compressed is not None:
+            await write_compressed(offset + start, piece)
+        elif piece.count(0) == len(piece):
+            await target.write_zeroes(offset + start, len(piece))
+        else:
+            await target.write(offset + start, piece)
+
+
 async def _write_run(target: Node, offset: int, data: bytes, sparse: int,
-                     keep_backing: bool, write_compressed: Any) -> None:
+                     write_compressed: Any) -> None:
     """Write `data`, skipping zero runs of `sparse` bytes (a fresh target
-    already reads as zeros there, unless it has a backing file)."""
+    already reads as zeros there)."""
     if write_compressed is not None:
         await write_compressed(offset, data)
         return
-    if not sparse or keep_backing:
+    if not sparse:
         await target.write(offset, data)
         return
     for run_start, run_end in _nonzero_runs(data, sparse):

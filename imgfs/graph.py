@@ -220,17 +220,24 @@ def ref_tree(ref: ChildRef, file_node: Node, *, leaf: bool) -> dict[str, Any]:
 
 
 async def create_image(filename: str, fmt: str, size: int | None,
-                       options: Mapping[str, Any], ctx: OpenContext) -> dict[str, Any]:
-    """Create an image; returns the parsed options (for the summary line)."""
+                       options: Mapping[str, Any], ctx: OpenContext, *,
+                       unsafe: bool = False) -> dict[str, Any]:
+    """Create an image; returns the parsed options (for the summary line).
+
+    As qemu-img, the backing file is opened (to check it, and for a missing
+    SIZE) unless `unsafe` (``-u``)."""
     cls = get_driver(fmt)
     if cls.create_opts is None:
         raise Unsupported(f"format '{fmt}' does not support image creation")
     parsed = cls.create_opts.parse(options, what=fmt)
     backing = parsed.get("backing_file")
+    if size is None and not backing:
+        raise UsageError("image size required")
+    if backing and not unsafe:
+        backing_size = await _backing_size(filename, backing, parsed.get("backing_fmt"), ctx)
+        size = backing_size if size is None else size
     if size is None:
-        if not backing:
-            raise UsageError("image size required")
-        size = await _backing_size(filename, backing, parsed.get("backing_fmt"), ctx)
+        raise UsageError("-u needs an explicit SIZE (the backing file is not opened)")
     parsed["size"] = size
     await cls.create(filename, size, parsed, ctx)
     return parsed

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import json
 import os
+import time
 from typing import Any
 
 from .node import Node
@@ -81,16 +82,28 @@ def render_human(report: dict[str, Any]) -> str:
         if "backing-filename-format" in report:
             lines.append(f"backing file format: {report['backing-filename-format']}")
     if report.get("snapshots"):
-        lines.append("Snapshot list:")
-        lines.append("ID        TAG               VM SIZE                DATE"
-                     "     VM CLOCK     ICOUNT")
-        for snap in report["snapshots"]:
-            lines.append(f"{snap.get('id', ''):<10}{snap.get('name', ''):<18}"
-                         f"{human_size(snap.get('vm-state-size', 0)):>7}")
+        lines.append(render_snapshot_table(report["snapshots"]))
     specific = report.get("format-specific")
     if specific and specific.get("data"):
         lines.append("Format specific information:")
         lines.extend(_render_fields(specific["data"], indent=4))
+    return "\n".join(lines)
+
+
+def render_snapshot_table(snapshots: list[dict[str, Any]]) -> str:
+    """qemu-img's snapshot table (``info`` and ``snapshot -l``), from the
+    snapshots' JSON entries."""
+    lines = ["Snapshot list:",
+             f"{'ID':<9} {'TAG':<17} {'VM SIZE':>7}{'DATE':>20}{'VM CLOCK':>13}{'ICOUNT':>11}"]
+    for snap in snapshots:
+        date = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(snap.get("date-sec", 0)))
+        seconds = snap.get("vm-clock-sec", 0)
+        clock = f"{seconds // 3600:02d}:{seconds // 60 % 60:02d}:{seconds % 60:02d}." \
+            f"{snap.get('vm-clock-nsec', 0) // 10**6:03d}"
+        icount = str(snap["icount"]) if "icount" in snap else ""
+        lines.append(f"{snap.get('id', ''):<9} {snap.get('name', ''):<17} "
+                     f"{human_size(snap.get('vm-state-size', 0)):>7}"
+                     f"{date:>20}{clock:>13}{icount:>11}")
     return "\n".join(lines)
 
 

@@ -136,6 +136,11 @@ class Node:
         if self.read_only:
             raise ReadOnly(f"{self.filename} is open read-only")
 
+    def _named(self, exc: ImgfsError) -> None:
+        """Let a driver's error name this node's file, unless a deeper node did."""
+        if exc.path is None:
+            exc.path = self.filename
+
     def _wrap(self, exc: Exception) -> ImgfsError:
         if isinstance(exc, OSError):
             wrapped = from_oserror(exc)
@@ -173,6 +178,9 @@ class Node:
             return b"".join(parts)
         except DRIVER_FAULTS as exc:
             raise self._wrap(exc) from exc
+        except ImgfsError as exc:
+            self._named(exc)
+            raise
 
     async def read_via_status(self, offset: int, length: int) -> bytes:
         """The default format read: walk block_status, one read per extent."""
@@ -226,6 +234,9 @@ class Node:
                 await self._write_split(offset, data)
         except DRIVER_FAULTS as exc:
             raise self._wrap(exc) from exc
+        except ImgfsError as exc:
+            self._named(exc)
+            raise
 
     async def _write_aligned(self, offset: int, data: bytes, align: int) -> None:
         end = offset + len(data)
@@ -268,6 +279,9 @@ class Node:
                 await self.driver.write_zeroes(offset, length, may_unmap=may_unmap)
             except DRIVER_FAULTS as exc:
                 raise self._wrap(exc) from exc
+            except ImgfsError as exc:
+                self._named(exc)
+                raise
 
     async def discard(self, offset: int, length: int) -> None:
         self._check_writable()
@@ -280,6 +294,9 @@ class Node:
                 await self.driver.discard(start, end - start)
             except DRIVER_FAULTS as exc:
                 raise self._wrap(exc) from exc
+            except ImgfsError as exc:
+                self._named(exc)
+                raise
 
     async def flush(self) -> None:
         """Make everything written so far durable, this layer then its children."""
@@ -289,6 +306,9 @@ class Node:
             await self.driver.flush()
         except DRIVER_FAULTS as exc:
             raise self._wrap(exc) from exc
+        except ImgfsError as exc:
+            self._named(exc)
+            raise
         for name, child in self.children.items():
             if name != "backing":
                 await child.flush()
@@ -303,6 +323,9 @@ class Node:
             await self.driver.truncate(size, preallocation)
         except DRIVER_FAULTS as exc:
             raise self._wrap(exc) from exc
+        except ImgfsError as exc:
+            self._named(exc)
+            raise
 
     # -- allocation -----------------------------------------------------------
 
@@ -313,6 +336,9 @@ class Node:
             extent = await self.driver.block_status(offset, length)
         except DRIVER_FAULTS as exc:
             raise self._wrap(exc) from exc
+        except ImgfsError as exc:
+            self._named(exc)
+            raise
         if extent.length <= 0:
             raise CorruptImage(f"{self.filename}: empty extent at offset {offset}")
         if extent.length > length:
@@ -322,21 +348,25 @@ class Node:
     async def block_status_above(self, offset: int, length: int) -> tuple[int, Status, int]:
         """Status resolved through the backing chain.
 
-        Returns (length, status, depth): `depth` is how many backing layers
-        down the range was found (status NONE when no layer allocates it).
+        Returns (length, status, depth), as qemu-img map counts depth: the
+        layer that holds the range; for a range no layer holds, the bottom
+        layer (status NONE); past the end of a short backing file, the layer
+        above it (status ZERO without ALLOCATED: it reads as zeros).
         """
-        node: Node | None = self
+        node = self
         depth = 0
-        while node is not None:
-            if offset >= node.size:
-                return length, Status.ZERO, depth
-            extent = await node.block_status(offset, min(length, node.size - offset))
+        while True:
+            extent = await node.block_status(offset, length)
             length = extent.length
             if extent.status & Status.ALLOCATED:
                 return length, extent.status, depth
-            node = node.backing
-            depth += 1
-        return length, Status.NONE, depth
+            backing = node.backing
+            if backing is None:
+                return length, Status.NONE, depth
+            if offset >= backing.size:
+                return length, Status.ZERO, depth
+            length = min(length, backing.size - offset)
+            node, depth = backing, depth + 1
 
     # -- life cycle -----------------------------------------------------------
 

@@ -9,11 +9,11 @@ every length against the bytes it was given.
 from __future__ import annotations
 
 import struct
-import time
 from dataclasses import dataclass
 from typing import Any, NamedTuple
 
 from imgfs.errors import InvalidImage
+from imgfs.info import render_snapshot_table
 
 from .header import QCOW_MAX_L1_SIZE
 
@@ -140,23 +140,5 @@ def new_extra_data(disk_size: int) -> bytes:
 
 
 def listing(snapshots: list[Snapshot]) -> str:
-    """`qemu-img snapshot -l`'s table."""
-    lines = ["Snapshot list:",
-             f"{'ID':<9} {'TAG':<17} {'VM SIZE':>7}{'DATE':>20}{'VM CLOCK':>13}{'ICOUNT':>11}"]
-    for snap in snapshots:
-        date = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(snap.date_sec))
-        seconds, nsec = divmod(snap.vm_clock_nsec, 10**9)
-        clock = f"{seconds // 3600:02d}:{seconds // 60 % 60:02d}:{seconds % 60:02d}." \
-            f"{nsec // 10**6:03d}"
-        icount = "" if snap.icount is None else str(snap.icount)
-        lines.append(f"{snap.id:<9} {snap.name:<17} {_size(snap.vm_state_size):>7}"
-                     f"{date:>20}{clock:>13}{icount:>11}")
-    return "\n".join(lines)
-
-
-def _size(value: int) -> str:
-    units = ["B", "KiB", "MiB", "GiB", "TiB"]
-    amount, unit = float(value), 0
-    while amount >= 1024 and unit < len(units) - 1:
-        amount, unit = amount / 1024, unit + 1
-    return f"{value} B" if unit == 0 else f"{amount:.3g} {units[unit]}"
+    """`qemu-img snapshot -l`'s table (the same table `imgfs info` shows)."""
+    return render_snapshot_table([snap.info() for snap in snapshots])

@@ -188,9 +188,6 @@ def test_create_unsafe_does_not_open_the_backing_file(workdir: Path) -> None:
     assert (report["virtual-size"], report["backing-filename"]) == (8 * MiB, "missing.raw")
 
 
-@pytest.mark.xfail(strict=True, reason="core bug: create_image (imgfs/graph.py) opens the "
-                   "backing file only to learn a missing SIZE, so without -u a missing "
-                   "backing file is accepted when SIZE is given")
 def test_create_without_unsafe_opens_the_backing_file(workdir: Path) -> None:
     """qemu-img: "Could not open backing image", exit 1, even with a SIZE."""
     result = imgfs("create", "-q", "-f", "qcow2", "-b", "missing.raw", "-F", "raw",
@@ -239,9 +236,6 @@ def _without_disk_size(report: str) -> str:
     return "\n".join(line for line in report.splitlines() if not line.startswith("disk size"))
 
 
-@pytest.mark.xfail(strict=True, reason="core bug: render_human (imgfs/info.py) prints only "
-                   "ID, TAG and VM SIZE of each snapshot under a header that also names "
-                   "DATE, VM CLOCK and ICOUNT")
 def test_info_human_lists_snapshots_as_qemu_img(workdir: Path) -> None:
     image = qemu_create(workdir / "img.qcow2", "4M")
     qemu_img("snapshot", "-c", "first", image)
@@ -489,9 +483,6 @@ def test_convert_with_backing(workdir: Path, source_qcow2: Path) -> None:
     compare(source_qcow2, out)
 
 
-@pytest.mark.xfail(strict=True, reason="core bug: copy_image (imgfs/convert.py) skips ranges "
-                   "the source leaves unallocated even with -B, so the target reads the "
-                   "backing file's data there instead of the source's zeros")
 def test_convert_with_backing_that_differs(workdir: Path, source_qcow2: Path) -> None:
     """qemu-img convert -B writes zero clusters where the source reads zeros
     and the backing file does not."""
@@ -573,10 +564,6 @@ def _convert_damaged_compressed(workdir: Path, compression: str) -> str:
     return result.stderr
 
 
-@pytest.mark.xfail(strict=True, reason="core bug: an ImgfsError a driver raises during I/O "
-                   "(read, block_status, write) gets no path (Node sets exc.path only for "
-                   "OSError/struct errors and in activate), so the CLI line does not name the "
-                   "file: 'imgfs: compressed cluster does not decompress: ...'")
 def test_io_error_names_the_file(workdir: Path) -> None:
     assert "c.qcow2" in _convert_damaged_compressed(workdir, "zlib")
 
@@ -620,8 +607,6 @@ def test_resize_with_preallocation_matches_qemu_img(workdir: Path, mode: str) ->
     compare(ours, theirs)
 
 
-@pytest.mark.xfail(strict=True, reason="core gap: imgfs/cli.py offers resize --preallocation "
-                   "off|falloc|full only; qemu-img also takes metadata for qcow2")
 def test_resize_with_metadata_preallocation(workdir: Path) -> None:
     ours = qemu_create(workdir / "ours.qcow2", "4M")
     theirs = qemu_create(workdir / "theirs.qcow2", "4M")
@@ -678,10 +663,6 @@ def test_map_agrees_on_a_chain_with_zero_and_compressed_clusters(workdir: Path, 
     assert _map_runs(ours) == _map_runs(theirs)
 
 
-@pytest.mark.xfail(strict=True, reason="core bug: Node.block_status_above (imgfs/node.py) "
-                   "returns depth one past the bottom layer for ranges no layer allocates "
-                   "(qemu-img map: the bottom layer's depth), and the short layer's own "
-                   "depth past a short backing file (qemu-img: the layer above it)")
 @pytest.mark.parametrize("base_fmt, base_size", MAP_BASES[1:])
 def test_map_depth_of_unallocated_ranges(workdir: Path, base_fmt: str, base_size: str) -> None:
     top = _map_chain(workdir, base_fmt, base_size)
