@@ -196,7 +196,24 @@ def _detach_stdio(keep_stderr: bool) -> None:
     os.dup2(null, 1)
     if not keep_stderr:
         os.dup2(null, 2)
+        _log_to_syslog()
     os.close(null)
+
+
+def _log_to_syslog() -> None:
+    """A daemon's warnings (a request that failed, a fat:rw: change refused)
+    go to syslog, where mount helpers' messages are looked for."""
+    import logging
+    import logging.handlers
+    if not os.path.exists("/dev/log"):
+        return
+    try:
+        handler = logging.handlers.SysLogHandler(address="/dev/log")
+    except OSError:
+        return
+    handler.setFormatter(logging.Formatter("imgfs[%(process)d]: %(message)s"))
+    root = logging.getLogger()
+    root.handlers = [handler]
 
 
 # -- create -----------------------------------------------------------------------------

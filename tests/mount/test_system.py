@@ -417,3 +417,33 @@ def test_create_nocow_on_btrfs(workdir: Path) -> None:
         assert "C" not in run("lsattr", fs_dir / "cow.img").stdout.split()[0]
     finally:
         run("umount", fs_dir)
+
+
+def test_daemon_warnings_go_to_syslog(workdir: Path, mnt: Path) -> None:
+    """Once detached, the daemon's warnings (here: EIO for a file of a fat:
+    source that vanished on the host) reach syslog through /dev/log."""
+    import socket
+    need_root()
+    if os.path.exists("/dev/log"):
+        pytest.skip("a syslog daemon owns /dev/log on this machine")
+    share = workdir / "share"
+    share.mkdir()
+    (share / "gone.bin").write_bytes(os.urandom(256 * 1024))
+    listener = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+    listener.bind("/dev/log")
+    listener.settimeout(10)
+    try:
+        with mounted(f"fat:{share}", mountpoint=mnt):
+            (share / "gone.bin").unlink()
+            fd = os.open(mnt / "share.raw", os.O_RDONLY | os.O_DIRECT)
+            try:
+                with pytest.raises(OSError):
+                    for offset in range(0, os.fstat(fd).st_size, 1 << 20):
+                        os.pread(fd, 1 << 20, offset)
+            finally:
+                os.close(fd)
+            message = listener.recv(4096).decode()
+        assert "imgfs[" in message and "gone.bin" in message
+    finally:
+        listener.close()
+        os.unlink("/dev/log")
