@@ -150,6 +150,21 @@ def workdir(tmp_path: Path) -> Path:
     return tmp_path
 
 
+def pwrite_all(path: Path, writes: list[tuple[int, bytes]],
+               expected: bytearray | None = None) -> None:
+    """Write every (offset, data) through one descriptor, then fsync; keep
+    `expected` (the raw bytes the image should hold) in step."""
+    fd = os.open(path, os.O_WRONLY)
+    try:
+        for offset, data in writes:
+            assert os.pwrite(fd, data, offset) == len(data)
+            if expected is not None:
+                expected[offset:offset + len(data)] = data
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
 def random_bytes(size: int, seed: int = 1) -> bytes:
     import random
     return random.Random(seed).randbytes(size)

@@ -3,10 +3,9 @@ passphrase file, wrong passphrases refused before anything is mounted,
 writes that QEMU (LUKS1) and an independent decryption (LUKS2) read back."""
 from __future__ import annotations
 
-import os
 from pathlib import Path
 
-from tests.conftest import imgfs, is_mounted, mounted, need, random_bytes, run
+from tests.conftest import imgfs, is_mounted, mounted, need, pwrite_all, random_bytes, run
 from tests.drivers.test_luks import (
     PASS,
     SECRET,
@@ -22,17 +21,6 @@ from tests.drivers.test_luks import (
 MiB = 1 << 20
 
 
-def _pwrite_all(path: Path, writes: list[tuple[int, bytes]], expected: bytearray) -> None:
-    fd = os.open(path, os.O_WRONLY)
-    try:
-        for offset, data in writes:
-            assert os.pwrite(fd, data, offset) == len(data)
-            expected[offset:offset + len(data)] = data
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
 def test_luks1_read_write_through_the_mount(tmp_path: Path, mnt: Path) -> None:
     need("qemu-img", "cryptsetup")
     image = cryptsetup_format(tmp_path / "disk.luks", 8 * MiB)
@@ -42,7 +30,7 @@ def test_luks1_read_write_through_the_mount(tmp_path: Path, mnt: Path) -> None:
         exposed = mnt / "disk.raw"
         assert exposed.stat().st_size == len(expected)
         assert exposed.read_bytes() == expected
-        _pwrite_all(exposed, UNALIGNED_WRITES, expected)
+        pwrite_all(exposed, UNALIGNED_WRITES, expected)
     assert qemu_contents(image, tmp_path) == expected
     run("cryptsetup", "open", "--test-passphrase", f"--key-file={image.with_suffix('.key')}",
         image)
@@ -79,7 +67,7 @@ def test_luks2_4k_sectors_through_the_mount(tmp_path: Path, mnt: Path) -> None:
         exposed = mnt / "disk.raw"
         expected = bytearray(exposed.read_bytes())
         assert len(expected) == 4 * MiB
-        _pwrite_all(exposed, UNALIGNED_WRITES, expected)
+        pwrite_all(exposed, UNALIGNED_WRITES, expected)
         assert exposed.read_bytes() == expected
     key = volume_key(image)
     with open(image, "rb") as handle:

@@ -29,6 +29,7 @@ from tests.conftest import (
     mounted,
     need,
     need_root,
+    pwrite_all,
     qemu_raw,
     random_bytes,
     run,
@@ -236,13 +237,7 @@ def _parallel_pwrites(target: Path, expected: bytearray, seed: int) -> None:
         expected[offset:offset + len(data)] = data
 
     def writer(number: int) -> None:
-        fd = os.open(target, os.O_WRONLY)
-        try:
-            for offset, data in pieces[number * 8:(number + 1) * 8]:
-                assert os.pwrite(fd, data, offset) == len(data)
-            os.fsync(fd)
-        finally:
-            os.close(fd)
+        pwrite_all(target, pieces[number * 8:(number + 1) * 8])
     threads = [threading.Thread(target=writer, args=(number,)) for number in range(4)]
     for thread in threads:
         thread.start()

@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.conftest import imgfs, mounted, need, qemu_raw, random_bytes, run
+from tests.conftest import imgfs, mounted, need, pwrite_all, qemu_raw, random_bytes, run
 
 MiB = 1 << 20
 
@@ -43,14 +43,7 @@ def test_unaligned_writes_reach_the_image(raw_image: Path, mnt: Path, workdir: P
     writes = [(3, b"abc"), (4093, random_bytes(10, 2)), (MiB - 7, random_bytes(300001, 3)),
               (16 * MiB - 5, b"tail!")]
     with mounted(raw_image, mountpoint=mnt):
-        fd = os.open(mnt / "disk.raw", os.O_WRONLY)
-        try:
-            for offset, data in writes:
-                assert os.pwrite(fd, data, offset) == len(data)
-                expected[offset:offset + len(data)] = data
-            os.fsync(fd)
-        finally:
-            os.close(fd)
+        pwrite_all(mnt / "disk.raw", writes, expected)
     (workdir / "expected.raw").write_bytes(expected)
     run("qemu-img", "compare", "-f", "raw", "-F", "raw", raw_image, workdir / "expected.raw")
     # and qemu-io agrees on one of them, byte for byte
