@@ -67,6 +67,8 @@ EXT_FEATURE_TABLE = 0x6803F857
 EXT_BITMAPS = 0x23852875
 EXT_CRYPTO_HEADER = 0x0537BE77
 EXT_DATA_FILE = 0x44415441
+#: spec: "Full disk encryption header pointer": offset, length
+CRYPTO_HEADER_EXT = struct.Struct(">QQ")
 
 #: feature-name table entry types
 FEATURE_INCOMPAT = 0
@@ -171,6 +173,8 @@ class ImageHeader:
     data_file: str | None = None
     feature_names: dict[tuple[int, int], str] = field(default_factory=dict)
     extensions: tuple[Extension, ...] = ()
+    #: (offset, length) of the embedded LUKS header (crypt_method 2)
+    crypto_header: tuple[int, int] | None = None
 
     @property
     def incompatible(self) -> int:
@@ -224,7 +228,27 @@ def parse_image_header(head: bytes, file_size: int) -> ImageHeader:
     return ImageHeader(
         header=header, backing_file=backing_file,
         backing_format=_ext_string(by_type, EXT_BACKING_FORMAT, "backing format name"),
-        data_file=data_file, feature_names=names, extensions=tuple(extensions))
+        data_file=data_file, feature_names=names, extensions=tuple(extensions),
+        crypto_header=_crypto_header(header, by_type.get(EXT_CRYPTO_HEADER), file_size))
+
+
+def _crypto_header(header: Header, data: bytes | None, file_size: int
+                   ) -> tuple[int, int] | None:
+    """Spec: "Full disk encryption header pointer" (offset, length; u64
+    each), present exactly when crypt_method is 2 (LUKS)."""
+    if header.crypt_method != QCOW_CRYPT_LUKS:
+        return None
+    if data is None:
+        raise InvalidImage("crypt_method 2 (LUKS) but no full disk encryption header "
+                           "pointer extension (0x0537be77)")
+    if len(data) < CRYPTO_HEADER_EXT.size:
+        raise InvalidImage(f"full disk encryption header pointer extension is "
+                           f"{len(data)} bytes (expected {CRYPTO_HEADER_EXT.size})")
+    offset, length = CRYPTO_HEADER_EXT.unpack_from(data)
+    if offset % header.cluster_size or not length or offset + length > file_size:
+        raise InvalidImage(f"LUKS header at {offset:#x} (+{length} bytes) is unaligned, "
+                           f"empty or beyond the end of the {file_size}-byte file")
+    return offset, length
 
 
 def _check_fixed_fields(header: Header) -> None:
@@ -243,9 +267,11 @@ def _check_fixed_fields(header: Header) -> None:
         if header.refcount_order > MAX_REFCOUNT_ORDER:
             raise InvalidImage(f"refcount_order {header.refcount_order} out of range "
                                f"(expected 0..{MAX_REFCOUNT_ORDER})")
-    if header.crypt_method != QCOW_CRYPT_NONE:
-        if header.crypt_method in (QCOW_CRYPT_AES, QCOW_CRYPT_LUKS):
-            raise Unsupported("encrypted qcow2 images are not supported yet")
+    if header.crypt_method == QCOW_CRYPT_AES:
+        raise Unsupported("legacy qcow2 AES encryption (crypt_method 1) is not supported "
+                          "(the scheme is broken): convert the image with qemu-img convert "
+                          "to one with encrypt.format=luks")
+    if header.crypt_method not in (QCOW_CRYPT_NONE, QCOW_CRYPT_LUKS):
         raise InvalidImage(f"crypt_method {header.crypt_method} unknown (expected 0, 1 or 2)")
     if header.size >= 1 << 63:
         raise InvalidImage(f"size {header.size} too large")

@@ -163,6 +163,8 @@ async def scan_references(driver: Qcow2Driver) -> References:
     walk = _Walk(driver)
     bits = header.cluster_bits
     walk.add(0, driver.cluster_size, "header")
+    if driver.image.crypto_header is not None:
+        walk.add(*driver.image.crypto_header, "LUKS header")
     walk.add(header.refcount_table_offset, header.refcount_table_clusters << bits,
              "refcount table")
     for entry in driver.refcounts.table:

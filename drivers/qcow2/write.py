@@ -47,8 +47,9 @@ if TYPE_CHECKING:
     from imgfs.node import Node
 
     from .cluster import Geometry, L2Cache
+    from .crypt import ClusterCipher
     from .driver import MetadataLock
-    from .header import Header
+    from .header import Header, ImageHeader
     from .refcount import RefcountStore
     from .snapshot import Snapshot
 
@@ -65,6 +66,7 @@ class WriteMixin:
         size: int
         version: int
         header: Header
+        image: ImageHeader
         geometry: Geometry
         cluster_size: int
         zero_flag: bool
@@ -78,6 +80,7 @@ class WriteMixin:
         lock: MetadataLock
         inflight: int
         compressed_cursor: int
+        crypto: ClusterCipher | None
         snapshots: list[Snapshot]
 
         async def _prepare_for_write(self) -> None: ...
@@ -108,10 +111,13 @@ class WriteMixin:
             if not self.has_data_file and self._overlaps_metadata(host_offset, length):
                 raise await self._mark_corrupt(
                     f"data cluster at host offset {host_offset:#x} overlaps the header, "
-                    "L1 table or refcount table")
+                    "L1 table, refcount table or LUKS header")
             self.inflight += 1
         try:
-            await self.children[self.data_child].write(host_offset, bytes(data[:length]))
+            payload = bytes(data[:length])
+            if self.crypto is not None:
+                payload = await self.crypto.encrypt(host_offset, payload)
+            await self.children[self.data_child].write(host_offset, payload)
         finally:
             self.inflight -= 1
         return length
@@ -123,7 +129,8 @@ class WriteMixin:
         regions = ((0, self.cluster_size),
                    (header.l1_table_offset, header.l1_size * 8),
                    (header.refcount_table_offset,
-                    header.refcount_table_clusters << header.cluster_bits))
+                    header.refcount_table_clusters << header.cluster_bits),
+                   self.image.crypto_header or (0, 0))     # LUKS key material
         return any(host < start + size and start < host + length
                    for start, size in regions if size)
 
@@ -274,6 +281,8 @@ class WriteMixin:
         return await self.refcounts.allocate(count)
 
     async def _write_data(self, host: int, data: bytes) -> None:
+        if self.crypto is not None:
+            data = await self.crypto.encrypt(host, data)
         child = self.children[self.data_child]
         end = host + len(data)
         if end > child.size:
@@ -420,6 +429,9 @@ class WriteMixin:
         """Allocate the L2 tables and data clusters of the disk from guest
         offset `start` on, where none is allocated yet (QEMU's
         preallocation=metadata|falloc|full, at create and resize)."""
+        if self.crypto is not None:
+            # preallocated clusters would decrypt to noise, not zeros
+            raise Unsupported(f"preallocation={mode} is not supported for encrypted images")
         geometry = self.geometry
         total = -(-self.size // self.cluster_size)
         position = start >> geometry.cluster_bits
@@ -550,6 +562,8 @@ class WriteMixin:
         without backing are skipped."""
         if self.has_data_file:
             raise Unsupported("compressed clusters cannot be used with an external data file")
+        if self.crypto is not None:
+            raise Unsupported("compressed clusters cannot be used in an encrypted image")
         view = memoryview(data)
         position, end = offset, offset + len(data)
         while position < end:
