@@ -3,7 +3,8 @@
 Spec: qemu/qemu docs/interop/qcow2.txt; options and their rules as
 qemu-img's qcow2 driver (qemu-block-drivers manual).  A new image is laid
 out as QEMU lays it out: the header cluster (header, extensions, backing
-file name), the refcount table, the refcount blocks, then the L1 table.
+file name), the refcount table, the refcount blocks, the L1 table, then
+(``encrypt.format=luks``) the LUKS1 header that `crypt` formats.
 `initial_layout` computes that layout (pure); `create_image` writes it and,
 for preallocation, opens the image and lets the driver allocate the rest.
 """
@@ -18,11 +19,14 @@ from imgfs.node import OpenContext
 from imgfs.options import Bool, Int, Opt, Schema, Size, Str, choice, power_of_two
 
 from .cluster import pack_table
+from .crypt import encrypt_create_options, format_luks
 from .header import (
     AUTOCLEAR_DATA_FILE_RAW,
     COMPAT_LAZY_REFCOUNTS,
     COMPRESSION_ZSTD,
+    CRYPTO_HEADER_EXT,
     EXT_BACKING_FORMAT,
+    EXT_CRYPTO_HEADER,
     EXT_DATA_FILE,
     HEADER_V2_LENGTH,
     HEADER_V3_LENGTH,
@@ -32,6 +36,7 @@ from .header import (
     MAGIC,
     MAX_BACKING_FILE_NAME,
     MIN_CLUSTER_BITS_EXTENDED_L2,
+    QCOW_CRYPT_LUKS,
     QCOW_MAX_L1_SIZE,
     Extension,
     Header,
@@ -72,6 +77,15 @@ CREATE_OPTS = Schema(
     Opt("nocow", Bool, default=False, help="turn off copy-on-write (valid only on btrfs)"),
     Opt("encryption", Bool, default=False, help="encrypt the image (deprecated)"),
     Opt("extent_size_hint", Size, help="accepted for QEMU compatibility"),
+    Opt("encrypt.format", choice("luks", "aes"),
+        help="encrypt the image: luks (aes, legacy, is refused)"),
+    Opt("encrypt.key-secret", Str, help="ID of the secret that provides the passphrase"),
+    Opt("encrypt.cipher-alg", Str, help="cipher algorithm (default aes-256)"),
+    Opt("encrypt.cipher-mode", Str, help="cipher mode: xts, cbc, ecb, ctr (default xts)"),
+    Opt("encrypt.ivgen-alg", Str, help="IV generator: plain, plain64, essiv (default plain64)"),
+    Opt("encrypt.ivgen-hash-alg", Str, help="hash for the essiv IV generator"),
+    Opt("encrypt.hash-alg", Str, help="PBKDF hash algorithm (default sha256)"),
+    Opt("encrypt.iter-time", Str, help="milliseconds to spend in PBKDF (default 2000)"),
     passthrough=("encrypt.",),
 )
 
@@ -91,13 +105,16 @@ class CreateSettings:
     data_file: str | None
     data_file_raw: bool
     preallocation: str
+    #: the luks driver's create options for encrypt.format=luks, else None
+    encrypt: dict[str, Any] | None = None
 
 
 def settings_from_options(size: int, options: dict[str, Any]) -> CreateSettings:
     """Check the option combinations qemu-img refuses, with its reasons."""
-    if options.get("encryption") or any(key.startswith("encrypt.") and value is not None
-                                        for key, value in options.items()):
-        raise Unsupported("encrypted qcow2 images are not supported yet")
+    encrypt = encrypt_create_options(options)
+    if encrypt is not None and options["preallocation"] != "off":
+        raise Unsupported("preallocation cannot be used with encryption (preallocated "
+                          "clusters would decrypt to noise)")
     version = 2 if options["compat"] in ("0.10", "v2") else 3
     refcount_order = options["refcount_bits"].bit_length() - 1
     cluster_bits = options["cluster_size"].bit_length() - 1
@@ -121,7 +138,7 @@ def settings_from_options(size: int, options: dict[str, Any]) -> CreateSettings:
         compression_type=COMPRESSION_ZSTD if options["compression_type"] == "zstd" else 0,
         backing_file=options["backing_file"] or None, backing_fmt=options["backing_fmt"],
         data_file=options["data_file"] or None, data_file_raw=options["data_file_raw"],
-        preallocation=_preallocation(options))
+        preallocation=_preallocation(options), encrypt=encrypt)
 
 
 def _preallocation(options: dict[str, Any]) -> str:
@@ -161,25 +178,38 @@ class Layout:
     l1_cluster: int
     l1_size: int
     total_clusters: int
+    #: the embedded LUKS header (encrypt.format=luks) follows the L1 table
+    crypto_bytes: int = 0
+    cluster_bits: int = 16
+
+    @property
+    def crypto_clusters(self) -> int:
+        return -(-self.crypto_bytes // (1 << self.cluster_bits))
+
+    @property
+    def crypto_cluster(self) -> int:
+        return self.total_clusters - self.crypto_clusters
 
 
-def initial_layout(size: int, settings: CreateSettings) -> Layout:
-    """Header, refcount table, refcount blocks, L1: enough refcount blocks to
-    count all of them, and enough table to point at every block."""
+def initial_layout(size: int, settings: CreateSettings, crypto_bytes: int = 0) -> Layout:
+    """Header, refcount table, refcount blocks, L1 (and, encrypted, the LUKS
+    header, as QEMU places it): enough refcount blocks to count all of them,
+    and enough table to point at every block."""
     cluster_size = 1 << settings.cluster_bits
     l1_size = l1_entries_needed(size, settings.cluster_bits, settings.extended_l2)
-    l1_clusters = -(-l1_size * 8 // cluster_size)
+    after_l1 = -(-l1_size * 8 // cluster_size) + -(-crypto_bytes // cluster_size)
     refs = RefcountGeometry(settings.cluster_bits, settings.refcount_order)
     blocks, table_clusters = 1, 1
     while True:
-        total = 1 + table_clusters + blocks + l1_clusters
+        total = 1 + table_clusters + blocks + after_l1
         needed_blocks = -(-total // refs.block_entries)
         needed_table = -(-needed_blocks * 8 // cluster_size)
         if needed_blocks <= blocks and needed_table <= table_clusters:
             break
         blocks, table_clusters = max(blocks, needed_blocks), max(table_clusters, needed_table)
     return Layout(1, table_clusters, 1 + table_clusters, blocks,
-                  1 + table_clusters + blocks, l1_size, total)
+                  1 + table_clusters + blocks, l1_size, total, crypto_bytes,
+                  settings.cluster_bits)
 
 
 def header_cluster(size: int, settings: CreateSettings, layout: Layout) -> bytes:
@@ -193,13 +223,17 @@ def header_cluster(size: int, settings: CreateSettings, layout: Layout) -> bytes
         extensions.append(string_extension(EXT_BACKING_FORMAT, settings.backing_fmt))
     if settings.data_file:
         extensions.append(string_extension(EXT_DATA_FILE, settings.data_file))
+    if layout.crypto_bytes:
+        extensions.append(Extension(EXT_CRYPTO_HEADER, CRYPTO_HEADER_EXT.pack(
+            layout.crypto_cluster << settings.cluster_bits, layout.crypto_bytes)))
     if settings.version >= 3:
         extensions.append(feature_table_extension())
     backing = (settings.backing_file or "").encode()
     header = Header(
         magic=MAGIC, version=settings.version, backing_file_offset=0,
         backing_file_size=len(backing), cluster_bits=settings.cluster_bits, size=size,
-        crypt_method=0, l1_size=layout.l1_size,
+        crypt_method=QCOW_CRYPT_LUKS if layout.crypto_bytes else 0,
+        l1_size=layout.l1_size,
         l1_table_offset=layout.l1_cluster << settings.cluster_bits,
         refcount_table_offset=layout.refcount_table_cluster << settings.cluster_bits,
         refcount_table_clusters=layout.refcount_table_clusters, nb_snapshots=0,
@@ -242,8 +276,11 @@ async def create_image(target: Any, size: int, options: dict[str, Any],
     from imgfs.graph import create_protocol_file
     size = -(-size // SECTOR) * SECTOR          # qemu-img rounds up to whole sectors
     settings = settings_from_options(size, options)
-    layout = initial_layout(size, settings)
     filename = str(target)
+    luks = None
+    if settings.encrypt is not None:
+        luks = await format_luks(settings.encrypt, ctx, filename)
+    layout = initial_layout(size, settings, luks.payload_offset if luks else 0)
     if settings.data_file:
         data_path = os.path.join(os.path.dirname(filename), settings.data_file) \
             if not os.path.isabs(settings.data_file) else settings.data_file
@@ -259,6 +296,10 @@ async def create_image(target: Any, size: int, options: dict[str, Any],
         await node.write(0, header_cluster(size, settings, layout))
         for cluster, data in sorted(metadata_clusters(settings, layout).items()):
             await node.write(cluster * cluster_size, data)
+        if luks is not None:
+            for offset, data in luks.pieces:
+                await node.write((layout.crypto_cluster << settings.cluster_bits) + offset,
+                                 data)
         await node.flush()
     finally:
         await node.aclose()

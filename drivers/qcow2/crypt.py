@@ -10,8 +10,10 @@ cluster is encrypted per 512-byte sector, the sector number being the
 decrypts with host sectors, not guest ones).  Zero and unallocated
 clusters are not encrypted; they read as zeros.
 
-Legacy AES (crypt_method 1) is refused (see `header`).  Creating
-encrypted images is not done yet (`create` refuses it).
+Creation (`encrypt_create_options`, `format_luks`) takes QEMU's
+``encrypt.*`` options and formats a LUKS1 header with drivers/luks, which
+`create` places after the L1 table, as QEMU does.  Legacy AES
+(crypt_method 1) is refused, at open (see `header`) and at creation.
 """
 from __future__ import annotations
 
@@ -27,6 +29,7 @@ from imgfs.secrets import resolve_passphrase
 
 from ..luks.crypto import SectorCipher
 from ..luks.header import LuksHeader, read_header
+from ..luks.luks1 import NewHeader
 from .header import ImageHeader
 
 #: qcow2 LUKS sectors are always 512 bytes (QEMU's QCRYPTO_BLOCK_LUKS_SECTOR_SIZE)
@@ -113,3 +116,46 @@ async def open_cipher(image: ImageHeader, file: Node, options: dict[str, Any],
     del key
     return ClusterCipher(header, cipher, offset, length)
 
+
+# -- creation -------------------------------------------------------------------------
+
+#: the encrypt.* create options QEMU's qcow2 takes, as the luks driver names them
+ENCRYPT_CREATE_KEYS = ("key-secret", "cipher-alg", "cipher-mode", "ivgen-alg",
+                       "ivgen-hash-alg", "hash-alg", "iter-time")
+
+
+def encrypt_create_options(options: dict[str, Any]) -> dict[str, Any] | None:
+    """The LUKS create options from qcow2's ``encrypt.*`` (None: no
+    encryption).  Legacy AES is refused, as QEMU's qcow2 refuses it."""
+    given = {key[len("encrypt."):]: value for key, value in options.items()
+             if key.startswith("encrypt.") and value is not None}
+    fmt = given.pop("format", None)
+    if options.get("encryption") or fmt == "aes":
+        raise Unsupported("legacy qcow2 AES encryption cannot be created (the scheme is "
+                          "broken): use encrypt.format=luks")
+    if fmt is None and not given:
+        return None
+    if fmt != "luks":
+        raise UsageError("encrypt.* options need encrypt.format=luks")
+    for key in given:
+        if key not in ENCRYPT_CREATE_KEYS:
+            raise UsageError(f"unknown option 'encrypt.{key}' (expected one of: "
+                             + ", ".join(f"encrypt.{name}" for name in ENCRYPT_CREATE_KEYS)
+                             + ")")
+    from ..luks.create import CREATE_OPTS as LUKS_CREATE_OPTS
+    from ..luks.create import create_spec
+    luks_options = LUKS_CREATE_OPTS.parse(given, "qcow2 encrypt")
+    create_spec(luks_options)           # an unsupported cipher fails before the prompt
+    return luks_options
+
+
+async def format_luks(luks_options: dict[str, Any], ctx: OpenContext,
+                      filename: str) -> NewHeader:
+    """A new LUKS1 header for an image (QEMU's qcow2 embeds LUKS1 only)."""
+    from ..luks.create import format_header
+    passphrase = resolve_passphrase(ctx, luks_options.get("key-secret"),
+                                    what=os.path.basename(filename))
+    try:
+        return await trio.to_thread.run_sync(format_header, luks_options, passphrase)
+    finally:
+        del passphrase

@@ -567,7 +567,7 @@ def test_created_image_with_backing(tmp_path):
     ({"data_file_raw": "on"}, UsageError),
     ({"cluster_size": "1000"}, UsageError),
     ({"refcount_bits": "3"}, UsageError),
-    ({"encrypt.format": "luks"}, Unsupported),
+    ({"encrypt.format": "luks"}, UsageError),     # no secret given
     ({"encryption": "on"}, Unsupported),
 ])
 def test_create_refusals(tmp_path, options, error):

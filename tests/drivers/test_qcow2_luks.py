@@ -268,3 +268,72 @@ def test_check_counts_the_luks_header(image: Path) -> None:
     qemu_check(image)
     qemu_io(image, "read -P 0x33 3M 4k")
 
+
+# -- creation ---------------------------------------------------------------------------
+
+CREATE_CASES = [
+    "",                                                                # aes-256-xts-plain64
+    "encrypt.cipher-alg=aes-128,encrypt.cipher-mode=cbc,encrypt.ivgen-alg=essiv,"
+    "encrypt.ivgen-hash-alg=sha256,encrypt.hash-alg=sha1",
+]
+
+
+@pytest.mark.parametrize("extra", CREATE_CASES)
+def test_created_images_open_in_qemu(tmp_path: Path, extra: str) -> None:
+    image = tmp_path / "new.qcow2"
+    options = "encrypt.format=luks,encrypt.key-secret=sec0,encrypt.iter-time=10,cluster_size=32k"
+    imgfs("create", "-f", "qcow2", *SECRET, "-o", options + ("," + extra if extra else ""),
+          image, "4M")
+    qemu_check(image)
+    info = json.loads(run("qemu-img", "info", "--output", "json", image).stdout)
+    assert info["encrypted"] is True
+    encrypt = info["format-specific"]["data"]["encrypt"]
+    assert encrypt["format"] == "luks"
+    if extra:
+        assert (encrypt["cipher-alg"], encrypt["cipher-mode"], encrypt["ivgen-alg"],
+                encrypt["hash-alg"]) == ("aes-128", "cbc", "essiv", "sha1")
+    qemu_io(image, "write -P 0x42 40k 100k")       # QEMU writes, imgfs reads
+    expected = bytearray(4 * MiB)
+    expected[40 * KiB:140 * KiB] = b"\x42" * (100 * KiB)
+
+    async def write() -> None:                      # imgfs writes, QEMU reads
+        node = await open_image(str(image), context(False))
+        try:
+            await node.write(2 * MiB + 3, b"imgfs" * 1000)
+        finally:
+            await node.aclose()
+    trio.run(write)
+    expected[2 * MiB + 3:2 * MiB + 5003] = b"imgfs" * 1000
+    qemu_check(image)
+    assert qemu_contents(image, tmp_path) == expected
+    assert trio.run(read_all, image) == expected
+
+
+@pytest.mark.parametrize("options, message", [
+    ("encryption=on", "legacy qcow2 AES encryption cannot be created"),
+    ("encrypt.format=aes,encrypt.key-secret=sec0", "legacy qcow2 AES encryption"),
+    ("encrypt.format=luks,encrypt.key-secret=sec0,preallocation=full",
+     "preallocation cannot be used with encryption"),
+    ("encrypt.format=luks,encrypt.key-secret=sec0,encrypt.cipher-alg=twofish-256",
+     "twofish"),
+])
+def test_create_refusals(tmp_path: Path, options: str, message: str) -> None:
+    result = imgfs("create", "-f", "qcow2", *SECRET, "-o", options, tmp_path / "x.qcow2",
+                   "1M", check=False)
+    assert result.returncode != 0
+    assert message in result.stderr
+    assert result.stderr.count("\n") == 1
+    assert not (tmp_path / "x.qcow2").exists()
+
+
+def test_convert_to_an_encrypted_qcow2(image: Path, tmp_path: Path) -> None:
+    source = tmp_path / "source.raw"
+    source.write_bytes(qemu_contents(image, tmp_path))
+    target = tmp_path / "converted.qcow2"
+    imgfs("convert", "-O", "qcow2", *SECRET, "-o",
+          "encrypt.format=luks,encrypt.key-secret=sec0,encrypt.iter-time=10", source, target)
+    qemu_check(target)
+    result = run("qemu-img", "compare", *SECRET, "--image-opts", image_opts(target),
+                 f"driver=raw,file.filename={source}")
+    assert "Images are identical" in result.stdout
+    assert b"\x5a" * 4096 not in target.read_bytes()
