@@ -151,8 +151,9 @@ class Case:
     #: metric name -> target (None: measured and reported, no target)
     metrics: dict[str, Target | None] = field(default_factory=dict)
     encrypted: bool = False
-    #: how qsd's format node names the secret (luks: key-secret, qcow2: encrypt.key-secret)
-    qsd_secret_key: str = "key-secret"
+    #: how qsd's format node is given the secret (luks: key-secret=ID; qcow2 also
+    #: needs encrypt.format=luks beside encrypt.key-secret=ID)
+    qsd_secret_options: str = f"key-secret={SECRET_ID}"
 
 
 def _luks_create_opts(prefix: str) -> str:
@@ -186,7 +187,8 @@ CASES = {c.name: c for c in (
     Case("qcow2-luks", "qcow2", ("qcow2", "luks"),
          ("-O", "qcow2", "-o", f"{QCOW2_OPTS},encrypt.format=luks,"
           + _luks_create_opts("encrypt.")),
-         metrics=LUKS_TARGETS, encrypted=True, qsd_secret_key="encrypt.key-secret"),
+         metrics=LUKS_TARGETS, encrypted=True,
+         qsd_secret_options=f"encrypt.format=luks,encrypt.key-secret={SECRET_ID}"),
 )}
 
 
@@ -402,7 +404,7 @@ class QsdExporter(Exporter):
         cmd = ["qemu-storage-daemon"]
         if self.case.encrypted:
             cmd += ["--object", f"secret,id={SECRET_ID},data={PASSPHRASE}"]
-            fmt_node += f",{self.case.qsd_secret_key}={SECRET_ID}"
+            fmt_node += f",{self.case.qsd_secret_options}"
         return cmd + [
             "--blockdev", f"driver=file,node-name=file0,filename={self.image}",
             "--blockdev", fmt_node,
@@ -699,8 +701,17 @@ def random_source(settings: Settings) -> Path:
 def build_image(case: Case, settings: Settings) -> Path:
     image = settings.workdir / f"bench-{case.name}.{case.fmt}"
     secret = ["--object", f"secret,id={SECRET_ID},data={PASSPHRASE}"] if case.encrypted else []
-    run(["qemu-img", "convert", *secret, "-f", "raw", *case.convert_args,
-         str(random_source(settings)), str(image)])
+    command = ["qemu-img", "convert", *secret, "-f", "raw", *case.convert_args,
+               str(random_source(settings)), str(image)]
+    for attempt in range(3):
+        try:
+            run(command)
+            break
+        except subprocess.CalledProcessError as exc:
+            # QEMU 7.2 calibrates iter-time with getrusage and sometimes gives
+            # up ("Unable to get accurate CPU usage"); a second try succeeds.
+            if attempt == 2 or "accurate CPU usage" not in (exc.stderr or ""):
+                raise
     return image
 
 
