@@ -12,8 +12,18 @@ clusters are not encrypted; they read as zeros.
 
 Creation (`encrypt_create_options`, `format_luks`) takes QEMU's
 ``encrypt.*`` options and formats a LUKS1 header with drivers/luks, which
-`create` places after the L1 table, as QEMU does.  Legacy AES
-(crypt_method 1) is refused, at open (see `header`) and at creation.
+`create` places after the L1 table, as QEMU does.
+
+Legacy AES (crypt_method 1, ``encrypt.format=aes``; spec: "crypt_method"
+in the header) is readable for data liberation only (`AesCipher`,
+`open_aes_cipher`): AES-128-CBC per 512-byte sector, the key the
+passphrase's bytes truncated or zero-padded to 16, the IV the sector
+number as a 64-bit little-endian integer zero-padded to 16 bytes, the
+sector number being the *guest* offset / 512 (checked against qemu-io:
+unlike LUKS, host sectors give garbage).  The scheme has no key check:
+as QEMU, any passphrase "opens" the image and a wrong one reads garbage.
+It is never written: the driver refuses to open it read-write, and it
+cannot be created.
 """
 from __future__ import annotations
 
@@ -22,8 +32,9 @@ from collections.abc import Callable, Mapping
 from typing import Any
 
 import trio
+from cryptography.hazmat.primitives.ciphers import Cipher, algorithms, modes
 
-from imgfs.errors import InvalidImage, Unsupported, UsageError
+from imgfs.errors import InvalidImage, ReadOnly, Unsupported, UsageError
 from imgfs.node import Node, OpenContext
 from imgfs.secrets import resolve_passphrase
 
@@ -36,6 +47,11 @@ from .header import ImageHeader
 SECTOR_SIZE = 512
 #: requests at least this large are transformed in a worker thread (as drivers/luks)
 THREAD_MIN = 64 * 1024
+#: legacy AES keys are AES-128: the passphrase truncated or zero-padded to this
+AES_KEY_SIZE = 16
+#: why a legacy AES image is never opened read-write
+LEGACY_AES_READ_ONLY = ("legacy qcow2 AES encryption is broken by design; mount it with "
+                        "-o ro, or convert it (e.g. to encrypt.format=luks)")
 
 
 def parse_encrypt_options(raw: Any) -> dict[str, str]:
@@ -47,14 +63,17 @@ def parse_encrypt_options(raw: Any) -> dict[str, str]:
     for key in options:
         if key not in ("key-secret", "format"):
             raise UsageError(f"unknown option 'encrypt.{key}' (expected key-secret or format)")
-    if options.get("format", "luks") != "luks":
+    if options.get("format", "luks") not in ("luks", "aes"):
         raise UsageError(f"encrypt.format={options['format']} cannot be opened "
-                         "(only luks is supported)")
+                         "(expected luks or aes)")
     return options
 
 
 class ClusterCipher:
     """The unlocked LUKS header of one image and its sector cipher."""
+
+    #: sectors are numbered by host offset (LUKS); legacy AES uses guest offsets
+    physical = True
 
     def __init__(self, header: LuksHeader, cipher: SectorCipher, offset: int,
                  length: int) -> None:
@@ -115,6 +134,61 @@ async def open_cipher(image: ImageHeader, file: Node, options: dict[str, Any],
     cipher = SectorCipher(header.spec, key, SECTOR_SIZE)
     del key
     return ClusterCipher(header, cipher, offset, length)
+
+
+class AesCipher:
+    """Legacy qcow2 AES (crypt_method 1): read-only, see the module docstring.
+
+    `decrypt` takes the *guest* offset of the data (``physical`` is False)."""
+
+    physical = False
+
+    def __init__(self, passphrase: bytes) -> None:
+        key = bytes(passphrase[:AES_KEY_SIZE]).ljust(AES_KEY_SIZE, b"\0")
+        self._algorithm = algorithms.AES(key)
+        del key
+
+    def info(self) -> dict[str, Any]:
+        """qemu-img info's format-specific.data.encrypt."""
+        return {"format": "aes"}
+
+    async def decrypt(self, guest_offset: int, data: bytes) -> bytes:
+        if guest_offset % SECTOR_SIZE:
+            raise InvalidImage(f"encrypted request at guest offset {guest_offset:#x} is "
+                               "not sector aligned")
+        tail = -len(data) % SECTOR_SIZE
+        if tail:
+            data = bytes(data) + bytes(tail)
+        sector = guest_offset // SECTOR_SIZE
+        if len(data) < THREAD_MIN:
+            result = self._decrypt(sector, data)
+        else:
+            result = await trio.to_thread.run_sync(self._decrypt, sector, data)
+        return result[:len(result) - tail] if tail else result
+
+    def _decrypt(self, sector: int, data: bytes) -> bytes:
+        view = memoryview(data)
+        out = bytearray(len(data))
+        for start in range(0, len(data), SECTOR_SIZE):
+            iv = (sector + start // SECTOR_SIZE).to_bytes(16, "little")
+            decryptor = Cipher(self._algorithm, modes.CBC(iv)).decryptor()
+            out[start:start + SECTOR_SIZE] = \
+                decryptor.update(view[start:start + SECTOR_SIZE]) + decryptor.finalize()
+        return bytes(out)
+
+    async def encrypt(self, host_offset: int, data: bytes | memoryview) -> bytes:
+        raise ReadOnly(LEGACY_AES_READ_ONLY)
+
+
+def open_aes_cipher(options: dict[str, Any], ctx: OpenContext, filename: str) -> AesCipher:
+    """Resolve the passphrase of a legacy AES image (nothing checks it)."""
+    secret_id = (options.get("encrypt") or {}).get("key-secret") \
+        or options.get("encrypt.key-secret")
+    passphrase = resolve_passphrase(ctx, secret_id, what=os.path.basename(filename))
+    try:
+        return AesCipher(passphrase)
+    finally:
+        del passphrase
 
 
 # -- creation -------------------------------------------------------------------------

@@ -9,8 +9,9 @@ gets its refcounts rebuilt), the corrupt bit, persistent bitmaps (marked
 in use on the first write), and internal snapshots (listed, readable
 through the `snapshot` open option, created / applied / deleted by
 `snapshot_command`), and ``encrypt.format=luks`` (`crypt`: data clusters
-decrypted in `read_data`, encrypted on the way out).  Refused: legacy AES
-encryption.
+decrypted in `read_data`, encrypted on the way out).  Legacy AES
+encryption (crypt_method 1) is read-only, for data liberation: opening it
+read-write fails, a read-only open warns that the scheme is broken.
 
 Module map: `header` (fields, features, extensions), `cluster` (L1/L2
 math, L2 cache), `refcount` (refcount cache, allocation, table growth),
@@ -25,6 +26,7 @@ reference are released only after that.
 """
 from __future__ import annotations
 
+import logging
 import struct
 import sys
 from typing import Any
@@ -54,7 +56,15 @@ from .cluster import (
     unpack_table,
 )
 from .compress import decompress_cluster
-from .crypt import SECTOR_SIZE, ClusterCipher, open_cipher, parse_encrypt_options
+from .crypt import (
+    LEGACY_AES_READ_ONLY,
+    SECTOR_SIZE,
+    AesCipher,
+    ClusterCipher,
+    open_aes_cipher,
+    open_cipher,
+    parse_encrypt_options,
+)
 from .header import (
     AUTOCLEAR_BITMAPS,
     AUTOCLEAR_DATA_FILE_RAW,
@@ -68,6 +78,7 @@ from .header import (
     OFFSET_AUTOCLEAR,
     OFFSET_INCOMPAT,
     OFFSET_REFCOUNT_TABLE,
+    QCOW_CRYPT_AES,
     QCOW_CRYPT_LUKS,
     QCOW_MAX_SNAPSHOTS_SIZE,
     Header,
@@ -83,6 +94,8 @@ from .write import WriteMixin
 FIRST_READ = 4096
 #: bytes of metadata cache per kind, as QEMU's default l2-cache-size
 DEFAULT_L2_CACHE = 4 * 1024 * 1024
+
+log = logging.getLogger("imgfs")
 
 
 class MetadataLock:
@@ -149,6 +162,14 @@ class Qcow2Driver(WriteMixin, BlockDriver):
             self.crypto = await open_cipher(self.image, file, options, ctx,
                                             self.node.filename)
             self.request_alignment = SECTOR_SIZE
+        elif self.header.crypt_method == QCOW_CRYPT_AES:
+            if not self.node.read_only:
+                raise ReadOnly(LEGACY_AES_READ_ONLY)
+            self.crypto = open_aes_cipher(options, ctx, self.node.filename)
+            self.request_alignment = SECTOR_SIZE
+            log.warning("%s: legacy qcow2 AES encryption is broken by design (no key "
+                        "check, weak IVs): reading it read-only; convert it to "
+                        "encrypt.format=luks", self.node.filename)
         self.l1 = unpack_table(await file.read(self.header.l1_table_offset,
                                                self.header.l1_size * 8))
         self.snapshots = await self._read_snapshots()
@@ -180,7 +201,7 @@ class Qcow2Driver(WriteMixin, BlockDriver):
         self.prepared = False
         self.inflight = 0
         self.compressed_cache: tuple[int, bytes] | None = None
-        self.crypto: ClusterCipher | None = None
+        self.crypto: ClusterCipher | AesCipher | None = None
         self.can_resize = True
         self.snapshot_view = False
         #: where the next compressed cluster's bytes go (0: a new cluster)
@@ -424,7 +445,8 @@ class Qcow2Driver(WriteMixin, BlockDriver):
             mapped = await self._mapped_status(offset, length)
             if mapped.host_offset is not None and mapped.length >= length:
                 raw = await self.children[mapped.child].read(mapped.host_offset, length)
-                return await self.crypto.decrypt(mapped.host_offset, raw)
+                at = mapped.host_offset if self.crypto.physical else offset
+                return await self.crypto.decrypt(at, raw)
         entry = await self._entry_at(offset)
         if not entry & QCOW_OFLAG_COMPRESSED:
             raise CorruptImage(f"no compressed cluster at guest offset {offset}")

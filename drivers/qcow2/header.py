@@ -267,11 +267,7 @@ def _check_fixed_fields(header: Header) -> None:
         if header.refcount_order > MAX_REFCOUNT_ORDER:
             raise InvalidImage(f"refcount_order {header.refcount_order} out of range "
                                f"(expected 0..{MAX_REFCOUNT_ORDER})")
-    if header.crypt_method == QCOW_CRYPT_AES:
-        raise Unsupported("legacy qcow2 AES encryption (crypt_method 1) is not supported "
-                          "(the scheme is broken): convert the image with qemu-img convert "
-                          "to one with encrypt.format=luks")
-    if header.crypt_method not in (QCOW_CRYPT_NONE, QCOW_CRYPT_LUKS):
+    if header.crypt_method not in (QCOW_CRYPT_NONE, QCOW_CRYPT_AES, QCOW_CRYPT_LUKS):
         raise InvalidImage(f"crypt_method {header.crypt_method} unknown (expected 0, 1 or 2)")
     if header.size >= 1 << 63:
         raise InvalidImage(f"size {header.size} too large")

@@ -47,7 +47,7 @@ if TYPE_CHECKING:
     from imgfs.node import Node
 
     from .cluster import Geometry, L2Cache
-    from .crypt import ClusterCipher
+    from .crypt import AesCipher, ClusterCipher
     from .driver import MetadataLock
     from .header import Header, ImageHeader
     from .refcount import RefcountStore
@@ -80,7 +80,7 @@ class WriteMixin:
         lock: MetadataLock
         inflight: int
         compressed_cursor: int
-        crypto: ClusterCipher | None
+        crypto: ClusterCipher | AesCipher | None
         snapshots: list[Snapshot]
 
         async def _prepare_for_write(self) -> None: ...

@@ -221,18 +221,6 @@ def test_missing_secret_is_a_clear_error(image: Path) -> None:
     assert "disk.qcow2 is encrypted: give key-secret=ID" in result.stderr
 
 
-def test_legacy_aes_is_refused_by_name(tmp_path: Path) -> None:
-    image = tmp_path / "aes.qcow2"
-    run("qemu-img", "create", "-q", "-f", "qcow2", image, "1M")
-    with open(image, "r+b") as handle:        # crypt_method (offset 32) = 1: AES
-        handle.seek(32)
-        handle.write(struct.pack(">I", 1))
-    result = imgfs("info", str(image), check=False)
-    assert result.returncode == 1
-    assert "legacy qcow2 AES encryption" in result.stderr
-    assert result.stderr.count("\n") == 1
-
-
 def test_compressed_writes_refused(image: Path) -> None:
     from imgfs.errors import Unsupported
 

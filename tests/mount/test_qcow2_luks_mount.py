@@ -5,7 +5,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from tests.conftest import imgfs, is_mounted, mounted, need, pwrite_all, random_bytes
+from tests.conftest import imgfs, is_mounted, mounted, need, pwrite_all, random_bytes, unmount
 from tests.drivers.test_qcow2_luks import (
     QEMU_WRITES,
     SECRET,
@@ -63,3 +63,27 @@ def test_read_only_mount_of_qemu_image(tmp_path: Path, mnt: Path) -> None:
     with mounted(image, mountpoint=mnt, options="ro,key-secret=sec0", extra=tuple(SECRET)):
         assert next(mnt.iterdir()).read_bytes() == expected_after_qemu_writes()
     assert image.read_bytes() == before
+
+
+def test_legacy_aes_mounts_read_only_only(tmp_path: Path, mnt: Path) -> None:
+    """Legacy qcow2 AES: refused read-write (one line, nothing mounted);
+    with -o ro it mounts, reads what QEMU reads, and warns."""
+    from tests.drivers.test_qcow2_aes import WARNING, create_aes, expected
+
+    need("qemu-img", "qemu-io")
+    image = tmp_path / "aes.qcow2"
+    create_aes(image)
+    before = image.read_bytes()
+    result = imgfs("mount", *SECRET, "-o", "key-secret=sec0", image, mnt, check=False)
+    assert result.returncode == 1
+    assert result.stderr.count("\n") == 1
+    assert WARNING in result.stderr and "-o ro" in result.stderr
+    assert not is_mounted(mnt)
+    with mounted(image, mountpoint=mnt, options="ro,key-secret=sec0", extra=tuple(SECRET)):
+        assert next(mnt.iterdir()).read_bytes() == expected()
+    assert image.read_bytes() == before
+    result = imgfs("mount", *SECRET, "-o", "ro,key-secret=sec0", image, mnt, timeout=60)
+    try:
+        assert WARNING in result.stderr
+    finally:
+        unmount(mnt)
