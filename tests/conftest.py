@@ -165,6 +165,17 @@ def pwrite_all(path: Path, writes: list[tuple[int, bytes]],
         os.close(fd)
 
 
+def assert_wrong_passphrase_mounts_nothing(image: Path, mountpoint: Path) -> None:
+    """One line naming the image, exit 1, the passphrase nowhere, nothing mounted."""
+    result = imgfs("mount", "--object", "secret,id=sec0,data=wrong-one", "-o",
+                   "key-secret=sec0", image, mountpoint, check=False)
+    assert result.returncode == 1
+    # (the mount names sources by their absolute path)
+    assert result.stderr == f"imgfs: {image}: no key slot matches this passphrase\n"
+    assert "wrong-one" not in result.stderr
+    assert not is_mounted(mountpoint)
+
+
 def random_bytes(size: int, seed: int = 1) -> bytes:
     import random
     return random.Random(seed).randbytes(size)

@@ -21,8 +21,7 @@ MiB = 1 << 20
 def with_node(source: object, coro, **ctx_args: object) -> object:
     async def main() -> object:
         ctx = OpenContext(**ctx_args)  # type: ignore[arg-type]
-        fmt = ctx_args.pop("fmt", None) if False else None
-        node = await open_image(source, ctx, fmt=fmt)  # type: ignore[arg-type]
+        node = await open_image(source, ctx)  # type: ignore[arg-type]
         try:
             return await coro(node)
         finally:
