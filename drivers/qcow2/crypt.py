@@ -49,9 +49,25 @@ SECTOR_SIZE = 512
 THREAD_MIN = 64 * 1024
 #: legacy AES keys are AES-128: the passphrase truncated or zero-padded to this
 AES_KEY_SIZE = 16
-#: why a legacy AES image is never opened read-write
-LEGACY_AES_READ_ONLY = ("legacy qcow2 AES encryption is broken by design; mount it with "
-                        "-o ro, or convert it (e.g. to encrypt.format=luks)")
+
+
+def legacy_aes_read_only(fmt: str = "qcow2") -> str:
+    """Why a legacy AES image (qcow2, or qcow version 1) is never opened
+    read-write; shared by both drivers so the mount says the same thing."""
+    target = "encrypt.format=luks" if fmt == "qcow2" else "qcow2 with encrypt.format=luks"
+    return (f"legacy {fmt} AES encryption is broken by design; mount it with -o ro, "
+            f"or convert it (e.g. to {target})")
+
+
+def legacy_aes_warning(fmt: str, filename: str) -> str:
+    """The warning a read-only open of a legacy AES image logs."""
+    return (f"{filename}: legacy {fmt} AES encryption is broken by design (no key check, "
+            "weak IVs): reading it read-only; convert it to "
+            + ("encrypt.format=luks" if fmt == "qcow2" else "qcow2 with encrypt.format=luks"))
+
+
+#: why a legacy qcow2 AES image is never opened read-write
+LEGACY_AES_READ_ONLY = legacy_aes_read_only("qcow2")
 
 
 def parse_encrypt_options(raw: Any) -> dict[str, str]:
