@@ -5,8 +5,8 @@ cluster sizes 512 B .. 2 MiB, zero clusters, compressed clusters (zlib,
 and zstd through the `zstandard` module: `compress`), backing files (the
 core reads them), external data files, extended L2 entries, every refcount
 width, lazy refcounts and the dirty bit (a dirty image opened read-write
-gets its refcounts rebuilt), the corrupt bit, persistent bitmaps (marked
-in use on the first write), and internal snapshots (listed, readable
+gets its refcounts rebuilt), the corrupt bit, persistent dirty bitmaps
+(`bitmaps`: writes set their bits, stored at close), and internal snapshots (listed, readable
 through the `snapshot` open option, created / applied / deleted by
 `snapshot_command`), and ``encrypt.format=luks`` (`crypt`: data clusters
 decrypted in `read_data`, encrypted on the way out).  Legacy AES
@@ -34,7 +34,7 @@ from typing import Any
 import trio
 
 from imgfs.block import DATA, UNALLOCATED, ZERO, BlockDriver, ChildRef, Extent, Kind
-from imgfs.errors import CorruptImage, ImgfsError, InvalidImage, ReadOnly
+from imgfs.errors import CorruptImage, ImgfsError, InvalidImage, ReadOnly, Unsupported
 from imgfs.node import OpenContext
 from imgfs.options import Bool, Opt, Schema, Size, Str
 
@@ -174,6 +174,7 @@ class Qcow2Driver(WriteMixin, BlockDriver):
                                                self.header.l1_size * 8))
         self.snapshots = await self._read_snapshots()
         self.bitmaps = self._bitmaps_extension()
+        self.bitmap_directory = await self._load_bitmap_directory()
         await self._open_refcounts()
         if options["snapshot"]:
             await self._select_snapshot(options["snapshot"])
@@ -206,6 +207,8 @@ class Qcow2Driver(WriteMixin, BlockDriver):
         self.snapshot_view = False
         #: where the next compressed cluster's bytes go (0: a new cluster)
         self.compressed_cursor = 0
+        #: the bitmaps whose bits the write paths set (None: nothing to track)
+        self.dirty_bitmaps: bitmaps.Directory | None = None
 
     async def _read_snapshots(self) -> list[Snapshot]:
         """Read exactly the bytes the snapshot table occupies, walking its
@@ -243,6 +246,17 @@ class Qcow2Driver(WriteMixin, BlockDriver):
                 return found
         return None
 
+    async def _load_bitmap_directory(self) -> bitmaps.Directory | None:
+        if self.bitmaps is None:
+            return None
+        offset = bitmaps.extension_data_offset(self.header, self.image.extensions)
+        try:
+            return await bitmaps.Directory.load(self, self.bitmaps, offset)
+        except InvalidImage as error:
+            # readable without its bitmaps; writes refuse (_mark_bitmaps_in_use)
+            log.warning("%s: %s", self.node.filename, error)
+            return None
+
     async def bitmap_entries(self) -> list[bitmaps.BitmapEntry]:
         if self.bitmaps is None:
             return []
@@ -251,15 +265,12 @@ class Qcow2Driver(WriteMixin, BlockDriver):
         return bitmaps.parse_directory(raw, self.bitmaps.nb_bitmaps)
 
     async def _mark_bitmaps_in_use(self) -> None:
-        """We do not track writes in bitmaps: say so before the first write."""
+        """Bitmaps are synced at close only: say so before the first write."""
         if self.bitmaps is None:
             return
-        offset = self.bitmaps.bitmap_directory_offset
-        raw = bytearray(await self.children["file"].read(offset,
-                                                         self.bitmaps.bitmap_directory_size))
-        if bitmaps.mark_in_use(raw, bitmaps.parse_directory(bytes(raw),
-                                                            self.bitmaps.nb_bitmaps)):
-            await self._write_header_bytes(offset, bytes(raw))
+        if self.bitmap_directory is None:
+            raise InvalidImage("the bitmap directory is damaged: refusing to write")
+        await self.bitmap_directory.mark_in_use(self)
 
     async def _open_refcounts(self) -> None:
         header = self.header
@@ -301,6 +312,10 @@ class Qcow2Driver(WriteMixin, BlockDriver):
                                                  "writable", True):
             await checks.rebuild_refcounts(self)
             await self._set_incompat(self.header.incompatible_features & ~INCOMPAT_DIRTY)
+        if self.bitmap_directory is not None:
+            self.bitmap_directory.start_tracking(self)
+            if self.bitmap_directory.trackers:
+                self.dirty_bitmaps = self.bitmap_directory
 
     def child_refs(self) -> dict[str, ChildRef]:
         refs: dict[str, ChildRef] = {}
@@ -508,10 +523,20 @@ class Qcow2Driver(WriteMixin, BlockDriver):
                 await self._write_back()
                 if self.refcounts.pending_frees:
                     await self._write_back()
+                await self._store_bitmaps()
                 if self.header.incompatible_features & INCOMPAT_DIRTY and self.prepared:
                     await self.children["file"].flush()
                     await self._set_incompat(self.header.incompatible_features
                                              & ~INCOMPAT_DIRTY)
+
+    async def _store_bitmaps(self) -> None:
+        """Close: the maintained bitmaps back to the image, in_use cleared."""
+        if self.bitmap_directory is None or not self.prepared:
+            return
+        try:
+            await self.bitmap_directory.store(self)
+        except ImgfsError as error:
+            log.warning("%s: persistent bitmaps left in use: %s", self.node.filename, error)
 
     # -- information ----------------------------------------------------------------------
 
@@ -527,6 +552,8 @@ class Qcow2Driver(WriteMixin, BlockDriver):
         if header.version >= 3:
             report["lazy-refcounts"] = bool(header.compatible_features
                                             & COMPAT_LAZY_REFCOUNTS)
+        if self.bitmap_directory is not None:
+            report["bitmaps"] = [bitmap.info() for bitmap in self.bitmap_directory.bitmaps]
         report["refcount-bits"] = 1 << header.refcount_order
         if self.crypto is not None:
             report["encrypt"] = self.crypto.info()
@@ -593,6 +620,10 @@ class Qcow2Driver(WriteMixin, BlockDriver):
             if self.snapshots:
                 print(snapshot_listing(self.snapshots))
             return 0
+        if args.apply and self.bitmaps is not None:
+            # as QEMU: switching snapshots would invalidate the bitmaps
+            raise Unsupported(f"Could not apply snapshot '{args.apply}': Device has "
+                              "active dirty bitmaps")
         async with self.lock:
             if args.create:
                 await snapshot_ops.create_snapshot(self, args.create)

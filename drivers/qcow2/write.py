@@ -46,6 +46,7 @@ from .header import OFFSET_L1, OFFSET_SIZE
 if TYPE_CHECKING:
     from imgfs.node import Node
 
+    from .bitmaps import Directory
     from .cluster import Geometry, L2Cache
     from .crypt import AesCipher, ClusterCipher
     from .driver import MetadataLock
@@ -82,6 +83,7 @@ class WriteMixin:
         compressed_cursor: int
         crypto: ClusterCipher | AesCipher | None
         snapshots: list[Snapshot]
+        dirty_bitmaps: Directory | None
 
         async def _prepare_for_write(self) -> None: ...
         async def _l2_table(self, l2_offset: int) -> L2Table: ...
@@ -92,6 +94,8 @@ class WriteMixin:
     # -- writes ---------------------------------------------------------------------------
 
     async def write(self, offset: int, data: bytes) -> None:
+        if self.dirty_bitmaps is not None:
+            self.dirty_bitmaps.mark(offset, len(data))
         view = memoryview(data)
         done = 0
         while done < len(data):
@@ -335,6 +339,8 @@ class WriteMixin:
     # -- zeroes and discard ----------------------------------------------------------------
 
     async def write_zeroes(self, offset: int, length: int, *, may_unmap: bool = False) -> None:
+        if self.dirty_bitmaps is not None:
+            self.dirty_bitmaps.mark(offset, length)
         if self.data_file_raw or not (self.zero_flag or self.geometry.extended_l2):
             await self._write_zero_bytes(offset, length)
             return
@@ -350,6 +356,8 @@ class WriteMixin:
             offset += step
 
     async def discard(self, offset: int, length: int) -> None:
+        if self.dirty_bitmaps is not None:
+            self.dirty_bitmaps.mark(offset, length)
         if self.data_file_raw:
             return
         await self._clear_range(offset, length, zero=self.version >= 3, unmap=True)
@@ -562,6 +570,8 @@ class WriteMixin:
         without backing are skipped."""
         if self.has_data_file:
             raise Unsupported("compressed clusters cannot be used with an external data file")
+        if self.dirty_bitmaps is not None:
+            self.dirty_bitmaps.mark(offset, len(data))
         if self.crypto is not None:
             raise Unsupported("compressed clusters cannot be used in an encrypted image")
         view = memoryview(data)
