@@ -184,12 +184,12 @@ class QcowDriver(BlockDriver):
         run = plain_run(table, index, clusters, self.cluster_size)
         count = min(length, run * self.cluster_size - within)
         host_offset = entry + within
-        if self.crypto is not None:
-            return Extent(count, DATA)          # read_data decrypts it
         # Past the end of its file a cluster reads as zeros, as in QEMU.
         available = self.children["file"].size - host_offset
         if available <= 0:
             return Extent(count, ZERO)
+        if self.crypto is not None:             # read_data decrypts it
+            return Extent(min(count, available), DATA)
         return Extent(min(count, available), DATA, host_offset)
 
     async def read_data(self, offset: int, length: int, extent: Extent) -> bytes:
@@ -266,6 +266,10 @@ class QcowDriver(BlockDriver):
         if host_offset < self.metadata_end:
             raise CorruptImage(f"data cluster at host offset {host_offset:#x} overlaps the "
                                "header or the L1 table")
+        file_end = align_up(self.children["file"].size, self.cluster_size)
+        if host_offset + len(data) > file_end:
+            raise CorruptImage(f"data cluster at host offset {host_offset:#x} lies beyond "
+                               f"the end of the {file_end}-byte file")
         await self._grow_file(host_offset + len(data))
         await self.children["file"].write(host_offset, bytes(data))
 
