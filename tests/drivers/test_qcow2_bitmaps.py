@@ -1,0 +1,274 @@
+"""Persistent dirty bitmaps, judged by QEMU.
+
+The same writes go through imgfs (a real mount, or the driver for zero
+writes and discards, which FUSE has no call for) and through qemu-io on a
+copy; then both images' bitmaps are read back through QEMU itself
+(`qemu-nbd -B NAME` exports each bitmap as the ``qemu:dirty-bitmap:NAME``
+context, which ``qemu-img map`` with ``x-dirty-bitmap`` reports as
+``"data": false`` ranges) and must be equal; `qemu-img info` must show the
+bitmaps consistent again (flags ``auto`` only) and `qemu-img check` clean.
+
+Writes through the mount are page aligned: the kernel's page cache writes
+whole pages, so a sub-page write sets the bits of its whole page (a
+superset of QEMU's, which is safe for incremental backup).
+"""
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import struct
+import subprocess
+import time
+from pathlib import Path
+
+import pytest
+
+from imgfs.graph import open_image
+from imgfs.node import OpenContext
+from tests.conftest import daemon_pids, imgfs, mounted, need, need_root_or_fuse, pwrite_all, run
+from tests.drivers.test_qcow2 import run as trio_run
+
+KiB, MiB = 1024, 1024 * 1024
+
+
+@pytest.fixture(autouse=True)
+def _oracles() -> None:
+    need("qemu-img", "qemu-io", "qemu-nbd")
+
+
+def qemu_img(*args: str | Path) -> str:
+    return run("qemu-img", *args).stdout
+
+
+def make_image(path: Path, size: str, *bitmaps: tuple[str, ...],
+               options: str = "") -> Path:
+    """An image with bitmaps added by qemu-img (each: name, then extra
+    `qemu-img bitmap --add` arguments)."""
+    run("qemu-img", "create", "-q", "-f", "qcow2", *(["-o", options] if options else []),
+        path, size)
+    for name, *extra in bitmaps:
+        qemu_img("bitmap", "--add", *extra, path, name)
+    return path
+
+
+def qemu_io(image: Path, *commands: str) -> None:
+    args = [arg for command in commands for arg in ("-c", command)]
+    output = run("qemu-io", "-f", "qcow2", *args, image).stdout
+    assert "error" not in output.lower(), output
+
+
+def dirty_ranges(image: Path, *names: str) -> dict[str, list[tuple[int, int]]]:
+    """Each bitmap's dirty (start, length) ranges, as QEMU reads them."""
+    sock = image.with_name(image.name + ".sock")
+    args = [arg for name in names for arg in ("-B", name)]
+    server = subprocess.Popen(["qemu-nbd", "-t", "-r", "-f", "qcow2", *args, "-k", str(sock),
+                               str(image)], stderr=subprocess.PIPE)
+    try:
+        deadline = time.monotonic() + 10
+        while not sock.exists():
+            assert server.poll() is None, server.stderr.read() if server.stderr else ""
+            assert time.monotonic() < deadline, "qemu-nbd did not start"
+            time.sleep(0.02)
+        result = {}
+        for name in names:
+            opts = f"driver=nbd,server.type=unix,server.path={sock},export=," \
+                f"x-dirty-bitmap=qemu:dirty-bitmap:{name}"
+            extents = json.loads(qemu_img("map", "--output=json", "--image-opts", opts))
+            result[name] = [(ext["start"], ext["length"]) for ext in extents
+                            if not ext["data"]]
+        return result
+    finally:
+        server.terminate()
+        server.wait(timeout=10)
+
+
+def bitmap_info(image: Path) -> list[dict]:
+    info = json.loads(qemu_img("info", "-U", "--output=json", image))
+    return info["format-specific"]["data"].get("bitmaps", [])
+
+
+def check_clean(image: Path) -> None:
+    result = run("qemu-img", "check", image, check=False)
+    assert result.returncode == 0, result.stdout + result.stderr
+
+
+def mount_writes(image: Path, mountpoint: Path, writes: list[tuple[int, int]],
+                 seed: int) -> None:
+    payload = [(offset, bytes([seed + number % 200 + 1]) * length)
+               for number, (offset, length) in enumerate(writes)]
+    with mounted(image, mountpoint=mountpoint) as directory:
+        pwrite_all(directory / (image.stem + ".raw"), payload)
+
+
+def qemu_writes(image: Path, writes: list[tuple[int, int]], seed: int) -> None:
+    qemu_io(image, *(f"write -P {seed + number % 200 + 1} {offset} {length}"
+                     for number, (offset, length) in enumerate(writes)))
+
+
+#: page-aligned writes: cluster crossing, bitmap-cluster crossing (with
+#: 512-byte image clusters one bitmap cluster covers 4096 granules), and
+#: the disk's last page
+SESSION_ONE = [(1 * MiB, 4 * KiB), (3 * MiB - 8 * KiB, 24 * KiB), (16 * MiB - 4 * KiB, 12 * KiB),
+               (5 * MiB, 3 * MiB), (40 * MiB - 4 * KiB, 4 * KiB)]
+SESSION_TWO = [(2 * MiB, 4 * KiB), (33 * MiB, 128 * KiB)]
+
+
+@pytest.mark.parametrize("options", ["", "cluster_size=512"])
+def test_mount_writes_set_the_bits_qemu_sets(tmp_path: Path, options: str) -> None:
+    need_root_or_fuse()
+    bitmaps = [("en",), ("off", "--disable"), ("g4k", "-g", "4096"), ("g512", "-g", "512"),
+               ("g1m", "-g", "1M")]
+    ours = make_image(tmp_path / "ours.qcow2", "40M", *bitmaps, options=options)
+    theirs = shutil.copyfile(ours, tmp_path / "theirs.qcow2")
+    mountpoint = tmp_path / "mnt"
+    mountpoint.mkdir()
+    for seed, session in enumerate([SESSION_ONE, SESSION_TWO]):
+        mount_writes(ours, mountpoint, session, seed)
+        qemu_writes(theirs, session, seed)
+    names = [name for name, *_ in bitmaps]
+    expected = dirty_ranges(theirs, *names)
+    assert expected["en"] and not expected["off"]
+    assert dirty_ranges(ours, *names) == expected
+    assert bitmap_info(ours) == bitmap_info(theirs)
+    assert [entry["flags"] for entry in bitmap_info(ours)] == \
+        [["auto"], [], ["auto"], ["auto"], ["auto"]]
+    check_clean(ours)
+    assert run("qemu-img", "compare", ours, theirs, check=False).returncode == 0
+
+
+async def _zero_and_discard(image: Path, operations: list[tuple[str, int, int]]) -> None:
+    node = await open_image(str(image), OpenContext(read_only=False))
+    try:
+        for kind, offset, length in operations:
+            if kind == "zero":
+                await node.write_zeroes(offset, length)
+            elif kind == "discard":
+                await node.discard(offset, length)
+            else:
+                await node.write(offset, b"\x5a" * length)
+    finally:
+        await node.aclose()
+
+
+@pytest.mark.parametrize("options", ["", "extended_l2=on", "cluster_size=512"])
+def test_zero_writes_and_discards_set_the_bits_qemu_sets(tmp_path: Path, options: str) -> None:
+    """Unaligned ranges included: the bits cover whatever range changed."""
+    operations = [("write", 0, 3 * MiB), ("zero", 100 * KiB, 5000), ("zero", 1 * MiB, 1 * MiB),
+                  ("discard", 2 * MiB + 512, 300 * KiB), ("write", 7 * MiB + 1, 10),
+                  ("discard", 9 * MiB, 64 * KiB)]
+    bitmaps = [("en",), ("g512", "-g", "512"), ("off", "--disable")]
+    ours = make_image(tmp_path / "ours.qcow2", "10M", *bitmaps, options=options)
+    qemu_io(ours, "write -P 7 0 10M")            # discards need something to drop
+    # the write above set bits: start both images from empty bitmaps again
+    for name, *_ in bitmaps:
+        qemu_img("bitmap", "--clear", ours, name)
+    theirs = shutil.copyfile(ours, tmp_path / "theirs.qcow2")
+    trio_run(_zero_and_discard, ours, operations)
+    qemu_io(theirs, *(f"{'write -z' if kind == 'zero' else kind} {offset} {length}"
+                      for kind, offset, length in operations))
+    names = [name for name, *_ in bitmaps]
+    assert dirty_ranges(ours, *names) == dirty_ranges(theirs, *names)
+    assert [entry["flags"] for entry in bitmap_info(ours)] == [["auto"], ["auto"], []]
+    check_clean(ours)
+
+
+def _set_in_use(image: Path, name: str) -> None:
+    """Flag bitmap `name` in_use, as a crashed QEMU leaves it."""
+    raw = image.read_bytes()
+    header_length = struct.unpack(">I", raw[100:104])[0]
+    position = header_length
+    while True:
+        kind, length = struct.unpack(">II", raw[position:position + 8])
+        assert kind, "no bitmaps extension"
+        if kind == 0x23852875:
+            _, _, size, offset = struct.unpack(">IIQQ", raw[position + 8:position + 32])
+            break
+        position += 8 + length + -length % 8
+    entry = offset
+    while entry < offset + size:
+        flags, = struct.unpack(">I", raw[entry + 12:entry + 16])
+        name_size, extra = struct.unpack(">HI", raw[entry + 18:entry + 24])
+        found = raw[entry + 24 + extra:entry + 24 + extra + name_size].decode()
+        if found == name:
+            with open(image, "r+b") as handle:
+                handle.seek(entry + 12)
+                handle.write(struct.pack(">I", flags | 1))
+            return
+        entry += 24 + extra + name_size
+        entry += -entry % 8
+    raise AssertionError(f"no bitmap {name}")
+
+
+def test_inconsistent_bitmap_stays_as_it_is(tmp_path: Path) -> None:
+    image = make_image(tmp_path / "i.qcow2", "8M", ("stale",), ("live",))
+    qemu_io(image, "write 0 64k")
+    _set_in_use(image, "stale")
+    trio_run(_zero_and_discard, image, [("write", 4 * MiB, 4096)])
+    info = {entry["name"]: entry["flags"] for entry in bitmap_info(image)}
+    assert info == {"stale": ["in-use", "auto"], "live": ["auto"]}
+    check_clean(image)
+    assert dirty_ranges(image, "live")["live"] == [(0, 64 * KiB), (4 * MiB, 64 * KiB)]
+
+
+def test_reads_and_read_only_opens_leave_bitmaps_alone(tmp_path: Path) -> None:
+    need_root_or_fuse()
+    image = make_image(tmp_path / "r.qcow2", "4M", ("en",))
+    before = image.read_bytes()
+    mountpoint = tmp_path / "mnt"
+    mountpoint.mkdir()
+    with mounted(image, mountpoint=mountpoint) as directory:
+        (directory / "r.raw").read_bytes()
+    assert image.read_bytes() == before
+
+
+@pytest.mark.parametrize("size", ["+30M", "-5M", "1000448"])
+def test_resize_resizes_the_bitmaps_as_qemu(tmp_path: Path, size: str) -> None:
+    bitmaps = [("en",), ("g512", "-g", "512"), ("off", "--disable")]
+    ours = make_image(tmp_path / "ours.qcow2", "10M", *bitmaps, options="cluster_size=4k")
+    qemu_io(ours, "write 0 4k", "write 3M 2M", "write 9M 1M")
+    theirs = shutil.copyfile(ours, tmp_path / "theirs.qcow2")
+    imgfs("resize", *(["--shrink"] if size.startswith("-") or size == "1000448" else []),
+          ours, size)
+    qemu_img("resize", "--shrink", theirs, size)
+    names = [name for name, *_ in bitmaps]
+    assert dirty_ranges(ours, *names) == dirty_ranges(theirs, *names)
+    assert bitmap_info(ours) == bitmap_info(theirs)
+    check_clean(ours)
+    # QEMU itself opens it read-write and writes again
+    qemu_io(ours, "write 512 512")
+    check_clean(ours)
+
+
+def test_info_lists_the_bitmaps_as_qemu_img(tmp_path: Path) -> None:
+    image = make_image(tmp_path / "n.qcow2", "4M", ("en",), ("off", "--disable"),
+                       ("fine", "-g", "512"))
+    _set_in_use(image, "fine")
+    ours = json.loads(imgfs("info", "--output=json", image).stdout)
+    theirs = json.loads(qemu_img("info", "--output=json", image))
+    assert ours["format-specific"]["data"]["bitmaps"] == \
+        theirs["format-specific"]["data"]["bitmaps"]
+
+
+def test_snapshot_apply_is_refused_as_qemu_does(tmp_path: Path) -> None:
+    image = make_image(tmp_path / "s.qcow2", "4M", ("off", "--disable"))
+    qemu_img("snapshot", "-c", "one", image)
+    before = image.read_bytes()
+    result = imgfs("snapshot", "-a", "one", image, check=False)
+    assert result.returncode == 1
+    assert "Device has active dirty bitmaps" in result.stderr
+    assert image.read_bytes() == before
+
+
+def test_killed_writer_leaves_bitmaps_in_use_and_no_corruption(tmp_path: Path) -> None:
+    need_root_or_fuse()
+    image = make_image(tmp_path / "k.qcow2", "16M", ("en",))
+    mountpoint = tmp_path / "mnt"
+    mountpoint.mkdir()
+    with mounted(image, mountpoint=mountpoint) as directory:
+        pwrite_all(directory / "k.raw", [(0, b"a" * MiB)])
+        for pid in daemon_pids(mountpoint):
+            os.kill(pid, 9)
+    result = run("qemu-img", "check", image, check=False)
+    assert result.returncode in (0, 3), result.stdout
+    assert [entry["flags"] for entry in bitmap_info(image)] == [["in-use", "auto"]]
