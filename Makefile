@@ -75,7 +75,7 @@ uninstall:  ## undo make install
 	rm -rf /opt/imgfs $(PREFIX)/bin/imgfs $(SBINDIR)/mount.imgfs
 	rm -f $(MANDIR)/man1/imgfs.1 $(MANDIR)/man7/imgfs-formats.7 $(MANDIR)/man8/mount.imgfs.8
 
-bench: deps-test venv  ## imgfs against qemu-storage-daemon's FUSE export (ARGS=--quick ...)
+bench: deps-test venv  ## imgfs against qemu-storage-daemon's FUSE export (ARGS=--quick, --case fat|all ...)
 	PATH="$(CURDIR)/$(VENV)/bin:$$PATH" $(PY) bench/run.py $(ARGS)
 
 lint: venv  ## ruff

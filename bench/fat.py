@@ -345,7 +345,8 @@ class Bench:
                 self.host_pass_for("vfat_read")
                 self.vfat_pass()
         except subprocess.CalledProcessError as exc:
-            reason = f"skipped: vfat loop mount failed: {(exc.stderr or '').strip()}"
+            stderr = (exc.stderr or "").strip().splitlines()
+            reason = f"skipped: vfat loop mount failed: {stderr[0] if stderr else exc}"
             for metric in ("vfat_read", "vfat_read_warm"):
                 self.details[metric] = {"status": reason}
                 self.samples.pop(metric, None)
