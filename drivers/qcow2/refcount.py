@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import struct
 from collections import OrderedDict
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Iterator
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
@@ -90,6 +90,18 @@ def set_refcount(block: bytearray, index: int, order: int, value: int) -> None:
     shift = (index & ((1 << per_byte_shift) - 1)) * bits
     mask = ((1 << bits) - 1) << shift
     block[pos] = (block[pos] & ~mask) | (value << shift)
+
+
+def first_used(block: bytes | bytearray, start: int, count: int, order: int) -> int:
+    """Index of the first non-zero entry among start..start+count-1, or -1."""
+    if order >= 3:
+        width = 1 << (order - 3)
+        if not any(memoryview(block)[start * width:(start + count) * width]):
+            return -1
+    for index in range(start, start + count):
+        if get_refcount(block, index, order):
+            return index
+    return -1
 
 
 def first_free(block: bytes | bytearray, start: int, order: int) -> int:
@@ -190,24 +202,39 @@ class RefcountStore:
         block = await self._load(offset)
         return get_refcount(block, geo.block_index(cluster_index), geo.refcount_order)
 
+    def _spans(self, cluster_index: int, count: int) -> Iterator[tuple[int, int, int]]:
+        """(table index, first entry in its block, entries) of each refcount
+        block that clusters cluster_index..+count fall into."""
+        geo = self.geometry
+        index, end = cluster_index, cluster_index + count
+        while index < end:
+            table_index = geo.table_index(index)
+            span = min(end, (table_index + 1) << geo.block_bits) - index
+            yield table_index, geo.block_index(index), span
+            index += span
+
     async def update(self, cluster_index: int, count: int, delta: int) -> None:
         """Add `delta` to the refcounts of `count` clusters from `cluster_index`."""
         geo = self.geometry
-        for index in range(cluster_index, cluster_index + count):
-            offset = self._block_offset(geo.table_index(index))
+        order, limit = geo.refcount_order, geo.max_refcount
+        for table_index, first, span in self._spans(cluster_index, count):
+            offset = self._block_offset(table_index)
             if not offset:
                 if delta < 0:
-                    raise CorruptImage(f"freeing cluster {index} whose refcount is 0")
-                offset = await self._create_block(geo.table_index(index))
+                    raise CorruptImage(f"freeing cluster {table_index << geo.block_bits | first}"
+                                       " whose refcount is 0")
+                offset = await self._create_block(table_index)
             block = await self._load(offset)
-            value = get_refcount(block, geo.block_index(index), geo.refcount_order) + delta
-            if value < 0 or value > geo.max_refcount:
-                raise CorruptImage(f"refcount of cluster {index} would become {value} "
-                                   f"(range 0..{geo.max_refcount})")
-            set_refcount(block, geo.block_index(index), geo.refcount_order, value)
+            for entry in range(first, first + span):
+                value = get_refcount(block, entry, order) + delta
+                if value < 0 or value > limit:
+                    index = table_index << geo.block_bits | entry
+                    raise CorruptImage(f"refcount of cluster {index} would become {value} "
+                                       f"(range 0..{limit})")
+                set_refcount(block, entry, order, value)
+                if value == 0 and (table_index << geo.block_bits | entry) < self.free_hint:
+                    self.free_hint = table_index << geo.block_bits | entry
             self.dirty.add(offset)
-            if value == 0 and index < self.free_hint:
-                self.free_hint = index
 
     # -- allocation ---------------------------------------------------------------
 
@@ -247,9 +274,15 @@ class RefcountStore:
 
     async def _free_run_length(self, start: int, count: int) -> int:
         """How many clusters from `start` (up to `count`) are free."""
-        for length in range(count):
-            if await self.get(start + length):
-                return length
+        length = 0
+        for table_index, first, span in self._spans(start, count):
+            offset = self._block_offset(table_index)
+            if offset:
+                block = await self._load(offset)
+                used = first_used(block, first, span, self.geometry.refcount_order)
+                if used >= 0:
+                    return length + used - first
+            length += span
         return count
 
     async def _ensure_blocks(self, start: int, count: int) -> bool:
