@@ -110,6 +110,7 @@ def build_parser() -> ArgumentParser:
     mapping.add_argument("-f", dest="fmt", metavar="FMT")
     mapping.add_argument("--output", choices=("human", "json"), default="human")
     mapping.add_argument("-U", "--force-share", action="store_true")
+    _add_object(mapping)
     mapping.add_argument("filename", metavar="FILE")
 
     commands.add_parser("formats", help="list the supported formats and protocols")

@@ -82,10 +82,12 @@ def make_context(args: argparse.Namespace, *, read_only: bool | None) -> Any:
                        interactive=sys.stdin.isatty())
 
 
-async def _open(args: argparse.Namespace, filename: str, *, read_only: bool | None) -> Any:
+async def _open(args: argparse.Namespace, filename: str, *, read_only: bool | None,
+                no_io: bool = False) -> Any:
     from .graph import open_image
-    return await open_image(filename, make_context(args, read_only=read_only),
-                            fmt=getattr(args, "fmt", None))
+    ctx = make_context(args, read_only=read_only)
+    ctx.no_io = no_io
+    return await open_image(filename, ctx, fmt=getattr(args, "fmt", None))
 
 
 # -- mount ------------------------------------------------------------------------------
@@ -264,7 +266,8 @@ def cmd_info(args: argparse.Namespace) -> int:
     from .info import chain_info, image_info, render_human, render_json
 
     async def gather() -> Any:
-        node = await _open(args, args.filename, read_only=True)
+        # As qemu-img info, describe without reading data: no passphrase needed
+        node = await _open(args, args.filename, read_only=True, no_io=True)
         try:
             if args.backing_chain:
                 return chain_info(node, args.filename)

@@ -35,7 +35,22 @@ def image_info(node: Node, filename: str) -> dict[str, Any]:
         if node.backing is not None:
             report["full-backing-filename"] = node.backing.filename
     report.setdefault("dirty-flag", False)
-    return report
+    return qemu_order(report)
+
+
+#: the order qemu-img info --output=json prints the top-level keys in (it
+#: follows from QEMU's dictionary, not from meaning), so that the two
+#: reports of an image compare as text; other keys go before dirty-flag
+QEMU_TOP_ORDER = ("backing-filename-format", "snapshots", "virtual-size", "filename",
+                  "cluster-size", "format", "actual-size", "format-specific",
+                  "full-backing-filename", "encrypted", "backing-filename")
+
+
+def qemu_order(report: dict[str, Any]) -> dict[str, Any]:
+    rank = {key: index for index, key in enumerate(QEMU_TOP_ORDER)}
+    last = len(rank) + 1 if "dirty-flag" in report else len(rank)
+    return dict(sorted(report.items(), key=lambda item: rank.get(
+        item[0], last if item[0] == "dirty-flag" else len(rank))))
 
 
 def chain_info(node: Node, filename: str) -> list[dict[str, Any]]:
@@ -115,6 +130,12 @@ def _render_fields(data: dict[str, Any], indent: int) -> list[str]:
         if isinstance(value, dict):
             lines.append(f"{pad}{label}:")
             lines.extend(_render_fields(value, indent + 4))
+        elif isinstance(value, list) and all(isinstance(item, dict) for item in value):
+            # qemu-img's lists of structs (LUKS key slots): "[0]:" then the fields
+            lines.append(f"{pad}{label}:")
+            for index, item in enumerate(value):
+                lines.append(f"{pad}    [{index}]:")
+                lines.extend(_render_fields(item, indent + 8))
         elif isinstance(value, bool):
             lines.append(f"{pad}{label}: {'true' if value else 'false'}")
         else:

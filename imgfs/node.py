@@ -42,6 +42,9 @@ class OpenContext:
     probed: bool = False
     #: a terminal is there to ask for a passphrase
     interactive: bool = False
+    #: opened only to be described (imgfs info), as qemu-img's BDRV_O_NO_IO:
+    #: encrypted formats read their headers but ask for no passphrase
+    no_io: bool = False
     #: for drivers that need background tasks (connection readers); the
     #: mount and the CLI own it and cancel it after every node is closed
     nursery: Any = None

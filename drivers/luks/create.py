@@ -24,7 +24,7 @@ from imgfs.errors import Unsupported, UsageError
 from imgfs.options import Int, Opt, Schema, Str, choice, in_range
 
 from . import kdf, luks1, luks2
-from .crypto import ALGORITHMS, KNOWN_UNSUPPORTED, CipherSpec, SectorCipher, parse_cipher
+from .spec import ALGORITHMS, KNOWN_UNSUPPORTED, CipherSpec, parse_cipher, sector_cipher
 
 #: QEMU's cipher-alg names -> (Linux crypto API name, key bytes per cipher)
 CIPHER_ALGS: dict[str, tuple[str, int]] = {
@@ -207,7 +207,7 @@ def format_luks2(spec: CipherSpec, key_bytes: int, options: dict[str, Any],
     area_key = params.derive(passphrase, key_bytes)
     split = kdf.af_split(volume_key, luks1.LUKS_STRIPES, hash_name)
     split += bytes(-len(split) % luks1.LUKS_SECTOR_SIZE)
-    material = SectorCipher(spec, area_key).encrypt(0, split)
+    material = sector_cipher(spec, area_key).encrypt(0, split)
     del area_key, split
     metadata = luks2_metadata(spec, key_bytes, params, hash_name, digest,
                               options["sector-size"])

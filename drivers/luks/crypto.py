@@ -19,127 +19,28 @@ unit tests pin it to `cryptography`'s own AES-XTS.
 """
 from __future__ import annotations
 
-import re
 import threading
-import warnings
-from collections.abc import Callable
-from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
-from cryptography.hazmat.primitives.ciphers import Cipher, algorithms, modes
+from cryptography.hazmat.primitives.ciphers import Cipher, modes
 
-from imgfs.errors import InvalidImage, Unsupported
+from imgfs.errors import InvalidImage
 
 from .kdf import digest
+from .spec import (  # noqa: F401  (re-exported: the names crypto always had)
+    ALGORITHMS,
+    IVGENS,
+    KNOWN_UNSUPPORTED,
+    MODES,
+    BlockAlgorithm,
+    CipherSpec,
+    parse_cipher,
+    parse_encryption,
+)
 
-with warnings.catch_warnings():
-    warnings.simplefilter("ignore")
-    from cryptography.hazmat.decrepit.ciphers import algorithms as decrepit
-
-
-@dataclass(frozen=True)
-class BlockAlgorithm:
-    """A block cipher `cryptography` provides, by its Linux crypto API name."""
-
-    name: str
-    block_size: int
-    key_sizes: tuple[int, ...]
-    factory: Callable[[bytes], algorithms.BlockCipherAlgorithm]
-
-
-ALGORITHMS = {algo.name: algo for algo in (
-    BlockAlgorithm("aes", 16, (16, 24, 32), algorithms.AES),
-    BlockAlgorithm("camellia", 16, (16, 24, 32), decrepit.Camellia),
-    BlockAlgorithm("sm4", 16, (16,), algorithms.SM4),
-    BlockAlgorithm("cast5", 8, (16,), decrepit.CAST5),
-    BlockAlgorithm("blowfish", 8, tuple(range(4, 57)), decrepit.Blowfish),
-    BlockAlgorithm("des3_ede", 8, (24,), decrepit.TripleDES),
-)}
-#: ciphers cryptsetup and QEMU know that `cryptography` does not provide
-KNOWN_UNSUPPORTED = ("serpent", "twofish", "cast6", "anubis", "khazad", "tnepres")
 #: requests are transformed in pieces of this size (see SectorCipher._crypt)
 CHUNK = 128 * 1024
-MODES = ("xts", "cbc", "ecb", "ctr")
-IVGENS = ("plain", "plain64", "essiv", "null")
-_SPEC_RE = re.compile(r"^([a-z0-9_]+)(?:-([a-z0-9]+))?(?:-([a-z0-9]+)(?::([a-z0-9-]+))?)?$")
-
-
-@dataclass(frozen=True)
-class CipherSpec:
-    """A parsed ``aes-xts-plain64`` / ``aes-cbc-essiv:sha256``."""
-
-    algorithm: BlockAlgorithm
-    mode: str
-    ivgen: str | None
-    ivgen_hash: str | None = None
-
-    @property
-    def mode_string(self) -> str:
-        """LUKS1's cipher-mode field: ``xts-plain64``, ``cbc-essiv:sha256``."""
-        if self.ivgen is None:
-            return self.mode
-        return f"{self.mode}-{self.ivgen}" + (f":{self.ivgen_hash}" if self.ivgen_hash else "")
-
-    def __str__(self) -> str:
-        return f"{self.algorithm.name}-{self.mode_string}"
-
-    def check_key_size(self, key_bytes: int) -> None:
-        """The volume key size must suit the cipher (doubled for XTS)."""
-        per_cipher = key_bytes // 2 if self.mode == "xts" else key_bytes
-        if (self.mode == "xts" and key_bytes % 2) or \
-                per_cipher not in self.algorithm.key_sizes:
-            raise InvalidImage(f"key size {key_bytes * 8} bits does not suit cipher {self}")
-
-
-def parse_cipher(name: str, mode_string: str) -> CipherSpec:
-    """The two LUKS1 fields (``aes``, ``xts-plain64``) as a checked spec."""
-    name, mode_string = name.strip().lower(), mode_string.strip().lower()
-    algorithm = ALGORITHMS.get(name)
-    if algorithm is None:
-        if name in KNOWN_UNSUPPORTED or re.fullmatch(r"[a-z0-9_]{1,31}", name):
-            raise Unsupported(f"cipher not supported: {name}")
-        raise InvalidImage(f"invalid cipher name {name!r}")
-    mode, _, ivgen_text = mode_string.partition("-")
-    if mode not in MODES:
-        raise Unsupported(f"cipher mode not supported: {mode_string}")
-    ivgen, _, ivgen_hash = ivgen_text.partition(":")
-    return _checked_spec(algorithm, mode, ivgen or None, ivgen_hash or None, mode_string)
-
-
-def _checked_spec(algorithm: BlockAlgorithm, mode: str, ivgen: str | None,
-                  ivgen_hash: str | None, mode_string: str) -> CipherSpec:
-    if mode == "ecb":
-        # ECB uses no IV; QEMU still writes (and requires) one: "ecb-plain64".
-        if ivgen not in ("plain", "plain64", "null"):
-            ivgen = None
-        ivgen_hash = None
-    elif ivgen is None:
-        raise Unsupported(f"cipher mode {mode_string} names no IV generator")
-    elif ivgen not in IVGENS:
-        raise Unsupported(f"IV generator not supported: {ivgen}")
-    if mode == "xts" and algorithm.block_size != 16:
-        raise Unsupported(f"xts needs a 128-bit block cipher, not {algorithm.name}")
-    if ivgen == "essiv":
-        if not ivgen_hash:
-            raise InvalidImage("essiv names no hash (expected essiv:sha256)")
-        essiv_key = len(digest(ivgen_hash, b""))
-        if essiv_key not in algorithm.key_sizes:
-            raise Unsupported(f"essiv:{ivgen_hash} gives a {essiv_key * 8}-bit key, "
-                              f"which {algorithm.name} cannot use")
-    elif ivgen_hash:
-        raise InvalidImage(f"IV generator {ivgen} takes no hash")
-    return CipherSpec(algorithm, mode, ivgen, ivgen_hash)
-
-
-def parse_encryption(text: str) -> CipherSpec:
-    """LUKS2's one-string form: ``aes-xts-plain64``."""
-    match = _SPEC_RE.match(text.strip().lower())
-    if not match or match.group(2) is None:
-        raise InvalidImage(f"invalid encryption {text!r} (expected e.g. aes-xts-plain64)")
-    name, mode, ivgen, ivgen_hash = match.groups()
-    mode_string = mode + (f"-{ivgen}" if ivgen else "") + (f":{ivgen_hash}" if ivgen_hash else "")
-    return parse_cipher(name, mode_string)
 
 
 # -- IVs and tweaks (pure, whole requests at once) ------------------------------------

@@ -10,11 +10,12 @@ from __future__ import annotations
 
 import os
 from collections.abc import Callable
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import trio
 
 from imgfs.block import BlockDriver, Kind
+from imgfs.errors import PermissionDenied
 from imgfs.node import Node, OpenContext
 from imgfs.options import Opt, Schema, Str
 from imgfs.secrets import resolve_passphrase
@@ -22,8 +23,11 @@ from imgfs.secrets import resolve_passphrase
 from . import luks1
 from . import probe as probe_luks
 from .create import CREATE_OPTS, check_options, create_spec, format_header
-from .crypto import SectorCipher
 from .header import LuksHeader, read_header
+from .spec import sector_cipher
+
+if TYPE_CHECKING:
+    from .crypto import SectorCipher
 
 #: requests at least this large are encrypted in a worker thread
 THREAD_MIN = 64 * 1024
@@ -42,7 +46,8 @@ class LuksDriver(BlockDriver):
     has_zero_init = False
 
     header: LuksHeader
-    cipher: SectorCipher
+    #: None when opened only to be described (imgfs info needs no passphrase)
+    cipher: SectorCipher | None = None
     payload_offset = 0
     sector_size = luks1.LUKS_SECTOR_SIZE
 
@@ -56,23 +61,30 @@ class LuksDriver(BlockDriver):
         self.payload_offset = self.header.payload_offset
         self.sector_size = self.header.sector_size
         self.size = self.header.payload_size(file.size)
+        self.request_alignment = self.sector_size
+        if ctx.no_io:
+            return          # as qemu-img info: the header is all it shows
         passphrase = resolve_passphrase(ctx, options["key-secret"],
                                         what=os.path.basename(self.node.filename))
         try:
             key = await self.header.unlock(file.read, passphrase)
         finally:
             del passphrase
-        self.cipher = SectorCipher(self.header.spec, key, self.sector_size)
+        self.cipher = sector_cipher(self.header.spec, key, self.sector_size)
         del key
-        self.request_alignment = self.sector_size
 
     async def read(self, offset: int, length: int) -> bytes:
         data = await self.children["file"].read(self.payload_offset + offset, length)
-        return await self._transform(self.cipher.decrypt, offset, data)
+        return await self._transform(self._unlocked().decrypt, offset, data)
 
     async def write(self, offset: int, data: bytes) -> None:
-        encrypted = await self._transform(self.cipher.encrypt, offset, data)
+        encrypted = await self._transform(self._unlocked().encrypt, offset, data)
         await self.children["file"].write(self.payload_offset + offset, encrypted)
+
+    def _unlocked(self) -> SectorCipher:
+        if self.cipher is None:
+            raise PermissionDenied("opened without its passphrase (metadata only)")
+        return self.cipher
 
     async def _transform(self, transform: Callable[[int, bytes], bytes], offset: int,
                          data: bytes) -> bytes:

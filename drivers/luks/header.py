@@ -21,8 +21,8 @@ from typing import Protocol
 from imgfs.errors import InvalidImage
 
 from . import luks1, luks2, probe_version
-from .crypto import CipherSpec
 from .luks1 import LUKS_MAGIC, ReadFn
+from .spec import CipherSpec
 
 
 class LuksHeader(Protocol):

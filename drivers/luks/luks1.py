@@ -32,7 +32,7 @@ import trio
 from imgfs.errors import CorruptImage, InvalidImage, PermissionDenied
 
 from . import kdf
-from .crypto import CipherSpec, SectorCipher, parse_cipher
+from .spec import CipherSpec, parse_cipher, prefetch_sector_cipher, sector_cipher
 
 LUKS_MAGIC = b"LUKS\xba\xbe"
 LUKS_VERSION = 1
@@ -128,10 +128,22 @@ class Luks1Header:
 
     def info(self) -> dict[str, object]:
         """qemu-img info's luks "format-specific" data, with its key names."""
-        return {**spec_info(self.spec, self.phdr.key_bytes), "hash-alg": self.hash_name,
-                "payload-offset": self.payload_offset,
-                "master-key-iters": self.phdr.mk_digest_iter,
-                "uuid": _text(self.phdr.uuid), "slots": [_slot_info(s) for s in self.slots]}
+        return qemu_info_order({
+            **spec_info(self.spec, self.phdr.key_bytes), "hash-alg": self.hash_name,
+            "payload-offset": self.payload_offset, "master-key-iters": self.phdr.mk_digest_iter,
+            "uuid": _text(self.phdr.uuid), "slots": [_slot_info(s) for s in self.slots]})
+
+
+#: the order qemu-img info prints the LUKS fields in (qcow2's "format" included),
+#: so that the two reports of an image compare line by line
+QEMU_INFO_ORDER = ("ivgen-alg", "hash-alg", "cipher-alg", "uuid", "ivgen-hash-alg", "format",
+                   "cipher-mode", "slots", "payload-offset", "master-key-iters")
+
+
+def qemu_info_order(info: dict[str, object]) -> dict[str, object]:
+    """`info` with qemu-img's keys in its order, any others after them."""
+    rank = {key: index for index, key in enumerate(QEMU_INFO_ORDER)}
+    return dict(sorted(info.items(), key=lambda item: rank.get(item[0], len(rank))))
 
 
 def spec_info(spec: CipherSpec, key_bytes: int) -> dict[str, object]:
@@ -221,7 +233,7 @@ def open_slot(header: Luks1Header, slot: KeySlot, material: bytes,
     """The volume key if `passphrase` opens `slot`, else None (CPU-bound)."""
     key_bytes = header.phdr.key_bytes
     slot_key = kdf.pbkdf2(header.hash_name, passphrase, slot.salt, slot.iterations, key_bytes)
-    split = SectorCipher(header.spec, slot_key).decrypt(0, material)
+    split = sector_cipher(header.spec, slot_key).decrypt(0, material)
     del slot_key
     candidate = kdf.af_merge(split, key_bytes, slot.stripes, header.hash_name)
     if check_digest(header, candidate):
@@ -238,6 +250,7 @@ def check_digest(header: Luks1Header, key: bytes) -> bool:
 
 async def unlock(header: Luks1Header, read: ReadFn, passphrase: bytes) -> bytes:
     """Try every active key slot; the volume key, or PermissionDenied."""
+    prefetch_sector_cipher()
     for index in header.active_slots():
         slot = header.slots[index]
         size = material_sectors(header.phdr.key_bytes, slot.stripes) * LUKS_SECTOR_SIZE
@@ -285,7 +298,7 @@ def format_header(spec: CipherSpec, key_bytes: int, hash_name: str, passphrase: 
     slot_key = kdf.pbkdf2(hash_name, passphrase, slot_salt, slot_iters, key_bytes)
     split = kdf.af_split(volume_key, LUKS_STRIPES, hash_name)
     split += bytes(-len(split) % LUKS_SECTOR_SIZE)
-    material = SectorCipher(spec, slot_key).encrypt(0, split)
+    material = sector_cipher(spec, slot_key).encrypt(0, split)
     del slot_key, split
     slots = [KeySlot(LUKS_KEY_ENABLED, slot_iters, slot_salt, offsets[0], LUKS_STRIPES)]
     slots += [KeySlot(LUKS_KEY_DISABLED, 0, bytes(LUKS_SALTSIZE), offset, LUKS_STRIPES)

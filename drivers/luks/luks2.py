@@ -38,8 +38,8 @@ import trio
 from imgfs.errors import CorruptImage, InvalidImage, PermissionDenied, Unsupported
 
 from . import kdf
-from .crypto import CipherSpec, SectorCipher, parse_encryption
 from .luks1 import LUKS_MAGIC, LUKS_SECTOR_SIZE, LUKS_STRIPES, ReadFn, cipher_alg_name
+from .spec import CipherSpec, parse_encryption, prefetch_sector_cipher, sector_cipher
 
 log = logging.getLogger("imgfs")
 
@@ -368,6 +368,7 @@ class Luks2Header:
 
     async def unlock(self, read: ReadFn, passphrase: bytes) -> bytes:
         """Try the keyslots of segment 0's digest, high priority first."""
+        prefetch_sector_cipher()
         order = sorted(range(len(self.keyslots)), key=lambda i: -self.priorities[i])
         for position in order:
             slot = self.keyslots[position]
@@ -383,7 +384,7 @@ class Luks2Header:
 
     def _open_slot(self, slot: Keyslot, material: bytes, passphrase: bytes) -> bytes | None:
         area_key = slot.kdf.derive(passphrase, slot.area_key_size)
-        split = SectorCipher(slot.area_spec, area_key).decrypt(0, material)
+        split = sector_cipher(slot.area_spec, area_key).decrypt(0, material)
         del area_key
         candidate = kdf.af_merge(split, slot.key_size, slot.stripes, slot.af_hash)
         return candidate if self.digest.matches(candidate) else None

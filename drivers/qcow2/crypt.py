@@ -29,19 +29,22 @@ from __future__ import annotations
 
 import os
 from collections.abc import Callable, Mapping
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import trio
 from cryptography.hazmat.primitives.ciphers import Cipher, algorithms, modes
 
-from imgfs.errors import InvalidImage, ReadOnly, Unsupported, UsageError
+from imgfs.errors import InvalidImage, PermissionDenied, ReadOnly, Unsupported, UsageError
 from imgfs.node import Node, OpenContext
 from imgfs.secrets import resolve_passphrase
 
-from ..luks.crypto import SectorCipher
 from ..luks.header import LuksHeader, read_header
-from ..luks.luks1 import NewHeader
+from ..luks.luks1 import NewHeader, qemu_info_order
+from ..luks.spec import sector_cipher
 from .header import ImageHeader
+
+if TYPE_CHECKING:
+    from ..luks.crypto import SectorCipher
 
 #: qcow2 LUKS sectors are always 512 bytes (QEMU's QCRYPTO_BLOCK_LUKS_SECTOR_SIZE)
 SECTOR_SIZE = 512
@@ -86,12 +89,13 @@ def parse_encrypt_options(raw: Any) -> dict[str, str]:
 
 
 class ClusterCipher:
-    """The unlocked LUKS header of one image and its sector cipher."""
+    """The LUKS header of one image and its sector cipher (None when the
+    image was opened only to be described: imgfs info needs no passphrase)."""
 
     #: sectors are numbered by host offset (LUKS); legacy AES uses guest offsets
     physical = True
 
-    def __init__(self, header: LuksHeader, cipher: SectorCipher, offset: int,
+    def __init__(self, header: LuksHeader, cipher: SectorCipher | None, offset: int,
                  length: int) -> None:
         self.header = header
         self.cipher = cipher
@@ -100,13 +104,18 @@ class ClusterCipher:
 
     def info(self) -> dict[str, Any]:
         """qemu-img info's format-specific.data.encrypt."""
-        return {"format": "luks", **self.header.info()}
+        return qemu_info_order({"format": "luks", **self.header.info()})
 
     async def decrypt(self, host_offset: int, data: bytes) -> bytes:
-        return await self._transform(self.cipher.decrypt, host_offset, data)
+        return await self._transform(self._unlocked().decrypt, host_offset, data)
 
     async def encrypt(self, host_offset: int, data: bytes | memoryview) -> bytes:
-        return await self._transform(self.cipher.encrypt, host_offset, data)
+        return await self._transform(self._unlocked().encrypt, host_offset, data)
+
+    def _unlocked(self) -> SectorCipher:
+        if self.cipher is None:
+            raise PermissionDenied("opened without its passphrase (metadata only)")
+        return self.cipher
 
     @staticmethod
     async def _transform(transform: Callable[[int, Any], bytes], host_offset: int,
@@ -139,6 +148,8 @@ async def open_cipher(image: ImageHeader, file: Node, options: dict[str, Any],
     if header.sector_size != SECTOR_SIZE:
         raise Unsupported(f"LUKS sector size {header.sector_size} in a qcow2 image "
                           f"(expected {SECTOR_SIZE})")
+    if ctx.no_io:
+        return ClusterCipher(header, None, offset, length)    # as qemu-img info
     secret_id = (options.get("encrypt") or {}).get("key-secret") \
         or options.get("encrypt.key-secret")
     passphrase = resolve_passphrase(ctx, secret_id,
@@ -147,7 +158,7 @@ async def open_cipher(image: ImageHeader, file: Node, options: dict[str, Any],
         key = await header.unlock(read, passphrase)
     finally:
         del passphrase
-    cipher = SectorCipher(header.spec, key, SECTOR_SIZE)
+    cipher = sector_cipher(header.spec, key, SECTOR_SIZE)
     del key
     return ClusterCipher(header, cipher, offset, length)
 
@@ -159,10 +170,13 @@ class AesCipher:
 
     physical = False
 
-    def __init__(self, passphrase: bytes) -> None:
-        key = bytes(passphrase[:AES_KEY_SIZE]).ljust(AES_KEY_SIZE, b"\0")
-        self._algorithm = algorithms.AES(key)
-        del key
+    def __init__(self, passphrase: bytes | None) -> None:
+        """None: opened only to be described (imgfs info), nothing decrypts."""
+        self._algorithm: algorithms.AES | None = None
+        if passphrase is not None:
+            key = bytes(passphrase[:AES_KEY_SIZE]).ljust(AES_KEY_SIZE, b"\0")
+            self._algorithm = algorithms.AES(key)
+            del key
 
     def info(self) -> dict[str, Any]:
         """qemu-img info's format-specific.data.encrypt."""
@@ -183,6 +197,8 @@ class AesCipher:
         return result[:len(result) - tail] if tail else result
 
     def _decrypt(self, sector: int, data: bytes) -> bytes:
+        if self._algorithm is None:
+            raise PermissionDenied("opened without its passphrase (metadata only)")
         view = memoryview(data)
         out = bytearray(len(data))
         for start in range(0, len(data), SECTOR_SIZE):
@@ -198,6 +214,8 @@ class AesCipher:
 
 def open_aes_cipher(options: dict[str, Any], ctx: OpenContext, filename: str) -> AesCipher:
     """Resolve the passphrase of a legacy AES image (nothing checks it)."""
+    if ctx.no_io:
+        return AesCipher(None)            # as qemu-img info: no passphrase asked
     secret_id = (options.get("encrypt") or {}).get("key-secret") \
         or options.get("encrypt.key-secret")
     passphrase = resolve_passphrase(ctx, secret_id, what=os.path.basename(filename))

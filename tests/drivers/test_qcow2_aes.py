@@ -103,8 +103,16 @@ def test_wrong_passphrase_reads_what_qemu_reads(image: Path, tmp_path: Path) -> 
     assert out.read_bytes() == theirs
 
 
+def test_info_needs_no_passphrase(image: Path) -> None:
+    """As qemu-img info, which shows an AES image without its secret."""
+    ours = json.loads(imgfs("info", "--output", "json", str(image)).stdout)
+    theirs = json.loads(run("qemu-img", "info", "--output", "json", image).stdout)
+    assert ours["format-specific"] == theirs["format-specific"]
+    assert ours["encrypted"] is theirs["encrypted"] is True
+
+
 def test_missing_secret_is_a_clear_error(image: Path) -> None:
-    result = imgfs("info", str(image), check=False)
+    result = imgfs("map", str(image), check=False)
     assert result.returncode == 2
     assert result.stderr.count("\n") == 1
     assert "aes.qcow2 is encrypted: give key-secret=ID" in result.stderr

@@ -204,10 +204,18 @@ def test_info_reports_encryption_like_qemu(image: Path) -> None:
     assert "encrypted: yes" in human
 
 
+def test_info_needs_no_passphrase(image: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """As qemu-img info: the encrypt fields without the secret, line for line."""
+    monkeypatch.chdir(image.parent)
+    for output in ("human", "json"):
+        theirs = run("qemu-img", "info", "--output", output, image.name).stdout
+        assert imgfs("info", "--output", output, image.name).stdout == theirs
+
+
 def test_wrong_passphrase_is_one_line(image: Path) -> None:
     source = "json:" + json.dumps({"driver": "qcow2", "encrypt.key-secret": "sec0",
                                    "file": {"driver": "file", "filename": str(image)}})
-    result = imgfs("info", "--object", "secret,id=sec0,data=not-it", source, check=False)
+    result = imgfs("map", "--object", "secret,id=sec0,data=not-it", source, check=False)
     assert result.returncode == 1
     assert result.stderr.count("\n") == 1
     assert "no key slot matches this passphrase" in result.stderr
@@ -215,7 +223,7 @@ def test_wrong_passphrase_is_one_line(image: Path) -> None:
 
 
 def test_missing_secret_is_a_clear_error(image: Path) -> None:
-    result = imgfs("info", str(image), check=False)
+    result = imgfs("map", str(image), check=False)
     assert result.returncode == 2                     # a usage error
     assert result.stderr.count("\n") == 1
     assert "disk.qcow2 is encrypted: give key-secret=ID" in result.stderr
