@@ -106,8 +106,9 @@ class QcowDriver(BlockDriver):
             return None
         raw = await self.children["file"].read(header.backing_file_offset,
                                                header.backing_file_size)
+        raw = raw.split(b"\0", 1)[0]        # QEMU reads it as a C string
         try:
-            return raw.decode()
+            return raw.decode() or None
         except UnicodeDecodeError:
             raise InvalidImage("backing file name is not valid UTF-8") from None
 
