@@ -1,8 +1,9 @@
 """qcow: QEMU's original copy-on-write format (qcow version 1).
 
-Spec: there is no spec document; the layout below is the on-disk format
-QEMU reads and writes (learned from images qemu-img makes), checked field
-by field by tests/drivers/test_qcow.py.  Big-endian header of 48 bytes:
+Spec: QEMU has no spec document for version 1.  The header below is the
+one the Rust ``qcow`` crate describes (docs.rs qcow, src/v1.rs), and the
+rest was learned from images qemu-img and qemu-io make, checked field by
+field by tests/drivers/test_qcow.py.  Big-endian header of 48 bytes:
 magic ``QFI\\xfb``, version 1, backing_file_offset/size (the name, not
 NUL-terminated; relative names are relative to the image's directory),
 mtime, size, cluster_bits, l2_bits, padding, crypt_method (0 none, 1 AES),
