@@ -17,10 +17,12 @@ no refcounts, no zero clusters and no snapshots.
 Supported: reading plain and compressed clusters, backing files (the core
 reads them), writing (clusters and L2 tables appended at the end of the
 file; compressed clusters rewritten whole; copy-on-write from the backing
-node for partial clusters), and creating images laid out as qemu-img lays
-them out.  Legacy AES (crypt_method 1) is readable for data liberation
-only, with qcow2's cipher (drivers/qcow2/crypt.py): a read-write open is
-refused, a read-only open warns; it cannot be created.
+node for partial clusters, which QEMU 7.2 does not do: that is harmless
+only with the 512-byte clusters qemu-img gives overlays), and creating
+images laid out as qemu-img lays them out.  Legacy AES (crypt_method 1)
+is readable for data liberation only, with qcow2's cipher
+(drivers/qcow2/crypt.py): a read-write open is refused, a read-only open
+warns; it cannot be created.
 
 Metadata is written through: data first, then the L2 entries, then (for a
 new L2 table) the L1 entry, so a crash loses at most unreferenced space.
