@@ -9,6 +9,7 @@ file, filled around the new bytes with the old contents.
 from __future__ import annotations
 
 import array
+import bisect
 import logging
 import os
 import struct
@@ -96,6 +97,7 @@ class QcowDriver(BlockDriver):
         self.l2_cache_tables = max(4, L2_CACHE_BYTES // self.geometry.l2_bytes)
         self.lock = trio.Lock()
         self.compressed_cache: tuple[int, bytes] | None = None
+        self.l2_offsets: list[int] | None = None
         self.crypto: Any = None
         if header.crypt_method == QCOW_CRYPT_AES:
             self._open_aes(options, ctx)
@@ -271,8 +273,20 @@ class QcowDriver(BlockDriver):
         if host_offset + len(data) > file_end:
             raise CorruptImage(f"data cluster at host offset {host_offset:#x} lies beyond "
                                f"the end of the {file_end}-byte file")
+        if self._overlaps_l2_table(host_offset, len(data)):
+            raise CorruptImage(f"data cluster at host offset {host_offset:#x} overlaps an "
+                               "L2 table")
         await self._grow_file(host_offset + len(data))
         await self.children["file"].write(host_offset, bytes(data))
+
+    def _overlaps_l2_table(self, host_offset: int, length: int) -> bool:
+        """A hostile L2 entry may point at a table: the write would rewrite
+        the mapping itself.  The sorted table offsets are built at the first
+        in-place write (one pass over L1) and kept up to date."""
+        if self.l2_offsets is None:
+            self.l2_offsets = sorted({entry for entry in self.l1 if entry})
+        index = bisect.bisect_left(self.l2_offsets, host_offset + length)
+        return index > 0 and self.l2_offsets[index - 1] + self.geometry.l2_bytes > host_offset
 
     async def _allocating_write(self, offset: int, data: memoryview,
                                 old_entries: array.array[int]) -> None:
@@ -339,6 +353,8 @@ class QcowDriver(BlockDriver):
         await file.write(l2_offset, pack_table(table))
         await file.flush()          # the table is on disk before the L1 entry names it
         self.l1[l1_index] = l2_offset
+        if self.l2_offsets is not None:
+            bisect.insort(self.l2_offsets, l2_offset)
         await file.write(self.header.l1_table_offset + l1_index * 8,
                          struct.pack(">Q", l2_offset))
         self._cache_l2(l2_offset, table)

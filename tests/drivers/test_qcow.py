@@ -29,7 +29,7 @@ from imgfs.drivers.qcow.layout import (
     unpack_table,
 )
 
-from imgfs.errors import InvalidImage, ReadOnly
+from imgfs.errors import CorruptImage, InvalidImage, ReadOnly
 from imgfs.graph import open_image
 from imgfs.node import OpenContext
 from tests.conftest import imgfs, need, random_bytes, run
@@ -445,3 +445,18 @@ def test_damaged_tables_are_one_line(tmp_path: Path, damage: str) -> None:
     assert result.returncode == 1
     assert result.stderr.count("\n") == 1 and "Traceback" not in result.stderr
     assert "L2 table offset" in result.stderr or "decompress" in result.stderr
+
+
+@pytest.mark.parametrize("target", ["l2-table", "header", "beyond-file"])
+def test_write_through_a_hostile_l2_entry_is_refused(tmp_path: Path, target: str) -> None:
+    """An L2 entry aimed at the mapping itself, the header, or far past the
+    end of the file: the write fails and the file is left as it was."""
+    image = filled(tmp_path)
+    raw = image.read_bytes()
+    l2_offset = struct.unpack(">Q", raw[48:56])[0]
+    host = {"l2-table": l2_offset, "header": 32, "beyond-file": 1 << 40}[target]
+    patch(image, l2_offset, struct.pack(">Q", host))
+    before = image.read_bytes()
+    with pytest.raises(CorruptImage, match="overlaps|beyond"):
+        write_through_driver(image, [(0, b"x" * 512)])
+    assert image.read_bytes() == before
