@@ -25,7 +25,10 @@ is readable for data liberation only, with qcow2's cipher
 warns; it cannot be created.
 
 Metadata is written through: data first, then the L2 entries, then (for a
-new L2 table) the L1 entry, so a crash loses at most unreferenced space.
+new L2 table, after a flush) the L1 entry, so imgfs stopping half way
+leaves at worst unreferenced space.  As in QEMU, no flush separates data
+from its L2 entry: a machine crash before fsync may leave a new cluster
+reading as zeros (the file is extended, so not as stale data).
 
 Module map: `layout` (header, geometry, table math, new images; pure, and
 all that probing imports) and `driver` (the BlockDriver).
