@@ -381,6 +381,7 @@ DAMAGE = [
     ({"size": (1 << 63) - 1}, "too large"),
     ({"size": 1 << 50}, "too large"),
     ({"crypt_method": 2}, "crypt_method 2 unknown"),
+    ({"version": 2}, "not a qcow version 1 image"),
     ({"backing_file_offset": 1 << 30, "backing_file_size": 8}, "backing file name at"),
     ({"backing_file_offset": 48, "backing_file_size": 5000}, "backing_file_size 5000 too long"),
 ]
@@ -399,8 +400,11 @@ def damage_header(image: Path, fields: dict[str, int]) -> Path:
     return image
 
 
-@pytest.mark.parametrize("fields, message", DAMAGE, ids=[next(iter(d)) + "=" + str(
-    next(iter(d.values()))) for d, _ in DAMAGE])
+def damage_id(fields: dict[str, int]) -> str:
+    return ",".join(f"{name}={value}" for name, value in fields.items())
+
+
+@pytest.mark.parametrize("fields, message", DAMAGE, ids=[damage_id(d) for d, _ in DAMAGE])
 def test_damaged_header_is_refused(tmp_path: Path, fields: dict[str, int],
                                    message: str) -> None:
     image = damage_header(filled(tmp_path), fields)
