@@ -169,6 +169,10 @@ def test_compressed_clusters(tmp_path: Path) -> None:
     packed = qemu_compressed(plain, tmp_path / "packed.qcow")
     assert packed.stat().st_size < plain.stat().st_size
     assert imgfs_raw(packed, tmp_path / "ours.raw") == qemu_raw(plain, tmp_path / "q.raw")
+    for image in (plain, packed):
+        ours = json.loads(imgfs("map", "--output=json", image).stdout)
+        theirs = json.loads(run("qemu-img", "map", "--output=json", image).stdout)
+        assert _map_runs(ours) == _map_runs(theirs)
 
 
 def test_backing_chain_three_deep(tmp_path: Path) -> None:
