@@ -4,7 +4,8 @@ The disk is a short list of regions (MBR, boot sector, FSInfo, backup boot
 sector, the two FAT copies, the FAT-12/16 root directory, the data area);
 everything between them reads as zeros.  Data clusters of a file are read
 from the host file with ``os.pread`` at the matching offset, one call for a
-whole request inside one file (a file's clusters are contiguous).
+whole request inside one file (a file's clusters are contiguous); a request
+that crosses the end of a file is read into one zero-filled buffer.
 
 Host changes after open: before reading a file, its path is stat'ed; if it
 no longer names the same inode with the snapshot's size (deleted, replaced,
@@ -29,7 +30,7 @@ import struct
 from bisect import bisect_right
 from collections import OrderedDict
 from collections.abc import Callable, Iterator
-from typing import Any
+from typing import Any, cast
 
 import trio
 
@@ -252,10 +253,38 @@ class FatDriver(BlockDriver):
         return parts[0] if len(parts) == 1 else b"".join(parts)
 
     def _data(self, offset: int, length: int) -> bytes:
-        """Bytes of the data area: a run of a file or directory, or free space."""
+        """Bytes of the data area: runs of files or directories, or free space.
+
+        A request inside one file's bytes is one pread, returned as it is.
+        One that also covers slack, free clusters or other runs (a guest's
+        sequential read crosses a file's end every few requests) is read
+        into one zero-filled buffer in place: joining separate pieces would
+        cost a copy and a fresh allocation per piece, which is most of what
+        the driver adds to the host's pread."""
+        pieces = self._data_pieces(offset, length)
+        if len(pieces) == 1:
+            index, node_offset, step = pieces[0]
+            node = self.image.nodes[index] if index >= 0 else None
+            if node is not None and not node.is_dir and node_offset + step <= node.size:
+                return self._read_host(index, node, node_offset, step)
+        buffer = bytearray(length)
+        view = memoryview(buffer)
+        position = 0
+        for index, node_offset, step in pieces:
+            if index >= 0:
+                self._node_into(index, node_offset, view[position:position + step])
+            position += step
+        # The bytearray itself is returned: every consumer (slices, joins,
+        # pyfuse3's reply through the buffer protocol) takes it, and bytes()
+        # would cost the very copy (and page faults) this path avoids.
+        return cast(bytes, buffer)
+
+    def _data_pieces(self, offset: int, length: int) -> list[tuple[int, int, int]]:
+        """(node index, offset in the node's run, length) of each run the
+        request covers, in order; node index -1 for free clusters."""
         image = self.image
         cluster_size = image.cluster_size
-        parts = []
+        pieces = []
         while length > 0:
             cluster = 2 + offset // cluster_size
             run = image.owner(cluster)
@@ -263,7 +292,7 @@ class FatDriver(BlockDriver):
             if node is not None and cluster < node.first_cluster + node.cluster_count:
                 node_offset = offset - (node.first_cluster - 2) * cluster_size
                 step = min(length, node.cluster_count * cluster_size - node_offset)
-                parts.append(self._node_bytes(image.run_node[run], node, node_offset, step))
+                pieces.append((image.run_node[run], node_offset, step))
             else:
                 following = run + 1
                 if following < len(image.run_first):
@@ -271,20 +300,35 @@ class FatDriver(BlockDriver):
                     step = min(length, next_start - offset)
                 else:
                     step = length
-                parts.append(bytes(step))
+                pieces.append((-1, 0, step))
             offset += step
             length -= step
-        return parts[0] if len(parts) == 1 else b"".join(parts)
+        return pieces
 
-    def _node_bytes(self, index: int, node: HostNode, offset: int, length: int) -> bytes:
+    def _node_into(self, index: int, offset: int, out: memoryview) -> None:
+        """A piece of a node's run into `out` (zero-filled: the slack after
+        the end of a file, up to its cluster's end, stays zeros)."""
+        node = self.image.nodes[index]
         if node.is_dir:
-            return self.image.directory(index)[offset:offset + length]
-        wanted = max(0, min(length, node.size - offset))
-        data = self._read_host(index, node, offset, wanted) if wanted else b""
-        # The slack after the end of the file, up to the cluster's end, is zeros.
-        return data if wanted == length else data + bytes(length - wanted)
+            data = self.image.directory(index)[offset:offset + len(out)]
+            out[:len(data)] = data
+            return
+        wanted = max(0, min(len(out), node.size - offset))
+        if not wanted:
+            return
+        fd = self._checked_fd(index, node)
+        if os.preadv(fd, [out[:wanted]], offset) < wanted:
+            raise _host_changed(node, "shrank while being read")
 
     def _read_host(self, index: int, node: HostNode, offset: int, length: int) -> bytes:
+        data = os.pread(self._checked_fd(index, node), length, offset)
+        if len(data) < length:
+            raise _host_changed(node, "shrank while being read")
+        return data
+
+    def _checked_fd(self, index: int, node: HostNode) -> int:
+        """The node's open host file, once its path still names the same
+        inode with the snapshot's size."""
         try:
             info = os.stat(node.path)
         except OSError as exc:
@@ -293,11 +337,7 @@ class FatDriver(BlockDriver):
             raise _host_changed(node, "was replaced by another file")
         if info.st_size != node.size:
             raise _host_changed(node, f"changed size ({node.size} -> {info.st_size} bytes)")
-        fd = self._fd(index, node)
-        data = os.pread(fd, length, offset)
-        if len(data) < length:
-            raise _host_changed(node, "shrank while being read")
-        return data
+        return self._fd(index, node)
 
     def _fd(self, index: int, node: HostNode) -> int:
         fd = self.fds.get(index)
