@@ -179,10 +179,14 @@ async def open_format(cls: type[BlockDriver], file_node: Node, tree: Mapping[str
         for name, ref in driver.child_refs().items():
             if name in tree and tree[name] is None:
                 continue            # json: {"backing": null} drops the backing file
-            if name in tree:
+            if name in tree and not _only_options(tree[name]):
                 child_spec = child_tree(tree[name], leaf=name != "backing")
             else:
                 child_spec = ref_tree(ref, file_node, leaf=name != "backing")
+                if name in tree:
+                    # QEMU's backing.encrypt.key-secret=ID: options for the
+                    # file the image names, not a replacement for it
+                    child_spec = with_options(child_spec, tree[name])
             driver.children[name] = await open_tree(
                 child_spec, ctx, read_only=ref.read_only or read_only, depth=depth + 1)
         await driver.attach()
@@ -194,6 +198,12 @@ async def open_format(cls: type[BlockDriver], file_node: Node, tree: Mapping[str
         await node.aclose()
         raise
     return node
+
+
+def _only_options(child: Any) -> bool:
+    """A child tree that names no file: options for the one the image names."""
+    return isinstance(child, Mapping) and not any(
+        key in child for key in ("file", "filename", SOURCE_KEY))
 
 
 def resolve_relative(name: str, file_node: Node) -> str:

@@ -3,6 +3,7 @@ key-secret reaches the driver, writes come back through QEMU, a wrong
 passphrase mounts nothing."""
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 from tests.conftest import (
@@ -13,6 +14,7 @@ from tests.conftest import (
     need,
     pwrite_all,
     random_bytes,
+    run,
     unmount,
 )
 from tests.drivers.test_qcow2_luks import (
@@ -91,3 +93,95 @@ def test_legacy_aes_mounts_read_only_only(tmp_path: Path, mnt: Path) -> None:
         assert WARNING in result.stderr
     finally:
         unmount(mnt)
+
+
+# -- backing chains: each encrypted layer with its own secret, as QEMU -------------------
+
+#: two secrets, one per layer (QEMU: encrypt.key-secret=s1,backing.encrypt.key-secret=s0)
+CHAIN_SECRETS = ["--object", "secret,id=s0,data=base pass",
+                 "--object", "secret,id=s1,data=top pass"]
+
+
+def qemu_create_retrying(*args: str | Path) -> None:
+    """qemu-img create of an encrypted image (its PBKDF calibration now and
+    then fails on a loaded machine: retry, as create_encrypted does)."""
+    for _ in range(5):
+        result = run("qemu-img", "create", "-q", *CHAIN_SECRETS, *args, check=False)
+        if result.returncode == 0:
+            return
+        assert "accurate CPU usage" in result.stderr, result.stderr
+    raise AssertionError(f"qemu-img create kept failing: {result.stderr}")
+
+
+def chain_contents(image_opts: str, out: Path) -> bytes:
+    run("qemu-img", "convert", *CHAIN_SECRETS, "--image-opts", image_opts, "-O", "raw", out)
+    return out.read_bytes()
+
+
+def qemu_io_opts(image_opts: str, *commands: str) -> None:
+    run("qemu-io", *CHAIN_SECRETS, "--image-opts", image_opts,
+        *(arg for command in commands for arg in ("-c", command)))
+
+
+def assert_compare_equal(image_opts: str, raw: Path) -> None:
+    result = run("qemu-img", "compare", *CHAIN_SECRETS, "--image-opts", image_opts,
+                 f"driver=raw,file.filename={raw}", check=False)
+    assert result.returncode == 0, result.stdout + result.stderr
+
+
+def test_encrypted_chain_each_layer_its_own_secret(tmp_path: Path, mnt: Path) -> None:
+    need("qemu-img", "qemu-io")
+    base, top = tmp_path / "base.qcow2", tmp_path / "top.qcow2"
+    qemu_create_retrying("-f", "qcow2", "-o", "encrypt.format=luks,encrypt.key-secret=s0,"
+                         "encrypt.iter-time=10", base, "4M")
+    qemu_create_retrying("-f", "qcow2", "-o", "encrypt.format=luks,encrypt.key-secret=s1,"
+                         "encrypt.iter-time=10", "-b", base.name, "-F", "qcow2", top)
+    base_opts = f"driver=qcow2,file.filename={base},encrypt.key-secret=s0"
+    top_opts = (f"driver=qcow2,file.filename={top},encrypt.key-secret=s1,"
+                "backing.encrypt.key-secret=s0")
+    qemu_io_opts(base_opts, "write -P 0x11 0 3M")
+    qemu_io_opts(top_opts, "write -P 0x22 1M 1M")
+    expected = bytearray(chain_contents(top_opts, tmp_path / "qemu.raw"))
+    assert expected[:MiB] == b"\x11" * MiB and expected[MiB:2 * MiB] == b"\x22" * MiB
+    base_before = base.read_bytes()
+    with mounted(top, mountpoint=mnt, extra=tuple(CHAIN_SECRETS),
+                 options="encrypt.key-secret=s1,backing.encrypt.key-secret=s0"):
+        exposed = mnt / "top.raw"
+        assert exposed.read_bytes() == expected
+        pwrite_all(exposed, [(2 * MiB + 300, b"into the top layer" * 100),
+                             (512 * 1024 - 7, random_bytes(70_000, seed=3))], expected)
+    (tmp_path / "expected.raw").write_bytes(expected)
+    assert_compare_equal(top_opts, tmp_path / "expected.raw")
+    assert base.read_bytes() == base_before                # the backing file is read-only
+    # the same per-layer secrets in a json: source (nested and dotted)
+    for backing in ({"backing": {"encrypt": {"key-secret": "s0"}}},
+                    {"backing.encrypt.key-secret": "s0"}):
+        source = "json:" + json.dumps({"driver": "qcow2", "encrypt.key-secret": "s1",
+                                       "file": {"driver": "file", "filename": str(top)},
+                                       **backing})
+        imgfs("convert", *CHAIN_SECRETS, "-O", "raw", source, tmp_path / "ours.raw")
+        assert (tmp_path / "ours.raw").read_bytes() == expected
+    # the top's secret does not open the base: one line naming the base, nothing mounted
+    result = imgfs("mount", *CHAIN_SECRETS, "-o", "key-secret=s1", top, mnt, check=False)
+    assert result.returncode == 1
+    assert result.stderr.count("\n") == 1
+    assert "base.qcow2: no key slot matches this passphrase" in result.stderr
+    assert not is_mounted(mnt)
+
+
+def test_luks_image_as_backing_of_qcow2(tmp_path: Path, mnt: Path) -> None:
+    need("qemu-img", "qemu-io")
+    base, top = tmp_path / "base.luks", tmp_path / "top.qcow2"
+    qemu_create_retrying("-f", "luks", "-o", "key-secret=s0,iter-time=10", base, "4M")
+    run("qemu-img", "create", "-q", "-f", "qcow2", "-b", base.name, "-F", "luks", top)
+    top_opts = f"driver=qcow2,file.filename={top},backing.key-secret=s0"
+    qemu_io_opts(f"driver=luks,file.filename={base},key-secret=s0", "write -P 0x33 0 3M")
+    qemu_io_opts(top_opts, "write -P 0x44 2M 1M")
+    expected = bytearray(chain_contents(top_opts, tmp_path / "qemu.raw"))
+    with mounted(top, mountpoint=mnt, extra=tuple(CHAIN_SECRETS),
+                 options="backing.key-secret=s0"):
+        exposed = mnt / "top.raw"
+        assert exposed.read_bytes() == expected
+        pwrite_all(exposed, [(MiB - 100, random_bytes(5000, seed=8))], expected)
+    (tmp_path / "expected.raw").write_bytes(expected)
+    assert_compare_equal(top_opts, tmp_path / "expected.raw")
