@@ -855,7 +855,7 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     names = [*CASES, "fat"] if args.case == "all" else args.case.split(",")
     unknown = [name for name in names if name not in CASES and name != "fat"]
     if unknown:
-        parser.error(f"unknown case {', '.join(unknown)} (known: {', '.join(CASES)})")
+        parser.error(f"unknown case {', '.join(unknown)} (known: {', '.join(CASES)}, fat)")
     args.cases = names
     args.only = tuple(filter(None, args.only.split(",")))
     if any(metric not in METRICS for metric in args.only):
