@@ -250,6 +250,12 @@ def encrypt_create_options(options: dict[str, Any]) -> dict[str, Any] | None:
             raise UsageError(f"unknown option 'encrypt.{key}' (expected one of: "
                              + ", ".join(f"encrypt.{name}" for name in ENCRYPT_CREATE_KEYS)
                              + ")")
+    if options.get("data_file_raw"):
+        # QEMU accepts it, but the data file would hold ciphertext, not the
+        # raw image the flag promises (and its implied preallocation reads
+        # back as noise): refused, as encrypted preallocation is
+        raise Unsupported("data_file_raw cannot be used with encryption (the data file "
+                          "would hold ciphertext, not the raw image)")
     from ..luks.create import CREATE_OPTS as LUKS_CREATE_OPTS
     from ..luks.create import create_spec
     luks_options = LUKS_CREATE_OPTS.parse(given, "qcow2 encrypt")

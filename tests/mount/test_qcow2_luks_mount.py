@@ -6,6 +6,8 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+import pytest
+
 from tests.conftest import (
     assert_wrong_passphrase_mounts_nothing,
     imgfs,
@@ -185,3 +187,51 @@ def test_luks_image_as_backing_of_qcow2(tmp_path: Path, mnt: Path) -> None:
         pwrite_all(exposed, [(MiB - 100, random_bytes(5000, seed=8))], expected)
     (tmp_path / "expected.raw").write_bytes(expected)
     assert_compare_equal(top_opts, tmp_path / "expected.raw")
+
+
+# -- an external data file: its clusters hold ciphertext, numbered by their offset there --
+
+
+def test_data_file_made_by_qemu_through_the_mount(tmp_path: Path, mnt: Path,
+                                                  monkeypatch: pytest.MonkeyPatch) -> None:
+    need("qemu-img", "qemu-io")
+    monkeypatch.chdir(tmp_path)       # qemu-img creates a relative data_file in the cwd
+    image, data_file = tmp_path / "disk.qcow2", tmp_path / "disk.data"
+    qemu_create_retrying("-f", "qcow2", "-o", "encrypt.format=luks,encrypt.key-secret=s0,"
+                         f"encrypt.iter-time=10,data_file={data_file.name}", image, "4M")
+    opts = f"driver=qcow2,file.filename={image},encrypt.key-secret=s0"
+    qemu_io_opts(opts, "write -P 0x5a 512 1M", "write -P 0x77 3M 4k")
+    expected = bytearray(chain_contents(opts, tmp_path / "qemu.raw"))
+    with mounted(image, mountpoint=mnt, extra=tuple(CHAIN_SECRETS),
+                 options="encrypt.key-secret=s0"):
+        exposed = mnt / "disk.raw"
+        assert exposed.read_bytes() == expected
+        pwrite_all(exposed, [(2 * MiB + 3, b"plain text" * 500), (100, b"head")], expected)
+    (tmp_path / "expected.raw").write_bytes(expected)
+    assert_compare_equal(opts, tmp_path / "expected.raw")
+    assert b"plain text" not in data_file.read_bytes()      # ciphertext only
+    assert b"\x5a" * 512 not in data_file.read_bytes()
+
+
+def test_data_file_made_by_imgfs_opens_in_qemu(tmp_path: Path,
+                                               monkeypatch: pytest.MonkeyPatch) -> None:
+    need("qemu-img", "qemu-io")
+    monkeypatch.chdir(tmp_path)       # qemu 7.2 opens a relative data_file from the cwd
+    image = tmp_path / "new.qcow2"
+    imgfs("create", "-f", "qcow2", *CHAIN_SECRETS, "-o", "encrypt.format=luks,"
+          "encrypt.key-secret=s1,encrypt.iter-time=10,data_file=new.data", image, "4M")
+    opts = f"driver=qcow2,file.filename={image},encrypt.key-secret=s1"
+    qemu_io_opts(opts, "write -P 0x42 64k 200k", "read -P 0x42 64k 200k", "read -P 0 0 64k")
+    source = "json:" + json.dumps({"driver": "qcow2", "encrypt.key-secret": "s1",
+                                   "file": {"driver": "file", "filename": str(image)}})
+    imgfs("convert", *CHAIN_SECRETS, "-O", "raw", source, tmp_path / "ours.raw")
+    assert (tmp_path / "ours.raw").read_bytes() == chain_contents(opts, tmp_path / "qemu.raw")
+    check = run("qemu-img", "check", *CHAIN_SECRETS, "--image-opts", opts)
+    assert "No errors were found" in check.stdout
+    # data_file_raw would promise a raw data file that holds ciphertext: refused
+    result = imgfs("create", "-f", "qcow2", *CHAIN_SECRETS, "-o", "encrypt.format=luks,"
+                   "encrypt.key-secret=s1,data_file=raw.data,data_file_raw=on",
+                   tmp_path / "raw.qcow2", "4M", check=False)
+    assert result.returncode == 1 and "data_file_raw cannot be used with encryption" in \
+        result.stderr
+    assert not (tmp_path / "raw.qcow2").exists()
