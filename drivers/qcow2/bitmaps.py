@@ -256,6 +256,8 @@ class Directory:
     maintained: set[int] = field(default_factory=set)
     #: in_use is set in the image: store must run at close
     marked: bool = False
+    #: name -> why imgfs cannot maintain that bitmap (it stays in_use)
+    unusable: dict[str, str] = field(default_factory=dict)
 
     @classmethod
     async def load(cls, driver: Qcow2Driver, extension: BitmapsExtension,
@@ -273,9 +275,7 @@ class Directory:
                 continue            # inconsistent already: left as it is
             reason = unusable_reason(bitmap, driver.size, driver.cluster_size, file_size)
             if reason is not None:
-                log.warning("%s: bitmap '%s' cannot be maintained (%s): it will be marked "
-                            "in use on the first write", driver.node.filename, bitmap.name,
-                            reason)
+                self.unusable[bitmap.name] = reason
                 continue
             self.maintained.add(bitmap.position)
             if bitmap.flags & BME_FLAG_AUTO:
@@ -291,6 +291,9 @@ class Directory:
 
     async def mark_in_use(self, driver: Qcow2Driver) -> None:
         """Before the first write: every bitmap says it may be out of date."""
+        for name, reason in self.unusable.items():
+            log.warning("%s: bitmap '%s' cannot be maintained (%s): marked in use",
+                        driver.node.filename, name, reason)
         raw = bytearray(self.raw)
         if mark_in_use(raw, parse_directory(self.raw, self.extension.nb_bitmaps)):
             await driver._write_header_bytes(self.extension.bitmap_directory_offset,

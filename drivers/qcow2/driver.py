@@ -584,7 +584,7 @@ class Qcow2Driver(WriteMixin, BlockDriver):
         for message in report.messages:
             print(message, file=sys.stderr)
         if output == "json":
-            print(checks.report_json(report, self.node.filename))
+            print(checks.report_json(report, self.node.filename, fixed))
         elif not quiet:
             print(checks.report_human(report))
         return checks.exit_code(report)
@@ -605,14 +605,17 @@ class Qcow2Driver(WriteMixin, BlockDriver):
                                "(use -r all)")
         await checks.rebuild_refcounts(self, leaks_only=repair == "leaks")
         rebuilt = await checks.check_image(self)
-        if repair == "leaks":
+        if repair == "leaks" and (rebuilt.check_errors or rebuilt.leaks or
+                                  rebuilt.corruptions != rebuilt.copied_errors):
+            # as QEMU: -r leaks fixes the flags only once all else is clean
             return (report.leaks, 0), rebuilt
         await checks.fix_copied_flags(self)
         after = await checks.check_image(self)
         if not after.corruptions and self.header.incompatible_features & INCOMPAT_CORRUPT:
             await self._set_incompat(self.header.incompatible_features & ~INCOMPAT_CORRUPT)
         fixed_flags = rebuilt.corruptions - after.corruptions
-        return (report.leaks, report.refcount_errors + fixed_flags), after
+        raised = report.refcount_errors if repair == "all" else 0
+        return (report.leaks, raised + fixed_flags), after
 
     async def snapshot_command(self, args: Any) -> int:
         """`imgfs snapshot -c|-l|-a|-d` (qemu-img snapshot's actions)."""

@@ -20,7 +20,13 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
-from .bitmaps import BME_TABLE_ENTRY_OFFSET_MASK
+from imgfs.errors import CorruptImage, InvalidImage
+
+from .bitmaps import (
+    BME_TABLE_ENTRY_ALL_ONES,
+    BME_TABLE_ENTRY_OFFSET_MASK,
+    BME_TABLE_ENTRY_RESERVED,
+)
 from .cluster import (
     BITMAP_ALL_ALLOCATED,
     L1E_OFFSET_MASK,
@@ -32,11 +38,16 @@ from .cluster import (
     QCOW_OFLAG_ZERO,
     ClusterType,
     compressed_range,
-    decode_entry,
+    unpack_l2,
     unpack_table,
 )
+from .refcount import REFT_OFFSET_MASK
+
+#: refcount table entry bits 0-8 are reserved (spec: "Host cluster management")
+REFT_RESERVED_MASK = 0x1FF
 
 if TYPE_CHECKING:
+    from .cluster import L2Table
     from .driver import Qcow2Driver
 
 
@@ -46,6 +57,8 @@ class References:
 
     counts: Counter[int] = field(default_factory=Counter)
     errors: list[str] = field(default_factory=list)
+    #: the refcount structures themselves are damaged (QEMU: rebuild them)
+    rebuild: bool = False
     allocated: int = 0
     fragmented: int = 0
     compressed: int = 0
@@ -58,6 +71,8 @@ class CheckReport:
     corruptions: int = 0
     #: of the corruptions, the clusters whose refcount is below their references
     refcount_errors: int = 0
+    #: of the corruptions, the wrong bit-63 (COPIED) flags
+    copied_errors: int = 0
     #: a referenced cluster has refcount 0 (QEMU: "need to rebuild refcount structures")
     needs_rebuild: bool = False
     leaks: int = 0
@@ -72,77 +87,105 @@ class CheckReport:
 
 
 class _Walk:
-    """Counts references while walking the tables of one image."""
+    """Counts references while walking the tables of one image, in the
+    order and with the messages of QEMU's check (calculate_refcounts)."""
 
     def __init__(self, driver: Qcow2Driver) -> None:
         self.driver = driver
         self.bits = driver.geometry.cluster_bits
-        self.file_size = driver.children["file"].size
+        self.cluster_size = driver.cluster_size
+        self.file = driver.children["file"]
+        self.file_size = self.file.size
+        self.max_refcount = driver.refcounts.geometry.max_refcount
         self.result = References()
         self.next_contiguous = 0
 
-    def add(self, offset: int, length: int, what: str, *, past_end: bool = False) -> None:
+    def error(self, message: str) -> None:
+        self.result.errors.append(message)
+
+    def add(self, offset: int, length: int) -> None:
+        """One reference to each cluster of offset..offset+length.  As QEMU,
+        a region may end less than a cluster past the end of the file (the
+        last cluster of an image is often written only in part)."""
         if length <= 0:
             return
-        if offset + length > self.file_size and not (past_end and offset < self.file_size):
-            self.result.errors.append(f"ERROR {what} at offset {offset:#x} lies beyond the "
-                                      "end of the image file")
+        if offset + length - self.file_size >= self.cluster_size:
+            self.error("ERROR: counting reference for region exceeding the end of the file "
+                       f"by one cluster or more: offset {offset:#x} size {length:#x}")
             return
+        counts = self.result.counts
         for cluster in range(offset >> self.bits, ((offset + length - 1) >> self.bits) + 1):
-            self.result.counts[cluster] += 1
+            if counts[cluster] >= self.max_refcount:
+                self.error(f"ERROR: overflow cluster offset={cluster << self.bits:#x}")
+                continue
+            counts[cluster] += 1
 
     async def l1_table(self, l1: list[int], *, active: bool) -> None:
-        driver = self.driver
-        for l1_index, l1_entry in enumerate(l1):
+        for l1_entry in l1:
+            if not l1_entry:
+                continue
             if l1_entry & L1E_RESERVED:
-                self.result.errors.append("ERROR found L1 entry with reserved bits set: "
-                                          f"{l1_entry:x}")
+                self.error(f"ERROR found L1 entry with reserved bits set: {l1_entry:x}")
             l2_offset = l1_entry & L1E_OFFSET_MASK
-            if not l2_offset:
-                continue
-            if l2_offset & (driver.cluster_size - 1) or \
-                    l2_offset + driver.cluster_size > self.file_size:
-                self.result.errors.append(f"ERROR L2 table offset {l2_offset:#x} (L1 index "
-                                          f"{l1_index}) is unaligned or beyond the file")
-                continue
-            self.add(l2_offset, driver.cluster_size, "L2 table")
-            table = await driver._l2_table(l2_offset)
+            self.add(l2_offset, self.cluster_size)
+            if l2_offset & (self.cluster_size - 1):
+                self.error(f"ERROR l2_offset={l2_offset:x}: Table is not cluster aligned; "
+                           "L1 entry corrupted")
+            # as QEMU, the table is read where the entry says, whatever that is
+            entries = await read_l2(self.driver, l2_offset)
             self.next_contiguous = 0        # as QEMU: fragmentation is per L2 table
-            self.l2_table(table.entries, active=active)
+            self.l2_table(entries, active=active)
 
     def l2_table(self, entries: Sequence[int], *, active: bool) -> None:
-        driver = self.driver
-        words = 2 if driver.geometry.extended_l2 else 1
+        words = 2 if self.driver.geometry.extended_l2 else 1
         for index in range(0, len(entries), words):
             entry = entries[index]
-            if entry & L2E_STANDARD_RESERVED and not entry & QCOW_OFLAG_COMPRESSED:
-                self.result.errors.append("ERROR found l2 entry with reserved bits set: "
-                                          f"{entry:x}")
-            if entry & QCOW_OFLAG_COMPRESSED:
-                host, most = compressed_range(entry, self.bits)
-                self.add(host, most, "compressed cluster", past_end=True)
-                if active:
-                    self.result.allocated += 1
-                    self.result.compressed += 1
-                    self.result.fragmented += 1      # compressed clusters always are
-                continue
-            mapping = decode_entry(entry, zero_flag=driver.zero_flag)
-            if mapping.type is ClusterType.UNALLOCATED or \
-                    mapping.type is ClusterType.ZERO and not mapping.host_offset:
-                continue
-            if mapping.host_offset & (driver.cluster_size - 1):
-                self._unaligned(entry, entries[index + 1] if words == 2 else 0)
-            if not driver.has_data_file:
-                # with subclusters QEMU writes only part of a cluster: the
-                # file may end inside the last one
-                self.add(mapping.host_offset, driver.cluster_size, "data cluster",
-                         past_end=True)
-            if active:
-                self.result.allocated += 1
-                if self.next_contiguous and mapping.host_offset != self.next_contiguous:
-                    self.result.fragmented += 1
-                self.next_contiguous = mapping.host_offset + driver.cluster_size
+            bitmap = entries[index + 1] if words == 2 else 0
+            kind = cluster_type(self.driver, entry)
+            if kind is not ClusterType.COMPRESSED and entry & L2E_STANDARD_RESERVED:
+                self.error(f"ERROR found l2 entry with reserved bits set: {entry:x}")
+            if kind is ClusterType.COMPRESSED:
+                self._compressed(index // words, entry, bitmap, active)
+            elif kind is ClusterType.NORMAL:
+                self._allocated(entry, bitmap, active)
+            elif kind is ClusterType.UNALLOCATED and bitmap & BITMAP_ALL_ALLOCATED:
+                self.error("ERROR: Unallocated cluster has non-zero subcluster allocation "
+                           f"bitmap, entry={entry:#x}")
 
+    def _compressed(self, index: int, entry: int, bitmap: int, active: bool) -> None:
+        if entry & QCOW_OFLAG_COPIED:
+            host, _ = compressed_range(entry, self.bits)
+            self.error(f"ERROR: coffset={host:#x}: copied flag must never be set for "
+                       "compressed clusters")
+            entry &= ~QCOW_OFLAG_COPIED
+        if self.driver.has_data_file:
+            self.error(f"ERROR compressed cluster {index} with data file, entry={entry:#x}")
+            return
+        if bitmap:
+            self.error(f"ERROR compressed cluster {index} with non-zero subcluster "
+                       f"allocation bitmap, entry={entry:#x}")
+            return
+        self.add(*compressed_range(entry, self.bits))
+        if active:
+            self.result.allocated += 1
+            self.result.compressed += 1
+            self.result.fragmented += 1      # compressed clusters always are
+
+    def _allocated(self, entry: int, bitmap: int, active: bool) -> None:
+        """A standard cluster with a host offset (data, or preallocated zeros)."""
+        host = entry & L2E_OFFSET_MASK
+        if (bitmap >> 32) & bitmap:
+            self.error(f"ERROR offset={host:x}: Allocated cluster has corrupted subcluster "
+                       "allocation bitmap")
+        if host & (self.cluster_size - 1):
+            self._unaligned(entry, bitmap)
+        if active:
+            self.result.allocated += 1
+            if self.next_contiguous and host != self.next_contiguous:
+                self.result.fragmented += 1
+            self.next_contiguous = host + self.cluster_size
+        if not self.driver.has_data_file:
+            self.add(host, self.cluster_size)
 
     def _unaligned(self, entry: int, bitmap: int) -> None:
         """QEMU's check_refcounts_l2: an unaligned host offset is one
@@ -152,8 +195,29 @@ class _Walk:
         else:
             holds_data = not entry & QCOW_OFLAG_ZERO
         kind = "Data" if holds_data else "Preallocated"
-        self.result.errors.append(f"ERROR offset={entry & L2E_OFFSET_MASK:x}: {kind} cluster "
-                                  "is not properly aligned; L2 entry corrupted.")
+        self.error(f"ERROR offset={entry & L2E_OFFSET_MASK:x}: {kind} cluster "
+                   "is not properly aligned; L2 entry corrupted.")
+
+
+def cluster_type(driver: Qcow2Driver, entry: int) -> ClusterType:
+    """QEMU's classification of an L2 entry (qcow2_get_cluster_type); a
+    zero cluster with a host offset is NORMAL here (it holds a cluster)."""
+    if entry & QCOW_OFLAG_COMPRESSED:
+        return ClusterType.COMPRESSED
+    if entry & QCOW_OFLAG_ZERO and not driver.geometry.extended_l2:
+        return ClusterType.NORMAL if entry & L2E_OFFSET_MASK else ClusterType.ZERO
+    if entry & L2E_OFFSET_MASK or driver.has_data_file and entry & QCOW_OFLAG_COPIED:
+        return ClusterType.NORMAL
+    return ClusterType.UNALLOCATED
+
+
+async def read_l2(driver: Qcow2Driver, l2_offset: int) -> Sequence[int]:
+    """The L2 table at `l2_offset` as the file holds it, aligned or not
+    (zeros past the end of the file), without the driver's cache."""
+    file = driver.children["file"]
+    length = max(0, min(driver.cluster_size, file.size - l2_offset))
+    raw = await file.read(l2_offset, length) if length else b""
+    return unpack_l2(raw.ljust(driver.cluster_size, b"\0"))
 
 
 async def scan_references(driver: Qcow2Driver) -> References:
@@ -161,48 +225,84 @@ async def scan_references(driver: Qcow2Driver) -> References:
     header = driver.header
     file = driver.children["file"]
     walk = _Walk(driver)
-    bits = header.cluster_bits
-    walk.add(0, driver.cluster_size, "header")
-    if driver.image.crypto_header is not None:
-        walk.add(*driver.image.crypto_header, "LUKS header")
-    walk.add(header.refcount_table_offset, header.refcount_table_clusters << bits,
-             "refcount table")
-    for entry in driver.refcounts.table:
-        if entry:
-            walk.add(entry & ~(driver.cluster_size - 1), driver.cluster_size,
-                     "refcount block")
-    walk.add(header.l1_table_offset, header.l1_size * 8, "L1 table")
+    walk.add(0, driver.cluster_size)
+    walk.add(header.l1_table_offset, header.l1_size * 8)
     await walk.l1_table(driver.l1, active=True)
-    await _bitmap_references(driver, walk)
+    if driver.has_data_file and header.nb_snapshots:
+        walk.error(f"ERROR {header.nb_snapshots} snapshots in image with data file")
+    for snap in driver.snapshots:
+        walk.add(snap.l1_table_offset, snap.l1_size * 8)
+        l1 = unpack_table(await file.read(snap.l1_table_offset, snap.l1_size * 8))
+        await walk.l1_table(l1, active=False)
     if header.nb_snapshots:
-        walk.add(header.snapshots_offset, driver.snapshot_table_length, "snapshot table",
-                 past_end=True)
-        for snap in driver.snapshots:
-            walk.add(snap.l1_table_offset, snap.l1_size * 8, "snapshot L1 table")
-            l1 = unpack_table(await file.read(snap.l1_table_offset, snap.l1_size * 8))
-            await walk.l1_table(l1, active=False)
+        walk.add(header.snapshots_offset, driver.snapshot_table_length)
+    walk.add(header.refcount_table_offset, header.refcount_table_clusters << walk.bits)
+    if driver.image.crypto_header is not None:
+        walk.add(*driver.image.crypto_header)
+    await _bitmap_references(driver, walk)
+    _refcount_blocks(driver, walk)
     return walk.result
 
 
+def _refcount_blocks(driver: Qcow2Driver, walk: _Walk) -> None:
+    """The refcount blocks: each must be referenced exactly once (QEMU's
+    check_refblocks; anything else needs the refcounts rebuilt)."""
+    file_clusters = -(-walk.file_size // driver.cluster_size)
+    for index, entry in enumerate(driver.refcounts.table):
+        offset = entry & REFT_OFFSET_MASK
+        cluster = offset >> walk.bits
+        if entry & REFT_RESERVED_MASK:
+            walk.error(f"ERROR refcount table entry {index} has reserved bits set")
+            walk.result.rebuild = True
+            continue
+        if offset & (driver.cluster_size - 1):
+            walk.error(f"ERROR refcount block {index} is not cluster aligned; refcount "
+                       "table entry corrupted")
+            walk.result.rebuild = True
+            continue
+        if cluster >= file_clusters:
+            walk.error(f"ERROR refcount block {index} is outside image")
+            walk.result.rebuild = True
+            continue
+        if offset:
+            walk.add(offset, driver.cluster_size)
+            if walk.result.counts[cluster] != 1:
+                walk.error(f"ERROR refcount block {index} "
+                           f"refcount={walk.result.counts[cluster]}")
+                walk.result.rebuild = True
+
+
 async def _bitmap_references(driver: Qcow2Driver, walk: _Walk) -> None:
-    """The bitmap directory, tables and data clusters (spec: "Bitmaps")."""
+    """The bitmap directory, tables and data clusters (spec: "Bitmaps";
+    QEMU's qcow2_check_bitmaps_refcounts)."""
     if driver.bitmaps is None:
         return
-    walk.add(driver.bitmaps.bitmap_directory_offset, driver.bitmaps.bitmap_directory_size,
-             "bitmap directory")
+    walk.add(driver.bitmaps.bitmap_directory_offset, driver.bitmaps.bitmap_directory_size)
     file = driver.children["file"]
-    for entry in await driver.bitmap_entries():
+    try:
+        entries = await driver.bitmap_entries()
+    except InvalidImage as error:
+        walk.error(f"ERROR bitmap directory: {error}")
+        return
+    for entry in entries:
         length = entry.table_size * 8
-        if entry.table_offset % driver.cluster_size or \
-                entry.table_offset + length > file.size:
-            walk.result.errors.append(f"ERROR bitmap table at {entry.table_offset:#x} is "
-                                      "unaligned or beyond the end of the file")
+        walk.add(entry.table_offset, length)
+        if entry.table_offset % driver.cluster_size:
+            walk.error(f"ERROR bitmap table at {entry.table_offset:#x} is not cluster "
+                       "aligned")
             continue
-        walk.add(entry.table_offset, length, "bitmap table")
-        for table_entry in unpack_table(await file.read(entry.table_offset, length)):
+        # as QEMU, a table past the end of the file reads as zeros
+        readable = max(0, min(length, file.size - entry.table_offset))
+        raw = await file.read(entry.table_offset, readable) if readable else b""
+        for table_entry in unpack_table(raw.ljust(length, b"\0")):
             data_offset = table_entry & BME_TABLE_ENTRY_OFFSET_MASK
+            if table_entry & BME_TABLE_ENTRY_RESERVED or data_offset and (
+                    table_entry & BME_TABLE_ENTRY_ALL_ONES
+                    or data_offset % driver.cluster_size):
+                walk.error(f"ERROR bitmap table entry {table_entry:#x} is invalid")
+                continue
             if data_offset:
-                walk.add(data_offset, driver.cluster_size, "bitmap data cluster")
+                walk.add(data_offset, driver.cluster_size)
 
 
 async def check_image(driver: Qcow2Driver) -> CheckReport:
@@ -210,13 +310,20 @@ async def check_image(driver: Qcow2Driver) -> CheckReport:
     refs = await scan_references(driver)
     report = CheckReport(messages=list(refs.errors), corruptions=len(refs.errors),
                          allocated=refs.allocated, fragmented=refs.fragmented,
-                         compressed=refs.compressed)
+                         compressed=refs.compressed, needs_rebuild=refs.rebuild)
     report.total_clusters = -(-driver.size // driver.cluster_size)
     store = driver.refcounts
     file_clusters = -(-driver.children["file"].size // driver.cluster_size)
+    clusters = max([file_clusters, *(cluster + 1 for cluster in refs.counts)])
     highest = -1
-    for cluster in range(file_clusters):
-        stored, wanted = await store.get(cluster), refs.counts.get(cluster, 0)
+    for cluster in range(clusters):
+        try:
+            stored = await store.get(cluster)
+        except CorruptImage as error:
+            report.check_errors += 1
+            report.messages.append(f"Can't get refcount for cluster {cluster}: {error}")
+            continue
+        wanted = refs.counts.get(cluster, 0)
         if stored or wanted:
             highest = cluster
         if stored < wanted:
@@ -235,48 +342,59 @@ async def check_image(driver: Qcow2Driver) -> CheckReport:
     return report
 
 
+async def _refcount_or_zero(driver: Qcow2Driver, host_offset: int) -> int | None:
+    """The stored refcount of the cluster at `host_offset` (None if unreadable)."""
+    try:
+        return await driver.refcounts.get(host_offset >> driver.geometry.cluster_bits)
+    except CorruptImage:
+        return None
+
+
 async def _check_copied_flags(driver: Qcow2Driver, report: CheckReport) -> None:
     """Bit 63 of active L1 and L2 entries must say whether the refcount is 1."""
-    for l1_index, entry, l2_offset, refcount in await _active_l2_tables(driver):
+    words = 2 if driver.geometry.extended_l2 else 1
+    for l1_index, entry in enumerate(driver.l1):
+        l2_offset = entry & L1E_OFFSET_MASK
+        if not l2_offset:
+            continue
+        refcount = await _refcount_or_zero(driver, l2_offset)
+        if refcount is None:
+            continue
         if bool(entry & QCOW_OFLAG_COPIED) != (refcount == 1):
             report.corruptions += 1
+            report.copied_errors += 1
             report.messages.append(f"ERROR OFLAG_COPIED L2 cluster: l1_index={l1_index} "
                                    f"l1_entry={entry:x} refcount={refcount}")
-        for entry, refcount in await _data_entries(driver, l2_offset):
-            if bool(entry & QCOW_OFLAG_COPIED) != (refcount == 1):
+        entries = await read_l2(driver, l2_offset)
+        for l2_entry in entries[::words]:
+            if cluster_type(driver, l2_entry) is not ClusterType.NORMAL:
+                continue
+            if driver.has_data_file:
+                refcount = 1
+            else:
+                refcount = await _refcount_or_zero(driver, l2_entry & L2E_OFFSET_MASK)
+                if refcount is None:
+                    continue
+            if bool(l2_entry & QCOW_OFLAG_COPIED) != (refcount == 1):
                 report.corruptions += 1
-                report.messages.append(f"ERROR OFLAG_COPIED data cluster: l2_entry={entry:x} "
-                                       f"refcount={refcount}")
+                report.copied_errors += 1
+                report.messages.append(f"ERROR OFLAG_COPIED data cluster: "
+                                       f"l2_entry={l2_entry:x} refcount={refcount}")
 
 
 async def _active_l2_tables(driver: Qcow2Driver) -> list[tuple[int, int, int, int]]:
+    """Active L2 tables the repair may rewrite: aligned, inside the file,
+    and clear of the header, L1 and refcount tables."""
     file_size = driver.children["file"].size
     tables = []
     for l1_index, entry in enumerate(driver.l1):
         l2_offset = entry & L1E_OFFSET_MASK
         if l2_offset and not l2_offset & (driver.cluster_size - 1) and \
-                l2_offset + driver.cluster_size <= file_size:
+                l2_offset + driver.cluster_size <= file_size and \
+                not driver._overlaps_metadata(l2_offset, driver.cluster_size):
             refcount = await driver.refcounts.get(l2_offset >> driver.geometry.cluster_bits)
             tables.append((l1_index, entry, l2_offset, refcount))
     return tables
-
-
-async def _data_entries(driver: Qcow2Driver, l2_offset: int) -> list[tuple[int, int]]:
-    """(entry, refcount) of the standard entries with a host cluster."""
-    if driver.has_data_file:
-        return []
-    table = await driver._l2_table(l2_offset)
-    words = 2 if driver.geometry.extended_l2 else 1
-    found = []
-    for entry in table.entries[::words]:
-        if entry & QCOW_OFLAG_COMPRESSED:
-            continue
-        mapping = decode_entry(entry, zero_flag=driver.zero_flag)
-        if mapping.host_offset:
-            refcount = await driver.refcounts.get(mapping.host_offset
-                                                  >> driver.geometry.cluster_bits)
-            found.append((entry, refcount))
-    return found
 
 
 async def rebuild_refcounts(driver: Qcow2Driver, *, leaks_only: bool = False) -> None:
@@ -302,29 +420,45 @@ async def rebuild_refcounts(driver: Qcow2Driver, *, leaks_only: bool = False) ->
 
 
 async def fix_copied_flags(driver: Qcow2Driver) -> None:
-    """Set bit 63 of active L1/L2 entries from the (rebuilt) refcounts."""
-    for l1_index, entry, l2_offset, refcount in await _active_l2_tables(driver):
+    """Set bit 63 of active L1/L2 entries from the (rebuilt) refcounts; the
+    entries of an L2 table that is misplaced (unaligned, past the end,
+    over other metadata) are left alone."""
+    sane = {l2_offset for _, _, l2_offset, _ in await _active_l2_tables(driver)}
+    for l1_index, entry in enumerate(driver.l1):
+        l2_offset = entry & L1E_OFFSET_MASK
+        if not l2_offset:
+            continue
+        refcount = await _refcount_or_zero(driver, l2_offset)
+        if refcount is None:
+            continue
         wanted = (entry & ~QCOW_OFLAG_COPIED) | (QCOW_OFLAG_COPIED if refcount == 1 else 0)
         if wanted != entry:
             driver.l1[l1_index] = wanted
             driver.l1_dirty.add(l1_index)
-        table = await driver._l2_table(l2_offset)
-        words = 2 if driver.geometry.extended_l2 else 1
-        changed = False
-        for index in range(0, len(table.entries), words):
-            old = table.entries[index]
-            mapping = decode_entry(old, zero_flag=driver.zero_flag)
-            if old & QCOW_OFLAG_COMPRESSED or not mapping.host_offset or driver.has_data_file:
-                continue
-            refcount = await driver.refcounts.get(mapping.host_offset
-                                                  >> driver.geometry.cluster_bits)
-            new = (old & ~QCOW_OFLAG_COPIED) | (QCOW_OFLAG_COPIED if refcount == 1 else 0)
-            if new != old:
-                table.entries[index] = new
-                changed = True
-        if changed:
-            driver.l2_cache.mark_dirty(table)
+        if l2_offset in sane:
+            await _fix_copied_in_table(driver, await driver._l2_table(l2_offset))
     await driver._write_back()
+
+
+async def _fix_copied_in_table(driver: Qcow2Driver, table: L2Table) -> None:
+    words = 2 if driver.geometry.extended_l2 else 1
+    changed = False
+    for index in range(0, len(table.entries), words):
+        old = table.entries[index]
+        if cluster_type(driver, old) is not ClusterType.NORMAL:
+            continue
+        if driver.has_data_file:
+            refcount: int | None = 1
+        else:
+            refcount = await _refcount_or_zero(driver, old & L2E_OFFSET_MASK)
+        if refcount is None:
+            continue
+        new = (old & ~QCOW_OFLAG_COPIED) | (QCOW_OFLAG_COPIED if refcount == 1 else 0)
+        if new != old:
+            table.entries[index] = new
+            changed = True
+    if changed:
+        driver.l2_cache.mark_dirty(table)
 
 
 # -- qemu-img check's output -----------------------------------------------------------
@@ -339,19 +473,23 @@ def exit_code(report: CheckReport) -> int:
     return 3 if report.leaks else 0
 
 
-def report_json(report: CheckReport, filename: str) -> str:
-    data: dict[str, Any] = {"image-end-offset": report.image_end_offset}
-    if report.compressed:
-        data["compressed-clusters"] = report.compressed
-    data["total-clusters"] = report.total_clusters
-    if report.leaks:
-        data["leaks"] = report.leaks
-    if report.corruptions:
-        data["corruptions"] = report.corruptions
-    data.update({"check-errors": report.check_errors,
-                 "allocated-clusters": report.allocated, "filename": filename,
-                 "format": "qcow2"})
-    if report.fragmented:          # qemu-img leaves out the zero counts
+def report_json(report: CheckReport, filename: str, fixed: tuple[int, int] = (0, 0)) -> str:
+    """qemu-img check --output=json: as QEMU, the counts that are 0 are left
+    out; `fixed` is (leaks fixed, corruptions fixed) by a repair."""
+    leaks_fixed, corruptions_fixed = fixed
+    fields: list[tuple[str, int | str]] = [
+        ("image-end-offset", report.image_end_offset),
+        ("compressed-clusters", report.compressed), ("total-clusters", report.total_clusters),
+        ("leaks", report.leaks), ("corruptions", report.corruptions),
+        ("corruptions-fixed", corruptions_fixed)]
+    data: dict[str, Any] = {key: value for key, value in fields if value}
+    data["check-errors"] = report.check_errors
+    if leaks_fixed:
+        data["leaks-fixed"] = leaks_fixed
+    if report.allocated:
+        data["allocated-clusters"] = report.allocated
+    data.update({"filename": filename, "format": "qcow2"})
+    if report.fragmented:
         data["fragmented-clusters"] = report.fragmented
     return json.dumps(data, indent=4)
 
@@ -366,11 +504,12 @@ def report_human(report: CheckReport) -> str:
     if report.leaks:
         lines += ["", f"{report.leaks} leaked clusters were found on the image.",
                   "This means waste of disk space, but no harm to data."]
-    total = report.total_clusters or 1
-    allocated = report.allocated or 1
-    lines.append(f"{report.allocated}/{report.total_clusters} = "
-                 f"{100.0 * report.allocated / total:.2f}% allocated, "
-                 f"{100.0 * report.fragmented / allocated:.2f}% fragmented, "
-                 f"{100.0 * report.compressed / allocated:.2f}% compressed clusters")
-    lines.append(f"Image end offset: {report.image_end_offset}")
+    if report.total_clusters and report.allocated:     # as qemu-img, only then
+        lines.append(f"{report.allocated}/{report.total_clusters} = "
+                     f"{100.0 * report.allocated / report.total_clusters:.2f}% allocated, "
+                     f"{100.0 * report.fragmented / report.allocated:.2f}% fragmented, "
+                     f"{100.0 * report.compressed / report.allocated:.2f}% compressed "
+                     "clusters")
+    if report.image_end_offset:
+        lines.append(f"Image end offset: {report.image_end_offset}")
     return "\n".join(lines)
