@@ -8,10 +8,10 @@ the other cases put qemu-storage-daemon ("imgfs/dir" ratios).
 Method
 ------
 A tree of files is built under the scratch directory (/var/tmp): --size
-bytes (1 GiB; 64 MiB with --quick) in a few hundred files of log-uniform
-sizes from 4 KiB to 64 MiB (at most an eighth of the tree each), spread
-over three levels of directories with long names, filled from one buffer
-of random data.  Each timed pass reads every byte of every file with
+bytes (1 GiB; 64 MiB with --quick) in a few hundred files of sizes from
+4 KiB to 64 MiB, small ones the more frequent (at most an eighth of the
+tree each), spread over three levels of directories with long names,
+filled from one buffer of random data.  Each timed pass reads every byte of every file with
 1 MiB read() calls, the same reader on both sides.
 
 Host page cache: the tree is read once right before every timed pass, on
@@ -115,13 +115,15 @@ PROXIES = ("raw_read", "mcopy_read")
 
 
 def file_sizes(total: int, rng: random.Random) -> list[int]:
-    """Log-uniform sizes from 4 KiB up to 64 MiB (or an eighth of the tree)
-    adding up to `total`."""
+    """Sizes from 4 KiB up to 64 MiB (or an eighth of the tree), adding up to
+    `total`: 2 ** (12 + span * u**2), so small files are the more frequent
+    (a 1 GiB tree gets about 280 files, several of them near 64 MiB)."""
     biggest = max(8192, min(BIG_FILE, total // 8))
+    span = biggest.bit_length() - 1 - 12
     sizes: list[int] = []
     left = total
     while left > 0:
-        size = int(2 ** rng.uniform(12, biggest.bit_length() - 1))
+        size = int(2 ** (12 + span * rng.random() ** 2))
         sizes.append(min(size, left))
         left -= sizes[-1]
     return sizes
