@@ -122,6 +122,7 @@ def mount_sources(sources: list[str], mountpoint: str, option_strings: list[str]
     from .mount import check_mountpoint, export_names, parse_mount_options
     opts = parse_mount_options(option_strings, sloppy=sloppy)
     opts.secrets = parse_objects(objects)
+    given = {absolute_source(source): source for source in sources}
     sources = [absolute_source(source) for source in sources]
     mountpoint = os.path.abspath(mountpoint)
     check_mountpoint(mountpoint, sources, opts)
@@ -131,11 +132,32 @@ def mount_sources(sources: list[str], mountpoint: str, option_strings: list[str]
     if fake:
         return 0
     if foreground:
-        return _serve_foreground(sources, mountpoint, opts)
-    return _serve_daemon(sources, mountpoint, opts, debug)
+        return _serve_foreground(sources, mountpoint, opts, given)
+    return _serve_daemon(sources, mountpoint, opts, debug, given)
 
 
-def _serve_foreground(sources: list[str], mountpoint: str, opts: Any) -> int:
+def name_as_given(error: BaseException, given: dict[str, str]) -> None:
+    """Let an error name the image as the user typed it (``disk.luks``), not
+    by the absolute path the daemon opens it by (it runs in /).  A file
+    beside it (a backing or data file) is named relative to the same place,
+    as imgfs info names it."""
+    path = getattr(error, "path", None)
+    if not isinstance(path, str):
+        return
+    for absolute, typed in given.items():
+        if path == absolute:
+            error.path = typed          # type: ignore[attr-defined]
+            return
+    for absolute, typed in given.items():
+        directory = os.path.dirname(absolute) + "/"
+        if os.path.isabs(absolute) and not os.path.isabs(typed) and path.startswith(directory):
+            error.path = os.path.join(os.path.dirname(typed),  # type: ignore[attr-defined]
+                                      path[len(directory):])
+            return
+
+
+def _serve_foreground(sources: list[str], mountpoint: str, opts: Any,
+                      given: dict[str, str]) -> int:
     from .mount import describe_error, exit_status, serve
     failure: list[BaseException] = []
 
@@ -144,12 +166,14 @@ def _serve_foreground(sources: list[str], mountpoint: str, opts: Any) -> int:
             failure.append(error)
     run_trio(serve, sources, mountpoint, opts, report)
     if failure:
+        name_as_given(failure[0], given)
         print(f"imgfs: {describe_error(failure[0])}", file=sys.stderr)
         return exit_status(failure[0])
     return 0
 
 
-def _serve_daemon(sources: list[str], mountpoint: str, opts: Any, debug: bool) -> int:
+def _serve_daemon(sources: list[str], mountpoint: str, opts: Any, debug: bool,
+                  given: dict[str, str]) -> int:
     """Fork; the child mounts and serves, the parent waits for "ready"."""
     read_end, write_end = os.pipe()
     pid = os.fork()
@@ -166,17 +190,19 @@ def _serve_daemon(sources: list[str], mountpoint: str, opts: Any, debug: bool) -
         return 2 if status == "2" else 1
     os.close(read_end)
     os.setsid()
-    os._exit(_daemon_child(sources, mountpoint, opts, write_end, debug))
+    os._exit(_daemon_child(sources, mountpoint, opts, write_end, debug, given))
 
 
 def _daemon_child(sources: list[str], mountpoint: str, opts: Any, pipe: int,
-                  debug: bool) -> int:
+                  debug: bool, given: dict[str, str]) -> int:
     from .mount import describe_error, exit_status, serve
 
     def report(error: BaseException | None) -> None:
         nonlocal pipe
         if pipe < 0:
             return
+        if error is not None:
+            name_as_given(error, given)
         message = "ready" if error is None else f"{exit_status(error)}:{describe_error(error)}"
         os.write(pipe, message.encode())
         os.close(pipe)

@@ -166,14 +166,18 @@ def pwrite_all(path: Path, writes: list[tuple[int, bytes]],
 
 
 def assert_wrong_passphrase_mounts_nothing(image: Path, mountpoint: Path) -> None:
-    """One line naming the image, exit 1, the passphrase nowhere, nothing mounted."""
-    result = imgfs("mount", "--object", "secret,id=sec0,data=wrong-one", "-o",
-                   "key-secret=sec0", image, mountpoint, check=False)
-    assert result.returncode == 1
-    # (the mount names sources by their absolute path)
-    assert result.stderr == f"imgfs: {image}: no key slot matches this passphrase\n"
-    assert "wrong-one" not in result.stderr
-    assert not is_mounted(mountpoint)
+    """One line naming the image as given (relative, from its directory; then
+    absolute), exit 1, the passphrase nowhere, nothing mounted; in the
+    background and in the foreground."""
+    for name, foreground in ((image.name, ()), (str(image), ()), (image.name, ("-f",))):
+        result = subprocess.run(
+            [str(IMGFS), "mount", *foreground, "--object", "secret,id=sec0,data=wrong-one",
+             "-o", "key-secret=sec0", name, str(mountpoint)],
+            cwd=image.parent, capture_output=True, text=True, timeout=60)
+        assert result.returncode == 1
+        assert result.stderr == f"imgfs: {name}: no key slot matches this passphrase\n"
+        assert "wrong-one" not in result.stdout + result.stderr
+        assert not is_mounted(mountpoint)
 
 
 def random_bytes(size: int, seed: int = 1) -> bytes:

@@ -297,11 +297,13 @@ def test_created_images_open_in_cryptsetup_and_qemu(tmp_path: Path, options: str
 def test_wrong_passphrase_is_one_line(qemu_templates: dict[str, Path], in_tmp: Path,
                                       tmp_path: Path) -> None:
     image = qemu_image(qemu_templates, tmp_path)
-    result = imgfs("map", "--object", "secret,id=sec0,data=not-it", json_source(image),
-                   check=False)
-    assert result.returncode == 1
-    assert result.stderr == "imgfs: disk.luks: no key slot matches this passphrase\n"
-    assert "not-it" not in result.stdout + result.stderr
+    for command in (["map"], ["convert", "-O", "raw"]):
+        result = imgfs(*command, "--object", "secret,id=sec0,data=not-it", json_source(image),
+                       *(["out.raw"] if command[0] == "convert" else []), check=False)
+        assert result.returncode == 1
+        assert result.stderr == "imgfs: disk.luks: no key slot matches this passphrase\n"
+        assert "not-it" not in result.stdout + result.stderr
+    assert not (tmp_path / "out.raw").exists()
 
 
 @pytest.mark.parametrize("cipher", ["serpent", "twofish"])
