@@ -39,6 +39,10 @@ what is measured is the path through the FUSE daemon, never the disk.
                 and cluster slack, read in the same time), so it is the FUSE
                 half of what the vfat loop mount does, without vfat and the
                 loop device: roughly an upper bound of vfat_read.
+* raw_image_read  for scale, not a proxy: the tree's bytes concatenated
+                into one raw image, read the same way through imgfs's raw
+                driver.  The FUSE path alone, without the FAT driver: how
+                close raw_read comes to it is the FAT driver's share.
 * mcopy_read    (proxy) `mcopy -s` of the whole volume out of the raw disk
                 (mtools follows the directories and cluster chains as a
                 guest would) into tmpfs, on a fresh mount, against `cp -r`
@@ -104,6 +108,7 @@ METRICS: dict[str, tuple[str, str, dict[str, float] | None]] = {
     "vfat_read": ("read files, vfat loop", "MB/s", {"min_ratio": 0.5}),
     "vfat_read_warm": ("vfat re-read, warm", "MB/s", {"min_ratio": 0.5}),
     "raw_read": ("raw disk read (proxy)", "MB/s", {"min_ratio": 0.5}),
+    "raw_image_read": ("same bytes, raw image", "MB/s", None),
     "mcopy_read": ("mcopy -s (proxy)", "MB/s", None),
     "mount_10k": ("mount, 10,000 files", "ms", {"max_ms": 2000}),
     "mount_tree": ("mount, big tree", "ms", None),
@@ -299,10 +304,10 @@ class Bench:
         unit = METRICS[metric][1]
         print(f"  {metric:<14} {side:<6} {value:10.1f} {unit}", flush=True)
 
-    def host_pass(self) -> None:
+    def host_pass(self, metric: str) -> None:
         self.warm()
         rate, _ = timed(lambda: read_files(self.files), self.payload)
-        self.record("raw_read", "dir", rate)
+        self.record(metric, "dir", rate)
 
     def raw_pass(self, end: int) -> None:
         exporter = self.exporter(self.tree)
@@ -319,8 +324,31 @@ class Bench:
         with mounted(self.exporter(self.tree)) as exporter:
             end = used_end(exporter.raw_path)
         for _ in range(self.passes):
-            self.host_pass()
+            self.host_pass("raw_read")
             self.raw_pass(end)
+
+    def measure_raw_image(self) -> None:
+        """The tree's bytes as one raw image, read through imgfs's raw driver
+        in the same way: the FUSE path without the FAT driver."""
+        image = self.workdir / "fatbytes.raw"
+        with open(image, "wb") as out:
+            for path in self.files:
+                out.write(path.read_bytes())
+        case = Case("raw", "raw", ("raw",), ())
+        try:
+            for _ in range(self.passes):
+                self.host_pass("raw_image_read")
+                exporter = ImgfsExporter(case, image, self.settings)
+                with mounted(exporter):
+                    if self.settings.warm_host_cache:
+                        read_files([image])
+                    else:
+                        drop_caches()
+                    rate, _ = timed(partial(read_range, exporter.raw_path, self.payload),
+                                    self.payload)
+                self.record("raw_image_read", "imgfs", rate)
+        finally:
+            image.unlink(missing_ok=True)
 
     def measure_mcopy(self) -> None:
         if shutil.which("mcopy") is None:
@@ -432,6 +460,7 @@ def run_fat_case(settings: Settings) -> dict:
         bench.measure_latency("mount_tree", bench.tree)
         bench.measure_vfat()
         bench.measure_raw_read()
+        bench.measure_raw_image()
         bench.measure_mcopy()
     finally:
         shutil.rmtree(bench.tree, ignore_errors=True)
