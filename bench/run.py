@@ -831,7 +831,7 @@ def write_results(document: dict) -> Path:
 
 def parse_args(argv: list[str]) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--case", default="raw",
+    parser.add_argument("--case", default="all",
                         help=f"comma-separated cases, or 'all' ({', '.join(CASES)}, fat)")
     parser.add_argument("--quick", action="store_true",
                         help="smoke test: 64 MiB image, 2 s jobs, 3 mounts for latency")
