@@ -102,6 +102,10 @@ class FileDriver(BlockDriver):
         path = options["filename"]
         if not path:
             raise InvalidImage("no filename given")
+        if "\0" in path:
+            # a name read from inside an image (a backing file) may hold
+            # anything; os.open would raise ValueError on it
+            raise InvalidImage(f"file name {path!r} contains a NUL byte")
         self.direct = ctx.cache == "none"
         self.fd, self.writable = self._open_fd(
             path, True if self.node.read_only else ctx.read_only)

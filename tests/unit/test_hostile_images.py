@@ -1,0 +1,644 @@
+"""Hostile input is normal input: damaged images of every format imgfs reads.
+
+Each format gets one small valid image, built once by qemu-img / qemu-io /
+cryptsetup.  Hypothesis then writes random bytes, flipped bits and extreme
+integers into its header fields and first metadata tables (L1/L2 entries,
+refcount table and block, snapshot table, header extensions, LUKS key slots
+and the LUKS2 JSON area, with its checksum made valid again so the parser
+behind it is reached) and opens the result through the Python API, reads
+the virtual disk in 64 KiB chunks and walks block_status over it.
+
+The only exceptions allowed out are `imgfs.errors.ImgfsError`; anything
+else (IndexError, struct.error, ZeroDivisionError, MemoryError, a request
+that takes longer than 5 s, ...) is a bug.  The address space is capped
+while an example runs, so a header field that sizes an allocation shows up
+as MemoryError instead of taking the machine down.
+
+The CLI must turn a damaged image into one `imgfs:` line and a non-zero
+status; a mount must answer EIO for the one request that meets the damage
+and stay up.
+
+Every run is deterministic (derandomize, no example database).
+"""
+from __future__ import annotations
+
+import contextlib
+import errno
+import hashlib
+import json
+import os
+import resource
+import signal
+import struct
+import subprocess
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import pytest
+import trio
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from imgfs.errors import ImgfsError
+from imgfs.graph import open_image
+from imgfs.node import OpenContext
+from tests.conftest import imgfs, is_mounted, mounted, need, need_root_or_fuse
+
+KiB = 1024
+MiB = 1024 * KiB
+CHUNK = 64 * KiB
+PASS = "hostile-pass"
+#: a request (open, one chunk, one block_status) slower than this is a hang
+REQUEST_SECONDS = 5
+#: an example allocating more than this beyond what the process holds is a bug
+MEMORY_HEADROOM = 1 << 30
+#: reads and block_status calls per example when a damaged size is huge
+MAX_CALLS = 256
+
+#: examples per test; HOSTILE_EXAMPLES=600 for a longer (still deterministic) hunt
+EXAMPLES = int(os.environ.get("HOSTILE_EXAMPLES", "60"))
+SETTINGS = settings(max_examples=EXAMPLES, derandomize=True, database=None, deadline=None,
+                    suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large])
+
+
+# -- building the images ----------------------------------------------------------------------
+
+@dataclass
+class Sample:
+    """One valid image and where its metadata lives."""
+
+    name: str
+    fmt: str
+    path: Path
+    #: (start, length): header fields and the first bytes of each metadata table
+    regions: list[tuple[int, int]] = field(default_factory=list)
+    secret: bool = False
+    #: bytes at the start the damage leaves alone (the magic)
+    magic_length: int = 4
+
+    def __post_init__(self) -> None:
+        size = self.path.stat().st_size
+        self.regions = [(start, min(length, size - start)) for start, length in self.regions
+                        if 0 <= start < size and length > 0]
+
+    def __repr__(self) -> str:
+        return f"<{self.name}>"
+
+    @property
+    def data(self) -> bytes:
+        return self.path.read_bytes()
+
+
+def tool(*args: str | os.PathLike[str], stdin: bytes | None = None) -> None:
+    result = subprocess.run([str(arg) for arg in args], input=stdin, capture_output=True,
+                            check=False, timeout=60)
+    assert result.returncode == 0, (args, result.stdout, result.stderr)
+
+
+def qemu_io(path: Path, fmt: str, *commands: str) -> None:
+    args: list[str] = ["qemu-io", "-f", fmt]
+    for command in commands:
+        args += ["-c", command]
+    tool(*args, path)
+
+
+def qcow2_image(directory: Path, name: str, *options: str, compressed: bool = False,
+                backing: Path | None = None) -> Path:
+    path = directory / f"{name}.qcow2"
+    args: list[str | Path] = ["qemu-img", "create", "-q", "-f", "qcow2"]
+    if options:
+        args += ["-o", ",".join(options)]
+    if backing is not None:
+        args += ["-b", backing.name, "-F", "qcow2"]
+    tool(*args, path, "1M")
+    flag = "-c " if compressed else ""
+    qemu_io(path, "qcow2", f"write {flag}-P 0x11 0 64k", f"write {flag}-P 0x22 192k 64k",
+            "write -P 0x33 700k 4k", "write -z 512k 64k")
+    return path
+
+
+def qemu_img_luks(path: Path) -> None:
+    """LUKS1 as qemu-img makes it, with a fast PBKDF.  qemu-img times its
+    PBKDF over iter-time and, that short, sometimes finds the CPU clock too
+    coarse ("Unable to get accurate CPU usage"): try again."""
+    args = ["qemu-img", "create", "-q", "-f", "luks", "--object",
+            f"secret,id=sec0,data={PASS}", "-o", "key-secret=sec0,iter-time=10",
+            str(path), "256k"]
+    for _attempt in range(5):
+        result = subprocess.run(args, capture_output=True, text=True, check=False, timeout=60)
+        if result.returncode == 0:
+            return
+    raise AssertionError(result.stderr)
+
+
+def qcow2_regions(data: bytes) -> list[tuple[int, int]]:
+    """The header, its extensions, and the first bytes of every table."""
+    (version, backing_offset, backing_len, cluster_bits, _size, _crypt, l1_size, l1_offset,
+     refcount_offset, _refcount_clusters, nb_snapshots, snapshots_offset) = struct.unpack_from(
+        ">IQIIQIIQQIIQ", data, 4)
+    cluster = 1 << cluster_bits
+    header_length = 72 if version == 2 else struct.unpack_from(">I", data, 100)[0]
+    regions = [(0, header_length)]
+    extensions_end = min(cluster, backing_offset or cluster)
+    if extensions_end > header_length:
+        regions.append((header_length, min(extensions_end - header_length, 256)))
+    if backing_offset:
+        regions.append((backing_offset, backing_len))
+    regions.append((l1_offset, min(l1_size * 8, 64)))
+    l2_offset = struct.unpack_from(">Q", data, l1_offset)[0] & 0x00FF_FFFF_FFFF_FE00
+    if l2_offset:
+        regions.append((l2_offset, 256))
+    regions.append((refcount_offset, 64))
+    block_offset = struct.unpack_from(">Q", data, refcount_offset)[0]
+    if block_offset:
+        regions.append((block_offset, 128))
+    if nb_snapshots:
+        regions.append((snapshots_offset, 256))
+    return regions
+
+
+def qcow_regions(data: bytes) -> list[tuple[int, int]]:
+    backing_offset, backing_len = struct.unpack_from(">QI", data, 8)
+    l1_offset = struct.unpack_from(">Q", data, 40)[0]
+    regions = [(0, 48), (l1_offset, 64)]
+    if backing_offset:
+        regions.append((backing_offset, backing_len))
+    l2_offset = struct.unpack_from(">Q", data, l1_offset)[0] & ~(1 << 63)
+    if l2_offset:
+        regions.append((l2_offset, 256))
+    return regions
+
+
+#: LUKS1: the phdr (version, cipher, payload offset, key bytes, digest) and slots 0-1
+LUKS1_REGIONS = [(0, 208), (208, 96)]
+#: LUKS2: the binary header up to the checksum (the JSON gets its own strategy)
+LUKS2_REGIONS = [(0, 448)]
+
+
+@pytest.fixture(scope="module")
+def samples(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Sample]:
+    need("qemu-img", "qemu-io", "cryptsetup")
+    directory = tmp_path_factory.mktemp("hostile")
+    built: dict[str, Sample] = {}
+
+    def add_qcow2(name: str, path: Path) -> None:
+        built[name] = Sample(name, "qcow2", path, qcow2_regions(path.read_bytes()))
+
+    add_qcow2("qcow2-v2", qcow2_image(directory, "v2", "compat=0.10"))
+    base = qcow2_image(directory, "base", "cluster_size=4k")
+    add_qcow2("qcow2-backing", qcow2_image(directory, "top", "cluster_size=4k",
+                                           backing=base))
+    snap = qcow2_image(directory, "snap", "cluster_size=4k")
+    tool("qemu-img", "snapshot", "-c", "first", snap)
+    qemu_io(snap, "qcow2", "write -P 0x44 0 8k")
+    tool("qemu-img", "snapshot", "-c", "second", snap)
+    add_qcow2("qcow2-snapshots", snap)
+    add_qcow2("qcow2-compressed", qcow2_image(directory, "comp", compressed=True))
+    add_qcow2("qcow2-extended-l2", qcow2_image(directory, "ext", "extended_l2=on",
+                                               "cluster_size=16k"))
+
+    qcow = directory / "v1.qcow"
+    tool("qemu-img", "create", "-q", "-f", "qcow", qcow, "1M")
+    qemu_io(qcow, "qcow", "write -P 0x11 0 8k", "write -P 0x22 300k 4k")
+    built["qcow"] = Sample("qcow", "qcow", qcow, qcow_regions(qcow.read_bytes()))
+
+    luks1 = directory / "one.luks"
+    qemu_img_luks(luks1)
+    built["luks1"] = Sample("luks1", "luks", luks1, LUKS1_REGIONS, secret=True,
+                             magic_length=6)
+
+    luks2 = directory / "two.luks"
+    with open(luks2, "wb") as handle:
+        handle.truncate(1 * MiB + 256 * KiB)
+    tool("cryptsetup", "luksFormat", "-q", "--type", "luks2", "--pbkdf", "pbkdf2",
+         "--pbkdf-force-iterations", "1000", "--luks2-metadata-size", "16k",
+         "--luks2-keyslots-size", "256k", "--key-file", "-", luks2, stdin=PASS.encode())
+    built["luks2"] = Sample("luks2", "luks", luks2, LUKS2_REGIONS, secret=True,
+                             magic_length=6)
+
+    raw = directory / "disk.raw"
+    raw.write_bytes(bytes(range(256)) * 1024)
+    built["raw"] = Sample("raw", "raw", raw, [(0, 512)], magic_length=0)
+    return built
+
+
+# -- LUKS2 checksums ----------------------------------------------------------------------------
+
+LUKS2_CSUM = slice(448, 512)
+
+
+def luks2_reseal(image: bytearray) -> None:
+    """Make both LUKS2 header copies' checksums valid again after an edit, so
+    the parser behind the checksum sees the damage."""
+    offset = 0
+    for _copy in range(2):
+        hdr_size = struct.unpack_from(">Q", image, offset + 8)[0]
+        if not 4096 <= hdr_size <= len(image) - offset or offset + hdr_size > len(image):
+            return
+        area = bytearray(image[offset:offset + hdr_size])
+        area[LUKS2_CSUM] = bytes(64)
+        digest = hashlib.sha256(area).digest()
+        image[offset + 448:offset + 448 + 64] = digest.ljust(64, b"\0")
+        offset += hdr_size
+
+
+def luks2_json(image: bytes) -> tuple[int, dict[str, Any]]:
+    hdr_size = struct.unpack_from(">Q", image, 8)[0]
+    text = image[4096:hdr_size].split(b"\0", 1)[0]
+    return hdr_size, json.loads(text)
+
+
+def luks2_with_json(image: bytes, metadata: dict[str, Any]) -> bytes | None:
+    """Both copies carrying `metadata`, resealed; None when it does not fit."""
+    hdr_size = struct.unpack_from(">Q", image, 8)[0]
+    text = json.dumps(metadata).encode()
+    if len(text) >= hdr_size - 4096:
+        return None
+    out = bytearray(image)
+    for base in (0, hdr_size):
+        out[base + 4096:base + hdr_size] = text.ljust(hdr_size - 4096, b"\0")
+    luks2_reseal(out)
+    return bytes(out)
+
+
+def json_paths(value: Any, prefix: tuple[Any, ...] = ()) -> Iterator[tuple[Any, ...]]:
+    """Every key path inside a JSON document (containers and leaves)."""
+    if prefix:
+        yield prefix
+    if isinstance(value, dict):
+        for key, item in value.items():
+            yield from json_paths(item, (*prefix, key))
+    elif isinstance(value, list):
+        for index, item in enumerate(value):
+            yield from json_paths(item, (*prefix, index))
+
+
+DELETE = object()
+HOSTILE_JSON = [DELETE, None, True, 0, -1, 1, 7, 512, 4095, 2 ** 31, 2 ** 63, 2 ** 64,
+                10 ** 30, 1.5, "", "0", "-1", "4096", "18446744073709551615",
+                "99999999999999999999999", "-4096", "not a number", "aes", "xts-plain64",
+                "sha1", "argon2id", "AAAA", "!!!notbase64", [], {}, ["0"], {"0": {}}]
+
+
+def known_luks2_bug(path: tuple[Any, ...], value: Any) -> str | None:
+    """The reason when (path, value) hits a bug already reported (and pinned
+    by an xfail case below), so that hypothesis looks for others."""
+    scalar = isinstance(value, (bool, int, float)) and value is not DELETE
+    if len(path) == 3 and path[0] == "digests" and path[2] in ("segments", "keyslots") \
+            and scalar and value:
+        return (f"drivers/luks/luks2.py parse_digest: TypeError iterating digest "
+                f"'{path[2]}' = {value!r}")
+    return None
+
+
+def set_path(document: Any, path: tuple[Any, ...], value: Any) -> None:
+    parent = document
+    for key in path[:-1]:
+        parent = parent[key]
+    if value is DELETE:
+        del parent[path[-1]]
+    else:
+        parent[path[-1]] = value
+
+
+# -- mutations -----------------------------------------------------------------------------------
+
+def extreme_ints(width: int, file_size: int) -> st.SearchStrategy[int]:
+    bits = 8 * width
+    limit = 1 << bits
+    specials = [0, 1, 2, 3, 7, 8, 9, 12, 16, 20, 21, 22, 30, 31, 32, 33, 63, 64, 511, 512, 4095,
+                4096, 65535, 65536, 1 << 20, file_size - 1, file_size, file_size + 1,
+                file_size + 4096, (1 << (bits - 1)) - 1, 1 << (bits - 1), limit - 512,
+                limit - 1]
+    return st.one_of(st.sampled_from(sorted({value % limit for value in specials})),
+                     st.integers(0, limit - 1))
+
+
+def apply_edits(original: bytes, changes: list[tuple[int, bytes]],
+                flips: list[tuple[int, int]]) -> bytearray:
+    image = bytearray(original)
+    for offset, blob in changes:
+        image[offset:offset + len(blob)] = blob
+    for offset, bit in flips:
+        image[offset] ^= 1 << bit
+    return image
+
+
+@st.composite
+def damage(draw: st.DrawFn, sample: Sample) -> bytearray:
+    """The sample with its metadata damaged: field writes and bit flips."""
+    original = sample.data
+    changes: list[tuple[int, bytes]] = []
+    flips: list[tuple[int, int]] = []
+    for _ in range(draw(st.integers(1, 3))):
+        start, length = draw(st.sampled_from(sample.regions))
+        kind = draw(st.sampled_from(["int", "int", "bytes", "bit"]))
+        # (a bad magic is refused at once: damage what lies behind it)
+        first = max(start, sample.magic_length)
+        if kind == "int":
+            width = draw(st.sampled_from([w for w in (1, 2, 4, 8) if w <= length]))
+            slots = [offset for offset in range(start, start + length - width + 1, width)
+                     if offset >= first]
+            offset = draw(st.sampled_from(slots))
+            changes.append((offset, draw(extreme_ints(width, len(original)))
+                            .to_bytes(width, "big")))
+        elif kind == "bytes":
+            offset = draw(st.integers(first, start + length - 1))
+            changes.append((offset, draw(st.binary(min_size=1, max_size=16))))
+        else:
+            flips.append((draw(st.integers(first, start + length - 1)),
+                          draw(st.integers(0, 7))))
+    return apply_edits(original, changes, flips)
+
+
+# -- exercising an image ---------------------------------------------------------------------------
+
+#: what a driver lets escape by accident: the core wraps them into CorruptImage
+#: ("malformed metadata"), a safety net the drivers must not rely on
+ACCIDENTS = (struct.error, ValueError, IndexError, KeyError, TypeError, ArithmeticError)
+
+
+@contextlib.contextmanager
+def refused() -> Iterator[None]:
+    """Let an ImgfsError pass, unless it only wraps a driver's accident."""
+    try:
+        yield
+    except ImgfsError as exc:
+        cause = exc.__cause__
+        if isinstance(cause, ACCIDENTS):
+            raise AssertionError(f"the core had to wrap {cause!r}") from exc
+
+
+class Hang(Exception):
+    """The watchdog fired: a loop that never reaches a trio checkpoint."""
+
+
+@contextlib.contextmanager
+def guarded() -> Iterator[None]:
+    """Cap the address space and fire a watchdog for CPU-bound loops that
+    trio.fail_after cannot interrupt."""
+    with open("/proc/self/status") as status:
+        vm_kib = next(int(line.split()[1]) for line in status if line.startswith("VmSize:"))
+    soft, hard = resource.getrlimit(resource.RLIMIT_AS)
+
+    def on_alarm(signum: int, frame: Any) -> None:
+        raise Hang("no progress for 20 s (a loop sized by a header field?)")
+
+    previous = signal.signal(signal.SIGALRM, on_alarm)
+    resource.setrlimit(resource.RLIMIT_AS, (vm_kib * KiB + MEMORY_HEADROOM, hard))
+    signal.setitimer(signal.ITIMER_REAL, 20)
+    try:
+        yield
+    finally:
+        signal.setitimer(signal.ITIMER_REAL, 0)
+        signal.signal(signal.SIGALRM, previous)
+        resource.setrlimit(resource.RLIMIT_AS, (soft, hard))
+
+
+def offsets_to_visit(size: int, step: int) -> list[int]:
+    """Every `step` of a small disk; for a huge (damaged) size, the start,
+    evenly spread points and the end."""
+    if size <= MAX_CALLS * step:
+        return list(range(0, size, step))
+    spread = [size * index // 64 // step * step for index in range(64)]
+    return sorted(set(range(0, MAX_CALLS // 2 * step, step)) | set(spread) |
+                  {max(0, size - step)})
+
+
+async def exercise(path: Path, fmt: str | None, secret: bool,
+                   options: dict[str, Any] | None = None) -> None:
+    """Open, read every chunk, walk block_status; only ImgfsError may escape."""
+    ctx = OpenContext(read_only=True, secrets={"sec0": PASS.encode()} if secret else {},
+                      key_secret="sec0" if secret else None)
+    node = None
+    with trio.fail_after(REQUEST_SECONDS * 4), refused():
+        node = await open_image(str(path), ctx, fmt=fmt, options=options)
+    if node is None:
+        return
+    try:
+        size = node.size
+        assert isinstance(size, int) and size >= 0, size
+        for offset in offsets_to_visit(size, CHUNK):
+            with trio.fail_after(REQUEST_SECONDS), refused():
+                data = await node.read(offset, min(CHUNK, size - offset))
+                assert len(data) == min(CHUNK, size - offset)
+        await walk_block_status(node, size)
+    finally:
+        with trio.fail_after(REQUEST_SECONDS):
+            await node.aclose()
+
+
+async def walk_block_status(node: Any, size: int) -> None:
+    """From the start to the end (at most MAX_CALLS extents), stepping over
+    ranges that fail; then from the last few chunk offsets."""
+    offset, calls = 0, 0
+    while offset < size and calls < MAX_CALLS:
+        calls += 1
+        extent = None
+        with trio.fail_after(REQUEST_SECONDS), refused():
+            extent = await node.block_status(offset, size - offset)
+        if extent is None:
+            offset += CHUNK
+            continue
+        assert 0 < extent.length <= size - offset, (offset, extent)
+        offset += extent.length
+    for offset in offsets_to_visit(size, CHUNK)[-16:]:
+        with trio.fail_after(REQUEST_SECONDS), refused():
+            await node.block_status(offset, size - offset)
+
+
+def run_damaged(sample: Sample, image: bytes | bytearray, fmt: str | None = "same",
+                options: dict[str, Any] | None = None) -> None:
+    target = sample.path.with_name("damaged-" + sample.path.name)
+    target.write_bytes(image)
+    with guarded():
+        trio.run(exercise, target, sample.fmt if fmt == "same" else fmt, sample.secret,
+                 options)
+
+
+# -- the hypothesis tests ----------------------------------------------------------------------
+
+FORMATS = ["qcow2-v2", "qcow2-backing", "qcow2-snapshots", "qcow2-compressed",
+           "qcow2-extended-l2", "qcow", "luks1", "luks2"]
+
+
+def test_valid_samples_read(samples: dict[str, Sample]) -> None:
+    """The undamaged images open and read: the damage below is what fails."""
+    for sample in samples.values():
+        ctx = OpenContext(read_only=True, secrets={"sec0": PASS.encode()},
+                          key_secret="sec0" if sample.secret else None)
+
+        async def check(sample: Sample = sample, ctx: OpenContext = ctx) -> None:
+            node = await open_image(str(sample.path), ctx, fmt=sample.fmt)
+            try:
+                await node.read(0, min(node.size, 4 * CHUNK))
+            finally:
+                await node.aclose()
+
+        trio.run(check)
+
+
+@pytest.mark.parametrize("name", FORMATS)
+@SETTINGS
+@given(data=st.data())
+def test_damaged_metadata(samples: dict[str, Sample], name: str, data: st.DataObject) -> None:
+    sample = samples[name]
+    image = data.draw(damage(sample))
+    if sample.name == "luks2" and data.draw(st.booleans(), label="reseal"):
+        luks2_reseal(image)
+    run_damaged(sample, image)
+
+
+@SETTINGS
+@given(data=st.data())
+def test_damaged_luks2_json(samples: dict[str, Sample], data: st.DataObject) -> None:
+    sample = samples["luks2"]
+    original = sample.data
+    _hdr_size, metadata = luks2_json(original)
+    changes = data.draw(st.integers(1, 3), label="changes")
+    for _ in range(changes):
+        paths = list(json_paths(metadata))
+        if not paths:
+            break
+        path = data.draw(st.sampled_from(paths), label="path")
+        values = [value for value in HOSTILE_JSON if known_luks2_bug(path, value) is None]
+        set_path(metadata, path, data.draw(st.sampled_from(values), label="value"))
+    image = luks2_with_json(original, metadata)
+    if image is not None:
+        run_damaged(sample, image)
+
+
+@SETTINGS
+@given(offset=extreme_ints(8, 256 * KiB), size=st.none() | extreme_ints(8, 256 * KiB))
+def test_raw_windows(samples: dict[str, Sample], offset: int, size: int | None) -> None:
+    """raw's offset / size options take any 64-bit value."""
+    options: dict[str, Any] = {"offset": str(offset)}
+    if size is not None:
+        options["size"] = str(size)
+    sample = samples["raw"]
+    run_damaged(sample, sample.data, options=options)
+
+
+MAGICS = [b"QFI\xfb\x00\x00\x00\x01", b"QFI\xfb\x00\x00\x00\x02", b"QFI\xfb\x00\x00\x00\x03",
+          b"LUKS\xba\xbe\x00\x01", b"LUKS\xba\xbe\x00\x02", b""]
+
+
+@SETTINGS
+@given(magic=st.sampled_from(MAGICS), head=st.binary(min_size=0, max_size=600),
+       tail=st.sampled_from([0, 1, 511, 4096, 70000]))
+def test_probed_garbage(samples: dict[str, Sample], magic: bytes, head: bytes,
+                        tail: int) -> None:
+    """A file that starts with a format's magic and then anything: probed."""
+    run_damaged(samples["raw"], magic + head + bytes(tail), fmt=None)
+
+
+# -- bugs found here, in files other engineers were editing: pinned until fixed --------------
+
+LUKS2_DIGEST_BUG = ("drivers/luks/luks2.py parse_digest: a digest whose 'segments' or "
+                    "'keyslots' is a JSON scalar (true, 1) raises TypeError (\"argument of "
+                    "type 'bool' is not iterable\" / \"'bool' object is not iterable\") "
+                    "instead of CorruptImage")
+
+
+@pytest.mark.parametrize("key", ["segments", "keyslots"])
+@pytest.mark.parametrize("value", [True, 1])
+@pytest.mark.xfail(strict=True, reason=LUKS2_DIGEST_BUG)
+def test_luks2_digest_scalar_lists(samples: dict[str, Sample], key: str, value: Any) -> None:
+    assert known_luks2_bug(("digests", "0", key), value) is not None
+    sample = samples["luks2"]
+    _hdr_size, metadata = luks2_json(sample.data)
+    metadata["digests"]["0"][key] = value
+    image = luks2_with_json(sample.data, metadata)
+    assert image is not None
+    run_damaged(sample, image)
+
+
+# -- the command line ------------------------------------------------------------------------------
+
+def _be(width: int, value: int) -> bytes:
+    return value.to_bytes(width, "big")
+
+
+#: (sample, [(offset, bytes)]): damage every tool must refuse at open
+CLI_DAMAGE = {
+    "qcow2 cluster_bits": ("qcow2-v2", [(20, _be(4, 0xFFFF_FFFF))]),
+    "qcow2 l1_size": ("qcow2-snapshots", [(36, _be(4, 0xFFFF_FFFF))]),
+    "qcow2 refcount table past EOF": ("qcow2-compressed", [(48, _be(8, 1 << 50))]),
+    "qcow2 size": ("qcow2-extended-l2", [(24, _be(8, (1 << 64) - 1))]),
+    "qcow size": ("qcow", [(24, _be(8, (1 << 64) - 1))]),
+    "qcow cluster_bits": ("qcow", [(32, b"\0")]),
+    "luks1 stripes": ("luks1", [(252, _be(4, 0xFFFF_FFFF))]),
+    "luks1 payload offset": ("luks1", [(104, _be(4, 0xFFFF_FFFF))]),
+}
+
+
+@pytest.mark.parametrize("command", ["info", "check"])
+@pytest.mark.parametrize("damage", sorted(CLI_DAMAGE))
+def test_cli_one_line(samples: dict[str, Sample], damage: str, command: str) -> None:
+    name, changes = CLI_DAMAGE[damage]
+    sample = samples[name]
+    image = apply_edits(sample.data, changes, [])
+    target = sample.path.with_name("cli-" + sample.path.name)
+    target.write_bytes(image)
+    result = imgfs(command, target, check=False, timeout=30)
+    assert_one_line_refusal(result)
+
+
+def test_cli_one_line_luks2_both_copies(samples: dict[str, Sample]) -> None:
+    """LUKS2 falls back to its second copy: damage both."""
+    sample = samples["luks2"]
+    hdr_size = struct.unpack_from(">Q", sample.data, 8)[0]
+    image = apply_edits(sample.data, [(8, _be(8, 1)), (hdr_size + 8, _be(8, 1))], [])
+    target = sample.path.with_name("cli-" + sample.path.name)
+    target.write_bytes(image)
+    for command in ("info", "check"):
+        assert_one_line_refusal(imgfs(command, target, check=False, timeout=30))
+
+
+def assert_one_line_refusal(result: subprocess.CompletedProcess[str]) -> None:
+    assert result.returncode != 0, result
+    assert "Traceback" not in result.stderr and "internal error" not in result.stderr, result
+    lines = result.stderr.splitlines()
+    assert len(lines) == 1 and lines[0].startswith("imgfs:"), result.stderr
+
+
+# -- a mount --------------------------------------------------------------------------------
+
+def test_mount_damaged_l2_entries(tmp_path: Path) -> None:
+    """Two L2 entries aimed past the end of the file: a compressed cluster
+    (EIO for that request, as qemu-io fails it) and a data cluster (zeros,
+    as QEMU reads it); the rest reads, and the mount stays up."""
+    need("qemu-img", "qemu-io")
+    need_root_or_fuse()
+    image = tmp_path / "l2.qcow2"
+    tool("qemu-img", "create", "-q", "-f", "qcow2", image, "1M")
+    qemu_io(image, "qcow2", "write -P 0x11 0 192k", "write -P 0x22 512k 64k")
+    data = bytearray(image.read_bytes())
+    l1_offset = struct.unpack_from(">Q", data, 40)[0]
+    l2_offset = struct.unpack_from(">Q", data, l1_offset)[0] & 0x00FF_FFFF_FFFF_FE00
+    past_end = (len(data) // CHUNK + 100) * CHUNK
+    # cluster 1: compressed (bit 62), host offset past the end; cluster 2: data
+    struct.pack_into(">Q", data, l2_offset + 8, 1 << 62 | past_end)
+    struct.pack_into(">Q", data, l2_offset + 16, 1 << 63 | past_end)
+    image.write_bytes(data)
+    qemu = subprocess.run(["qemu-io", "-r", "-f", "qcow2", "-c", f"read {CHUNK} {CHUNK}",
+                           image], capture_output=True, text=True, check=False)
+    assert "error" in (qemu.stdout + qemu.stderr).lower(), qemu
+    mountpoint = tmp_path / "mnt"
+    mountpoint.mkdir()
+    with mounted(image, mountpoint=mountpoint, options="ro"):
+        view = mountpoint / "l2.raw"
+        fd = os.open(view, os.O_RDONLY)
+        try:
+            with pytest.raises(OSError) as info:
+                os.pread(fd, CHUNK, CHUNK)
+            assert info.value.errno == errno.EIO
+            assert os.pread(fd, CHUNK, 0) == b"\x11" * CHUNK
+            assert os.pread(fd, CHUNK, 2 * CHUNK) == bytes(CHUNK)
+            assert os.pread(fd, CHUNK, 8 * CHUNK) == b"\x22" * CHUNK
+        finally:
+            os.close(fd)
+        assert is_mounted(mountpoint)
+        assert os.stat(view).st_size == 1 * MiB
