@@ -593,9 +593,11 @@ class Qcow2Driver(WriteMixin, BlockDriver):
                       repair: str) -> tuple[tuple[int, int], checks.CheckReport]:
         """`check -r leaks|all` as QEMU's qcow2_check_refcounts: returns
         (leaks fixed, corruptions fixed) and the report after the repair.
-        Corruptions fixed are the refcounts raised plus the bit-63 flags
-        still wrong once the refcounts are right; errors in the tables
-        themselves stay."""
+        -r all also turns unaligned preallocated clusters into zero clusters
+        and, when the refcount structures themselves are damaged, builds
+        new ones.  Corruptions fixed are those the refcount repair removed
+        plus the bit-63 flags still wrong once the refcounts are right;
+        other errors in the tables themselves stay."""
         if repair == "leaks" and report.needs_rebuild:
             # a referenced cluster with refcount 0: only -r all may fix that
             for message in report.messages:
@@ -603,7 +605,15 @@ class Qcow2Driver(WriteMixin, BlockDriver):
             print("ERROR need to rebuild refcount structures", file=sys.stderr)
             raise CorruptImage("check failed: the refcount structures need a rebuild "
                                "(use -r all)")
-        await checks.rebuild_refcounts(self, leaks_only=repair == "leaks")
+        zeroed = 0
+        if repair == "all":
+            zeroed = await checks.zero_unaligned_preallocated(self)
+            if zeroed:      # QEMU fixes those before it compares refcounts
+                report = await checks.check_image(self)
+        if repair == "all" and report.damaged_structures:
+            await checks.rebuild_refcount_structures(self)
+        else:
+            await checks.rebuild_refcounts(self, leaks_only=repair == "leaks")
         rebuilt = await checks.check_image(self)
         if repair == "leaks" and (rebuilt.check_errors or rebuilt.leaks or
                                   rebuilt.corruptions != rebuilt.copied_errors):
@@ -614,8 +624,13 @@ class Qcow2Driver(WriteMixin, BlockDriver):
         if not after.corruptions and self.header.incompatible_features & INCOMPAT_CORRUPT:
             await self._set_incompat(self.header.incompatible_features & ~INCOMPAT_CORRUPT)
         fixed_flags = rebuilt.corruptions - after.corruptions
-        raised = report.refcount_errors if repair == "all" else 0
-        return (report.leaks, raised + fixed_flags), after
+        if repair == "leaks":
+            return (report.leaks, fixed_flags), after
+        # QEMU's count: what the refcount repair removed, then the flags
+        before = report.corruptions - report.copied_errors
+        fixed = max(0, before - (rebuilt.corruptions - rebuilt.copied_errors))
+        fixed += report.outside_blocks if report.damaged_structures else 0
+        return (report.leaks, zeroed + fixed + fixed_flags), after
 
     async def snapshot_command(self, args: Any) -> int:
         """`imgfs snapshot -c|-l|-a|-d` (qemu-img snapshot's actions)."""

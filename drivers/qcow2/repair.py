@@ -15,6 +15,8 @@ and for ``check -r``), and `fix_copied_flags` repairs bit 63.
 from __future__ import annotations
 
 import json
+import struct
+import sys
 from collections import Counter
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -38,10 +40,11 @@ from .cluster import (
     QCOW_OFLAG_ZERO,
     ClusterType,
     compressed_range,
+    pack_table,
     unpack_l2,
     unpack_table,
 )
-from .refcount import REFT_OFFSET_MASK
+from .refcount import REFT_OFFSET_MASK, set_refcount
 
 #: refcount table entry bits 0-8 are reserved (spec: "Host cluster management")
 REFT_RESERVED_MASK = 0x1FF
@@ -59,6 +62,8 @@ class References:
     errors: list[str] = field(default_factory=list)
     #: the refcount structures themselves are damaged (QEMU: rebuild them)
     rebuild: bool = False
+    #: refcount table entries pointing past the end of the file
+    outside_blocks: int = 0
     allocated: int = 0
     fragmented: int = 0
     compressed: int = 0
@@ -73,8 +78,14 @@ class CheckReport:
     refcount_errors: int = 0
     #: of the corruptions, the wrong bit-63 (COPIED) flags
     copied_errors: int = 0
-    #: a referenced cluster has refcount 0 (QEMU: "need to rebuild refcount structures")
+    #: a referenced cluster has refcount 0, or the refcount structures are
+    #: damaged (QEMU: "need to rebuild refcount structures")
     needs_rebuild: bool = False
+    #: the refcount table or blocks themselves are damaged
+    damaged_structures: bool = False
+    #: refcount blocks past the end of the file (QEMU's repair adopts each
+    #: one, which it counts as one more corruption fixed)
+    outside_blocks: int = 0
     leaks: int = 0
     check_errors: int = 0
     messages: list[str] = field(default_factory=list)
@@ -220,8 +231,10 @@ async def read_l2(driver: Qcow2Driver, l2_offset: int) -> Sequence[int]:
     return unpack_l2(raw.ljust(driver.cluster_size, b"\0"))
 
 
-async def scan_references(driver: Qcow2Driver) -> References:
-    """How many references each host cluster of the image file has."""
+async def scan_references(driver: Qcow2Driver, *,
+                          refcount_structures: bool = True) -> References:
+    """How many references each host cluster of the image file has (the
+    refcount table and blocks left out when not `refcount_structures`)."""
     header = driver.header
     file = driver.children["file"]
     walk = _Walk(driver)
@@ -236,11 +249,13 @@ async def scan_references(driver: Qcow2Driver) -> References:
         await walk.l1_table(l1, active=False)
     if header.nb_snapshots:
         walk.add(header.snapshots_offset, driver.snapshot_table_length)
-    walk.add(header.refcount_table_offset, header.refcount_table_clusters << walk.bits)
+    if refcount_structures:
+        walk.add(header.refcount_table_offset, header.refcount_table_clusters << walk.bits)
     if driver.image.crypto_header is not None:
         walk.add(*driver.image.crypto_header)
     await _bitmap_references(driver, walk)
-    _refcount_blocks(driver, walk)
+    if refcount_structures:
+        _refcount_blocks(driver, walk)
     return walk.result
 
 
@@ -261,8 +276,9 @@ def _refcount_blocks(driver: Qcow2Driver, walk: _Walk) -> None:
             walk.result.rebuild = True
             continue
         if cluster >= file_clusters:
+            # as QEMU, not a reason to refuse -r leaks; -r all rebuilds
             walk.error(f"ERROR refcount block {index} is outside image")
-            walk.result.rebuild = True
+            walk.result.outside_blocks += 1
             continue
         if offset:
             walk.add(offset, driver.cluster_size)
@@ -310,12 +326,14 @@ async def check_image(driver: Qcow2Driver) -> CheckReport:
     refs = await scan_references(driver)
     report = CheckReport(messages=list(refs.errors), corruptions=len(refs.errors),
                          allocated=refs.allocated, fragmented=refs.fragmented,
-                         compressed=refs.compressed, needs_rebuild=refs.rebuild)
+                         compressed=refs.compressed, needs_rebuild=refs.rebuild,
+                         damaged_structures=refs.rebuild or bool(refs.outside_blocks),
+                         outside_blocks=refs.outside_blocks)
     report.total_clusters = -(-driver.size // driver.cluster_size)
     store = driver.refcounts
     file_clusters = -(-driver.children["file"].size // driver.cluster_size)
     clusters = max([file_clusters, *(cluster + 1 for cluster in refs.counts)])
-    highest = -1
+    highest = 0             # as QEMU: the end offset is at least one cluster
     for cluster in range(clusters):
         try:
             stored = await store.get(cluster)
@@ -417,6 +435,93 @@ async def rebuild_refcounts(driver: Qcow2Driver, *, leaks_only: bool = False) ->
     store.free_hint = 0
     await store.write_back()
     await driver.children["file"].flush()
+
+
+async def rebuild_refcount_structures(driver: Qcow2Driver) -> None:
+    """``check -r all`` when the refcount table or blocks themselves are
+    damaged (QEMU: "Rebuilding refcount structure"): new refcount blocks
+    and a new table after the end of the file, made from the references
+    alone; the header then points at them, and the old structures are
+    left unreferenced (free space)."""
+    refs = await scan_references(driver, refcount_structures=False)
+    counts = refs.counts
+    file = driver.children["file"]
+    geometry = driver.refcounts.geometry
+    bits, cluster_size = driver.geometry.cluster_bits, driver.cluster_size
+    end = max([-(-file.size // cluster_size), *(cluster + 1 for cluster in counts)])
+    blocks, table_clusters = _structure_sizes(end, geometry.block_entries, cluster_size)
+    for cluster in range(end, end + blocks + table_clusters):
+        counts[cluster] += 1
+    contents = [bytearray(cluster_size) for _ in range(blocks)]
+    for cluster, value in counts.items():
+        block, index = divmod(cluster, geometry.block_entries)
+        set_refcount(contents[block], index, geometry.refcount_order, value)
+    await file.truncate((end + blocks + table_clusters) << bits)
+    for number, block in enumerate(contents):
+        await file.write((end + number) << bits, bytes(block))
+    table = [(end + number) << bits for number in range(blocks)]
+    table_offset = (end + blocks) << bits
+    await file.write(table_offset,
+                     pack_table(table).ljust(table_clusters << bits, b"\0"))
+    await file.flush()
+    await driver._move_reftable(table_offset, table_clusters)
+    await driver._open_refcounts()
+
+
+def _structure_sizes(end: int, block_entries: int, cluster_size: int) -> tuple[int, int]:
+    """(refcount blocks, table clusters) to cover clusters 0..end and the
+    new structures placed right after them."""
+    blocks = table_clusters = 0
+    while True:
+        total = end + blocks + table_clusters
+        wanted = -(-total // block_entries)
+        wanted_table = -(-wanted * 8 // cluster_size)
+        if (wanted, wanted_table) == (blocks, table_clusters):
+            return blocks, table_clusters
+        blocks, table_clusters = wanted, wanted_table
+
+
+async def zero_unaligned_preallocated(driver: Qcow2Driver) -> int:
+    """``check -r all``, as QEMU: an L2 entry with an unaligned host offset
+    that holds no data (a preallocated zero cluster) becomes a plain zero
+    cluster (unallocated with extended L2).  Returns how many."""
+    fixed = 0
+    file = driver.children["file"]
+    tables = [driver.l1] + [unpack_table(await file.read(snap.l1_table_offset,
+                                                         snap.l1_size * 8))
+                            for snap in driver.snapshots]
+    words = 2 if driver.geometry.extended_l2 else 1
+    for l1 in tables:
+        for l1_entry in l1:
+            l2_offset = l1_entry & L1E_OFFSET_MASK
+            if not l1_entry or l2_offset + driver.cluster_size > file.size:
+                continue
+            entries = await read_l2(driver, l2_offset)
+            for index in range(0, len(entries), words):
+                entry = entries[index]
+                if cluster_type(driver, entry) is not ClusterType.NORMAL or \
+                        not entry & L2E_OFFSET_MASK & (driver.cluster_size - 1):
+                    continue
+                if words == 2:
+                    if entries[index + 1] & BITMAP_ALL_ALLOCATED:
+                        continue
+                    new = 0
+                elif entry & QCOW_OFLAG_ZERO:
+                    new = QCOW_OFLAG_ZERO
+                else:
+                    continue
+                position = l2_offset + index * 8
+                if driver._overlaps_metadata(position, 8):
+                    continue
+                print(f"Repairing offset={entry & L2E_OFFSET_MASK:x}: Preallocated cluster "
+                      "is not properly aligned; L2 entry corrupted.", file=sys.stderr)
+                await file.write(position, struct.pack(">Q", new))
+                fixed += 1
+    if fixed:
+        await file.flush()
+        for offset in list(driver.l2_cache.tables):
+            driver.l2_cache.drop(offset)
+    return fixed
 
 
 async def fix_copied_flags(driver: Qcow2Driver) -> None:

@@ -29,16 +29,31 @@ COMPRESSED_OFFSET = (1 << 54) - 1
 BITMAPS_EXTENSION = 0x23852875
 
 
+#: base image -> (qemu-img create -o, qemu-io writes)
+BASES = {
+    "plain": ("cluster_size=4k", ["write -P 3 0 100k", "write -c 200k 8k", "write -z 300k 8k"]),
+    "v2": ("cluster_size=4k,compat=0.10", ["write -P 3 0 100k"]),
+    # the data file is named by its absolute path: every copy shares it
+    # (no repair writes to it)
+    "data file": ("cluster_size=4k,data_file={directory}/base.data", ["write -P 3 0 100k"]),
+    # 16 KiB clusters: L2 index 16 is compressed, 20 a zero cluster
+    "extended": ("cluster_size=16k,extended_l2=on",
+                 ["write -P 3 0 100k", "write -c 256k 16k", "write -z 320k 16k",
+                  "write 512k 1k"]),
+}
+
+
 @pytest.fixture(scope="module")
 def bases(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
     need("qemu-img", "qemu-io")
     directory = tmp_path_factory.mktemp("bases")
     images = {}
-    for kind in ("plain", "snapshot", "bitmap"):
-        image = directory / f"{kind}.qcow2"
-        run("qemu-img", "create", "-q", "-f", "qcow2", "-o", "cluster_size=4k", image, "1M")
-        run("qemu-io", "-c", "write -P 3 0 100k", "-c", "write -c 200k 8k",
-            "-c", "write -z 300k 8k", image)
+    for kind in ("plain", "snapshot", "bitmap", "v2", "data file", "extended"):
+        image = directory / f"{kind.replace(' ', '-')}.qcow2"
+        options, writes = BASES.get(kind, BASES["plain"])
+        run("qemu-img", "create", "-q", "-f", "qcow2", "-o",
+            options.format(directory=directory), image, "1M")
+        run("qemu-io", *[arg for write in writes for arg in ("-c", write)], image)
         if kind == "snapshot":
             run("qemu-img", "snapshot", "-c", "s", image)
             run("qemu-io", "-c", "write -P 5 50k 8k", image)
@@ -80,6 +95,17 @@ class Layout:
     def set_l2(self, index: int, entry: int) -> None:
         self.patch(self.l2 + 8 * index, struct.pack(">Q", entry))
 
+    def set_extended(self, index: int, entry: int | None = None,
+                     bitmap: int | None = None) -> None:
+        """Extended L2 entry `index`: 128 bits, the allocation bitmap second."""
+        old_entry, old_bitmap = self.u64(self.l2 + 16 * index), self.u64(self.l2 + 16 * index + 8)
+        self.patch(self.l2 + 16 * index, struct.pack(
+            ">QQ", old_entry if entry is None else entry(old_entry),
+            old_bitmap if bitmap is None else bitmap(old_bitmap)))
+
+    def set_reftable(self, index: int, entry: int) -> None:
+        self.patch(self.reftable + 8 * index, struct.pack(">Q", entry))
+
     def set_refcount(self, offset: int, value: int) -> None:
         self.patch(self.refblock + 2 * (offset // CLUSTER), struct.pack(">H", value))
 
@@ -106,7 +132,8 @@ def _bitmap(change: Callable[[Layout, int, int, int, int], None]
 
 
 #: case -> (base image, damage); guest cluster 1 (L2 index 1) holds data,
-#: L2 index 50 is the compressed cluster, 75 a zero cluster
+#: L2 index 50 is the compressed cluster, 75 a zero cluster (see BASES
+#: for the extended L2 image)
 CASES: dict[str, tuple[str, Callable[[Layout], None]]] = {
     "clean": ("plain", lambda lay: None),
     "data refcount 0": ("plain", lambda lay: lay.set_refcount(lay.l2_entry(1) & ~COPIED, 0)),
@@ -155,6 +182,32 @@ CASES: dict[str, tuple[str, Callable[[Layout], None]]] = {
         50, lay.l2_entry(50) | 0xFF << 54)),
     "compressed with COPIED": ("plain", lambda lay: lay.set_l2(
         50, lay.l2_entry(50) | COPIED)),
+    "refcount table entry reserved bits": ("plain", lambda lay: lay.set_reftable(
+        0, lay.refblock | 1)),
+    "refcount table entry unaligned": ("plain", lambda lay: lay.set_reftable(
+        0, lay.refblock + 0x200)),
+    "refcount table entry past EOF": ("plain", lambda lay: lay.set_reftable(1, 0x100000)),
+    "refcount table entry on the L1 table": ("plain", lambda lay: lay.set_reftable(0, lay.l1)),
+    "v2 clean": ("v2", lambda lay: None),
+    "v2 data refcount 2": ("v2", lambda lay: lay.set_refcount(lay.l2_entry(1) & ~COPIED, 2)),
+    "v2 data refcount 0": ("v2", lambda lay: lay.set_refcount(lay.l2_entry(1) & ~COPIED, 0)),
+    "data file clean": ("data file", lambda lay: None),
+    "data file COPIED missing": ("data file", lambda lay: lay.set_l2(
+        1, lay.l2_entry(1) & ~COPIED)),
+    "data file compressed entry": ("data file", lambda lay: lay.set_l2(1, 1 << 62 | 0x5000)),
+    "extended clean": ("extended", lambda lay: None),
+    "extended allocated and zero bits": ("extended", lambda lay: lay.set_extended(
+        1, bitmap=lambda bitmap: bitmap | 1 << 32)),
+    "extended unallocated with allocation bits": ("extended", lambda lay: lay.set_extended(
+        50, bitmap=lambda bitmap: 0xFF)),
+    "extended compressed with a bitmap": ("extended", lambda lay: lay.set_extended(
+        16, bitmap=lambda bitmap: 1)),
+    "extended preallocated unaligned": ("extended", lambda lay: lay.set_extended(
+        40, entry=lambda entry: entry + 0x200)),
+    "extended data unaligned": ("extended", lambda lay: lay.set_extended(
+        1, entry=lambda entry: entry + 0x200)),
+    "extended bit 0 set": ("extended", lambda lay: lay.set_extended(
+        1, entry=lambda entry: entry | 1)),
     "bitmap clean": ("bitmap", lambda lay: None),
     "bitmap directory refcount 0": ("bitmap", _bitmap(
         lambda lay, ext, directory, table, data: lay.set_refcount(directory, 0))),
@@ -181,14 +234,10 @@ CASES: dict[str, tuple[str, Callable[[Layout], None]]] = {
 
 #: where the repairs part ways, and why (the check itself agrees)
 REPAIRS_DIFFER = {
-    # QEMU reads the "L2 table" at the unaligned offset and turns its
-    # garbage "preallocated" entries into zero clusters, writing there
-    "L1 entry unaligned": "all",
-    # QEMU rebuilds all refcount structures in new clusters; imgfs fixes
-    # them in place and keeps the sharing it cannot undo
-    "L1 entry on the refcount table": "all",
-    # QEMU's repair trips its own overlap check and fails (exit 1)
+    # QEMU's repair trips its own overlap checks and fails (exit 1)
     "L1 entry inside the header": "all",
+    "refcount table entry reserved bits": "all",
+    "refcount table entry unaligned": "all",
     # QEMU's read-write open of a damaged bitmap rewrites the bitmaps
     "bitmap data past EOF": "both",
     "bitmap table past EOF": "both",
@@ -269,3 +318,20 @@ def test_bitmap_qemu_cannot_open_is_a_corruption(bases, tmp_path, capsys, damage
     assert qemu_check(image)[0] == 1
     code, out = imgfs_check(capsys, "--output=json", image)
     assert code == 2 and json.loads(out)["corruptions"] == 1
+
+
+@pytest.mark.parametrize("case", ["refcount table entry reserved bits",
+                                  "refcount table entry unaligned"])
+def test_damaged_refcount_table_is_rebuilt(bases, tmp_path, capsys, case) -> None:
+    """QEMU's own repair of these fails on its overlap checks; imgfs builds
+    new refcount structures, after which qemu-img finds nothing wrong and
+    the guest data is intact."""
+    image = damaged(bases, tmp_path, case)
+    before = run("qemu-img", "convert", "-U", "-O", "raw", bases["plain"],
+                 tmp_path / "before.raw").returncode
+    assert before == 0
+    code, out = imgfs_check(capsys, "-r", "all", image)
+    assert code == 0, out
+    assert qemu_check(image)[0] == 0
+    assert run("qemu-img", "compare", "-U", image, tmp_path / "before.raw",
+               check=False).returncode == 0
