@@ -136,6 +136,10 @@ def _render_fields(data: dict[str, Any], indent: int) -> list[str]:
             for index, item in enumerate(value):
                 lines.append(f"{pad}    [{index}]:")
                 lines.extend(_render_fields(item, indent + 8))
+        elif isinstance(value, list):
+            # lists of plain values (qcow2 bitmap flags): "[0]: auto"
+            lines.append(f"{pad}{label}:")
+            lines.extend(f"{pad}    [{index}]: {item}" for index, item in enumerate(value))
         elif isinstance(value, bool):
             lines.append(f"{pad}{label}: {'true' if value else 'false'}")
         else:

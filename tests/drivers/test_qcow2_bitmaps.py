@@ -250,6 +250,20 @@ def test_info_lists_the_bitmaps_as_qemu_img(tmp_path: Path) -> None:
         theirs["format-specific"]["data"]["bitmaps"]
 
 
+def test_info_human_output_lists_the_bitmaps_as_qemu_img(tmp_path: Path) -> None:
+    image = make_image(tmp_path / "h.qcow2", "4M", ("en",), ("off", "--disable"),
+                       ("fine", "-g", "512"))
+    _set_in_use(image, "fine")
+
+    def bitmap_lines(report: str) -> list[str]:
+        lines = report.splitlines()
+        start = lines.index("    bitmaps:")
+        end = next(number for number in range(start + 1, len(lines))
+                   if not lines[number].startswith("        "))
+        return lines[start:end]
+    assert bitmap_lines(imgfs("info", image).stdout) == bitmap_lines(qemu_img("info", image))
+
+
 def test_snapshot_apply_is_refused_as_qemu_does(tmp_path: Path) -> None:
     image = make_image(tmp_path / "s.qcow2", "4M", ("off", "--disable"))
     qemu_img("snapshot", "-c", "one", image)
