@@ -33,6 +33,7 @@ BITMAPS_EXTENSION = 0x23852875
 BASES = {
     "plain": ("cluster_size=4k", ["write -P 3 0 100k", "write -c 200k 8k", "write -z 300k 8k"]),
     "v2": ("cluster_size=4k,compat=0.10", ["write -P 3 0 100k"]),
+    "lazy": ("cluster_size=4k,lazy_refcounts=on", ["write -P 3 0 100k"]),
     # the data file is named by its absolute path: every copy shares it
     # (no repair writes to it)
     "data file": ("cluster_size=4k,data_file={directory}/base.data", ["write -P 3 0 100k"]),
@@ -48,7 +49,7 @@ def bases(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
     need("qemu-img", "qemu-io")
     directory = tmp_path_factory.mktemp("bases")
     images = {}
-    for kind in ("plain", "snapshot", "bitmap", "v2", "data file", "extended"):
+    for kind in ("plain", "snapshot", "bitmap", "v2", "lazy", "data file", "extended"):
         image = directory / f"{kind.replace(' ', '-')}.qcow2"
         options, writes = BASES.get(kind, BASES["plain"])
         run("qemu-img", "create", "-q", "-f", "qcow2", "-o",
@@ -129,6 +130,12 @@ def _compressed(layout: Layout, offset: int) -> None:
 def _bitmap(change: Callable[[Layout, int, int, int, int], None]
             ) -> Callable[[Layout], None]:
     return lambda layout: change(layout, *layout.bitmap())
+
+
+def _dirty_with_refcount_0(layout: Layout) -> None:
+    """A lazy-refcounts image that was not closed: dirty, refcounts stale."""
+    layout.set_refcount(layout.l2_entry(1) & ~COPIED, 0)
+    layout.patch(72, struct.pack(">Q", 1))
 
 
 #: case -> (base image, damage); guest cluster 1 (L2 index 1) holds data,
@@ -227,6 +234,14 @@ CASES: dict[str, tuple[str, Callable[[Layout], None]]] = {
     "bitmap table past EOF": ("bitmap", _bitmap(
         lambda lay, ext, directory, table, data: lay.patch(
             directory, struct.pack(">Q", lay.past_end)))),
+    "bitmap directory past EOF": ("bitmap", _bitmap(
+        lambda lay, ext, directory, table, data: lay.patch(
+            ext + 16, struct.pack(">Q", lay.past_end)))),
+    "bitmap directory unaligned": ("bitmap", _bitmap(
+        lambda lay, ext, directory, table, data: lay.patch(
+            ext + 16, struct.pack(">Q", directory + 8)))),
+    "corrupt bit": ("plain", lambda lay: lay.patch(72, struct.pack(">Q", 2))),
+    "dirty bit, refcount 0": ("lazy", _dirty_with_refcount_0),
     "bitmap in use": ("bitmap", _bitmap(
         lambda lay, ext, directory, table, data: lay.patch(
             directory + 12, struct.pack(">I", 3)))),
@@ -238,6 +253,9 @@ REPAIRS_DIFFER = {
     "L1 entry inside the header": "all",
     "refcount table entry reserved bits": "all",
     "refcount table entry unaligned": "all",
+    # imgfs rebuilds the refcounts of a dirty image when it opens it
+    # read-write, before the check; QEMU's check sees them stale
+    "dirty bit, refcount 0": "both",
     # QEMU's read-write open of a damaged bitmap rewrites the bitmaps
     "bitmap data past EOF": "both",
     "bitmap table past EOF": "both",
@@ -335,3 +353,12 @@ def test_damaged_refcount_table_is_rebuilt(bases, tmp_path, capsys, case) -> Non
     assert qemu_check(image)[0] == 0
     assert run("qemu-img", "compare", "-U", image, tmp_path / "before.raw",
                check=False).returncode == 0
+
+
+def test_dirty_image_is_clean_after_repair(bases, tmp_path, capsys) -> None:
+    """imgfs rebuilds a dirty image's refcounts as it opens it read-write
+    (before the check runs), so the repair itself has nothing left to do."""
+    image = damaged(bases, tmp_path, "dirty bit, refcount 0")
+    code, _ = imgfs_check(capsys, "-r", "all", image)
+    assert code == 0
+    assert qemu_check(image)[0] == 0
