@@ -164,12 +164,20 @@ def _serve_foreground(sources: list[str], mountpoint: str, opts: Any,
     def report(error: BaseException | None) -> None:
         if error is not None:
             failure.append(error)
+    start_unlocking(sources, opts)
     run_trio(serve, sources, mountpoint, opts, report)
     if failure:
         name_as_given(failure[0], given)
         print(f"imgfs: {describe_error(failure[0])}", file=sys.stderr)
         return exit_status(failure[0])
     return 0
+
+
+def start_unlocking(sources: list[str], opts: Any) -> None:
+    """Start the PBKDF of encrypted sources now, while trio, pyfuse3 and the
+    drivers load: it is most of an encrypted mount's start-up."""
+    from .drivers.luks.early import start_unlocking as start
+    start(sources, opts)
 
 
 def _serve_daemon(sources: list[str], mountpoint: str, opts: Any, debug: bool,
@@ -210,6 +218,7 @@ def _daemon_child(sources: list[str], mountpoint: str, opts: Any, pipe: int,
         if error is None:
             _detach_stdio(keep_stderr=debug)
     try:
+        start_unlocking(sources, opts)
         os.chdir("/")
         run_trio(serve, sources, mountpoint, opts, report)
         return 0

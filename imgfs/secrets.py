@@ -10,9 +10,12 @@ from __future__ import annotations
 
 import getpass
 import sys
+from typing import TYPE_CHECKING
 
 from .errors import UsageError
-from .node import OpenContext
+
+if TYPE_CHECKING:                    # (imgfs.node loads trio: luks.early must not)
+    from .node import OpenContext
 
 
 def read_passphrase_file(path: str) -> bytes:

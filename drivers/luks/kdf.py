@@ -15,8 +15,10 @@ Every primitive is `cryptography`'s; this module only composes them.
 from __future__ import annotations
 
 import os
+import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
+from concurrent.futures import Future
 from typing import Any
 
 import cryptography
@@ -76,9 +78,52 @@ def digest(name: str | None, data: bytes) -> bytes:
 
 def pbkdf2(hash_name: str, passphrase: bytes, salt: bytes, iterations: int,
            length: int) -> bytes:
+    """PBKDF2, or the result of the same derivation `derive_early` started."""
+    with _EARLY_LOCK:
+        early = _EARLY.pop((hash_name, passphrase, salt, iterations, length), None)
+    if early is not None:
+        return early.result()
+    return _pbkdf2(hash_name, passphrase, salt, iterations, length)
+
+
+def _pbkdf2(hash_name: str, passphrase: bytes, salt: bytes, iterations: int,
+            length: int) -> bytes:
     kdf = PBKDF2HMAC(algorithm=hash_algorithm(hash_name), length=length, salt=salt,
                      iterations=iterations)
     return kdf.derive(passphrase)
+
+
+#: derivations started ahead of need (see `derive_early`), by their inputs
+_EARLY: dict[tuple[str, bytes, bytes, int, int], Future[bytes]] = {}
+_EARLY_LOCK = threading.Lock()
+
+
+def derive_early(hash_name: str, passphrase: bytes, salt: bytes, iterations: int,
+                 length: int) -> None:
+    """Start a PBKDF2 in a thread now; `pbkdf2` with the same inputs later
+    takes its result instead of deriving again.  (OpenSSL releases the GIL,
+    so the rest of the program keeps loading meanwhile: see luks.early.)
+    The result stays in memory only, and only until taken or forgotten."""
+    inputs = (hash_name, passphrase, salt, iterations, length)
+    result: Future[bytes] = Future()
+
+    def derive() -> None:
+        try:
+            result.set_result(_pbkdf2(*inputs))
+        except BaseException as exc:      # the open that takes it raises it
+            result.set_exception(exc)
+    with _EARLY_LOCK:
+        _EARLY[inputs] = result
+    threading.Thread(target=derive, name="imgfs-early-pbkdf2", daemon=True).start()
+
+
+def forget_early(salts: Iterable[bytes]) -> None:
+    """Drop early derivations for these salts that nothing took (an image's
+    key slots, once it is unlocked or has failed to)."""
+    wanted = set(salts)
+    with _EARLY_LOCK:
+        for inputs in [inputs for inputs in _EARLY if inputs[2] in wanted]:
+            del _EARLY[inputs]
 
 
 def argon2(variant: str, passphrase: bytes, salt: bytes, *, time_cost: int,

@@ -27,8 +27,6 @@ from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from typing import NamedTuple
 
-import trio
-
 from imgfs.errors import CorruptImage, InvalidImage, PermissionDenied
 
 from . import kdf
@@ -250,17 +248,31 @@ def check_digest(header: Luks1Header, key: bytes) -> bool:
 
 async def unlock(header: Luks1Header, read: ReadFn, passphrase: bytes) -> bytes:
     """Try every active key slot; the volume key, or PermissionDenied."""
+    import trio  # (here: luks.early parses headers before trio is loaded)
     prefetch_sector_cipher()
+    try:
+        for index in header.active_slots():
+            slot = header.slots[index]
+            size = material_sectors(header.phdr.key_bytes, slot.stripes) * LUKS_SECTOR_SIZE
+            material = await read(slot.key_material_offset * LUKS_SECTOR_SIZE, size)
+            if len(material) != size:
+                raise CorruptImage(f"key slot {index}: key material is truncated")
+            key = await trio.to_thread.run_sync(open_slot, header, slot, material, passphrase)
+            if key is not None:
+                return key
+    finally:
+        kdf.forget_early(slot.salt for slot in header.slots)
+    raise PermissionDenied("no key slot matches this passphrase")
+
+
+def first_slot_derivation(header: Luks1Header, passphrase: bytes
+                          ) -> tuple[str, bytes, bytes, int, int] | None:
+    """The PBKDF2 inputs `unlock` starts with (for luks.early), if any."""
     for index in header.active_slots():
         slot = header.slots[index]
-        size = material_sectors(header.phdr.key_bytes, slot.stripes) * LUKS_SECTOR_SIZE
-        material = await read(slot.key_material_offset * LUKS_SECTOR_SIZE, size)
-        if len(material) != size:
-            raise CorruptImage(f"key slot {index}: key material is truncated")
-        key = await trio.to_thread.run_sync(open_slot, header, slot, material, passphrase)
-        if key is not None:
-            return key
-    raise PermissionDenied("no key slot matches this passphrase")
+        return (header.hash_name, passphrase, slot.salt, slot.iterations,
+                header.phdr.key_bytes)
+    return None
 
 
 # -- creating -----------------------------------------------------------------------

@@ -388,3 +388,41 @@ def test_payload_inside_the_header_is_refused(small_luks1: tuple[bytearray, byte
     header = luks1.parse_header(bytes(raw), len(image))
     with pytest.raises(InvalidImage, match="detached header"):
         header.payload_size(len(image))
+
+
+# -- early key derivation (luks.early): a head start that changes no result --------------
+
+
+def test_early_derivation_is_taken_once() -> None:
+    inputs = ("sha256", b"pass", b"salt" * 8, 1000, 32)
+    kdf.derive_early(*inputs)
+    assert kdf.pbkdf2(*inputs) == kdf._pbkdf2(*inputs)
+    assert not kdf._EARLY                               # taken, not kept
+    kdf.derive_early(*inputs)
+    kdf.forget_early([b"salt" * 8])
+    assert not kdf._EARLY
+
+
+def test_early_unlocking_of_a_mount_source(small_luks1: tuple[bytearray, bytes],
+                                           tmp_path) -> None:
+    from imgfs.drivers.luks import early
+
+    from imgfs.mount import MountOptions
+    image, volume_key = small_luks1
+    path = tmp_path / "disk.luks"
+    path.write_bytes(image)
+    opts = MountOptions(key_secret="k", secrets={"k": b"secret"})
+    early.start_unlocking(["json:{}", str(tmp_path / "missing"), str(path)], opts)
+    header = luks1.parse_header(bytes(image[:luks1.HEADER_SIZE]), len(image))
+    assert list(kdf._EARLY) == [luks1.first_slot_derivation(header, b"secret")]
+    # the open takes it (and a wrong passphrase's open forgets it)
+    assert trio.run(header.unlock, _reader(image), b"secret") == volume_key
+    assert not kdf._EARLY
+    early.start_unlocking([str(path)], MountOptions(key_secret="k", secrets={"k": b"no"}))
+    with pytest.raises(PermissionDenied):
+        trio.run(header.unlock, _reader(image), b"no")
+    assert not kdf._EARLY
+    early.start_unlocking([str(path)], MountOptions())     # no secret: nothing to start
+    early.start_unlocking([str(path)], MountOptions(fmt="raw", key_secret="k",
+                                                    secrets={"k": b"secret"}))
+    assert not kdf._EARLY
