@@ -48,8 +48,9 @@ BME_TYPE_DIRTY_TRACKING = 1
 BME_MIN_GRANULARITY_BITS = 9
 BME_MAX_GRANULARITY_BITS = 31
 BME_MAX_NAME_SIZE = 1023
-#: QEMU's limit on one bitmap table (entries)
+#: QEMU's limits on one bitmap: table entries, and bytes of bitmap data
 BME_MAX_TABLE_SIZE = 0x8000000
+BME_MAX_PHYS_SIZE = 0x20000000
 #: bitmap table entry: bits 9-55 are the data cluster's offset
 BME_TABLE_ENTRY_OFFSET_MASK = 0x00FFFFFFFFFFFE00
 #: with no offset, bit 0 says the cluster reads as all ones
@@ -184,8 +185,10 @@ def unusable_reason(bitmap: Bitmap, disk_size: int, cluster_size: int,
     if not BME_MIN_GRANULARITY_BITS <= bitmap.granularity_bits <= BME_MAX_GRANULARITY_BITS:
         return f"granularity_bits {bitmap.granularity_bits} out of range"
     expected = table_size_for(disk_size, bitmap.granularity_bits, cluster_size)
-    if bitmap.table_size != expected or bitmap.table_size > BME_MAX_TABLE_SIZE:
-        return f"bitmap_table_size {bitmap.table_size} (expected {expected})"
+    if bitmap.table_size != expected or bitmap.table_size > BME_MAX_TABLE_SIZE or \
+            bitmap.table_size * cluster_size > BME_MAX_PHYS_SIZE:
+        return f"bitmap_table_size {bitmap.table_size} (expected {expected}, at most " \
+            f"{BME_MAX_PHYS_SIZE // cluster_size})"
     if bitmap.table_offset % cluster_size or \
             bitmap.table_offset + bitmap.table_size * 8 > file_size:
         return f"bitmap table at {bitmap.table_offset:#x} unaligned or beyond the file"

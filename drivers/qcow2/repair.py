@@ -25,6 +25,7 @@ from typing import TYPE_CHECKING, Any
 from imgfs.errors import CorruptImage, InvalidImage
 
 from .bitmaps import (
+    BME_MAX_TABLE_SIZE,
     BME_TABLE_ENTRY_ALL_ONES,
     BME_TABLE_ENTRY_OFFSET_MASK,
     BME_TABLE_ENTRY_RESERVED,
@@ -48,6 +49,8 @@ from .refcount import REFT_OFFSET_MASK, set_refcount
 
 #: refcount table entry bits 0-8 are reserved (spec: "Host cluster management")
 REFT_RESERVED_MASK = 0x1FF
+#: bytes of a bitmap table read at once by the check
+BITMAP_TABLE_CHUNK = 1 << 20
 
 if TYPE_CHECKING:
     from .cluster import L2Table
@@ -294,7 +297,6 @@ async def _bitmap_references(driver: Qcow2Driver, walk: _Walk) -> None:
     if driver.bitmaps is None:
         return
     walk.add(driver.bitmaps.bitmap_directory_offset, driver.bitmaps.bitmap_directory_size)
-    file = driver.children["file"]
     try:
         entries = await driver.bitmap_entries()
     except InvalidImage as error:
@@ -307,10 +309,20 @@ async def _bitmap_references(driver: Qcow2Driver, walk: _Walk) -> None:
             walk.error(f"ERROR bitmap table at {entry.table_offset:#x} is not cluster "
                        "aligned")
             continue
-        # as QEMU, a table past the end of the file reads as zeros
-        readable = max(0, min(length, file.size - entry.table_offset))
-        raw = await file.read(entry.table_offset, readable) if readable else b""
-        for table_entry in unpack_table(raw.ljust(length, b"\0")):
+        if entry.table_size > BME_MAX_TABLE_SIZE:
+            walk.error(f"ERROR bitmap table of {entry.table_size} entries is too large")
+            continue
+        await _bitmap_table(driver, walk, entry.table_offset, length)
+
+
+async def _bitmap_table(driver: Qcow2Driver, walk: _Walk, offset: int, length: int) -> None:
+    """The data clusters one bitmap table references, read a piece at a time;
+    as QEMU, the part past the end of the file reads as zeros (no entries)."""
+    file = driver.children["file"]
+    end = min(offset + length, file.size)
+    for start in range(offset, end, BITMAP_TABLE_CHUNK):
+        raw = await file.read(start, min(BITMAP_TABLE_CHUNK, end - start))
+        for table_entry in unpack_table(raw[:len(raw) // 8 * 8]):
             data_offset = table_entry & BME_TABLE_ENTRY_OFFSET_MASK
             if table_entry & BME_TABLE_ENTRY_RESERVED or data_offset and (
                     table_entry & BME_TABLE_ENTRY_ALL_ONES

@@ -740,7 +740,6 @@ BITMAP_TABLE_BUG = ("drivers/qcow2/repair.py _bitmap_references (imgfs check): a
                     "killer without it)")
 
 
-@pytest.mark.xfail(strict=True, reason=BITMAP_TABLE_BUG)
 def test_check_bitmap_table_size(samples: dict[str, Sample]) -> None:
     sample = samples["qcow2-bitmaps"]
     original = sample.data
