@@ -18,6 +18,8 @@ from .options import parse_size, split_opt_string
 
 def parse_objects(objects: list[str]) -> dict[str, bytes]:
     """``--object secret,id=ID,data=S|file=PATH[,format=raw|base64]`` -> {ID: bytes}."""
+    from .secrets import hide_inline_secrets
+    hide_inline_secrets()           # out of ps (and of the mount daemon's cmdline)
     secrets: dict[str, bytes] = {}
     for text in objects:
         fields = split_opt_string(text)

@@ -44,3 +44,70 @@ def resolve_passphrase(ctx: OpenContext, secret_id: str | None, what: str) -> by
         return getpass.getpass(f"Passphrase for {what}: ").encode()
     raise UsageError(f"{what} is encrypted: give key-secret=ID with --object secret,... "
                      "or passphrase-file=PATH")
+
+
+def hide_inline_secrets() -> None:
+    """Blank the values of ``--object secret,...,data=VALUE`` in this
+    process's command line, which ``ps`` and /proc/PID/cmdline show to every
+    user for as long as the process (a mount daemon: as long as the mount)
+    runs.  QEMU leaves them there; its manual recommends file= instead.
+
+    The kernel shows the argument strings in place, so they are overwritten
+    in place, through /proc/self/mem.  Best effort: where that is not
+    possible, nothing changes (and ``file=`` remains the safe way)."""
+    try:
+        with open("/proc/self/stat", "rb") as handle:
+            fields = handle.read().rpartition(b")")[2].split()
+        # fields 48 and 49 of proc(5) (arg_start, arg_end); fields[0] is field 3
+        arg_start, arg_end = int(fields[45]), int(fields[46])
+        with open("/proc/self/cmdline", "rb") as handle:
+            cmdline = handle.read()
+        if len(cmdline) != arg_end - arg_start:
+            return
+        spans = list(_inline_secret_spans(cmdline))
+        if not spans:
+            return
+        with open("/proc/self/mem", "r+b", buffering=0) as memory:
+            for start, end in spans:
+                memory.seek(arg_start + start)
+                if memory.read(end - start) == cmdline[start:end]:
+                    memory.seek(arg_start + start)
+                    memory.write(b"*" * (end - start))
+    except (OSError, ValueError, IndexError):
+        return
+
+
+def _inline_secret_spans(cmdline: bytes) -> list[tuple[int, int]]:
+    """(start, end) of every data= value in the --object arguments of a
+    NUL-separated command line (QEMU option syntax: ",," is a literal comma)."""
+    spans: list[tuple[int, int]] = []
+    offset, previous = 0, b""
+    for arg in cmdline.split(b"\0"):
+        body = None
+        if previous == b"--object":
+            body = 0
+        elif arg.startswith(b"--object="):
+            body = len(b"--object=")
+        if body is not None:
+            spans.extend((offset + start, offset + end)
+                         for start, end in _data_values(arg, body))
+        offset += len(arg) + 1
+        previous = arg
+    return spans
+
+
+def _data_values(arg: bytes, position: int) -> list[tuple[int, int]]:
+    values = []
+    while position < len(arg):
+        end = position
+        while end < len(arg):
+            if arg[end:end + 2] == b",,":
+                end += 2
+            elif arg[end:end + 1] == b",":
+                break
+            else:
+                end += 1
+        if arg.startswith(b"data=", position) and end > position + 5:
+            values.append((position + 5, end))
+        position = end + 1
+    return values

@@ -7,6 +7,7 @@ from pathlib import Path
 
 from tests.conftest import (
     assert_wrong_passphrase_mounts_nothing,
+    daemon_pids,
     mounted,
     need,
     pwrite_all,
@@ -76,3 +77,16 @@ def test_luks2_4k_sectors_through_the_mount(tmp_path: Path, mnt: Path) -> None:
             handle.seek(16 * MiB + sector * 4096)
             assert decrypt_xts(key, handle.read(4096), sector) == \
                 expected[sector * 4096:(sector + 1) * 4096]
+
+
+def test_inline_secret_is_not_in_the_process_list(tmp_path: Path, mnt: Path) -> None:
+    """--object secret,data=... is blanked in the daemon's command line (ps)."""
+    need("cryptsetup")
+    image = cryptsetup_format(tmp_path / "disk.luks", 3 * MiB)
+    with mounted(image, mountpoint=mnt, options="ro,key-secret=sec0", extra=tuple(SECRET)):
+        assert (mnt / "disk.raw").stat().st_size == MiB
+        pids = daemon_pids(mnt)
+        assert pids
+        for pid in pids:
+            cmdline = Path(f"/proc/{pid}/cmdline").read_bytes()
+            assert b"data=" in cmdline and PASS.encode() not in cmdline

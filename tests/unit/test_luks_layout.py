@@ -426,3 +426,12 @@ def test_early_unlocking_of_a_mount_source(small_luks1: tuple[bytearray, bytes],
     early.start_unlocking([str(path)], MountOptions(fmt="raw", key_secret="k",
                                                     secrets={"k": b"secret"}))
     assert not kdf._EARLY
+
+
+def test_inline_secret_spans() -> None:
+    from imgfs.secrets import _inline_secret_spans
+    cmdline = b"\0".join([b"imgfs", b"mount", b"--object", b"secret,id=a,data=one,,two,format=raw",
+                          b"--object=secret,data=x,id=b", b"-o", b"data=notasecret",
+                          b"--object", b"secret,id=c,file=/p", b""])
+    found = [cmdline[start:end] for start, end in _inline_secret_spans(cmdline)]
+    assert found == [b"one,,two", b"x"]
