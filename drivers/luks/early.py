@@ -83,12 +83,11 @@ def _passphrase(opts: Any, secret_id: str | None) -> bytes | None:
 
 def _derive(head: bytes, area_size: int, passphrase: bytes | None) -> None:
     from . import kdf, luks1, probe_version
-    from .spec import prefetch_sector_cipher
     if passphrase is None or probe_version(head) != 1:
         return
     inputs = luks1.first_slot_derivation(luks1.parse_header(head, area_size), passphrase)
     if inputs is not None:
+        # (numpy, which the key material then needs, is not prefetched here:
+        # its import holds the GIL and would only slow the loading of trio
+        # and the drivers; unlock() starts it, while the derivation still runs)
         kdf.derive_early(*inputs)
-        # numpy, for the key material once the slot key is there (its
-        # import holds the GIL, which the derivation does not need)
-        prefetch_sector_cipher()
