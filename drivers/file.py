@@ -75,6 +75,20 @@ def preallocate(fd: int, start: int, end: int, mode: str) -> None:
 PREALLOC = choice("off", "falloc", "full")
 
 
+def _open_without_waiting(path: str, flags: int) -> int:
+    """os.open that cannot block: a FIFO (a backing file name inside a
+    hostile image may name one) would wait for a writer forever.  O_NONBLOCK
+    changes nothing else for files and disks; it is cleared again so the
+    descriptor behaves as usual, and open() then refuses what is neither."""
+    fd = os.open(path, flags | os.O_NONBLOCK)
+    try:
+        fcntl.fcntl(fd, fcntl.F_SETFL, fcntl.fcntl(fd, fcntl.F_GETFL) & ~os.O_NONBLOCK)
+    except BaseException:
+        os.close(fd)
+        raise
+    return fd
+
+
 class FileDriver(BlockDriver):
     name = "file"
     kind = Kind.PROTOCOL
@@ -126,14 +140,14 @@ class FileDriver(BlockDriver):
     def _open_fd(self, path: str, read_only: bool | None) -> tuple[int, bool]:
         flags = os.O_CLOEXEC | (os.O_DIRECT if self.direct else 0)
         if read_only:
-            return os.open(path, flags | os.O_RDONLY), False
+            return _open_without_waiting(path, flags | os.O_RDONLY), False
         try:
-            return os.open(path, flags | os.O_RDWR), True
+            return _open_without_waiting(path, flags | os.O_RDWR), True
         except OSError as exc:
             # Undecided (read_only None) opens fall back to read-only; the
             # core refuses later if the image really had to be written.
             if read_only is None and exc.errno in (errno.EACCES, errno.EROFS, errno.EPERM):
-                return os.open(path, flags | os.O_RDONLY), False
+                return _open_without_waiting(path, flags | os.O_RDONLY), False
             raise
 
     def _alignment(self) -> int:
