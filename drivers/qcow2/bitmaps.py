@@ -210,7 +210,7 @@ def set_bits(buffer: bytearray, first: int, last: int) -> None:
     buffer[last_byte] |= high
 
 
-def merge_bits(stored: bytes, gained: bytes) -> bytes:
+def merge_bits(stored: bytes, gained: bytes | bytearray) -> bytes:
     """`stored` OR `gained` (bitmap clusters of equal length)."""
     merged = int.from_bytes(stored, "little") | int.from_bytes(gained, "little")
     return merged.to_bytes(len(stored), "little")

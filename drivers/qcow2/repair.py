@@ -469,8 +469,8 @@ async def rebuild_refcount_structures(driver: Qcow2Driver) -> None:
         block, index = divmod(cluster, geometry.block_entries)
         set_refcount(contents[block], index, geometry.refcount_order, value)
     await file.truncate((end + blocks + table_clusters) << bits)
-    for number, block in enumerate(contents):
-        await file.write((end + number) << bits, bytes(block))
+    for number, content in enumerate(contents):
+        await file.write((end + number) << bits, bytes(content))
     table = [(end + number) << bits for number in range(blocks)]
     table_offset = (end + blocks) << bits
     await file.write(table_offset,

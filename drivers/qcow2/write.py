@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import array
 import struct
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, cast
 
 from imgfs.errors import CorruptImage, Unsupported, UsageError
 
@@ -56,6 +56,12 @@ if TYPE_CHECKING:
 
 #: most bytes one allocating write takes at once (it builds them in memory)
 MAX_ALLOCATION_BYTES = 32 * 1024 * 1024
+
+
+def as_bytes(data: bytes | memoryview) -> bytes:
+    """A guest buffer passed on without a copy: every layer below writes
+    any bytes-like object (os.pwrite, socket sends, bytes joins)."""
+    return cast(bytes, data)
 
 
 class WriteMixin:
@@ -121,7 +127,7 @@ class WriteMixin:
             payload: bytes | memoryview = data[:length]
             if self.crypto is not None:
                 payload = await self.crypto.encrypt(host_offset, bytes(payload))
-            await self.children[self.data_child].write(host_offset, payload)
+            await self.children[self.data_child].write(host_offset, as_bytes(payload))
         finally:
             self.inflight -= 1
         return length
@@ -305,7 +311,7 @@ class WriteMixin:
         end = host + len(data)
         if end > child.size:
             await child.truncate(end)
-        await child.write(host, data)
+        await child.write(host, as_bytes(data))
 
     def _release(self, entry: int) -> None:
         """Queue the host clusters an overwritten L2 entry held."""
