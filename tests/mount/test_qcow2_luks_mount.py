@@ -145,6 +145,9 @@ def test_encrypted_chain_each_layer_its_own_secret(tmp_path: Path, mnt: Path) ->
     qemu_io_opts(top_opts, "write -P 0x22 1M 1M")
     expected = bytearray(chain_contents(top_opts, tmp_path / "qemu.raw"))
     assert expected[:MiB] == b"\x11" * MiB and expected[MiB:2 * MiB] == b"\x22" * MiB
+    # info describes both layers without any secret, as qemu-img does
+    assert imgfs("info", "--backing-chain", top).stdout == \
+        run("qemu-img", "info", "--backing-chain", top).stdout
     base_before = base.read_bytes()
     with mounted(top, mountpoint=mnt, extra=tuple(CHAIN_SECRETS),
                  options="encrypt.key-secret=s1,backing.encrypt.key-secret=s0"):
