@@ -5,10 +5,12 @@ Encryption format" (the LUKS1 on-disk specification); LUKS2 — cryptsetup's
 docs/on-disk-format-luks2.pdf and the JSON that ``cryptsetup luksDump
 --dump-json-metadata`` prints.
 
-Modules: `crypto` (sector ciphers, bulk XTS/CBC/CTR), `kdf` (PBKDF2, Argon2,
-AF splitter), `luks1` and `luks2` (headers, key slots), `create` (qemu-img's
-create options, the LUKS2 layout), `header` (the entry point qcow2's
-``encrypt.format=luks`` can reuse), `driver` (the format driver).
+Modules: `spec` (cipher names, parsed without numpy), `crypto` (sector
+ciphers, bulk XTS/CBC/CTR with numpy, imported while the PBKDF runs), `kdf`
+(PBKDF2, Argon2, AF splitter), `luks1` and `luks2` (headers, key slots),
+`create` (qemu-img's create options, the LUKS2 layout), `header` (the entry
+point qcow2's ``encrypt.format=luks`` can reuse), `early` (a mount's PBKDF
+started before the rest of imgfs loads), `driver` (the format driver).
 
 Supported: LUKS1 read/write/create (all 8 key slots, PBKDF2 with the SHA-1,
 SHA-2, SHA-3, BLAKE2 and SM3 hashes, aes/camellia/sm4/cast5/blowfish/des3_ede

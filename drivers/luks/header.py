@@ -3,7 +3,7 @@ for formats that embed a LUKS header (qcow2 ``encrypt.format=luks``).
 
     header = await read_header(read, area_size)   # validated, nothing secret
     key = await header.unlock(read, passphrase)   # PermissionDenied if wrong
-    cipher = SectorCipher(header.spec, key, header.sector_size)
+    cipher = sector_cipher(header.spec, key, header.sector_size)   # spec.py
     plain = cipher.decrypt(sector_number, data)   # sectors from the payload start
 
 `read(offset, length)` reads relative to the start of the header, wherever
