@@ -576,6 +576,37 @@ def run_damaged(sample: Sample, image: bytes | bytearray, fmt: str | None = "sam
                  options)
 
 
+async def exercise_writes(path: Path, secret: bool) -> None:
+    """Open read-write and write, zero, discard and flush a few ranges (as a
+    guest would through a mount); only ImgfsError may escape."""
+    ctx = OpenContext(read_only=False, locking="off",
+                      secrets={"sec0": PASS.encode()} if secret else {},
+                      key_secret="sec0" if secret else None)
+    node = None
+    with trio.fail_after(REQUEST_SECONDS * 4), refused():
+        node = await open_image(str(path), ctx)
+    if node is None:
+        return
+    try:
+        size = node.size
+        for offset in sorted({0, 4 * KiB + 512, size // 3, size // 2, max(0, size - 8 * KiB)}):
+            length = min(8 * KiB, size - offset)
+            if length <= 0:
+                continue
+            with trio.fail_after(REQUEST_SECONDS), refused():
+                await node.write(offset, b"\x5a" * length)
+            with trio.fail_after(REQUEST_SECONDS), refused():
+                await node.read(offset, length)
+        for operation in (node.write_zeroes, node.discard):
+            with trio.fail_after(REQUEST_SECONDS), refused():
+                await operation(0, min(size, 128 * KiB))
+        with trio.fail_after(REQUEST_SECONDS), refused():
+            await node.flush()
+    finally:
+        with trio.fail_after(REQUEST_SECONDS * 2), refused():
+            await node.aclose()
+
+
 # -- the hypothesis tests ----------------------------------------------------------------------
 
 FORMATS = ["qcow2-v2", "qcow2-backing", "qcow2-snapshots", "qcow2-compressed",
@@ -793,3 +824,22 @@ def test_backing_file_names_a_fifo(tmp_path: Path) -> None:
         trio.run(open_it)
     result = imgfs("info", "--backing-chain", image, check=False, timeout=30)
     assert_one_line_refusal(result)
+
+
+WRITABLE = ["qcow2-v2", "qcow2-backing", "qcow2-snapshots", "qcow2-compressed",
+            "qcow2-extended-l2", "qcow2-bitmaps", "qcow", "qcow-compressed", "qcow-backing",
+            "luks1"]
+
+
+@pytest.mark.parametrize("name", WRITABLE)
+@settings(SETTINGS, max_examples=max(10, EXAMPLES // 3))
+@given(data=st.data())
+def test_damaged_metadata_written(samples: dict[str, Sample], name: str,
+                                  data: st.DataObject) -> None:
+    """Writes through a damaged image: refused or done, never a crash."""
+    sample = samples[name]
+    image = data.draw(damage(sample))
+    target = sample.path.with_name("written-" + sample.path.name)
+    target.write_bytes(image)
+    with guarded():
+        trio.run(exercise_writes, target, sample.secret)
