@@ -257,8 +257,11 @@ async def _backing_size(filename: str, backing: str, backing_fmt: str | None,
                         ctx: OpenContext) -> int:
     if not os.path.isabs(backing) and protocol_for(backing) is None:
         backing = os.path.join(os.path.dirname(filename), backing)
+    # Only its size is needed: an encrypted backing file opens without its
+    # secret, as qemu-img create opens it
     node = await open_image(backing, OpenContext(read_only=True, force_share=True,
-                                                 locking=ctx.locking, secrets=ctx.secrets),
+                                                 locking=ctx.locking, secrets=ctx.secrets,
+                                                 no_io=True),
                             fmt=backing_fmt)
     try:
         return node.size

@@ -178,7 +178,8 @@ def test_luks_image_as_backing_of_qcow2(tmp_path: Path, mnt: Path) -> None:
     need("qemu-img", "qemu-io")
     base, top = tmp_path / "base.luks", tmp_path / "top.qcow2"
     qemu_create_retrying("-f", "luks", "-o", "key-secret=s0,iter-time=10", base, "4M")
-    run("qemu-img", "create", "-q", "-f", "qcow2", "-b", base.name, "-F", "luks", top)
+    # imgfs create opens the backing file for its size only: no secret needed
+    imgfs("create", "-q", "-f", "qcow2", "-b", base.name, "-F", "luks", top)
     top_opts = f"driver=qcow2,file.filename={top},backing.key-secret=s0"
     qemu_io_opts(f"driver=luks,file.filename={base},key-secret=s0", "write -P 0x33 0 3M")
     qemu_io_opts(top_opts, "write -P 0x44 2M 1M")
