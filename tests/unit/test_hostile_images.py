@@ -843,3 +843,20 @@ def test_damaged_metadata_written(samples: dict[str, Sample], name: str,
     target.write_bytes(image)
     with guarded():
         trio.run(exercise_writes, target, sample.secret)
+
+
+@pytest.mark.parametrize("fmt", ["qcow2", "qcow"])
+def test_backing_files_name_each_other(tmp_path: Path, fmt: str) -> None:
+    """Two images, each the other's backing file: refused, no recursion."""
+    need("qemu-img")
+    for name, other in (("x", "y"), ("y", "x")):
+        tool("qemu-img", "create", "-q", "-f", fmt, "-u", "-b", f"{other}.{fmt}", "-F", fmt,
+             tmp_path / f"{name}.{fmt}", "1M", cwd=tmp_path)
+
+    async def open_it() -> None:
+        with trio.fail_after(REQUEST_SECONDS), pytest.raises(ImgfsError):
+            await open_image(str(tmp_path / f"x.{fmt}"), OpenContext(read_only=True))
+
+    with guarded():
+        trio.run(open_it)
+    assert_one_line_refusal(imgfs("map", tmp_path / f"x.{fmt}", check=False, timeout=30))
