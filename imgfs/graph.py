@@ -200,10 +200,23 @@ async def open_format(cls: type[BlockDriver], file_node: Node, tree: Mapping[str
     return node
 
 
+#: keys that say where a node's data is (a file name, the parts of a URL)
+LOCATION_KEYS = frozenset({"filename", "path", "server", "host", "dir", "export", SOURCE_KEY})
+
+
 def _only_options(child: Any) -> bool:
-    """A child tree that names no file: options for the one the image names."""
-    return isinstance(child, Mapping) and not any(
-        key in child for key in ("file", "filename", SOURCE_KEY))
+    """A child tree that says nothing about where its data is: options for
+    the file the image names (backing.encrypt.key-secret=ID,
+    backing.file.locking=off), not a replacement for it."""
+    return isinstance(child, Mapping) and not _locates(child)
+
+
+def _locates(tree: Any) -> bool:
+    if not isinstance(tree, Mapping):
+        return True                    # a file name or a json: string
+    if any(key in tree for key in LOCATION_KEYS):
+        return True
+    return "file" in tree and _locates(tree["file"])
 
 
 def resolve_relative(name: str, file_node: Node) -> str:

@@ -184,8 +184,9 @@ def test_luks_image_as_backing_of_qcow2(tmp_path: Path, mnt: Path) -> None:
     qemu_io_opts(f"driver=luks,file.filename={base},key-secret=s0", "write -P 0x33 0 3M")
     qemu_io_opts(top_opts, "write -P 0x44 2M 1M")
     expected = bytearray(chain_contents(top_opts, tmp_path / "qemu.raw"))
+    # (backing.file.* too: options for the file the image names)
     with mounted(top, mountpoint=mnt, extra=tuple(CHAIN_SECRETS),
-                 options="backing.key-secret=s0"):
+                 options="backing.key-secret=s0,backing.file.locking=off"):
         exposed = mnt / "top.raw"
         assert exposed.read_bytes() == expected
         pwrite_all(exposed, [(MiB - 100, random_bytes(5000, seed=8))], expected)
