@@ -44,7 +44,7 @@ def _start(source: str, opts: Any) -> None:
     if opts.fmt not in (None, "luks", "qcow2"):
         return
     with open(source, "rb") as handle:
-        file_size = os.fstat(handle.fileno()).st_size
+        file_size = os.lseek(handle.fileno(), 0, os.SEEK_END)    # (block devices too)
         head = os.pread(handle.fileno(), 4096, 0)
         if head[:6] == LUKS_MAGIC and opts.fmt in (None, "luks"):
             secret_id = None               # (-o key-secret is the mount's, in opts)
