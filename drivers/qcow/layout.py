@@ -15,6 +15,8 @@ from typing import Any, NamedTuple
 from imgfs.errors import CorruptImage, InvalidImage, Unsupported, UsageError
 from imgfs.options import Bool, Opt, Schema, Str, choice
 
+from ..qcow2.cluster import TwoLevelTables
+
 MAGIC = b"QFI\xfb"
 QCOW_VERSION = 1
 QCOW_CRYPT_NONE = 0
@@ -74,7 +76,7 @@ def probe(head: bytes, filename: str) -> int:
 # -- layout math (pure) ----------------------------------------------------------------------
 
 @dataclass(frozen=True)
-class Geometry:
+class Geometry(TwoLevelTables):
     """Cluster and L2 table sizes of one image."""
 
     cluster_bits: int
@@ -92,22 +94,6 @@ class Geometry:
     def l2_bytes(self) -> int:
         return 8 << self.l2_bits
 
-    @property
-    def l1_span(self) -> int:
-        """Guest bytes one L1 entry (one L2 table) maps."""
-        return 1 << (self.cluster_bits + self.l2_bits)
-
-    def l1_index(self, offset: int) -> int:
-        return offset >> (self.cluster_bits + self.l2_bits)
-
-    def l2_index(self, offset: int) -> int:
-        return (offset >> self.cluster_bits) & (self.l2_entries - 1)
-
-    def offset_in_cluster(self, offset: int) -> int:
-        return offset & (self.cluster_size - 1)
-
-    def l1_entries_for(self, size: int) -> int:
-        return -(-size // self.l1_span)
 
 
 def compressed_location(entry: int, cluster_bits: int) -> tuple[int, int]:

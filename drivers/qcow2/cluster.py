@@ -14,7 +14,7 @@ import sys
 from collections import OrderedDict
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import NamedTuple
+from typing import TYPE_CHECKING, NamedTuple
 
 # L1 / L2 entry bits (spec: "L1 table entry", "L2 table entry")
 L1E_OFFSET_MASK = 0x00FFFFFFFFFFFE00
@@ -40,8 +40,42 @@ class ClusterType(enum.Enum):
     COMPRESSED = "compressed"
 
 
+class TwoLevelTables:
+    """Guest offset -> (L1 index, L2 index, offset in cluster) for any
+    two-level table format (qcow2, qcow); the subclass gives cluster_bits,
+    l2_bits, cluster_size and l2_entries."""
+
+    __slots__ = ()
+    if TYPE_CHECKING:
+        @property
+        def cluster_bits(self) -> int: ...
+        @property
+        def l2_bits(self) -> int: ...
+        @property
+        def cluster_size(self) -> int: ...
+        @property
+        def l2_entries(self) -> int: ...
+
+    @property
+    def l1_span(self) -> int:
+        """Guest bytes one L1 entry (one L2 table) maps."""
+        return 1 << (self.cluster_bits + self.l2_bits)
+
+    def l1_index(self, offset: int) -> int:
+        return offset >> (self.cluster_bits + self.l2_bits)
+
+    def l2_index(self, offset: int) -> int:
+        return (offset >> self.cluster_bits) & (self.l2_entries - 1)
+
+    def offset_in_cluster(self, offset: int) -> int:
+        return offset & (self.cluster_size - 1)
+
+    def l1_entries_for(self, size: int) -> int:
+        return -(-size // self.l1_span)
+
+
 @dataclass(frozen=True, slots=True)
-class Geometry:
+class Geometry(TwoLevelTables):
     """Sizes derived from cluster_bits and the L2 entry format."""
 
     cluster_bits: int
@@ -68,17 +102,6 @@ class Geometry:
     def subcluster_size(self) -> int:
         return 1 << self.subcluster_bits
 
-    def l1_index(self, offset: int) -> int:
-        return offset >> (self.cluster_bits + self.l2_bits)
-
-    def l2_index(self, offset: int) -> int:
-        return (offset >> self.cluster_bits) & (self.l2_entries - 1)
-
-    def offset_in_cluster(self, offset: int) -> int:
-        return offset & (self.cluster_size - 1)
-
-    def l1_entries_for(self, size: int) -> int:
-        return -(-size // (self.l2_entries << self.cluster_bits))
 
     def cluster_start(self, offset: int) -> int:
         return offset & ~(self.cluster_size - 1)
