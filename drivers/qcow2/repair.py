@@ -18,7 +18,7 @@ import json
 import struct
 import sys
 from collections import Counter
-from collections.abc import Sequence
+from collections.abc import AsyncIterator, Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
@@ -380,16 +380,23 @@ async def _refcount_or_zero(driver: Qcow2Driver, host_offset: int) -> int | None
         return None
 
 
-async def _check_copied_flags(driver: Qcow2Driver, report: CheckReport) -> None:
-    """Bit 63 of active L1 and L2 entries must say whether the refcount is 1."""
-    words = 2 if driver.geometry.extended_l2 else 1
+async def _l2_tables_with_refcounts(driver: Qcow2Driver
+                                    ) -> AsyncIterator[tuple[int, int, int, int]]:
+    """(L1 index, L1 entry, L2 offset, the L2 cluster's refcount) of every
+    active L2 table whose refcount can be read."""
     for l1_index, entry in enumerate(driver.l1):
         l2_offset = entry & L1E_OFFSET_MASK
         if not l2_offset:
             continue
         refcount = await _refcount_or_zero(driver, l2_offset)
-        if refcount is None:
-            continue
+        if refcount is not None:
+            yield l1_index, entry, l2_offset, refcount
+
+
+async def _check_copied_flags(driver: Qcow2Driver, report: CheckReport) -> None:
+    """Bit 63 of active L1 and L2 entries must say whether the refcount is 1."""
+    words = 2 if driver.geometry.extended_l2 else 1
+    async for l1_index, entry, l2_offset, refcount in _l2_tables_with_refcounts(driver):
         if bool(entry & QCOW_OFLAG_COPIED) != (refcount == 1):
             report.corruptions += 1
             report.copied_errors += 1
@@ -399,17 +406,15 @@ async def _check_copied_flags(driver: Qcow2Driver, report: CheckReport) -> None:
         for l2_entry in entries[::words]:
             if cluster_type(driver, l2_entry) is not ClusterType.NORMAL:
                 continue
-            if driver.has_data_file:
-                refcount = 1
-            else:
-                refcount = await _refcount_or_zero(driver, l2_entry & L2E_OFFSET_MASK)
-                if refcount is None:
-                    continue
-            if bool(l2_entry & QCOW_OFLAG_COPIED) != (refcount == 1):
+            data_refcount = 1 if driver.has_data_file else \
+                await _refcount_or_zero(driver, l2_entry & L2E_OFFSET_MASK)
+            if data_refcount is None:
+                continue
+            if bool(l2_entry & QCOW_OFLAG_COPIED) != (data_refcount == 1):
                 report.corruptions += 1
                 report.copied_errors += 1
                 report.messages.append(f"ERROR OFLAG_COPIED data cluster: "
-                                       f"l2_entry={l2_entry:x} refcount={refcount}")
+                                       f"l2_entry={l2_entry:x} refcount={data_refcount}")
 
 
 async def _active_l2_tables(driver: Qcow2Driver) -> list[tuple[int, int, int, int]]:
@@ -541,13 +546,7 @@ async def fix_copied_flags(driver: Qcow2Driver) -> None:
     entries of an L2 table that is misplaced (unaligned, past the end,
     over other metadata) are left alone."""
     sane = {l2_offset for _, _, l2_offset, _ in await _active_l2_tables(driver)}
-    for l1_index, entry in enumerate(driver.l1):
-        l2_offset = entry & L1E_OFFSET_MASK
-        if not l2_offset:
-            continue
-        refcount = await _refcount_or_zero(driver, l2_offset)
-        if refcount is None:
-            continue
+    async for l1_index, entry, l2_offset, refcount in _l2_tables_with_refcounts(driver):
         wanted = (entry & ~QCOW_OFLAG_COPIED) | (QCOW_OFLAG_COPIED if refcount == 1 else 0)
         if wanted != entry:
             driver.l1[l1_index] = wanted
