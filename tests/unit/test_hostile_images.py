@@ -23,6 +23,7 @@ Every run is deterministic (derandomize, no example database).
 from __future__ import annotations
 
 import contextlib
+import copy
 import errno
 import hashlib
 import io
@@ -390,7 +391,8 @@ def set_path(document: Any, path: tuple[Any, ...], value: Any) -> None:
     if value is DELETE:
         del parent[path[-1]]
     else:
-        parent[path[-1]] = value
+        # a copy: later changes inside it must not reach HOSTILE_JSON
+        parent[path[-1]] = copy.deepcopy(value)
 
 
 # -- mutations -----------------------------------------------------------------------------------
