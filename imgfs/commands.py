@@ -377,9 +377,10 @@ def cmd_check(args: argparse.Namespace) -> int:
             await node.aclose()
     try:
         return int(run_trio(run))
-    except ImgfsError as exc:
-        print(f"imgfs: {args.filename}: {exc}", file=sys.stderr)
-        return 1
+    except UsageError as exc:
+        # check's exit 2 means "corruptions found": an image it cannot open
+        # (no secret given, say) is "check not completed", 1, as qemu-img says
+        raise ImgfsError(str(exc), path=exc.path) from None
 
 
 def cmd_snapshot(args: argparse.Namespace) -> int:
