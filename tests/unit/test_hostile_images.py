@@ -69,6 +69,8 @@ MAX_CALLS = 256
 
 #: examples per test; HOSTILE_EXAMPLES=1000 for a longer (still deterministic) hunt
 EXAMPLES = int(os.environ.get("HOSTILE_EXAMPLES", "60"))
+#: most edits in one damaged image (HOSTILE_EDITS=8: heavier damage)
+MAX_EDITS = int(os.environ.get("HOSTILE_EDITS", "3"))
 SETTINGS = settings(max_examples=EXAMPLES, derandomize=True, database=None, deadline=None,
                     suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large])
 
@@ -440,7 +442,7 @@ def damage(draw: st.DrawFn, sample: Sample) -> bytearray:
     original = sample.data
     changes: list[tuple[int, bytes]] = []
     flips: list[tuple[int, int]] = []
-    for _ in range(draw(st.integers(1, 3))):
+    for _ in range(draw(st.integers(1, MAX_EDITS))):
         start, length = draw(st.sampled_from(sample.regions))
         kind = draw(st.sampled_from(["int", "int", "bytes", "bit"]))
         # (a bad magic is refused at once: damage what lies behind it)
@@ -655,7 +657,7 @@ def test_damaged_luks2_json(samples: dict[str, Sample], data: st.DataObject) -> 
     sample = samples["luks2"]
     original = sample.data
     _hdr_size, metadata = luks2_json(original)
-    changes = data.draw(st.integers(1, 3), label="changes")
+    changes = data.draw(st.integers(1, MAX_EDITS), label="changes")
     for _ in range(changes):
         paths = list(json_paths(metadata))
         if not paths:
