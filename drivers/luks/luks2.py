@@ -302,7 +302,12 @@ class Digest:
 
 def parse_digest(metadata: dict[str, Any]) -> Digest:
     for index, data in _object(metadata, "digests", "metadata").items():
-        if not isinstance(data, dict) or "0" not in (data.get("segments") or []):
+        if not isinstance(data, dict):
+            continue
+        for key in ("segments", "keyslots"):
+            if not isinstance(data.get(key, []), list):
+                raise CorruptImage(f"LUKS2 digest {index} {key} is not an array")
+        if "0" not in data.get("segments", []):
             continue
         if data.get("type") != "pbkdf2":
             raise Unsupported(f"LUKS2 digest type {data.get('type')!r} is not supported")
@@ -311,7 +316,7 @@ def parse_digest(metadata: dict[str, Any]) -> Digest:
         if not 1 <= len(value) <= 64:
             raise CorruptImage(f"LUKS2 digest {index} has length {len(value)}")
         return Digest(found.hash_name, found.iterations, found.salt, value,
-                      tuple(str(slot) for slot in data.get("keyslots") or []))
+                      tuple(str(slot) for slot in data.get("keyslots", [])))
     raise CorruptImage("no LUKS2 digest covers segment 0")
 
 

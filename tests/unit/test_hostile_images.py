@@ -20,8 +20,7 @@ catches loops that never reach a trio checkpoint.
 
 The CLI turns a damaged image into one `imgfs:` line and a non-zero
 status; a mount answers EIO for the one request that meets the damage and
-stays up.  Bugs found in files other engineers were editing are pinned by
-strict xfail cases at the end, and stepped around in the hypothesis tests.
+stays up.  Bugs found this way keep a regression case near the end.
 
 Every run is deterministic (derandomize, no example database);
 HOSTILE_EXAMPLES=N runs a longer hunt.
@@ -381,17 +380,6 @@ HOSTILE_JSON = [DELETE, None, True, 0, -1, 1, 7, 512, 4095, 2 ** 31, 2 ** 63, 2 
                 "sha1", "argon2id", "AAAA", "!!!notbase64", [], {}, ["0"], {"0": {}}]
 
 
-def known_luks2_bug(path: tuple[Any, ...], value: Any) -> str | None:
-    """The reason when (path, value) hits a bug already reported (and pinned
-    by an xfail case below), so that hypothesis looks for others."""
-    scalar = isinstance(value, (bool, int, float)) and value is not DELETE
-    if len(path) == 3 and path[0] == "digests" and path[2] in ("segments", "keyslots") \
-            and scalar and value:
-        return (f"drivers/luks/luks2.py parse_digest: TypeError iterating digest "
-                f"'{path[2]}' = {value!r}")
-    return None
-
-
 def set_path(document: Any, path: tuple[Any, ...], value: Any) -> None:
     parent = document
     for key in path[:-1]:
@@ -663,7 +651,7 @@ def test_damaged_luks2_json(samples: dict[str, Sample], data: st.DataObject) -> 
         if not paths:
             break
         path = data.draw(st.sampled_from(paths), label="path")
-        values = [value for value in HOSTILE_JSON if known_luks2_bug(path, value) is None]
+        values = list(HOSTILE_JSON)
         set_path(metadata, path, data.draw(st.sampled_from(values), label="value"))
     image = luks2_with_json(original, metadata)
     if image is not None:
@@ -694,19 +682,13 @@ def test_probed_garbage(samples: dict[str, Sample], magic: bytes, head: bytes,
     run_damaged(samples["raw"], magic + head + bytes(tail), fmt=None)
 
 
-# -- bugs found here, in files other engineers were editing: pinned until fixed --------------
-
-LUKS2_DIGEST_BUG = ("drivers/luks/luks2.py parse_digest: a digest whose 'segments' or "
-                    "'keyslots' is a JSON scalar (true, 1) raises TypeError (\"argument of "
-                    "type 'bool' is not iterable\" / \"'bool' object is not iterable\") "
-                    "instead of CorruptImage")
-
+# -- regressions of bugs found here ------------------------------------------------------------
 
 @pytest.mark.parametrize("key", ["segments", "keyslots"])
 @pytest.mark.parametrize("value", [True, 1])
-@pytest.mark.xfail(strict=True, reason=LUKS2_DIGEST_BUG)
 def test_luks2_digest_scalar_lists(samples: dict[str, Sample], key: str, value: Any) -> None:
-    assert known_luks2_bug(("digests", "0", key), value) is not None
+    """A digest whose 'segments' or 'keyslots' is a JSON scalar once raised
+    TypeError in luks2.parse_digest."""
     sample = samples["luks2"]
     _hdr_size, metadata = luks2_json(sample.data)
     metadata["digests"]["0"][key] = value
