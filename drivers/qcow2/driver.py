@@ -61,6 +61,7 @@ from .crypt import (
     SECTOR_SIZE,
     AesCipher,
     ClusterCipher,
+    legacy_aes_warning,
     open_aes_cipher,
     open_cipher,
     parse_encrypt_options,
@@ -167,9 +168,7 @@ class Qcow2Driver(WriteMixin, BlockDriver):
                 raise ReadOnly(LEGACY_AES_READ_ONLY)
             self.crypto = open_aes_cipher(options, ctx, self.node.filename)
             self.request_alignment = SECTOR_SIZE
-            log.warning("%s: legacy qcow2 AES encryption is broken by design (no key "
-                        "check, weak IVs): reading it read-only; convert it to "
-                        "encrypt.format=luks", self.node.filename)
+            log.warning("%s", legacy_aes_warning("qcow2", self.node.filename))
         self.l1 = unpack_table(await file.read(self.header.l1_table_offset,
                                                self.header.l1_size * 8))
         self.snapshots = await self._read_snapshots()
