@@ -122,7 +122,12 @@ def export_name(source: str) -> str:
             # fat:[floppy:][rw:][12:|16:|32:]DIR
             while ":" in name and name.split(":", 1)[0] in ("floppy", "rw", "12", "16", "32"):
                 name = name.split(":", 1)[1]
-        name = name.split("?", 1)[0].split("#", 1)[0]
+        url_path, _, query = name.partition("?")
+        name = url_path.split("#", 1)[0]
+        if protocol == "nbd" and not name.strip("/") and "socket=" in query:
+            # nbd+unix:///?socket=PATH names no export: the socket does,
+            # as in the nbd:unix:PATH form
+            name = query.split("socket=", 1)[1].split("&", 1)[0]
         if protocol == "nbd" and name.startswith("unix:"):
             name = name.split(":exportname=", 1)[-1] if ":exportname=" in name else name
     name = name.rstrip("/")

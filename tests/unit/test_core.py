@@ -79,6 +79,11 @@ def test_filename_forms() -> None:
     ("/var/lib/img/vm.qcow2", "vm"), ("disk.img", "disk"), ("noext", "noext"),
     ("nbd://host:10809/export1", "export1"), ("fat:rw:/srv/share", "share"),
     ("fat:floppy:12:/srv/share/", "share"),
+    # no export name: the server (host_port) or the socket names the file
+    ("nbd://host:10809", "host_10809"), ("nbd:host:10809", "host_10809"),
+    ("nbd+unix:///?socket=/run/nbd.sock", "nbd"), ("nbd:unix:/run/nbd.sock", "nbd"),
+    ("nbd+unix:///exp?socket=/run/nbd.sock", "exp"),
+    ("nbd:unix:/run/nbd.sock:exportname=exp", "exp"),
     ('json:{"driver":"qcow2","file":{"driver":"file","filename":"/x/y.qcow2"}}', "y"),
 ])
 def test_export_names(source: str, name: str) -> None:
