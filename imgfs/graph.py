@@ -144,7 +144,7 @@ async def open_protocol(tree: Mapping[str, Any], ctx: OpenContext, *, read_only:
         cls = get_driver("file")
     driver = cls()
     node = Node(driver, _name_of(tree, cls), read_only, ctx)
-    options = cls.open_opts.parse(_driver_options(tree), what=cls.name)
+    options = cls.open_opts.parse(_driver_options(tree), what=cls.name, sloppy=ctx.sloppy)
     await _run_open(node, options, ctx)
     return node
 
@@ -173,7 +173,7 @@ async def open_format(cls: type[BlockDriver], file_node: Node, tree: Mapping[str
     node = Node(driver, file_node.filename, read_only, ctx)
     node.probed = probed
     driver.children["file"] = file_node
-    options = cls.open_opts.parse(_driver_options(tree), what=cls.name)
+    options = cls.open_opts.parse(_driver_options(tree), what=cls.name, sloppy=ctx.sloppy)
     await _run_open(node, options, ctx)
     try:
         for name, ref in driver.child_refs().items():

@@ -69,6 +69,8 @@ class MountOptions:
     secrets: dict[str, bytes] = field(default_factory=dict)
     #: everything else: options for the drivers (offset=, file.locking=, ...)
     driver_options: dict[str, str] = field(default_factory=dict)
+    #: mount -s (mount.imgfs): unknown options are ignored, not refused
+    sloppy: bool = False
 
 
 def _choice(value: str, allowed: tuple[str, ...], name: str) -> str:
@@ -83,13 +85,14 @@ def parse_mount_options(option_strings: list[str], *, sloppy: bool = False) -> M
     merged: dict[str, str] = {}
     for text in option_strings:
         merged.update(split_opt_string(text))
-    opts = MountOptions()
+    opts = MountOptions(sloppy=sloppy)
     for key, value in merged.items():
         try:
             _apply_option(opts, key, value)
-        except UsageError:
+        except UsageError as exc:
             if not sloppy:
                 raise
+            log.warning("ignoring %s (sloppy mount)", exc)
     if opts.force_share and not opts.read_only:
         raise UsageError("force-share needs a read-only mount (-o ro,force-share)")
     return opts
@@ -333,7 +336,7 @@ async def open_source(source: str, opts: MountOptions, nursery: Any) -> Any:
                       key_secret=opts.key_secret, passphrase_file=opts.passphrase_file,
                       locking=opts.locking, force_share=opts.force_share,
                       cache=opts.cache, secrets=opts.secrets,
-                      interactive=sys.stdin.isatty(), nursery=nursery)
+                      interactive=sys.stdin.isatty(), nursery=nursery, sloppy=opts.sloppy)
     node = await open_image(source, ctx, fmt=opts.fmt, options=opts.driver_options)
     if opts.snapshot:
         node = await snapshot_overlay(node)

@@ -45,6 +45,8 @@ class OpenContext:
     #: opened only to be described (imgfs info), as qemu-img's BDRV_O_NO_IO:
     #: encrypted formats read their headers but ask for no passphrase
     no_io: bool = False
+    #: mount -s: options no driver knows are ignored (with a warning), not refused
+    sloppy: bool = False
     #: for drivers that need background tasks (connection readers); the
     #: mount and the CLI own it and cancel it after every node is closed
     nursery: Any = None

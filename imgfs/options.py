@@ -5,12 +5,15 @@ json: trees, fills defaults, checks values and prints ``-o help``.
 """
 from __future__ import annotations
 
+import logging
 import re
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
 from .errors import UsageError
+
+log = logging.getLogger("imgfs.options")
 
 KiB = 1024
 MiB = 1024 * KiB
@@ -147,10 +150,12 @@ class Schema:
                 return opt
         return None
 
-    def parse(self, given: Mapping[str, Any], what: str = "") -> dict[str, Any]:
+    def parse(self, given: Mapping[str, Any], what: str = "", *,
+              sloppy: bool = False) -> dict[str, Any]:
         """Check `given` against the schema; return every option with defaults.
 
-        Unknown names are an error (a typo must not be silently ignored).
+        Unknown names are an error (a typo must not be silently ignored),
+        unless `sloppy` (mount -s), where they are ignored with a warning.
         """
         result = {opt.name: opt.default for opt in self.opts}
         for name, raw in given.items():
@@ -161,7 +166,9 @@ class Schema:
                 result[name] = raw
             else:
                 where = f" for {what}" if what else ""
-                raise UsageError(f"unknown option '{name}'{where}")
+                if not sloppy:
+                    raise UsageError(f"unknown option '{name}'{where}")
+                log.warning("ignoring unknown option '%s'%s (sloppy mount)", name, where)
         return result
 
     def help_text(self, title: str) -> str:

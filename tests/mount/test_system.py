@@ -91,6 +91,20 @@ def test_mount_t_imgfs_and_fstab(image: Path, mnt: Path, workdir: Path,
         unmount(mnt)
 
 
+def test_mount_helper_sloppy(image: Path, mnt: Path) -> None:
+    """mount.imgfs -s (mount(8)'s "tolerate sloppy options"): an option no
+    driver knows is ignored with a warning; without -s it is refused."""
+    refused = run(MOUNT_HELPER, image, mnt, "-o", "ro,no-such-option=1", check=False)
+    assert refused.returncode != 0 and "no-such-option" in refused.stderr
+    assert not os.path.ismount(mnt)
+    done = run(MOUNT_HELPER, "-s", image, mnt, "-o", "ro,no-such-option=1")
+    try:
+        assert "no-such-option" in done.stderr
+        assert (mnt / "vm.raw").read_bytes()[MiB:MiB + 4] == b"\x5a" * 4
+    finally:
+        unmount(mnt)
+
+
 def test_losetup_mkfs_ext4_on_the_raw_view(image: Path, mnt: Path, workdir: Path) -> None:
     need_root()
     need("losetup", "mkfs.ext4", "sfdisk", "e2fsck")
