@@ -15,6 +15,7 @@ import sys
 import time
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -178,6 +179,26 @@ def assert_wrong_passphrase_mounts_nothing(image: Path, mountpoint: Path) -> Non
         assert result.stderr == f"imgfs: {name}: no key slot matches this passphrase\n"
         assert "wrong-one" not in result.stdout + result.stderr
         assert not is_mounted(mountpoint)
+
+
+def write_through_api(image: str | os.PathLike[str], writes: list[tuple[int, bytes]],
+                      ctx: Any = None) -> None:
+    """Open `image` read-write through imgfs's block graph (no mount), write
+    each (offset, data), flush and close."""
+    import trio
+
+    from imgfs.graph import open_image
+    from imgfs.node import OpenContext
+
+    async def main() -> None:
+        node = await open_image(str(image), ctx or OpenContext(read_only=False))
+        try:
+            for offset, data in writes:
+                await node.write(offset, data)
+            await node.flush()
+        finally:
+            await node.aclose()
+    trio.run(main)
 
 
 def random_bytes(size: int, seed: int = 1) -> bytes:

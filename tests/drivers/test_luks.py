@@ -24,7 +24,7 @@ from cryptography.hazmat.primitives.ciphers import Cipher, algorithms, modes
 from imgfs.errors import PermissionDenied
 from imgfs.graph import open_image
 from imgfs.node import OpenContext
-from tests.conftest import IMGFS, imgfs, need, random_bytes, run
+from tests.conftest import IMGFS, imgfs, need, random_bytes, run, write_through_api
 
 PASS = "correct horse"
 SECRET = ["--object", f"secret,id=sec0,data={PASS}"]
@@ -151,15 +151,7 @@ def read_all(path: Path, passphrase: str = PASS) -> bytes:
 
 def write_at(path: Path, writes: list[tuple[int, bytes]], expected: bytearray | None = None,
              passphrase: str = PASS) -> None:
-    async def main() -> None:
-        node = await open_image(str(path), context(passphrase))
-        try:
-            for offset, data in writes:
-                await node.write(offset, data)
-            await node.flush()
-        finally:
-            await node.aclose()
-    trio.run(main)
+    write_through_api(path, writes, context(passphrase))
     if expected is not None:
         for offset, data in writes:
             expected[offset:offset + len(data)] = data

@@ -32,7 +32,7 @@ from imgfs.drivers.qcow.layout import (
 from imgfs.errors import CorruptImage, InvalidImage, ReadOnly
 from imgfs.graph import open_image
 from imgfs.node import OpenContext
-from tests.conftest import imgfs, need, random_bytes, run
+from tests.conftest import imgfs, need, random_bytes, run, write_through_api
 from tests.drivers.test_qcow2_cli import _map_runs, shared_info
 
 KiB = 1024
@@ -250,15 +250,7 @@ def test_convert_to_qcow_plain_and_compressed(tmp_path: Path) -> None:
 
 
 def write_through_driver(image: Path, writes: list[tuple[int, bytes]]) -> None:
-    async def main() -> None:
-        node = await open_image(str(image), OpenContext(read_only=False))
-        try:
-            for offset, data in writes:
-                await node.write(offset, data)
-            await node.flush()
-        finally:
-            await node.aclose()
-    trio.run(main)
+    write_through_api(image, writes)
 
 
 def test_writes_over_plain_compressed_and_backing_clusters(tmp_path: Path) -> None:
