@@ -364,7 +364,10 @@ async def allocation_map(node: Any) -> list[dict[str, Any]]:
 
 def cmd_check(args: argparse.Namespace) -> int:
     async def run() -> int:
-        node = await _open(args, args.filename, read_only=args.repair is None)
+        from .graph import open_image
+        ctx = make_context(args, read_only=args.repair is None)
+        ctx.check = True
+        node = await open_image(args.filename, ctx, fmt=getattr(args, "fmt", None))
         try:
             check = getattr(node.driver, "check", None)
             if check is None:

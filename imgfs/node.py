@@ -47,6 +47,10 @@ class OpenContext:
     no_io: bool = False
     #: mount -s: options no driver knows are ignored (with a warning), not refused
     sloppy: bool = False
+    #: opened for `imgfs check`, as qemu-img's BDRV_O_CHECK: a read-only
+    #: open tolerates the damage the check reports (tables past the end of
+    #: the file, bad snapshot L1 tables) instead of refusing the image
+    check: bool = False
     #: for drivers that need background tasks (connection readers); the
     #: mount and the CLI own it and cancel it after every node is closed
     nursery: Any = None

@@ -133,6 +133,8 @@ class Qcow2Driver(WriteMixin, BlockDriver):
     kind = Kind.FORMAT
     supports_backing = True
     description = "QEMU copy-on-write v2/v3 (read, write, create)"
+    #: opened by `imgfs check`; read-only too (set by `open`)
+    check_mode = tolerate_tables = False
     open_opts = Schema(
         Opt("l2-cache-size", Size, help="bytes of L2 tables kept in memory"),
         Opt("lazy-refcounts", Bool, help="accepted for QEMU compatibility"),
@@ -156,7 +158,12 @@ class Qcow2Driver(WriteMixin, BlockDriver):
         header = Header.unpack(head)
         if 9 <= header.cluster_bits <= 21 and file.size > len(head):
             head = await file.read(0, min(file.size, 1 << header.cluster_bits))
-        self.image = parse_image_header(head, file.size)
+        # imgfs check: damage the check reports does not refuse the open.
+        # Snapshots with a bad L1 table are kept (the active image is whole,
+        # so -r may repair); tables past the end of the file only read-only.
+        self.check_mode = ctx.check
+        self.tolerate_tables = ctx.check and self.node.read_only
+        self.image = parse_image_header(head, file.size, check=self.tolerate_tables)
         self.header = self.image.header
         self._setup_state(options)
         if self.header.crypt_method == QCOW_CRYPT_LUKS:
@@ -169,8 +176,8 @@ class Qcow2Driver(WriteMixin, BlockDriver):
             self.crypto = open_aes_cipher(options, ctx, self.node.filename)
             self.request_alignment = SECTOR_SIZE
             log.warning("%s", legacy_aes_warning("qcow2", self.node.filename))
-        self.l1 = unpack_table(await file.read(self.header.l1_table_offset,
-                                               self.header.l1_size * 8))
+        self.l1 = unpack_table(await self._read_table(self.header.l1_table_offset,
+                                                      self.header.l1_size * 8))
         self.snapshots = await self._read_snapshots()
         self.bitmaps = self._bitmaps_extension()
         self.bitmap_directory = await self._load_bitmap_directory()
@@ -209,30 +216,53 @@ class Qcow2Driver(WriteMixin, BlockDriver):
         #: the bitmaps whose bits the write paths set (None: nothing to track)
         self.dirty_bitmaps: bitmaps.Directory | None = None
 
+    async def _read_table(self, offset: int, length: int) -> bytes:
+        """A table's bytes; in check mode only the part inside the file (the
+        rest reads as no entries, as in QEMU's check), whole entries only."""
+        file = self.children["file"]
+        if self.tolerate_tables:
+            length = max(0, min(length, file.size - offset)) // 8 * 8
+        return await file.read(offset, length) if length else b""
+
     async def _read_snapshots(self) -> list[Snapshot]:
         """Read exactly the bytes the snapshot table occupies, walking its
-        entries' lengths, so a hostile count costs no big allocation."""
+        entries' lengths, so a hostile count costs no big allocation.  In
+        check mode an entry past the end of the file ends the table (the
+        check reports it, `snapshot_errors`)."""
         header = self.header
         self.snapshot_table_length = 0
+        self.snapshot_errors: list[str] = []
         if not header.nb_snapshots:
             return []
         file = self.children["file"]
-        start = position = header.snapshots_offset
+        start = position = end = header.snapshots_offset
+        count = header.nb_snapshots
         for number in range(header.nb_snapshots):
-            if position + SNAPSHOT_ENTRY.size > file.size or \
-                    position - start > QCOW_MAX_SNAPSHOTS_SIZE:
+            if position - start > QCOW_MAX_SNAPSHOTS_SIZE:
                 raise InvalidImage(f"snapshot table overflows: entry {number} of "
                                    f"{header.nb_snapshots} starts at {position:#x}")
+            if position + SNAPSHOT_ENTRY.size > file.size:
+                if not self.tolerate_tables:
+                    raise InvalidImage(f"snapshot table overflows: entry {number} of "
+                                       f"{header.nb_snapshots} starts at {position:#x}")
+                # as QEMU's check: the entry's fixed part is counted, past the end
+                self.snapshot_errors.append(f"ERROR snapshot table entry {number} is "
+                                            "incomplete")
+                self.snapshot_table_length = position + SNAPSHOT_ENTRY.size - start
+                count = number
+                break
             entry = SnapshotEntry.unpack(await file.read(position, SNAPSHOT_ENTRY.size))
             end = position + SNAPSHOT_ENTRY.size + entry.extra_data_size \
                 + entry.id_str_size + entry.name_size
             position = end + -end % 8
-        if end > file.size:           # QEMU leaves out the last entry's padding
+        else:
+            self.snapshot_table_length = end - start
+        if count and end > file.size:     # QEMU leaves out the last entry's padding
             raise InvalidImage(f"snapshot table at {start:#x} (+{end - start}) runs "
                                "past the end of the file")
-        table = await file.read(start, end - start)
-        self.snapshot_table_length = end - start
-        return parse_snapshot_table(table, header.nb_snapshots, self.cluster_size, file.size)
+        table = await file.read(start, end - start) if end > start else b""
+        return parse_snapshot_table(table, count, self.cluster_size, file.size,
+                                    check=self.check_mode)
 
     def _bitmaps_extension(self) -> bitmaps.BitmapsExtension | None:
         """The bitmaps extension, when its auto-clear bit says it is valid."""
@@ -274,9 +304,9 @@ class Qcow2Driver(WriteMixin, BlockDriver):
     async def _open_refcounts(self) -> None:
         header = self.header
         file = self.children["file"]
-        table = unpack_table(await file.read(header.refcount_table_offset,
-                                             header.refcount_table_clusters
-                                             << header.cluster_bits))
+        table = unpack_table(await self._read_table(header.refcount_table_offset,
+                                                    header.refcount_table_clusters
+                                                    << header.cluster_bits))
         geometry = RefcountGeometry(header.cluster_bits, header.refcount_order)
         self.refcounts = RefcountStore(file, geometry, table, header.refcount_table_offset,
                                        header.refcount_table_clusters, self._move_reftable)

@@ -46,6 +46,7 @@ from .cluster import (
     unpack_table,
 )
 from .refcount import REFT_OFFSET_MASK, set_refcount
+from .snapshot import l1_table_problem
 
 #: refcount table entry bits 0-8 are reserved (spec: "Host cluster management")
 REFT_RESERVED_MASK = 0x1FF
@@ -55,6 +56,7 @@ BITMAP_TABLE_CHUNK = 1 << 20
 if TYPE_CHECKING:
     from .cluster import L2Table
     from .driver import Qcow2Driver
+    from .snapshot import Snapshot
 
 
 @dataclass
@@ -239,17 +241,22 @@ async def scan_references(driver: Qcow2Driver, *,
     """How many references each host cluster of the image file has (the
     refcount table and blocks left out when not `refcount_structures`)."""
     header = driver.header
-    file = driver.children["file"]
     walk = _Walk(driver)
+    for message in driver.snapshot_errors:
+        walk.error(message)
     walk.add(0, driver.cluster_size)
     walk.add(header.l1_table_offset, header.l1_size * 8)
     await walk.l1_table(driver.l1, active=True)
     if driver.has_data_file and header.nb_snapshots:
         walk.error(f"ERROR {header.nb_snapshots} snapshots in image with data file")
     for snap in driver.snapshots:
+        # only an image opened for the check gets here with such a table
+        problem = l1_table_problem(snap, driver.cluster_size)
+        if problem:
+            walk.error(problem)
+            continue
         walk.add(snap.l1_table_offset, snap.l1_size * 8)
-        l1 = unpack_table(await file.read(snap.l1_table_offset, snap.l1_size * 8))
-        await walk.l1_table(l1, active=False)
+        await walk.l1_table(await _snapshot_l1(driver, snap), active=False)
     if header.nb_snapshots:
         walk.add(header.snapshots_offset, driver.snapshot_table_length)
     if refcount_structures:
@@ -260,6 +267,14 @@ async def scan_references(driver: Qcow2Driver, *,
     if refcount_structures:
         _refcount_blocks(driver, walk)
     return walk.result
+
+
+async def _snapshot_l1(driver: Qcow2Driver, snap: Snapshot) -> list[int]:
+    """A snapshot's L1 table (its size checked by `l1_table_problem`): as
+    in QEMU's check, the part past the end of the file has no entries."""
+    file = driver.children["file"]
+    length = max(0, min(snap.l1_size * 8, file.size - snap.l1_table_offset)) // 8 * 8
+    return unpack_table(await file.read(snap.l1_table_offset, length)) if length else []
 
 
 def _refcount_blocks(driver: Qcow2Driver, walk: _Walk) -> None:
@@ -504,9 +519,9 @@ async def zero_unaligned_preallocated(driver: Qcow2Driver) -> int:
     cluster (unallocated with extended L2).  Returns how many."""
     fixed = 0
     file = driver.children["file"]
-    tables = [driver.l1] + [unpack_table(await file.read(snap.l1_table_offset,
-                                                         snap.l1_size * 8))
-                            for snap in driver.snapshots]
+    # a snapshot whose L1 table the check could not walk is left alone
+    tables = [driver.l1] + [await _snapshot_l1(driver, snap) for snap in driver.snapshots
+                            if not l1_table_problem(snap, driver.cluster_size)]
     words = 2 if driver.geometry.extended_l2 else 1
     for l1 in tables:
         for l1_entry in l1:
