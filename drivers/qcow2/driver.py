@@ -159,11 +159,13 @@ class Qcow2Driver(WriteMixin, BlockDriver):
         if 9 <= header.cluster_bits <= 21 and file.size > len(head):
             head = await file.read(0, min(file.size, 1 << header.cluster_bits))
         # imgfs check: damage the check reports does not refuse the open.
-        # Snapshots with a bad L1 table are kept (the active image is whole,
-        # so -r may repair); tables past the end of the file only read-only.
+        # A bad snapshot table or snapshot L1 table is tolerated even for
+        # -r (the repair never writes them); the L1 table past the end of
+        # the file only read-only.
         self.check_mode = ctx.check
         self.tolerate_tables = ctx.check and self.node.read_only
-        self.image = parse_image_header(head, file.size, check=self.tolerate_tables)
+        self.image = parse_image_header(head, file.size, check=ctx.check,
+                                        repair=not self.node.read_only)
         self.header = self.image.header
         self._setup_state(options)
         if self.header.crypt_method == QCOW_CRYPT_LUKS:
@@ -242,7 +244,7 @@ class Qcow2Driver(WriteMixin, BlockDriver):
                 raise InvalidImage(f"snapshot table overflows: entry {number} of "
                                    f"{header.nb_snapshots} starts at {position:#x}")
             if position + SNAPSHOT_ENTRY.size > file.size:
-                if not self.tolerate_tables:
+                if not self.check_mode:
                     raise InvalidImage(f"snapshot table overflows: entry {number} of "
                                        f"{header.nb_snapshots} starts at {position:#x}")
                 # as QEMU's check: the entry's fixed part is counted, past the end

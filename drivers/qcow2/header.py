@@ -211,15 +211,17 @@ def l1_entries_needed(size: int, cluster_bits: int, extended_l2: bool) -> int:
     return -(-size // bytes_per_l2)
 
 
-def parse_image_header(head: bytes, file_size: int, *, check: bool = False) -> ImageHeader:
+def parse_image_header(head: bytes, file_size: int, *, check: bool = False,
+                       repair: bool = False) -> ImageHeader:
     """Check every header field of `head` (the image's first cluster, or as
     much of it as the file holds) and decode the header extensions.  For
     `imgfs check` (`check`), tables may lie past the end of the file: the
     check reports that as a corruption, as qemu-img check does (not yet the
-    refcount table: the check needs its refcounts)."""
+    refcount table: the check needs its refcounts; nor, for a `repair`,
+    the L1 table, which the repair rewrites)."""
     header = Header.unpack(head)
     _check_fixed_fields(header)
-    _check_tables(header, file_size, check=check)
+    _check_tables(header, file_size, check=check, repair=repair)
     extensions = _parse_extensions(head, header)
     names = _feature_names(extensions)
     _check_features(header, names)
@@ -287,8 +289,9 @@ def _check_aligned_table(name: str, offset: int, length: int, header: Header,
                            f"the end of the {file_size}-byte file")
 
 
-def _check_tables(header: Header, file_size: int, *, check: bool) -> None:
-    tables_end = None if check else file_size
+def _check_tables(header: Header, file_size: int, *, check: bool, repair: bool) -> None:
+    l1_end = None if check and not repair else file_size
+    snapshots_end = None if check else file_size
     extended_l2 = bool(header.incompatible_features & INCOMPAT_EXTL2)
     if header.l1_size > QCOW_MAX_L1_SIZE // 8:
         raise InvalidImage(f"l1_size {header.l1_size} too large (at most "
@@ -299,7 +302,7 @@ def _check_tables(header: Header, file_size: int, *, check: bool) -> None:
                            f"{header.size} (expected at least {needed})")
     if header.l1_size:
         _check_aligned_table("L1 table", header.l1_table_offset, header.l1_size * 8,
-                             header, tables_end)
+                             header, l1_end)
     reftable_bytes = header.refcount_table_clusters << header.cluster_bits
     if header.refcount_table_clusters == 0 or reftable_bytes > QCOW_MAX_REFTABLE_SIZE:
         raise InvalidImage(f"refcount_table_clusters {header.refcount_table_clusters} out "
@@ -311,7 +314,7 @@ def _check_tables(header: Header, file_size: int, *, check: bool) -> None:
                            f"(at most {QCOW_MAX_SNAPSHOTS})")
     if header.nb_snapshots:
         _check_aligned_table("snapshot table", header.snapshots_offset, 0, header,
-                             tables_end)
+                             snapshots_end)
 
 
 def _parse_extensions(head: bytes, header: Header) -> list[Extension]:

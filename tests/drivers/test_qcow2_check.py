@@ -274,10 +274,10 @@ REPAIRS_DIFFER = {
     # the bitmaps meanwhile, into the clusters whose refcount was 0
     "bitmap data refcount 0": "leaks",
     "bitmap table refcount 0": "leaks",
-    # imgfs opens these for the check only read-only: a repair refuses the
-    # image (exit 1); QEMU repairs around them (exit 2; 0 for -r all of the
-    # snapshot table, whose broken entry it drops)
-    "snapshot table past EOF": "both",
+    # QEMU's -r all rewrites the snapshot table (exit 0); imgfs leaves it
+    "snapshot table past EOF": "all",
+    # imgfs opens this for the check only read-only: a repair refuses the
+    # image (exit 1); QEMU's repair frees every cluster behind it (exit 2)
     "L1 table past EOF": "both",
 }
 
