@@ -87,7 +87,13 @@ from .header import (
 )
 from .header import probe as probe_header
 from .refcount import RefcountGeometry, RefcountStore
-from .snapshot import SNAPSHOT_ENTRY, Snapshot, SnapshotEntry, parse_snapshot_table
+from .snapshot import (
+    SNAPSHOT_ENTRY,
+    V3_MIN_EXTRA,
+    Snapshot,
+    SnapshotEntry,
+    parse_snapshot_table,
+)
 from .snapshot import listing as snapshot_listing
 from .write import WriteMixin
 
@@ -263,8 +269,14 @@ class Qcow2Driver(WriteMixin, BlockDriver):
             raise InvalidImage(f"snapshot table at {start:#x} (+{end - start}) runs "
                                "past the end of the file")
         table = await file.read(start, end - start) if end > start else b""
-        return parse_snapshot_table(table, count, self.cluster_size, file.size,
-                                    check=self.check_mode)
+        snapshots = parse_snapshot_table(table, count, self.cluster_size, file.size,
+                                         check=self.check_mode)
+        if self.check_mode and self.version >= 3:
+            # as QEMU's check: v3 entries need the VM state and disk sizes
+            self.snapshot_errors[:0] = [
+                f"ERROR snapshot table entry {number} is incomplete"
+                for number, snap in enumerate(snapshots) if len(snap.extra) < V3_MIN_EXTRA]
+        return snapshots
 
     def _bitmaps_extension(self) -> bitmaps.BitmapsExtension | None:
         """The bitmaps extension, when its auto-clear bit says it is valid."""

@@ -21,6 +21,8 @@ SNAPSHOT_ENTRY = struct.Struct(">QIHHIIQII")
 EXTRA_VM_STATE_SIZE = struct.Struct(">Q")
 EXTRA_DISK_SIZE = struct.Struct(">Q")
 EXTRA_ICOUNT = struct.Struct(">Q")
+#: spec: v3 extra data holds at least the VM state size and the disk size
+V3_MIN_EXTRA = EXTRA_VM_STATE_SIZE.size + EXTRA_DISK_SIZE.size
 
 
 class SnapshotEntry(NamedTuple):

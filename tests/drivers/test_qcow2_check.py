@@ -247,6 +247,8 @@ CASES: dict[str, tuple[str, Callable[[Layout], None]]] = {
         lay.snapshots, struct.pack(">Q", lay.past_end))),
     "snapshot L1 too large": ("snapshot", lambda lay: lay.patch(
         lay.snapshots + 8, struct.pack(">I", 0x10000000))),
+    "snapshot extra data too short": ("snapshot", lambda lay: lay.patch(
+        lay.snapshots + 36, struct.pack(">I", 8))),
     "snapshot table past EOF": ("snapshot", lambda lay: lay.patch(
         64, struct.pack(">Q", lay.past_end))),
     "L1 table past EOF": ("plain", lambda lay: lay.patch(40, struct.pack(">Q", lay.past_end))),
@@ -276,6 +278,7 @@ REPAIRS_DIFFER = {
     "bitmap table refcount 0": "leaks",
     # QEMU's -r all rewrites the snapshot table (exit 0); imgfs leaves it
     "snapshot table past EOF": "all",
+    "snapshot extra data too short": "all",
     # imgfs opens this for the check only read-only: a repair refuses the
     # image (exit 1); QEMU's repair frees every cluster behind it (exit 2)
     "L1 table past EOF": "both",
