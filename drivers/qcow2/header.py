@@ -216,9 +216,8 @@ def parse_image_header(head: bytes, file_size: int, *, check: bool = False,
     """Check every header field of `head` (the image's first cluster, or as
     much of it as the file holds) and decode the header extensions.  For
     `imgfs check` (`check`), tables may lie past the end of the file: the
-    check reports that as a corruption, as qemu-img check does (not yet the
-    refcount table: the check needs its refcounts; nor, for a `repair`,
-    the L1 table, which the repair rewrites)."""
+    check reports that as a corruption, as qemu-img check does (not, for a
+    `repair`, the L1 and refcount tables, which the repair rewrites)."""
     header = Header.unpack(head)
     _check_fixed_fields(header)
     _check_tables(header, file_size, check=check, repair=repair)
@@ -290,7 +289,8 @@ def _check_aligned_table(name: str, offset: int, length: int, header: Header,
 
 
 def _check_tables(header: Header, file_size: int, *, check: bool, repair: bool) -> None:
-    l1_end = None if check and not repair else file_size
+    # the L1 and refcount tables: past the end only for a read-only check
+    rewritten_end = None if check and not repair else file_size
     snapshots_end = None if check else file_size
     extended_l2 = bool(header.incompatible_features & INCOMPAT_EXTL2)
     if header.l1_size > QCOW_MAX_L1_SIZE // 8:
@@ -302,13 +302,13 @@ def _check_tables(header: Header, file_size: int, *, check: bool, repair: bool) 
                            f"{header.size} (expected at least {needed})")
     if header.l1_size:
         _check_aligned_table("L1 table", header.l1_table_offset, header.l1_size * 8,
-                             header, l1_end)
+                             header, rewritten_end)
     reftable_bytes = header.refcount_table_clusters << header.cluster_bits
     if header.refcount_table_clusters == 0 or reftable_bytes > QCOW_MAX_REFTABLE_SIZE:
         raise InvalidImage(f"refcount_table_clusters {header.refcount_table_clusters} out "
                            f"of range (expected 1..{QCOW_MAX_REFTABLE_SIZE} bytes worth)")
     _check_aligned_table("refcount table", header.refcount_table_offset, reftable_bytes,
-                         header, file_size)
+                         header, rewritten_end)
     if header.nb_snapshots > QCOW_MAX_SNAPSHOTS:
         raise InvalidImage(f"nb_snapshots {header.nb_snapshots} too large "
                            f"(at most {QCOW_MAX_SNAPSHOTS})")

@@ -252,6 +252,8 @@ CASES: dict[str, tuple[str, Callable[[Layout], None]]] = {
     "snapshot table past EOF": ("snapshot", lambda lay: lay.patch(
         64, struct.pack(">Q", lay.past_end))),
     "L1 table past EOF": ("plain", lambda lay: lay.patch(40, struct.pack(">Q", lay.past_end))),
+    "refcount table past EOF": ("plain", lambda lay: lay.patch(
+        48, struct.pack(">Q", lay.past_end))),
     "corrupt bit": ("plain", lambda lay: lay.patch(72, struct.pack(">Q", 2))),
     "dirty bit, refcount 0": ("lazy", _dirty_with_refcount_0),
     "bitmap in use": ("bitmap", _bitmap(
@@ -282,6 +284,9 @@ REPAIRS_DIFFER = {
     # imgfs opens this for the check only read-only: a repair refuses the
     # image (exit 1); QEMU's repair frees every cluster behind it (exit 2)
     "L1 table past EOF": "both",
+    # -r leaks: both refuse (exit 1); -r all: QEMU rebuilds the refcount
+    # structures (exit 0), imgfs refuses the read-write open (exit 1)
+    "refcount table past EOF": "all",
 }
 
 
