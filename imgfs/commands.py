@@ -158,6 +158,30 @@ def name_as_given(error: BaseException, given: dict[str, str]) -> None:
             return
 
 
+class NamesAsGiven:
+    """A logging filter for the terminal: warnings name the image as the
+    user typed it, like the errors (`name_as_given`); syslog, which has no
+    working directory to be relative to, keeps the absolute paths."""
+
+    def __init__(self, given: dict[str, str]) -> None:
+        # longest first, so that /a/b.img is replaced before /a/b
+        self.pairs = sorted(((a, t) for a, t in given.items() if a != t),
+                            key=lambda pair: -len(pair[0]))
+
+    def filter(self, record: Any) -> bool:
+        message = record.getMessage()
+        for absolute, typed in self.pairs:
+            message = message.replace(absolute, typed)
+        record.msg, record.args = message, ()
+        return True
+
+
+def _name_warnings_as_given(given: dict[str, str]) -> None:
+    import logging
+    for handler in logging.getLogger().handlers:
+        handler.addFilter(NamesAsGiven(given))
+
+
 def _serve_foreground(sources: list[str], mountpoint: str, opts: Any,
                       given: dict[str, str]) -> int:
     from .mount import describe_error, exit_status, serve
@@ -166,6 +190,7 @@ def _serve_foreground(sources: list[str], mountpoint: str, opts: Any,
     def report(error: BaseException | None) -> None:
         if error is not None:
             failure.append(error)
+    _name_warnings_as_given(given)
     start_unlocking(sources, opts)
     run_trio(serve, sources, mountpoint, opts, report)
     if failure:
@@ -220,6 +245,7 @@ def _daemon_child(sources: list[str], mountpoint: str, opts: Any, pipe: int,
         if error is None:
             _detach_stdio(keep_stderr=debug)
     try:
+        _name_warnings_as_given(given)
         start_unlocking(sources, opts)
         os.chdir("/")
         run_trio(serve, sources, mountpoint, opts, report)

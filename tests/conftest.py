@@ -41,20 +41,20 @@ def need_root() -> None:
 
 
 def run(*args: str | os.PathLike[str], check: bool = True, input: bytes | None = None,
-        timeout: float = 120,
-        env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
+        timeout: float = 120, env: dict[str, str] | None = None,
+        cwd: str | os.PathLike[str] | None = None) -> subprocess.CompletedProcess[str]:
     result = subprocess.run([str(arg) for arg in args], capture_output=True, timeout=timeout,
                             input=input.decode() if input is not None else None, text=True,
-                            env=env)
+                            env=env, cwd=cwd)
     if check and result.returncode != 0:
         raise AssertionError(f"{' '.join(map(str, args))} exited {result.returncode}:\n"
                              f"{result.stdout}\n{result.stderr}")
     return result
 
 
-def imgfs(*args: str | os.PathLike[str], check: bool = True,
-          timeout: float = 120) -> subprocess.CompletedProcess[str]:
-    return run(IMGFS, *args, check=check, timeout=timeout)
+def imgfs(*args: str | os.PathLike[str], check: bool = True, timeout: float = 120,
+          cwd: str | os.PathLike[str] | None = None) -> subprocess.CompletedProcess[str]:
+    return run(IMGFS, *args, check=check, timeout=timeout, cwd=cwd)
 
 
 def qemu_raw(image: Path, out: Path, fmt: str | None = None) -> bytes:
