@@ -23,6 +23,8 @@ from imgfs.errors import CorruptImage, InvalidImage, ReadOnly, UsageError
 from imgfs.node import OpenContext
 from imgfs.options import Opt, Schema
 
+from ..qcow2.compress import compress_cluster, decompress_cluster
+from ..qcow2.header import COMPRESSION_ZLIB
 from .layout import (
     CREATE_OPTS,
     HEADER,
@@ -35,10 +37,8 @@ from .layout import (
     align_up,
     check_create_options,
     check_header,
-    compress_cluster,
     compressed_entry,
     compressed_location,
-    decompress_cluster,
     is_plain,
     new_image,
     pack_table,
@@ -217,7 +217,7 @@ class QcowDriver(BlockDriver):
             raise CorruptImage(f"compressed cluster at {host_offset:#x} lies beyond the end "
                                f"of the {file.size}-byte file")
         raw = await file.read(host_offset, min(count, file.size - host_offset))
-        cluster = decompress_cluster(raw, self.cluster_size)
+        cluster = decompress_cluster(raw, self.cluster_size, COMPRESSION_ZLIB)
         self.compressed_cache = (entry, cluster)
         return cluster
 
@@ -378,7 +378,7 @@ class QcowDriver(BlockDriver):
             position = step_end
 
     async def _write_compressed_cluster(self, guest_offset: int, data: bytes) -> None:
-        packed = compress_cluster(data.ljust(self.cluster_size, b"\0"))
+        packed = compress_cluster(data.ljust(self.cluster_size, b"\0"), COMPRESSION_ZLIB)
         if len(packed) >= self.cluster_size:     # the entry cannot say "a whole cluster"
             await self.write(guest_offset, data)
             return

@@ -8,11 +8,10 @@ from __future__ import annotations
 import array
 import struct
 import sys
-import zlib
 from dataclasses import dataclass
 from typing import Any, NamedTuple
 
-from imgfs.errors import CorruptImage, InvalidImage, Unsupported, UsageError
+from imgfs.errors import InvalidImage, Unsupported, UsageError
 from imgfs.options import Bool, Opt, Schema, Str, choice
 
 from ..qcow2.cluster import TwoLevelTables
@@ -31,8 +30,6 @@ MAX_BACKING_FILE_NAME = 1023
 #: either geometry qemu-img creates
 MAX_L1_BYTES = 32 * 1024 * 1024
 SECTOR = 512
-#: the deflate window QEMU uses for compressed clusters
-ZLIB_WINDOW_BITS = -12
 #: bytes of L2 tables kept in memory
 L2_CACHE_BYTES = 4 * 1024 * 1024
 #: most bytes one allocating write builds in memory at once
@@ -178,23 +175,6 @@ def check_header(header: Header, file_size: int) -> Geometry:
             raise InvalidImage(f"backing file name at {header.backing_file_offset:#x} runs "
                                f"past the end of the {file_size}-byte file")
     return geometry
-
-
-def decompress_cluster(raw: bytes, cluster_size: int) -> bytes:
-    try:
-        cluster = zlib.decompressobj(ZLIB_WINDOW_BITS).decompress(raw, cluster_size)
-    except zlib.error as exc:
-        raise CorruptImage(f"compressed cluster does not decompress: {exc}") from None
-    if len(cluster) != cluster_size:
-        raise CorruptImage(f"compressed cluster decompresses to {len(cluster)} bytes "
-                           f"(expected {cluster_size})")
-    return cluster
-
-
-def compress_cluster(cluster: bytes) -> bytes:
-    """The raw deflate stream of one whole cluster, as QEMU writes it."""
-    compressor = zlib.compressobj(zlib.Z_DEFAULT_COMPRESSION, zlib.DEFLATED, ZLIB_WINDOW_BITS)
-    return compressor.compress(cluster) + compressor.flush()
 
 
 # -- creation (pure) ---------------------------------------------------------------------------
