@@ -181,6 +181,32 @@ def assert_wrong_passphrase_mounts_nothing(image: Path, mountpoint: Path) -> Non
         assert not is_mounted(mountpoint)
 
 
+def assert_legacy_aes_mounts_read_only_only(image: Path, mountpoint: Path, warning: str,
+                                            expected: bytes) -> None:
+    """A legacy AES image (qcow or qcow2, secret sec0 = "pass"): a read-write
+    mount is refused (one line naming -o ro, nothing mounted); with -o ro it
+    mounts, warns naming the image as typed, and reads `expected`; the image
+    is never changed."""
+    secret = ["--object", "secret,id=sec0,data=pass"]
+    before = image.read_bytes()
+    result = imgfs("mount", *secret, "-o", "key-secret=sec0", image, mountpoint, check=False)
+    assert result.returncode == 1
+    assert result.stderr.count("\n") == 1
+    assert warning in result.stderr and "-o ro" in result.stderr
+    assert not is_mounted(mountpoint)
+    result = imgfs("mount", *secret, "-o", "ro,key-secret=sec0", image.name, mountpoint,
+                   timeout=60, cwd=image.parent)
+    try:
+        assert warning in result.stderr
+        # the warning names the image as typed, not the daemon's absolute path
+        assert f"imgfs: {image.name}: " in result.stderr
+        assert str(image.parent) not in result.stderr
+        assert (mountpoint / (image.stem + ".raw")).read_bytes() == expected
+    finally:
+        unmount(mountpoint)
+    assert image.read_bytes() == before
+
+
 def write_through_api(image: str | os.PathLike[str], writes: list[tuple[int, bytes]],
                       ctx: Any = None) -> None:
     """Open `image` read-write through imgfs's block graph (no mount), write

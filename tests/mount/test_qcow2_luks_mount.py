@@ -9,6 +9,7 @@ from pathlib import Path
 import pytest
 
 from tests.conftest import (
+    assert_legacy_aes_mounts_read_only_only,
     assert_wrong_passphrase_mounts_nothing,
     imgfs,
     is_mounted,
@@ -17,7 +18,6 @@ from tests.conftest import (
     pwrite_all,
     random_bytes,
     run,
-    unmount,
 )
 from tests.drivers.test_qcow2_luks import (
     QEMU_WRITES,
@@ -81,23 +81,7 @@ def test_legacy_aes_mounts_read_only_only(tmp_path: Path, mnt: Path) -> None:
     need("qemu-img", "qemu-io")
     image = tmp_path / "aes.qcow2"
     create_aes(image)
-    before = image.read_bytes()
-    result = imgfs("mount", *SECRET, "-o", "key-secret=sec0", image, mnt, check=False)
-    assert result.returncode == 1
-    assert result.stderr.count("\n") == 1
-    assert WARNING in result.stderr and "-o ro" in result.stderr
-    assert not is_mounted(mnt)
-    with mounted(image, mountpoint=mnt, options="ro,key-secret=sec0", extra=tuple(SECRET)):
-        assert next(mnt.iterdir()).read_bytes() == expected()
-    assert image.read_bytes() == before
-    result = imgfs("mount", *SECRET, "-o", "ro,key-secret=sec0", image.name, mnt, timeout=60,
-                   cwd=tmp_path)
-    try:
-        assert WARNING in result.stderr
-        # the warning names the image as typed, not the daemon's absolute path
-        assert f"imgfs: {image.name}: " in result.stderr and str(tmp_path) not in result.stderr
-    finally:
-        unmount(mnt)
+    assert_legacy_aes_mounts_read_only_only(image, mnt, WARNING, expected())
 
 
 # -- backing chains: each encrypted layer with its own secret, as QEMU -------------------

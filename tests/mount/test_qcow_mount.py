@@ -6,11 +6,18 @@ from __future__ import annotations
 import struct
 from pathlib import Path
 
-from tests.conftest import imgfs, is_mounted, mounted, need, pwrite_all, random_bytes, run, unmount
+from tests.conftest import (
+    assert_legacy_aes_mounts_read_only_only,
+    imgfs,
+    mounted,
+    need,
+    pwrite_all,
+    random_bytes,
+    run,
+)
 from tests.drivers.test_qcow import (
     AES_WARNING,
     QEMU_WRITES,
-    SECRET,
     SIZE,
     apply,
     chain,
@@ -96,17 +103,5 @@ def test_legacy_aes_mounts_read_only_only(tmp_path: Path, mnt: Path) -> None:
     with -o ro it mounts, reads what QEMU reads, and warns."""
     need("qemu-img", "qemu-io")
     image = create_aes(tmp_path / "aes.qcow")
-    before = image.read_bytes()
-    result = imgfs("mount", *SECRET, "-o", "key-secret=sec0", image, mnt, check=False)
-    assert result.returncode == 1
-    assert result.stderr.count("\n") == 1
-    assert AES_WARNING in result.stderr and "-o ro" in result.stderr
-    assert not is_mounted(mnt)
-    result = imgfs("mount", *SECRET, "-o", "ro,key-secret=sec0", image, mnt, timeout=60)
-    try:
-        assert AES_WARNING in result.stderr
-        exposed = mnt / "aes.raw"
-        assert exposed.read_bytes() == apply(bytearray(SIZE), QEMU_WRITES)
-    finally:
-        unmount(mnt)
-    assert image.read_bytes() == before
+    assert_legacy_aes_mounts_read_only_only(image, mnt, AES_WARNING,
+                                            bytes(apply(bytearray(SIZE), QEMU_WRITES)))
