@@ -60,11 +60,35 @@ class OpenContext:
 DRIVER_FAULTS = (OSError, struct.error, ValueError)
 
 
+class DriverErrors:
+    """``with node._driver_errors:`` around every driver call: a fault a
+    driver let escape (DRIVER_FAULTS) becomes an ImgfsError naming the node's
+    file, and a driver's own ImgfsError names it unless a deeper node did.
+    Stateless, so one instance per node serves every (concurrent) call."""
+
+    __slots__ = ("node",)
+
+    def __init__(self, node: Node) -> None:
+        self.node = node
+
+    def __enter__(self) -> None:
+        pass
+
+    def __exit__(self, kind: type[BaseException] | None, exc: BaseException | None,
+                 traceback: Any) -> None:
+        if exc is None:
+            return
+        if isinstance(exc, DRIVER_FAULTS):
+            raise self.node._wrap(exc) from exc
+        if isinstance(exc, ImgfsError):
+            self.node._named(exc)
+
+
 class Node:
     """One node of the graph: a driver instance plus the core's rules."""
 
     __slots__ = ("driver", "filename", "read_only", "ctx", "probed",
-                 "_rmw_lock", "_closed")
+                 "_rmw_lock", "_closed", "_driver_errors")
 
     def __init__(self, driver: BlockDriver, filename: str, read_only: bool,
                  ctx: OpenContext) -> None:
@@ -75,6 +99,7 @@ class Node:
         self.probed = False
         self._rmw_lock = trio.Lock()
         self._closed = False
+        self._driver_errors = DriverErrors(self)
         driver.node = self
         driver.children = {}
 
@@ -178,18 +203,13 @@ class Node:
 
     async def _read_split(self, offset: int, length: int) -> bytes:
         limit = self.driver.max_transfer
-        try:
+        with self._driver_errors:
             if not limit or length <= limit:
                 return await self.driver.read(offset, length)
             parts = []
             for start in range(offset, offset + length, limit):
                 parts.append(await self.driver.read(start, min(limit, offset + length - start)))
-            return b"".join(parts)
-        except DRIVER_FAULTS as exc:
-            raise self._wrap(exc) from exc
-        except ImgfsError as exc:
-            self._named(exc)
-            raise
+        return b"".join(parts)
 
     async def read_via_status(self, offset: int, length: int) -> bytes:
         """The default format read: walk block_status, one read per extent."""
@@ -235,17 +255,12 @@ class Node:
         if not data:
             return
         align = self.driver.request_alignment
-        try:
+        with self._driver_errors:
             if align > 1:
                 async with self._rmw_lock:
                     await self._write_aligned(offset, data, align)
             else:
                 await self._write_split(offset, data)
-        except DRIVER_FAULTS as exc:
-            raise self._wrap(exc) from exc
-        except ImgfsError as exc:
-            self._named(exc)
-            raise
 
     async def _write_aligned(self, offset: int, data: bytes, align: int) -> None:
         end = offset + len(data)
@@ -284,13 +299,8 @@ class Node:
                 await self.write(offset + length - tail, bytes(tail))
                 length -= tail
         if length:
-            try:
+            with self._driver_errors:
                 await self.driver.write_zeroes(offset, length, may_unmap=may_unmap)
-            except DRIVER_FAULTS as exc:
-                raise self._wrap(exc) from exc
-            except ImgfsError as exc:
-                self._named(exc)
-                raise
 
     async def discard(self, offset: int, length: int) -> None:
         self._check_writable()
@@ -299,25 +309,15 @@ class Node:
         start = -(-offset // align) * align
         end = (offset + length) // align * align
         if end > start:
-            try:
+            with self._driver_errors:
                 await self.driver.discard(start, end - start)
-            except DRIVER_FAULTS as exc:
-                raise self._wrap(exc) from exc
-            except ImgfsError as exc:
-                self._named(exc)
-                raise
 
     async def flush(self) -> None:
         """Make everything written so far durable, this layer then its children."""
         if self.read_only:
             return
-        try:
+        with self._driver_errors:
             await self.driver.flush()
-        except DRIVER_FAULTS as exc:
-            raise self._wrap(exc) from exc
-        except ImgfsError as exc:
-            self._named(exc)
-            raise
         for name, child in self.children.items():
             if name != "backing":
                 await child.flush()
@@ -328,26 +328,16 @@ class Node:
             raise Unsupported(f"{self.driver.name} images on {self.filename} cannot be resized")
         if size < 0:
             raise OutOfRange("negative size")
-        try:
+        with self._driver_errors:
             await self.driver.truncate(size, preallocation)
-        except DRIVER_FAULTS as exc:
-            raise self._wrap(exc) from exc
-        except ImgfsError as exc:
-            self._named(exc)
-            raise
 
     # -- allocation -----------------------------------------------------------
 
     async def block_status(self, offset: int, length: int) -> Extent:
         """This layer's status of the range at `offset` (length clamped)."""
         self._check_range(offset, length)
-        try:
+        with self._driver_errors:
             extent = await self.driver.block_status(offset, length)
-        except DRIVER_FAULTS as exc:
-            raise self._wrap(exc) from exc
-        except ImgfsError as exc:
-            self._named(exc)
-            raise
         if extent.length <= 0:
             raise CorruptImage(f"{self.filename}: empty extent at offset {offset}")
         if extent.length > length:
