@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import getpass
 import sys
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from .errors import UsageError
 
@@ -31,19 +31,30 @@ def resolve_passphrase(ctx: OpenContext, secret_id: str | None, what: str) -> by
     """The passphrase for `what` (an image name, for the prompt only).
 
     `secret_id` is the image's own ``key-secret`` option, if given."""
-    secret_id = secret_id or ctx.key_secret
-    if secret_id:
-        try:
-            return ctx.secrets[secret_id]
-        except KeyError:
-            raise UsageError(f"no secret with id '{secret_id}' (define it with "
-                             f"--object secret,id={secret_id},file=PATH)") from None
-    if ctx.passphrase_file:
-        return read_passphrase_file(ctx.passphrase_file)
+    passphrase = given_passphrase(ctx, secret_id)
+    if passphrase is not None:
+        return passphrase
     if ctx.interactive and sys.stdin.isatty():
         return getpass.getpass(f"Passphrase for {what}: ").encode()
     raise UsageError(f"{what} is encrypted: give key-secret=ID with --object secret,... "
                      "or passphrase-file=PATH")
+
+
+def given_passphrase(given: Any, secret_id: str | None) -> bytes | None:
+    """The passphrase the command line gives, without prompting: `given` is
+    an OpenContext or the mount's options (both have secrets, key_secret and
+    passphrase_file); `secret_id` is the image's own ``key-secret``, if any.
+    None when nothing was given."""
+    secret_id = secret_id or given.key_secret
+    if secret_id:
+        try:
+            return given.secrets[secret_id]
+        except KeyError:
+            raise UsageError(f"no secret with id '{secret_id}' (define it with "
+                             f"--object secret,id={secret_id},file=PATH)") from None
+    if given.passphrase_file:
+        return read_passphrase_file(given.passphrase_file)
+    return None
 
 
 def hide_inline_secrets() -> None:

@@ -39,6 +39,7 @@ def start_unlocking(sources: list[str], opts: Any) -> None:
 
 def _start(source: str, opts: Any) -> None:
     from imgfs.registry import protocol_for
+    from imgfs.secrets import given_passphrase
     if source.startswith("json:") or protocol_for(source) is not None:
         return
     if opts.fmt not in (None, "luks", "qcow2"):
@@ -58,7 +59,7 @@ def _start(source: str, opts: Any) -> None:
             luks_head = os.pread(handle.fileno(), 4096, offset)
         else:
             return
-    _derive(luks_head, area, _passphrase(opts, secret_id))
+    _derive(luks_head, area, given_passphrase(opts, secret_id))
 
 
 def _qcow2_luks_header(fd: int, head: bytes, file_size: int) -> tuple[int, int] | None:
@@ -68,17 +69,6 @@ def _qcow2_luks_header(fd: int, head: bytes, file_size: int) -> tuple[int, int] 
     if len(head) < min(cluster_size, file_size) <= MAX_HEAD:
         head = os.pread(fd, min(cluster_size, file_size), 0)
     return parse_image_header(head, file_size).crypto_header
-
-
-def _passphrase(opts: Any, secret_id: str | None) -> bytes | None:
-    """The passphrase the open will resolve, without prompting (imgfs.secrets)."""
-    from imgfs.secrets import read_passphrase_file
-    secret_id = secret_id or opts.key_secret
-    if secret_id:
-        return opts.secrets.get(secret_id)
-    if opts.passphrase_file:
-        return read_passphrase_file(opts.passphrase_file)
-    return None
 
 
 def _derive(head: bytes, area_size: int, passphrase: bytes | None) -> None:
