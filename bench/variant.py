@@ -13,10 +13,13 @@ only (the mount daemon is a fork of it, so it inherits the patches):
                    two workers)
 * writeback=off    no FUSE writeback cache (what cache=writethrough does,
                    without its flush after every write)
+* write_behind=N   MiB written to a host file between starts of its
+                   writeback (0: off; drivers/file.py, WriteBehind)
 * read_ahead_kb=N  the read-ahead imgfs sets on its mount, which is the
                    size (up to 1 MiB) and the pipelining of sequential reads
-* strict_limit=0|1, max_ratio=N   the mount's dirty-page limits (FUSE's
-                   own default is strict_limit=1, max_ratio=1)
+* strict_limit=0|1, max_ratio=N, max_bytes=N, min_bytes=N   the mount's
+                   dirty-page limits (FUSE's own default is strict_limit=1,
+                   max_ratio=1)
 
 Nothing in imgfs is edited; an unknown switch is an error.
 """
@@ -52,14 +55,22 @@ def patch_writeback(value: str) -> None:
 def patch_bdi(name: str) -> Any:
     def patch(value: str) -> None:
         import imgfs.mount
-        imgfs.mount.BDI_SETTINGS = tuple(
-            (key, value if key == name else old) for key, old in imgfs.mount.BDI_SETTINGS)
+        settings = dict(imgfs.mount.BDI_SETTINGS)
+        settings[name] = value
+        imgfs.mount.BDI_SETTINGS = tuple(settings.items())
     return patch
 
 
-PATCHES = {"max_tasks": patch_max_tasks, "writeback": patch_writeback,
+def patch_write_behind(value: str) -> None:
+    from imgfs.drivers import file
+    file.WRITE_BEHIND_BYTES = int(value) << 20
+
+
+PATCHES = {"write_behind": patch_write_behind,
+           "max_tasks": patch_max_tasks, "writeback": patch_writeback,
            "read_ahead_kb": patch_bdi("read_ahead_kb"),
-           "strict_limit": patch_bdi("strict_limit"), "max_ratio": patch_bdi("max_ratio")}
+           **{name: patch_bdi(name) for name in (
+               "strict_limit", "max_ratio", "max_bytes", "min_bytes")}}
 
 
 def apply(spec: str) -> None:

@@ -18,7 +18,10 @@ import mmap
 import os
 import stat
 import struct
+import threading
 from typing import Any, ClassVar
+
+import trio
 
 from imgfs import locking
 from imgfs.block import DATA, ZERO, BlockDriver, Extent, Kind
@@ -38,15 +41,63 @@ FS_IOC_SETFLAGS = 0x40086602
 FS_NOCOW_FL = 0x00800000
 #: alignment used for O_DIRECT on regular files (safe for 4Kn disks)
 DIRECT_ALIGNMENT = 4096
+# linux/fs.h
+SYNC_FILE_RANGE_WRITE = 2
+#: start the host's writeback of a file after this many bytes written to it
+#: (0: never; see WriteBehind)
+WRITE_BEHIND_BYTES = 64 << 20
 
 _libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6", use_errno=True)
 _libc.fallocate.argtypes = [ctypes.c_int, ctypes.c_int, ctypes.c_long, ctypes.c_long]
+_libc.sync_file_range.argtypes = [ctypes.c_int, ctypes.c_long, ctypes.c_long, ctypes.c_uint]
 
 
 def fallocate(fd: int, mode: int, offset: int, length: int) -> None:
     if _libc.fallocate(fd, mode, offset, length) != 0:
         err = ctypes.get_errno()
         raise OSError(err, os.strerror(err))
+
+
+class WriteBehind:
+    """Starts the host's writeback of a file every WRITE_BEHIND_BYTES written.
+
+    Left alone, the host kernel holds a burst of writes below its background
+    threshold (10% of RAM) in the page cache until the fsync that ends it
+    (the guest's sync, umount, fio's end_fsync), which then waits for the
+    whole burst to reach the disk.  Starting the writeback as we go lets the
+    disk work while we still translate requests; a new 1 GiB qcow2 written
+    sequentially then synced took 1.05 s instead of 1.7-2.4 s here.  The
+    call (sync_file_range, SYNC_FILE_RANGE_WRITE) only queues I/O but can
+    wait for room in the disk's queue, so it runs in a worker thread and a
+    kick is skipped while the previous one runs.  Dirty data rewritten
+    within seconds may reach the disk twice; the kernel would write it after
+    30 s anyway.
+    """
+
+    def __init__(self, fd: int) -> None:
+        self.fd = fd
+        self.unkicked = 0
+        self.idle = threading.Lock()      # held while a kick runs
+
+    def wrote(self, count: int) -> None:
+        self.unkicked += count
+        if self.unkicked < WRITE_BEHIND_BYTES or not WRITE_BEHIND_BYTES:
+            return
+        if self.idle.acquire(blocking=False):
+            self.unkicked = 0
+            trio.lowlevel.start_thread_soon(self._kick, lambda outcome: None)
+
+    def _kick(self) -> None:
+        try:
+            _libc.sync_file_range(self.fd, 0, 0, SYNC_FILE_RANGE_WRITE)
+        finally:
+            self.idle.release()
+
+    def wait(self) -> None:
+        """Until no kick runs (before the descriptor is closed and its number
+        can be reused)."""
+        with self.idle:
+            pass
 
 
 def set_nocow(fd: int) -> None:
@@ -111,6 +162,7 @@ class FileDriver(BlockDriver):
     is_device: bool = False
     direct: bool = False
     locking: bool = False
+    write_behind: WriteBehind | None = None
 
     async def open(self, options: dict[str, Any], ctx: OpenContext) -> None:
         path = options["filename"]
@@ -136,6 +188,8 @@ class FileDriver(BlockDriver):
         self.can_resize = not self.is_device
         self.request_alignment = self._alignment() if self.direct else 1
         self.locking = options["locking"] != "off" if options["locking"] else ctx.locking != "off"
+        if self.writable and not self.direct:
+            self.write_behind = WriteBehind(self.fd)
 
     def _open_fd(self, path: str, read_only: bool | None) -> tuple[int, bool]:
         flags = os.O_CLOEXEC | (os.O_DIRECT if self.direct else 0)
@@ -166,6 +220,8 @@ class FileDriver(BlockDriver):
         locking.apply_locks(self.fd, held, shared)
 
     async def aclose(self) -> None:
+        if self.write_behind:
+            self.write_behind.wait()
         if self.fd >= 0:
             fd, self.fd = self.fd, -1
             os.close(fd)        # closing the descriptor drops its OFD locks
@@ -208,6 +264,8 @@ class FileDriver(BlockDriver):
             written = os.pwrite(self.fd, data, offset)
         while written < len(data):
             written += os.pwrite(self.fd, data[written:], offset + written)
+        if self.write_behind:
+            self.write_behind.wrote(written)
 
     async def write_zeroes(self, offset: int, length: int, *, may_unmap: bool = False) -> None:
         mode = (FALLOC_FL_PUNCH_HOLE | FALLOC_FL_KEEP_SIZE) if may_unmap else FALLOC_FL_ZERO_RANGE

@@ -1,10 +1,13 @@
 """Raw images through a real FUSE mount, checked with qemu-img / qemu-io."""
 from __future__ import annotations
 
+import ctypes
 import errno
 import os
+import struct
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -206,6 +209,47 @@ def test_cache_none_and_dotted_driver_options(raw_image: Path, mnt: Path, workdi
             os.close(fd)
         # file.locking=off: QEMU can open the image while it is mounted
         run("qemu-io", "-f", "raw", "-c", "read -P 0x64 4097 1", raw_image)
+
+
+def host_dirty_bytes(path: Path) -> int:
+    """Bytes of `path` dirty in the host page cache (cachestat(2), Linux 6.5)."""
+    libc = ctypes.CDLL(None, use_errno=True)
+    libc.syscall.restype = ctypes.c_long
+    whole_file = ctypes.create_string_buffer(struct.pack("QQ", 0, 0))
+    stat = ctypes.create_string_buffer(5 * 8)
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        if libc.syscall(451, fd, whole_file, stat, 0) != 0:     # __NR_cachestat
+            pytest.skip(f"no cachestat: {os.strerror(ctypes.get_errno())}")
+    finally:
+        os.close(fd)
+    return struct.unpack("5Q", stat.raw)[1] * os.sysconf("SC_PAGE_SIZE")
+
+
+def test_long_write_streams_start_the_host_writeback(workdir: Path, mnt: Path) -> None:
+    """After 64 MiB written to a file, imgfs starts the host's writeback of it
+    (WriteBehind) instead of leaving it all to the final fsync; the kernel by
+    itself would hold it for 30 s."""
+    image = workdir / "stream.img"
+    with open(image, "wb") as new:
+        new.truncate(96 * MiB)
+    libc = ctypes.CDLL(None, use_errno=True)
+    libc.sync_file_range.argtypes = [ctypes.c_int, ctypes.c_long, ctypes.c_long, ctypes.c_uint]
+    with mounted(image, mountpoint=mnt):
+        # kept open: closing the file flushes it, and that would clean it anyway
+        fd = os.open(mnt / "stream.raw", os.O_WRONLY)
+        try:
+            block = random_bytes(MiB)
+            for n in range(80):
+                os.pwrite(fd, block, n * MiB)
+            # the kernel writes its cache back to imgfs, but asks for no fsync
+            assert libc.sync_file_range(fd, 0, 0, 7) == 0       # WAIT_BEFORE|WRITE|WAIT_AFTER
+            deadline = time.monotonic() + 10
+            while host_dirty_bytes(image) > 16 * MiB and time.monotonic() < deadline:
+                time.sleep(0.1)
+            assert host_dirty_bytes(image) <= 16 * MiB
+        finally:
+            os.close(fd)
 
 
 def test_info_matches_qemu(raw_image: Path) -> None:
