@@ -11,7 +11,6 @@ aligned memory, offsets and lengths.  Locking takes QEMU's lock bytes
 from __future__ import annotations
 
 import ctypes
-import ctypes.util
 import errno
 import fcntl
 import mmap
@@ -47,7 +46,8 @@ SYNC_FILE_RANGE_WRITE = 2
 #: (0: never; see WriteBehind)
 WRITE_BEHIND_BYTES = 64 << 20
 
-_libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6", use_errno=True)
+# the C library Python itself runs on (find_library would spawn ldconfig)
+_libc = ctypes.CDLL(None, use_errno=True)
 _libc.fallocate.argtypes = [ctypes.c_int, ctypes.c_int, ctypes.c_long, ctypes.c_long]
 _libc.sync_file_range.argtypes = [ctypes.c_int, ctypes.c_long, ctypes.c_long, ctypes.c_uint]
 
