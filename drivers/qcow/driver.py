@@ -53,7 +53,7 @@ log = logging.getLogger("imgfs")
 
 def _parse_encrypt(raw: Any) -> dict[str, str]:
     """``encrypt.key-secret=ID`` (and ``encrypt.format=aes``) at open."""
-    from ..qcow2.crypt import parse_encrypt_options
+    from ..qcow2.crypt_options import parse_encrypt_options
     options = parse_encrypt_options(raw)
     if options.get("format", "aes") != "aes":
         raise UsageError("qcow images can only be AES encrypted (encrypt.format=aes)")
@@ -115,12 +115,8 @@ class QcowDriver(BlockDriver):
             raise InvalidImage("backing file name is not valid UTF-8") from None
 
     def _open_aes(self, options: dict[str, Any], ctx: OpenContext) -> None:
-        from ..qcow2.crypt import (
-            SECTOR_SIZE,
-            legacy_aes_read_only,
-            legacy_aes_warning,
-            open_aes_cipher,
-        )
+        from ..qcow2.crypt import open_aes_cipher
+        from ..qcow2.crypt_options import SECTOR_SIZE, legacy_aes_read_only, legacy_aes_warning
         if not self.node.read_only:
             raise ReadOnly(legacy_aes_read_only("qcow"))
         self.crypto = open_aes_cipher(options, ctx, self.node.filename)
@@ -225,7 +221,7 @@ class QcowDriver(BlockDriver):
 
     async def write(self, offset: int, data: bytes) -> None:
         if self.crypto is not None:
-            from ..qcow2.crypt import legacy_aes_read_only
+            from ..qcow2.crypt_options import legacy_aes_read_only
             raise ReadOnly(legacy_aes_read_only("qcow"))
         view = memoryview(data)
         done = 0

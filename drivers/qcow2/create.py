@@ -19,7 +19,7 @@ from imgfs.node import OpenContext
 from imgfs.options import Bool, Int, Opt, Schema, Size, Str, choice, power_of_two
 
 from .cluster import pack_table
-from .crypt import encrypt_create_options, format_luks
+from .crypt_options import encrypt_create_options
 from .header import (
     AUTOCLEAR_DATA_FILE_RAW,
     COMPAT_LAZY_REFCOUNTS,
@@ -279,6 +279,7 @@ async def create_image(target: Any, size: int, options: dict[str, Any],
     filename = str(target)
     luks = None
     if settings.encrypt is not None:
+        from .crypt import format_luks
         luks = await format_luks(settings.encrypt, ctx, filename)
     layout = initial_layout(size, settings, luks.payload_offset if luks else 0)
     if settings.data_file:

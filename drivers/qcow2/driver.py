@@ -29,7 +29,7 @@ from __future__ import annotations
 import logging
 import struct
 import sys
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import trio
 
@@ -56,14 +56,10 @@ from .cluster import (
     unpack_table,
 )
 from .compress import decompress_cluster
-from .crypt import (
+from .crypt_options import (
     LEGACY_AES_READ_ONLY,
     SECTOR_SIZE,
-    AesCipher,
-    ClusterCipher,
     legacy_aes_warning,
-    open_aes_cipher,
-    open_cipher,
     parse_encrypt_options,
 )
 from .header import (
@@ -96,6 +92,9 @@ from .snapshot import (
 )
 from .snapshot import listing as snapshot_listing
 from .write import WriteMixin
+
+if TYPE_CHECKING:
+    from .crypt import AesCipher, ClusterCipher
 
 #: bytes read before the cluster size is known (the fixed header fits)
 FIRST_READ = 4096
@@ -175,12 +174,14 @@ class Qcow2Driver(WriteMixin, BlockDriver):
         self.header = self.image.header
         self._setup_state(options)
         if self.header.crypt_method == QCOW_CRYPT_LUKS:
+            from .crypt import open_cipher  # (cryptography: only when needed)
             self.crypto = await open_cipher(self.image, file, options, ctx,
                                             self.node.filename)
             self.request_alignment = SECTOR_SIZE
         elif self.header.crypt_method == QCOW_CRYPT_AES:
             if not self.node.read_only:
                 raise ReadOnly(LEGACY_AES_READ_ONLY)
+            from .crypt import open_aes_cipher
             self.crypto = open_aes_cipher(options, ctx, self.node.filename)
             self.request_alignment = SECTOR_SIZE
             log.warning("%s", legacy_aes_warning("qcow2", self.node.filename))
