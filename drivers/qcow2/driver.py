@@ -133,6 +133,10 @@ class MetadataLock:
             self._lock.release()
 
 
+#: QEMU refuses to open (or check) a snapshot entry with more extra data
+MAX_SNAPSHOT_EXTRA_DATA = 1024
+
+
 class Qcow2Driver(WriteMixin, BlockDriver):
     name = "qcow2"
     kind = Kind.FORMAT
@@ -235,9 +239,14 @@ class Qcow2Driver(WriteMixin, BlockDriver):
 
     async def _read_snapshots(self) -> list[Snapshot]:
         """Read exactly the bytes the snapshot table occupies, walking its
-        entries' lengths, so a hostile count costs no big allocation.  In
-        check mode an entry past the end of the file ends the table (the
-        check reports it, `snapshot_errors`)."""
+        entries' lengths, so a hostile count costs no big allocation.
+
+        Past the end of the file the table reads as zeros, as QEMU reads it
+        (its block layer zero-fills reads past EOF): an entry cut off there
+        keeps what the file holds of it, and qemu-img info and check accept
+        the image.  QEMU's check calls an entry whose fixed part is cut
+        "incomplete" (one error each, `snapshot_errors`); a cut name or
+        extra data goes unremarked.  Checked with cuts at every field."""
         header = self.header
         self.snapshot_table_length = 0
         self.snapshot_errors: list[str] = []
@@ -245,39 +254,42 @@ class Qcow2Driver(WriteMixin, BlockDriver):
             return []
         file = self.children["file"]
         start = position = end = header.snapshots_offset
-        count = header.nb_snapshots
+        incomplete: set[int] = set()
         for number in range(header.nb_snapshots):
             if position - start > QCOW_MAX_SNAPSHOTS_SIZE:
                 raise InvalidImage(f"snapshot table overflows: entry {number} of "
                                    f"{header.nb_snapshots} starts at {position:#x}")
             if position + SNAPSHOT_ENTRY.size > file.size:
-                if not self.check_mode:
-                    raise InvalidImage(f"snapshot table overflows: entry {number} of "
-                                       f"{header.nb_snapshots} starts at {position:#x}")
-                # as QEMU's check: the entry's fixed part is counted, past the end
-                self.snapshot_errors.append(f"ERROR snapshot table entry {number} is "
-                                            "incomplete")
-                self.snapshot_table_length = position + SNAPSHOT_ENTRY.size - start
-                count = number
-                break
-            entry = SnapshotEntry.unpack(await file.read(position, SNAPSHOT_ENTRY.size))
+                incomplete.add(number)
+            entry = SnapshotEntry.unpack(await self._read_zero_padded(position,
+                                                                      SNAPSHOT_ENTRY.size))
+            if entry.extra_data_size > MAX_SNAPSHOT_EXTRA_DATA:
+                raise InvalidImage(f"snapshot table entry {number}: too much extra data "
+                                   f"({entry.extra_data_size} bytes, at most "
+                                   f"{MAX_SNAPSHOT_EXTRA_DATA})")
             end = position + SNAPSHOT_ENTRY.size + entry.extra_data_size \
                 + entry.id_str_size + entry.name_size
             position = end + -end % 8
-        else:
-            self.snapshot_table_length = end - start
-        if count and end > file.size:     # QEMU leaves out the last entry's padding
-            raise InvalidImage(f"snapshot table at {start:#x} (+{end - start}) runs "
-                               "past the end of the file")
-        table = await file.read(start, end - start) if end > start else b""
+        self.snapshot_table_length = end - start   # (QEMU leaves out the last padding)
+        count = header.nb_snapshots
+        table = await self._read_zero_padded(start, end - start)
         snapshots = parse_snapshot_table(table, count, self.cluster_size, file.size,
                                          check=self.check_mode)
-        if self.check_mode and self.version >= 3:
+        if self.version >= 3:
             # as QEMU's check: v3 entries need the VM state and disk sizes
-            self.snapshot_errors[:0] = [
-                f"ERROR snapshot table entry {number} is incomplete"
-                for number, snap in enumerate(snapshots) if len(snap.extra) < V3_MIN_EXTRA]
+            incomplete.update(number for number, snap in enumerate(snapshots)
+                              if len(snap.extra) < V3_MIN_EXTRA)
+        if self.check_mode:
+            self.snapshot_errors = [f"ERROR snapshot table entry {number} is incomplete"
+                                    for number in sorted(incomplete)]
         return snapshots
+
+    async def _read_zero_padded(self, offset: int, length: int) -> bytes:
+        """`length` bytes of the file at `offset`, zeros past its end."""
+        file = self.children["file"]
+        inside = max(0, min(length, file.size - offset))
+        data = await file.read(offset, inside) if inside else b""
+        return data + bytes(length - inside)
 
     def _bitmaps_extension(self) -> bitmaps.BitmapsExtension | None:
         """The bitmaps extension, when its auto-clear bit says it is valid."""
