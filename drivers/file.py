@@ -63,10 +63,11 @@ class WriteBehind:
 
     Left alone, the host kernel holds a burst of writes below its background
     threshold (10% of RAM) in the page cache until the fsync that ends it
-    (the guest's sync, umount, fio's end_fsync), which then waits for the
+    (the user's sync, umount, fio's end_fsync), which then waits for the
     whole burst to reach the disk.  Starting the writeback as we go lets the
     disk work while we still translate requests; a new 1 GiB qcow2 written
-    sequentially then synced took 1.05 s instead of 1.7-2.4 s here.  The
+    sequentially then synced took 1.0-1.1 s in most runs instead of
+    1.4-2.8 s here (bench/README explains the slow outliers both see).  The
     call (sync_file_range, SYNC_FILE_RANGE_WRITE) only queues I/O but can
     wait for room in the disk's queue, so it runs in a worker thread and a
     kick is skipped while the previous one runs.  Dirty data rewritten
