@@ -663,7 +663,8 @@ class Qcow2Driver(WriteMixin, BlockDriver):
                                "(use -r all)")
         zeroed = 0
         if repair == "all":
-            zeroed = await checks.zero_unaligned_preallocated(self)
+            zeroed = await snapshot_ops.rewrite_incomplete_table(self)
+            zeroed += await checks.zero_unaligned_preallocated(self)
             if zeroed:      # QEMU fixes those before it compares refcounts
                 report = await checks.check_image(self)
         if repair == "all" and report.damaged_structures:

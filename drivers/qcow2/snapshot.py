@@ -100,15 +100,21 @@ def parse_snapshot_table(table: bytes, count: int, cluster_size: int,
                                f"{end} of {len(table)}")
         extra = table[pos:pos + entry.extra_data_size]
         pos += entry.extra_data_size
-        snap_id = table[pos:pos + entry.id_str_size].decode("utf-8", "replace")
+        # C strings to QEMU, which reads them up to the first NUL (as where
+        # the end of the file cut them off: zeros, see Qcow2Driver._read_snapshots)
+        snap_id = _c_string(table[pos:pos + entry.id_str_size])
         pos += entry.id_str_size
-        name = table[pos:pos + entry.name_size].decode("utf-8", "replace")
+        name = _c_string(table[pos:pos + entry.name_size])
         pos += entry.name_size
         pos += -pos % 8
         if not check:
             _check_snapshot_l1(number, entry, cluster_size, file_size)
         snapshots.append(_snapshot(entry, extra, snap_id, name))
     return snapshots
+
+
+def _c_string(raw: bytes) -> str:
+    return raw.split(b"\0", 1)[0].decode("utf-8", "replace")
 
 
 def _check_snapshot_l1(number: int, entry: SnapshotEntry, cluster_size: int,

@@ -12,7 +12,9 @@ holds them, so an interrupted operation can only leak clusters.
 """
 from __future__ import annotations
 
+import dataclasses
 import struct
+import sys
 import time
 from collections import Counter
 from typing import TYPE_CHECKING
@@ -21,7 +23,14 @@ from imgfs.errors import InvalidImage, NoSpace, Unsupported, UsageError
 
 from . import repair
 from .cluster import L1E_OFFSET_MASK, QCOW_OFLAG_COPIED, pack_table, unpack_table
-from .snapshot import Snapshot, new_extra_data
+from .snapshot import (
+    EXTRA_DISK_SIZE,
+    EXTRA_ICOUNT,
+    EXTRA_VM_STATE_SIZE,
+    V3_MIN_EXTRA,
+    Snapshot,
+    new_extra_data,
+)
 
 if TYPE_CHECKING:
     from .driver import Qcow2Driver
@@ -91,10 +100,38 @@ async def _write_table(driver: Qcow2Driver, snapshots: list[Snapshot]) -> None:
     driver.header = driver.header._replace(nb_snapshots=len(snapshots),
                                            snapshots_offset=new_offset)
     driver.snapshots, driver.snapshot_table_length = snapshots, len(raw)
-    if old_length:
+    # (a table that ran past the end of the file, which only check -r all
+    # rewrites, holds no clusters there to free)
+    old_end = min(old_offset + old_length, file.size)
+    if old_end > old_offset:
         await driver.refcounts.update(old_offset >> driver.geometry.cluster_bits,
                                       _clusters(driver, old_offset % driver.cluster_size
-                                                + old_length), -1)
+                                                + old_end - old_offset), -1)
+
+
+async def rewrite_incomplete_table(driver: Qcow2Driver) -> int:
+    """``check -r all``, as QEMU: a snapshot table with incomplete entries
+    (cut off by the end of the file, or v3 entries without the VM state and
+    disk sizes) is written anew, complete; a missing disk size becomes the
+    image's, as QEMU reads it.  Returns how many entries were repaired."""
+    errors = driver.snapshot_errors
+    if not errors:
+        return 0
+    for message in errors:
+        print("Repairing " + message.removeprefix("ERROR "), file=sys.stderr)
+    snapshots = [_complete(snap, driver.size)
+                 if driver.version >= 3 and len(snap.extra) < V3_MIN_EXTRA else snap
+                 for snap in driver.snapshots]
+    await _write_table(driver, snapshots)
+    driver.snapshot_errors = []
+    return len(errors)
+
+
+def _complete(snap: Snapshot, image_size: int) -> Snapshot:
+    disk_size = image_size if snap.disk_size is None else snap.disk_size
+    extra = EXTRA_VM_STATE_SIZE.pack(snap.vm_state_size) + EXTRA_DISK_SIZE.pack(disk_size) \
+        + EXTRA_ICOUNT.pack(2**64 - 1)
+    return dataclasses.replace(snap, disk_size=disk_size, icount=None, extra=extra)
 
 
 async def _clear_active_copied(driver: Qcow2Driver) -> None:

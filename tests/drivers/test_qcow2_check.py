@@ -278,9 +278,6 @@ REPAIRS_DIFFER = {
     # the bitmaps meanwhile, into the clusters whose refcount was 0
     "bitmap data refcount 0": "leaks",
     "bitmap table refcount 0": "leaks",
-    # QEMU's -r all rewrites the snapshot table (exit 0); imgfs leaves it
-    "snapshot table past EOF": "all",
-    "snapshot extra data too short": "all",
     # imgfs opens this for the check only read-only: a repair refuses the
     # image (exit 1); QEMU's repair frees every cluster behind it (exit 2)
     "L1 table past EOF": "both",
@@ -334,7 +331,8 @@ def test_snapshot_entry_cut_off_by_the_end_of_file(tmp_path, capsys, cut) -> Non
     """QEMU reads a snapshot table past the end of the file as zeros: info
     opens the image, and check calls the entry incomplete only when its
     fixed 40 bytes are cut (at 4 bytes even the L1 size is lost, so the
-    snapshot's clusters leak); a cut name goes unremarked."""
+    snapshot's clusters leak); a cut name goes unremarked, and reads up to
+    its first NUL, as the C string QEMU takes it for."""
     image = tmp_path / "cut.qcow2"
     run("qemu-img", "create", "-q", "-f", "qcow2", image, "8M")
     run("qemu-io", "-c", "write -P 0x11 0 1M", image)
@@ -349,6 +347,13 @@ def test_snapshot_entry_cut_off_by_the_end_of_file(tmp_path, capsys, cut) -> Non
     assert (code, _json(out)) == (expected_code, _json(expected_out))
     assert cli.main(["info", str(image)]) == 0
     run("qemu-img", "info", copy)
+    # -r all writes the table anew, complete, as QEMU does
+    code, out = imgfs_check(capsys, "-r", "all", image)
+    expected_code, expected_out = qemu_check("-r", "all", copy)
+    assert (code, _without_end_offset(out)) == (expected_code, _without_end_offset(expected_out))
+    assert qemu_check(image)[0] == 0
+    assert run("qemu-img", "snapshot", "-l", image).stdout == \
+        run("qemu-img", "snapshot", "-l", copy).stdout
 
 
 def _comparable(report: str, output: str) -> object:
