@@ -56,10 +56,13 @@ def _qemu_create_args(path: Path, size: str, options: str) -> list[str]:
 
 def _create_all(jobs: dict[str, Path]) -> None:
     """qemu-img create -f luks for every option string at once: each run
-    spends ~4 s calibrating PBKDF2 whatever iter-time says, and now and then
-    fails on a loaded machine ("Unable to get accurate CPU usage"): retry."""
+    spends ~3 s calibrating PBKDF2 whatever iter-time says, and fails at
+    once ("Unable to get accurate CPU usage") in up to half of the runs on
+    this VM (measured: 6 of 12 with sha1, 1 of 6 with sha256): retry each
+    option until it succeeds, up to 40 times."""
     pending = dict(jobs)
-    for _ in range(5 + len(jobs)):
+    failures = dict.fromkeys(jobs, 0)
+    while pending:
         # Two at a time: the calibration measures CPU time, and this is a
         # two-CPU machine; more in parallel only makes each slower.
         batch = dict(list(pending.items())[:2])
@@ -70,11 +73,11 @@ def _create_all(jobs: dict[str, Path]) -> None:
             _, stderr = proc.communicate(timeout=120)
             if proc.returncode == 0:
                 del pending[options]
-            else:
-                assert "accurate CPU usage" in stderr, stderr
-        if not pending:
-            return
-    raise AssertionError(f"qemu-img create kept failing for {sorted(pending)}")
+                continue
+            assert "accurate CPU usage" in stderr, stderr
+            failures[options] += 1
+            if failures[options] >= 40:
+                raise AssertionError(f"qemu-img create kept failing for {options}")
 
 
 @pytest.fixture(scope="module")

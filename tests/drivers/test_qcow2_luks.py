@@ -9,7 +9,6 @@ from __future__ import annotations
 import json
 import shutil
 import struct
-import subprocess
 from pathlib import Path
 
 import pytest
@@ -18,7 +17,7 @@ import trio
 from imgfs.block import Status
 from imgfs.graph import open_image
 from imgfs.node import OpenContext
-from tests.conftest import imgfs, random_bytes, run
+from tests.conftest import imgfs, qemu_img_create_encrypted, random_bytes, run
 
 pytestmark = pytest.mark.skipif(shutil.which("qemu-img") is None or
                                 shutil.which("qemu-io") is None,
@@ -38,18 +37,9 @@ def image_opts(image: Path) -> str:
 
 
 def create_encrypted(image: Path, size: int = SIZE) -> None:
-    """qemu-img create spends seconds calibrating PBKDF2 whatever iter-time
-    says, and on a loaded machine now and then fails ("Unable to get
-    accurate CPU usage"): retry."""
-    args = ["qemu-img", "create", "-q", "-f", "qcow2", *SECRET, "-o",
-            "encrypt.format=luks,encrypt.key-secret=sec0,encrypt.iter-time=10",
-            str(image), str(size)]
-    for _ in range(5):
-        result = subprocess.run(args, capture_output=True, text=True, timeout=120)
-        if result.returncode == 0:
-            return
-        assert "accurate CPU usage" in result.stderr, result.stderr
-    raise AssertionError(f"qemu-img create failed: {result.stderr}")
+    qemu_img_create_encrypted("-f", "qcow2", *SECRET, "-o",
+                              "encrypt.format=luks,encrypt.key-secret=sec0,encrypt.iter-time=10",
+                              image, str(size))
 
 
 def qemu_io(image: Path, *commands: str) -> None:

@@ -16,6 +16,7 @@ from tests.conftest import (
     mounted,
     need,
     pwrite_all,
+    qemu_img_create_encrypted,
     random_bytes,
     run,
 )
@@ -92,14 +93,7 @@ CHAIN_SECRETS = ["--object", "secret,id=s0,data=base pass",
 
 
 def qemu_create_retrying(*args: str | Path) -> None:
-    """qemu-img create of an encrypted image (its PBKDF calibration now and
-    then fails on a loaded machine: retry, as create_encrypted does)."""
-    for _ in range(5):
-        result = run("qemu-img", "create", "-q", *CHAIN_SECRETS, *args, check=False)
-        if result.returncode == 0:
-            return
-        assert "accurate CPU usage" in result.stderr, result.stderr
-    raise AssertionError(f"qemu-img create kept failing: {result.stderr}")
+    qemu_img_create_encrypted(*CHAIN_SECRETS, *args)
 
 
 def chain_contents(image_opts: str, out: Path) -> bytes:

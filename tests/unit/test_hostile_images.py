@@ -53,7 +53,14 @@ from imgfs.errors import ImgfsError
 from imgfs.graph import open_image
 from imgfs.info import image_info, render_human, render_json
 from imgfs.node import OpenContext
-from tests.conftest import imgfs, is_mounted, mounted, need, need_root_or_fuse
+from tests.conftest import (
+    imgfs,
+    is_mounted,
+    mounted,
+    need,
+    need_root_or_fuse,
+    qemu_img_create_encrypted,
+)
 
 KiB = 1024
 MiB = 1024 * KiB
@@ -134,33 +141,20 @@ def qcow2_image(directory: Path, name: str, *options: str, compressed: bool = Fa
 
 
 def qemu_img_luks(path: Path) -> None:
-    """LUKS1 as qemu-img makes it, with a fast PBKDF.  qemu-img times its
-    PBKDF over iter-time and, that short, sometimes finds the CPU clock too
-    coarse ("Unable to get accurate CPU usage"): try again."""
-    args = ["qemu-img", "create", "-q", "-f", "luks", "--object",
-            f"secret,id=sec0,data={PASS}", "-o", "key-secret=sec0,iter-time=10",
-            str(path), "256k"]
-    for _attempt in range(5):
-        result = subprocess.run(args, capture_output=True, text=True, check=False, timeout=60)
-        if result.returncode == 0:
-            return
-    raise AssertionError(result.stderr)
+    """LUKS1 as qemu-img makes it, with a fast PBKDF."""
+    qemu_img_create_encrypted("-f", "luks", "--object", f"secret,id=sec0,data={PASS}",
+                              "-o", "key-secret=sec0,iter-time=10", path, "256k")
 
 
 BITMAPS_EXTENSION = 0x23852875
 
 
 def qcow2_luks_image(directory: Path) -> Path:
-    """qcow2 with encrypt.format=luks (a fast PBKDF; qemu-img sometimes
-    finds so short an iter-time too short to time: try again)."""
+    """qcow2 with encrypt.format=luks (a fast PBKDF)."""
     path = directory / "crypt.qcow2"
-    args = ["qemu-img", "create", "-q", "-f", "qcow2", "--object",
-            f"secret,id=sec0,data={PASS}", "-o",
-            "encrypt.format=luks,encrypt.key-secret=sec0,encrypt.iter-time=10,"
-            "cluster_size=4k", str(path), "1M"]
-    for _attempt in range(5):
-        if subprocess.run(args, capture_output=True, check=False, timeout=60).returncode == 0:
-            break
+    qemu_img_create_encrypted("-f", "qcow2", "--object", f"secret,id=sec0,data={PASS}",
+                              "-o", "encrypt.format=luks,encrypt.key-secret=sec0,"
+                              "encrypt.iter-time=10,cluster_size=4k", path, "1M")
     tool("qemu-io", "--object", f"secret,id=sec0,data={PASS}", "--image-opts",
          f"driver=qcow2,encrypt.key-secret=sec0,file.filename={path}",
          "-c", "write -P 0x11 0 8k", "-c", "write -P 0x22 300k 4k")
