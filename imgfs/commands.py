@@ -85,10 +85,11 @@ def make_context(args: argparse.Namespace, *, read_only: bool | None) -> Any:
 
 
 async def _open(args: argparse.Namespace, filename: str, *, read_only: bool | None,
-                no_io: bool = False) -> Any:
+                no_io: bool = False, check: bool = False) -> Any:
     from .graph import open_image
     ctx = make_context(args, read_only=read_only)
     ctx.no_io = no_io
+    ctx.check = check
     return await open_image(filename, ctx, fmt=getattr(args, "fmt", None))
 
 
@@ -399,10 +400,7 @@ async def allocation_map(node: Any) -> list[dict[str, Any]]:
 
 def cmd_check(args: argparse.Namespace) -> int:
     async def run() -> int:
-        from .graph import open_image
-        ctx = make_context(args, read_only=args.repair is None)
-        ctx.check = True
-        node = await open_image(args.filename, ctx, fmt=getattr(args, "fmt", None))
+        node = await _open(args, args.filename, read_only=args.repair is None, check=True)
         try:
             check = getattr(node.driver, "check", None)
             if check is None:
