@@ -232,10 +232,17 @@ class Qcow2Driver(WriteMixin, BlockDriver):
     async def _read_table(self, offset: int, length: int) -> bytes:
         """A table's bytes; in check mode only the part inside the file (the
         rest reads as no entries, as in QEMU's check), whole entries only."""
-        file = self.children["file"]
         if self.tolerate_tables:
-            length = max(0, min(length, file.size - offset)) // 8 * 8
-        return await file.read(offset, length) if length else b""
+            inside = await self.read_inside(offset, length)
+            return inside[:len(inside) // 8 * 8]
+        return await self.children["file"].read(offset, length) if length else b""
+
+    async def read_inside(self, offset: int, length: int) -> bytes:
+        """Of `length` bytes at `offset`, the part the file holds (none past
+        its end): tables that run past the end, as QEMU's check reads them."""
+        file = self.children["file"]
+        inside = max(0, min(length, file.size - offset))
+        return await file.read(offset, inside) if inside else b""
 
     async def _read_snapshots(self) -> list[Snapshot]:
         """Read exactly the bytes the snapshot table occupies, walking its
@@ -271,25 +278,21 @@ class Qcow2Driver(WriteMixin, BlockDriver):
                 + entry.id_str_size + entry.name_size
             position = end + -end % 8
         self.snapshot_table_length = end - start   # (QEMU leaves out the last padding)
-        count = header.nb_snapshots
         table = await self._read_zero_padded(start, end - start)
-        snapshots = parse_snapshot_table(table, count, self.cluster_size, file.size,
-                                         check=self.check_mode)
-        if self.version >= 3:
-            # as QEMU's check: v3 entries need the VM state and disk sizes
-            incomplete.update(number for number, snap in enumerate(snapshots)
-                              if len(snap.extra) < V3_MIN_EXTRA)
+        snapshots = parse_snapshot_table(table, header.nb_snapshots, self.cluster_size,
+                                         file.size, check=self.check_mode)
         if self.check_mode:
+            if self.version >= 3:
+                # as QEMU's check: v3 entries need the VM state and disk sizes
+                incomplete.update(number for number, snap in enumerate(snapshots)
+                                  if len(snap.extra) < V3_MIN_EXTRA)
             self.snapshot_errors = [f"ERROR snapshot table entry {number} is incomplete"
                                     for number in sorted(incomplete)]
         return snapshots
 
     async def _read_zero_padded(self, offset: int, length: int) -> bytes:
         """`length` bytes of the file at `offset`, zeros past its end."""
-        file = self.children["file"]
-        inside = max(0, min(length, file.size - offset))
-        data = await file.read(offset, inside) if inside else b""
-        return data + bytes(length - inside)
+        return (await self.read_inside(offset, length)).ljust(length, b"\0")
 
     def _bitmaps_extension(self) -> bitmaps.BitmapsExtension | None:
         """The bitmaps extension, when its auto-clear bit says it is valid."""
@@ -661,11 +664,11 @@ class Qcow2Driver(WriteMixin, BlockDriver):
             print("ERROR need to rebuild refcount structures", file=sys.stderr)
             raise CorruptImage("check failed: the refcount structures need a rebuild "
                                "(use -r all)")
-        zeroed = 0
+        fixed_first = 0     # snapshot entries rewritten, preallocated entries zeroed
         if repair == "all":
-            zeroed = await snapshot_ops.rewrite_incomplete_table(self)
-            zeroed += await checks.zero_unaligned_preallocated(self)
-            if zeroed:      # QEMU fixes those before it compares refcounts
+            fixed_first = await snapshot_ops.rewrite_incomplete_table(self)
+            fixed_first += await checks.zero_unaligned_preallocated(self)
+            if fixed_first:     # QEMU fixes those before it compares refcounts
                 report = await checks.check_image(self)
         if repair == "all" and report.damaged_structures:
             await checks.rebuild_refcount_structures(self)
@@ -687,7 +690,7 @@ class Qcow2Driver(WriteMixin, BlockDriver):
         before = report.corruptions - report.copied_errors
         fixed = max(0, before - (rebuilt.corruptions - rebuilt.copied_errors))
         fixed += report.outside_blocks if report.damaged_structures else 0
-        return (report.leaks, zeroed + fixed + fixed_flags), after
+        return (report.leaks, fixed_first + fixed + fixed_flags), after
 
     async def snapshot_command(self, args: Any) -> int:
         """`imgfs snapshot -c|-l|-a|-d` (qemu-img snapshot's actions)."""

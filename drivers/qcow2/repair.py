@@ -272,9 +272,8 @@ async def scan_references(driver: Qcow2Driver, *,
 async def _snapshot_l1(driver: Qcow2Driver, snap: Snapshot) -> list[int]:
     """A snapshot's L1 table (its size checked by `l1_table_problem`): as
     in QEMU's check, the part past the end of the file has no entries."""
-    file = driver.children["file"]
-    length = max(0, min(snap.l1_size * 8, file.size - snap.l1_table_offset)) // 8 * 8
-    return unpack_table(await file.read(snap.l1_table_offset, length)) if length else []
+    inside = await driver.read_inside(snap.l1_table_offset, snap.l1_size * 8)
+    return unpack_table(inside[:len(inside) // 8 * 8])
 
 
 def _refcount_blocks(driver: Qcow2Driver, walk: _Walk) -> None:
