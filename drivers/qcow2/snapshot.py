@@ -21,6 +21,8 @@ SNAPSHOT_ENTRY = struct.Struct(">QIHHIIQII")
 EXTRA_VM_STATE_SIZE = struct.Struct(">Q")
 EXTRA_DISK_SIZE = struct.Struct(">Q")
 EXTRA_ICOUNT = struct.Struct(">Q")
+#: the instruction count of a snapshot that has none (all ones)
+NO_ICOUNT = 2**64 - 1
 #: spec: v3 extra data holds at least the VM state size and the disk size
 V3_MIN_EXTRA = EXTRA_VM_STATE_SIZE.size + EXTRA_DISK_SIZE.size
 
@@ -152,17 +154,18 @@ def _snapshot(entry: SnapshotEntry, extra: bytes, snap_id: str, name: str) -> Sn
         disk_size = EXTRA_DISK_SIZE.unpack_from(extra, 8)[0]
     if len(extra) >= 24:
         icount = EXTRA_ICOUNT.unpack_from(extra, 16)[0]
-        if icount == 2**64 - 1:
+        if icount == NO_ICOUNT:
             icount = None
     return Snapshot(snap_id, name, entry.l1_table_offset, entry.l1_size, entry.date_sec,
                     entry.date_nsec, entry.vm_clock_nsec, vm_state_size, disk_size, icount,
                     bytes(extra))
 
 
-def new_extra_data(disk_size: int) -> bytes:
-    """v3 extra data: 64-bit VM state size, disk size, icount (none: 0 as qemu-img)."""
-    return EXTRA_VM_STATE_SIZE.pack(0) + EXTRA_DISK_SIZE.pack(disk_size) + \
-        EXTRA_ICOUNT.pack(0)
+def new_extra_data(disk_size: int, *, vm_state_size: int = 0, icount: int = 0) -> bytes:
+    """v3 extra data: 64-bit VM state size, disk size, icount (qemu-img
+    snapshot -c writes 0; NO_ICOUNT means none)."""
+    return EXTRA_VM_STATE_SIZE.pack(vm_state_size) + EXTRA_DISK_SIZE.pack(disk_size) + \
+        EXTRA_ICOUNT.pack(icount)
 
 
 def listing(snapshots: list[Snapshot]) -> str:

@@ -23,14 +23,7 @@ from imgfs.errors import InvalidImage, NoSpace, Unsupported, UsageError
 
 from . import repair
 from .cluster import L1E_OFFSET_MASK, QCOW_OFLAG_COPIED, pack_table, unpack_table
-from .snapshot import (
-    EXTRA_DISK_SIZE,
-    EXTRA_ICOUNT,
-    EXTRA_VM_STATE_SIZE,
-    V3_MIN_EXTRA,
-    Snapshot,
-    new_extra_data,
-)
+from .snapshot import NO_ICOUNT, V3_MIN_EXTRA, Snapshot, new_extra_data
 
 if TYPE_CHECKING:
     from .driver import Qcow2Driver
@@ -129,8 +122,7 @@ async def rewrite_incomplete_table(driver: Qcow2Driver) -> int:
 
 def _complete(snap: Snapshot, image_size: int) -> Snapshot:
     disk_size = image_size if snap.disk_size is None else snap.disk_size
-    extra = EXTRA_VM_STATE_SIZE.pack(snap.vm_state_size) + EXTRA_DISK_SIZE.pack(disk_size) \
-        + EXTRA_ICOUNT.pack(2**64 - 1)
+    extra = new_extra_data(disk_size, vm_state_size=snap.vm_state_size, icount=NO_ICOUNT)
     return dataclasses.replace(snap, disk_size=disk_size, icount=None, extra=extra)
 
 
