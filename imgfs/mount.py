@@ -39,12 +39,9 @@ KERNEL_FLAGS = frozenset({"nosuid", "nodev", "noexec", "noatime", "dirsync", "sy
 #: Settings of the mount's backing-device-info in sysfs (root only).
 #: read_ahead_kb: 1024 makes sequential reads arrive as 1 MiB requests
 #: instead of 128 KiB (the per-request cost dominates a Python filesystem).
-#: strict_limit/max_ratio: FUSE confines a mount's dirty pages to 1% of the
-#: dirty limit, strictly, which throttles writeback-cached sequential writes;
-#: lifting it measured 0.94-0.98x of qemu-storage-daemon instead of
-#: 0.74-0.81x (1 MiB sequential writes, same runs).  Only root can set it,
-#: and only root's own daemon is trusted with it.
-BDI_SETTINGS = (("read_ahead_kb", "1024"), ("strict_limit", "0"), ("max_ratio", "10"))
+#: (The dirty-page limits need no tuning: writes bypass the FUSE page cache,
+#: see ImageFS.open.)  Only root can set it.
+BDI_SETTINGS = (("read_ahead_kb", "1024"),)
 
 
 @dataclass
@@ -272,12 +269,6 @@ async def _mount(sources: list[str], mountpoint: str, opts: MountOptions, nodes:
                          uid=os.getuid() if opts.uid is None else opts.uid,
                          gid=os.getgid() if opts.gid is None else opts.gid,
                          umask=opts.umask)
-    # The kernel's writeback cache acknowledges writes before they reach us,
-    # which writethrough and none must not do.  It also makes the kernel
-    # trust only its own idea of a regular file's size, and the root inode
-    # of a regular-file mountpoint starts at size 0 (from the mountpoint),
-    # so a file mountpoint goes without it.
-    operations.enable_writeback_cache = opts.cache == "writeback" and not file_mountpoint
     operations.initialized = trio.Event()
     # Resolved before mounting: once mounted, a stat() of the mountpoint
     # waits for the session we have not started serving.

@@ -12,6 +12,7 @@ from pathlib import Path
 import pytest
 
 from tests.conftest import imgfs, is_mounted, mounted, need, qemu_raw, run
+from tests.drivers.test_nbd import nbdkit, needs_nbdkit, serve
 
 MiB = 1 << 20
 
@@ -116,3 +117,27 @@ def test_unreachable_server_is_one_clean_line(mnt: Path) -> None:
     assert result.stderr.strip().count("\n") == 0 and "Traceback" not in result.stderr
     assert "Connection refused" in result.stderr
     assert not is_mounted(mnt)
+
+
+@needs_nbdkit
+def test_a_write_the_server_refuses_fails_in_write_itself(workdir: Path, mnt: Path) -> None:
+    """Writes bypass the kernel's cache, so the server's error is the failing
+    write(2)'s own, not a later fsync's; the next write works."""
+    sock = workdir / "err.sock"
+    refuse = workdir / "refuse-writes"
+    argv = nbdkit(str(sock), "--filter=error", "memory", "1M",
+                  "error-pwrite=ENOSPC", "error-pwrite-rate=100%", f"error-pwrite-file={refuse}")
+    with serve(argv, str(sock), workdir / "nbdkit.log"), \
+            mounted(f"nbd+unix:///?socket={sock}", mountpoint=mnt, options="format=raw,name=m"):
+        fd = os.open(mnt / "m.raw", os.O_WRONLY)
+        try:
+            refuse.touch()
+            with pytest.raises(OSError) as info:
+                os.pwrite(fd, b"x" * 4096, 8192)
+            assert info.value.errno == errno.ENOSPC
+            refuse.unlink()
+            assert os.pwrite(fd, b"y" * 4096, 8192) == 4096
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+        assert (mnt / "m.raw").read_bytes()[8192:12288] == b"y" * 4096

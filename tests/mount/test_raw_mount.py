@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import ctypes
 import errno
+import mmap
 import os
 import struct
 import subprocess
@@ -85,12 +86,42 @@ def test_write_past_end_of_a_fixed_window_fails(raw_image: Path, mnt: Path) -> N
         fd = os.open(mnt / "disk.raw", os.O_RDWR)
         try:
             with pytest.raises(OSError) as info:
-                os.pwrite(fd, b"x" * 10, MiB)
-                os.fsync(fd)
-            assert info.value.errno in (errno.ENOSPC, errno.EIO)
+                os.pwrite(fd, b"x" * 10, MiB)      # the write itself fails
+            assert info.value.errno == errno.ENOSPC
+            assert os.pwrite(fd, b"y" * 10, MiB - 4) == 4   # a short write up to the end
+            os.fsync(fd)
         finally:
             os.close(fd)
-    assert raw_image.read_bytes() == before
+        assert (mnt / "disk.raw").stat().st_size == MiB
+    assert raw_image.read_bytes() == before[:MiB - 4] + b"yyyy" + before[MiB:]
+
+
+def test_writes_bypass_the_page_cache_and_cached_readers_see_them(raw_image: Path,
+                                                                   mnt: Path) -> None:
+    """Opens for writing are direct (each write reaches imgfs at once); pages
+    a read-only open has cached, and keeps across opens, are dropped where
+    such a write lands."""
+    with mounted(raw_image, mountpoint=mnt):
+        exposed = mnt / "disk.raw"
+        reader = os.open(exposed, os.O_RDONLY)
+        writer = os.open(exposed, os.O_RDWR)
+        try:
+            assert os.pread(reader, 8192, 0) == b"\x11" * 4096 + bytes(4096)   # now cached
+            os.pwrite(writer, b"A" * 4096, 0)
+            os.pwrite(writer, b"B" * 100, 5000)          # unaligned, inside a cached page
+            expected = b"A" * 4096 + bytes(904) + b"B" * 100 + bytes(3092)
+            assert os.pread(reader, 8192, 0) == expected
+            assert exposed.read_bytes()[:8192] == expected          # a new open
+            # what a direct write cannot offer: a shared writable mapping
+            with pytest.raises(OSError) as info:
+                mmap.mmap(writer, 4096, mmap.MAP_SHARED)
+            assert info.value.errno == errno.ENODEV
+            # the image file has the writes before any fsync
+            with open(raw_image, "rb") as image:
+                assert image.read(8192) == expected
+        finally:
+            os.close(reader)
+            os.close(writer)
 
 
 def test_parallel_processes(raw_image: Path, mnt: Path, workdir: Path) -> None:
