@@ -20,8 +20,9 @@ numbers of a ratio are taken seconds apart on the same machine state:
                opens and its first 4 KiB has been read; median of N
 
 All I/O jobs use fio with ioengine=psync, iodepth=1, direct=0: buffered I/O,
-so the kernel's FUSE page cache, read-ahead and (for imgfs) writeback cache
-act exactly as they do for a user running dd or cp.
+so the kernel's FUSE page cache and read-ahead act exactly as they do for a
+user running dd or cp (both exporters pass writes by without caching them:
+qsd sets direct_io on every open, imgfs on opens for writing).
 
 Cache state is controlled deliberately, because with direct=0 a careless
 benchmark measures memory copies instead of the exporter:
@@ -44,9 +45,9 @@ benchmark measures memory copies instead of the exporter:
   block once before repeating any, and fio's fadvise(RANDOM) turns off
   read-ahead, so every 4 KiB read reaches the daemon unless the run covers
   the whole file (only with --quick's small image).
-* Write jobs end with fsync (end_fsync=1), counted in fio's runtime: with
-  the writeback cache a write is "done" only once the daemon has it and the
-  layers below have made it durable, which is what qsd also has to do.
+* Write jobs end with fsync (end_fsync=1), counted in fio's runtime: a
+  write is "done" only once the layers below the daemon have made it
+  durable.
 
 Results go to a table on stdout (imgfs, qsd, ratio imgfs/qsd, target,
 PASS/FAIL; for mount latency the ratio is qsd/imgfs and the target is on
@@ -651,11 +652,14 @@ def measure_metric(case: Case, metric: str, image: Path, settings: Settings,
     """Both exporters for one metric: {exporter: (value, details)}.
 
     imgfs and qsd alternate, so that with --repeat a burst of load from
-    elsewhere on the machine hits both; the value is the median of the
-    repetitions (all of them are kept in the details)."""
+    elsewhere on the machine hits both, and each repetition swaps which goes
+    first: what a job leaves behind (the disk still busy with its writes,
+    memory the VM just handed back to its host) then slows each exporter
+    equally often.  The value is the median of the repetitions (all of them
+    are kept in the details)."""
     runs: dict[str, list[tuple[float, dict]]] = {cls.name: [] for cls in EXPORTERS}
-    for _ in range(settings.repeat):
-        for cls in EXPORTERS:
+    for repetition in range(settings.repeat):
+        for cls in EXPORTERS[::-1] if repetition % 2 else EXPORTERS:
             value, details = measure_once(cls, case, metric, image, settings, profiles)
             runs[cls.name].append((value, details))
             print(f"  {metric:<14} {cls.name:<6} {value:10.1f} {METRICS[metric].unit}",

@@ -1,7 +1,7 @@
 #!/usr/bin/env python3
 """imgfs with a FUSE setting changed from outside, for A/B benchmarks.
 
-    IMGFS_VARIANT=max_tasks=1,writeback=off,read_ahead_kb=4096 \\
+    IMGFS_VARIANT=max_tasks=1,direct_io=off,writeback=on,read_ahead_kb=4096 \\
         .venv/bin/python bench/run.py --imgfs bench/variant.py --repeat 3
 
 Runs the installed imgfs CLI unchanged, after patching, in this process
@@ -11,8 +11,13 @@ only (the mount daemon is a fork of it, so it inherits the patches):
                    requests from /dev/fuse (pyfuse3's default is 99; with
                    more than one, every request passes a trio Lock between
                    two workers)
-* writeback=off    no FUSE writeback cache (what cache=writethrough does,
-                   without its flush after every write)
+* direct_io=off|all  FOPEN_DIRECT_IO on no open, or on every open (imgfs's
+                   own choice: on opens for writing, see ImageFS.open)
+* writeback=on     the kernel's FUSE writeback cache (with direct_io=off,
+                   strict_limit=0 and max_ratio=10 this is imgfs before
+                   writes went direct)
+* reuse_buffers=off  glibc's default malloc thresholds (imgfs.cli,
+                   reuse_large_buffers)
 * write_behind=N   MiB written to a host file between starts of its
                    writeback (0: off; drivers/file.py, WriteBehind)
 * read_ahead_kb=N  the read-ahead imgfs sets on its mount, which is the
@@ -46,7 +51,6 @@ def patch_writeback(value: str) -> None:
     original = pyfuse3.init
 
     def init(operations: Any, *args: Any) -> None:
-        # mount.py sets the attribute just before init(), so set it here
         operations.enable_writeback_cache = value == "on"
         original(operations, *args)
     pyfuse3.init = init  # type: ignore[assignment]
@@ -61,12 +65,33 @@ def patch_bdi(name: str) -> Any:
     return patch
 
 
+def patch_direct_io(value: str) -> None:
+    if value not in ("off", "all"):
+        raise SystemExit(f"variant: direct_io={value}: off or all")
+    from imgfs.fs import ImageFS
+    original = ImageFS.open
+
+    async def open(self: Any, inode: int, flags: int, ctx: Any) -> Any:
+        info = await original(self, inode, flags, ctx)
+        info.direct_io = value == "all"
+        return info
+    ImageFS.open = open  # type: ignore[method-assign]
+
+
+def patch_reuse_buffers(value: str) -> None:
+    if value != "off":
+        raise SystemExit(f"variant: reuse_buffers={value}: only off")
+    import imgfs.cli
+    imgfs.cli.reuse_large_buffers = lambda: None
+
+
 def patch_write_behind(value: str) -> None:
     from imgfs.drivers import file
     file.WRITE_BEHIND_BYTES = int(value) << 20
 
 
-PATCHES = {"write_behind": patch_write_behind,
+PATCHES = {"write_behind": patch_write_behind, "direct_io": patch_direct_io,
+           "reuse_buffers": patch_reuse_buffers,
            "max_tasks": patch_max_tasks, "writeback": patch_writeback,
            "read_ahead_kb": patch_bdi("read_ahead_kb"),
            **{name: patch_bdi(name) for name in (
