@@ -124,6 +124,9 @@ class MetadataLock:
         shield.__enter__()
         self._shield = shield
 
+    def locked(self) -> bool:
+        return self._lock.locked()
+
     async def __aexit__(self, *exc_info: Any) -> None:
         shield, self._shield = self._shield, None
         try:
