@@ -19,10 +19,8 @@ PBKDF2(volume key, digest salt, digest iterations, 20 bytes).
 """
 from __future__ import annotations
 
-import hmac
 import os
 import struct
-import uuid
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from typing import NamedTuple
@@ -243,6 +241,7 @@ def check_digest(header: Luks1Header, key: bytes) -> bool:
     phdr = header.phdr
     computed = kdf.pbkdf2(header.hash_name, key, phdr.mk_digest_salt, phdr.mk_digest_iter,
                           LUKS_DIGESTSIZE)
+    import hmac  # (here: luks.early imports this module before the PBKDF starts)
     return hmac.compare_digest(computed, phdr.mk_digest)
 
 
@@ -298,6 +297,7 @@ def format_header(spec: CipherSpec, key_bytes: int, hash_name: str, passphrase: 
                   iter_time_ms: int) -> NewHeader:
     """A new header with key slot 0 holding a random volume key (CPU-bound:
     calibrates PBKDF2 and runs it)."""
+    import uuid
     spec.check_key_size(key_bytes)
     volume_key = os.urandom(key_bytes)
     slot_iters = kdf.calibrate_pbkdf2(hash_name, key_bytes, iter_time_ms)
