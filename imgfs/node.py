@@ -269,11 +269,27 @@ class Node:
         if start == offset and aligned_end == end:
             await self._write_split(offset, data)
             return
-        # Read-modify-write of the partial head and tail blocks.
-        old = await self._read_split(start, min(aligned_end, self._aligned_size()) - start)
-        old = old.ljust(aligned_end - start, b"\0")
-        merged = old[:offset - start] + data + old[end - start:]
-        await self._write_split(start, merged)
+        # Read-modify-write of the partial head and tail blocks, and of
+        # nothing between them: a 1 MiB write from a buffer that is not page
+        # aligned reaches us as 1 MiB - 16 bytes and 16 bytes (FUSE's
+        # 256-page limit), and reading the whole range back cost a LUKS
+        # image 1.1 ms of its 2.4 per MiB.
+        first = await self._read_block(start, align) if start < offset else None
+        head = first[:offset - start] if first is not None else b""
+        tail = b""
+        if end < aligned_end:
+            last_start = aligned_end - align
+            last = first if first is not None and last_start == start else \
+                await self._read_block(last_start, align)
+            tail = last[end - last_start:]
+        await self._write_split(start, b"".join((head, data, tail)))
+
+    async def _read_block(self, offset: int, align: int) -> bytes:
+        """The aligned block at `offset`, zero-padded past the end."""
+        length = min(align, self._aligned_size() - offset)
+        if length <= 0:
+            return bytes(align)
+        return (await self._read_split(offset, length)).ljust(align, b"\0")
 
     async def _write_split(self, offset: int, data: bytes) -> None:
         limit = self.driver.max_transfer

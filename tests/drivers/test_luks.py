@@ -161,7 +161,9 @@ def write_at(path: Path, writes: list[tuple[int, bytes]], expected: bytearray | 
 
 
 UNALIGNED_WRITES = [(3 * MiB + 100, b"tail first" * 50), (0, b"\x01" * 4096),
-                    (511, b"straddles a sector"), (MiB - 7, random_bytes(70000, seed=3))]
+                    (511, b"straddles a sector"), (MiB - 7, random_bytes(70000, seed=3)),
+                    (1000, b"inside a sector"), (2 * MiB, b"aligned start" * 9),
+                    (2 * MiB + 1002, b"aligned end" * 2)]
 
 # qemu-img create spends ~4 s calibrating PBKDF2 whatever iter-time says,
 # so only the combinations cryptsetup cannot make come from QEMU; the rest
