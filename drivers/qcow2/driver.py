@@ -496,16 +496,25 @@ class Qcow2Driver(WriteMixin, BlockDriver):
         return Extent(run.length, UNALLOCATED)
 
     async def _check_host_alignment(self, table: L2Table, offset: int) -> None:
-        """The host offset of a standard L2 entry is cluster aligned (spec:
-        "Standard Cluster Descriptor", bits 9..55).  As QEMU, a request that
-        meets one that is not fails and marks the image corrupt; a run of
-        contiguous clusters is aligned when its first one is."""
-        index = self.geometry.l2_index(offset)
-        entry = table.entries[index * (2 if self.geometry.extended_l2 else 1)]
+        """As QEMU, a request that meets a misaligned host offset (see
+        _misaligned_host) fails and marks the image corrupt."""
+        host = self._misaligned_host(table, offset)
+        if host is not None:
+            raise await self._mark_corrupt(
+                f"cluster allocation offset {host:#x} unaligned (L2 table at "
+                f"{table.offset:#x}, index {self.geometry.l2_index(offset)})")
+
+    def _misaligned_host(self, table: L2Table, offset: int) -> int | None:
+        """The host offset of the standard L2 entry for guest `offset` if it
+        is not cluster aligned (spec: "Standard Cluster Descriptor", bits
+        9..55), else None; a run of contiguous clusters is aligned when its
+        first one is."""
+        entry = table.entries[self.geometry.l2_index(offset)
+                              * (2 if self.geometry.extended_l2 else 1)]
         host = entry & L2E_OFFSET_MASK
         if host & (self.cluster_size - 1) and not entry & QCOW_OFLAG_COMPRESSED:
-            raise await self._mark_corrupt(f"cluster allocation offset {host:#x} unaligned "
-                                           f"(L2 table at {table.offset:#x}, index {index})")
+            return host
+        return None
 
     async def _entry_at(self, offset: int) -> int:
         """The (first word of the) L2 entry of guest `offset`; 0 if none."""

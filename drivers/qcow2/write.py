@@ -96,6 +96,7 @@ class WriteMixin:
         async def _l2_table(self, l2_offset: int) -> L2Table: ...
         async def _mark_corrupt(self, message: str) -> CorruptImage: ...
         async def _check_host_alignment(self, table: L2Table, offset: int) -> None: ...
+        def _misaligned_host(self, table: L2Table, offset: int) -> int | None: ...
         async def _write_back(self) -> None: ...
         async def _write_header_bytes(self, offset: int, data: bytes) -> None: ...
     # -- writes ---------------------------------------------------------------------------
@@ -150,11 +151,10 @@ class WriteMixin:
         if l1_index >= len(self.l1) or not self.l1[l1_index] & QCOW_OFLAG_COPIED:
             return None
         table = self.l2_cache.get(self.l1[l1_index] & L1E_OFFSET_MASK)
-        if table is None:
+        if table is None or self._misaligned_host(table, offset) is not None:
             return None
         host = self._in_place_run(table, offset, min(length, self._table_end(offset) - offset))
-        if host is None or host[0] & (self.cluster_size - 1) != offset & (self.cluster_size - 1) \
-                or (not self.has_data_file and self._overlaps_metadata(*host)):
+        if host is None or (not self.has_data_file and self._overlaps_metadata(*host)):
             return None
         return host
 
