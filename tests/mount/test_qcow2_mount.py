@@ -525,6 +525,34 @@ def test_damage_found_after_mount_fails_that_read_only(workdir: Path, mnt: Path,
         assert os.stat(view).st_size == len(expected)
 
 
+@pytest.mark.parametrize("damage", ["unaligned data cluster", "data cluster on the L1 table"])
+def test_write_to_a_damaged_cluster_marks_the_image_corrupt(workdir: Path, mnt: Path,
+                                                            damage: str) -> None:
+    """A write meeting an L2 entry whose host offset is not cluster aligned,
+    or lies on the L1 table, fails with EIO and marks the image corrupt, as
+    in QEMU, also when the table is already cached (the overwrite decided
+    without the lock must leave it to the locked path); the mount stays up."""
+    image = qemu_create(workdir / "m.qcow2", "8M", "cluster_size=4k")
+    qemu_io(image, "write -P 0x31 0 8M")
+    l1_offset = _be64(image, 40)
+    l2_offset = _be64(image, l1_offset + 3 * 8) & 0x00FF_FFFF_FFFF_FE00     # 6..8 MiB
+    entry = _damaged_entry(image, l2_offset, damage) if damage.startswith("unaligned") \
+        else 1 << 63 | l1_offset & ~0xFFF                   # COPIED, on the L1's cluster
+    patch_bytes(image, l2_offset, struct.pack(">Q", entry))
+    with mounted(image, mountpoint=mnt):
+        fd = os.open(exposed(mnt, image), os.O_WRONLY)
+        try:
+            os.pwrite(fd, b"x" * 4096, 6 * MiB + 4096)      # caches the table
+            with pytest.raises(OSError) as info:
+                os.pwrite(fd, b"y" * 4096, 6 * MiB)
+            assert info.value.errno == errno.EIO
+        finally:
+            os.close(fd)
+        assert is_mounted(mnt)
+    info_json = json.loads(run("qemu-img", "info", "--output=json", image).stdout)
+    assert info_json["format-specific"]["data"]["corrupt"] is True
+
+
 def _damaged_entry(image: Path, l2_offset: int, damage: str) -> int:
     if damage == "compressed past EOF":
         return 1 << 62 | 1 << 40           # a descriptor far past the end of the file
