@@ -11,10 +11,11 @@ MANDIR    ?= $(PREFIX)/share/man
 SBINDIR   ?= /sbin
 PYTEST_ARGS ?=
 
-# Run time: FUSE and what pyfuse3 needs to build.  Test oracles: the real
-# tools every test compares against (qemu-img/qemu-io/qemu-nbd, qemu-storage-
-# daemon, nbdkit, cryptsetup, dosfstools, mtools, 7-Zip, sshd, tgtd, fio).
-APT_RUNTIME := fuse3 libfuse3-dev pkg-config gcc python3-dev python3-venv
+# Run time: FUSE, and what pyfuse3 and our LUKS extension (libssl-dev) need
+# to build.  Test oracles: the real tools every test compares against
+# (qemu-img/qemu-io/qemu-nbd, qemu-storage-daemon, nbdkit, cryptsetup,
+# dosfstools, mtools, 7-Zip, sshd, tgtd, fio).
+APT_RUNTIME := fuse3 libfuse3-dev pkg-config gcc python3-dev python3-venv libssl-dev
 APT_DEMO    := fdisk e2fsprogs util-linux mount
 APT_TEST    := qemu-utils qemu-system-common qemu-block-extra nbdkit fio \
                dosfstools mtools cryptsetup-bin 7zip openssh-server tgt \
@@ -42,7 +43,7 @@ deps:  ## Debian packages needed to build and run imgfs
 deps-test: deps  ## plus the test oracles
 	$(call apt_install,$(APT_TEST))
 
-$(VENV)/.installed: setup.cfg pyproject.toml
+$(VENV)/.installed: setup.cfg setup.py pyproject.toml drivers/luks/_kdf.c
 	$(PYTHON) -m venv $(VENV)
 	$(VENV)/bin/pip install -q --upgrade pip
 	$(VENV)/bin/pip install -q -e '.[test,dev]'

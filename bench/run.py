@@ -728,9 +728,10 @@ def build_image(case: Case, settings: Settings) -> Path:
 def pbkdf_ms(image: Path) -> float:
     """The PBKDF work any open of this LUKS image must do, in ms (median of
     3): its first active key slot's PBKDF2 and the master key digest's, run
-    here with `cryptography` (what imgfs uses) on the image's own parameters
-    from qemu-img info.  The floor for "opening takes no longer than the
-    PBKDF itself"."""
+    here with `cryptography` on the image's own parameters from qemu-img
+    info, on one core as cryptsetup and QEMU derive (imgfs derives a key's
+    PBKDF2 blocks on several cores at once where it can).  The yardstick for
+    "opening takes no longer than the PBKDF itself"."""
     from cryptography.hazmat.primitives import hashes
     from cryptography.hazmat.primitives.kdf.pbkdf2 import PBKDF2HMAC
     info = json.loads(run(["qemu-img", "info", "--output=json", str(image)]).stdout)

@@ -241,6 +241,21 @@ def write_through_api(image: str | os.PathLike[str], writes: list[tuple[int, byt
     trio.run(main)
 
 
+@pytest.fixture
+def slot_openings(monkeypatch: pytest.MonkeyPatch) -> list[bytes]:
+    """The passphrase of every LUKS1 key slot opening that runs the PBKDF
+    (luks.early's head start included), in order."""
+    from imgfs.drivers.luks import luks1
+    opened: list[bytes] = []
+    real = luks1._open_slot
+
+    def counting(header: Any, slot: Any, material: bytes, passphrase: bytes) -> bytes | None:
+        opened.append(passphrase)
+        return real(header, slot, material, passphrase)
+    monkeypatch.setattr(luks1, "_open_slot", counting)
+    return opened
+
+
 def random_bytes(size: int, seed: int = 1) -> bytes:
     import random
     return random.Random(seed).randbytes(size)

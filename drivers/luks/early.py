@@ -1,14 +1,15 @@
-"""Start a mount's LUKS key derivation before the rest of imgfs has loaded.
+"""Start unlocking a mount's LUKS images before the rest of imgfs has loaded.
 
 Opening an encrypted image is mostly its PBKDF (QEMU's default iter-time is
 2 s; cryptsetup's 1-2 s): everything else a mount does before it (loading
 trio, pyfuse3, the block graph and the drivers: 150-250 ms) would simply add
 to it.  So the mount process, before anything else, reads the header of each
-local LUKS1 image (standalone, or the one a qcow2 image embeds), resolves the
-passphrase the open will use, and starts the first key slot's PBKDF2 in a
-thread (`kdf.derive_early`).  OpenSSL releases the GIL: imgfs goes on loading
-meanwhile, and when the driver gets to the same derivation it takes the
-result instead of starting it.
+local LUKS1 image (standalone, or the one a qcow2 image embeds) and its
+first active key slot, resolves the passphrase the open will use, and starts
+opening that slot in a thread (`luks1.open_slot_early`: the PBKDF2, the AF
+merge and the master key digest check).  The PBKDF releases the GIL: imgfs
+goes on loading meanwhile, and when the driver gets to the same slot with
+the same bytes it takes the result instead of starting again.
 
 This is a head start, never a second opinion: anything unusual (a URL, a
 json: source, LUKS2, no secret given, a header that does not parse, any
@@ -18,6 +19,9 @@ does.  Only light modules are imported here (no trio, no numpy).
 from __future__ import annotations
 
 import os
+import threading
+from collections.abc import Callable
+from concurrent.futures import Future
 from typing import Any
 
 from . import LUKS_MAGIC
@@ -50,17 +54,16 @@ def _start(source: str, opts: Any) -> None:
         head = os.pread(handle.fileno(), 4096, 0)
         if head[:6] == LUKS_MAGIC and opts.fmt in (None, "luks"):
             secret_id = None               # (-o key-secret is the mount's, in opts)
-            luks_head, area = head, file_size
+            offset, area = 0, file_size
         elif head[:4] == QCOW2_MAGIC and opts.fmt in (None, "qcow2"):
             secret_id = opts.driver_options.get("encrypt.key-secret")
             located = _qcow2_luks_header(handle.fileno(), head, file_size)
             if located is None:
                 return
             offset, area = located
-            luks_head = os.pread(handle.fileno(), 4096, offset)
         else:
             return
-    _derive(luks_head, area, given_passphrase(opts, secret_id))
+        _open_first_slot(handle.fileno(), offset, area, given_passphrase(opts, secret_id))
 
 
 def _qcow2_luks_header(fd: int, head: bytes, file_size: int) -> tuple[int, int] | None:
@@ -72,13 +75,52 @@ def _qcow2_luks_header(fd: int, head: bytes, file_size: int) -> tuple[int, int] 
     return parse_image_header(head, file_size).crypto_header
 
 
-def _derive(head: bytes, area_size: int, passphrase: bytes | None) -> None:
-    from . import kdf, luks1, probe_version
+def _open_first_slot(fd: int, offset: int, area_size: int, passphrase: bytes | None) -> None:
+    """Start opening the first active key slot of the LUKS1 header at `offset`."""
+    from . import luks1, probe_version
+    head = os.pread(fd, luks1.HEADER_SIZE, offset)
     if passphrase is None or probe_version(head) != 1:
         return
-    inputs = luks1.first_slot_derivation(luks1.parse_header(head, area_size), passphrase)
-    if inputs is not None:
-        # (numpy, which the key material then needs, is not prefetched here:
-        # its import holds the GIL and would only slow the loading of trio
-        # and the drivers; unlock() starts it, while the derivation still runs)
-        kdf.derive_early(*inputs)
+    header = luks1.parse_header(head, area_size)
+    for index in header.active_slots():
+        slot = header.slots[index]
+        size = luks1.material_sectors(header.phdr.key_bytes, slot.stripes) * luks1.LUKS_SECTOR_SIZE
+        material = os.pread(fd, size, offset + slot.key_material_offset * luks1.LUKS_SECTOR_SIZE)
+        # (numpy, which decrypting the key material needs, is not prefetched
+        # here: its import holds the GIL and would only slow the loading of
+        # trio and the drivers; unlock() starts it, while the PBKDF still runs)
+        luks1.open_slot_early(header, slot, material, passphrase)
+        return
+
+
+class AheadOfNeed:
+    """Calls started in a thread before they are needed, by their arguments:
+    the same call made later takes the result (once) instead of computing it
+    again.  Results stay in memory only, until taken or forgotten."""
+
+    def __init__(self, thread_name: str) -> None:
+        self.thread_name = thread_name
+        self.started: dict[tuple[Any, ...], Future[Any]] = {}
+        self.lock = threading.Lock()
+
+    def start(self, function: Callable[..., Any], *args: Any) -> None:
+        result: Future[Any] = Future()
+
+        def call() -> None:
+            try:
+                result.set_result(function(*args))
+            except BaseException as exc:      # the caller that takes it raises it
+                result.set_exception(exc)
+        with self.lock:
+            self.started[args] = result
+        threading.Thread(target=call, name=self.thread_name, daemon=True).start()
+
+    def take(self, *args: Any) -> Future[Any] | None:
+        with self.lock:
+            return self.started.pop(args, None)
+
+    def forget(self, unwanted: Callable[[tuple[Any, ...]], bool]) -> None:
+        """Drop the calls nothing took whose arguments are `unwanted`."""
+        with self.lock:
+            for args in [args for args in self.started if unwanted(args)]:
+                del self.started[args]

@@ -28,6 +28,7 @@ from typing import NamedTuple
 from imgfs.errors import CorruptImage, InvalidImage, PermissionDenied
 
 from . import kdf
+from .early import AheadOfNeed
 from .spec import CipherSpec, parse_cipher, prefetch_sector_cipher, sector_cipher
 
 LUKS_MAGIC = b"LUKS\xba\xbe"
@@ -224,9 +225,28 @@ def _check_slots(header: Luks1Header, area_size: int) -> None:
 # -- unlocking ----------------------------------------------------------------------
 
 
+#: slots luks.early began opening before the driver asked
+EARLY = AheadOfNeed("imgfs-early-unlock")
+
+
 def open_slot(header: Luks1Header, slot: KeySlot, material: bytes,
               passphrase: bytes) -> bytes | None:
-    """The volume key if `passphrase` opens `slot`, else None (CPU-bound)."""
+    """The volume key if `passphrase` opens `slot`, else None (CPU-bound):
+    the result of `open_slot_early` with the same arguments, if one ran."""
+    started = EARLY.take(header, slot, material, passphrase)
+    if started is not None:
+        return started.result()
+    return _open_slot(header, slot, material, passphrase)
+
+
+def open_slot_early(header: Luks1Header, slot: KeySlot, material: bytes,
+                    passphrase: bytes) -> None:
+    """Start `open_slot` in a thread now (luks.early)."""
+    EARLY.start(_open_slot, header, slot, material, passphrase)
+
+
+def _open_slot(header: Luks1Header, slot: KeySlot, material: bytes,
+               passphrase: bytes) -> bytes | None:
     key_bytes = header.phdr.key_bytes
     slot_key = kdf.pbkdf2(header.hash_name, passphrase, slot.salt, slot.iterations, key_bytes)
     split = sector_cipher(header.spec, slot_key).decrypt(0, material)
@@ -260,18 +280,8 @@ async def unlock(header: Luks1Header, read: ReadFn, passphrase: bytes) -> bytes:
             if key is not None:
                 return key
     finally:
-        kdf.forget_early(slot.salt for slot in header.slots)
+        EARLY.forget(lambda args: args[0] == header)
     raise PermissionDenied("no key slot matches this passphrase")
-
-
-def first_slot_derivation(header: Luks1Header, passphrase: bytes
-                          ) -> tuple[str, bytes, bytes, int, int] | None:
-    """The PBKDF2 inputs `unlock` starts with (for luks.early), if any."""
-    for index in header.active_slots():
-        slot = header.slots[index]
-        return (header.hash_name, passphrase, slot.salt, slot.iterations,
-                header.phdr.key_bytes)
-    return None
 
 
 # -- creating -----------------------------------------------------------------------

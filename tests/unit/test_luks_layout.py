@@ -18,6 +18,7 @@ from imgfs.drivers.luks import crypto, kdf, luks1, luks2
 from imgfs.drivers.luks.create import CREATE_OPTS, create_spec
 
 from imgfs.errors import CorruptImage, InvalidImage, PermissionDenied, Unsupported
+from tests.conftest import REQUIRE_ORACLES
 
 KEY64 = bytes(range(64))
 
@@ -178,6 +179,76 @@ def test_diffuse_hashes_indexed_pieces() -> None:
 
 def test_calibration_has_the_luks_minimum() -> None:
     assert kdf.calibrate_pbkdf2("sha256", 32, 1) >= kdf.MIN_PBKDF2_ITERATIONS
+
+
+# -- the native module (_kdf.c): the same results as `cryptography` and kdf.py ----------
+
+
+def test_the_native_module_is_built() -> None:
+    """make test builds it (setup.py); a silent fallback would leave its
+    code untested and every open on one core."""
+    if not kdf.NATIVE_HASHES:
+        message = "imgfs.drivers.luks._kdf is not built (no compiler or libssl-dev?)"
+        if REQUIRE_ORACLES:
+            pytest.fail(message)
+        pytest.skip(message)
+    assert sorted(kdf.NATIVE_HASHES) == ["sha1", "sha224", "sha256", "sha384", "sha512"]
+
+
+NATIVE = sorted(kdf.NATIVE_HASHES) or ["sha256"]
+native = pytest.mark.skipif(not kdf.NATIVE_HASHES, reason="the native module is not built")
+
+
+@native
+@settings(max_examples=150, deadline=None)
+@given(hash_name=st.sampled_from(NATIVE), passphrase=st.binary(max_size=300),
+       salt=st.binary(max_size=80), iterations=st.integers(1, 300),
+       length=st.integers(1, 200))
+def test_native_pbkdf2_is_cryptographys(hash_name: str, passphrase: bytes, salt: bytes,
+                                         iterations: int, length: int) -> None:
+    # (keys longer than the hash's block are hashed first; lengths of one,
+    # several and a part digest; the blocks come from several threads)
+    assert kdf.pbkdf2(hash_name.upper(), passphrase, salt, iterations, length) == \
+        kdf.one_core_pbkdf2(hash_name, passphrase, salt, iterations, length)
+
+
+@native
+@settings(max_examples=150, deadline=None)
+@given(hash_name=st.sampled_from(NATIVE), key_size=st.integers(1, 130),
+       stripes=st.integers(1, 12), data=st.data())
+def test_native_af_merge_is_kdf_pys(hash_name: str, key_size: int, stripes: int,
+                                    data: st.DataObject) -> None:
+    material = data.draw(st.binary(min_size=key_size * stripes,
+                                   max_size=key_size * stripes + 20))
+    assert kdf.af_merge(material, key_size, stripes, hash_name) == \
+        kdf.python_af_merge(material, key_size, stripes, hash_name)
+
+
+@native
+def test_native_module_refuses_what_it_cannot_do() -> None:
+    from imgfs.drivers.luks import _kdf
+    with pytest.raises(ValueError, match="no native code for hash md5"):
+        _kdf.pbkdf2_block("md5", b"k", b"s", 1, 1)
+    with pytest.raises(ValueError, match="at least 1|>= 1"):
+        _kdf.pbkdf2_block("sha256", b"k", b"s", 0, 1)
+    with pytest.raises(ValueError, match=">= 1"):
+        _kdf.pbkdf2_block("sha256", b"k", b"s", 1, 0)
+    with pytest.raises(ValueError, match="fewer bytes than the stripes"):
+        _kdf.af_merge(bytes(63), 32, 2, "sha256")
+    with pytest.raises(ValueError, match="no native code for hash md5"):
+        _kdf.af_merge(bytes(64), 32, 2, "md5")
+    # hashes it does not know go to `cryptography`, as before
+    assert kdf.pbkdf2("md5", b"k", b"s", 2, 40) == kdf.one_core_pbkdf2("md5", b"k", b"s", 2, 40)
+
+
+def test_calibration_times_the_one_core_pbkdf2(monkeypatch) -> None:
+    """iter-time is what cryptsetup and QEMU will spend opening the image:
+    imgfs's own split derivation must not be what is timed."""
+    def split(*args: object) -> bytes:
+        raise AssertionError("calibration used the native, multi-core PBKDF2")
+    monkeypatch.setattr(kdf, "pbkdf2", split)
+    monkeypatch.setattr(kdf, "native_pbkdf2_block", split, raising=False)
+    assert kdf.calibrate_pbkdf2("sha256", 64, 1) >= kdf.MIN_PBKDF2_ITERATIONS
 
 
 def test_slot_layout_matches_qemu() -> None:
@@ -393,18 +464,23 @@ def test_payload_inside_the_header_is_refused(small_luks1: tuple[bytearray, byte
 # -- early key derivation (luks.early): a head start that changes no result --------------
 
 
-def test_early_derivation_is_taken_once() -> None:
-    inputs = ("sha256", b"pass", b"salt" * 8, 1000, 32)
-    kdf.derive_early(*inputs)
-    assert kdf.pbkdf2(*inputs) == kdf._pbkdf2(*inputs)
-    assert not kdf._EARLY                               # taken, not kept
-    kdf.derive_early(*inputs)
-    kdf.forget_early([b"salt" * 8])
-    assert not kdf._EARLY
+def test_a_call_started_ahead_is_taken_once() -> None:
+    from imgfs.drivers.luks.early import AheadOfNeed
+    ahead = AheadOfNeed("test")
+    ahead.start(pow, 3, 4)
+    started = ahead.take(3, 4)
+    assert started is not None and started.result() == 81
+    assert ahead.take(3, 4) is None                    # taken, not kept
+    ahead.start(divmod, 1, 0)
+    ahead.start(pow, 2, 2)
+    with pytest.raises(ZeroDivisionError):             # the taker gets the error
+        ahead.take(1, 0).result()                      # type: ignore[union-attr]
+    ahead.forget(lambda args: args[0] == 2)
+    assert not ahead.started
 
 
 def test_early_unlocking_of_a_mount_source(small_luks1: tuple[bytearray, bytes],
-                                           tmp_path) -> None:
+                                           tmp_path, slot_openings: list[bytes]) -> None:
     from imgfs.drivers.luks import early
 
     from imgfs.mount import MountOptions
@@ -414,18 +490,20 @@ def test_early_unlocking_of_a_mount_source(small_luks1: tuple[bytearray, bytes],
     opts = MountOptions(key_secret="k", secrets={"k": b"secret"})
     early.start_unlocking(["json:{}", str(tmp_path / "missing"), str(path)], opts)
     header = luks1.parse_header(bytes(image[:luks1.HEADER_SIZE]), len(image))
-    assert list(kdf._EARLY) == [luks1.first_slot_derivation(header, b"secret")]
-    # the open takes it (and a wrong passphrase's open forgets it)
+    [(started_header, slot, _, passphrase)] = list(luks1.EARLY.started)
+    assert (started_header, slot, passphrase) == (header, header.slots[0], b"secret")
+    # the open takes it: the slot was opened once, by the early thread
     assert trio.run(header.unlock, _reader(image), b"secret") == volume_key
-    assert not kdf._EARLY
+    assert not luks1.EARLY.started and slot_openings == [b"secret"]
+    # a wrong passphrase's open forgets it
     early.start_unlocking([str(path)], MountOptions(key_secret="k", secrets={"k": b"no"}))
     with pytest.raises(PermissionDenied):
         trio.run(header.unlock, _reader(image), b"no")
-    assert not kdf._EARLY
+    assert not luks1.EARLY.started
     early.start_unlocking([str(path)], MountOptions())     # no secret: nothing to start
     early.start_unlocking([str(path)], MountOptions(fmt="raw", key_secret="k",
                                                     secrets={"k": b"secret"}))
-    assert not kdf._EARLY
+    assert not luks1.EARLY.started
 
 
 def test_inline_secret_spans() -> None:
