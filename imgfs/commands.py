@@ -4,6 +4,7 @@ from __future__ import annotations
 import argparse
 import base64
 import functools
+import gc
 import json
 import os
 import sys
@@ -185,20 +186,40 @@ def _name_warnings_as_given(given: dict[str, str]) -> None:
 
 def _serve_foreground(sources: list[str], mountpoint: str, opts: Any,
                       given: dict[str, str]) -> int:
+    pause_garbage_collection()
+    start_unlocking(sources, opts)          # (before imgfs.mount loads trio)
     from .mount import describe_error, exit_status, serve
     failure: list[BaseException] = []
 
     def report(error: BaseException | None) -> None:
         if error is not None:
             failure.append(error)
+        else:
+            resume_garbage_collection()
     _name_warnings_as_given(given)
-    start_unlocking(sources, opts)
     run_trio(serve, sources, mountpoint, opts, report)
     if failure:
         name_as_given(failure[0], given)
         print(f"imgfs: {describe_error(failure[0])}", file=sys.stderr)
         return exit_status(failure[0])
     return 0
+
+
+def pause_garbage_collection() -> None:
+    """No cyclic garbage collection while a mount starts: what start-up
+    builds (modules, classes, the block graph, its caches) lives as long as
+    the mount, and sifting it for cycles is CPU the open waits for (a LUKS
+    mount made ~80 young collections, ~9 ms in all, then a full one of
+    ~9 ms about when the first read came; mount + first read, 21 runs
+    each: raw 103 -> 100 ms, LUKS 247 -> 241 ms)."""
+    gc.disable()
+
+
+def resume_garbage_collection() -> None:
+    """Once the mount is ready: start-up's objects go to the permanent
+    generation, which later collections skip, and collection resumes."""
+    gc.freeze()
+    gc.enable()
 
 
 def start_unlocking(sources: list[str], opts: Any) -> None:
@@ -211,6 +232,7 @@ def start_unlocking(sources: list[str], opts: Any) -> None:
 def _serve_daemon(sources: list[str], mountpoint: str, opts: Any, debug: bool,
                   given: dict[str, str]) -> int:
     """Fork; the child mounts and serves, the parent waits for "ready"."""
+    pause_garbage_collection()             # (the child's too)
     read_end, write_end = os.pipe()
     pid = os.fork()
     if pid:
@@ -254,6 +276,7 @@ def _daemon_child(sources: list[str], mountpoint: str, opts: Any, pipe: int,
         pipe = -1
         if error is None:
             _detach_stdio(keep_stderr=debug)
+            resume_garbage_collection()
     try:
         _name_warnings_as_given(given)
         start_unlocking(sources, opts)
