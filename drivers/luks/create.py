@@ -14,17 +14,18 @@ from __future__ import annotations
 
 import base64
 import hashlib
-import json
 import os
 import time
-import uuid
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from imgfs.errors import Unsupported, UsageError
 from imgfs.options import Int, Opt, Schema, Str, choice, in_range
 
-from . import kdf, luks1, luks2
+from . import kdf, luks1
 from .spec import ALGORITHMS, KNOWN_UNSUPPORTED, CipherSpec, parse_cipher, sector_cipher
+
+if TYPE_CHECKING:
+    from . import luks2
 
 #: QEMU's cipher-alg names -> (Linux crypto API name, key bytes per cipher)
 CIPHER_ALGS: dict[str, tuple[str, int]] = {
@@ -68,6 +69,7 @@ CREATE_OPTS = Schema(
 
 
 def _check_sector(size: int) -> None:
+    from . import luks2
     if size not in luks2.SECTOR_SIZES:
         raise UsageError("must be 512, 1024, 2048 or 4096")
 
@@ -124,6 +126,7 @@ def _b64(data: bytes) -> str:
 
 def keyslot_kdf(options: dict[str, Any], key_bytes: int) -> luks2.Kdf:
     """Calibrated KDF parameters for keyslot 0 (as cryptsetup benchmarks)."""
+    from . import luks2
     kind = options["pbkdf"] or "argon2id"
     salt = os.urandom(32)
     milliseconds = options["iter-time"]
@@ -152,6 +155,7 @@ def _kdf_json(params: luks2.Kdf) -> dict[str, Any]:
 def luks2_metadata(spec: CipherSpec, key_bytes: int, params: luks2.Kdf, af_hash: str,
                    digest: luks2.Digest, sector_size: int) -> dict[str, Any]:
     """The JSON metadata of a one-keyslot, one-segment LUKS2 volume."""
+    from . import luks2
     area_size = -(-key_bytes * luks1.LUKS_STRIPES // LUKS2_ALIGN) * LUKS2_ALIGN
     return {
         "keyslots": {"0": {
@@ -174,6 +178,10 @@ def luks2_metadata(spec: CipherSpec, key_bytes: int, params: luks2.Kdf, af_hash:
 
 def luks2_header_copies(metadata: dict[str, Any]) -> bytes:
     """Primary and secondary header areas, each checksummed (sha256)."""
+    import json
+    import uuid
+
+    from . import luks2
     text = json.dumps(metadata, separators=(",", ":")).encode()
     json_size = LUKS2_HDR_SIZE - luks2.LUKS2_HDR_BIN_LEN
     if len(text) >= json_size:
@@ -194,6 +202,7 @@ def luks2_header_copies(metadata: dict[str, Any]) -> bytes:
 
 def format_luks2(spec: CipherSpec, key_bytes: int, options: dict[str, Any],
                  passphrase: bytes) -> luks1.NewHeader:
+    from . import luks2
     hash_name = options["hash-alg"]
     volume_key = os.urandom(key_bytes)
     digest_salt = os.urandom(32)

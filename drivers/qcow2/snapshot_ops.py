@@ -21,7 +21,6 @@ from typing import TYPE_CHECKING
 
 from imgfs.errors import InvalidImage, NoSpace, Unsupported, UsageError
 
-from . import repair
 from .cluster import L1E_OFFSET_MASK, QCOW_OFLAG_COPIED, pack_table, unpack_table
 from .snapshot import NO_ICOUNT, V3_MIN_EXTRA, Snapshot, new_extra_data
 
@@ -181,7 +180,8 @@ async def delete_snapshot(driver: Qcow2Driver, tag: str) -> None:
         if l2_offset and not await driver.refcounts.get(l2_offset
                                                         >> driver.geometry.cluster_bits):
             driver.l2_cache.drop(l2_offset)     # freed: never look it up again
-    await repair.fix_copied_flags(driver)
+    from .repair import fix_copied_flags  # (not loaded by every mount)
+    await fix_copied_flags(driver)
 
 
 async def apply_snapshot(driver: Qcow2Driver, tag: str) -> None:
@@ -206,4 +206,5 @@ async def apply_snapshot(driver: Qcow2Driver, tag: str) -> None:
         driver.header = driver.header._replace(size=snap.disk_size)
         driver.size = snap.disk_size
     await _add_references(driver, await _tree(driver, old_l1), -1)
-    await repair.fix_copied_flags(driver)
+    from .repair import fix_copied_flags  # (not loaded by every mount)
+    await fix_copied_flags(driver)
