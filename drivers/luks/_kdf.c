@@ -156,19 +156,19 @@ kdf_pbkdf2_block(PyObject *module, PyObject *args)
 {
     const char *hash_name;
     Py_buffer key, salt;
-    unsigned long long iterations;
-    unsigned long index;
-    if (!PyArg_ParseTuple(args, "sy*y*Kk:pbkdf2_block", &hash_name, &key, &salt,
+    long long iterations, index;     /* (L: a negative or huge int is an error, not wrapped) */
+    if (!PyArg_ParseTuple(args, "sy*y*LL:pbkdf2_block", &hash_name, &key, &salt,
                           &iterations, &index))
         return NULL;
     PyObject *result = NULL;
     const struct hash *hash = find_hash(hash_name);
     if (hash != NULL && (iterations < 1 || index < 1 || index > UINT32_MAX)) {
-        PyErr_SetString(PyExc_ValueError, "iterations and index must be >= 1");
+        PyErr_SetString(PyExc_ValueError, "iterations must be >= 1, index 1 to 2**32 - 1");
     } else if (hash != NULL) {
         uint8_t out[MAX_DIGEST];
         Py_BEGIN_ALLOW_THREADS
-        hash->derive(key.buf, key.len, salt.buf, salt.len, iterations, (uint32_t)index, out);
+        hash->derive(key.buf, key.len, salt.buf, salt.len, (unsigned long long)iterations,
+                     (uint32_t)index, out);
         Py_END_ALLOW_THREADS
         result = PyBytes_FromStringAndSize((const char *)out, hash->digest_size);
         OPENSSL_cleanse(out, sizeof out);

@@ -229,10 +229,11 @@ def test_native_module_refuses_what_it_cannot_do() -> None:
     from imgfs.drivers.luks import _kdf
     with pytest.raises(ValueError, match="no native code for hash md5"):
         _kdf.pbkdf2_block("md5", b"k", b"s", 1, 1)
-    with pytest.raises(ValueError, match="at least 1|>= 1"):
-        _kdf.pbkdf2_block("sha256", b"k", b"s", 0, 1)
-    with pytest.raises(ValueError, match=">= 1"):
-        _kdf.pbkdf2_block("sha256", b"k", b"s", 1, 0)
+    for iterations, index in ((0, 1), (-1, 1), (1, 0), (1, 2**32)):
+        with pytest.raises(ValueError, match="iterations must be >= 1, index 1 to"):
+            _kdf.pbkdf2_block("sha256", b"k", b"s", iterations, index)
+    with pytest.raises(OverflowError):              # not wrapped into a 2**64 loop
+        _kdf.pbkdf2_block("sha256", b"k", b"s", 2**64 - 1, 1)
     with pytest.raises(ValueError, match="fewer bytes than the stripes"):
         _kdf.af_merge(bytes(63), 32, 2, "sha256")
     with pytest.raises(ValueError, match="no native code for hash md5"):
