@@ -19,6 +19,7 @@ does.  Only light modules are imported here (no trio, no numpy).
 from __future__ import annotations
 
 import os
+import stat
 import threading
 from collections.abc import Callable
 from concurrent.futures import Future
@@ -49,21 +50,30 @@ def _start(source: str, opts: Any) -> None:
         return
     if opts.fmt not in (None, "luks", "qcow2"):
         return
-    with open(source, "rb") as handle:
-        file_size = os.lseek(handle.fileno(), 0, os.SEEK_END)    # (block devices too)
-        head = os.pread(handle.fileno(), 4096, 0)
+    # O_NONBLOCK: a FIFO given as the source must not hold the mount up
+    # waiting for a writer; only files and block devices go on (the open
+    # refuses anything else itself)
+    fd = os.open(source, os.O_RDONLY | os.O_CLOEXEC | os.O_NONBLOCK)
+    try:
+        mode = os.fstat(fd).st_mode
+        if not stat.S_ISREG(mode) and not stat.S_ISBLK(mode):
+            return
+        file_size = os.lseek(fd, 0, os.SEEK_END)    # (block devices too)
+        head = os.pread(fd, 4096, 0)
         if head[:6] == LUKS_MAGIC and opts.fmt in (None, "luks"):
             secret_id = None               # (-o key-secret is the mount's, in opts)
             offset, area = 0, file_size
         elif head[:4] == QCOW2_MAGIC and opts.fmt in (None, "qcow2"):
             secret_id = opts.driver_options.get("encrypt.key-secret")
-            located = _qcow2_luks_header(handle.fileno(), head, file_size)
+            located = _qcow2_luks_header(fd, head, file_size)
             if located is None:
                 return
             offset, area = located
         else:
             return
-        _open_first_slot(handle.fileno(), offset, area, given_passphrase(opts, secret_id))
+        _open_first_slot(fd, offset, area, given_passphrase(opts, secret_id))
+    finally:
+        os.close(fd)
 
 
 def _qcow2_luks_header(fd: int, head: bytes, file_size: int) -> tuple[int, int] | None:

@@ -789,6 +789,23 @@ def test_mount_damaged_l2_entries(tmp_path: Path) -> None:
         assert os.stat(view).st_size == 1 * MiB
 
 
+def test_mount_of_a_fifo_is_refused_at_once(tmp_path: Path) -> None:
+    """A FIFO named as the source: one line and exit 1, for every format
+    the early unlock looks at (it once opened the source blocking, and the
+    mount waited for a writer forever)."""
+    need_root_or_fuse()
+    os.mkfifo(tmp_path / "pipe")
+    mountpoint = tmp_path / "mnt"
+    mountpoint.mkdir()
+    for options in ([], ["-o", "format=luks,passphrase-file=/dev/null"],
+                    ["-o", "format=qcow2"]):
+        result = imgfs("mount", *options, tmp_path / "pipe", mountpoint, check=False,
+                       timeout=30)
+        assert_one_line_refusal(result)
+        assert "not a regular file or block device" in result.stderr
+        assert not is_mounted(mountpoint)
+
+
 def test_check_bitmap_table_size(samples: dict[str, Sample]) -> None:
     """imgfs check once sized an allocation by bitmap_table_size (32 GiB for
     0xFFFFFFFF); fixed in repair.py, kept as a regression case."""
