@@ -92,15 +92,16 @@ def _open_first_slot(fd: int, offset: int, area_size: int, passphrase: bytes | N
     if passphrase is None or probe_version(head) != 1:
         return
     header = luks1.parse_header(head, area_size)
-    for index in header.active_slots():
-        slot = header.slots[index]
-        size = luks1.material_sectors(header.phdr.key_bytes, slot.stripes) * luks1.LUKS_SECTOR_SIZE
-        material = os.pread(fd, size, offset + slot.key_material_offset * luks1.LUKS_SECTOR_SIZE)
-        # (numpy, which decrypting the key material needs, is not prefetched
-        # here: its import holds the GIL and would only slow the loading of
-        # trio and the drivers; unlock() starts it, while the PBKDF still runs)
-        luks1.open_slot_early(header, slot, material, passphrase)
+    active = header.active_slots()
+    if not active:
         return
+    slot = header.slots[active[0]]
+    start, size = header.material_area(slot)
+    material = os.pread(fd, size, offset + start)
+    # (numpy, which decrypting the key material needs, is not prefetched
+    # here: its import holds the GIL and would only slow the loading of
+    # trio and the drivers; unlock() starts it, while the PBKDF still runs)
+    luks1.open_slot_early(header, slot, material, passphrase)
 
 
 class AheadOfNeed:

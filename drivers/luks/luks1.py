@@ -103,11 +103,17 @@ class Luks1Header:
     def payload_offset(self) -> int:
         return self.phdr.payload_offset * LUKS_SECTOR_SIZE
 
+    def material_area(self, slot: KeySlot) -> tuple[int, int]:
+        """(offset, length) in bytes of a key slot's AF-split key, from the
+        start of the header."""
+        return (slot.key_material_offset * LUKS_SECTOR_SIZE,
+                material_sectors(self.phdr.key_bytes, slot.stripes) * LUKS_SECTOR_SIZE)
+
     def payload_size(self, file_size: int) -> int:
         """A standalone image's payload runs to the end of the file."""
         header_end = max([HEADER_SIZE] + [
-            (slot.key_material_offset + material_sectors(self.phdr.key_bytes, slot.stripes))
-            * LUKS_SECTOR_SIZE for slot in self.slots if slot.active == LUKS_KEY_ENABLED])
+            sum(self.material_area(slot))
+            for slot in self.slots if slot.active == LUKS_KEY_ENABLED])
         if self.payload_offset < header_end:
             raise InvalidImage(f"payload offset {self.payload_offset} lies inside the header "
                                f"(a detached header is not supported)")
@@ -208,8 +214,8 @@ def _check_slots(header: Luks1Header, area_size: int) -> None:
         if not 1 <= slot.stripes <= LUKS_STRIPES:
             raise InvalidImage(f"key slot {index}: {slot.stripes} stripes "
                                f"(expected 1 to {LUKS_STRIPES})")
-        start = slot.key_material_offset * LUKS_SECTOR_SIZE
-        end = start + material_sectors(header.phdr.key_bytes, slot.stripes) * LUKS_SECTOR_SIZE
+        start, length = header.material_area(slot)
+        end = start + length
         if start < HEADER_SIZE or end > area_size:
             raise InvalidImage(f"key slot {index}: key material at {start}..{end} is "
                                f"outside the {area_size}-byte header area")
@@ -272,8 +278,8 @@ async def unlock(header: Luks1Header, read: ReadFn, passphrase: bytes) -> bytes:
     try:
         for index in header.active_slots():
             slot = header.slots[index]
-            size = material_sectors(header.phdr.key_bytes, slot.stripes) * LUKS_SECTOR_SIZE
-            material = await read(slot.key_material_offset * LUKS_SECTOR_SIZE, size)
+            start, size = header.material_area(slot)
+            material = await read(start, size)
             if len(material) != size:
                 raise CorruptImage(f"key slot {index}: key material is truncated")
             key = await trio.to_thread.run_sync(open_slot, header, slot, material, passphrase)
