@@ -37,7 +37,7 @@
 
 /*
  * block_<hash>(key, salt, iterations, index, out): T_index of PBKDF2 with
- * HMAC-<hash>; `out` receives DIGEST bytes.  One definition per context type.
+ * HMAC-<hash>; `out` receives DIGEST bytes.
  */
 #define DEFINE_BLOCK(NAME, CTX, INIT, UPDATE, FINAL, HASH_BLOCK, DIGEST)              \
 static void NAME(const uint8_t *key, size_t key_len, const uint8_t *salt,             \
@@ -78,12 +78,6 @@ static void NAME(const uint8_t *key, size_t key_len, const uint8_t *salt,       
     OPENSSL_cleanse(&work, sizeof work);                                               \
 }
 
-DEFINE_BLOCK(block_sha1, SHA_CTX, SHA1_Init, SHA1_Update, SHA1_Final, 64, 20)
-DEFINE_BLOCK(block_sha224, SHA256_CTX, SHA224_Init, SHA224_Update, SHA224_Final, 64, 28)
-DEFINE_BLOCK(block_sha256, SHA256_CTX, SHA256_Init, SHA256_Update, SHA256_Final, 64, 32)
-DEFINE_BLOCK(block_sha384, SHA512_CTX, SHA384_Init, SHA384_Update, SHA384_Final, 128, 48)
-DEFINE_BLOCK(block_sha512, SHA512_CTX, SHA512_Init, SHA512_Update, SHA512_Final, 128, 64)
-
 /*
  * diffuse_<hash>(block, size): the LUKS1 "H1" diffusion in place: each
  * digest-sized piece of the block replaced by the hash of its big-endian
@@ -105,11 +99,17 @@ static void NAME(uint8_t *block, size_t size)                                   
     OPENSSL_cleanse(&work, sizeof work);                                               \
 }
 
-DEFINE_DIFFUSE(diffuse_sha1, SHA_CTX, SHA1_Init, SHA1_Update, SHA1_Final, 20)
-DEFINE_DIFFUSE(diffuse_sha224, SHA256_CTX, SHA224_Init, SHA224_Update, SHA224_Final, 28)
-DEFINE_DIFFUSE(diffuse_sha256, SHA256_CTX, SHA256_Init, SHA256_Update, SHA256_Final, 32)
-DEFINE_DIFFUSE(diffuse_sha384, SHA512_CTX, SHA384_Init, SHA384_Update, SHA384_Final, 48)
-DEFINE_DIFFUSE(diffuse_sha512, SHA512_CTX, SHA512_Init, SHA512_Update, SHA512_Final, 64)
+
+/* Both functions for one hash: its context type, functions, block and digest size. */
+#define DEFINE_HASH(HASH, CTX, INIT, UPDATE, FINAL, HASH_BLOCK, DIGEST)               \
+    DEFINE_BLOCK(block_##HASH, CTX, INIT, UPDATE, FINAL, HASH_BLOCK, DIGEST)          \
+    DEFINE_DIFFUSE(diffuse_##HASH, CTX, INIT, UPDATE, FINAL, DIGEST)
+
+DEFINE_HASH(sha1, SHA_CTX, SHA1_Init, SHA1_Update, SHA1_Final, 64, 20)
+DEFINE_HASH(sha224, SHA256_CTX, SHA224_Init, SHA224_Update, SHA224_Final, 64, 28)
+DEFINE_HASH(sha256, SHA256_CTX, SHA256_Init, SHA256_Update, SHA256_Final, 64, 32)
+DEFINE_HASH(sha384, SHA512_CTX, SHA384_Init, SHA384_Update, SHA384_Final, 128, 48)
+DEFINE_HASH(sha512, SHA512_CTX, SHA512_Init, SHA512_Update, SHA512_Final, 128, 64)
 
 /* kdf.af_merge: the key from `stripes` blocks of `size` bytes, into `key` */
 static void af_merge(void (*diffuse)(uint8_t *, size_t), const uint8_t *material,
