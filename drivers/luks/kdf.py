@@ -81,9 +81,20 @@ def argon2_memory_limit_kib() -> int:
     return min(MAX_ARGON2_MEMORY_KIB, max(ram_kib // 2, 64 * 1024))
 
 
+def _canonical(hash_name: str) -> str:
+    """A hash name as HASHES and the native module spell it."""
+    return hash_name.strip().lower()
+
+
+def _native_name(hash_name: str) -> str | None:
+    """The name the native module knows this hash by, if it knows it."""
+    name = _canonical(hash_name)
+    return name if name in NATIVE_HASHES else None
+
+
 def hash_algorithm(name: str) -> hashes.HashAlgorithm:
     try:
-        return HASHES[name.strip().lower()]()
+        return HASHES[_canonical(name)]()
     except KeyError:
         raise Unsupported(f"hash not supported: {name}") from None
 
@@ -98,10 +109,10 @@ def pbkdf2(hash_name: str, passphrase: bytes, salt: bytes, iterations: int,
            length: int) -> bytes:
     """PBKDF2-HMAC: on every core for the hashes the native module knows
     (see the module's docstring), else with `cryptography`."""
-    name = hash_name.strip().lower()
-    digest_size = NATIVE_HASHES.get(name)
-    if digest_size is None:
+    name = _native_name(hash_name)
+    if name is None:
         return one_core_pbkdf2(hash_name, passphrase, salt, iterations, length)
+    digest_size = NATIVE_HASHES[name]
     if length < 1 or iterations < 1:
         raise ValueError("PBKDF2 needs a length and iterations of at least 1")
     count = -(-length // digest_size)
@@ -181,8 +192,9 @@ class _Diffuser:
 
 def af_merge(material: bytes, key_size: int, stripes: int, hash_name: str) -> bytes:
     """Recover the key from `stripes` blocks of `key_size` bytes."""
-    if hash_name.strip().lower() in NATIVE_HASHES:
-        return native_af_merge(material, key_size, stripes, hash_name.strip().lower())
+    name = _native_name(hash_name)
+    if name is not None:
+        return native_af_merge(material, key_size, stripes, name)
     return python_af_merge(material, key_size, stripes, hash_name)
 
 
