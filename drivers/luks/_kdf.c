@@ -1,16 +1,18 @@
 /*
- * The two loops of a LUKS open that run long in Python: one output block of
- * PBKDF2-HMAC (RFC 8018 section 5.2, the function F), so that kdf.py can
- * derive a key's blocks on several cores at once, and the anti-forensic
- * merge of a key slot's stripes (kdf.af_merge: 4,000 stripes, 8,000 hashes
- * for a 512-bit key; ~9 ms in Python, on the open's critical path).
+ * The two loops of a LUKS open that run long in Python: PBKDF2-HMAC (RFC
+ * 8018 section 5.2) with its output blocks on several cores at once, and
+ * the anti-forensic merge of a key slot's stripes (kdf.af_merge: 4,000
+ * stripes, 8,000 hashes for a 512-bit key; ~9 ms in Python, on the open's
+ * critical path).
  *
  * A LUKS volume key is longer than one digest (a 512-bit XTS key is two
- * SHA-256 blocks), and PBKDF2's blocks are independent of each other; but
- * every library's PBKDF2 (cryptography's, hashlib's, OpenSSL's) derives
- * them one after another in one call, and nothing lets a caller ask for
- * block 2 alone.  Opening an image is mostly this derivation, so this module
- * computes one block, given its index, with the GIL released.
+ * SHA-256 blocks), and PBKDF2's blocks (the function F of the RFC) are
+ * independent of each other; but every library's PBKDF2 (cryptography's,
+ * hashlib's, OpenSSL's) derives them one after another in one call.
+ * Opening an image is mostly this derivation, so this module computes the
+ * blocks in threads of its own, one per core it is given, with the GIL
+ * released: started here, in C, they begin at once, where Python threads
+ * would each first wait for the GIL from a start-up busy importing.
  *
  * The hash is OpenSSL's (libcrypto's SHA-1 and SHA-2 functions, which use
  * the CPU's SHA instructions); this file only composes HMAC and the AF
@@ -30,10 +32,13 @@
 #include <Python.h>
 #include <openssl/crypto.h>
 #include <openssl/sha.h>
+#include <pthread.h>
 #include <stdint.h>
 #include <string.h>
 
 #define MAX_DIGEST 64
+#define MAX_LENGTH (1 << 20)    /* bytes of PBKDF2 output (LUKS keys are <= 64) */
+#define MAX_THREADS 64
 
 /*
  * block_<hash>(key, salt, iterations, index, out): T_index of PBKDF2 with
@@ -151,27 +156,93 @@ find_hash(const char *name)
     return NULL;
 }
 
+/* One PBKDF2 derivation, its blocks shared out among `stride` threads. */
+struct derivation {
+    const struct hash *hash;
+    const uint8_t *key, *salt;
+    size_t key_len, salt_len;
+    unsigned long long iterations;
+    uint32_t blocks, stride;
+    uint8_t *out;                   /* blocks * digest size bytes */
+};
+
+struct share {
+    const struct derivation *derivation;
+    uint32_t first;                 /* blocks first, first + stride, ... */
+};
+
+static void
+derive_share(const struct derivation *d, uint32_t first)
+{
+    for (uint32_t index = first; index <= d->blocks; index += d->stride)
+        d->hash->derive(d->key, d->key_len, d->salt, d->salt_len, d->iterations, index,
+                        d->out + (size_t)(index - 1) * (size_t)d->hash->digest_size);
+}
+
+static void *
+share_thread(void *arg)
+{
+    const struct share *share = arg;
+    derive_share(share->derivation, share->first);
+    return NULL;
+}
+
+/* The blocks on d->stride threads: this one and stride - 1 started here (a
+ * share whose thread cannot be started is derived on this one instead). */
+static void
+derive(const struct derivation *d)
+{
+    pthread_t threads[MAX_THREADS];
+    struct share shares[MAX_THREADS];
+    int started[MAX_THREADS] = {0};
+    for (uint32_t t = 1; t < d->stride; t++) {
+        shares[t] = (struct share){d, t + 1};
+        started[t] = pthread_create(&threads[t], NULL, share_thread, &shares[t]) == 0;
+    }
+    derive_share(d, 1);
+    for (uint32_t t = 1; t < d->stride; t++) {
+        if (started[t])
+            pthread_join(threads[t], NULL);
+        else
+            derive_share(d, t + 1);
+    }
+}
+
 static PyObject *
-kdf_pbkdf2_block(PyObject *module, PyObject *args)
+kdf_pbkdf2(PyObject *module, PyObject *args)
 {
     const char *hash_name;
     Py_buffer key, salt;
-    long long iterations, index;     /* (L: a negative or huge int is an error, not wrapped) */
-    if (!PyArg_ParseTuple(args, "sy*y*LL:pbkdf2_block", &hash_name, &key, &salt,
-                          &iterations, &index))
+    long long iterations;            /* (L: a negative or huge int is an error, not wrapped) */
+    Py_ssize_t length, threads;
+    if (!PyArg_ParseTuple(args, "sy*y*Lnn:pbkdf2", &hash_name, &key, &salt, &iterations,
+                          &length, &threads))
         return NULL;
     PyObject *result = NULL;
     const struct hash *hash = find_hash(hash_name);
-    if (hash != NULL && (iterations < 1 || index < 1 || index > UINT32_MAX)) {
-        PyErr_SetString(PyExc_ValueError, "iterations must be >= 1, index 1 to 2**32 - 1");
+    if (hash != NULL && (iterations < 1 || length < 1 || length > MAX_LENGTH || threads < 1)) {
+        PyErr_SetString(PyExc_ValueError,
+                        "iterations, length (to 2**20) and threads must be >= 1");
     } else if (hash != NULL) {
-        uint8_t out[MAX_DIGEST];
-        Py_BEGIN_ALLOW_THREADS
-        hash->derive(key.buf, key.len, salt.buf, salt.len, (unsigned long long)iterations,
-                     (uint32_t)index, out);
-        Py_END_ALLOW_THREADS
-        result = PyBytes_FromStringAndSize((const char *)out, hash->digest_size);
-        OPENSSL_cleanse(out, sizeof out);
+        uint32_t blocks = (uint32_t)((length + hash->digest_size - 1) / hash->digest_size);
+        struct derivation d = {
+            hash, key.buf, salt.buf, (size_t)key.len, (size_t)salt.len,
+            (unsigned long long)iterations, blocks,
+            (uint32_t)(threads < blocks ? threads : blocks), NULL,
+        };
+        if (d.stride > MAX_THREADS)
+            d.stride = MAX_THREADS;
+        size_t size = (size_t)blocks * (size_t)hash->digest_size;
+        if ((d.out = PyMem_Malloc(size)) == NULL) {
+            PyErr_NoMemory();
+        } else {
+            Py_BEGIN_ALLOW_THREADS
+            derive(&d);
+            Py_END_ALLOW_THREADS
+            result = PyBytes_FromStringAndSize((const char *)d.out, length);
+            OPENSSL_cleanse(d.out, size);
+            PyMem_Free(d.out);
+        }
     }
     PyBuffer_Release(&key);
     PyBuffer_Release(&salt);
@@ -217,9 +288,9 @@ kdf_hashes(PyObject *module, PyObject *unused)
 }
 
 static PyMethodDef METHODS[] = {
-    {"pbkdf2_block", kdf_pbkdf2_block, METH_VARARGS,
-     "pbkdf2_block(hash, key, salt, iterations, index) -> bytes: PBKDF2-HMAC "
-     "output block `index` (1-based), digest-sized, computed without the GIL."},
+    {"pbkdf2", kdf_pbkdf2, METH_VARARGS,
+     "pbkdf2(hash, key, salt, iterations, length, threads) -> bytes: PBKDF2-HMAC, "
+     "its output blocks derived on up to `threads` threads, without the GIL."},
     {"af_merge", kdf_af_merge, METH_VARARGS,
      "af_merge(material, key_size, stripes, hash) -> bytes: kdf.af_merge."},
     {"hashes", kdf_hashes, METH_NOARGS,
@@ -229,7 +300,7 @@ static PyMethodDef METHODS[] = {
 
 static struct PyModuleDef MODULE = {
     PyModuleDef_HEAD_INIT, "_kdf",
-    "PBKDF2-HMAC one output block at a time, and the AF merge (see kdf.py).", -1, METHODS,
+    "PBKDF2-HMAC with its blocks on several cores, and the AF merge (see kdf.py).", -1, METHODS,
 };
 
 PyMODINIT_FUNC

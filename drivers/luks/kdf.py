@@ -21,45 +21,47 @@ runs there too (8,000 hashes in a Python loop were ~9 ms of every open).
 Key-slot iteration counts are still calibrated against `cryptography`'s
 one-core PBKDF2: that is the time cryptsetup and QEMU take to open the
 image.
+
+`cryptography` is imported where it is used, not here: a mount starts its
+LUKS images' PBKDF2 (`early`) before anything else loads, and that import
+(5-10 ms) then runs beside the derivation instead of before it.
 """
 from __future__ import annotations
 
 import os
 import time
-from collections.abc import Callable
-from concurrent.futures import ThreadPoolExecutor
-from typing import Any
-
-import cryptography
-from cryptography.hazmat.primitives import hashes
-from cryptography.hazmat.primitives.kdf.pbkdf2 import PBKDF2HMAC
+from typing import TYPE_CHECKING, Any
 
 from imgfs.errors import Unsupported
+
+if TYPE_CHECKING:
+    from cryptography.hazmat.primitives import hashes
 
 try:
     from ._kdf import af_merge as native_af_merge
     from ._kdf import hashes as native_hashes
-    from ._kdf import pbkdf2_block as native_pbkdf2_block
+    from ._kdf import pbkdf2 as native_pbkdf2
     #: hash name -> digest size, for the hashes the native module knows
     NATIVE_HASHES: dict[str, int] = native_hashes()
 except ImportError:              # installed without a compiler: one core
     NATIVE_HASHES = {}
 
-#: LUKS hash names (as cryptsetup and QEMU write them) -> cryptography
-HASHES: dict[str, Callable[[], hashes.HashAlgorithm]] = {
-    "sha1": hashes.SHA1,
-    "sha224": hashes.SHA224,
-    "sha256": hashes.SHA256,
-    "sha384": hashes.SHA384,
-    "sha512": hashes.SHA512,
-    "sha3-224": hashes.SHA3_224,
-    "sha3-256": hashes.SHA3_256,
-    "sha3-384": hashes.SHA3_384,
-    "sha3-512": hashes.SHA3_512,
-    "blake2b-512": lambda: hashes.BLAKE2b(64),
-    "blake2s-256": lambda: hashes.BLAKE2s(32),
-    "sm3": hashes.SM3,
-    "md5": hashes.MD5,
+#: LUKS hash names (as cryptsetup and QEMU write them) -> the class in
+#: cryptography's `hashes` (and the digest size BLAKE2 takes)
+HASHES: dict[str, tuple[str, int | None]] = {
+    "sha1": ("SHA1", None),
+    "sha224": ("SHA224", None),
+    "sha256": ("SHA256", None),
+    "sha384": ("SHA384", None),
+    "sha512": ("SHA512", None),
+    "sha3-224": ("SHA3_224", None),
+    "sha3-256": ("SHA3_256", None),
+    "sha3-384": ("SHA3_384", None),
+    "sha3-512": ("SHA3_512", None),
+    "blake2b-512": ("BLAKE2b", 64),
+    "blake2s-256": ("BLAKE2s", 32),
+    "sm3": ("SM3", None),
+    "md5": ("MD5", None),
 }
 #: PBKDF2 / Argon2 limits: a header asking for more is refused rather than
 #: letting a hostile image hang the open or exhaust memory.  cryptsetup's own
@@ -93,13 +95,17 @@ def _native_name(hash_name: str) -> str | None:
 
 
 def hash_algorithm(name: str) -> hashes.HashAlgorithm:
+    from cryptography.hazmat.primitives import hashes
     try:
-        return HASHES[_canonical(name)]()
+        class_name, digest_size = HASHES[_canonical(name)]
     except KeyError:
         raise Unsupported(f"hash not supported: {name}") from None
+    algorithm = getattr(hashes, class_name)
+    return algorithm() if digest_size is None else algorithm(digest_size)
 
 
 def digest(name: str | None, data: bytes) -> bytes:
+    from cryptography.hazmat.primitives import hashes
     context = hashes.Hash(hash_algorithm(name or ""))
     context.update(data)
     return context.finalize()
@@ -112,26 +118,15 @@ def pbkdf2(hash_name: str, passphrase: bytes, salt: bytes, iterations: int,
     name = _native_name(hash_name)
     if name is None:
         return one_core_pbkdf2(hash_name, passphrase, salt, iterations, length)
-    digest_size = NATIVE_HASHES[name]
-    if length < 1 or iterations < 1:
-        raise ValueError("PBKDF2 needs a length and iterations of at least 1")
-    count = -(-length // digest_size)
-    if count == 1:
-        return native_pbkdf2_block(name, passphrase, salt, iterations, 1)[:length]
-    # the blocks at once, one thread each (the native code releases the GIL)
-    cores = len(os.sched_getaffinity(0))
-    with ThreadPoolExecutor(max_workers=min(count, cores),
-                            thread_name_prefix="imgfs-pbkdf2") as pool:
-        blocks = pool.map(lambda index: native_pbkdf2_block(name, passphrase, salt,
-                                                          iterations, index),
-                          range(1, count + 1))
-        return b"".join(blocks)[:length]
+    return native_pbkdf2(name, passphrase, salt, iterations, length,
+                         len(os.sched_getaffinity(0)))
 
 
 def one_core_pbkdf2(hash_name: str, passphrase: bytes, salt: bytes, iterations: int,
                     length: int) -> bytes:
     """`cryptography`'s PBKDF2: the reference, and what cryptsetup and QEMU
     spend on the same derivation."""
+    from cryptography.hazmat.primitives.kdf.pbkdf2 import PBKDF2HMAC
     kdf = PBKDF2HMAC(algorithm=hash_algorithm(hash_name), length=length, salt=salt,
                      iterations=iterations)
     return kdf.derive(passphrase)
@@ -150,6 +145,7 @@ def argon2(variant: str, passphrase: bytes, salt: bytes, *, time_cost: int,
         pass
     cls = getattr(argon2_module, class_name, None)
     if cls is None:      # Argon2 arrived in cryptography 44 (argon2id) and later
+        import cryptography
         raise Unsupported(f"{variant} needs a newer 'cryptography' package than "
                           f"{cryptography.__version__}")
     kdf = cls(salt=salt, length=length, iterations=time_cost, lanes=lanes,
@@ -174,6 +170,7 @@ class _Diffuser:
     copying a context costs a third of creating one: ~60 ms -> ~15 ms)."""
 
     def __init__(self, hash_name: str, block_size: int) -> None:
+        from cryptography.hazmat.primitives import hashes
         algorithm = hash_algorithm(hash_name)
         step = algorithm.digest_size
         self.empty = hashes.Hash(algorithm)

@@ -14,41 +14,49 @@ import re
 import sys
 import threading
 import warnings
-from collections.abc import Callable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
-
-from cryptography.hazmat.primitives.ciphers import algorithms
 
 from imgfs.errors import InvalidImage, Unsupported
 
 from .kdf import digest
 
 if TYPE_CHECKING:
-    from .crypto import SectorCipher
+    from cryptography.hazmat.primitives.ciphers import BlockCipherAlgorithm
 
-with warnings.catch_warnings():
-    warnings.simplefilter("ignore")
-    from cryptography.hazmat.decrepit.ciphers import algorithms as decrepit
+    from .crypto import SectorCipher
 
 
 @dataclass(frozen=True)
 class BlockAlgorithm:
-    """A block cipher `cryptography` provides, by its Linux crypto API name."""
+    """A block cipher `cryptography` provides, by its Linux crypto API name
+    (`cryptography` is imported at its first use: see `kdf`)."""
 
     name: str
     block_size: int
     key_sizes: tuple[int, ...]
-    factory: Callable[[bytes], algorithms.BlockCipherAlgorithm]
+    #: its class in cryptography's ciphers.algorithms (or decrepit's)
+    class_name: str
+    decrepit: bool = False
+
+    def factory(self, key: bytes) -> BlockCipherAlgorithm:
+        """`cryptography`'s algorithm object for this key."""
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")        # (decrepit's, for what it holds)
+            from cryptography.hazmat.decrepit.ciphers import algorithms as decrepit
+            from cryptography.hazmat.primitives.ciphers import algorithms
+        algorithm: BlockCipherAlgorithm = getattr(decrepit if self.decrepit else algorithms,
+                                                  self.class_name)(key)
+        return algorithm
 
 
 ALGORITHMS = {algo.name: algo for algo in (
-    BlockAlgorithm("aes", 16, (16, 24, 32), algorithms.AES),
-    BlockAlgorithm("camellia", 16, (16, 24, 32), decrepit.Camellia),
-    BlockAlgorithm("sm4", 16, (16,), algorithms.SM4),
-    BlockAlgorithm("cast5", 8, (16,), decrepit.CAST5),
-    BlockAlgorithm("blowfish", 8, tuple(range(4, 57)), decrepit.Blowfish),
-    BlockAlgorithm("des3_ede", 8, (24,), decrepit.TripleDES),
+    BlockAlgorithm("aes", 16, (16, 24, 32), "AES"),
+    BlockAlgorithm("camellia", 16, (16, 24, 32), "Camellia", decrepit=True),
+    BlockAlgorithm("sm4", 16, (16,), "SM4"),
+    BlockAlgorithm("cast5", 8, (16,), "CAST5", decrepit=True),
+    BlockAlgorithm("blowfish", 8, tuple(range(4, 57)), "Blowfish", decrepit=True),
+    BlockAlgorithm("des3_ede", 8, (24,), "TripleDES", decrepit=True),
 )}
 #: ciphers cryptsetup and QEMU know that `cryptography` does not provide
 KNOWN_UNSUPPORTED = ("serpent", "twofish", "cast6", "anubis", "khazad", "tnepres")

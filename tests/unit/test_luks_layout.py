@@ -8,6 +8,8 @@ import hashlib
 import json
 import os
 import struct
+import subprocess
+import sys
 
 import pytest
 import trio
@@ -213,6 +215,15 @@ def test_native_pbkdf2_is_cryptographys(hash_name: str, passphrase: bytes, salt:
 
 
 @native
+@pytest.mark.parametrize("threads", [1, 2, 3, 7, 64, 1000])
+def test_native_pbkdf2_shares_blocks_among_threads(threads: int) -> None:
+    from imgfs.drivers.luks import _kdf
+    # SHA-1, 300 bytes: 15 blocks, shared round-robin among up to 64 threads
+    assert _kdf.pbkdf2("sha1", b"pass", b"salt", 50, 300, threads) == \
+        kdf.one_core_pbkdf2("sha1", b"pass", b"salt", 50, 300)
+
+
+@native
 @settings(max_examples=150, deadline=None)
 @given(hash_name=st.sampled_from(NATIVE), key_size=st.integers(1, 130),
        stripes=st.integers(1, 12), data=st.data())
@@ -228,12 +239,13 @@ def test_native_af_merge_is_kdf_pys(hash_name: str, key_size: int, stripes: int,
 def test_native_module_refuses_what_it_cannot_do() -> None:
     from imgfs.drivers.luks import _kdf
     with pytest.raises(ValueError, match="no native code for hash md5"):
-        _kdf.pbkdf2_block("md5", b"k", b"s", 1, 1)
-    for iterations, index in ((0, 1), (-1, 1), (1, 0), (1, 2**32)):
-        with pytest.raises(ValueError, match="iterations must be >= 1, index 1 to"):
-            _kdf.pbkdf2_block("sha256", b"k", b"s", iterations, index)
+        _kdf.pbkdf2("md5", b"k", b"s", 1, 32, 2)
+    for iterations, length, threads in ((0, 32, 1), (-1, 32, 1), (1, 0, 1), (1, -1, 1),
+                                        (1, 2**20 + 1, 1), (1, 32, 0), (1, 32, -2)):
+        with pytest.raises(ValueError, match="iterations, length .to 2..20. and threads"):
+            _kdf.pbkdf2("sha256", b"k", b"s", iterations, length, threads)
     with pytest.raises(OverflowError):              # not wrapped into a 2**64 loop
-        _kdf.pbkdf2_block("sha256", b"k", b"s", 2**64 - 1, 1)
+        _kdf.pbkdf2("sha256", b"k", b"s", 2**64 - 1, 32, 1)
     with pytest.raises(ValueError, match="fewer bytes than the stripes"):
         _kdf.af_merge(bytes(63), 32, 2, "sha256")
     with pytest.raises(ValueError, match="no native code for hash md5"):
@@ -248,7 +260,7 @@ def test_calibration_times_the_one_core_pbkdf2(monkeypatch) -> None:
     def split(*args: object) -> bytes:
         raise AssertionError("calibration used the native, multi-core PBKDF2")
     monkeypatch.setattr(kdf, "pbkdf2", split)
-    monkeypatch.setattr(kdf, "native_pbkdf2_block", split, raising=False)
+    monkeypatch.setattr(kdf, "native_pbkdf2", split, raising=False)
     assert kdf.calibrate_pbkdf2("sha256", 64, 1) >= kdf.MIN_PBKDF2_ITERATIONS
 
 
@@ -505,6 +517,18 @@ def test_early_unlocking_of_a_mount_source(small_luks1: tuple[bytearray, bytes],
     early.start_unlocking([str(path)], MountOptions(fmt="raw", key_secret="k",
                                                     secrets={"k": b"secret"}))
     assert not luks1.EARLY.started
+
+
+def test_the_early_start_loads_no_heavy_module() -> None:
+    """What must load before a mount's PBKDF can start (the early path up
+    to the header parse) stays light: `cryptography` and numpy load beside
+    the derivation, not before it."""
+    code = ("import sys; from imgfs.drivers.luks import early, luks1; "
+            "print(sorted({m.split('.')[0] for m in sys.modules} & "
+            "{'cryptography', 'numpy', 'trio', 'pyfuse3'}))")
+    loaded = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                            check=True).stdout.strip()
+    assert loaded == "[]"
 
 
 def test_inline_secret_spans() -> None:
