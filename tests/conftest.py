@@ -243,16 +243,16 @@ def write_through_api(image: str | os.PathLike[str], writes: list[tuple[int, byt
 
 @pytest.fixture
 def slot_openings(monkeypatch: pytest.MonkeyPatch) -> list[bytes]:
-    """The passphrase of every LUKS1 key slot opening that runs the PBKDF
-    (luks.early's head start included), in order."""
-    from imgfs.drivers.luks import luks1
+    """The passphrase of every LUKS1 or LUKS2 key slot opening that runs
+    the KDF (luks.early's head start included), in order."""
+    from imgfs.drivers.luks import luks1, luks2
     opened: list[bytes] = []
-    real = luks1._open_slot
-
-    def counting(header: Any, slot: Any, material: bytes, passphrase: bytes) -> bytes | None:
-        opened.append(passphrase)
-        return real(header, slot, material, passphrase)
-    monkeypatch.setattr(luks1, "_open_slot", counting)
+    for module in (luks1, luks2):
+        def counting(header: Any, slot: Any, material: bytes, passphrase: bytes, *,
+                     real: Any = module.open_slot) -> bytes | None:
+            opened.append(passphrase)
+            return real(header, slot, material, passphrase)
+        monkeypatch.setattr(module, "open_slot", counting)
     return opened
 
 

@@ -4,26 +4,27 @@ Opening an encrypted image is mostly its PBKDF (QEMU's default iter-time is
 2 s; cryptsetup's 1-2 s): everything else a mount does before it (loading
 trio, pyfuse3, the block graph and the drivers: 150-250 ms) would simply add
 to it.  So the mount process, before anything else, reads the header of each
-local LUKS1 image (standalone, or the one a qcow2 image embeds) and its
-first active key slot, resolves the passphrase the open will use, and starts
-opening that slot in a thread (`luks1.open_slot_early`: the PBKDF2, the AF
-merge and the master key digest check).  The PBKDF releases the GIL: imgfs
-goes on loading meanwhile, and when the driver gets to the same slot with
-the same bytes it takes the result instead of starting again.
+local LUKS image (standalone, or the one a qcow2 image embeds) and the first
+key slot its open will try, resolves the passphrase the open will use, and
+starts opening that slot in a thread (`luks1.open_slot`, `luks2.open_slot`:
+the PBKDF2 or Argon2, the AF merge and the digest check).  The KDF releases
+the GIL: imgfs goes on loading meanwhile, and when the driver gets to the
+same slot with the same bytes it takes the result instead of starting again
+(`EARLY`).
 
 This is a head start, never a second opinion: anything unusual (a URL, a
-json: source, LUKS2, no secret given, a header that does not parse, any
-error at all) just skips it, and the open proceeds and reports as it always
-does.  Only light modules are imported here (no trio, no numpy).
+json: source, no secret given, a header that does not parse, any error at
+all) just skips it, and the open proceeds and reports as it always does.
+Only light modules are imported here (no cryptography, trio or numpy).
 """
 from __future__ import annotations
 
 import os
 import stat
 import threading
-from collections.abc import Callable
+from collections.abc import Callable, Coroutine
 from concurrent.futures import Future
-from typing import Any
+from typing import Any, TypeVar
 
 from . import LUKS_MAGIC
 
@@ -86,52 +87,103 @@ def _qcow2_luks_header(fd: int, head: bytes, file_size: int) -> tuple[int, int] 
 
 
 def _open_first_slot(fd: int, offset: int, area_size: int, passphrase: bytes | None) -> None:
-    """Start opening the first active key slot of the LUKS1 header at `offset`."""
-    from . import luks1, probe_version
-    head = os.pread(fd, luks1.HEADER_SIZE, offset)
-    if passphrase is None or probe_version(head) != 1:
+    """Start opening the key slot the open of the LUKS header at `offset`
+    will try first.  (numpy, which decrypting the key material needs, is
+    not prefetched here: its import holds the GIL and would only slow the
+    loading of trio and the drivers; unlock() starts it, while the KDF
+    still runs.)"""
+    from . import probe_version
+    if passphrase is None:
         return
-    header = luks1.parse_header(head, area_size)
+    version = probe_version(os.pread(fd, 8, offset))
+    if version == 1:
+        _open_luks1_slot(fd, offset, area_size, passphrase)
+    elif version == 2:
+        _open_luks2_slot(fd, offset, area_size, passphrase)
+
+
+def _open_luks1_slot(fd: int, offset: int, area_size: int, passphrase: bytes) -> None:
+    from . import luks1
+    header = luks1.parse_header(os.pread(fd, luks1.HEADER_SIZE, offset), area_size)
     active = header.active_slots()
     if not active:
         return
     slot = header.slots[active[0]]
     start, size = header.material_area(slot)
     material = os.pread(fd, size, offset + start)
-    # (numpy, which decrypting the key material needs, is not prefetched
-    # here: its import holds the GIL and would only slow the loading of
-    # trio and the drivers; unlock() starts it, while the PBKDF still runs)
-    luks1.open_slot_early(header, slot, material, passphrase)
+    if len(material) == size:
+        EARLY.start(luks1.open_slot, header, slot, material, passphrase)
+
+
+def _open_luks2_slot(fd: int, offset: int, area_size: int, passphrase: bytes) -> None:
+    from . import luks2
+
+    async def read(position: int, length: int) -> bytes:
+        return os.pread(fd, length, offset + position)
+    header = _run_unsuspended(luks2.parse_header(read, area_size, quiet=True))
+    slots = header.slots_to_try()
+    if not slots:
+        return
+    material = os.pread(fd, slots[0].material_size, offset + slots[0].area_offset)
+    if len(material) == slots[0].material_size:
+        EARLY.start(luks2.open_slot, header, slots[0], material, passphrase)
+
+
+T = TypeVar("T")
+
+
+def _run_unsuspended(coroutine: Coroutine[Any, Any, T]) -> T:
+    """Run a coroutine that never suspends (its only awaits are reads that
+    return at once) without an event loop: trio is not loaded yet."""
+    try:
+        coroutine.send(None)
+    except StopIteration as finished:
+        result: T = finished.value
+        return result
+    coroutine.close()
+    raise RuntimeError("a header read suspended")
 
 
 class AheadOfNeed:
-    """Calls started in a thread before they are needed, by their arguments:
-    the same call made later takes the result (once) instead of computing it
-    again.  Results stay in memory only, until taken or forgotten."""
+    """Calls started in a thread before they are needed: the same call made
+    later (the same function with equal arguments) takes the result, once,
+    instead of computing it again.  Results stay in memory only, until taken
+    or forgotten."""
 
     def __init__(self, thread_name: str) -> None:
         self.thread_name = thread_name
+        #: (function, *args) -> the result to come
         self.started: dict[tuple[Any, ...], Future[Any]] = {}
         self.lock = threading.Lock()
 
     def start(self, function: Callable[..., Any], *args: Any) -> None:
         result: Future[Any] = Future()
 
-        def call() -> None:
+        def run() -> None:
             try:
                 result.set_result(function(*args))
             except BaseException as exc:      # the caller that takes it raises it
                 result.set_exception(exc)
         with self.lock:
-            self.started[args] = result
-        threading.Thread(target=call, name=self.thread_name, daemon=True).start()
+            self.started[(function, *args)] = result
+        threading.Thread(target=run, name=self.thread_name, daemon=True).start()
 
-    def take(self, *args: Any) -> Future[Any] | None:
+    def call(self, function: Callable[..., T], *args: Any) -> T:
+        """function(*args): the result of the same call started ahead, if
+        one was (waiting for it to finish), else computed now."""
         with self.lock:
-            return self.started.pop(args, None)
+            started = self.started.pop((function, *args), None)
+        if started is None:
+            return function(*args)
+        result: T = started.result()
+        return result
 
     def forget(self, unwanted: Callable[[tuple[Any, ...]], bool]) -> None:
         """Drop the calls nothing took whose arguments are `unwanted`."""
         with self.lock:
-            for args in [args for args in self.started if unwanted(args)]:
-                del self.started[args]
+            for key in [key for key in self.started if unwanted(key[1:])]:
+                del self.started[key]
+
+
+#: the key slots a mount began opening before their driver asked
+EARLY = AheadOfNeed("imgfs-early-unlock")

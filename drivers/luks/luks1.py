@@ -28,7 +28,7 @@ from typing import NamedTuple
 from imgfs.errors import CorruptImage, InvalidImage, PermissionDenied
 
 from . import kdf
-from .early import AheadOfNeed
+from .early import EARLY
 from .spec import CipherSpec, parse_cipher, prefetch_sector_cipher, sector_cipher
 
 LUKS_MAGIC = b"LUKS\xba\xbe"
@@ -231,28 +231,10 @@ def _check_slots(header: Luks1Header, area_size: int) -> None:
 # -- unlocking ----------------------------------------------------------------------
 
 
-#: slots luks.early began opening before the driver asked
-EARLY = AheadOfNeed("imgfs-early-unlock")
-
-
 def open_slot(header: Luks1Header, slot: KeySlot, material: bytes,
               passphrase: bytes) -> bytes | None:
-    """The volume key if `passphrase` opens `slot`, else None (CPU-bound):
-    the result of `open_slot_early` with the same arguments, if one ran."""
-    started = EARLY.take(header, slot, material, passphrase)
-    if started is not None:
-        return started.result()
-    return _open_slot(header, slot, material, passphrase)
-
-
-def open_slot_early(header: Luks1Header, slot: KeySlot, material: bytes,
-                    passphrase: bytes) -> None:
-    """Start `open_slot` in a thread now (luks.early)."""
-    EARLY.start(_open_slot, header, slot, material, passphrase)
-
-
-def _open_slot(header: Luks1Header, slot: KeySlot, material: bytes,
-               passphrase: bytes) -> bytes | None:
+    """The volume key if `passphrase` opens `slot`, else None (CPU-bound;
+    `unlock` calls it through `EARLY`, where luks.early may have started it)."""
     key_bytes = header.phdr.key_bytes
     slot_key = kdf.pbkdf2(header.hash_name, passphrase, slot.salt, slot.iterations, key_bytes)
     split = sector_cipher(header.spec, slot_key).decrypt(0, material)
@@ -282,7 +264,8 @@ async def unlock(header: Luks1Header, read: ReadFn, passphrase: bytes) -> bytes:
             material = await read(start, size)
             if len(material) != size:
                 raise CorruptImage(f"key slot {index}: key material is truncated")
-            key = await trio.to_thread.run_sync(open_slot, header, slot, material, passphrase)
+            key = await trio.to_thread.run_sync(EARLY.call, open_slot, header, slot, material,
+                                                 passphrase)
             if key is not None:
                 return key
     finally:

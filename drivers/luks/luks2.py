@@ -33,11 +33,10 @@ import struct
 from dataclasses import dataclass
 from typing import Any, NamedTuple
 
-import trio
-
 from imgfs.errors import CorruptImage, InvalidImage, PermissionDenied, Unsupported
 
 from . import kdf
+from .early import EARLY
 from .luks1 import LUKS_MAGIC, LUKS_SECTOR_SIZE, LUKS_STRIPES, ReadFn, cipher_alg_name
 from .spec import CipherSpec, parse_encryption, prefetch_sector_cipher, sector_cipher
 
@@ -114,9 +113,11 @@ async def _read_copy(read: ReadFn, offset: int, magic: bytes,
     return check_copy(area, magic)
 
 
-async def read_metadata(read: ReadFn, area_size: int) -> tuple[HdrDisk, dict[str, Any]]:
+async def read_metadata(read: ReadFn, area_size: int,
+                        quiet: bool = False) -> tuple[HdrDisk, dict[str, Any]]:
     """The newest valid copy of the header: primary, else a secondary found
-    at one of the offsets cryptsetup may put it."""
+    at one of the offsets cryptsetup may put it (and a warning that one copy
+    is damaged, unless `quiet`)."""
     copies: list[tuple[HdrDisk, dict[str, Any]]] = []
     damage: list[str] = []
     try:
@@ -133,7 +134,7 @@ async def read_metadata(read: ReadFn, area_size: int) -> tuple[HdrDisk, dict[str
                 damage.append(f"secondary: {exc}")
     if not copies:
         raise CorruptImage(f"both LUKS2 header copies are damaged ({damage[0]})")
-    if damage:
+    if damage and not quiet:
         log.warning("LUKS2 header copy damaged, using the other one (%s)", "; ".join(damage))
     return max(copies, key=lambda copy: copy[0].seqid)
 
@@ -373,26 +374,26 @@ class Luks2Header:
 
     async def unlock(self, read: ReadFn, passphrase: bytes) -> bytes:
         """Try the keyslots of segment 0's digest, high priority first."""
+        import trio  # (here: luks.early parses headers before trio is loaded)
         prefetch_sector_cipher()
-        order = sorted(range(len(self.keyslots)), key=lambda i: -self.priorities[i])
-        for position in order:
-            slot = self.keyslots[position]
-            if self.priorities[position] == 0:
-                continue              # "ignore": only used when named explicitly
-            material = await read(slot.area_offset, slot.material_size)
-            if len(material) != slot.material_size:
-                raise CorruptImage(f"keyslot {slot.index}: key material is truncated")
-            key = await trio.to_thread.run_sync(self._open_slot, slot, material, passphrase)
-            if key is not None:
-                return key
+        try:
+            for slot in self.slots_to_try():
+                material = await read(slot.area_offset, slot.material_size)
+                if len(material) != slot.material_size:
+                    raise CorruptImage(f"keyslot {slot.index}: key material is truncated")
+                key = await trio.to_thread.run_sync(EARLY.call, open_slot, self, slot,
+                                                    material, passphrase)
+                if key is not None:
+                    return key
+        finally:
+            EARLY.forget(lambda args: args[0] == self)
         raise PermissionDenied("no key slot matches this passphrase")
 
-    def _open_slot(self, slot: Keyslot, material: bytes, passphrase: bytes) -> bytes | None:
-        area_key = slot.kdf.derive(passphrase, slot.area_key_size)
-        split = sector_cipher(slot.area_spec, area_key).decrypt(0, material)
-        del area_key
-        candidate = kdf.af_merge(split, slot.key_size, slot.stripes, slot.af_hash)
-        return candidate if self.digest.matches(candidate) else None
+    def slots_to_try(self) -> list[Keyslot]:
+        """The keyslots `unlock` tries, in its order: high priority first,
+        none of priority 0 ("ignore": only used when named explicitly)."""
+        order = sorted(range(len(self.keyslots)), key=lambda i: -self.priorities[i])
+        return [self.keyslots[i] for i in order if self.priorities[i] != 0]
 
     def info(self) -> dict[str, object]:
         spec = self.spec
@@ -410,8 +411,20 @@ class Luks2Header:
         return info
 
 
-async def parse_header(read: ReadFn, area_size: int) -> Luks2Header:
-    hdr, metadata = await read_metadata(read, area_size)
+def open_slot(header: Luks2Header, slot: Keyslot, material: bytes,
+              passphrase: bytes) -> bytes | None:
+    """The volume key if `passphrase` opens `slot`, else None (CPU-bound;
+    `unlock` calls it through `EARLY`, where luks.early may have started it)."""
+    area_key = slot.kdf.derive(passphrase, slot.area_key_size)
+    split = sector_cipher(slot.area_spec, area_key).decrypt(0, material)
+    del area_key
+    candidate = kdf.af_merge(split, slot.key_size, slot.stripes, slot.af_hash)
+    return candidate if header.digest.matches(candidate) else None
+
+
+async def parse_header(read: ReadFn, area_size: int, quiet: bool = False) -> Luks2Header:
+    """The validated header (`quiet`: no warning about a damaged copy)."""
+    hdr, metadata = await read_metadata(read, area_size, quiet)
     keyslots_area = _check_config(metadata, hdr.hdr_size)
     segment = parse_segments(metadata)
     if segment.offset < keyslots_area[1]:

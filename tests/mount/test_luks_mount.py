@@ -3,9 +3,11 @@ passphrase file, wrong passphrases refused before anything is mounted,
 writes that QEMU (LUKS1) and an independent decryption (LUKS2) read back."""
 from __future__ import annotations
 
+import subprocess
 from pathlib import Path
 
 from tests.conftest import (
+    IMGFS,
     assert_wrong_passphrase_mounts_nothing,
     daemon_pids,
     mounted,
@@ -13,6 +15,7 @@ from tests.conftest import (
     pwrite_all,
     random_bytes,
     run,
+    unmount,
 )
 from tests.drivers.test_luks import (
     PASS,
@@ -77,6 +80,28 @@ def test_luks2_4k_sectors_through_the_mount(tmp_path: Path, mnt: Path) -> None:
             handle.seek(16 * MiB + sector * 4096)
             assert decrypt_xts(key, handle.read(4096), sector) == \
                 expected[sector * 4096:(sector + 1) * 4096]
+
+
+def test_luks2_mount_opens_its_keyslot_early(tmp_path: Path, mnt: Path) -> None:
+    """A LUKS2 mount starts its keyslot's Argon2 before imgfs has loaded
+    (luks.early): a wrong passphrase still mounts nothing, and a damaged
+    header copy is warned about once, not once per parse."""
+    need("cryptsetup")
+    image = cryptsetup_format(tmp_path / "disk.luks", 17 * MiB, *luks2_pbkdf("argon2id"),
+                              luks_type="luks2")
+    assert_wrong_passphrase_mounts_nothing(image, mnt)
+    with open(image, "r+b") as handle:          # the primary copy's JSON damaged
+        handle.seek(4096 + 10)
+        handle.write(b"AAAA")
+    try:
+        result = subprocess.run([IMGFS, "mount", *SECRET, "-o", "key-secret=sec0", image.name,
+                                 str(mnt)], cwd=tmp_path, capture_output=True, text=True,
+                                timeout=60)
+        assert result.returncode == 0
+        assert result.stderr.count("LUKS2 header copy damaged") == 1, result.stderr
+        assert (mnt / "disk.raw").stat().st_size == MiB
+    finally:
+        unmount(mnt)
 
 
 def test_inline_secret_is_not_in_the_process_list(tmp_path: Path, mnt: Path) -> None:

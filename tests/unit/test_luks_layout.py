@@ -479,16 +479,22 @@ def test_payload_inside_the_header_is_refused(small_luks1: tuple[bytearray, byte
 
 def test_a_call_started_ahead_is_taken_once() -> None:
     from imgfs.drivers.luks.early import AheadOfNeed
+    calls: list[tuple[int, int]] = []
+
+    def power(base: int, exponent: int) -> int:
+        calls.append((base, exponent))
+        return base ** exponent
     ahead = AheadOfNeed("test")
-    ahead.start(pow, 3, 4)
-    started = ahead.take(3, 4)
-    assert started is not None and started.result() == 81
-    assert ahead.take(3, 4) is None                    # taken, not kept
+    ahead.start(power, 3, 4)
+    assert ahead.call(power, 3, 4) == 81 and calls == [(3, 4)]
+    assert ahead.call(power, 3, 4) == 81 and calls == [(3, 4), (3, 4)]   # taken, not kept
+    ahead.start(pow, 3, 4)                         # another function: another call
+    assert ahead.call(power, 3, 4) == 81 and len(calls) == 3
     ahead.start(divmod, 1, 0)
-    ahead.start(pow, 2, 2)
     with pytest.raises(ZeroDivisionError):             # the taker gets the error
-        ahead.take(1, 0).result()                      # type: ignore[union-attr]
-    ahead.forget(lambda args: args[0] == 2)
+        ahead.call(divmod, 1, 0)
+    ahead.start(power, 2, 2)
+    ahead.forget(lambda args: args[0] in (2, 3))
     assert not ahead.started
 
 
@@ -503,7 +509,8 @@ def test_early_unlocking_of_a_mount_source(small_luks1: tuple[bytearray, bytes],
     opts = MountOptions(key_secret="k", secrets={"k": b"secret"})
     early.start_unlocking(["json:{}", str(tmp_path / "missing"), str(path)], opts)
     header = luks1.parse_header(bytes(image[:luks1.HEADER_SIZE]), len(image))
-    [(started_header, slot, _, passphrase)] = list(luks1.EARLY.started)
+    [(function, started_header, slot, _, passphrase)] = list(luks1.EARLY.started)
+    assert function is luks1.open_slot
     assert (started_header, slot, passphrase) == (header, header.slots[0], b"secret")
     # the open takes it: the slot was opened once, by the early thread
     assert trio.run(header.unlock, _reader(image), b"secret") == volume_key
@@ -519,11 +526,33 @@ def test_early_unlocking_of_a_mount_source(small_luks1: tuple[bytearray, bytes],
     assert not luks1.EARLY.started
 
 
+def test_early_unlocking_of_a_luks2_source(tmp_path, slot_openings: list[bytes],
+                                           caplog: pytest.LogCaptureFixture) -> None:
+    from imgfs.drivers.luks import create, early
+
+    from imgfs.mount import MountOptions
+    options = CREATE_OPTS.parse({"format": "luks2", "pbkdf": "pbkdf2", "iter-time": 1})
+    new = create.format_header(options, b"pw")
+    image = bytearray(new.payload_offset + 4096)
+    for offset, data in new.pieces:
+        image[offset:offset + len(data)] = data
+    image[4096 + 10:4096 + 14] = b"AAAA"         # the primary copy's JSON damaged
+    path = tmp_path / "disk.luks"
+    path.write_bytes(image)
+    early.start_unlocking([str(path)], MountOptions(key_secret="k", secrets={"k": b"pw"}))
+    [(function, header, slot, _, _)] = list(early.EARLY.started)
+    assert function is luks2.open_slot and slot == header.slots_to_try()[0]
+    assert not caplog.records                    # (the open warns, once)
+    assert trio.run(parse2(bytes(image)).unlock, _reader(image), b"pw") == new.volume_key
+    assert not early.EARLY.started and slot_openings == [b"pw"]
+    assert [r.getMessage()[:30] for r in caplog.records] == ["LUKS2 header copy damaged, usi"]
+
+
 def test_the_early_start_loads_no_heavy_module() -> None:
     """What must load before a mount's PBKDF can start (the early path up
     to the header parse) stays light: `cryptography` and numpy load beside
     the derivation, not before it."""
-    code = ("import sys; from imgfs.drivers.luks import early, luks1; "
+    code = ("import sys; from imgfs.drivers.luks import early, luks1, luks2; "
             "print(sorted({m.split('.')[0] for m in sys.modules} & "
             "{'cryptography', 'numpy', 'trio', 'pyfuse3'}))")
     loaded = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
