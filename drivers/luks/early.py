@@ -10,7 +10,7 @@ starts opening that slot in a thread (`luks1.open_slot`, `luks2.open_slot`:
 the PBKDF2 or Argon2, the AF merge and the digest check).  The KDF releases
 the GIL: imgfs goes on loading meanwhile, and when the driver gets to the
 same slot with the same bytes it takes the result instead of starting again
-(`EARLY`).
+(`EARLY`; `try_slots`, the unlock loop of both LUKS versions, takes it).
 
 This is a head start, never a second opinion: anything unusual (a URL, a
 json: source, no secret given, a header that does not parse, any error at
@@ -22,9 +22,11 @@ from __future__ import annotations
 import os
 import stat
 import threading
-from collections.abc import Callable, Coroutine
+from collections.abc import Awaitable, Callable, Coroutine
 from concurrent.futures import Future
-from typing import Any, TypeVar
+from typing import Any, NamedTuple, TypeVar
+
+from imgfs.errors import CorruptImage, PermissionDenied
 
 from . import LUKS_MAGIC
 
@@ -92,41 +94,30 @@ def _open_first_slot(fd: int, offset: int, area_size: int, passphrase: bytes | N
     not prefetched here: its import holds the GIL and would only slow the
     loading of trio and the drivers; unlock() starts it, while the KDF
     still runs.)"""
-    from . import probe_version
+    from . import luks1, probe_version
     if passphrase is None:
         return
-    version = probe_version(os.pread(fd, 8, offset))
+    header: Any
+    head = os.pread(fd, luks1.HEADER_SIZE, offset)
+    version = probe_version(head)
     if version == 1:
-        _open_luks1_slot(fd, offset, area_size, passphrase)
+        header = luks1.parse_header(head, area_size)
+        open_slot: Callable[..., bytes | None] = luks1.open_slot
     elif version == 2:
-        _open_luks2_slot(fd, offset, area_size, passphrase)
+        from . import luks2
 
-
-def _open_luks1_slot(fd: int, offset: int, area_size: int, passphrase: bytes) -> None:
-    from . import luks1
-    header = luks1.parse_header(os.pread(fd, luks1.HEADER_SIZE, offset), area_size)
-    active = header.active_slots()
-    if not active:
+        async def read(position: int, length: int) -> bytes:
+            return os.pread(fd, length, offset + position)
+        header = _run_unsuspended(luks2.parse_header(read, area_size, quiet=True))
+        open_slot = luks2.open_slot
+    else:
         return
-    slot = header.slots[active[0]]
-    start, size = header.material_area(slot)
-    material = os.pread(fd, size, offset + start)
-    if len(material) == size:
-        EARLY.start(luks1.open_slot, header, slot, material, passphrase)
-
-
-def _open_luks2_slot(fd: int, offset: int, area_size: int, passphrase: bytes) -> None:
-    from . import luks2
-
-    async def read(position: int, length: int) -> bytes:
-        return os.pread(fd, length, offset + position)
-    header = _run_unsuspended(luks2.parse_header(read, area_size, quiet=True))
-    slots = header.slots_to_try()
-    if not slots:
-        return
-    material = os.pread(fd, slots[0].material_size, offset + slots[0].area_offset)
-    if len(material) == slots[0].material_size:
-        EARLY.start(luks2.open_slot, header, slots[0], material, passphrase)
+    slots: list[SlotToTry] = header.slots_to_try()
+    if slots:
+        first = slots[0]
+        material = os.pread(fd, first.size, offset + first.start)
+        if len(material) == first.size:
+            EARLY.start(open_slot, header, first.slot, material, passphrase)
 
 
 T = TypeVar("T")
@@ -187,3 +178,36 @@ class AheadOfNeed:
 
 #: the key slots a mount began opening before their driver asked
 EARLY = AheadOfNeed("imgfs-early-unlock")
+
+
+class SlotToTry(NamedTuple):
+    """A key slot an open tries, and where its AF-split key lies."""
+
+    name: str               # in messages: "key slot 1" (LUKS1), "keyslot 1" (LUKS2)
+    slot: Any
+    start: int              # bytes from the start of the LUKS header
+    size: int
+
+
+async def try_slots(open_slot: Callable[[Any, Any, bytes, bytes], bytes | None], header: Any,
+                    slots: list[SlotToTry], read: Callable[[int, int], Awaitable[bytes]],
+                    passphrase: bytes) -> bytes:
+    """A LUKS1 or LUKS2 unlock: each slot's key material read and tried in
+    turn (open_slot in a worker thread, or the head start a mount made on
+    it); the volume key, or PermissionDenied."""
+    import trio  # (here: this module is imported before trio is loaded)
+
+    from .spec import prefetch_sector_cipher
+    prefetch_sector_cipher()
+    try:
+        for attempt in slots:
+            material = await read(attempt.start, attempt.size)
+            if len(material) != attempt.size:
+                raise CorruptImage(f"{attempt.name}: key material is truncated")
+            key = await trio.to_thread.run_sync(EARLY.call, open_slot, header, attempt.slot,
+                                                material, passphrase)
+            if key is not None:
+                return key
+    finally:
+        EARLY.forget(lambda args: args[0] == header)
+    raise PermissionDenied("no key slot matches this passphrase")

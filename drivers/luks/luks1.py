@@ -25,11 +25,11 @@ from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from typing import NamedTuple
 
-from imgfs.errors import CorruptImage, InvalidImage, PermissionDenied
+from imgfs.errors import CorruptImage, InvalidImage
 
 from . import kdf
-from .early import EARLY
-from .spec import CipherSpec, parse_cipher, prefetch_sector_cipher, sector_cipher
+from .early import SlotToTry, try_slots
+from .spec import CipherSpec, parse_cipher, sector_cipher
 
 LUKS_MAGIC = b"LUKS\xba\xbe"
 LUKS_VERSION = 1
@@ -123,11 +123,18 @@ class Luks1Header:
         return (file_size - self.payload_offset) // LUKS_SECTOR_SIZE * LUKS_SECTOR_SIZE
 
     async def unlock(self, read: ReadFn, passphrase: bytes) -> bytes:
-        return await unlock(self, read, passphrase)
+        """Try every active key slot; the volume key, or PermissionDenied."""
+        return await try_slots(open_slot, self, self.slots_to_try(), read, passphrase)
 
     def active_slots(self) -> list[int]:
         return [index for index, slot in enumerate(self.slots)
                 if slot.active == LUKS_KEY_ENABLED]
+
+    def slots_to_try(self) -> list[SlotToTry]:
+        """The active key slots, in the order `unlock` tries them."""
+        return [SlotToTry(f"key slot {index}", self.slots[index],
+                          *self.material_area(self.slots[index]))
+                for index in self.active_slots()]
 
     def info(self) -> dict[str, object]:
         """qemu-img info's luks "format-specific" data, with its key names."""
@@ -234,7 +241,7 @@ def _check_slots(header: Luks1Header, area_size: int) -> None:
 def open_slot(header: Luks1Header, slot: KeySlot, material: bytes,
               passphrase: bytes) -> bytes | None:
     """The volume key if `passphrase` opens `slot`, else None (CPU-bound;
-    `unlock` calls it through `EARLY`, where luks.early may have started it)."""
+    `unlock` calls it through early.EARLY, which may have started it)."""
     key_bytes = header.phdr.key_bytes
     slot_key = kdf.pbkdf2(header.hash_name, passphrase, slot.salt, slot.iterations, key_bytes)
     split = sector_cipher(header.spec, slot_key).decrypt(0, material)
@@ -251,26 +258,6 @@ def check_digest(header: Luks1Header, key: bytes) -> bool:
                           LUKS_DIGESTSIZE)
     import hmac  # (here: luks.early imports this module before the PBKDF starts)
     return hmac.compare_digest(computed, phdr.mk_digest)
-
-
-async def unlock(header: Luks1Header, read: ReadFn, passphrase: bytes) -> bytes:
-    """Try every active key slot; the volume key, or PermissionDenied."""
-    import trio  # (here: luks.early parses headers before trio is loaded)
-    prefetch_sector_cipher()
-    try:
-        for index in header.active_slots():
-            slot = header.slots[index]
-            start, size = header.material_area(slot)
-            material = await read(start, size)
-            if len(material) != size:
-                raise CorruptImage(f"key slot {index}: key material is truncated")
-            key = await trio.to_thread.run_sync(EARLY.call, open_slot, header, slot, material,
-                                                 passphrase)
-            if key is not None:
-                return key
-    finally:
-        EARLY.forget(lambda args: args[0] == header)
-    raise PermissionDenied("no key slot matches this passphrase")
 
 
 # -- creating -----------------------------------------------------------------------

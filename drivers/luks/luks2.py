@@ -33,12 +33,12 @@ import struct
 from dataclasses import dataclass
 from typing import Any, NamedTuple
 
-from imgfs.errors import CorruptImage, InvalidImage, PermissionDenied, Unsupported
+from imgfs.errors import CorruptImage, InvalidImage, Unsupported
 
 from . import kdf
-from .early import EARLY
+from .early import SlotToTry, try_slots
 from .luks1 import LUKS_MAGIC, LUKS_SECTOR_SIZE, LUKS_STRIPES, ReadFn, cipher_alg_name
-from .spec import CipherSpec, parse_encryption, prefetch_sector_cipher, sector_cipher
+from .spec import CipherSpec, parse_encryption, sector_cipher
 
 log = logging.getLogger("imgfs")
 
@@ -374,26 +374,15 @@ class Luks2Header:
 
     async def unlock(self, read: ReadFn, passphrase: bytes) -> bytes:
         """Try the keyslots of segment 0's digest, high priority first."""
-        import trio  # (here: luks.early parses headers before trio is loaded)
-        prefetch_sector_cipher()
-        try:
-            for slot in self.slots_to_try():
-                material = await read(slot.area_offset, slot.material_size)
-                if len(material) != slot.material_size:
-                    raise CorruptImage(f"keyslot {slot.index}: key material is truncated")
-                key = await trio.to_thread.run_sync(EARLY.call, open_slot, self, slot,
-                                                    material, passphrase)
-                if key is not None:
-                    return key
-        finally:
-            EARLY.forget(lambda args: args[0] == self)
-        raise PermissionDenied("no key slot matches this passphrase")
+        return await try_slots(open_slot, self, self.slots_to_try(), read, passphrase)
 
-    def slots_to_try(self) -> list[Keyslot]:
+    def slots_to_try(self) -> list[SlotToTry]:
         """The keyslots `unlock` tries, in its order: high priority first,
         none of priority 0 ("ignore": only used when named explicitly)."""
         order = sorted(range(len(self.keyslots)), key=lambda i: -self.priorities[i])
-        return [self.keyslots[i] for i in order if self.priorities[i] != 0]
+        slots = [self.keyslots[i] for i in order if self.priorities[i] != 0]
+        return [SlotToTry(f"keyslot {slot.index}", slot, slot.area_offset, slot.material_size)
+                for slot in slots]
 
     def info(self) -> dict[str, object]:
         spec = self.spec
@@ -414,7 +403,7 @@ class Luks2Header:
 def open_slot(header: Luks2Header, slot: Keyslot, material: bytes,
               passphrase: bytes) -> bytes | None:
     """The volume key if `passphrase` opens `slot`, else None (CPU-bound;
-    `unlock` calls it through `EARLY`, where luks.early may have started it)."""
+    `unlock` calls it through early.EARLY, which may have started it)."""
     area_key = slot.kdf.derive(passphrase, slot.area_key_size)
     split = sector_cipher(slot.area_spec, area_key).decrypt(0, material)
     del area_key

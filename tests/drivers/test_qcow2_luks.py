@@ -101,14 +101,14 @@ def test_a_mount_starts_unlocking_the_embedded_header_early(
         image: Path, tmp_path: Path, slot_openings: list[bytes]) -> None:
     """luks.early finds the LUKS header inside the qcow2 image and opens its
     key slot ahead; the open then takes that result (one PBKDF in all)."""
-    from imgfs.drivers.luks import early, luks1
+    from imgfs.drivers.luks import early
 
     from imgfs.mount import MountOptions
     early.start_unlocking([str(image)], MountOptions(
         secrets={"sec0": b"pass"}, driver_options={"encrypt.key-secret": "sec0"}))
-    assert len(luks1.EARLY.started) == 1
+    assert len(early.EARLY.started) == 1
     assert trio.run(read_all, image) == qemu_contents(image, tmp_path)
-    assert slot_openings == [b"pass"] and not luks1.EARLY.started
+    assert slot_openings == [b"pass"] and not early.EARLY.started
 
 
 def test_host_offset_numbers_the_sectors(image: Path, tmp_path: Path) -> None:

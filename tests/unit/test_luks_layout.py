@@ -509,21 +509,41 @@ def test_early_unlocking_of_a_mount_source(small_luks1: tuple[bytearray, bytes],
     opts = MountOptions(key_secret="k", secrets={"k": b"secret"})
     early.start_unlocking(["json:{}", str(tmp_path / "missing"), str(path)], opts)
     header = luks1.parse_header(bytes(image[:luks1.HEADER_SIZE]), len(image))
-    [(function, started_header, slot, _, passphrase)] = list(luks1.EARLY.started)
+    [(function, started_header, slot, _, passphrase)] = list(early.EARLY.started)
     assert function is luks1.open_slot
     assert (started_header, slot, passphrase) == (header, header.slots[0], b"secret")
     # the open takes it: the slot was opened once, by the early thread
     assert trio.run(header.unlock, _reader(image), b"secret") == volume_key
-    assert not luks1.EARLY.started and slot_openings == [b"secret"]
+    assert not early.EARLY.started and slot_openings == [b"secret"]
     # a wrong passphrase's open forgets it
     early.start_unlocking([str(path)], MountOptions(key_secret="k", secrets={"k": b"no"}))
     with pytest.raises(PermissionDenied):
         trio.run(header.unlock, _reader(image), b"no")
-    assert not luks1.EARLY.started
+    assert not early.EARLY.started
     early.start_unlocking([str(path)], MountOptions())     # no secret: nothing to start
     early.start_unlocking([str(path)], MountOptions(fmt="raw", key_secret="k",
                                                     secrets={"k": b"secret"}))
-    assert not luks1.EARLY.started
+    assert not early.EARLY.started
+
+
+def test_truncated_key_material_is_named(small_luks1: tuple[bytearray, bytes]) -> None:
+    """Both versions' unlock (one loop, early.try_slots) name the slot whose
+    key material the image cuts short."""
+    from imgfs.drivers.luks import create
+    image, _ = small_luks1
+    header = luks1.parse_header(bytes(image[:luks1.HEADER_SIZE]), len(image))
+    [first] = header.slots_to_try()
+    with pytest.raises(CorruptImage, match="^key slot 0: key material is truncated$"):
+        trio.run(header.unlock, _reader(image[:first.start + 10]), b"secret")
+    options = CREATE_OPTS.parse({"format": "luks2", "pbkdf": "pbkdf2", "iter-time": 1})
+    new = create.format_header(options, b"pw")
+    image2 = bytearray(new.payload_offset)
+    for offset, data in new.pieces:
+        image2[offset:offset + len(data)] = data
+    header2 = parse2(bytes(image2))
+    [first2] = header2.slots_to_try()
+    with pytest.raises(CorruptImage, match="^keyslot 0: key material is truncated$"):
+        trio.run(header2.unlock, _reader(image2[:first2.start + 10]), b"pw")
 
 
 def test_early_unlocking_of_a_luks2_source(tmp_path, slot_openings: list[bytes],
@@ -541,7 +561,7 @@ def test_early_unlocking_of_a_luks2_source(tmp_path, slot_openings: list[bytes],
     path.write_bytes(image)
     early.start_unlocking([str(path)], MountOptions(key_secret="k", secrets={"k": b"pw"}))
     [(function, header, slot, _, _)] = list(early.EARLY.started)
-    assert function is luks2.open_slot and slot == header.slots_to_try()[0]
+    assert function is luks2.open_slot and slot == header.slots_to_try()[0].slot
     assert not caplog.records                    # (the open warns, once)
     assert trio.run(parse2(bytes(image)).unlock, _reader(image), b"pw") == new.volume_key
     assert not early.EARLY.started and slot_openings == [b"pw"]
