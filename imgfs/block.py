@@ -14,13 +14,15 @@ from __future__ import annotations
 
 import abc
 import enum
+from collections.abc import Sequence
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any, ClassVar
+from typing import TYPE_CHECKING, Any, ClassVar, Protocol
 
 from .errors import ReadOnly, Unsupported
 from .options import Schema
 
 if TYPE_CHECKING:
+    from .check import CheckResult
     from .node import Node, OpenContext
 
 
@@ -78,8 +80,25 @@ class ChildRef:
     options: dict[str, Any] = field(default_factory=dict)
 
 
+class InternalSnapshot(Protocol):
+    """A snapshot stored inside an image (qcow2's internal snapshots)."""
+
+    @property
+    def id(self) -> str: ...
+    @property
+    def name(self) -> str: ...
+    def info(self) -> dict[str, Any]:
+        """qemu-img info's JSON entry for the snapshot."""
+
+
 class BlockDriver(abc.ABC):
-    """Base class of every driver; instances are wrapped by `Node`."""
+    """Base class of every driver; instances are wrapped by `Node`.
+
+    Everything the core and the commands may ask of a driver is declared
+    here with a default (QEMU's struct BlockDriver, nbdkit's can_*): the
+    optional capabilities are a flag saying whether the driver has them
+    and a method that refuses by default.
+    """
 
     name: ClassVar[str]
     kind: ClassVar[Kind]
@@ -118,6 +137,17 @@ class BlockDriver(abc.ABC):
     #: why a source that is not `writable` cannot be opened read-write
     read_only_reason: str = "read-only source or permission denied; use -o ro"
 
+    # -- optional capabilities ----------------------------------------------------
+    #: a new image reads as zeros, so convert may skip zero runs (QEMU's
+    #: bdrv_has_zero_init; an encrypted image reads as noise)
+    has_zero_init: ClassVar[bool] = True
+    #: `write_compressed` works (convert -c)
+    can_write_compressed: ClassVar[bool] = False
+    #: `check` works (imgfs check); otherwise check exits 63, as qemu-img
+    can_check: ClassVar[bool] = False
+    #: the format stores internal snapshots (imgfs snapshot, -o snapshots)
+    has_internal_snapshots: ClassVar[bool] = False
+
     # -- probing and filename parsing (pure) ------------------------------------
 
     @staticmethod
@@ -142,6 +172,9 @@ class BlockDriver(abc.ABC):
 
     async def attach(self) -> None:
         """Called once the children from `child_refs` are in `children`."""
+
+    async def activate(self) -> None:
+        """Take locks once the graph's read-only decisions are final."""
 
     async def aclose(self) -> None:
         """Write back what is cached; the core closes children afterwards."""
@@ -182,6 +215,30 @@ class BlockDriver(abc.ABC):
 
     async def truncate(self, size: int, preallocation: str = "off") -> None:
         raise Unsupported(f"{self.name} images cannot be resized")
+
+    async def write_compressed(self, offset: int, data: bytes) -> None:
+        """Write whole clusters compressed (when `can_write_compressed`)."""
+        raise Unsupported(f"{self.name} images cannot hold compressed data")
+
+    # -- checks and internal snapshots -----------------------------------------------
+
+    async def check(self, repair: str | None = None) -> CheckResult:
+        """qemu-img check's findings, after repairing ``leaks`` or ``all``
+        when asked (when `can_check`).  Reports; never prints."""
+        raise Unsupported(f"{self.name} images cannot be checked")
+
+    def internal_snapshots(self) -> Sequence[InternalSnapshot]:
+        """The image's internal snapshots (when `has_internal_snapshots`)."""
+        return ()
+
+    async def create_snapshot(self, name: str) -> None:
+        raise Unsupported(f"{self.name} images have no internal snapshots")
+
+    async def apply_snapshot(self, name: str) -> None:
+        raise Unsupported(f"{self.name} images have no internal snapshots")
+
+    async def delete_snapshot(self, name: str) -> None:
+        raise Unsupported(f"{self.name} images have no internal snapshots")
 
     def allocated_bytes(self) -> int | None:
         """Bytes this node itself occupies on its host storage, if known."""

@@ -11,7 +11,7 @@ import sys
 import time
 from typing import Any, NoReturn
 
-from .errors import ImgfsError, Unsupported, UsageError
+from .errors import CorruptImage, ImgfsError, Unsupported, UsageError
 from .options import parse_size, split_opt_string
 
 # -- shared helpers -------------------------------------------------------------------
@@ -422,18 +422,28 @@ async def allocation_map(node: Any) -> list[dict[str, Any]]:
 
 
 def cmd_check(args: argparse.Namespace) -> int:
+    from .check import NOT_SUPPORTED, render_human, render_json
+
     async def run() -> int:
         node = await _open(args, args.filename, read_only=args.repair is None, check=True)
         try:
-            check = getattr(node.driver, "check", None)
-            if check is None:
+            if not node.driver.can_check:
                 print(f"imgfs: {args.filename}: this image format does not support checks",
                       file=sys.stderr)
-                return 63
-            return int(await check(repair=args.repair, output=args.output,
-                                   quiet=args.quiet))
+                return NOT_SUPPORTED
+            result = await node.check(args.repair)
+            fmt = node.format_name
         finally:
             await node.aclose()
+        for message in result.messages:
+            print(message, file=sys.stderr)
+        if result.failure is not None:
+            raise CorruptImage(result.failure, path=args.filename)
+        if args.output == "json":
+            print(render_json(result, node.filename, fmt))
+        elif not args.quiet:
+            print(render_human(result))
+        return result.exit_code
     try:
         return int(run_trio(run))
     except UsageError as exc:
@@ -443,16 +453,25 @@ def cmd_check(args: argparse.Namespace) -> int:
 
 
 def cmd_snapshot(args: argparse.Namespace) -> int:
-    async def run() -> int:
+    from .info import render_snapshot_table
+
+    async def run() -> None:
         node = await _open(args, args.filename, read_only=bool(args.list))
         try:
-            snapshots = getattr(node.driver, "snapshot_command", None)
-            if snapshots is None:
-                raise Unsupported(f"{node.format_name} images have no internal snapshots")
-            return int(await snapshots(args))
+            if args.list:
+                snapshots = node.internal_snapshots()
+                if snapshots:
+                    print(render_snapshot_table([snap.info() for snap in snapshots]))
+            elif args.create:
+                await node.create_snapshot(args.create)
+            elif args.apply:
+                await node.apply_snapshot(args.apply)
+            elif args.delete:
+                await node.delete_snapshot(args.delete)
         finally:
             await node.aclose()
-    return int(run_trio(run))
+    run_trio(run)
+    return 0
 
 
 def cmd_resize(args: argparse.Namespace) -> int:

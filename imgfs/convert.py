@@ -36,7 +36,7 @@ async def convert(args: argparse.Namespace, options: dict[str, Any], sparse: int
         try:
             # Skipping zeros assumes a new image reads as zeros; an encrypted
             # one reads as noise (QEMU's bdrv_has_zero_init).
-            if not getattr(target.driver, "has_zero_init", True):
+            if not target.driver.has_zero_init:
                 sparse = 0
             await copy_image(source, target, sparse=sparse, compress=args.compress,
                              progress=args.progress and not args.quiet,
@@ -50,19 +50,17 @@ async def convert(args: argparse.Namespace, options: dict[str, Any], sparse: int
 
 async def copy_image(source: Node, target: Node, *, sparse: int, compress: bool,
                      progress: bool, keep_backing: bool) -> None:
-    write_compressed = getattr(target.driver, "write_compressed", None)
-    if compress and write_compressed is None:
+    if compress and not target.driver.can_write_compressed:
         raise Unsupported(f"{target.format_name} images cannot hold compressed data")
+    write_compressed = target.write_compressed if compress else None
     offset, size = 0, source.size
     while offset < size:
         length, status, _ = await source.block_status_above(offset, min(CHUNK, size - offset))
         if keep_backing:
-            await _write_over_backing(source, target, offset, length,
-                                      write_compressed if compress else None)
+            await _write_over_backing(source, target, offset, length, write_compressed)
         elif status & Status.DATA:
             data = await source.read(offset, length)
-            await _write_run(target, offset, data, sparse,
-                             write_compressed if compress else None)
+            await _write_run(target, offset, data, sparse, write_compressed)
         offset += length
         if progress:
             print(f"    ({100.0 * offset / size if size else 100:.2f}/100%)",

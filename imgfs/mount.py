@@ -346,10 +346,10 @@ async def open_snapshot_views(source: str, name: str, node: Any,
     from .graph import open_image
     from .node import OpenContext
 
-    snapshots = getattr(node.driver, "snapshots", None)
-    if snapshots is None:
+    if not node.driver.has_internal_snapshots:
         raise UsageError(f"{node.format_name} images have no internal snapshots "
                          "(-o snapshots)")
+    snapshots = node.internal_snapshots()
     stem = name[:-len(".raw")]
     views = []
     for snapshot in snapshots:

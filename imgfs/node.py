@@ -13,13 +13,17 @@ every driver relies on.
 from __future__ import annotations
 
 import struct
+from collections.abc import Sequence
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import trio
 
-from .block import BlockDriver, Extent, Kind, Status
+from .block import BlockDriver, Extent, InternalSnapshot, Kind, Status
 from .errors import CorruptImage, ImgfsError, OutOfRange, ReadOnly, Unsupported, from_oserror
+
+if TYPE_CHECKING:
+    from .check import CheckResult
 
 
 @dataclass
@@ -328,6 +332,16 @@ class Node:
             with self._driver_errors:
                 await self.driver.discard(start, end - start)
 
+    async def write_compressed(self, offset: int, data: bytes) -> None:
+        """Whole clusters, stored compressed (convert -c)."""
+        self._check_writable()
+        self._check_range(offset, len(data))
+        if not self.driver.can_write_compressed:
+            raise Unsupported(f"{self.driver.name} images cannot hold compressed data")
+        if data:
+            with self._driver_errors:
+                await self.driver.write_compressed(offset, data)
+
     async def flush(self) -> None:
         """Make everything written so far durable, this layer then its children."""
         if self.read_only:
@@ -389,15 +403,43 @@ class Node:
         """Take locks once the graph's read-only decisions are final."""
         for child in self.children.values():
             await child.activate()
-        activate = getattr(self.driver, "activate", None)
-        if activate is not None:
-            try:
-                await activate()
-            except ImgfsError as exc:
-                exc.path = exc.path or self.filename
-                raise
-            except OSError as exc:
-                raise self._wrap(exc) from exc
+        with self._driver_errors:
+            await self.driver.activate()
+
+    # -- checks and internal snapshots --------------------------------------------
+
+    async def check(self, repair: str | None = None) -> CheckResult:
+        """imgfs check: the driver's findings (Unsupported when it has no check)."""
+        if not self.driver.can_check:
+            raise Unsupported(f"{self.driver.name} images cannot be checked")
+        if repair is not None:
+            self._check_writable()
+        with self._driver_errors:
+            return await self.driver.check(repair)
+
+    def internal_snapshots(self) -> Sequence[InternalSnapshot]:
+        if not self.driver.has_internal_snapshots:
+            raise Unsupported(f"{self.driver.name} images have no internal snapshots")
+        return self.driver.internal_snapshots()
+
+    async def create_snapshot(self, name: str) -> None:
+        self._check_snapshots_writable()
+        with self._driver_errors:
+            await self.driver.create_snapshot(name)
+
+    async def apply_snapshot(self, name: str) -> None:
+        self._check_snapshots_writable()
+        with self._driver_errors:
+            await self.driver.apply_snapshot(name)
+
+    async def delete_snapshot(self, name: str) -> None:
+        self._check_snapshots_writable()
+        with self._driver_errors:
+            await self.driver.delete_snapshot(name)
+
+    def _check_snapshots_writable(self) -> None:
+        self.internal_snapshots()
+        self._check_writable()
 
     async def aclose(self) -> None:
         """Flush what the driver caches and close the whole subtree."""

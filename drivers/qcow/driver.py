@@ -64,6 +64,7 @@ class QcowDriver(BlockDriver):
     name = "qcow"
     kind = Kind.FORMAT
     supports_backing = True
+    can_write_compressed = True
     description = "QEMU copy-on-write version 1 (read, write, create; legacy AES read-only)"
     open_opts = Schema(
         Opt("encrypt", _parse_encrypt,

@@ -7,8 +7,8 @@ core reads them), external data files, extended L2 entries, every refcount
 width, lazy refcounts and the dirty bit (a dirty image opened read-write
 gets its refcounts rebuilt), the corrupt bit, persistent dirty bitmaps
 (`bitmaps`: writes set their bits, stored at close), and internal snapshots (listed, readable
-through the `snapshot` open option, created / applied / deleted by
-`snapshot_command`), and ``encrypt.format=luks`` (`crypt`: data clusters
+through the `snapshot` open option, created / applied / deleted through
+the core's snapshot capability), and ``encrypt.format=luks`` (`crypt`: data clusters
 decrypted in `read_data`, encrypted on the way out).  Legacy AES
 encryption (crypt_method 1) is read-only, for data liberation: opening it
 read-write fails, a read-only open warns that the scheme is broken.
@@ -28,7 +28,6 @@ from __future__ import annotations
 
 import logging
 import struct
-import sys
 from typing import TYPE_CHECKING, Any
 
 import trio
@@ -89,10 +88,11 @@ from .snapshot import (
     SnapshotEntry,
     parse_snapshot_table,
 )
-from .snapshot import listing as snapshot_listing
 from .write import WriteMixin
 
 if TYPE_CHECKING:
+    from imgfs.check import CheckResult
+
     from . import repair as checks
     from .crypt import AesCipher, ClusterCipher
 
@@ -144,6 +144,7 @@ class Qcow2Driver(WriteMixin, BlockDriver):
     name = "qcow2"
     kind = Kind.FORMAT
     supports_backing = True
+    can_write_compressed = can_check = has_internal_snapshots = True
     description = "QEMU copy-on-write v2/v3 (read, write, create)"
     #: opened by `imgfs check`; read-only too (set by `open`)
     check_mode = tolerate_tables = False
@@ -370,8 +371,7 @@ class Qcow2Driver(WriteMixin, BlockDriver):
         # A corrupt image opens (so that check -r all can repair it) but
         # refuses every guest write (_prepare_for_write).
         incompat = self.header.incompatible_features
-        if incompat & INCOMPAT_DIRTY and getattr(self.children["file"].driver,
-                                                 "writable", True):
+        if incompat & INCOMPAT_DIRTY and self.children["file"].driver.writable:
             from . import repair as checks
             await checks.rebuild_refcounts(self)
             await self._set_incompat(self.header.incompatible_features & ~INCOMPAT_DIRTY)
@@ -639,33 +639,26 @@ class Qcow2Driver(WriteMixin, BlockDriver):
             report["extended-l2"] = self.geometry.extended_l2
         return report
 
-    async def check(self, *, repair: str | None = None, output: str = "human",
-                    quiet: bool = False) -> int:
-        """`imgfs check`: qemu-img check's report, messages and exit code."""
+    async def check(self, repair: str | None = None) -> CheckResult:
+        """`imgfs check`: qemu-img check's findings, counts and messages."""
         from . import repair as checks  # (here: ~6 ms of every mount otherwise)
-        fixed = (0, 0)
+        messages: list[str] = []
+        fixed: tuple[int, int] | None = (0, 0)
         async with self.lock:
             await self._write_back()
             report = await checks.check_image(self)
             if repair and (report.leaks or report.corruptions):
-                fixed, report = await self._repair(report, repair)
-        if any(fixed) and output == "human" and not quiet:
-            # qemu-img prints this only when something was repaired
-            print("The following inconsistencies were found and repaired:\n\n"
-                  f"    {fixed[0]} leaked clusters\n    {fixed[1]} corruptions\n\n"
-                  "Double checking the fixed image now...")
-        for message in report.messages:
-            print(message, file=sys.stderr)
-        if output == "json":
-            print(checks.report_json(report, self.node.filename, fixed))
-        elif not quiet:
-            print(checks.report_human(report))
-        return checks.exit_code(report)
+                fixed, report = await self._repair(report, repair, messages)
+        if fixed is None:
+            return checks.as_result(report, messages, failure=(
+                "check failed: the refcount structures need a rebuild (use -r all)"))
+        return checks.as_result(report, messages, fixed=fixed)
 
-    async def _repair(self, report: checks.CheckReport,
-                      repair: str) -> tuple[tuple[int, int], checks.CheckReport]:
+    async def _repair(self, report: checks.CheckReport, repair: str, messages: list[str],
+                      ) -> tuple[tuple[int, int] | None, checks.CheckReport]:
         """`check -r leaks|all` as QEMU's qcow2_check_refcounts: returns
-        (leaks fixed, corruptions fixed) and the report after the repair.
+        (leaks fixed, corruptions fixed) and the report after the repair,
+        or None when -r leaks cannot repair the image.
         -r all also turns unaligned preallocated clusters into zero clusters
         and, when the refcount structures themselves are damaged, builds
         new ones.  Corruptions fixed are those the refcount repair removed
@@ -674,15 +667,13 @@ class Qcow2Driver(WriteMixin, BlockDriver):
         from . import repair as checks
         if repair == "leaks" and report.needs_rebuild:
             # a referenced cluster with refcount 0: only -r all may fix that
-            for message in report.messages:
-                print(message, file=sys.stderr)
-            print("ERROR need to rebuild refcount structures", file=sys.stderr)
-            raise CorruptImage("check failed: the refcount structures need a rebuild "
-                               "(use -r all)")
+            messages += [*report.messages, "ERROR need to rebuild refcount structures"]
+            report.messages = []
+            return None, report
         fixed_first = 0     # snapshot entries rewritten, preallocated entries zeroed
         if repair == "all":
-            fixed_first = await snapshot_ops.rewrite_incomplete_table(self)
-            fixed_first += await checks.zero_unaligned_preallocated(self)
+            fixed_first = await snapshot_ops.rewrite_incomplete_table(self, messages)
+            fixed_first += await checks.zero_unaligned_preallocated(self, messages)
             if fixed_first:     # QEMU fixes those before it compares refcounts
                 report = await checks.check_image(self)
         if repair == "all" and report.damaged_structures:
@@ -707,24 +698,26 @@ class Qcow2Driver(WriteMixin, BlockDriver):
         fixed += report.outside_blocks if report.damaged_structures else 0
         return (report.leaks, fixed_first + fixed + fixed_flags), after
 
-    async def snapshot_command(self, args: Any) -> int:
-        """`imgfs snapshot -c|-l|-a|-d` (qemu-img snapshot's actions)."""
-        if args.list:
-            if self.snapshots:
-                print(snapshot_listing(self.snapshots))
-            return 0
-        if args.apply and self.bitmaps is not None:
+    # -- internal snapshots -----------------------------------------------------------------
+
+    def internal_snapshots(self) -> list[Snapshot]:
+        return self.snapshots
+
+    async def create_snapshot(self, name: str) -> None:
+        async with self.lock:
+            await snapshot_ops.create_snapshot(self, name)
+
+    async def apply_snapshot(self, name: str) -> None:
+        if self.bitmaps is not None:
             # as QEMU: switching snapshots would invalidate the bitmaps
-            raise Unsupported(f"Could not apply snapshot '{args.apply}': Device has "
+            raise Unsupported(f"Could not apply snapshot '{name}': Device has "
                               "active dirty bitmaps")
         async with self.lock:
-            if args.create:
-                await snapshot_ops.create_snapshot(self, args.create)
-            elif args.apply:
-                await snapshot_ops.apply_snapshot(self, args.apply)
-            elif args.delete:
-                await snapshot_ops.delete_snapshot(self, args.delete)
-        return 0
+            await snapshot_ops.apply_snapshot(self, name)
+
+    async def delete_snapshot(self, name: str) -> None:
+        async with self.lock:
+            await snapshot_ops.delete_snapshot(self, name)
 
     @classmethod
     async def create(cls, target: Any, size: int, options: dict[str, Any],

@@ -14,14 +14,13 @@ and for ``check -r``), and `fix_copied_flags` repairs bit 63.
 """
 from __future__ import annotations
 
-import json
 import struct
-import sys
 from collections import Counter
 from collections.abc import AsyncIterator, Sequence
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
 
+from imgfs.check import CheckResult
 from imgfs.errors import CorruptImage, InvalidImage
 
 from .bitmaps import (
@@ -512,10 +511,11 @@ def _structure_sizes(end: int, block_entries: int, cluster_size: int) -> tuple[i
         blocks, table_clusters = wanted, wanted_table
 
 
-async def zero_unaligned_preallocated(driver: Qcow2Driver) -> int:
+async def zero_unaligned_preallocated(driver: Qcow2Driver, messages: list[str]) -> int:
     """``check -r all``, as QEMU: an L2 entry with an unaligned host offset
     that holds no data (a preallocated zero cluster) becomes a plain zero
-    cluster (unallocated with extended L2).  Returns how many."""
+    cluster (unallocated with extended L2).  Returns how many, and says
+    which in `messages`."""
     fixed = 0
     file = driver.children["file"]
     # a snapshot whose L1 table the check could not walk is left alone
@@ -544,8 +544,8 @@ async def zero_unaligned_preallocated(driver: Qcow2Driver) -> int:
                 position = l2_offset + index * 8
                 if driver._overlaps_metadata(position, 8):
                     continue
-                print(f"Repairing offset={entry & L2E_OFFSET_MASK:x}: Preallocated cluster "
-                      "is not properly aligned; L2 entry corrupted.", file=sys.stderr)
+                messages.append(f"Repairing offset={entry & L2E_OFFSET_MASK:x}: Preallocated "
+                                "cluster is not properly aligned; L2 entry corrupted.")
                 await file.write(position, struct.pack(">Q", new))
                 fixed += 1
     if fixed:
@@ -594,52 +594,14 @@ async def _fix_copied_in_table(driver: Qcow2Driver, table: L2Table) -> None:
 # -- qemu-img check's output -----------------------------------------------------------
 
 
-def exit_code(report: CheckReport) -> int:
-    """qemu-img check: 0 clean, 1 check failed, 2 corruptions, 3 leaks only."""
-    if report.check_errors:
-        return 1
-    if report.corruptions:
-        return 2
-    return 3 if report.leaks else 0
-
-
-def report_json(report: CheckReport, filename: str, fixed: tuple[int, int] = (0, 0)) -> str:
-    """qemu-img check --output=json: as QEMU, the counts that are 0 are left
-    out; `fixed` is (leaks fixed, corruptions fixed) by a repair."""
-    leaks_fixed, corruptions_fixed = fixed
-    fields: list[tuple[str, int | str]] = [
-        ("image-end-offset", report.image_end_offset),
-        ("compressed-clusters", report.compressed), ("total-clusters", report.total_clusters),
-        ("leaks", report.leaks), ("corruptions", report.corruptions),
-        ("corruptions-fixed", corruptions_fixed)]
-    data: dict[str, Any] = {key: value for key, value in fields if value}
-    data["check-errors"] = report.check_errors
-    if leaks_fixed:
-        data["leaks-fixed"] = leaks_fixed
-    if report.allocated:
-        data["allocated-clusters"] = report.allocated
-    data.update({"filename": filename, "format": "qcow2"})
-    if report.fragmented:
-        data["fragmented-clusters"] = report.fragmented
-    return json.dumps(data, indent=4)
-
-
-def report_human(report: CheckReport) -> str:
-    lines = []
-    if not (report.corruptions or report.leaks or report.check_errors):
-        lines.append("No errors were found on the image.")
-    if report.corruptions:
-        lines += ["", f"{report.corruptions} errors were found on the image.",
-                  "Data may be corrupted, or further writes to the image may corrupt it."]
-    if report.leaks:
-        lines += ["", f"{report.leaks} leaked clusters were found on the image.",
-                  "This means waste of disk space, but no harm to data."]
-    if report.total_clusters and report.allocated:     # as qemu-img, only then
-        lines.append(f"{report.allocated}/{report.total_clusters} = "
-                     f"{100.0 * report.allocated / report.total_clusters:.2f}% allocated, "
-                     f"{100.0 * report.fragmented / report.allocated:.2f}% fragmented, "
-                     f"{100.0 * report.compressed / report.allocated:.2f}% compressed "
-                     "clusters")
-    if report.image_end_offset:
-        lines.append(f"Image end offset: {report.image_end_offset}")
-    return "\n".join(lines)
+def as_result(report: CheckReport, repair_messages: list[str], *,
+              fixed: tuple[int, int] = (0, 0), failure: str | None = None) -> CheckResult:
+    """The core's CheckResult: what the repair said, then what the last
+    check found; `fixed` is (leaks fixed, corruptions fixed)."""
+    return CheckResult(
+        corruptions=report.corruptions, leaks=report.leaks, check_errors=report.check_errors,
+        leaks_fixed=fixed[0], corruptions_fixed=fixed[1], repaired=any(fixed),
+        total_clusters=report.total_clusters, allocated_clusters=report.allocated,
+        fragmented_clusters=report.fragmented, compressed_clusters=report.compressed,
+        image_end_offset=report.image_end_offset,
+        messages=[*repair_messages, *report.messages], failure=failure)

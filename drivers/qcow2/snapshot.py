@@ -13,7 +13,6 @@ from dataclasses import dataclass
 from typing import Any, NamedTuple
 
 from imgfs.errors import InvalidImage
-from imgfs.info import render_snapshot_table
 
 from .header import QCOW_MAX_L1_SIZE
 
@@ -166,8 +165,3 @@ def new_extra_data(disk_size: int, *, vm_state_size: int = 0, icount: int = 0) -
     snapshot -c writes 0; NO_ICOUNT means none)."""
     return EXTRA_VM_STATE_SIZE.pack(vm_state_size) + EXTRA_DISK_SIZE.pack(disk_size) + \
         EXTRA_ICOUNT.pack(icount)
-
-
-def listing(snapshots: list[Snapshot]) -> str:
-    """`qemu-img snapshot -l`'s table (the same table `imgfs info` shows)."""
-    return render_snapshot_table([snap.info() for snap in snapshots])

@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import dataclasses
 import struct
-import sys
 import time
 from collections import Counter
 from typing import TYPE_CHECKING
@@ -101,16 +100,16 @@ async def _write_table(driver: Qcow2Driver, snapshots: list[Snapshot]) -> None:
                                                 + old_end - old_offset), -1)
 
 
-async def rewrite_incomplete_table(driver: Qcow2Driver) -> int:
+async def rewrite_incomplete_table(driver: Qcow2Driver, messages: list[str]) -> int:
     """``check -r all``, as QEMU: a snapshot table with incomplete entries
     (cut off by the end of the file, or v3 entries without the VM state and
     disk sizes) is written anew, complete; a missing disk size becomes the
-    image's, as QEMU reads it.  Returns how many entries were repaired."""
+    image's, as QEMU reads it.  Returns how many entries were repaired,
+    and says which in `messages`."""
     errors = driver.snapshot_errors
     if not errors:
         return 0
-    for message in errors:
-        print("Repairing " + message.removeprefix("ERROR "), file=sys.stderr)
+    messages += ["Repairing " + message.removeprefix("ERROR ") for message in errors]
     snapshots = [_complete(snap, driver.size)
                  if driver.version >= 3 and len(snap.extra) < V3_MIN_EXTRA else snap
                  for snap in driver.snapshots]

@@ -6,7 +6,6 @@ the reference for what an image contains.
 """
 from __future__ import annotations
 
-import functools
 import json
 import os
 import random
@@ -20,10 +19,12 @@ import pytest
 import trio
 
 from imgfs.block import Status
+from imgfs.check import render_human, render_json
 from imgfs.errors import CorruptImage, ImgfsError, ReadOnly, Unsupported, UsageError
 from imgfs.graph import create_image, open_image
 from imgfs.node import OpenContext
 from imgfs.options import parse_size
+from tests.conftest import imgfs
 
 pytestmark = pytest.mark.skipif(shutil.which("qemu-img") is None or
                                 shutil.which("qemu-io") is None,
@@ -799,11 +800,15 @@ def _damaged_image(tmp_path: Path, damage: str) -> Path:
 
 
 async def _imgfs_check(image: Path, repair: str | None, output: str) -> int:
+    """The driver's check, printed as the command prints it."""
     node = await open_image(str(image), OpenContext(read_only=repair is None))
     try:
-        return await node.driver.check(repair=repair, output=output)
+        result = await node.check(repair)
     finally:
         await node.aclose()
+    print(render_json(result, str(image), "qcow2") if output == "json" else
+          render_human(result))
+    return result.exit_code
 
 
 @pytest.mark.parametrize("damage", ["none", "leaks", "corruption", "both"])
@@ -844,19 +849,9 @@ def test_check_json_matches_qemu_on_varied_images(tmp_path, options, capsys):
 
 # -- internal snapshots ---------------------------------------------------------------------
 
-class _Args:
-    def __init__(self, **given):
-        self.create = self.apply = self.delete = None
-        self.list = False
-        self.__dict__.update(given)
-
-
-async def _snapshot(image: Path, **given) -> None:
-    node = await open_image(str(image), OpenContext(read_only=bool(given.get("list"))))
-    try:
-        await node.driver.snapshot_command(_Args(**given))
-    finally:
-        await node.aclose()
+def _snapshot(image: Path, action: str, tag: str | None = None) -> str:
+    """`imgfs snapshot -c|-a|-d TAG` or `-l`: its standard output."""
+    return imgfs("snapshot", action, *([tag] if tag else []), image).stdout
 
 
 async def _write(image: Path, offset: int, data: bytes) -> None:
@@ -873,27 +868,26 @@ def test_snapshot_create_apply_delete(tmp_path, options, capsys):
     image = create(tmp_path / "s.qcow2", 2 * MiB, *options)
     qemu_io(image, "write -P 1 0 300k", "write -c 1M 64k", "write -z 1500k 64k")
     first = reference(image)
-    run(functools.partial(_snapshot, image, create="one"))
+    _snapshot(image, "-c", "one")
     check_clean(image)
     run(_write, image, 100 * KiB, b"\x02" * 200 * KiB)
     second = reference(image)
-    run(functools.partial(_snapshot, image, create="two"))
+    _snapshot(image, "-c", "two")
     run(_write, image, 0, b"\x03" * 50 * KiB)
     check_clean(image)
     listed = qemu_img("snapshot", "-l", str(image)).stdout
     assert "one" in listed and "two" in listed
-    run(functools.partial(_snapshot, image, list=True))
-    assert capsys.readouterr().out == listed
+    assert _snapshot(image, "-l") == listed
     assert reference(image, "-l", "snapshot.name=one") == first
     assert reference(image, "-l", "snapshot.name=two") == second
-    run(functools.partial(_snapshot, image, apply="one"))
+    _snapshot(image, "-a", "one")
     check_clean(image)
     assert reference(image) == first
-    run(functools.partial(_snapshot, image, delete="one"))
+    _snapshot(image, "-d", "one")
     check_clean(image)
     assert "one" not in qemu_img("snapshot", "-l", str(image)).stdout
     assert reference(image, "-l", "snapshot.name=two") == second
-    run(functools.partial(_snapshot, image, delete="two"))
+    _snapshot(image, "-d", "two")
     check_clean(image)
     assert reference(image) == first
 

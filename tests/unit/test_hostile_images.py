@@ -31,7 +31,6 @@ import contextlib
 import copy
 import errno
 import hashlib
-import io
 import json
 import os
 import resource
@@ -48,6 +47,7 @@ import trio
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
+from imgfs.check import render_json as render_check
 from imgfs.commands import allocation_map
 from imgfs.errors import ImgfsError
 from imgfs.graph import open_image
@@ -532,12 +532,9 @@ async def describe(node: Any, filename: str) -> None:
     if node.size <= 64 * MiB:
         with trio.fail_after(REQUEST_SECONDS), refused():
             await allocation_map(node)
-    check = getattr(node.driver, "check", None)
-    if check is not None:
-        with trio.fail_after(REQUEST_SECONDS * 2), refused(), \
-                contextlib.redirect_stdout(io.StringIO()), \
-                contextlib.redirect_stderr(io.StringIO()):
-            await check(repair=None, output="json", quiet=True)
+    if node.driver.can_check:
+        with trio.fail_after(REQUEST_SECONDS * 2), refused():
+            render_check(await node.check(), filename, node.format_name)
 
 
 async def walk_block_status(node: Any, size: int) -> None:
