@@ -165,6 +165,10 @@ class FileDriver(BlockDriver):
     locking: bool = False
     write_behind: WriteBehind | None = None
 
+    @classmethod
+    def absolute_filename(cls, filename: str) -> str:
+        return "file:" + os.path.abspath(filename.partition(":")[2])
+
     async def open(self, options: dict[str, Any], ctx: OpenContext) -> None:
         path = options["filename"]
         if not path:

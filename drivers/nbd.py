@@ -1026,6 +1026,18 @@ class NbdDriver(BlockDriver):
     def parse_filename(cls, filename: str) -> dict[str, Any]:
         return parse_nbd_filename(filename)
 
+    @classmethod
+    def source_path(cls, filename: str) -> str:
+        """The export's name; for a unix socket without one, the socket's."""
+        url_path, _, query = filename.partition(":")[2].partition("?")
+        if not url_path.strip("/") and "socket=" in query:
+            # nbd+unix:///?socket=PATH names no export: the socket does,
+            # as in the nbd:unix:PATH form
+            return query.split("socket=", 1)[1].split("&", 1)[0]
+        if ":exportname=" in url_path:
+            return url_path.split(":exportname=", 1)[1]
+        return url_path
+
     async def open(self, options: dict[str, Any], ctx: OpenContext) -> None:
         if options.get("tls-creds"):
             raise Unsupported("nbd over TLS is not supported")

@@ -160,6 +160,20 @@ class BlockDriver(abc.ABC):
         """Protocol drivers: turn "nbd://h/e" into this driver's options."""
         return {"filename": filename}
 
+    @classmethod
+    def source_path(cls, filename: str) -> str:
+        """The path inside a ``proto:...`` filename that names the image,
+        whose last component names the mount's raw file (a URL's path,
+        without query or fragment, by default)."""
+        path = filename.partition(":")[2].partition("?")[0]
+        return path.partition("#")[0]
+
+    @classmethod
+    def absolute_filename(cls, filename: str) -> str:
+        """The filename with any local path in it made absolute (a mount's
+        daemon runs in /); a URL stays as it is."""
+        return filename
+
     # -- life cycle ---------------------------------------------------------------
 
     @abc.abstractmethod

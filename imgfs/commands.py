@@ -106,18 +106,13 @@ def cmd_mount(args: argparse.Namespace) -> int:
 
 def absolute_source(source: str) -> str:
     """Plain paths (and a fat: directory) made absolute: the daemon runs in /."""
-    from .registry import protocol_for
+    from .registry import get_driver, protocol_for
     if source.startswith("json:"):
         return source
     protocol = protocol_for(source)
     if protocol is None:
         return os.path.abspath(source)
-    if protocol == "file":
-        return "file:" + os.path.abspath(source[5:])
-    if protocol == "fat":
-        head, _, directory = source.rpartition(":")
-        return f"{head}:{os.path.abspath(directory)}"
-    return source
+    return get_driver(protocol).absolute_filename(source)
 
 
 def mount_sources(sources: list[str], mountpoint: str, option_strings: list[str], *,

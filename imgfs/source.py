@@ -117,22 +117,7 @@ def export_name(source: str) -> str:
     name = display_name(source)
     protocol = protocol_for(name)
     if protocol is not None:
-        name = name.partition(":")[2]
-        if protocol == "fat":
-            # fat:[floppy:][rw:][12:|16:|32:]DIR
-            while ":" in name and name.split(":", 1)[0] in ("floppy", "rw", "12", "16", "32"):
-                name = name.split(":", 1)[1]
-        url_path, _, query = name.partition("?")
-        name = url_path.split("#", 1)[0]
-        if protocol == "nbd" and not name.strip("/") and "socket=" in query:
-            # nbd+unix:///?socket=PATH names no export: the socket does,
-            # as in the nbd:unix:PATH form
-            name = query.split("socket=", 1)[1].split("&", 1)[0]
-        if protocol == "nbd" and name.startswith("unix:"):
-            name = name.split(":exportname=", 1)[-1] if ":exportname=" in name else name
-    name = name.rstrip("/")
-    base = os.path.basename(name) or "image"
-    if ":exportname=" in base:
-        base = base.split(":exportname=", 1)[1]
-    stem, ext = os.path.splitext(base)
+        name = get_driver(protocol).source_path(name)
+    base = os.path.basename(name.rstrip("/")) or "image"
+    stem, _ = os.path.splitext(base)
     return (stem or base).replace(":", "_") or "image"

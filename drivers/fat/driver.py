@@ -115,6 +115,15 @@ class FatDriver(BlockDriver):
     def parse_filename(cls, filename: str) -> dict[str, Any]:
         return parse_fat_filename(filename)
 
+    @classmethod
+    def source_path(cls, filename: str) -> str:
+        return str(parse_fat_filename(filename)["dir"])
+
+    @classmethod
+    def absolute_filename(cls, filename: str) -> str:
+        directory = str(parse_fat_filename(filename)["dir"])
+        return filename[:len(filename) - len(directory)] + os.path.abspath(directory)
+
     async def open(self, options: dict[str, Any], ctx: OpenContext) -> None:
         directory = options["dir"]
         if not directory:

@@ -90,6 +90,21 @@ def test_export_names(source: str, name: str) -> None:
     assert export_name(source) == name
 
 
+@pytest.mark.parametrize("source, absolute", [
+    ("vm.qcow2", "{cwd}/vm.qcow2"),
+    ("file:sub/vm.qcow2", "file:{cwd}/sub/vm.qcow2"),
+    ("fat:rw:16:share", "fat:rw:16:{cwd}/share"),
+    ("fat:/srv/a:b", "fat:/srv/a:b"),
+    ("nbd://host/export", "nbd://host/export"),
+    ('json:{"driver":"raw"}', 'json:{"driver":"raw"}'),
+])
+def test_sources_made_absolute_by_their_drivers(source: str, absolute: str,
+                                                 tmp_path, monkeypatch) -> None:
+    from imgfs.commands import absolute_source
+    monkeypatch.chdir(tmp_path)
+    assert absolute_source(source) == absolute.replace("{cwd}", str(tmp_path))
+
+
 def test_duplicate_and_custom_names() -> None:
     opts = parse_mount_options([])
     with pytest.raises(UsageError, match="both appear"):
