@@ -18,7 +18,7 @@ import os
 import stat
 import struct
 import threading
-from typing import Any, ClassVar
+from typing import Any
 
 import trio
 
@@ -144,7 +144,6 @@ def _open_without_waiting(path: str, flags: int) -> int:
 class FileDriver(BlockDriver):
     name = "file"
     kind = Kind.PROTOCOL
-    prefixes: ClassVar[tuple[str, ...]] = ("file:",)
     description = "regular files (and host devices) on this machine"
     open_opts = Schema(
         Opt("filename", Str, help="path of the file"),
@@ -361,7 +360,6 @@ class HostDeviceDriver(FileDriver):
     """`host_device`: the same code; QEMU's name for block-device sources."""
 
     name = "host_device"
-    prefixes = ()
     description = "host block devices (/dev/sdX, /dev/loopN, /dev/cdrom)"
 
 

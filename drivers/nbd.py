@@ -1003,7 +1003,6 @@ def _printable(data: bytes | bytearray) -> str:
 class NbdDriver(BlockDriver):
     name = "nbd"
     kind = Kind.PROTOCOL
-    prefixes = ("nbd:", "nbd+tcp:", "nbd+unix:")
     description = "Network Block Device exports (nbd://, nbd+unix://, nbd:HOST:PORT)"
     async_io = True
     open_opts = Schema(

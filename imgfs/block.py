@@ -102,8 +102,6 @@ class BlockDriver(abc.ABC):
 
     name: ClassVar[str]
     kind: ClassVar[Kind]
-    #: filename prefixes this protocol driver owns ("nbd:", "fat:", "http://")
-    prefixes: ClassVar[tuple[str, ...]] = ()
     #: True when the format or protocol can only be read
     read_only_format: ClassVar[bool] = False
     supports_backing: ClassVar[bool] = False

@@ -2,7 +2,8 @@
 
 Driver modules are imported only when needed: a mount of a raw image should
 not pay for importing the qcow2 or LUKS code.  To add a driver, write
-`drivers/NAME.py` with a `DRIVERS` list and add it to the tables below.
+`drivers/NAME.py` (or a package `drivers/NAME/`) with a `DRIVERS` list and
+give it a line in `DRIVER_TABLE` below.
 
 Probing asks every format, so it must stay cheap: a driver package whose
 code is large (or needs numpy) defines a module-level ``probe(head,
@@ -14,60 +15,66 @@ from __future__ import annotations
 import functools
 import importlib
 from collections.abc import Callable
+from dataclasses import dataclass
 from types import ModuleType
 from typing import TYPE_CHECKING
 
+from .block import Kind
 from .errors import UsageError
 
 if TYPE_CHECKING:
     from .block import BlockDriver
 
-#: driver name -> module in imgfs.drivers (formats first, in probe order)
-DRIVER_MODULES: dict[str, str] = {
-    "qcow2": "qcow2",
-    "qcow": "qcow",
-    "qed": "qed",
-    "vmdk": "vmdk",
-    "vhdx": "vhdx",
-    "vpc": "vpc",
-    "vdi": "vdi",
-    "luks": "luks",
-    "parallels": "parallels",
-    "bochs": "bochs",
-    "cloop": "cloop",
-    "dmg": "dmg",
-    "raw": "raw",
-    "file": "file",
-    "host_device": "file",
-    "nbd": "nbd",
-    "ssh": "ssh",
-    "http": "http",
-    "https": "http",
-    "iscsi": "iscsi",
-    "gluster": "gluster",
-    "fat": "fat",
-}
+@dataclass(frozen=True)
+class DriverEntry:
+    """One line of the driver table."""
 
-#: the formats probing asks, in order (raw, which claims anything, last)
-FORMATS = ("qcow2", "qcow", "qed", "vmdk", "vhdx", "vpc", "vdi", "luks", "parallels",
-           "bochs", "cloop", "dmg", "raw")
+    name: str
+    #: the module (or package) under imgfs.drivers that defines it
+    module: str
+    kind: Kind
+    #: filename prefixes (before the first ':') that name this protocol
+    prefixes: tuple[str, ...] = ()
 
-#: filename prefix (before the first ':') -> protocol driver name
-PREFIXES: dict[str, str] = {
-    "file": "file",
-    "nbd": "nbd",
-    "nbd+tcp": "nbd",
-    "nbd+unix": "nbd",
-    "ssh": "ssh",
-    "http": "http",
-    "https": "https",
-    "iscsi": "iscsi",
-    "gluster": "gluster",
-    "gluster+tcp": "gluster",
-    "gluster+unix": "gluster",
-    "gluster+rdma": "gluster",
-    "fat": "fat",
-}
+
+_F, _P = Kind.FORMAT, Kind.PROTOCOL
+
+#: every driver imgfs knows, formats first in probe order (raw, which claims
+#: anything, last); a driver whose module is not written yet is skipped
+DRIVER_TABLE = (
+    DriverEntry("qcow2", "qcow2", _F),
+    DriverEntry("qcow", "qcow", _F),
+    DriverEntry("qed", "qed", _F),
+    DriverEntry("vmdk", "vmdk", _F),
+    DriverEntry("vhdx", "vhdx", _F),
+    DriverEntry("vpc", "vpc", _F),
+    DriverEntry("vdi", "vdi", _F),
+    DriverEntry("luks", "luks", _F),
+    DriverEntry("parallels", "parallels", _F),
+    DriverEntry("bochs", "bochs", _F),
+    DriverEntry("cloop", "cloop", _F),
+    DriverEntry("dmg", "dmg", _F),
+    DriverEntry("raw", "raw", _F),
+    DriverEntry("file", "file", _P, ("file",)),
+    DriverEntry("host_device", "file", _P),
+    DriverEntry("nbd", "nbd", _P, ("nbd", "nbd+tcp", "nbd+unix")),
+    DriverEntry("ssh", "ssh", _P, ("ssh",)),
+    DriverEntry("http", "http", _P, ("http",)),
+    DriverEntry("https", "http", _P, ("https",)),
+    DriverEntry("iscsi", "iscsi", _P, ("iscsi",)),
+    DriverEntry("gluster", "gluster", _P, ("gluster", "gluster+tcp", "gluster+unix",
+                                           "gluster+rdma")),
+    DriverEntry("rbd", "rbd", _P, ("rbd",)),
+    DriverEntry("fat", "fat", _P, ("fat",)),
+)
+
+#: driver name -> module in imgfs.drivers
+DRIVER_MODULES: dict[str, str] = {entry.name: entry.module for entry in DRIVER_TABLE}
+#: the formats probing asks, in order
+FORMATS = tuple(entry.name for entry in DRIVER_TABLE if entry.kind is Kind.FORMAT)
+#: filename prefix -> protocol driver name
+PREFIXES: dict[str, str] = {prefix: entry.name for entry in DRIVER_TABLE
+                            for prefix in entry.prefixes}
 
 
 def _module(name: str) -> ModuleType | None:

@@ -84,7 +84,6 @@ def _check_fat_type(value: int) -> None:
 class FatDriver(BlockDriver):
     name = "fat"
     kind = Kind.PROTOCOL
-    prefixes = ("fat:",)
     description = "a host directory as a virtual FAT disk (rw: writes go back to it)"
     open_opts = Schema(
         Opt("dir", Str, help="the host directory to present"),
