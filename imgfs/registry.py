@@ -98,9 +98,16 @@ def _load(name: str) -> type[BlockDriver] | None:
 
 def get_driver(name: str) -> type[BlockDriver]:
     cls = _load(name)
+    if cls is None and name in SIGNATURES:
+        raise not_supported(name)
     if cls is None:
         raise UsageError(f"unknown format or driver '{name}' (see 'imgfs formats')")
     return cls
+
+
+def not_supported(name: str) -> Unsupported:
+    """The refusal of a format imgfs knows of but has no driver for."""
+    return Unsupported(f"{name} images are not supported by this version (see 'imgfs formats')")
 
 
 def available_drivers() -> list[type[BlockDriver]]:
@@ -156,8 +163,7 @@ def probe_format(head: bytes, filename: str, tail: bytes = b"") -> type[BlockDri
     name = probe_name(head, filename, tail)
     cls = _load(name)
     if cls is None:
-        raise Unsupported(f"{name} images are not supported by this version "
-                          "(see 'imgfs formats')")
+        raise not_supported(name)
     return cls
 
 
