@@ -132,3 +132,28 @@ def refusal(name: str, fmt: str) -> str:
     """The one line imgfs prints for a recognised format without a driver."""
     return (f"imgfs: {name}: {fmt} images are not supported by this version "
             "(see 'imgfs formats')\n")
+
+
+#: format name -> (head, tail): the bytes of its signature and little else,
+#: at the start of a file (head) or as its last bytes (tail)
+MINIMAL = {
+    "qed": (b"QED\0" + struct.pack("<III", 65536, 4, 1), b""),
+    "vmdk": (b"KDMV\1\0\0\0", b""),
+    "vhdx": (b"vhdxfile", b""),
+    "vpc": (b"", b"conectix".ljust(512, b"\0")),
+    "vdi": (b"<<< Oracle VM VirtualBox Disk Image >>>\n".ljust(0x40, b"\0")
+            + struct.pack("<I", 0xBEDA107F), b""),
+    "parallels": (b"WithoutFreeSpace" + struct.pack("<I", 2), b""),
+    "bochs": (b"Bochs Virtual HD Image".ljust(32, b"\0") + b"Redolog".ljust(16, b"\0")
+              + b"Growing".ljust(16, b"\0"), b""),
+    "cloop": (b"#!/bin/sh\n#V2.0 Format\nmodprobe cloop file=$0 && mount -r -t iso9660 "
+              b"/dev/cloop $1\n", b""),
+    "dmg": (b"", b"koly\0\0\0\4\0\0\2\0".ljust(512, b"\0")),
+    "qcow2": (b"QFI\xfb\0\0\0\3", b""),
+    "qcow": (b"QFI\xfb\0\0\0\1", b""),
+    "luks": (b"LUKS\xba\xbe\0\1", b""),
+}
+
+#: the byte of each signature (offset in its head or tail) that completes it
+#: when written last; 0 unless the signature does not start at offset 0
+KEY_BYTE = {"vdi": 0x40}

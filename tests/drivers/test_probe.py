@@ -13,9 +13,9 @@ import trio
 from imgfs.errors import ImgfsError, PermissionDenied
 from imgfs.graph import open_image
 from imgfs.node import Node, OpenContext
-from imgfs.registry import available_drivers
+from imgfs.registry import available_drivers, probe_name
 from tests.conftest import imgfs, need, run
-from tests.probe_samples import CASES, refusal
+from tests.probe_samples import CASES, KEY_BYTE, MINIMAL, refusal
 
 #: cases QEMU 7.2's probe calls raw and imgfs does not: QEMU finds a VHD
 #: footer only at offset 0, a DMG only by its ".dmg" name, a seSparse
@@ -37,11 +37,13 @@ def case(request: pytest.FixtureRequest, tmp_path: Path) -> tuple[str, str, Path
 def assert_refused_or_driven(args: list[str], image: Path, fmt: str) -> None:
     """Refused in one line, exit 1 (no driver); or, once a driver exists,
     handled by that driver and never as raw."""
-    result = imgfs(*args, image.name, check=False, cwd=image.parent)
     if has_driver(fmt):
-        assert "raw" not in result.stdout.split("file format:")[-1].split("\n")[0]
-        assert result.returncode in (0, 1), result.stderr
+        info = imgfs("info", "--output", "json", image, check=False)
+        assert info.returncode in (0, 1), info.stderr
+        if info.returncode == 0:
+            assert json.loads(info.stdout)["format"] == fmt
         return
+    result = imgfs(*args, image.name, check=False, cwd=image.parent)
     assert result.returncode == 1, result.stdout
     assert result.stderr == refusal(image.name, fmt)
 
@@ -228,3 +230,36 @@ def test_a_footer_written_in_pieces_into_the_tail_is_refused(tmp_path: Path) -> 
     with_raw_node(image, check)
     with_raw_node(image, lambda node: node.write(size - 512, b"cone"), fmt="raw")
     assert image.read_bytes()[size - 512:size - 504] == b"conectix"
+
+
+@pytest.mark.parametrize("fmt", sorted(MINIMAL))
+def test_every_signature_written_byte_by_byte_is_refused(tmp_path: Path, fmt: str) -> None:
+    """Each signature written with its key byte last: everything before it
+    is accepted, the byte that completes it is refused (EPERM) on a guessed
+    raw image, and accepted with format=raw -- after which the file no
+    longer probes as raw, which is what the guard prevents."""
+    head, tail = MINIMAL[fmt]
+    signature = head or tail
+    size = 1 << 20
+    start = 0 if head else size - len(tail)
+    key = start + KEY_BYTE.get(fmt, 0)
+    pieces = [(start, signature[:key - start]), (key + 1, signature[key - start + 1:])]
+    last = (key, signature[key - start:key - start + 1])
+    image = tmp_path / "disk.img"
+    image.write_bytes(bytes(size))
+
+    async def guessed(node: Node) -> None:
+        assert node.format_name == "raw" and node.probed
+        for offset, data in pieces:
+            if data:
+                await node.write(offset, data)
+        with pytest.raises(PermissionDenied) as caught:
+            await node.write(*last)
+        assert caught.value.errno == errno.EPERM
+
+    async def named(node: Node) -> None:
+        await node.write(*last)
+    with_raw_node(image, guessed)
+    with_raw_node(image, named, fmt="raw")
+    data = image.read_bytes()
+    assert probe_name(data[:4096], image.name, data[-512:]) == fmt
