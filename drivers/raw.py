@@ -26,6 +26,7 @@ from imgfs.block import BlockDriver, Extent, Kind
 from imgfs.errors import InvalidImage, PermissionDenied
 from imgfs.node import OpenContext
 from imgfs.options import Bool, Opt, Schema, Size
+from imgfs.registry import probe_name
 from imgfs.signatures import HEAD_BYTES, TAIL_BYTES
 
 from .file import PREALLOC
@@ -113,15 +114,15 @@ class RawDriver(BlockDriver):
         return windows
 
     def _reaches_probed_bytes(self, offset: int, length: int) -> bool:
-        if not self.node.probed or self.offset:
+        """Whether a request meets `_probed_windows` (on every write: cheap)."""
+        if not self.node.probed or self.offset or length <= 0:
             return False
-        return any(overlaps(start, end, offset, length)
-                   for start, end, _ in self._probed_windows())
+        return offset < HEAD_BYTES or \
+            (not self.window_fixed and offset + length > self.size - TAIL_BYTES)
 
     async def _refuse_new_format(self, offset: int, length: int, data: bytes | None) -> None:
         """EPERM if, after writing `data` (None: zeros) at `offset`, probing
         would find another format in the bytes it reads."""
-        from imgfs.registry import probe_name
         for start, end, is_tail in self._probed_windows():
             if not overlaps(start, end, offset, length):
                 continue
