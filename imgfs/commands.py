@@ -510,7 +510,7 @@ def cmd_convert(args: argparse.Namespace) -> int:
 
 def cmd_formats(args: argparse.Namespace) -> int:
     from .block import Kind
-    from .registry import available_drivers
+    from .registry import available_drivers, unsupported_formats
     print("Formats (rw: read and write; ro: read-only; create: imgfs create):")
     drivers = available_drivers()
     for cls in drivers:
@@ -520,6 +520,12 @@ def cmd_formats(args: argparse.Namespace) -> int:
     for cls in drivers:
         if cls.kind is Kind.PROTOCOL:
             print(f"  {cls.name:<12} {_abilities(cls):<16} {cls.description}")
+    refused = unsupported_formats()
+    if refused:
+        print("Recognised but not supported (refused, never opened as raw; "
+              "-o format=raw reads the file's bytes):")
+        for name, description in refused:
+            print(f"  {name:<12} {'refused':<16} {description}")
     return 0
 
 

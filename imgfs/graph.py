@@ -17,6 +17,7 @@ from .block import BlockDriver, ChildRef, Kind
 from .errors import CorruptImage, ImgfsError, PermissionDenied, Unsupported, UsageError
 from .node import Node, OpenContext
 from .registry import get_driver, probe_format, protocol_for
+from .signatures import HEAD_BYTES, TAIL_BYTES
 from .source import SOURCE_KEY, child_tree, parse_source, protocol_tree, with_options
 
 log = logging.getLogger("imgfs")
@@ -25,8 +26,6 @@ log = logging.getLogger("imgfs")
 CORE_KEYS = frozenset({"driver", "file", "backing", "data-file", "node-name",
                        "read-only", "auto-read-only", "discard", "detect-zeroes",
                        SOURCE_KEY})
-#: bytes read from the start of a file to probe its format
-PROBE_BYTES = 4096
 #: a backing chain deeper than this is treated as a loop
 MAX_CHAIN_DEPTH = 64
 
@@ -119,8 +118,25 @@ async def open_tree(tree: Mapping[str, Any], ctx: OpenContext, *, read_only: boo
 
 
 async def probe(file_node: Node) -> type[BlockDriver]:
-    head = await file_node.read(0, min(file_node.size, PROBE_BYTES))
-    return probe_format(head, file_node.filename)
+    """The format of the file's bytes; a format imgfs recognises but cannot
+    open is refused here, naming the file."""
+    head, tail = await read_probe_bytes(file_node)
+    try:
+        return probe_format(head, file_node.filename, tail)
+    except ImgfsError as exc:
+        exc.path = exc.path or file_node.filename
+        raise
+
+
+async def read_probe_bytes(node: Node) -> tuple[bytes, bytes]:
+    """What probing looks at: the first `HEAD_BYTES` of the node and its last
+    `TAIL_BYTES` (where a fixed VHD keeps its only footer, a DMG its trailer)."""
+    size = node.size
+    head = await node.read(0, min(size, HEAD_BYTES))
+    tail_start = max(0, size - TAIL_BYTES)
+    if size <= HEAD_BYTES:
+        return head, head[tail_start:]
+    return head, await node.read(tail_start, size - tail_start)
 
 
 def _driver_options(tree: Mapping[str, Any]) -> dict[str, Any]:

@@ -8,19 +8,25 @@ give it a line in `DRIVER_TABLE` below.
 Probing asks every format, so it must stay cheap: a driver package whose
 code is large (or needs numpy) defines a module-level ``probe(head,
 filename)`` in its ``__init__`` from light modules only, and imports its
-driver class on first use of ``DRIVERS`` (a module ``__getattr__``).
+driver class on first use of ``DRIVERS`` (a module ``__getattr__``).  A
+format whose signature sits at the end of the file also defines a light
+``probe_tail(tail, filename)`` there (`tail`: the file's last bytes).
+
+A format QEMU knows but imgfs has no driver for is still recognised, by its
+entry in `imgfs.signatures.SIGNATURES`, and refused: it is never opened as
+raw.  Once the driver's module exists, its own probe is asked instead.
 """
 from __future__ import annotations
 
 import functools
 import importlib
-from collections.abc import Callable
 from dataclasses import dataclass
 from types import ModuleType
 from typing import TYPE_CHECKING
 
 from .block import Kind
-from .errors import UsageError
+from .errors import Unsupported, UsageError
+from .signatures import SIGNATURES, ProbeFn
 
 if TYPE_CHECKING:
     from .block import BlockDriver
@@ -99,9 +105,16 @@ def _load(name: str) -> type[BlockDriver] | None:
 
 def get_driver(name: str) -> type[BlockDriver]:
     cls = _load(name)
+    if cls is None and name in SIGNATURES:
+        raise not_supported(name)
     if cls is None:
         raise UsageError(f"unknown format or driver '{name}' (see 'imgfs formats')")
     return cls
+
+
+def not_supported(name: str) -> Unsupported:
+    """The refusal of a format imgfs knows of but has no driver for."""
+    return Unsupported(f"{name} images are not supported by this version (see 'imgfs formats')")
 
 
 def available_drivers() -> list[type[BlockDriver]]:
@@ -122,28 +135,47 @@ def protocol_for(filename: str) -> str | None:
     return PREFIXES.get(head.lower())
 
 
-ProbeFn = Callable[[bytes, str], int]
-
-
 @functools.cache
-def _probe_function(name: str) -> ProbeFn | None:
-    """The module's light ``probe`` if it has one, else the class's."""
+def _probe_functions(name: str) -> tuple[ProbeFn | None, ProbeFn | None]:
+    """(head probe, tail probe) of a format: its driver module's light
+    ``probe`` / ``probe_tail`` (else the class's ``probe``) when the module
+    exists, else the signature that recognises it without a driver."""
     module = _module(name)
     if module is None:
-        return None
-    light = module.__dict__.get("probe")
-    if light is not None:
-        return light  # type: ignore[no-any-return]
-    cls = _load(name)
-    return cls.probe if cls is not None else None
+        signature = SIGNATURES.get(name)
+        return (signature.head, signature.tail) if signature else (None, None)
+    head = module.__dict__.get("probe")
+    if head is None:
+        cls = _load(name)
+        head = cls.probe if cls is not None else None
+    return head, module.__dict__.get("probe_tail")
 
 
-def probe_format(head: bytes, filename: str) -> type[BlockDriver]:
-    """The format whose probe scores highest; raw (score 1) only as a last resort."""
+def probe_name(head: bytes, filename: str, tail: bytes = b"") -> str:
+    """The name of the format whose probe scores highest over the file's
+    first bytes (`head`) and last bytes (`tail`); "raw" when none claims it."""
     best, best_score = "raw", 0
     for name in FORMATS:
-        probe = _probe_function(name)
-        score = probe(head, filename) if probe is not None else 0
+        head_probe, tail_probe = _probe_functions(name)
+        score = max(head_probe(head, filename) if head_probe is not None else 0,
+                    tail_probe(tail, filename) if tail_probe is not None else 0)
         if score > best_score:
             best, best_score = name, score
-    return get_driver(best)
+    return best
+
+
+def probe_format(head: bytes, filename: str, tail: bytes = b"") -> type[BlockDriver]:
+    """The driver of the probed format; a format recognised without a driver
+    is refused (never opened as raw)."""
+    name = probe_name(head, filename, tail)
+    cls = _load(name)
+    if cls is None:
+        raise not_supported(name)
+    return cls
+
+
+def unsupported_formats() -> list[tuple[str, str]]:
+    """(name, description) of each format probing recognises and refuses
+    because its driver is not installed."""
+    return [(name, SIGNATURES[name].description) for name in FORMATS
+            if name in SIGNATURES and _module(name) is None]
