@@ -135,8 +135,8 @@ def refusal(name: str, fmt: str) -> str:
 
 
 #: format name -> (head, tail): the bytes of its signature and little else,
-#: at the start of a file (head) or as its last bytes (tail)
-MINIMAL = {
+#: as the first sector of a file (head) or as its last bytes (tail)
+_SIGNATURE_BYTES = {
     "qed": (b"QED\0" + struct.pack("<III", 65536, 4, 1), b""),
     "vmdk": (b"KDMV\1\0\0\0", b""),
     "vhdx": (b"vhdxfile", b""),
@@ -153,6 +153,8 @@ MINIMAL = {
     "qcow": (b"QFI\xfb\0\0\0\1", b""),
     "luks": (b"LUKS\xba\xbe\0\1", b""),
 }
+MINIMAL = {fmt: (head.ljust(512, b"\0") if head else head, tail)
+           for fmt, (head, tail) in _SIGNATURE_BYTES.items()}
 
 #: the byte of each signature (offset in its head or tail) that completes it
 #: when written last; 0 unless the signature does not start at offset 0

@@ -9,6 +9,8 @@ from pathlib import Path
 
 import pytest
 import trio
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 
 from imgfs.errors import ImgfsError, PermissionDenied
 from imgfs.graph import open_image
@@ -263,3 +265,37 @@ def test_every_signature_written_byte_by_byte_is_refused(tmp_path: Path, fmt: st
     with_raw_node(image, named, fmt="raw")
     data = image.read_bytes()
     assert probe_name(data[:4096], image.name, data[-512:]) == fmt
+
+
+FRAGMENTS = [data for head, tail in MINIMAL.values() for data in (head, tail) if data] + [
+    b"conectix", b"koly", b"version=1\n", b"# Disk DescriptorFile\n", b"\xfb", b"Q", b"\n"]
+
+
+@settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(size=st.sampled_from([600, 4096, 9000]),
+       writes=st.lists(st.tuples(st.integers(0, 9000), st.sampled_from(FRAGMENTS),
+                                 st.integers(0, 200), st.booleans()), min_size=1, max_size=12))
+def test_a_guessed_raw_never_comes_to_probe_as_another_format(
+        tmp_path_factory: pytest.TempPathFactory, size: int,
+        writes: list[tuple[int, bytes, int, bool]]) -> None:
+    """Whatever the writes (signature fragments, cut anywhere, at any offset,
+    zeroing too), the file a guessed raw leaves behind still probes as raw,
+    and a refused write changes nothing."""
+    image = tmp_path_factory.mktemp("guard") / "disk.img"
+    image.write_bytes(bytes(size))
+
+    async def check(node: Node) -> None:
+        for offset, fragment, cut, zero in writes:
+            data = fragment[cut % len(fragment):] or fragment
+            offset = min(offset, size - len(data))
+            before = image.read_bytes()
+            try:
+                if zero:
+                    await node.write_zeroes(offset, len(data))
+                else:
+                    await node.write(offset, data)
+            except PermissionDenied:
+                assert image.read_bytes() == before
+            after = image.read_bytes()
+            assert probe_name(after[:4096], image.name, after[-512:]) == "raw"
+    with_raw_node(image, check)
