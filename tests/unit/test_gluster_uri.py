@@ -2,8 +2,8 @@
 from __future__ import annotations
 
 import pytest
-
 from imgfs.drivers.gluster.uri import Server, parse_gluster_filename, parse_servers
+
 from imgfs.errors import UsageError
 from imgfs.source import export_name, parse_source
 
