@@ -1,0 +1,248 @@
+"""The ``gluster`` protocol driver: a file on a GlusterFS volume.
+
+Reads, writes, flushes, discards and zero-fills go to libgfapi's
+asynchronous calls, many in flight at once; the blocking calls (connect,
+open, seek, truncate, close) run on a worker thread with a time limit, so
+a volume that stops answering gives EIO, never a hang.  Unmounting does not
+wait for libgfapi's shutdown (glfs_fini), which takes seconds.
+"""
+from __future__ import annotations
+
+import errno
+import os
+from collections.abc import Callable
+from typing import Any, TypeVar
+
+import trio
+
+from imgfs.block import DATA, ZERO, BlockDriver, Extent, Kind
+from imgfs.errors import (
+    ImgfsError,
+    NotFound,
+    PermissionDenied,
+    ReadOnly,
+    Unreachable,
+    UsageError,
+    from_oserror,
+)
+from imgfs.node import OpenContext
+from imgfs.options import Int, Opt, Schema, Str, in_range
+
+from . import gfapi
+from .uri import Server, describe, parse_gluster_filename, parse_servers
+
+T = TypeVar("T")
+
+#: seconds a request may take before it fails with EIO
+DEFAULT_TIMEOUT = 30
+#: libgfapi's log level (QEMU's default: warnings and worse)
+DEFAULT_DEBUG = 4
+#: largest request handed to the library at once
+MAX_TRANSFER = 1 << 20
+
+
+class GlusterDriver(BlockDriver):
+    name = "gluster"
+    kind = Kind.PROTOCOL
+    description = "files on GlusterFS volumes (gluster://, gluster+unix://), through libgfapi"
+    async_io = True
+    can_resize = True
+    open_opts = Schema(
+        Opt("volume", Str, help="the volume's name"),
+        Opt("path", Str, help="the image's path in the volume"),
+        Opt("server", parse_servers,
+            help="servers tried in order: type=tcp with host and port, or type=unix "
+                 "with socket"),
+        Opt("debug", Int, default=DEFAULT_DEBUG, check=in_range(0, 9),
+            help="libgfapi's log level, 0 (none) to 9 (trace)"),
+        Opt("logfile", Str, default="/dev/null",
+            help="where libgfapi logs ('-' for standard error)"),
+        Opt("timeout", Int, default=DEFAULT_TIMEOUT, check=in_range(1, 3600),
+            help="seconds after which a request that got no answer fails"),
+        Opt("filename", Str, help="a gluster:// URI"),
+    )
+    create_opts = Schema(
+        Opt("preallocation", Str, default="off", help="off only (as a sparse file)"),
+    )
+
+    volume: gfapi.Volume | None = None
+    file: gfapi.File | None = None
+    source = "gluster"
+    timeout = DEFAULT_TIMEOUT
+
+    @classmethod
+    def parse_filename(cls, filename: str) -> dict[str, Any]:
+        return parse_gluster_filename(filename)
+
+    @classmethod
+    def source_path(cls, filename: str) -> str:
+        return str(parse_gluster_filename(filename)["path"])
+
+    # -- life cycle -------------------------------------------------------------------
+
+    async def open(self, options: dict[str, Any], ctx: OpenContext) -> None:
+        target = _target(options)
+        self.source = describe(target.volume, target.path, target.servers)
+        self.timeout = options["timeout"]
+        self.volume = await self._blocking(_connect, target, options)
+        file, self.writable = await self._blocking(
+            _open_file, self.volume, target, not ctx.read_only)
+        self.file = file
+        self.size = await self._blocking(file.seek, 0, os.SEEK_END)
+        self.max_transfer = MAX_TRANSFER
+        self.read_only_reason = "the file cannot be written on the volume; use -o ro"
+
+    async def aclose(self) -> None:
+        file, volume, self.file, self.volume = self.file, self.volume, None, None
+        try:
+            if file is not None:
+                await self._blocking(file.close)
+        finally:
+            if volume is not None:
+                volume.release()
+
+    async def _blocking(self, call: Callable[..., T], *arguments: Any) -> T:
+        """A blocking library call on a worker thread, at most `timeout`
+        seconds (then abandoned: the thread finishes on its own)."""
+        with trio.move_on_after(self.timeout):
+            return await trio.to_thread.run_sync(call, *arguments, abandon_on_cancel=True)
+        raise Unreachable(f"no answer from the volume within {self.timeout} s")
+
+    def _file(self) -> gfapi.File:
+        if self.file is None:
+            raise Unreachable("not connected to the volume")
+        return self.file
+
+    async def _request(self, call: Callable[..., Any], *arguments: Any) -> Any:
+        with trio.move_on_after(self.timeout):
+            return await call(*arguments)
+        raise Unreachable(f"no answer from the volume within {self.timeout} s")
+
+    # -- I/O ----------------------------------------------------------------------
+
+    async def read(self, offset: int, length: int) -> bytes:
+        data: bytes = await self._request(self._file().pread, offset, length)
+        return data
+
+    async def write(self, offset: int, data: bytes) -> None:
+        if not self.writable:
+            raise ReadOnly("the file is read-only on the volume")
+        await self._request(self._file().pwrite, offset, data)
+
+    async def flush(self) -> None:
+        await self._request(self._file().fsync)
+
+    async def discard(self, offset: int, length: int) -> None:
+        try:
+            await self._request(self._file().discard, offset, length)
+        except OSError as exc:
+            if exc.errno not in (errno.EOPNOTSUPP, errno.ENOSYS):
+                raise
+
+    async def write_zeroes(self, offset: int, length: int, *, may_unmap: bool = False) -> None:
+        try:
+            await self._request(self._file().zerofill, offset, length)
+        except OSError as exc:
+            if exc.errno not in (errno.EOPNOTSUPP, errno.ENOSYS):
+                raise
+            await super().write_zeroes(offset, length, may_unmap=may_unmap)
+
+    async def truncate(self, size: int, preallocation: str = "off") -> None:
+        if preallocation != "off":
+            raise UsageError(f"gluster: preallocation={preallocation} is not supported")
+        await self._blocking(self._file().truncate, size)
+        self.size = size
+
+    async def block_status(self, offset: int, length: int) -> Extent:
+        """Holes and data from SEEK_HOLE / SEEK_DATA, as on a local file."""
+        try:
+            data_start = await self._blocking(self._file().seek, offset, os.SEEK_DATA)
+        except OSError as exc:
+            if exc.errno == errno.ENXIO:       # only a hole up to the end
+                return Extent(length, ZERO)
+            return Extent(length, DATA)
+        if data_start > offset:
+            return Extent(min(length, data_start - offset), ZERO)
+        hole_start = await self._blocking(self._file().seek, offset, os.SEEK_HOLE)
+        return Extent(min(length, max(hole_start - offset, 1)), DATA)
+
+    def info(self) -> dict[str, Any]:
+        return {}
+
+    # -- creation -----------------------------------------------------------------
+
+    @classmethod
+    async def create(cls, target: Any, size: int, options: dict[str, Any],
+                     ctx: OpenContext) -> None:
+        if (options.get("preallocation") or "off") != "off":
+            raise UsageError("gluster: only preallocation=off is supported")
+        given = parse_gluster_filename(str(target)) if isinstance(target, str) else target
+        driver = cls()
+        parsed = cls.open_opts.parse(given, what="gluster")
+        location = _target(parsed)
+        driver.source = describe(location.volume, location.path, location.servers)
+        driver.timeout = parsed["timeout"]
+        driver.volume = await driver._blocking(_connect, location, parsed)
+        try:
+            driver.file = await driver._blocking(
+                driver.volume.create, location.path,
+                os.O_RDWR | os.O_CREAT | os.O_TRUNC)
+            await driver._blocking(driver.file.truncate, size)
+            await driver._request(driver.file.fsync)
+        finally:
+            await driver.aclose()
+
+
+class _Target:
+    def __init__(self, volume: str, path: str, servers: tuple[Server, ...]) -> None:
+        self.volume, self.path, self.servers = volume, path, servers
+
+
+def _target(options: dict[str, Any]) -> _Target:
+    volume, path, servers = options.get("volume"), options.get("path"), options.get("server")
+    if not volume or not path or not servers:
+        raise UsageError("gluster: needs 'volume', 'path' and 'server' "
+                         "(or a gluster:// URI)")
+    return _Target(volume, "/" + path.lstrip("/"), servers)
+
+
+def _connect(target: _Target, options: dict[str, Any]) -> gfapi.Volume:
+    logfile = options["logfile"]
+    servers = [(server.transport, server.host, server.port) for server in target.servers]
+    try:
+        return gfapi.Volume.connect(target.volume, servers, logfile, options["debug"])
+    except OSError as exc:
+        raise _refused(target, exc, "volume") from None
+
+
+def _open_file(volume: gfapi.Volume, target: _Target,
+               writable: bool) -> tuple[gfapi.File, bool]:
+    """The file read-write when wanted and allowed, else read-only."""
+    try:
+        if writable:
+            try:
+                return volume.open(target.path, os.O_RDWR), True
+            except OSError as exc:
+                if exc.errno not in (errno.EACCES, errno.EPERM, errno.EROFS):
+                    raise
+        return volume.open(target.path, os.O_RDONLY), False
+    except OSError as exc:
+        raise _refused(target, exc, "file") from None
+
+
+def _refused(target: _Target, exc: OSError, what: str) -> ImgfsError:
+    """Why the volume (connecting) or the file (opening) was refused; the
+    core puts the source's name before the message."""
+    if exc.errno == errno.ENOENT:
+        return NotFound(f"no volume '{target.volume}' on the server" if what == "volume"
+                        else f"no file '{target.path}' on volume '{target.volume}'")
+    if exc.errno in (errno.EACCES, errno.EPERM):
+        return PermissionDenied(f"access to the {what} refused")
+    reason = os.strerror(exc.errno) if exc.errno else str(exc)
+    if what == "file":
+        return from_oserror(exc, f"{target.path} on volume '{target.volume}'")
+    servers = ", ".join(str(server) for server in target.servers)
+    return Unreachable(f"cannot reach the volume's server ({servers}): {reason}")
+
+
+DRIVERS = [GlusterDriver]

@@ -1,0 +1,76 @@
+"""Requests that a C library completes on its own threads (libgfapi's
+``*_async`` calls, librbd's aio completions), awaited from trio.
+
+The library calls a callback on one of its threads with a key the request
+was started with; `ForeignCompletions.complete` hands the result to the
+trio task waiting for it through the run's token, so many requests are in
+flight at once without a thread per request.  Buffers the library reads
+or fills stay referenced until it has completed the request, even when the
+waiting task was cancelled.
+"""
+from __future__ import annotations
+
+import itertools
+import os
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+import trio
+
+
+@dataclass
+class _Pending:
+    token: trio.lowlevel.TrioToken
+    done: trio.Event
+    #: what the library may still touch (buffers) until it completes
+    keep: Any
+    result: int = 0
+    error: int = 0
+
+
+class ForeignCompletions:
+    """The requests under way in one library handle."""
+
+    def __init__(self) -> None:
+        self._pending: dict[int, _Pending] = {}
+        self._keys = itertools.count(1)
+
+    @property
+    def in_flight(self) -> int:
+        return len(self._pending)
+
+    async def run(self, start: Callable[[int], None], keep: Any = None) -> int:
+        """Start a request with ``start(key)`` (which raises OSError when the
+        library refuses it) and wait for its completion.  Returns the
+        library's non-negative result; a negative one raises OSError."""
+        key = next(self._keys)
+        pending = _Pending(trio.lowlevel.current_trio_token(), trio.Event(), keep)
+        self._pending[key] = pending
+        try:
+            start(key)
+        except BaseException:
+            del self._pending[key]
+            raise
+        await pending.done.wait()
+        if pending.result < 0:
+            raise OSError(pending.error, os.strerror(pending.error))
+        return pending.result
+
+    def complete(self, key: int, result: int, error: int) -> None:
+        """Called on the library's thread: never raises (the library
+        could not handle it)."""
+        pending = self._pending.get(key)
+        if pending is None:
+            return
+        try:
+            pending.token.run_sync_soon(self._finish, key, result, error)
+        except trio.RunFinishedError:
+            # the run is over (an abandoned request finishing at exit)
+            self._pending.pop(key, None)
+
+    def _finish(self, key: int, result: int, error: int) -> None:
+        pending = self._pending.pop(key, None)
+        if pending is not None:
+            pending.result, pending.error = result, error
+            pending.done.set()
