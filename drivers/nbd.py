@@ -56,6 +56,7 @@ from imgfs.errors import (
 )
 from imgfs.node import OpenContext
 from imgfs.options import MiB, Opt, Schema, Str
+from imgfs.urls import query_params
 
 # -- spec constants (proto.md "Values") -----------------------------------------
 
@@ -288,7 +289,7 @@ def _parse_uri(uri: str, *, unix: bool) -> dict[str, Any]:
         port = parts.port
     except ValueError as exc:
         raise UsageError(f"invalid nbd URI '{uri}': {exc}") from None
-    query = _query_params(parts.query)
+    query = query_params(parts.query)
     names = [name for name, _ in query]
     for name in names:
         if name.startswith("tls"):
@@ -312,16 +313,6 @@ def _parse_uri(uri: str, *, unix: bool) -> dict[str, Any]:
     options["server"] = {"type": "inet", "host": parts.hostname,
                          "port": str(port if port is not None else NBD_DEFAULT_PORT)}
     return options
-
-
-def _query_params(query: str) -> list[tuple[str, str]]:
-    """RFC 3986 query parameters: percent-decoded, and '+' stays '+' (it
-    means a space only in HTML forms, and '+' is common in socket paths)."""
-    params = []
-    for item in query.split("&") if query else ():
-        name, _, value = item.partition("=")
-        params.append((urllib.parse.unquote(name), urllib.parse.unquote(value)))
-    return params
 
 
 def _parse_legacy(spec: str) -> dict[str, Any]:
