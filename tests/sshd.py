@@ -148,16 +148,6 @@ Subsystem sftp {sftp}
     return config
 
 
-@pytest.fixture
-def sshd(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[Sshd]:
-    yield from start_sshd(tmp_path, monkeypatch)
-
-
-@pytest.fixture
-def sshd_without_fsync(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[Sshd]:
-    yield from start_sshd(tmp_path, monkeypatch, sftp="internal-sftp -P fsync")
-
-
 def start_sshd(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
                sftp: str = "") -> Iterator[Sshd]:
     need("ssh", "ssh-agent", "ssh-add", "ssh-keygen")

@@ -10,6 +10,7 @@ import os
 import random
 import subprocess
 import time
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -21,9 +22,20 @@ from imgfs.errors import ImgfsError, Unreachable
 from imgfs.graph import open_image
 from imgfs.node import Node, OpenContext
 from tests.conftest import imgfs, need, run
-from tests.sshd import Sshd, sshd, sshd_without_fsync  # noqa: F401 (fixtures)
+from tests.sshd import Sshd, start_sshd
 
 MiB = 1 << 20
+
+
+@pytest.fixture
+def sshd(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[Sshd]:
+    yield from start_sshd(tmp_path, monkeypatch)
+
+
+@pytest.fixture
+def sshd_without_fsync(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[Sshd]:
+    """internal-sftp refusing fsync@openssh.com requests."""
+    yield from start_sshd(tmp_path, monkeypatch, sftp="internal-sftp -P fsync")
 
 
 def run_trio(fn: Any, *args: Any, timeout: float = 60) -> Any:
