@@ -10,6 +10,7 @@ per-connection sshd processes too (a listener's SIGTERM leaves them).
 from __future__ import annotations
 
 import base64
+import contextlib
 import hashlib
 import os
 import shutil
@@ -18,12 +19,10 @@ import socket
 import subprocess
 import time
 from collections.abc import Iterator
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
-
-from tests.conftest import need
 
 SSHD = "/usr/sbin/sshd"
 
@@ -87,7 +86,6 @@ class Sshd:
     proc: subprocess.Popen[bytes]
     agent: subprocess.Popen[bytes]
     agent_sock: Path
-    env: dict[str, str] = field(default_factory=dict)
 
     def url(self, path: Path | str, check: str | None = "no", user: str = "root") -> str:
         query = f"?host_key_check={check}" if check is not None else ""
@@ -150,13 +148,24 @@ Subsystem sftp {sftp}
 
 def start_sshd(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
                sftp: str = "") -> Iterator[Sshd]:
+    """For a fixture: the server, with HOME and SSH_AUTH_SOCK set for the test."""
+    from tests.conftest import need
     need("ssh", "ssh-agent", "ssh-add", "ssh-keygen")
     if not os.path.exists(SSHD):
         need("sshd")
-    directory = tmp_path / "sshd"
-    directory.mkdir()
     home = tmp_path / "home"
     (home / ".ssh").mkdir(parents=True)
+    monkeypatch.setenv("HOME", str(home))
+    with running_sshd(tmp_path / "sshd", sftp) as server:
+        monkeypatch.setenv("SSH_AUTH_SOCK", str(server.agent_sock))
+        yield server
+
+
+@contextlib.contextmanager
+def running_sshd(directory: Path, sftp: str = "") -> Iterator[Sshd]:
+    """sshd and an ssh-agent holding the user key, both in `directory`
+    (also used by bench/run.py)."""
+    directory.mkdir()
     _keygen(directory / "hostkey")
     _keygen(directory / "userkey")
     shutil.copy(directory / "userkey.pub", directory / "authorized_keys")
@@ -176,10 +185,8 @@ def start_sshd(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
             if proc.poll() is not None or time.monotonic() > deadline:
                 raise RuntimeError(f"sshd did not start: {(directory / 'sshd.log').read_text()}")
             time.sleep(0.02)
-        monkeypatch.setenv("HOME", str(home))
-        monkeypatch.setenv("SSH_AUTH_SOCK", str(agent_sock))
         subprocess.run(["ssh-add", "-q", str(directory / "userkey")], check=True,
-                       capture_output=True)
+                       capture_output=True, env={**os.environ, "SSH_AUTH_SOCK": str(agent_sock)})
         key_type, key, *_ = (directory / "hostkey.pub").read_text().split()
         yield Sshd(directory, port, base64.b64decode(key), f"{key_type} {key}", proc, agent,
                    agent_sock)
