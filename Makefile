@@ -15,7 +15,8 @@ PYTEST_ARGS ?=
 # to build.  Test oracles: the real tools every test compares against
 # (qemu-img/qemu-io/qemu-nbd, qemu-storage-daemon, nbdkit, cryptsetup,
 # dosfstools, mtools, 7-Zip, sshd, tgtd, fio).
-APT_RUNTIME := fuse3 libfuse3-dev pkg-config gcc python3-dev python3-venv libssl-dev
+APT_RUNTIME := fuse3 libfuse3-dev pkg-config gcc python3-dev python3-venv libssl-dev \
+               openssh-client
 APT_DEMO    := fdisk e2fsprogs util-linux mount
 APT_TEST    := qemu-utils qemu-system-common qemu-block-extra nbdkit fio \
                dosfstools mtools cryptsetup-bin 7zip openssh-server tgt \

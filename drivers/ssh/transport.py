@@ -6,9 +6,9 @@ key check, exactly as the user's own ``ssh`` would; imgfs speaks SFTP over
 its standard input and output (`sftp.SftpSession`).  The ssh process never
 prompts (BatchMode): a login that needs a password fails.
 
-``~`` is ``$HOME`` (ssh itself would use the passwd entry's home): the
-known_hosts files, the config file and the default identity files are
-looked up there.  Host keys: ``known_hosts`` mode is ssh's
+``~`` is ``$HOME``: ssh itself looks in the passwd entry's home, so when
+$HOME is elsewhere imgfs points ssh at $HOME's known_hosts files, config
+file (then the only one read) and default identity files.  Host keys: ``known_hosts`` mode is ssh's
 StrictHostKeyChecking=yes against ``~/.ssh/known_hosts``; ``none`` trusts
 any key and records none; ``hash`` accepts exactly the key with that
 fingerprint (checked by `helper.py` as ssh's KnownHostsCommand).  The same
@@ -56,8 +56,16 @@ def _quoted(path: str) -> str:
     return '"' + path.replace('"', '') + '"'
 
 
-def home_dir() -> str:
-    return os.environ.get("HOME") or pwd.getpwuid(os.getuid()).pw_dir
+def home_dir() -> str | None:
+    """$HOME when it is not where ssh looks (the passwd entry's home), else None."""
+    home = os.environ.get("HOME")
+    try:
+        passwd_home = pwd.getpwuid(os.getuid()).pw_dir
+    except KeyError:
+        passwd_home = None
+    if not home or (passwd_home and os.path.realpath(home) == os.path.realpath(passwd_home)):
+        return None
+    return home
 
 
 def _helper_command(*args: str) -> str:
@@ -66,7 +74,7 @@ def _helper_command(*args: str) -> str:
     return " ".join(program + [shlex.quote(arg) for arg in args])
 
 
-def host_key_options(check: HostKeyCheck, ssh_dir: str) -> list[str]:
+def host_key_options(check: HostKeyCheck, home: str | None) -> list[str]:
     """ssh -o options carrying the host key policy (never writing known_hosts)."""
     options = ["UpdateHostKeys=no"]
     if check.mode == "none":
@@ -77,39 +85,36 @@ def host_key_options(check: HostKeyCheck, ssh_dir: str) -> list[str]:
                 "KnownHostsCommand=" + _helper_command("hostkey", expected, "%H", "%t", "%K")]
     if check.mode == "hash":
         return options + ["UserKnownHostsFile=/dev/null", "GlobalKnownHostsFile=/dev/null"]
-    known = " ".join(_quoted(os.path.join(ssh_dir, name))
-                     for name in ("known_hosts", "known_hosts2"))
-    return options + [f"UserKnownHostsFile={known}"]
+    if home is not None:
+        known = " ".join(_quoted(_token_safe(os.path.join(home, ".ssh", name)))
+                         for name in ("known_hosts", "known_hosts2"))
+        options.append(f"UserKnownHostsFile={known}")
+    return options
 
 
-def user_file_options(home: str) -> list[str]:
-    """The config file and default identities under `home` (see the module
-    docstring), when `home` is not where ssh would look anyway."""
+def user_file_options(home: str | None) -> list[str]:
+    """With `home` (see home_dir): its config file and default identities
+    in place of the ones ssh would find in the passwd entry's home."""
+    if home is None:
+        return []
     ssh_dir = os.path.join(home, ".ssh")
-    args = []
     config = os.path.join(ssh_dir, "config")
-    if os.path.exists(config):
-        args += ["-F", config]
-    try:
-        passwd_home = pwd.getpwuid(os.getuid()).pw_dir
-    except KeyError:
-        passwd_home = ""
-    if os.path.realpath(home) != os.path.realpath(passwd_home or "/"):
-        for name in DEFAULT_IDENTITIES:
-            path = os.path.join(ssh_dir, name)
-            if os.path.exists(path):
-                args += ["-o", f"IdentityFile={_quoted(_token_safe(path))}"]
+    args = ["-F", config if os.path.exists(config) else "/dev/null"]
+    for name in DEFAULT_IDENTITIES:
+        path = os.path.join(ssh_dir, name)
+        if os.path.exists(path):
+            args += ["-o", f"IdentityFile={_quoted(_token_safe(path))}"]
     return args
 
 
 def ssh_argv(target: Target, timeout: float, *, use_proxy: bool,
-             home: str | None = None) -> list[str]:
-    """The ssh command line that runs the sftp subsystem on `target`."""
-    home = home or home_dir()
+             home: str | None) -> list[str]:
+    """The ssh command line that runs the sftp subsystem on `target`
+    (`home`: see home_dir)."""
     argv = ["ssh", "-T", "-x", "-a", "-e", "none", "-s", *user_file_options(home),
             "-o", "BatchMode=yes", "-o", "ClearAllForwardings=yes",
             "-o", f"ConnectTimeout={max(1, round(timeout))}", "-o", "LogLevel=ERROR"]
-    for option in host_key_options(target.host_key_check, os.path.join(home, ".ssh")):
+    for option in host_key_options(target.host_key_check, home):
         argv += ["-o", option]
     if target.port is not None:
         argv += ["-p", str(target.port)]
@@ -121,10 +126,10 @@ def ssh_argv(target: Target, timeout: float, *, use_proxy: bool,
     return argv + ["--", target.host, "sftp"]
 
 
-async def config_names_proxy(target: Target, home: str | None = None) -> bool:
+async def config_names_proxy(target: Target, home: str | None) -> bool:
     """True when the user's ssh config routes this host through a proxy
     (ProxyCommand, ProxyJump): then the connection is theirs to make."""
-    argv = ["ssh", "-G", *user_file_options(home or home_dir())]
+    argv = ["ssh", "-G", *user_file_options(home)]
     if target.port is not None:
         argv += ["-p", str(target.port)]
     argv += ["--", target.host]
@@ -214,14 +219,15 @@ class SshConnection:
     async def start(cls, target: Target, *, timeout: float, reply_timeout: float) -> SshConnection:
         """Run ssh and initialise SFTP, within `timeout` seconds; raise one
         ImgfsError saying why not."""
+        home = home_dir()
         with trio.move_on_after(timeout) as deadline:
-            use_proxy = not await config_names_proxy(target)
+            use_proxy = not await config_names_proxy(target, home)
         if deadline.cancelled_caught:
             raise Unreachable(f"cannot connect: ssh -G timed out after {timeout:g} s")
         stderr = tempfile.TemporaryFile()
         try:
             process = await trio.lowlevel.open_process(
-                ssh_argv(target, timeout, use_proxy=use_proxy), stdin=subprocess.PIPE,
+                ssh_argv(target, timeout, use_proxy=use_proxy, home=home), stdin=subprocess.PIPE,
                 stdout=subprocess.PIPE, stderr=stderr, start_new_session=True)
         except OSError as exc:
             stderr.close()
