@@ -119,6 +119,11 @@ class Pipeline(abc.ABC):
             self._pending.pop(request_id, None)     # never sent
             raise
 
+    async def post(self, *buffers: bytes | bytearray | memoryview) -> None:
+        """Send a message that gets no reply (a goodbye), or raise Lost."""
+        async with self._send_lock:
+            await self.transmit(*buffers)
+
     async def wait(self, request: Request) -> None:
         """Wait for `request`'s reply, reading while nobody else does; raise
         its error.  A cancelled waiter leaves its request pending: its reply

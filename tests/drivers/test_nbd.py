@@ -486,7 +486,7 @@ def test_cancelled_requests_keep_the_stream_in_sync(tmp_path: Path) -> None:
                         nursery.start_soon(read_some, timeout)
             for _ in range(8):
                 await read_some(None)
-            assert not conn_of(node)._pending
+            assert conn_of(node).in_flight == 0
         finally:
             await node.aclose()
 
