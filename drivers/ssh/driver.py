@@ -49,7 +49,7 @@ log = logging.getLogger("imgfs")
 #: seconds to connect and log in (the `timeout` option's default)
 DEFAULT_TIMEOUT = 10.0
 #: a server silent this many times `timeout` while requests wait is lost
-REPLY_TIMEOUT_FACTOR = 6
+REPLY_TIMEOUT_FACTOR = 3
 #: seconds between reconnection attempts, one per failure; then give up
 RECONNECT_DELAYS = (0.5, 1.0, 2.0, 4.0, 8.0, 8.0)
 #: mode of files `imgfs create` makes
@@ -87,7 +87,7 @@ class SshDriver(BlockDriver):
         Opt("host-key-check", lambda value: value,
             help="mode=none|known_hosts|hash, with type=md5|sha1|sha256 and hash=HEX"),
         Opt("timeout", parse_timeout, default=DEFAULT_TIMEOUT,
-            help="seconds to connect and log in; 6 times this without any reply is a "
+            help="seconds to connect and log in; 3 times this without any reply is a "
                  "lost connection"),
         Opt("filename", Str, help="an ssh:// URL"),
     )
@@ -114,6 +114,16 @@ class SshDriver(BlockDriver):
         self._failed_attempts = 0
         self._next_attempt = 0.0
         self._gave_up: str | None = None
+        try:
+            await self._first_connection(ctx)
+        except ImgfsError as exc:
+            # A source given as a json: tree or options has no URL of its
+            # own for the message to start with: name the one it means.
+            if not options.get("filename") and exc.path is None:
+                exc.path = self.target.url()
+            raise
+
+    async def _first_connection(self, ctx: OpenContext) -> None:
         self.conn = conn = await connect(self.target, self.timeout)
         try:
             self.handle, self.writable = await self._open_file(

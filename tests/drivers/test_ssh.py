@@ -8,6 +8,8 @@ import json
 import logging
 import os
 import random
+import signal
+import socket
 import subprocess
 import time
 from collections.abc import Iterator
@@ -310,3 +312,40 @@ def test_server_gone_gives_eio_for_good_within_bounds(sshd: Sshd, tmp_path: Path
         finally:
             await node.aclose()
     run_trio(body)
+
+
+# -- timeouts -------------------------------------------------------------------------------
+
+
+def test_a_silent_server_times_out(sshd: Sshd, tmp_path: Path) -> None:
+    """timeout=2: a server that stops answering fails the request after
+    3 x 2 s; one that never speaks SSH is refused within the timeout."""
+    image = tmp_path / "disk.raw"
+    random_file(image, MiB)
+    tree = {"driver": "ssh", "server": {"host": "127.0.0.1", "port": str(sshd.port)},
+            "path": str(image), "host_key_check": "no", "timeout": "2"}
+
+    async def body() -> float:
+        node = await open_image(tree, OpenContext(read_only=True))
+        sessions = sshd.sessions()
+        try:
+            for pid in sessions:
+                os.kill(pid, signal.SIGSTOP)
+            started = trio.current_time()
+            with pytest.raises(Unreachable, match="no reply from the server in 6 s"):
+                await node.read(0, 4096)
+            return trio.current_time() - started
+        finally:
+            for pid in sessions:
+                os.kill(pid, signal.SIGCONT)
+            await node.aclose()
+    assert 5.9 < run_trio(body) < 10
+
+    with socket.socket() as mute:                # accepts, never says a word
+        mute.bind(("127.0.0.1", 0))
+        mute.listen()
+        port = mute.getsockname()[1]
+        started = time.monotonic()
+        mute_tree = {**tree, "server": {"host": "127.0.0.1", "port": str(port)}, "timeout": "1"}
+        message = one_line_refusal(["info", f"json:{json.dumps(mute_tree)}"], "within 1 s")
+        assert time.monotonic() - started < 5, message
