@@ -55,7 +55,7 @@ from imgfs.errors import (
 from imgfs.node import OpenContext
 from imgfs.options import MiB, Opt, Schema, Str
 from imgfs.pipeline import Lost, Pipeline, ProtocolError, Request
-from imgfs.urls import query_params
+from imgfs.urls import parse_port, query_params
 
 # -- spec constants (proto.md "Values") -----------------------------------------
 
@@ -239,13 +239,6 @@ class Address:
         return f"nbd://{host}:{self.port}/{name}"
 
 
-def parse_port(value: Any) -> int:
-    text = str(value)
-    if not text.isdigit() or not 0 < int(text) < 65536:
-        raise UsageError(f"invalid nbd port '{text}' (expected 1 to 65535)")
-    return int(text)
-
-
 def parse_server(value: Any) -> dict[str, str]:
     """QEMU's SocketAddress for `server`: {"type": "inet", "host", "port"} or
     {"type": "unix", "path"}; values are kept as strings, as QEMU keeps them."""
@@ -265,7 +258,7 @@ def parse_server(value: Any) -> dict[str, str]:
     if kind == "unix" and not server.get("path"):
         raise UsageError("a unix server needs a 'path'")
     if kind == "inet" and "port" in server:
-        parse_port(server["port"])
+        parse_port(server["port"], "nbd")
     return server
 
 
@@ -333,7 +326,7 @@ def _parse_legacy(spec: str) -> dict[str, Any]:
     if not host:
         raise UsageError(f"invalid nbd address '{body}': no host")
     options["server"] = {"type": "inet", "host": host,
-                         "port": str(parse_port(port) if port else NBD_DEFAULT_PORT)}
+                         "port": str(parse_port(port, "nbd") if port else NBD_DEFAULT_PORT)}
     return options
 
 
@@ -364,7 +357,7 @@ def resolve_target(options: dict[str, Any]) -> tuple[Address, str]:
     if server["type"] == "unix":
         return Address("unix", path=server["path"]), export
     return Address("inet", host=server["host"],
-                   port=parse_port(server.get("port", NBD_DEFAULT_PORT))), export
+                   port=parse_port(server.get("port", NBD_DEFAULT_PORT), "nbd")), export
 
 
 def status_of(flags: int) -> Status:

@@ -2,6 +2,17 @@
 from __future__ import annotations
 
 import urllib.parse
+from typing import Any
+
+from .errors import UsageError
+
+
+def parse_port(value: Any, protocol: str) -> int:
+    """A TCP port number given as text or a number."""
+    text = str(value)
+    if not text.isdigit() or not 0 < int(text) < 65536:
+        raise UsageError(f"invalid {protocol} port '{text}' (expected 1 to 65535)")
+    return int(text)
 
 
 def query_params(query: str) -> list[tuple[str, str]]:

@@ -24,6 +24,8 @@ from pathlib import Path
 
 import pytest
 
+from tests.conftest import need, stop_process
+
 SSHD = "/usr/sbin/sshd"
 
 
@@ -63,16 +65,6 @@ def descendants(pid: int) -> list[int]:
     for child in children(pid):
         result += [child, *descendants(child)]
     return result
-
-
-def stop(proc: subprocess.Popen[bytes]) -> None:
-    if proc.poll() is None:
-        proc.terminate()
-        try:
-            proc.wait(10)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
 
 
 @dataclass
@@ -149,7 +141,6 @@ Subsystem sftp {sftp}
 def start_sshd(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
                sftp: str = "") -> Iterator[Sshd]:
     """For a fixture: the server, with HOME and SSH_AUTH_SOCK set for the test."""
-    from tests.conftest import need
     need("ssh", "ssh-agent", "ssh-add", "ssh-keygen")
     if not os.path.exists(SSHD):
         need("sshd")
@@ -192,10 +183,10 @@ def running_sshd(directory: Path, sftp: str = "") -> Iterator[Sshd]:
                    agent_sock)
     finally:
         sessions = descendants(proc.pid)
-        stop(proc)
+        stop_process(proc)
         for pid in sessions:
             try:
                 os.kill(pid, signal.SIGKILL)
             except ProcessLookupError:
                 pass
-        stop(agent)
+        stop_process(agent)

@@ -17,7 +17,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from imgfs.errors import UsageError
-from imgfs.urls import query_params
+from imgfs.urls import parse_port, query_params
 
 SSH_DEFAULT_PORT = 22
 HASH_TYPES = ("md5", "sha1", "sha256")
@@ -78,13 +78,6 @@ def parse_structured_check(value: Any) -> HostKeyCheck:
     return HostKeyCheck("hash", hash_type, _hex_digest(hash_type, str(value.get("hash", ""))))
 
 
-def parse_port(value: Any) -> int:
-    text = str(value)
-    if not text.isdigit() or not 0 < int(text) < 65536:
-        raise UsageError(f"invalid ssh port '{text}' (expected 1 to 65535)")
-    return int(text)
-
-
 def parse_server(value: Any) -> dict[str, str]:
     """QEMU's InetSocketAddress for `server`: host and port."""
     if not isinstance(value, dict):
@@ -98,7 +91,7 @@ def parse_server(value: Any) -> dict[str, str]:
         raise UsageError("the ssh server needs a 'host'")
     server = {"host": str(value["host"])}
     if value.get("port") is not None:
-        server["port"] = str(parse_port(value["port"]))
+        server["port"] = str(parse_port(value["port"], "ssh"))
     return server
 
 
@@ -183,5 +176,5 @@ def resolve_target(options: dict[str, Any]) -> Target:
     user = str(given["user"]) if given.get("user") else None
     if user is not None and (user.startswith("-") or any(char.isspace() for char in user)):
         raise UsageError(f"ssh: invalid user name '{user}'")
-    return Target(host, path, parse_port(server["port"]) if "port" in server else None,
+    return Target(host, path, parse_port(server["port"], "ssh") if "port" in server else None,
                   user, check)

@@ -16,6 +16,7 @@ from tests.conftest import (
     is_mounted,
     mounted,
     need,
+    pids_whose_argv,
     pwrite_all,
     qemu_raw,
     random_bytes,
@@ -41,18 +42,7 @@ def qemu_over_ssh(url: str, out: Path, fmt: str) -> bytes:
 
 def ssh_clients(port: int) -> list[int]:
     """ssh client processes connected to the test server's port."""
-    found = []
-    for entry in os.listdir("/proc"):
-        if not entry.isdigit():
-            continue
-        try:
-            with open(f"/proc/{entry}/cmdline", "rb") as handle:
-                argv = handle.read().split(b"\0")
-        except OSError:
-            continue
-        if argv[:1] == [b"ssh"] and str(port).encode() in argv:
-            found.append(int(entry))
-    return found
+    return pids_whose_argv(lambda argv: argv[:1] == [b"ssh"] and str(port).encode() in argv)
 
 
 def test_raw_over_ssh_read_and_written(sshd: Sshd, tmp_path: Path, mnt: Path) -> None:
