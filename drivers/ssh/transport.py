@@ -300,9 +300,6 @@ class SshConnection:
         except ProtocolError as exc:
             raise Unreachable(f"not an SFTP server: {exc}") from None
 
-    def stderr_reason(self, target: Target) -> str:
-        return str(Failure.read(self.stderr).error(target, self.process.returncode))
-
     async def stop(self) -> None:
         """End the session and reap ssh; never raises, never hangs."""
         with trio.CancelScope(shield=True):

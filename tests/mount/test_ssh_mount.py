@@ -108,6 +108,26 @@ def test_server_killed_mid_read_gives_eio_and_unmounts_cleanly(sshd: Sshd, tmp_p
     assert not ssh_clients(sshd.port)
 
 
+def test_lost_session_gives_eio_then_the_mount_reconnects(sshd: Sshd, tmp_path: Path,
+                                                         mnt: Path) -> None:
+    image = tmp_path / "disk.raw"
+    data = random_bytes(2 * MiB, seed=6)
+    image.write_bytes(data)
+    with mounted(sshd.url(image), mountpoint=mnt):
+        fd = os.open(mnt / "disk.raw", os.O_RDONLY | os.O_DIRECT)
+        try:
+            assert os.pread(fd, 4096, 0) == data[:4096]
+            sshd.kill_sessions()             # the listener stays: reconnecting works
+            with pytest.raises(OSError) as info:
+                for _ in range(50):
+                    os.pread(fd, 4096, MiB)
+                    time.sleep(0.05)
+            assert info.value.errno == errno.EIO
+            assert os.pread(fd, 4096, MiB) == data[MiB:MiB + 4096]
+        finally:
+            os.close(fd)
+
+
 def test_unreachable_server_is_refused_before_mounting(tmp_path: Path, mnt: Path) -> None:
     started = time.monotonic()
     result = imgfs("mount", "ssh://root@127.0.0.1:1/disk.raw?host_key_check=no", mnt,
