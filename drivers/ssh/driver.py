@@ -114,6 +114,7 @@ class SshDriver(BlockDriver):
         self._failed_attempts = 0
         self._next_attempt = 0.0
         self._gave_up: str | None = None
+        self._lost_reason = ""
         try:
             await self._first_connection(ctx)
         except ImgfsError as exc:

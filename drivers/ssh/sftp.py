@@ -259,7 +259,8 @@ class SftpSession(Pipeline):
             raise ProtocolError(f"packet of {length} bytes")
         if len(self._buffer) < 4 + length:
             return None
-        body = bytes(self._buffer[5:4 + length])
+        with memoryview(self._buffer) as view:
+            body = bytes(view[5:4 + length])        # the one copy of the payload
         kind = self._buffer[4]
         del self._buffer[:4 + length]
         return kind, memoryview(body)
