@@ -211,6 +211,28 @@ def test_known_hosts(sshd: Sshd, tmp_path: Path) -> None:
     assert not known_hosts.exists()
 
 
+# -- logging in without the agent ------------------------------------------------------------
+
+
+def test_default_identity_and_config_alias(sshd: Sshd, tmp_path: Path,
+                                           monkeypatch: pytest.MonkeyPatch) -> None:
+    """Beyond the agent: ~/.ssh/id_ed25519, and a ~/.ssh/config host alias
+    carrying the address, port and user (~ being $HOME)."""
+    image = tmp_path / "disk.raw"
+    random_file(image, MiB)
+    monkeypatch.delenv("SSH_AUTH_SOCK")
+    ssh_dir = Path(os.environ["HOME"]) / ".ssh"
+    identity = ssh_dir / "id_ed25519"
+    identity.write_bytes((sshd.dir / "userkey").read_bytes())
+    identity.chmod(0o600)
+    assert "1 MiB" in imgfs("info", sshd.url(image)).stdout
+    identity.unlink()
+    (ssh_dir / "config").write_text(f"Host imgfs-test-alias\n  HostName 127.0.0.1\n"
+                                   f"  Port {sshd.port}\n  User root\n"
+                                   f"  IdentityFile {sshd.dir / 'userkey'}\n")
+    assert "1 MiB" in imgfs("info", f"ssh://imgfs-test-alias{image}?host_key_check=no").stdout
+
+
 # -- refusals -------------------------------------------------------------------------
 
 
