@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import errno
 import os
+import threading
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -88,15 +89,29 @@ def test_server_killed_mid_read_gives_eio_and_unmounts_cleanly(sshd: Sshd, tmp_p
     imgfs("mount", sshd.url(image), local, mnt, timeout=60)
     try:
         fd = os.open(mnt / "disk.raw", os.O_RDONLY | os.O_DIRECT)
+        errors: list[int | None] = []
+
+        def read_on() -> None:
+            """Read the whole image over and over until a read fails."""
+            try:
+                while True:
+                    for offset in range(0, 4 * MiB, MiB):
+                        os.pread(fd, MiB, offset)
+            except OSError as exc:
+                errors.append(exc.errno)
+        reader = threading.Thread(target=read_on)
         try:
             assert len(os.pread(fd, 4096, 0)) == 4096
-            sshd.kill()
+            reader.start()
+            time.sleep(0.3)
+            sshd.kill()                      # listener and session, mid-read
+            reader.join(30)
+            assert not reader.is_alive() and errors == [errno.EIO]
             with pytest.raises(OSError) as info:
-                for _ in range(50):          # until the loss is seen
-                    os.pread(fd, 4096, 2 * MiB)
-                    time.sleep(0.05)
+                os.pread(fd, 4096, 2 * MiB)  # later requests too (no server to reconnect to)
             assert info.value.errno == errno.EIO
         finally:
+            reader.join(30)
             os.close(fd)
         assert is_mounted(mnt)
         assert (mnt / "local.raw").read_bytes() == b"L" * MiB
