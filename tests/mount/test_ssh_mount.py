@@ -53,7 +53,7 @@ def test_raw_over_ssh_read_and_written(sshd: Sshd, tmp_path: Path, mnt: Path) ->
     url = sshd.url(image)
     expected = bytearray(qemu_over_ssh(url, tmp_path / "qemu.raw", "raw"))
     assert expected == data
-    with mounted(url, mountpoint=mnt):
+    with mounted(url, mountpoint=mnt, options="file.timeout=30"):
         assert os.listdir(mnt) == ["disk.raw"]
         assert (mnt / "disk.raw").read_bytes() == expected
         pwrite_all(mnt / "disk.raw", [(7 * MiB + 5, b"tail" * 5000), (0, b"head" * 128),
