@@ -60,6 +60,7 @@ def test_raw_over_ssh_read_and_written(sshd: Sshd, tmp_path: Path, mnt: Path) ->
                                       (3 * MiB - 100, os.urandom(2 * MiB))], expected)
         assert (mnt / "disk.raw").read_bytes() == expected
     assert image.read_bytes() == expected
+    assert not ssh_clients(sshd.port)            # the daemon reaped its ssh before exiting
 
 
 def test_qcow2_over_ssh_probed_read_and_written(sshd: Sshd, tmp_path: Path, mnt: Path) -> None:
