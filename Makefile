@@ -12,12 +12,12 @@ SBINDIR   ?= /sbin
 PYTEST_ARGS ?=
 
 # Run time: FUSE, and what pyfuse3 and our LUKS extension (libssl-dev) need
-# to build; libgfapi0 for gluster:// sources.  Test oracles: the real tools
-# every test compares against (qemu-img/qemu-io/qemu-nbd,
-# qemu-storage-daemon, nbdkit, cryptsetup, dosfstools, mtools, 7-Zip, sshd,
-# tgtd, glusterd, fio).
+# to build; openssh-client for ssh:// sources, libgfapi0 for gluster://.
+# Test oracles: the real tools every test compares against
+# (qemu-img/qemu-io/qemu-nbd, qemu-storage-daemon, nbdkit, cryptsetup,
+# dosfstools, mtools, 7-Zip, sshd, tgtd, glusterd, fio).
 APT_RUNTIME := fuse3 libfuse3-dev pkg-config gcc python3-dev python3-venv libssl-dev \
-               libgfapi0
+               openssh-client libgfapi0
 APT_DEMO    := fdisk e2fsprogs util-linux mount
 APT_TEST    := qemu-utils qemu-system-common qemu-block-extra nbdkit fio \
                dosfstools mtools cryptsetup-bin 7zip openssh-server tgt \

@@ -170,6 +170,9 @@ class Case:
     #: how qsd's format node is given the secret (luks: key-secret=ID; qcow2 also
     #: needs encrypt.format=luks beside encrypt.key-secret=ID)
     qsd_secret_options: str = f"key-secret={SECRET_ID}"
+    #: where the image lives: "file" (local) or "ssh" (an sshd on loopback,
+    #: started for the case; both exporters read it through their ssh driver)
+    transport: str = "file"
 
 
 def _luks_create_opts(prefix: str) -> str:
@@ -207,7 +210,15 @@ CASES = {c.name: c for c in (
           + _luks_create_opts("encrypt.")),
          metrics=LUKS_TARGETS, encrypted=True,
          qsd_secret_options=f"encrypt.format=luks,encrypt.key-secret={SECRET_ID}"),
+    # the same sshd, agent and image for imgfs's ssh driver and QEMU's
+    Case("ssh", "raw", ("raw", "ssh"), ("-O", "raw"), transport="ssh", metrics={
+        "seq_read": Target(1.5), "rand_read": Target(1.0), "seq_write": Target(1.0),
+        "mount_latency": None,
+    }),
 )}
+
+#: the sshd of the running ssh case (tests/sshd.py's Sshd)
+SSH_SERVER: Any = None
 
 
 @dataclass
@@ -382,7 +393,8 @@ class ImgfsExporter(Exporter):
         if self.case.encrypted:
             cmd += ["--object", f"secret,id={SECRET_ID},data={PASSPHRASE}",
                     "-o", f"key-secret={SECRET_ID}"]
-        return cmd + [str(self.image), str(self.mountpoint)]
+        source = SSH_SERVER.url(self.image) if self.case.transport == "ssh" else str(self.image)
+        return cmd + [source, str(self.mountpoint)]
 
     def mount(self) -> None:
         self.mountpoint.mkdir(exist_ok=True)
@@ -423,8 +435,13 @@ class QsdExporter(Exporter):
         if self.case.encrypted:
             cmd += ["--object", f"secret,id={SECRET_ID},data={PASSPHRASE}"]
             fmt_node += f",{self.case.qsd_secret_options}"
+        file_node = f"driver=file,node-name=file0,filename={self.image}"
+        if self.case.transport == "ssh":
+            file_node = (f"driver=ssh,node-name=file0,server.host=127.0.0.1,"
+                         f"server.port={SSH_SERVER.port},user=root,path={self.image},"
+                         f"host-key-check.mode=none")
         return cmd + [
-            "--blockdev", f"driver=file,node-name=file0,filename={self.image}",
+            "--blockdev", file_node,
             "--blockdev", fmt_node,
             "--export", f"type=fuse,id=exp0,node-name=fmt0,"
                         f"mountpoint={self.mountpoint},writable=on",
@@ -778,11 +795,11 @@ def pbkdf_ms(image: Path) -> float:
 
 
 def available_formats(imgfs: str) -> set[str]:
-    """Format names from `imgfs formats` (the lines of its Formats section)."""
+    """Driver names from `imgfs formats` (its Formats and Protocols sections)."""
     text = run([*imgfs_command(imgfs), "formats"]).stdout
     formats, in_formats = set(), False
     for line in text.splitlines():
-        if line.startswith("Formats"):
+        if line.startswith(("Formats", "Protocols")):
             in_formats = True
         elif line and not line.startswith(" "):
             in_formats = False
@@ -792,6 +809,32 @@ def available_formats(imgfs: str) -> set[str]:
 
 
 def run_case(case: Case, settings: Settings) -> dict:
+    if case.transport == "ssh":
+        return run_ssh_case(case, settings)
+    return run_local_case(case, settings)
+
+
+def run_ssh_case(case: Case, settings: Settings) -> dict:
+    """The case with its image served by a fresh sshd and ssh-agent
+    (tests/sshd.py's recipe) in the scratch directory."""
+    global SSH_SERVER
+    sys.path.insert(0, str(BENCH_DIR.parent))
+    from tests.sshd import running_sshd
+    with running_sshd(settings.workdir / "sshd", "internal-sftp") as server:
+        saved = os.environ.get("SSH_AUTH_SOCK")
+        os.environ["SSH_AUTH_SOCK"] = str(server.agent_sock)
+        SSH_SERVER = server
+        try:
+            return run_local_case(case, settings)
+        finally:
+            SSH_SERVER = None
+            if saved is None:
+                os.environ.pop("SSH_AUTH_SOCK", None)
+            else:
+                os.environ["SSH_AUTH_SOCK"] = saved
+
+
+def run_local_case(case: Case, settings: Settings) -> dict:
     print(f"\n== {case.name}: building a {settings.image_size // MiB} MiB image", flush=True)
     image = build_image(case, settings)
     metrics: dict[str, dict] = {}

@@ -22,18 +22,16 @@ Refused: oldstyle negotiation and TLS (``nbds://``, ``tls-creds``).  There is
 no reconnect: once the connection is lost, every pending and later request
 fails with EIO (the mount stays up).
 
-Concurrency needs no background task: the task that sends a request waits
-for its reply.  One waiting task at a time is the *reader*: it receives
-replies, fills in the request each one answers and wakes its owner, until
-its own reply is complete; then it hands the reader role to a task still
-waiting.  Once the first byte of a reply (or of a request) has crossed the
-socket, the rest of that message is moved under a cancel shield, because
-half a message would desynchronise the stream for everyone.
+Concurrency needs no background task (`imgfs.pipeline`, shared with the
+ssh driver): the task that sends a request waits for its reply, and one
+waiting task at a time reads replies for everyone.  Once the first byte of
+a reply (or of a request) has crossed the socket, the rest of that message
+is moved under a cancel shield, because half a message would desynchronise
+the stream for everyone.
 """
 from __future__ import annotations
 
 import errno
-import itertools
 import os
 import socket
 import struct
@@ -56,6 +54,8 @@ from imgfs.errors import (
 )
 from imgfs.node import OpenContext
 from imgfs.options import MiB, Opt, Schema, Str
+from imgfs.pipeline import Lost, Pipeline, ProtocolError, Request
+from imgfs.urls import parse_port, query_params
 
 # -- spec constants (proto.md "Values") -----------------------------------------
 
@@ -239,13 +239,6 @@ class Address:
         return f"nbd://{host}:{self.port}/{name}"
 
 
-def parse_port(value: Any) -> int:
-    text = str(value)
-    if not text.isdigit() or not 0 < int(text) < 65536:
-        raise UsageError(f"invalid nbd port '{text}' (expected 1 to 65535)")
-    return int(text)
-
-
 def parse_server(value: Any) -> dict[str, str]:
     """QEMU's SocketAddress for `server`: {"type": "inet", "host", "port"} or
     {"type": "unix", "path"}; values are kept as strings, as QEMU keeps them."""
@@ -265,7 +258,7 @@ def parse_server(value: Any) -> dict[str, str]:
     if kind == "unix" and not server.get("path"):
         raise UsageError("a unix server needs a 'path'")
     if kind == "inet" and "port" in server:
-        parse_port(server["port"])
+        parse_port(server["port"], "nbd")
     return server
 
 
@@ -288,7 +281,7 @@ def _parse_uri(uri: str, *, unix: bool) -> dict[str, Any]:
         port = parts.port
     except ValueError as exc:
         raise UsageError(f"invalid nbd URI '{uri}': {exc}") from None
-    query = _query_params(parts.query)
+    query = query_params(parts.query)
     names = [name for name, _ in query]
     for name in names:
         if name.startswith("tls"):
@@ -314,16 +307,6 @@ def _parse_uri(uri: str, *, unix: bool) -> dict[str, Any]:
     return options
 
 
-def _query_params(query: str) -> list[tuple[str, str]]:
-    """RFC 3986 query parameters: percent-decoded, and '+' stays '+' (it
-    means a space only in HTML forms, and '+' is common in socket paths)."""
-    params = []
-    for item in query.split("&") if query else ():
-        name, _, value = item.partition("=")
-        params.append((urllib.parse.unquote(name), urllib.parse.unquote(value)))
-    return params
-
-
 def _parse_legacy(spec: str) -> dict[str, Any]:
     """``HOST[:PORT][:exportname=E]`` or ``unix:PATH[:exportname=E]``."""
     body, sep, export = spec.partition(":exportname=")
@@ -343,7 +326,7 @@ def _parse_legacy(spec: str) -> dict[str, Any]:
     if not host:
         raise UsageError(f"invalid nbd address '{body}': no host")
     options["server"] = {"type": "inet", "host": host,
-                         "port": str(parse_port(port) if port else NBD_DEFAULT_PORT)}
+                         "port": str(parse_port(port, "nbd") if port else NBD_DEFAULT_PORT)}
     return options
 
 
@@ -374,7 +357,7 @@ def resolve_target(options: dict[str, Any]) -> tuple[Address, str]:
     if server["type"] == "unix":
         return Address("unix", path=server["path"]), export
     return Address("inet", host=server["host"],
-                   port=parse_port(server.get("port", NBD_DEFAULT_PORT))), export
+                   port=parse_port(server.get("port", NBD_DEFAULT_PORT), "nbd")), export
 
 
 def status_of(flags: int) -> Status:
@@ -392,14 +375,6 @@ def server_errno(code: int) -> int:
 # -- the connection ---------------------------------------------------------------
 
 
-class _Lost(Exception):
-    """The socket failed or the server hung up (message: why)."""
-
-
-class _ProtocolError(Exception):
-    """The server broke the protocol; the only safe reaction is to hang up."""
-
-
 @dataclass(frozen=True)
 class BlockSizes:
     """NBD_INFO_BLOCK_SIZE, or the defaults when the server sends none."""
@@ -409,28 +384,28 @@ class BlockSizes:
     maximum: int = NBD_NO_MAXIMUM
 
     def check(self, size: int) -> None:
-        """Raise _ProtocolError unless the constraints are what the spec allows."""
+        """Raise ProtocolError unless the constraints are what the spec allows."""
         minimum, preferred, maximum = self.minimum, self.preferred, self.maximum
         if not 0 < minimum <= NBD_MAX_MINIMUM_BLOCK or minimum & (minimum - 1):
-            raise _ProtocolError(f"minimum block size {minimum} is not a power of "
+            raise ProtocolError(f"minimum block size {minimum} is not a power of "
                                  f"two up to {NBD_MAX_MINIMUM_BLOCK}")
         if preferred < max(minimum, 512) or preferred & (preferred - 1):
-            raise _ProtocolError(f"preferred block size {preferred} is not a power of "
+            raise ProtocolError(f"preferred block size {preferred} is not a power of "
                                  f"two of at least {max(minimum, 512)}")
         if maximum != NBD_NO_MAXIMUM and (maximum % minimum
                                           or maximum < min(preferred, size)):
-            raise _ProtocolError(f"maximum block size {maximum} is not a multiple of "
+            raise ProtocolError(f"maximum block size {maximum} is not a multiple of "
                                  f"{minimum} of at least {min(preferred, size)}")
 
 
-class _Request:
+class _Request(Request):
     """One request in flight: what was asked and, as replies arrive, its result."""
 
-    __slots__ = ("command", "offset", "length", "buffer", "covered", "extent",
-                 "error", "done", "wakeup")
+    __slots__ = ("command", "offset", "length", "buffer", "covered", "extent")
 
     def __init__(self, command: int, offset: int, length: int,
                  buffer: bytearray | None) -> None:
+        super().__init__()
         self.command = command
         self.offset = offset
         self.length = length
@@ -440,36 +415,20 @@ class _Request:
         self.covered = 0
         #: BLOCK_STATUS: (length, base:allocation flags) of the first run
         self.extent: tuple[int, int] | None = None
-        self.error: ImgfsError | None = None
-        self.done = False
-        #: set when the reply is complete, or when this task is to read next
-        self.wakeup: trio.Event | None = None
-
-    def fail(self, error: ImgfsError) -> None:
-        if self.error is None:          # the first error says most
-            self.error = error
 
 
-class NbdConnection:
+class NbdConnection(Pipeline):
     """One connection to an NBD server, in the transmission phase after `connect`."""
 
     def __init__(self, sock: trio.socket.SocketType, name: str) -> None:
+        # handles are 64-bit (proto.md "Request message")
+        super().__init__(name, id_limit=1 << 64)
         self.sock = sock
-        #: the URI, for messages
-        self.name = name
         self.size = 0
         self.flags = 0
         self.structured = False
         self.meta_context_id: int | None = None
         self.block_sizes = BlockSizes()
-        #: most requests that were in flight at once (for tests and stats)
-        self.peak_in_flight = 0
-        self._send_lock = trio.Lock()
-        self._pending: dict[int, _Request] = {}
-        self._sleepers: dict[_Request, None] = {}
-        self._reader: _Request | None = None
-        self._handles = itertools.count(1)
-        self._broken: str | None = None
         self._shutting_down = False
         self._header = bytearray(STRUCTURED_REPLY.size)
 
@@ -489,11 +448,11 @@ class NbdConnection:
         try:
             with trio.fail_after(HANDSHAKE_TIMEOUT):
                 await conn._handshake(export)
-        except _Lost as exc:
+        except Lost as exc:
             sock.close()
             raise Unreachable(f"cannot connect to {name}: the server hung up during the "
                               f"handshake ({exc})") from None
-        except _ProtocolError as exc:
+        except ProtocolError as exc:
             sock.close()
             raise Unreachable(f"cannot connect to {name}: not a usable NBD server "
                               f"({exc})") from None
@@ -508,15 +467,15 @@ class NbdConnection:
     async def _handshake(self, export: str) -> None:
         magic, second, handshake_flags = HELLO.unpack(await self._recv(HELLO.size))
         if magic != NBDMAGIC:
-            raise _ProtocolError(f"greeting magic {magic:#x}, expected NBDMAGIC")
+            raise ProtocolError(f"greeting magic {magic:#x}, expected NBDMAGIC")
         if second == CLISERV_MAGIC:
             raise Unsupported("the server uses oldstyle negotiation, which imgfs "
                               "does not support")
         if second != IHAVEOPT:
-            raise _ProtocolError(f"greeting magic {second:#x}, expected IHAVEOPT")
+            raise ProtocolError(f"greeting magic {second:#x}, expected IHAVEOPT")
         fixed = bool(handshake_flags & NBD_FLAG_FIXED_NEWSTYLE)
         no_zeroes = bool(handshake_flags & NBD_FLAG_NO_ZEROES)
-        await self._send(U32.pack((NBD_FLAG_C_FIXED_NEWSTYLE if fixed else 0)
+        await self.transmit(U32.pack((NBD_FLAG_C_FIXED_NEWSTYLE if fixed else 0)
                                   | (NBD_FLAG_C_NO_ZEROES if no_zeroes else 0)))
         if fixed:
             self.structured = await self._negotiate_structured_replies()
@@ -528,17 +487,17 @@ class NbdConnection:
         await self._export_name(export, no_zeroes)
 
     async def _send_option(self, option: int, data: bytes = b"") -> None:
-        await self._send(OPTION.pack(IHAVEOPT, option, len(data)), data)
+        await self.transmit(OPTION.pack(IHAVEOPT, option, len(data)), data)
 
     async def _option_reply(self, option: int) -> tuple[int, bytes]:
         magic, echoed, reply_type, length = OPTION_REPLY.unpack(
             await self._recv(OPTION_REPLY.size))
         if magic != NBD_OPTION_REPLY_MAGIC:
-            raise _ProtocolError(f"option reply magic {magic:#x}")
+            raise ProtocolError(f"option reply magic {magic:#x}")
         if echoed != option:
-            raise _ProtocolError(f"reply to option {echoed} while option {option} was asked")
+            raise ProtocolError(f"reply to option {echoed} while option {option} was asked")
         if length > MAX_OPTION_REPLY:
-            raise _ProtocolError(f"option reply of {length} bytes (at most "
+            raise ProtocolError(f"option reply of {length} bytes (at most "
                                  f"{MAX_OPTION_REPLY} expected)")
         return reply_type, bytes(await self._recv(length))
 
@@ -549,7 +508,7 @@ class NbdConnection:
             return True
         if reply_type & NBD_REP_FLAG_ERROR:
             return False                # an older server: simple replies only
-        raise _ProtocolError(f"reply type {reply_type} to NBD_OPT_STRUCTURED_REPLY")
+        raise ProtocolError(f"reply type {reply_type} to NBD_OPT_STRUCTURED_REPLY")
 
     async def _negotiate_meta_context(self, export: str) -> int | None:
         name = export.encode()
@@ -561,7 +520,7 @@ class NbdConnection:
             reply_type, payload = await self._option_reply(NBD_OPT_SET_META_CONTEXT)
             if reply_type == NBD_REP_META_CONTEXT:
                 if len(payload) < U32.size:
-                    raise _ProtocolError("NBD_REP_META_CONTEXT shorter than its id")
+                    raise ProtocolError("NBD_REP_META_CONTEXT shorter than its id")
                 if payload[U32.size:] == BASE_ALLOCATION:
                     context_id = U32.unpack_from(payload)[0]
             elif reply_type == NBD_REP_ACK:
@@ -569,7 +528,7 @@ class NbdConnection:
             elif reply_type & NBD_REP_FLAG_ERROR:
                 return None             # no block status; reads still work
             else:
-                raise _ProtocolError(f"reply type {reply_type} to NBD_OPT_SET_META_CONTEXT")
+                raise ProtocolError(f"reply type {reply_type} to NBD_OPT_SET_META_CONTEXT")
 
     async def _go(self, export: str) -> bool:
         """NBD_OPT_GO; False when the server does not know the option."""
@@ -584,7 +543,7 @@ class NbdConnection:
                 export_info, sizes = self._parse_info(payload, export_info, sizes)
             elif reply_type == NBD_REP_ACK:
                 if export_info is None:
-                    raise _ProtocolError("NBD_OPT_GO succeeded without NBD_INFO_EXPORT")
+                    raise ProtocolError("NBD_OPT_GO succeeded without NBD_INFO_EXPORT")
                 self._set_export(*export_info, sizes)
                 return True
             elif reply_type == NBD_REP_ERR_UNSUP:
@@ -593,22 +552,22 @@ class NbdConnection:
                 await self._abort()
                 raise self._export_refused(export, reply_type, payload)
             else:
-                raise _ProtocolError(f"reply type {reply_type} to NBD_OPT_GO")
+                raise ProtocolError(f"reply type {reply_type} to NBD_OPT_GO")
 
     @staticmethod
     def _parse_info(payload: bytes, export_info: tuple[int, int] | None,
                     sizes: BlockSizes) -> tuple[tuple[int, int] | None, BlockSizes]:
         if len(payload) < U16.size:
-            raise _ProtocolError("NBD_REP_INFO without an information type")
+            raise ProtocolError("NBD_REP_INFO without an information type")
         info_type = U16.unpack_from(payload)[0]
         if info_type == NBD_INFO_EXPORT:
             if len(payload) != INFO_EXPORT.size:
-                raise _ProtocolError(f"NBD_INFO_EXPORT of {len(payload)} bytes, expected 12")
+                raise ProtocolError(f"NBD_INFO_EXPORT of {len(payload)} bytes, expected 12")
             _, size, flags = INFO_EXPORT.unpack(payload)
             return (size, flags), sizes
         if info_type == NBD_INFO_BLOCK_SIZE:
             if len(payload) != INFO_BLOCK_SIZE.size:
-                raise _ProtocolError(f"NBD_INFO_BLOCK_SIZE of {len(payload)} bytes, "
+                raise ProtocolError(f"NBD_INFO_BLOCK_SIZE of {len(payload)} bytes, "
                                      "expected 14")
             _, minimum, preferred, maximum = INFO_BLOCK_SIZE.unpack(payload)
             return export_info, BlockSizes(minimum, preferred, maximum)
@@ -631,7 +590,7 @@ class NbdConnection:
         await self._send_option(NBD_OPT_EXPORT_NAME, export.encode())
         try:
             reply = await self._recv(EXPORT_NAME_REPLY.size)
-        except _Lost:
+        except Lost:
             # The only way this option can fail is the server hanging up.
             raise NotFound(f"the server closed the connection (no export named "
                            f"'{export}'?)") from None
@@ -642,7 +601,7 @@ class NbdConnection:
 
     def _set_export(self, size: int, flags: int, sizes: BlockSizes) -> None:
         if size >= 1 << 63:
-            raise _ProtocolError(f"export size {size} is too large")
+            raise ProtocolError(f"export size {size} is too large")
         sizes.check(size)
         # NBD_FLAG_HAS_FLAGS MUST be set; without it no other flag means anything.
         self.flags = flags if flags & NBD_FLAG_HAS_FLAGS else 0
@@ -654,12 +613,12 @@ class NbdConnection:
         """Soft disconnect during the handshake; the socket closes anyway."""
         try:
             await self._send_option(NBD_OPT_ABORT)
-        except _Lost:
+        except Lost:
             pass
 
     # -- socket I/O -----------------------------------------------------------------
 
-    async def _send(self, *buffers: bytes | bytearray | memoryview) -> None:
+    async def transmit(self, *buffers: bytes | bytearray | memoryview) -> None:
         views = [memoryview(buffer).cast("B") for buffer in buffers if len(buffer)]
         try:
             while views:
@@ -670,15 +629,15 @@ class NbdConnection:
                 if sent:
                     views[0] = views[0][sent:]
         except (OSError, trio.ClosedResourceError) as exc:
-            raise _Lost(_reason(exc)) from None
+            raise Lost(_reason(exc)) from None
 
     async def _recv_some(self, view: memoryview) -> int:
         try:
             count = await self.sock.recv_into(view)
         except (OSError, trio.ClosedResourceError) as exc:
-            raise _Lost(_reason(exc)) from None
+            raise Lost(_reason(exc)) from None
         if count == 0:
-            raise _Lost("the server closed the connection")
+            raise Lost("the server closed the connection")
         return count
 
     async def _recv_into(self, view: memoryview) -> None:
@@ -703,95 +662,28 @@ class NbdConnection:
                       flags: int = 0, payload: bytes | None = None,
                       buffer: bytearray | None = None) -> _Request:
         """Send one request and wait for its whole reply; raise its error."""
-        self._check_usable()
+        self.check_usable()
         request = _Request(command, offset, length, buffer)
-        handle = next(self._handles)
+        handle = self.new_id()
         header = REQUEST.pack(NBD_REQUEST_MAGIC, flags, command, handle, offset, length)
-        self._pending[handle] = request
-        self.peak_in_flight = max(self.peak_in_flight, len(self._pending))
+        await self.send(handle, request, header, payload or b"")
+        error: ImgfsError | None = None
         try:
-            async with self._send_lock:
-                self._check_usable()
-                with trio.CancelScope(shield=True):
-                    await self._send(header, payload or b"")
-        except _Lost as exc:
-            self._fail(f"connection to the server lost ({exc})")
-        except BaseException:
-            self._pending.pop(handle, None)     # never sent
-            raise
-        await self._wait(request)
-        if self._shutting_down and not self._pending:
+            await self.wait(request)
+        except ImgfsError as exc:
+            error = exc
+        if self._shutting_down and not self.in_flight:
             await self.close()
-        if request.error is not None:
-            raise request.error
+        if error is not None:
+            raise error
         return request
 
-    def _check_usable(self) -> None:
-        if self._broken is not None:
-            raise Unreachable(f"{self.name}: {self._broken}")
-
-    async def _wait(self, request: _Request) -> None:
-        """Wait for `request` to complete, reading replies while nobody else does.
-
-        A cancelled waiter leaves its request pending: its reply still comes
-        and whoever reads then consumes it.
-        """
-        try:
-            while not request.done:
-                if self._reader is None:
-                    await self._lead(request)
-                else:
-                    request.wakeup = trio.Event()
-                    self._sleepers[request] = None
-                    try:
-                        await request.wakeup.wait()
-                    finally:
-                        self._sleepers.pop(request, None)
-        finally:
-            self._hand_over()
-
-    def _hand_over(self) -> None:
-        """Make sure a waiting task reads next when nobody reads."""
-        if self._reader is None and self._sleepers:
-            sleeper = next(iter(self._sleepers))
-            del self._sleepers[sleeper]
-            assert sleeper.wakeup is not None
-            sleeper.wakeup.set()
-
-    async def _lead(self, request: _Request) -> None:
-        self._reader = request
-        try:
-            while not request.done:
-                await self._receive_message()
-        except _Lost as exc:
-            self._fail(f"connection to the server lost ({exc})")
-        except _ProtocolError as exc:
-            self._fail(f"protocol error, disconnected: {exc}")
-        except Exception as exc:
-            # A bug here may have left half a message unread: never read on
-            # from the middle of one.
-            self._fail(f"internal error, disconnected: {exc!r}")
-        finally:
-            self._reader = None
-
-    def _fail(self, reason: str) -> None:
-        """The connection is unusable: fail everything pending, and hang up."""
-        if self._broken is None:
-            self._broken = reason
-        for request in list(self._pending.values()):
-            request.fail(Unreachable(f"{self.name}: {self._broken}"))
-            self._finish(request)
-        self._pending.clear()
+    def hang_up(self) -> None:
         self.sock.close()           # wakes a reader blocked in recv_into
-
-    def _finish(self, request: _Request) -> None:
-        request.done = True
-        if request.wakeup is not None:
-            request.wakeup.set()
 
     # -- replies --------------------------------------------------------------------
 
-    async def _receive_message(self) -> None:
+    async def receive(self) -> None:
         """Receive one simple reply or structured chunk and apply it."""
         header = memoryview(self._header)
         received = await self._recv_some(header[:SIMPLE_REPLY.size])
@@ -804,12 +696,11 @@ class NbdConnection:
                 await self._recv_into(header[SIMPLE_REPLY.size:])
                 await self._structured_chunk()
             else:
-                raise _ProtocolError(f"reply magic {magic:#x}")
+                raise ProtocolError(f"reply magic {magic:#x}")
 
     def _request_for(self, handle: int) -> _Request:
-        request = self._pending.get(handle)
-        if request is None:
-            raise _ProtocolError(f"reply for unknown handle {handle}")
+        request = self.pending(handle)
+        assert isinstance(request, _Request)
         return request
 
     async def _simple_reply(self) -> None:
@@ -828,7 +719,7 @@ class NbdConnection:
         request = self._request_for(handle)
         if chunk_type == NBD_REPLY_TYPE_NONE:
             if length or not flags & NBD_REPLY_FLAG_DONE:
-                raise _ProtocolError("malformed NBD_REPLY_TYPE_NONE chunk")
+                raise ProtocolError("malformed NBD_REPLY_TYPE_NONE chunk")
         elif chunk_type == NBD_REPLY_TYPE_OFFSET_DATA:
             await self._offset_data(request, length)
         elif chunk_type == NBD_REPLY_TYPE_OFFSET_HOLE:
@@ -838,24 +729,24 @@ class NbdConnection:
         elif chunk_type & NBD_REPLY_TYPE_ERROR_BIT:
             await self._error_chunk(request, chunk_type, length)
         else:
-            raise _ProtocolError(f"unknown reply chunk type {chunk_type}")
+            raise ProtocolError(f"unknown reply chunk type {chunk_type}")
         if flags & NBD_REPLY_FLAG_DONE:
             self._complete(handle, request)
 
     def _content_range(self, request: _Request, offset: int, count: int) -> int:
         """Where a data or hole chunk lands in the request's buffer, checked."""
         if request.command != NBD_CMD_READ:
-            raise _ProtocolError("read data in the reply to a non-read request")
+            raise ProtocolError("read data in the reply to a non-read request")
         start = offset - request.offset
         if start < 0 or start + count > request.length or request.covered + count > request.length:
-            raise _ProtocolError(f"read chunk {offset}+{count} outside the request "
+            raise ProtocolError(f"read chunk {offset}+{count} outside the request "
                                  f"{request.offset}+{request.length}")
         request.covered += count
         return start
 
     async def _offset_data(self, request: _Request, length: int) -> None:
         if length <= U64.size:
-            raise _ProtocolError(f"NBD_REPLY_TYPE_OFFSET_DATA of {length} bytes")
+            raise ProtocolError(f"NBD_REPLY_TYPE_OFFSET_DATA of {length} bytes")
         offset = U64.unpack(await self._recv(U64.size))[0]
         count = length - U64.size
         start = self._content_range(request, offset, count)
@@ -864,10 +755,10 @@ class NbdConnection:
 
     async def _offset_hole(self, request: _Request, length: int) -> None:
         if length != OFFSET_HOLE.size:
-            raise _ProtocolError(f"NBD_REPLY_TYPE_OFFSET_HOLE of {length} bytes")
+            raise ProtocolError(f"NBD_REPLY_TYPE_OFFSET_HOLE of {length} bytes")
         offset, count = OFFSET_HOLE.unpack(await self._recv(OFFSET_HOLE.size))
         if count == 0:
-            raise _ProtocolError("empty NBD_REPLY_TYPE_OFFSET_HOLE")
+            raise ProtocolError("empty NBD_REPLY_TYPE_OFFSET_HOLE")
         # The buffer starts zero-filled, so a hole needs only accounting.
         self._content_range(request, offset, count)
 
@@ -875,7 +766,7 @@ class NbdConnection:
         """Keep the first run of equal status; consume the rest in bounded pieces."""
         if (request.command != NBD_CMD_BLOCK_STATUS or length < U32.size + DESCRIPTOR.size
                 or (length - U32.size) % DESCRIPTOR.size):
-            raise _ProtocolError(f"malformed block status chunk of {length} bytes")
+            raise ProtocolError(f"malformed block status chunk of {length} bytes")
         context_id = U32.unpack(await self._recv(U32.size))[0]
         remaining = length - U32.size
         if context_id != self.meta_context_id:
@@ -887,7 +778,7 @@ class NbdConnection:
             remaining -= len(piece)
             for extent_length, flags in DESCRIPTOR.iter_unpack(piece):
                 if extent_length == 0:
-                    raise _ProtocolError("block status descriptor of length 0")
+                    raise ProtocolError("block status descriptor of length 0")
                 flags &= NBD_STATE_HOLE | NBD_STATE_ZERO     # ignore unknown flags
                 if merging and (run_length == 0 or flags == run_flags):
                     run_length, run_flags = run_length + extent_length, flags
@@ -899,16 +790,15 @@ class NbdConnection:
     async def _error_chunk(self, request: _Request, chunk_type: int, length: int) -> None:
         tail = U64.size if chunk_type == NBD_REPLY_TYPE_ERROR_OFFSET else 0
         if length < ERROR_CHUNK.size + tail or length > ERROR_CHUNK.size + NBD_MAX_STRING + 8:
-            raise _ProtocolError(f"error chunk of {length} bytes")
+            raise ProtocolError(f"error chunk of {length} bytes")
         payload = await self._recv(length)
         error, message_length = ERROR_CHUNK.unpack_from(payload)
         if message_length > length - ERROR_CHUNK.size - tail:
-            raise _ProtocolError("error chunk message longer than the chunk")
+            raise ProtocolError("error chunk message longer than the chunk")
         message = payload[ERROR_CHUNK.size:ERROR_CHUNK.size + message_length]
         request.fail(self._server_error(request, error or NBD_EINVAL, _printable(message)))
 
     def _complete(self, handle: int, request: _Request) -> None:
-        del self._pending[handle]
         if request.error is None:
             if request.command == NBD_CMD_READ and request.covered != request.length:
                 request.fail(ImgfsError(f"{self.name}: the server sent {request.covered} "
@@ -917,14 +807,14 @@ class NbdConnection:
             elif request.command == NBD_CMD_BLOCK_STATUS and not request.extent:
                 request.fail(ImgfsError(f"{self.name}: no block status for offset "
                                         f"{request.offset}"))
-        self._finish(request)
+        self.complete(handle)
 
     def _server_error(self, request: _Request, code: int, said: str = "") -> ImgfsError:
         number = server_errno(code)
         if code == NBD_ESHUTDOWN:
             # The spec asks for a soft disconnect once nothing is in flight.
             self._shutting_down = True
-            self._broken = self._broken or "the server is shutting down"
+            self.broken = self.broken or "the server is shutting down"
         what = COMMAND_NAMES.get(request.command, f"command {request.command}")
         message = (f"{self.name}: {what} of {request.length} bytes at offset "
                    f"{request.offset} failed: {os.strerror(number)}"
@@ -940,18 +830,17 @@ class NbdConnection:
     async def close(self) -> None:
         """Soft disconnect (NBD_CMD_DISC) if the connection still works, then
         close the socket.  Never raises."""
-        polite = self._broken is None or self._shutting_down
-        self._broken = self._broken or "the connection is closed"
+        polite = self.broken is None or self._shutting_down
+        self.broken = self.broken or "the connection is closed"
         self._shutting_down = False
         if polite:
             disc = REQUEST.pack(NBD_REQUEST_MAGIC, 0, NBD_CMD_DISC, 0, 0, 0)
             with trio.move_on_after(DISCONNECT_TIMEOUT):
                 try:
-                    async with self._send_lock:
-                        await self._send(disc)
-                except _Lost:
+                    await self.post(disc)
+                except Lost:
                     pass
-        self._fail(self._broken)
+        self.fail(self.broken)
 
 
 async def open_socket(address: Address) -> trio.socket.SocketType:

@@ -1,10 +1,18 @@
-"""Pieces of URL syntax that several protocol drivers share (RFC 3986)."""
+"""URL pieces shared by the network protocol drivers."""
 from __future__ import annotations
 
 import urllib.parse
 from typing import Any
 
 from .errors import UsageError
+
+
+def parse_port(value: Any, protocol: str) -> int:
+    """A TCP port number given as text or a number."""
+    text = str(value)
+    if not text.isdigit() or not 0 < int(text) < 65536:
+        raise UsageError(f"invalid {protocol} port '{text}' (expected 1 to 65535)")
+    return int(text)
 
 
 def query_params(query: str) -> list[tuple[str, str]]:
@@ -15,10 +23,3 @@ def query_params(query: str) -> list[tuple[str, str]]:
         name, _, value = item.partition("=")
         params.append((urllib.parse.unquote(name), urllib.parse.unquote(value)))
     return params
-
-
-def parse_port(value: Any, protocol: str) -> int:
-    text = str(value)
-    if not text.isdigit() or not 0 < int(text) < 65536:
-        raise UsageError(f"invalid {protocol} port '{text}' (expected 1 to 65535)")
-    return int(text)

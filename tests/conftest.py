@@ -13,7 +13,7 @@ import shutil
 import subprocess
 import sys
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -95,9 +95,8 @@ def is_mounted(mountpoint: Path) -> bool:
         return any(line.split()[4] == target for line in table)
 
 
-def daemon_pids(mountpoint: Path) -> list[int]:
-    """imgfs processes serving `mountpoint` (found by their command line)."""
-    target = os.fsencode(os.path.realpath(mountpoint))
+def pids_whose_argv(match: Callable[[list[bytes]], bool]) -> list[int]:
+    """Processes other than this one whose command line `match`es."""
     pids = []
     for entry in os.listdir("/proc"):
         if not entry.isdigit() or int(entry) == os.getpid():
@@ -107,9 +106,27 @@ def daemon_pids(mountpoint: Path) -> list[int]:
                 argv = handle.read().split(b"\0")
         except OSError:
             continue
-        if any(b"imgfs" in arg for arg in argv[:2]) and target in argv:
+        if match(argv):
             pids.append(int(entry))
     return pids
+
+
+def daemon_pids(mountpoint: Path) -> list[int]:
+    """imgfs processes serving `mountpoint` (found by their command line)."""
+    target = os.fsencode(os.path.realpath(mountpoint))
+    return pids_whose_argv(lambda argv: any(b"imgfs" in arg for arg in argv[:2])
+                           and target in argv)
+
+
+def stop_process(proc: subprocess.Popen[Any]) -> None:
+    """Stop a server the test started, by its PID, and reap it."""
+    if proc.poll() is None:
+        proc.terminate()
+        try:
+            proc.wait(10)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
 
 
 def wait_gone(mountpoint: Path, timeout: float = 15) -> None:

@@ -26,6 +26,7 @@ from imgfs.errors import ImgfsError, NoSpace, NotFound, PermissionDenied, ReadOn
 from imgfs.graph import open_image
 from imgfs.node import Node, OpenContext, describe_status
 from imgfs.registry import get_driver
+from tests.conftest import stop_process
 
 QEMU_TOOLS = all(shutil.which(tool) for tool in ("qemu-nbd", "qemu-img", "qemu-io"))
 needs_qemu = pytest.mark.skipif(not QEMU_TOOLS, reason="qemu-nbd/qemu-img/qemu-io not installed")
@@ -76,17 +77,7 @@ def serve(argv: list[str], address: str | int, log: Path) -> Iterator[subprocess
             time.sleep(0.02)
         yield proc
     finally:
-        stop(proc)
-
-
-def stop(proc: subprocess.Popen) -> None:
-    if proc.poll() is None:
-        proc.terminate()
-        try:
-            proc.wait(10)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
+        stop_process(proc)
 
 
 def qemu_nbd(image: Path, address: str | int, *, fmt: str = "raw", export: str | None = "exp",
@@ -486,7 +477,7 @@ def test_cancelled_requests_keep_the_stream_in_sync(tmp_path: Path) -> None:
                         nursery.start_soon(read_some, timeout)
             for _ in range(8):
                 await read_some(None)
-            assert not conn_of(node)._pending
+            assert conn_of(node).in_flight == 0
         finally:
             await node.aclose()
 
@@ -909,7 +900,7 @@ def test_ipv6_literal(tmp_path: Path) -> None:
             assert run(read_all, f"nbd://[::1]:{port}/exp") == data
             assert run(read_all, f"nbd:[::1]:{port}:exportname=exp") == data
         finally:
-            stop(proc)
+            stop_process(proc)
 
 
 def test_format_nbd_is_listed() -> None:

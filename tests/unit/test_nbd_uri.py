@@ -8,6 +8,7 @@ from imgfs.drivers.nbd import Address, parse_nbd_filename, resolve_target
 
 from imgfs.block import DATA, ZERO, Status
 from imgfs.errors import ImgfsError, Unsupported, UsageError
+from imgfs.pipeline import ProtocolError
 from imgfs.source import protocol_tree
 
 
@@ -160,5 +161,5 @@ def test_block_size_checks(sizes: tuple[int, int, int], size: int, ok: bool) -> 
     if ok:
         block_sizes.check(size)
     else:
-        with pytest.raises(nbd._ProtocolError):
+        with pytest.raises(ProtocolError):
             block_sizes.check(size)
