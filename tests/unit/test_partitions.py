@@ -229,7 +229,7 @@ def assert_sane(table: Table, disk_size: int) -> None:
     ranges = sorted((part.start, part.end) for part in table.partitions)
     for start, end in ranges:
         assert 0 < start < end <= disk_size
-    for (_, end), (start, _) in zip(ranges, ranges[1:]):
+    for (_, end), (start, _) in zip(ranges, ranges[1:], strict=False):
         assert end <= start
     assert len({part.number for part in table.partitions}) == len(table.partitions)
 
