@@ -60,8 +60,10 @@ class MountOptions:
     umask: int = 0
     snapshots: bool = False
     partitions: bool = False
-    #: -o overlay=FILE (absolute once the command has parsed it)
+    #: -o overlay=FILE (absolute once the command has parsed it), and the
+    #: backing file name a new overlay records (see overlay.backing_name)
     overlay: str | None = None
+    overlay_backing: str | None = None
     key_secret: str | None = None
     passphrase_file: str | None = None
     kernel_flags: list[str] = field(default_factory=list)
@@ -95,6 +97,8 @@ def parse_mount_options(option_strings: list[str], *, sloppy: bool = False) -> M
             log.warning("ignoring %s (sloppy mount)", exc)
     if opts.force_share and not opts.read_only:
         raise UsageError("force-share needs a read-only mount (-o ro,force-share)")
+    if opts.overlay is not None and opts.snapshot:
+        raise UsageError("overlay= and snapshot cannot be used together")
     return opts
 
 
@@ -117,6 +121,10 @@ def _apply_option(opts: MountOptions, key: str, value: str) -> None:
         setattr(opts, key, parse_int(value))
     elif key == "umask":
         opts.umask = int(value, 8) & 0o777 if value.isdigit() else _bad(key, value)
+    elif key == "overlay":
+        if not value:
+            raise UsageError("option 'overlay': a file name is needed")
+        opts.overlay = value
     elif key == "key-secret":
         opts.key_secret = value
     elif key == "passphrase-file":
@@ -325,16 +333,26 @@ async def _run_session(session_done: Any, max_tasks: int) -> None:
 async def open_source(source: str, opts: MountOptions, nursery: Any) -> Any:
     from .graph import open_image
     from .node import OpenContext
-    from .overlay import snapshot_overlay
+    from .overlay import persistent_overlay, snapshot_overlay
 
-    ctx = OpenContext(read_only=True if opts.snapshot else opts.read_only,
+    overlaid = opts.snapshot or opts.overlay is not None
+    ctx = OpenContext(read_only=True if overlaid else opts.read_only,
                       key_secret=opts.key_secret, passphrase_file=opts.passphrase_file,
                       locking=opts.locking, force_share=opts.force_share,
                       cache=opts.cache, secrets=opts.secrets,
                       interactive=sys.stdin.isatty(), nursery=nursery, sloppy=opts.sloppy)
     node = await open_image(source, ctx, fmt=opts.fmt, options=opts.driver_options)
-    if opts.snapshot:
-        node = await snapshot_overlay(node)
+    try:
+        if opts.snapshot:
+            node = await snapshot_overlay(node)
+        elif opts.overlay is not None:
+            node = await persistent_overlay(node, opts.overlay, source,
+                                            opts.overlay_backing or source,
+                                            read_only=bool(opts.read_only))
+    except BaseException:
+        await node.aclose()
+        raise
+    if overlaid:
         node.set_read_only(bool(opts.read_only))
     return node
 
