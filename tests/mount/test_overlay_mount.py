@@ -14,8 +14,17 @@ from pathlib import Path
 
 import pytest
 
-from tests.conftest import (imgfs, is_mounted, mounted, need, pwrite_all, qemu_raw, random_bytes,
-                            run, sha256)
+from tests.conftest import (
+    imgfs,
+    is_mounted,
+    mounted,
+    need,
+    pwrite_all,
+    qemu_raw,
+    random_bytes,
+    run,
+    sha256,
+)
 
 MiB = 1 << 20
 SIZE = 16 * MiB
