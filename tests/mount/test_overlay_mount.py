@@ -82,6 +82,10 @@ def test_second_mount_continues_the_overlay(workdir: Path, mnt: Path) -> None:
         assert (mnt / "vm.raw").read_bytes() == expected
         pwrite_all(mnt / "vm.raw", [(3 * MiB + 512, b"\x44" * 8192), (9 * MiB, b"\x55" * 3)],
                    expected)
+    with mounted(base, mountpoint=mnt, options=f"ro,overlay={overlay}"):
+        assert (mnt / "vm.raw").read_bytes() == expected
+        with pytest.raises(OSError):
+            os.open(mnt / "vm.raw", os.O_WRONLY)
     assert sha256(base) == before
     assert_same(overlay, expected, workdir)
     run("qemu-img", "check", overlay)
