@@ -269,6 +269,13 @@ def parse_gpt_header(sector: bytes, lba: int, disk_sectors: int,
     array_sectors = -(-header.array_bytes // sector_size)
     if header.entries_lba < 2 or header.entries_lba + array_sectors - 1 > last_lba:
         raise BadTable(f"entry array at LBA {header.entries_lba} lies outside the disk")
+    # the usable LBAs hold partitions only: not the MBR, this header or its array
+    usable = range(header.first_usable_lba, header.last_usable_lba + 1)
+    array = range(header.entries_lba, header.entries_lba + array_sectors)
+    if header.first_usable_lba < 2 or lba in usable or \
+            (array.start < usable.stop and usable.start < array.stop):
+        raise BadTable(f"usable LBAs {usable.start}-{usable.stop - 1} overlap the header "
+                       "or its entry array")
     return header
 
 

@@ -162,6 +162,16 @@ def test_gpt_entry_outside_usable_lbas(tmp_path: Path) -> None:
     assert any("partition 2" in warning for warning in table.warnings)
 
 
+def test_gpt_usable_lbas_must_leave_the_table_alone(tmp_path: Path) -> None:
+    data = sfdisk_image(tmp_path / "gpt.img", "label: gpt\n,4MiB\n")
+    struct.pack_into("<Q", data, SECTOR + 40, 0)              # FirstUsableLBA
+    struct.pack_into("<Q", data, 2 * SECTOR + 32, 0)          # partition 1 from LBA 0
+    refresh_gpt_crcs(data, 1)
+    table = table_of(data)
+    assert all(part.start > 0 for part in table.partitions)
+    assert any("overlap the header" in warning for warning in table.warnings)
+
+
 def test_ebr_chain_that_loops(tmp_path: Path) -> None:
     data = sfdisk_image(tmp_path / "mbr.img", MBR_LOGICAL)
     extended_start = struct.unpack_from("<I", data, 446 + 2 * 16 + 8)[0]
@@ -216,6 +226,13 @@ def refresh_gpt_crcs(data: bytearray, lba: int, sector: int = SECTOR) -> None:
 TABLE_BYTES = 40 * SECTOR           # MBR, GPT header and entries, first EBRs
 
 
+#: the fields that size or place things: MBR entries' start and size, the GPT
+#: header's LBAs, entry count and size, the first GPT entries' LBAs
+TABLE_FIELDS = [*(446 + 16 * slot + field for slot in range(4) for field in (8, 12)),
+                *(SECTOR + field for field in (12, 24, 32, 40, 48, 72, 80, 84)),
+                *(2 * SECTOR + 128 * entry + field for entry in range(3) for field in (32, 40))]
+
+
 @pytest.fixture(scope="module")
 def sample_tables(tmp_path_factory: pytest.TempPathFactory) -> list[bytes]:
     directory = tmp_path_factory.mktemp("tables")
@@ -237,7 +254,8 @@ def assert_sane(table: Table, disk_size: int) -> None:
 @settings(max_examples=300, derandomize=True, database=None, deadline=None,
           suppress_health_check=[HealthCheck.function_scoped_fixture])
 @given(which=st.integers(0, 1),
-       edits=st.lists(st.tuples(st.integers(0, TABLE_BYTES - 8),
+       edits=st.lists(st.tuples(st.one_of(st.integers(0, TABLE_BYTES - 8),
+                                          st.sampled_from(TABLE_FIELDS)),
                                 st.sampled_from([1, 4, 8]),
                                 st.integers(0, 2**64 - 1)), min_size=1, max_size=12),
        fix_crc=st.booleans())
