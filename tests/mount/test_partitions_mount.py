@@ -19,7 +19,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.conftest import imgfs, is_mounted, mounted, need, qemu_raw, random_bytes, run
+from tests.conftest import imgfs, is_mounted, mounted, need, qemu_raw, random_bytes, run, unmount
 
 MiB = 1 << 20
 SECTOR = 512
@@ -180,7 +180,24 @@ def test_protective_mbr_only(workdir: Path, mnt: Path) -> None:
                                  "and backup headers damaged or missing): no partitions\n")
         assert os.listdir(mnt) == ["vm.raw"]
     finally:
-        run("umount", mnt)
+        unmount(mnt)
+
+
+def test_damaged_primary_gpt_uses_the_backup(workdir: Path, mnt: Path) -> None:
+    layout = partitioned(workdir / "vm.img", GPT_FIVE)
+    expected = (workdir / "vm.img").read_bytes()
+    with open(workdir / "vm.img", "r+b") as disk:
+        disk.seek(SECTOR + 60)                         # the disk GUID: the CRC fails
+        disk.write(b"\xff")
+    result = imgfs("mount", "-o", "partitions,format=raw", "vm.img", mnt, cwd=workdir)
+    try:
+        assert result.stderr == ("imgfs: vm.img: primary GPT header is invalid (header CRC "
+                                 "mismatch): using the backup GPT\n")
+        assert partition_names(mnt, "vm") == sorted(f"vm-p{n}.raw" for n in layout)
+        offset, length = layout[3]
+        assert (mnt / "vm-p3.raw").read_bytes() == expected[offset:offset + length]
+    finally:
+        unmount(mnt)
 
 
 def test_entry_past_the_end_is_not_exposed(workdir: Path, mnt: Path) -> None:
@@ -193,7 +210,7 @@ def test_entry_past_the_end_is_not_exposed(workdir: Path, mnt: Path) -> None:
         assert "partition 2 (sectors" in result.stderr and "not exposed" in result.stderr
         assert sorted(os.listdir(mnt)) == ["vm-p1.raw", "vm-p3.raw", "vm.raw"]
     finally:
-        run("umount", mnt)
+        unmount(mnt)
 
 
 def test_read_only_mount_has_read_only_partitions(workdir: Path, mnt: Path) -> None:
