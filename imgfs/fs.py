@@ -92,7 +92,7 @@ class PartitionFiles:
 
     async def files(self) -> list[View]:
         try:
-            table = await read_table(self.node.read, self.node.size)
+            table = await read_table(self.node.read, self.node.size, self.node.sector_size)
         except ImgfsError as exc:
             table = Table("none", (), (f"cannot read the partition table ({exc})",))
         if table.warnings != self.reported:

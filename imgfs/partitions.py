@@ -16,6 +16,10 @@ header is used instead, as Linux does).  A protective MBR whose GPT is
 unusable, or a hybrid MBR, is reported too.  The extended partition itself
 is a container, not a partition: its number is skipped.
 
+LBAs count the disk's logical sectors (`BlockDriver.sector_size`: 512, or
+what a host block device reports); a disk that says 512 is also searched
+for a GPT written with 4096-byte sectors, as in the image of a 4Kn disk.
+
 Parsing is pure (`parse_mbr`, `parse_gpt_header`, `parse_gpt_entries`,
 `check_overlaps`); `read_table` walks a disk through an async reader and
 never reads more than `MAX_GPT_ARRAY` bytes of entries or `MAX_LOGICAL`
@@ -147,25 +151,26 @@ def is_protective(entries: list[MbrEntry]) -> bool:
 
 
 async def read_mbr_table(read: Reader, entries: list[MbrEntry], disk_sectors: int,
-                         warnings: list[str]) -> list[Partition]:
+                         sector_size: int, warnings: list[str]) -> list[Partition]:
     """Primaries by slot, then each extended partition's logical chain."""
     found: list[Partition] = []
     next_logical = FIRST_LOGICAL
     for entry in used(entries):
         if not entry.extended:
             found.extend(in_range(entry.slot + 1, entry.first_lba, entry.sectors,
-                                  1, disk_sectors - 1, SECTOR_SIZE, warnings))
+                                  1, disk_sectors - 1, sector_size, warnings))
             continue
         if entry.first_lba == 0 or entry.first_lba + entry.sectors > disk_sectors:
             warnings.append(f"extended partition {entry.slot + 1} lies outside the disk: "
                             "its logical partitions are not exposed")
             continue
-        logical, next_logical = await read_logical_chain(read, entry, next_logical, warnings)
+        logical, next_logical = await read_logical_chain(read, entry, next_logical,
+                                                         sector_size, warnings)
         found.extend(logical)
     return found
 
 
-async def read_logical_chain(read: Reader, extended: MbrEntry, number: int,
+async def read_logical_chain(read: Reader, extended: MbrEntry, number: int, sector_size: int,
                              warnings: list[str]) -> tuple[list[Partition], int]:
     """Follow the EBRs of one extended partition; returns the partitions and
     the next free number.  Each EBR's data entry is relative to the EBR
@@ -181,7 +186,7 @@ async def read_logical_chain(read: Reader, extended: MbrEntry, number: int,
                             "or is too long: stopped there")
             break
         seen.add(ebr_lba)
-        entries = parse_mbr(await read(ebr_lba * SECTOR_SIZE, SECTOR_SIZE))
+        entries = parse_mbr(await read(ebr_lba * sector_size, SECTOR_SIZE))
         if entries is None:
             if ebr_lba != area_start:
                 warnings.append(f"no valid EBR at sector {ebr_lba}: the logical partitions "
@@ -191,7 +196,7 @@ async def read_logical_chain(read: Reader, extended: MbrEntry, number: int,
         for entry in used(entries):
             if not entry.extended:
                 found.extend(in_range(number, ebr_lba + entry.first_lba, entry.sectors,
-                                      area_start + 1, area_end, SECTOR_SIZE, warnings))
+                                      area_start + 1, area_end, sector_size, warnings))
                 number += 1
         ebr_lba = area_start + links[0].first_lba if links else None
         if ebr_lba is not None and ebr_lba not in seen and not area_start < ebr_lba <= area_end:
@@ -347,23 +352,25 @@ async def check_backup(read: Reader, primary: GptHeader, disk_sectors: int,
 # -- the whole disk -----------------------------------------------------------------
 
 
-async def read_table(read: Reader, disk_size: int) -> Table:
-    """The partitions Linux would find on a disk of `disk_size` bytes."""
+async def read_table(read: Reader, disk_size: int, sector_size: int = SECTOR_SIZE) -> Table:
+    """The partitions Linux would find on a disk of `disk_size` bytes whose
+    logical sectors are `sector_size` bytes (a GPT is also looked for with
+    4096-byte sectors on a disk that says 512: a 4Kn disk's image)."""
     warnings: list[str] = []
-    if disk_size < 2 * SECTOR_SIZE:
+    if disk_size < 2 * sector_size:
         return Table("none", (), ("the disk is too small for a partition table",))
     mbr = parse_mbr(await read(0, SECTOR_SIZE))
     if mbr is None:
         return Table("none", (), ("no MBR or GPT partition table",))
-    disk_sectors = disk_size // SECTOR_SIZE
+    disk_sectors = disk_size // sector_size
     if not is_protective(mbr):
-        found = await read_mbr_table(read, mbr, disk_sectors, warnings)
+        found = await read_mbr_table(read, mbr, disk_sectors, sector_size, warnings)
         return Table("mbr", tuple(check_overlaps(found, warnings)), tuple(warnings))
     if len(used(mbr)) > 1:
         warnings.append("hybrid MBR: using the GPT, the MBR's other entries are ignored")
-    for sector_size in GPT_SECTOR_SIZES:
-        if disk_size >= 2 * sector_size:
-            gpt = await read_gpt(read, disk_size, sector_size, warnings)
+    for gpt_sector in GPT_SECTOR_SIZES if sector_size == SECTOR_SIZE else (sector_size,):
+        if disk_size >= 2 * gpt_sector:
+            gpt = await read_gpt(read, disk_size, gpt_sector, warnings)
             if gpt is not None:
                 return Table("gpt", tuple(check_overlaps(gpt, warnings)), tuple(warnings))
     warnings.append("protective MBR without a valid GPT (primary and backup headers "

@@ -19,7 +19,17 @@ from pathlib import Path
 
 import pytest
 
-from tests.conftest import imgfs, is_mounted, mounted, need, qemu_raw, random_bytes, run, unmount
+from tests.conftest import (
+    imgfs,
+    is_mounted,
+    mounted,
+    need,
+    need_root,
+    qemu_raw,
+    random_bytes,
+    run,
+    unmount,
+)
 
 MiB = 1 << 20
 SECTOR = 512
@@ -153,6 +163,36 @@ def loop_mounted(path: Path, target: Path, extra: str = "rw") -> Iterator[None]:
         yield
     finally:
         run("umount", target)
+
+
+@pytest.mark.parametrize("script", ["label: dos\n,8MiB\n,,5\n,4MiB\n,4MiB\n",
+                                    "label: gpt\n,8MiB\n,4MiB\n"], ids=["mbr", "gpt"])
+def test_device_with_4096_byte_sectors(workdir: Path, mnt: Path, script: str) -> None:
+    """A host block device that says its sectors are 4 KiB (a loop device
+    made so): its table counts in 4 KiB sectors, as sfdisk wrote it."""
+    need("sfdisk", "losetup")
+    need_root()
+    backing = workdir / "disk.img"
+    backing.write_bytes(random_bytes(40 * MiB, seed=7))
+    device = run("losetup", "-f", "--show", "--sector-size", "4096", backing).stdout.strip()
+    try:
+        run("sfdisk", "-q", "--wipe", "never", device, input=script.encode(), check=False)
+        listing = json.loads(run("sfdisk", "-J", device).stdout)["partitiontable"]
+        assert listing["sectorsize"] == 4096
+        content = backing.read_bytes()
+        stem = os.path.basename(device)
+        with mounted(device, mountpoint=mnt, options="partitions"):
+            names = []
+            for entry in listing["partitions"]:
+                if entry["type"] in ("5", "f", "85"):
+                    continue
+                name = f"{stem}-p{entry['node'][len(device):].lstrip('p')}.raw"
+                names.append(name)
+                offset, length = entry["start"] * 4096, entry["size"] * 4096
+                assert (mnt / name).read_bytes() == content[offset:offset + length]
+            assert partition_names(mnt, stem) == sorted(names)
+    finally:
+        run("losetup", "-d", device, check=False)
 
 
 def test_table_changed_through_the_disk_is_read_again(workdir: Path, mnt: Path) -> None:
