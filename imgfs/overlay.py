@@ -19,7 +19,7 @@ from __future__ import annotations
 import os
 import tempfile
 
-from .errors import InvalidImage, UsageError
+from .errors import ImgfsError, InvalidImage, UsageError
 from .graph import create_image, open_image, resolve_relative
 from .node import Node, OpenContext
 from .registry import protocol_for
@@ -48,9 +48,13 @@ async def persistent_overlay(base: Node, path: str, source: str, backing_name: s
         if read_only:
             raise UsageError(f"overlay {path} does not exist (a read-only mount does not "
                              "create it)")
-        await create_image(path, "qcow2", base.size,
-                           {"backing_file": backing_name, "backing_fmt": base.format_name},
-                           ctx, unsafe=True)
+        try:
+            await create_image(path, "qcow2", base.size,
+                               {"backing_file": backing_name, "backing_fmt": base.format_name},
+                               ctx, unsafe=True)
+        except ImgfsError as exc:
+            exc.path = exc.path or path
+            raise
     overlay = await open_overlay(path, ctx)
     try:
         check_backing(overlay, base, source)

@@ -151,3 +151,8 @@ def test_overlay_usage_errors(workdir: Path, mnt: Path) -> None:
                    check=False)
     assert result.returncode == 2 and "does not exist" in result.stderr
     assert not is_mounted(mnt)
+    nowhere = workdir / "no-such-dir" / "ovl.qcow2"
+    result = imgfs("mount", "-o", f"overlay={nowhere}", base, mnt, check=False)
+    assert result.returncode == 1
+    assert result.stderr == f"imgfs: {nowhere}: No such file or directory\n"
+    assert not is_mounted(mnt)
