@@ -323,7 +323,9 @@ class ImageFS(pyfuse3.Operations):
     @fuse_errors
     async def statfs(self, ctx: Any) -> pyfuse3.StatvfsData:
         data = pyfuse3.StatvfsData()
-        total = sum(export.size for export in self.by_name.values())
+        # partitions are counted in their disk already
+        total = sum(export.size for export in self.by_name.values()
+                    if export.view.length is None)
         data.f_bsize = data.f_frsize = BLOCK
         data.f_blocks = -(-total // BLOCK)
         data.f_bfree = data.f_bavail = 0
