@@ -74,6 +74,7 @@ import argparse
 import collections
 import contextlib
 import datetime
+import importlib
 import json
 import os
 import platform
@@ -889,7 +890,8 @@ def print_table(results: dict) -> None:
             print(f"{case:<17} {outcome['status']}")
             continue
         for metric, entry in outcome["metrics"].items():
-            print((fat_module().format_row if case == "fat" else format_row)(case, metric, entry))
+            row = extra_module(case).format_row if case in EXTRA_CASES else format_row
+            print(row(case, metric, entry))
     for case, outcome in results.items():
         for label, profile in outcome.get("imgfs_profile", {}).items():
             print_profile(case, label, profile)
@@ -946,7 +948,8 @@ def write_results(document: dict) -> Path:
 def parse_args(argv: list[str]) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--case", default="all",
-                        help=f"comma-separated cases, or 'all' ({', '.join(CASES)}, fat)")
+                        help=f"comma-separated cases, or 'all' "
+                        f"({', '.join([*CASES, *EXTRA_CASES])})")
     parser.add_argument("--quick", action="store_true",
                         help="smoke test: 64 MiB image, 2 s jobs, 3 mounts for latency")
     parser.add_argument("--runtime", type=float, help="seconds per fio job (default 10)")
@@ -966,10 +969,11 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     parser.add_argument("--imgfs", help="imgfs command to benchmark (default: the one "
                         "installed beside this Python), e.g. a wrapper for an experiment")
     args = parser.parse_args(argv)
-    names = [*CASES, "fat"] if args.case == "all" else args.case.split(",")
-    unknown = [name for name in names if name not in CASES and name != "fat"]
+    names = [*CASES, *EXTRA_CASES] if args.case == "all" else args.case.split(",")
+    unknown = [name for name in names if name not in CASES and name not in EXTRA_CASES]
     if unknown:
-        parser.error(f"unknown case {', '.join(unknown)} (known: {', '.join(CASES)}, fat)")
+        parser.error(f"unknown case {', '.join(unknown)} "
+                     f"(known: {', '.join([*CASES, *EXTRA_CASES])})")
     args.cases = names
     args.only = tuple(filter(None, args.only.split(",")))
     if any(metric not in METRICS for metric in args.only):
@@ -1016,7 +1020,7 @@ def run_all(args: argparse.Namespace, settings: Settings) -> dict:
     formats = available_formats(settings.imgfs)
     results = {}
     for name in args.cases:
-        case = CASES.get(name) or Case(name, name, (), ())   # fat: bench/fat.py
+        case = CASES.get(name) or Case(name, name, EXTRA_CASES[name], ())
         missing = [fmt for fmt in case.needs if fmt not in formats]
         if missing:
             print(f"\n== {name}: skipped (format not available: {', '.join(missing)})")
@@ -1024,7 +1028,7 @@ def run_all(args: argparse.Namespace, settings: Settings) -> dict:
             continue
         try:
             results[name] = run_case(case, settings) if name in CASES \
-                else fat_module().run_fat_case(settings)
+                else getattr(extra_module(name), f"run_{name}_case")(settings)
         except (subprocess.CalledProcessError, RuntimeError, OSError) as exc:
             detail = getattr(exc, "stderr", "") or ""
             print(f"== {name}: FAILED: {exc} {detail.strip()}", file=sys.stderr)
@@ -1032,12 +1036,18 @@ def run_all(args: argparse.Namespace, settings: Settings) -> dict:
     return results
 
 
-def fat_module() -> Any:
-    """bench/fat.py (imgfs against a host directory), which imports this
-    module by name: alias it, or that would load a second copy."""
+#: cases with a module of their own (bench/NAME.py), and the formats they need
+EXTRA_CASES: dict[str, tuple[str, ...]] = {
+    "fat": (),                       # imgfs against a host directory
+    "partitions": ("raw",),          # a partition file against its disk's file
+}
+
+
+def extra_module(name: str) -> Any:
+    """bench/NAME.py, which imports this module by name: alias it, or that
+    would load a second copy."""
     sys.modules.setdefault("run", sys.modules[__name__])
-    import fat
-    return fat
+    return importlib.import_module(name)
 
 
 def interrupt(signum: int, frame: Any) -> None:

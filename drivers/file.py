@@ -190,6 +190,9 @@ class FileDriver(BlockDriver):
         else:
             raise Unsupported("not a regular file or block device")
         self.can_resize = not self.is_device
+        if self.is_device:
+            sector = self._device_sector_size()
+            self.sector_size = sector if sector in (512, 1024, 2048, 4096) else 512
         self.request_alignment = self._alignment() if self.direct else 1
         self.locking = options["locking"] != "off" if options["locking"] else ctx.locking != "off"
         if self.writable and not self.direct:
@@ -209,13 +212,16 @@ class FileDriver(BlockDriver):
             raise
 
     def _alignment(self) -> int:
-        if self.is_device:
-            try:
-                sector = struct.unpack("i", fcntl.ioctl(self.fd, BLKSSZGET, b"\0" * 4))[0]
-                return max(512, sector)
-            except OSError:
-                pass
-        return DIRECT_ALIGNMENT
+        sector = self._device_sector_size() if self.is_device else None
+        return max(512, sector) if sector else DIRECT_ALIGNMENT
+
+    def _device_sector_size(self) -> int | None:
+        """A block device's logical sector size (None if it will not say)."""
+        try:
+            sector = struct.unpack("i", fcntl.ioctl(self.fd, BLKSSZGET, b"\0" * 4))[0]
+        except OSError:
+            return None
+        return sector if sector > 0 else None
 
     async def activate(self) -> None:
         if not self.locking or self.fd < 0:

@@ -71,6 +71,7 @@ class RawDriver(BlockDriver):
                 raise InvalidImage(f"offset {self.offset} + size {self.size} is beyond "
                                    f"the end of the {file_size}-byte file")
         self.request_alignment = self.children["file"].driver.request_alignment
+        self.sector_size = self.children["file"].sector_size
         self.can_resize = not self.window_fixed and not self.offset and \
             self.children["file"].driver.can_resize
         self.probe_guard = trio.Lock()

@@ -124,6 +124,9 @@ class BlockDriver(abc.ABC):
     #: requests gain from being in flight at once; local files and generated
     #: disks answer with blocking calls on the trio thread instead
     async_io: ClassVar[bool] = False
+    #: the disk's logical sector size, the unit of its partition table: 512
+    #: unless a host device says otherwise (set by `open`)
+    sector_size: int = 512
     #: True when the driver can shrink or grow (`truncate`)
     can_resize: bool = False
     #: False when this source cannot be written (a read-only NBD export, a

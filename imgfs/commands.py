@@ -123,6 +123,8 @@ def mount_sources(sources: list[str], mountpoint: str, option_strings: list[str]
     opts.secrets = parse_objects(objects)
     given = {absolute_source(source): source for source in sources}
     sources = [absolute_source(source) for source in sources]
+    if opts.overlay is not None:
+        overlay_options(opts, list(given.values()), sources)
     mountpoint = os.path.abspath(mountpoint)
     check_mountpoint(mountpoint, sources, opts)
     export_names(sources, opts)
@@ -133,6 +135,16 @@ def mount_sources(sources: list[str], mountpoint: str, option_strings: list[str]
     if foreground:
         return _serve_foreground(sources, mountpoint, opts, given)
     return _serve_daemon(sources, mountpoint, opts, debug, given)
+
+
+def overlay_options(opts: Any, typed: list[str], sources: list[str]) -> None:
+    """``-o overlay=FILE``: one SOURCE; FILE made absolute (the daemon runs
+    in /) after the name a new overlay records for its backing file."""
+    from .overlay import backing_name
+    if len(sources) != 1:
+        raise UsageError("overlay= needs a single SOURCE")
+    opts.overlay_backing = backing_name(typed[0], sources[0], opts.overlay)
+    opts.overlay = os.path.abspath(opts.overlay)
 
 
 def name_as_given(error: BaseException, given: dict[str, str]) -> None:

@@ -4,6 +4,13 @@ Two shapes: a directory mountpoint holding ``<name>.raw`` per image, or a
 regular-file mountpoint that *is* the raw view (the root inode is a regular
 file, as with ``qemu-storage-daemon --export type=fuse``).
 
+The files come from `FileSource`s: the images, and the extra files beside
+them (each internal snapshot, each partition).  A file is a `View`: a node,
+or a window of one (a partition is a window of its disk's node, so writes
+through either are one set of writes to one node).  Sources that can change
+(a partition table rewritten through the disk's file) are listed again at
+each open and lookup of the directory.
+
 Errors are translated here and only here: an `ImgfsError` becomes
 ``FUSEError(exc.errno)`` for that one request; anything unexpected is logged
 and answered with EIO; the mount stays up either way.
@@ -18,12 +25,14 @@ import stat
 import time
 from collections.abc import Callable, Coroutine
 from dataclasses import dataclass, field
-from typing import Any, ParamSpec, TypeVar
+from typing import Any, ParamSpec, Protocol, TypeVar
 
 import pyfuse3
+import trio
 
 from .errors import ImgfsError
 from .node import Node
+from .partitions import Table, read_table
 
 log = logging.getLogger("imgfs.fs")
 T = TypeVar("T")
@@ -31,18 +40,101 @@ P = ParamSpec("P")
 BLOCK = 4096
 
 
+@dataclass(frozen=True)
+class View:
+    """A file the mount shows: a node, or a window of one (a partition)."""
+
+    name: str
+    node: Node
+    read_only: bool
+    #: the window: `length` bytes from `offset` (None: to the node's end)
+    offset: int = 0
+    length: int | None = None
+    #: another file of the mount shows some of the same bytes: opens bypass
+    #: the kernel's page cache, so that a write through one file is read
+    #: back through the other (the kernel only drops the written file's pages)
+    shared: bool = False
+
+
+class FileSource(Protocol):
+    """Where the files of a mount come from: the images themselves, and the
+    extra files beside them (``-o snapshots``, ``-o partitions``)."""
+
+    #: True when `files` may change while mounted: it is asked again at each
+    #: open and lookup of the mount's directory
+    dynamic: bool
+
+    async def files(self) -> list[View]: ...
+
+
+@dataclass
+class StaticFiles:
+    """Files fixed at mount time."""
+
+    views: list[View]
+    dynamic: bool = False
+
+    async def files(self) -> list[View]:
+        return self.views
+
+
+class PartitionFiles:
+    """``-o partitions``: each partition of a disk as ``<stem>-p<N>.raw``, a
+    window of the disk's own node (no second cache to keep coherent).  The
+    table is read again at each open and lookup of the directory, so a table
+    changed through the disk's file shows at the next ``ls``."""
+
+    dynamic = True
+
+    def __init__(self, stem: str, node: Node) -> None:
+        self.stem, self.node = stem, node
+        self.reported: tuple[str, ...] | None = None
+
+    async def files(self) -> list[View]:
+        try:
+            table = await read_table(self.node.read, self.node.size, self.node.sector_size)
+        except ImgfsError as exc:
+            table = Table("none", (), (f"cannot read the partition table ({exc})",))
+        if table.warnings != self.reported:
+            for warning in table.warnings:
+                log.warning("%s: %s", self.node.filename, warning)
+            self.reported = table.warnings
+        return [View(f"{self.stem}-p{part.number}.raw", self.node, self.node.read_only,
+                     offset=part.start, length=part.length, shared=True)
+                for part in table.partitions]
+
+
 @dataclass
 class Export:
     """One raw file of the mount."""
 
-    name: str
-    node: Node
+    view: View
     inode: int
-    read_only: bool
     #: writes are made durable before they are acknowledged
     writethrough: bool = False
     mtime_ns: int = field(default_factory=time.time_ns)
     open_count: int = 0
+
+    @property
+    def name(self) -> str:
+        return self.view.name
+
+    @property
+    def node(self) -> Node:
+        return self.view.node
+
+    @property
+    def read_only(self) -> bool:
+        return self.view.read_only
+
+    @property
+    def offset(self) -> int:
+        return self.view.offset
+
+    @property
+    def size(self) -> int:
+        view = self.view
+        return view.node.size - view.offset if view.length is None else view.length
 
 
 def fuse_errors(handler: Callable[P, Coroutine[Any, Any, T]]
@@ -70,12 +162,18 @@ class ImageFS(pyfuse3.Operations):
     # open), so the kernel would have nothing to cache.
     enable_writeback_cache = False
 
-    def __init__(self, exports: list[Export], *, file_mountpoint: bool,
-                 uid: int, gid: int, umask: int) -> None:
+    def __init__(self, sources: list[FileSource], *, file_mountpoint: bool,
+                 uid: int, gid: int, umask: int, writethrough: bool = False) -> None:
         super().__init__()
         self.file_mountpoint = file_mountpoint
-        self.by_inode = {export.inode: export for export in exports}
-        self.by_name = {export.name.encode(): export for export in exports}
+        self.sources = sources
+        self.writethrough = writethrough
+        #: every export a handle or the kernel may still name, current or not
+        self.by_inode: dict[int, Export] = {}
+        #: the files the directory shows now
+        self.by_name: dict[bytes, Export] = {}
+        self._next_inode = pyfuse3.ROOT_INODE if file_mountpoint else pyfuse3.ROOT_INODE + 1
+        self._refresh_lock = trio.Lock()
         self.uid, self.gid, self.umask = uid, gid, umask
         self.mount_time_ns = time.time_ns()
         #: set once the kernel's INIT handshake is answered
@@ -83,6 +181,33 @@ class ImageFS(pyfuse3.Operations):
         #: --debug: log every read, write and fsync (checked once here so the
         #: hot path pays one attribute test)
         self.trace = log.isEnabledFor(logging.DEBUG)
+
+    async def refresh(self, *, dynamic_only: bool = False) -> None:
+        """List every source's files again (a partition table may have
+        changed).  A file whose view is unchanged keeps its inode; one that
+        disappeared stays reachable by inode while it is open."""
+        if dynamic_only and not any(source.dynamic for source in self.sources):
+            return
+        async with self._refresh_lock:
+            by_view = {export.view: export for export in self.by_inode.values()}
+            current: dict[bytes, Export] = {}
+            for source in self.sources:
+                for view in await source.files():
+                    export = by_view.get(view) or self._new_export(view)
+                    current.setdefault(view.name.encode(), export)
+            self.by_name = current
+            for export in list(self.by_inode.values()):
+                self._forget_if_stale(export)
+
+    def _new_export(self, view: View) -> Export:
+        export = Export(view=view, inode=self._next_inode, writethrough=self.writethrough)
+        self._next_inode += 1
+        self.by_inode[export.inode] = export
+        return export
+
+    def _forget_if_stale(self, export: Export) -> None:
+        if export.open_count == 0 and self.by_name.get(export.name.encode()) is not export:
+            del self.by_inode[export.inode]
 
     def init(self) -> None:
         # Called by pyfuse3 just before it answers the kernel's INIT; the
@@ -104,9 +229,10 @@ class ImageFS(pyfuse3.Operations):
         attr.st_ino = export.inode
         attr.st_mode = stat.S_IFREG | (mode & ~self.umask)
         attr.st_nlink = 1
-        attr.st_size = export.node.size
-        used = export.node.allocated_bytes()
-        attr.st_blocks = -(-(export.node.size if used is None else used) // 512)
+        attr.st_size = size = export.size
+        # a window's share of its node's allocation is not known: count it whole
+        used = export.node.allocated_bytes() if export.view.length is None else None
+        attr.st_blocks = -(-(size if used is None else used) // 512)
         attr.st_blksize = BLOCK
         attr.st_uid, attr.st_gid = self.uid, self.gid
         attr.st_atime_ns = attr.st_ctime_ns = self.mount_time_ns
@@ -114,6 +240,10 @@ class ImageFS(pyfuse3.Operations):
         # The attributes change only through this mount, so let the kernel
         # keep them; st_blocks being a little stale is harmless.
         attr.attr_timeout = attr.entry_timeout = 1.0
+        if export.view.length is not None:
+            # a partition's name may go or name another range once the table
+            # changes: look it up again each time (which re-reads the table)
+            attr.entry_timeout = 0
         return attr
 
     def _root_attr(self) -> pyfuse3.EntryAttributes:
@@ -140,6 +270,7 @@ class ImageFS(pyfuse3.Operations):
             raise pyfuse3.FUSEError(errno.ENOENT)
         if name in (b".", b".."):
             return self._root_attr()
+        await self.refresh(dynamic_only=True)
         export = self.by_name.get(name)
         if export is None:
             raise pyfuse3.FUSEError(errno.ENOENT)
@@ -152,9 +283,12 @@ class ImageFS(pyfuse3.Operations):
         if inode == pyfuse3.ROOT_INODE and not self.file_mountpoint:
             raise pyfuse3.FUSEError(errno.EPERM)
         export = self._export(inode)
-        if fields.update_size and attr.st_size != export.node.size:
+        if fields.update_size and attr.st_size != export.size:
             if export.read_only:
                 raise pyfuse3.FUSEError(errno.EROFS)
+            if export.view.length is not None:
+                # a partition's size is the partition table's to change
+                raise pyfuse3.FUSEError(errno.EINVAL)
             # Only formats that can resize accept a truncate; the others
             # answer EOPNOTSUPP ("Operation not supported") rather than
             # pretending.
@@ -170,11 +304,12 @@ class ImageFS(pyfuse3.Operations):
     async def opendir(self, inode: int, ctx: Any) -> int:
         if inode != pyfuse3.ROOT_INODE or self.file_mountpoint:
             raise pyfuse3.FUSEError(errno.ENOTDIR)
+        await self.refresh(dynamic_only=True)
         return inode
 
     @fuse_errors
     async def readdir(self, fh: int, start_id: int, token: pyfuse3.ReaddirToken) -> None:
-        exports = sorted(self.by_inode.values(), key=lambda export: export.inode)
+        exports = sorted(self.by_name.values(), key=lambda export: export.inode)
         for index, export in enumerate(exports):
             if index < start_id:
                 continue
@@ -188,11 +323,13 @@ class ImageFS(pyfuse3.Operations):
     @fuse_errors
     async def statfs(self, ctx: Any) -> pyfuse3.StatvfsData:
         data = pyfuse3.StatvfsData()
-        total = sum(export.node.size for export in self.by_inode.values())
+        # partitions are counted in their disk already
+        total = sum(export.size for export in self.by_name.values()
+                    if export.view.length is None)
         data.f_bsize = data.f_frsize = BLOCK
         data.f_blocks = -(-total // BLOCK)
         data.f_bfree = data.f_bavail = 0
-        data.f_files = len(self.by_inode) + 1
+        data.f_files = len(self.by_name) + 1
         data.f_ffree = data.f_favail = 0
         data.f_namemax = 255
         return data
@@ -224,17 +361,22 @@ class ImageFS(pyfuse3.Operations):
         # (9k IOPS, 1.2x qemu-storage-daemon).  The kernel drops cached pages
         # of a range written this way, so read-only opens stay coherent.
         # mmap(MAP_SHARED) of a writable open fails with ENODEV.
-        return pyfuse3.FileInfo(fh=inode, keep_cache=True, direct_io=writable)
+        #
+        # A file that shares its bytes with another file of the mount (a
+        # partition and its disk) bypasses the page cache for reads too.
+        shared = export.view.shared
+        return pyfuse3.FileInfo(fh=inode, keep_cache=not shared, direct_io=writable or shared)
 
     @fuse_errors
     async def read(self, fh: int, off: int, size: int) -> bytes:
-        node = self._export(fh).node
+        export = self._export(fh)
+        node = export.node
         if self.trace:
-            log.debug("read %s %d+%d", node.filename, off, size)
-        end = min(off + size, node.size)
+            log.debug("read %s %d+%d", export.name, off, size)
+        end = min(off + size, export.size)
         if off >= end:
             return b""
-        return await node.read(off, end - off)
+        return await node.read(export.offset + off, end - off)
 
     @fuse_errors
     async def write(self, fh: int, off: int, buf: bytes) -> int:
@@ -243,24 +385,26 @@ class ImageFS(pyfuse3.Operations):
             raise pyfuse3.FUSEError(errno.EROFS)
         node = export.node
         if self.trace:
-            log.debug("write %s %d+%d", node.filename, off, len(buf))
-        if off + len(buf) > node.size:
-            buf = await self._write_past_end(node, off, buf)
-        await node.write(off, buf)
+            log.debug("write %s %d+%d", export.name, off, len(buf))
+        if off + len(buf) > export.size:
+            buf = await self._write_past_end(export, off, buf)
+        await node.write(export.offset + off, buf)
         if export.writethrough:
             await node.flush()
         export.mtime_ns = time.time_ns()
         return len(buf)
 
-    async def _write_past_end(self, node: Node, off: int, buf: bytes) -> bytes:
+    async def _write_past_end(self, export: Export, off: int, buf: bytes) -> bytes:
         """A write past the end grows an image whose format can resize, as
-        it would a file; any other refuses what lies past the end."""
-        if node.driver.can_resize:
+        it would a file; any other (and any partition) refuses what lies
+        past the end."""
+        node = export.node
+        if node.driver.can_resize and export.view.length is None:
             await node.truncate(off + len(buf))
             return buf
-        if off >= node.size:
+        if off >= export.size:
             raise pyfuse3.FUSEError(errno.ENOSPC)
-        return buf[:node.size - off]              # a short write, then ENOSPC
+        return buf[:export.size - off]            # a short write, then ENOSPC
 
     @fuse_errors
     async def fsync(self, fh: int, datasync: bool) -> None:
@@ -278,3 +422,4 @@ class ImageFS(pyfuse3.Operations):
     async def release(self, fh: int) -> None:
         export = self._export(fh)
         export.open_count -= 1
+        self._forget_if_stale(export)

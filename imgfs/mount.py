@@ -59,6 +59,11 @@ class MountOptions:
     gid: int | None = None
     umask: int = 0
     snapshots: bool = False
+    partitions: bool = False
+    #: -o overlay=FILE (absolute once the command has parsed it), and the
+    #: backing file name a new overlay records (see overlay.backing_name)
+    overlay: str | None = None
+    overlay_backing: str | None = None
     key_secret: str | None = None
     passphrase_file: str | None = None
     kernel_flags: list[str] = field(default_factory=list)
@@ -92,6 +97,8 @@ def parse_mount_options(option_strings: list[str], *, sloppy: bool = False) -> M
             log.warning("ignoring %s (sloppy mount)", exc)
     if opts.force_share and not opts.read_only:
         raise UsageError("force-share needs a read-only mount (-o ro,force-share)")
+    if opts.overlay is not None and opts.snapshot:
+        raise UsageError("overlay= and snapshot cannot be used together")
     return opts
 
 
@@ -104,7 +111,7 @@ def _apply_option(opts: MountOptions, key: str, value: str) -> None:
         if not value or "/" in value or value in (".", ".."):
             raise UsageError(f"option 'name': invalid file name '{value}'")
         opts.name = value
-    elif key in ("snapshot", "force-share", "allow_other", "snapshots"):
+    elif key in ("snapshot", "force-share", "allow_other", "snapshots", "partitions"):
         setattr(opts, key.replace("-", "_"), parse_bool(value))
     elif key == "locking":
         opts.locking = _choice(value, ("on", "off", "auto"), key)
@@ -114,6 +121,10 @@ def _apply_option(opts: MountOptions, key: str, value: str) -> None:
         setattr(opts, key, parse_int(value))
     elif key == "umask":
         opts.umask = int(value, 8) & 0o777 if value.isdigit() else _bad(key, value)
+    elif key == "overlay":
+        if not value:
+            raise UsageError("option 'overlay': a file name is needed")
+        opts.overlay = value
     elif key == "key-secret":
         opts.key_secret = value
     elif key == "passphrase-file":
@@ -246,29 +257,30 @@ async def _mount(sources: list[str], mountpoint: str, opts: MountOptions, nodes:
     import pyfuse3
     import trio
 
-    from .fs import Export, ImageFS
+    from .fs import FileSource, ImageFS, PartitionFiles, StaticFiles, View
 
     file_mountpoint = check_mountpoint(mountpoint, sources, opts)
-    if file_mountpoint and opts.snapshots:
-        raise UsageError("snapshots needs a directory mountpoint")
-    views: list[tuple[str, Any]] = []
+    for wanted, option in ((opts.snapshots, "snapshots"), (opts.partitions, "partitions")):
+        if file_mountpoint and wanted:
+            raise UsageError(f"{option} needs a directory mountpoint")
+    images: list[View] = []
+    files: list[FileSource] = [StaticFiles(images)]
     for source, name in zip(sources, export_names(sources, opts), strict=True):
         node = await open_source(source, opts, nursery)
         nodes.append(node)
-        views.append((name, node))
+        images.append(View(name, node, node.read_only, shared=opts.partitions))
         if opts.snapshots:
-            for snapshot_name, snapshot_node in await open_snapshot_views(source, name, node,
-                                                                          opts):
-                nodes.append(snapshot_node)
-                views.append((snapshot_name, snapshot_node))
-    first_inode = pyfuse3.ROOT_INODE if file_mountpoint else pyfuse3.ROOT_INODE + 1
-    exports = [Export(name=name, node=node, inode=first_inode + index, read_only=node.read_only,
-                      writethrough=opts.cache != "writeback")
-               for index, (name, node) in enumerate(views)]
-    operations = ImageFS(exports, file_mountpoint=file_mountpoint,
+            snapshots = await open_snapshot_views(source, name, node, opts)
+            nodes.extend(snapshot_node for _, snapshot_node in snapshots)
+            files.append(StaticFiles([View(snapshot_name, snapshot_node, True)
+                                      for snapshot_name, snapshot_node in snapshots]))
+        if opts.partitions:
+            files.append(PartitionFiles(name[:-len(".raw")], node))
+    operations = ImageFS(files, file_mountpoint=file_mountpoint,
                          uid=os.getuid() if opts.uid is None else opts.uid,
                          gid=os.getgid() if opts.gid is None else opts.gid,
-                         umask=opts.umask)
+                         umask=opts.umask, writethrough=opts.cache != "writeback")
+    await operations.refresh()
     operations.initialized = trio.Event()
     # Resolved before mounting: once mounted, a stat() of the mountpoint
     # waits for the session we have not started serving.
@@ -321,16 +333,26 @@ async def _run_session(session_done: Any, max_tasks: int) -> None:
 async def open_source(source: str, opts: MountOptions, nursery: Any) -> Any:
     from .graph import open_image
     from .node import OpenContext
-    from .overlay import snapshot_overlay
+    from .overlay import persistent_overlay, snapshot_overlay
 
-    ctx = OpenContext(read_only=True if opts.snapshot else opts.read_only,
+    overlaid = opts.snapshot or opts.overlay is not None
+    ctx = OpenContext(read_only=True if overlaid else opts.read_only,
                       key_secret=opts.key_secret, passphrase_file=opts.passphrase_file,
                       locking=opts.locking, force_share=opts.force_share,
                       cache=opts.cache, secrets=opts.secrets,
                       interactive=sys.stdin.isatty(), nursery=nursery, sloppy=opts.sloppy)
     node = await open_image(source, ctx, fmt=opts.fmt, options=opts.driver_options)
-    if opts.snapshot:
-        node = await snapshot_overlay(node)
+    try:
+        if opts.snapshot:
+            node = await snapshot_overlay(node)
+        elif opts.overlay is not None:
+            node = await persistent_overlay(node, opts.overlay, source,
+                                            opts.overlay_backing or source,
+                                            read_only=bool(opts.read_only))
+    except BaseException:
+        await node.aclose()
+        raise
+    if overlaid:
         node.set_read_only(bool(opts.read_only))
     return node
 

@@ -114,6 +114,10 @@ class Node:
         return self.driver.size
 
     @property
+    def sector_size(self) -> int:
+        return self.driver.sector_size
+
+    @property
     def children(self) -> dict[str, Node]:
         return self.driver.children
 

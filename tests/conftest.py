@@ -149,14 +149,15 @@ def unmount(mountpoint: Path) -> None:
 
 @contextlib.contextmanager
 def mounted(*sources: str | os.PathLike[str], mountpoint: Path,
-            options: str | None = None, extra: tuple[str, ...] = ()) -> Iterator[Path]:
+            options: str | None = None, extra: tuple[str, ...] = (),
+            cwd: str | os.PathLike[str] | None = None) -> Iterator[Path]:
     """`imgfs mount` for real; always unmounted (and waited for) afterwards."""
     args = ["mount", *extra]
     if options:
         args += ["-o", options]
     args += [str(source) for source in sources] + [str(mountpoint)]
     try:
-        imgfs(*args, timeout=60)
+        imgfs(*args, timeout=60, cwd=cwd)
         yield mountpoint
     finally:
         unmount(mountpoint)
