@@ -13,13 +13,13 @@ import os
 import re
 import sys
 from collections.abc import Callable, Sequence
-from typing import NoReturn
+from typing import Any, NoReturn
 
 from .errors import ImgfsError, UsageError
 
 PROG = "imgfs"
 COMMANDS = ("mount", "create", "info", "check", "convert", "snapshot", "resize",
-            "formats", "map")
+            "formats", "map", "compare", "commit", "rebase", "measure", "amend")
 
 
 class ArgumentParser(argparse.ArgumentParser):
@@ -113,6 +113,7 @@ def build_parser() -> ArgumentParser:
     _add_object(mapping)
     mapping.add_argument("filename", metavar="FILE")
 
+    _add_tool_parsers(commands)
     commands.add_parser("formats", help="list the supported formats and protocols")
     for sub_parser in commands.choices.values():
         # --debug is accepted after the sub-command too (SUPPRESS keeps a
@@ -120,6 +121,75 @@ def build_parser() -> ArgumentParser:
         sub_parser.add_argument("--debug", action="store_true", default=argparse.SUPPRESS,
                                 help="tracebacks and request logging")
     return parser
+
+
+def _add_tool_parsers(commands: Any) -> None:
+    """compare, commit, rebase, measure and amend, with qemu-img's flags."""
+    compare = commands.add_parser(
+        "compare", help="compare the contents of two images (exit 0 same, 1 differ, 2 error)")
+    compare.add_argument("-f", dest="fmt", metavar="FMT", help="format of FILE1 (default: probe)")
+    compare.add_argument("-F", dest="fmt2", metavar="FMT", help="format of FILE2 (default: probe)")
+    compare.add_argument("-s", dest="strict", action="store_true",
+                         help="strict: also fail on a size or allocation difference")
+    compare.add_argument("-p", dest="progress", action="store_true", help="show progress")
+    compare.add_argument("-q", dest="quiet", action="store_true", help="print nothing")
+    compare.add_argument("-U", "--force-share", action="store_true",
+                         help="open the images even if another process has them locked")
+    _add_object(compare)
+    compare.add_argument("filename", metavar="FILE1")
+    compare.add_argument("filename2", metavar="FILE2")
+
+    commit = commands.add_parser("commit", help="merge an image into its backing file")
+    commit.add_argument("-f", dest="fmt", metavar="FMT", help="format of FILE (default: probe)")
+    commit.add_argument("-b", dest="base", metavar="BASE",
+                        help="commit into BASE, deeper in the backing chain (implies -d)")
+    commit.add_argument("-d", dest="keep", action="store_true",
+                        help="do not empty FILE after the commit")
+    commit.add_argument("-p", dest="progress", action="store_true", help="show progress")
+    commit.add_argument("-q", dest="quiet", action="store_true", help="print nothing")
+    _add_object(commit)
+    commit.add_argument("filename", metavar="FILE")
+
+    rebase = commands.add_parser("rebase", help="change the backing file of an image")
+    rebase.add_argument("-f", dest="fmt", metavar="FMT", help="format of FILE (default: probe)")
+    rebase.add_argument("-b", dest="backing", metavar="BACKING",
+                        help="the new backing file ('' removes the backing file)")
+    rebase.add_argument("-F", dest="backing_fmt", metavar="BACKING_FMT",
+                        help="format of the new backing file")
+    rebase.add_argument("-u", dest="unsafe", action="store_true",
+                        help="unsafe: only rewrite the name, copy no data")
+    rebase.add_argument("-p", dest="progress", action="store_true", help="show progress")
+    rebase.add_argument("-q", dest="quiet", action="store_true", help="print nothing")
+    rebase.add_argument("-U", "--force-share", action="store_true",
+                        help="open the backing files even if they are locked")
+    _add_object(rebase)
+    rebase.add_argument("filename", metavar="FILE")
+
+    measure = commands.add_parser("measure", help="how large an image of a format would be")
+    measure.add_argument("--output", choices=("human", "json"), default="human",
+                         help="output format")
+    measure.add_argument("-f", dest="fmt", metavar="FMT", help="format of FILE (default: probe)")
+    measure.add_argument("-O", dest="out_fmt", default="raw", metavar="FMT",
+                         help="format to measure for (default raw)")
+    measure.add_argument("-o", dest="options", action="append", default=[], metavar="OPTS",
+                         help="creation options of the measured format, as for create")
+    measure.add_argument("--size", metavar="SIZE", help="measure a new image of SIZE bytes")
+    measure.add_argument("-U", "--force-share", action="store_true",
+                         help="open FILE even if another process has it locked")
+    _add_object(measure)
+    measure.add_argument("filename", nargs="?", metavar="FILE",
+                         help="measure a copy of FILE (as imgfs convert would make it)")
+
+    amend = commands.add_parser("amend", help="change format options of an existing image")
+    amend.add_argument("-f", dest="fmt", metavar="FMT", help="format of FILE (default: probe)")
+    amend.add_argument("-o", dest="options", action="append", default=[], metavar="OPTS",
+                       help="options to change (-o help lists them)")
+    amend.add_argument("-p", dest="progress", action="store_true", help="show progress")
+    amend.add_argument("-q", dest="quiet", action="store_true", help="print nothing")
+    amend.add_argument("--force", action="store_true",
+                       help="accepted for qemu-img compatibility")
+    _add_object(amend)
+    amend.add_argument("filename", metavar="FILE")
 
 
 def _version() -> str:
@@ -194,7 +264,7 @@ def run_guarded(action: Callable[[], int], debug: bool) -> int:
         if debug:
             raise
         print(f"{PROG}: {_where(exc)}{exc}", file=sys.stderr)
-        return 1
+        return exc.exit_status
     except KeyboardInterrupt:
         print(f"{PROG}: interrupted", file=sys.stderr)
         return 130

@@ -518,3 +518,33 @@ def _abilities(cls: Any) -> str:
 
 def elapsed(start: float) -> str:
     return f"{time.monotonic() - start:.1f}s"
+
+
+# -- compare / commit / rebase / measure / amend (imgfs/tools) ----------------------------
+
+
+def cmd_compare(args: argparse.Namespace) -> int:
+    from .tools.compare import compare_images
+    from .tools.progress import Progress
+
+    async def run() -> Any:
+        first = await _open(args, args.filename, read_only=True)
+        try:
+            second = await _open(argparse.Namespace(**{**vars(args), "fmt": args.fmt2}),
+                                 args.filename2, read_only=True)
+            try:
+                return await compare_images(
+                    first, second, strict=args.strict,
+                    progress=Progress(args.progress and not args.quiet, first.size))
+            finally:
+                await second.aclose()
+        finally:
+            await first.aclose()
+    try:
+        verdict = run_trio(run)
+    except ImgfsError as exc:
+        exc.exit_status = 2             # compare: 1 means "different"
+        raise
+    if not args.quiet:
+        print("\n".join(verdict.lines))
+    return int(verdict.status)
