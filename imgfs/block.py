@@ -183,6 +183,18 @@ class BlockDriver(abc.ABC):
     async def truncate(self, size: int, preallocation: str = "off") -> None:
         raise Unsupported(f"{self.name} images cannot be resized")
 
+    # -- whole-image operations (imgfs commit / rebase / amend) ------------------------
+
+    async def make_empty(self) -> None:
+        """Drop everything this layer holds, so that the whole image reads
+        through to its backing file (what `commit` leaves in the top image)."""
+        raise Unsupported(f"{self.name} images cannot be emptied")
+
+    async def set_backing(self, filename: str | None, fmt: str | None) -> None:
+        """Rewrite the backing file name (None: no backing file) and its
+        format (None: none recorded) in the image's metadata."""
+        raise Unsupported(f"{self.name} images cannot change their backing file")
+
     def allocated_bytes(self) -> int | None:
         """Bytes this node itself occupies on its host storage, if known."""
         return None

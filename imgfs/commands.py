@@ -548,3 +548,52 @@ def cmd_compare(args: argparse.Namespace) -> int:
     if not args.quiet:
         print("\n".join(verdict.lines))
     return int(verdict.status)
+
+
+def tool_opener(args: argparse.Namespace) -> Any:
+    """open_node(filename, fmt, read_only) for the tools that open several
+    images: read-only opens share their locks (-U), so that the same
+    process may open one of their files again for writing."""
+    async def open_node(filename: str, fmt: str | None, read_only: bool, *,
+                        options: dict[str, Any] | None = None) -> Any:
+        from .graph import open_image
+        from .source import parse_source
+        ctx = make_context(args, read_only=read_only)
+        ctx.force_share = ctx.force_share or read_only
+        tree = {**parse_source(filename), **(options or {})}
+        return await open_image(tree, ctx, fmt=fmt)
+    return open_node
+
+
+def cmd_commit(args: argparse.Namespace) -> int:
+    from .tools.commit import commit
+    from .tools.progress import Progress
+    progress = Progress(args.progress and not args.quiet, 0)
+
+    async def run() -> None:
+        await commit(args.filename, args.fmt, args.base, keep=args.keep,
+                     progress=progress, open_node=tool_opener(args))
+    run_trio(run)
+    if not args.quiet:
+        print("Image committed.")
+    return 0
+
+
+def cmd_rebase(args: argparse.Namespace) -> int:
+    from .tools.progress import Progress
+    from .tools.rebase import rebase
+    if args.backing is None and not args.unsafe:
+        raise ImgfsError("Must specify backing file (-b) or use unsafe mode (-u)")
+    open_node = tool_opener(args)
+
+    async def open_with(filename: str, fmt: str | None, read_only: bool,
+                        with_backing: bool) -> Any:
+        return await open_node(filename, fmt, read_only,
+                               options=None if with_backing else {"backing": None})
+
+    async def run() -> None:
+        await rebase(args.filename, args.fmt, args.backing or "", args.backing_fmt,
+                     unsafe=args.unsafe, progress=Progress(args.progress and not args.quiet, 0),
+                     open_node=open_with)
+    run_trio(run)
+    return 0

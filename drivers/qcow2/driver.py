@@ -78,7 +78,9 @@ from .header import (
     QCOW_CRYPT_LUKS,
     QCOW_MAX_SNAPSHOTS_SIZE,
     Header,
+    pack_extensions,
     parse_image_header,
+    with_backing,
 )
 from .header import probe as probe_header
 from .refcount import RefcountGeometry, RefcountStore
@@ -407,6 +409,33 @@ class Qcow2Driver(WriteMixin, BlockDriver):
                                        struct.pack(">QI", offset, clusters))
         self.header = self.header._replace(refcount_table_offset=offset,
                                            refcount_table_clusters=clusters)
+
+    async def set_backing(self, filename: str | None, fmt: str | None) -> None:
+        """Rewrite the header cluster with the new name (spec: backing_file_offset,
+        "Backing file format name" extension); what follows the header and its
+        extensions in the cluster is zeroed, as it holds nothing else."""
+        file = self.children["file"]
+        async with self.lock:
+            await self._write_back()
+            await file.flush()
+            head = await file.read(0, min(file.size, self.cluster_size))
+            body = with_backing(head, self.image, filename, fmt)
+            used = max(len(body), self._header_bytes_used())
+            await self._write_header_bytes(0, body.ljust(min(used, len(head)), b"\0"))
+            self.image = parse_image_header(body.ljust(len(head), b"\0"), file.size)
+            self.header = self.image.header
+
+    def _header_bytes_used(self) -> int:
+        header = self.header
+        return max(header.backing_file_offset + header.backing_file_size,
+                   (header.header_length if header.version >= 3 else 72)
+                   + len(pack_extensions(list(self.image.extensions))))
+
+    async def make_empty(self) -> None:
+        """Every cluster unallocated (released), so reads go to the backing file."""
+        if self.dirty_bitmaps is not None:
+            self.dirty_bitmaps.mark(0, self.size)
+        await self._clear_range(0, self.size, zero=False, unmap=True)
 
     async def _prepare_for_write(self) -> None:
         """First modification: drop the auto-clear bits we do not maintain

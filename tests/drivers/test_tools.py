@@ -7,6 +7,7 @@ and `qemu-img check`.
 """
 from __future__ import annotations
 
+import json
 import shutil
 from pathlib import Path
 
@@ -43,6 +44,12 @@ def both(*args: str) -> tuple[tuple[int, str], tuple[int, str]]:
     theirs = run("qemu-img", *args, check=False)
     ours = imgfs(*args, check=False)
     return (theirs.returncode, theirs.stdout), (ours.returncode, ours.stdout)
+
+
+def without_progress(output: str) -> str:
+    """The output with -p's progress lines ("    (50.00/100%)\\r") left out."""
+    return "".join(part for part in output.replace("\r", "\n").splitlines(keepends=True)
+                   if not part.lstrip().startswith("(") or not part.rstrip().endswith("%)"))
 
 
 def assert_clean(image: str) -> None:
@@ -109,3 +116,128 @@ def test_compare_errors_exit_2(compare_images: None) -> None:
         assert result.returncode == 2, result
         assert result.stderr.startswith("imgfs: ") and result.stderr.count("\n") == 1
         assert run("qemu-img", "compare", *args, check=False).returncode == 2
+
+
+# -- commit ---------------------------------------------------------------------------------
+
+
+@pytest.fixture
+def chain() -> None:
+    """base <- mid <- top, each layer writing over part of the one below,
+    top with a zero cluster over data; *.orig are pristine copies."""
+    qemu_create("base.qcow2", "1M")
+    qemu_io("base.qcow2", "write -P 1 0 128k", "write -P 4 768k 64k")
+    qemu_create("mid.qcow2", "1M", "-b", "base.qcow2", "-F", "qcow2")
+    qemu_io("mid.qcow2", "write -P 2 64k 128k")
+    qemu_create("top.qcow2", "2M", "-b", "mid.qcow2", "-F", "qcow2")
+    qemu_io("top.qcow2", "write -P 3 512k 64k", "write -z 0 4k", "write -z 768k 64k",
+            "write -P 9 1536k 4k")
+    for name in ("base", "mid", "top"):
+        shutil.copy(f"{name}.qcow2", f"{name}.orig.qcow2")
+
+
+def restore() -> None:
+    for name in ("base", "mid", "top"):
+        shutil.copy(f"{name}.orig.qcow2", f"{name}.qcow2")
+
+
+def assert_commit_like_qemu(*args: str) -> None:
+    """imgfs commit ARGS leaves every image of the chain reading as
+    qemu-img commit ARGS leaves it, all of them clean."""
+    restore()
+    theirs = run("qemu-img", "commit", *args)
+    for name in ("base", "mid", "top"):
+        shutil.copy(f"{name}.qcow2", f"{name}.qemu.qcow2")
+    restore()
+    ours = imgfs("commit", *args)
+    assert without_progress(ours.stdout) == without_progress(theirs.stdout)
+    for name in ("base", "mid", "top"):
+        assert_clean(f"{name}.qcow2")
+        # each image compared alone: what it holds, with its own chain as is
+        assert_same_contents(f"{name}.qcow2", f"{name}.qemu.qcow2")
+    assert run("qemu-img", "map", "--output=json", "top.qcow2").stdout == \
+        run("qemu-img", "map", "--output=json", "top.qemu.qcow2").stdout.replace(
+            "qemu.", "") or "-d" in args or "-b" in args
+
+
+@pytest.mark.parametrize("args", [["top.qcow2"], ["-d", "top.qcow2"],
+                                  ["-b", "base.qcow2", "top.qcow2"], ["-q", "top.qcow2"],
+                                  ["-p", "-d", "mid.qcow2"]])
+def test_commit_matches_qemu_img(chain: None, args: list[str]) -> None:
+    assert_commit_like_qemu(*args)
+
+
+def test_commit_empties_top_and_grows_base(chain: None) -> None:
+    imgfs("commit", "top.qcow2")
+    info = json.loads(run("qemu-img", "info", "--output=json", "mid.qcow2").stdout)
+    assert info["virtual-size"] == 2 * MiB
+    assert_same_contents("top.qcow2", "top.orig.qcow2")
+    assert_same_contents("mid.qcow2", "top.orig.qcow2")
+    mapped = run("qemu-img", "map", "--output=json", "top.qcow2").stdout
+    assert '"depth": 0' not in mapped             # nothing left in the top image
+
+
+def test_commit_errors_match_qemu_img(chain: None) -> None:
+    for args in (["base.qcow2"], ["-b", "missing.qcow2", "top.qcow2"], ["missing.qcow2"]):
+        theirs = run("qemu-img", "commit", *args, check=False)
+        ours = imgfs("commit", *args, check=False)
+        assert ours.returncode == theirs.returncode == 1, args
+        assert ours.stderr.count("\n") == 1
+    assert "Image does not have a backing file" in imgfs("commit", "base.qcow2",
+                                                         check=False).stderr
+
+
+# -- rebase ---------------------------------------------------------------------------------
+
+
+def assert_rebase_like_qemu(*args: str) -> None:
+    restore()
+    theirs = run("qemu-img", "rebase", *args, check=False)
+    shutil.copy("top.qcow2", "top.qemu.qcow2")
+    restore()
+    ours = imgfs("rebase", *args, check=False)
+    assert (ours.returncode, without_progress(ours.stdout)) == \
+        (theirs.returncode, without_progress(theirs.stdout)), ours.stderr
+    assert_clean("top.qcow2")
+    info = [json.loads(run("qemu-img", "info", "--output=json", "-U", image).stdout)
+            for image in ("top.qcow2", "top.qemu.qcow2")]
+    for key in ("backing-filename", "backing-filename-format", "virtual-size"):
+        assert info[0].get(key) == info[1].get(key), key
+    if "-u" not in args and theirs.returncode == 0:
+        assert_same_contents("top.qcow2", "top.orig.qcow2")
+    assert_same_contents("top.qcow2", "top.qemu.qcow2")
+
+
+@pytest.mark.parametrize("args", [
+    "-b base.qcow2 -F qcow2", "-b mid.qcow2 -F qcow2", "-b  ", "-u -b base.qcow2 -F qcow2",
+    "-u -b  ", "-u -b base.qcow2 -F raw", "-p -b base.qcow2 -F qcow2",
+    "-b base.qcow2", "-u -b base.qcow2", "-b missing.qcow2 -F qcow2",
+])
+def test_rebase_matches_qemu_img(chain: None, args: str) -> None:
+    argv = args.split(" ")
+    argv = [arg for arg in argv if arg != ""] if "-b  " not in args else \
+        [arg for arg in argv if arg != ""] + [""]
+    if "" in argv:
+        argv.remove("")
+        argv.insert(argv.index("-b") + 1, "")
+    assert_rebase_like_qemu(*argv, "top.qcow2")
+
+
+@pytest.mark.parametrize("compat", ["0.10", "1.1"])
+def test_rebase_unsafe_rewrites_header(compat: str) -> None:
+    """The new name and format replace the old ones; other extensions stay;
+    the name grows past the old one and shrinks again."""
+    qemu_create("base.qcow2", "1M")
+    qemu_create("img.qcow2", "1M", "-o", f"compat={compat}", "-b", "base.qcow2", "-F", "qcow2")
+    qemu_io("img.qcow2", "write -P 6 0 64k")
+    long_name = "a" * 200 + ".qcow2"
+    shutil.copy("base.qcow2", long_name)
+    for name, fmt in ((long_name, "qcow2"), ("base.qcow2", "raw"), ("", "")):
+        imgfs("rebase", "-u", "-b", name, *(["-F", fmt] if fmt else []), "img.qcow2")
+        assert_clean("img.qcow2")
+        info = json.loads(run("qemu-img", "info", "--output=json", "img.qcow2").stdout)
+        assert info.get("backing-filename") == (name or None)
+        assert info.get("backing-filename-format") == (fmt or None)
+        assert info["format-specific"]["data"]["compat"] == compat
+    run("qemu-img", "convert", "-O", "raw", "img.qcow2", "img.raw")
+    assert Path("img.raw").read_bytes()[:64 * KiB] == bytes([6]) * 64 * KiB
