@@ -78,6 +78,28 @@ class ChildRef:
     options: dict[str, Any] = field(default_factory=dict)
 
 
+@dataclass(frozen=True, slots=True)
+class MeasureSource:
+    """What `imgfs measure FILE` knows of the image it measures a copy of."""
+
+    size: int
+    #: (offset, length) of the ranges that hold data, through the whole chain
+    data: tuple[tuple[int, int], ...]
+    #: (name, granularity) of its persistent bitmaps; None when its format
+    #: cannot hold any
+    bitmaps: tuple[tuple[str, int], ...] | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class Measurement:
+    """qemu-img measure's answer: bytes a new image needs now and at most."""
+
+    required: int
+    fully_allocated: int
+    #: bytes the source's persistent bitmaps would take (None: not shown)
+    bitmaps: int | None = None
+
+
 class BlockDriver(abc.ABC):
     """Base class of every driver; instances are wrapped by `Node`."""
 
@@ -194,6 +216,24 @@ class BlockDriver(abc.ABC):
         """Rewrite the backing file name (None: no backing file) and its
         format (None: none recorded) in the image's metadata."""
         raise Unsupported(f"{self.name} images cannot change their backing file")
+
+    async def holes_in_file_are_zeros(self) -> bool:
+        """True when the holes of the child a DATA extent's bytes live in
+        should be reported as zeros (QEMU recurses into the file for the
+        status of a format that preallocates its metadata)."""
+        return False
+
+    async def persistent_bitmaps(self) -> list[tuple[str, int]] | None:
+        """(name, granularity) of the bitmaps stored in the image; None when
+        the format cannot store bitmaps."""
+        return None
+
+    @classmethod
+    def measure(cls, size: int, options: dict[str, Any],
+                source: MeasureSource | None) -> Measurement:
+        """Bytes a new image of this format needs (create `options` parsed),
+        for a disk of `size` bytes or for a copy of `source`."""
+        raise Unsupported(f"Block driver '{cls.name}' does not support size measurement")
 
     def allocated_bytes(self) -> int | None:
         """Bytes this node itself occupies on its host storage, if known."""

@@ -597,3 +597,29 @@ def cmd_rebase(args: argparse.Namespace) -> int:
                      open_node=open_with)
     run_trio(run)
     return 0
+
+
+def cmd_measure(args: argparse.Namespace) -> int:
+    from .registry import get_driver
+    from .tools.measure import describe_source, render
+    if args.filename is not None and args.size is not None:
+        raise ImgfsError("--size N cannot be used together with a filename.")
+    if args.filename is None and args.size is None:
+        raise ImgfsError("Either --size N or one filename must be specified.")
+    cls = get_driver(args.out_fmt)
+    options = merged_options(args.options)
+    if "help" in options:
+        print(_create_help(cls))
+        return 0
+    parsed = cls.create_opts.parse(options, what=cls.name) if cls.create_opts else {}
+    size = parse_size(args.size) if args.size is not None else 0
+
+    async def describe() -> Any:
+        node = await tool_opener(args)(args.filename, args.fmt, True)
+        try:
+            return await describe_source(node)
+        finally:
+            await node.aclose()
+    source = run_trio(describe) if args.filename is not None else None
+    print(render(cls.measure(size, parsed, source), args.output))
+    return 0

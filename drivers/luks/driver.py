@@ -14,7 +14,7 @@ from typing import TYPE_CHECKING, Any
 
 import trio
 
-from imgfs.block import BlockDriver, Kind
+from imgfs.block import BlockDriver, Kind, Measurement, MeasureSource
 from imgfs.errors import PermissionDenied
 from imgfs.node import Node, OpenContext
 from imgfs.options import Opt, Schema, Str
@@ -22,7 +22,7 @@ from imgfs.secrets import resolve_passphrase
 
 from . import luks1
 from . import probe as probe_luks
-from .create import CREATE_OPTS, check_options, create_spec, format_header
+from .create import CREATE_OPTS, check_options, create_spec, format_header, payload_bytes
 from .header import LuksHeader, read_header
 from .spec import sector_cipher
 
@@ -99,6 +99,13 @@ class LuksDriver(BlockDriver):
 
     def info(self) -> dict[str, Any]:
         return {**self.header.info(), "encrypted": True}
+
+    @classmethod
+    def measure(cls, size: int, options: dict[str, Any],
+                source: MeasureSource | None) -> Measurement:
+        """Header and key material, then the payload (always fully allocated)."""
+        total = payload_bytes(options) + (source.size if source is not None else size)
+        return Measurement(total, total)
 
     @classmethod
     async def create(cls, target: Any, size: int, options: dict[str, Any],

@@ -33,8 +33,24 @@ from typing import TYPE_CHECKING, Any
 
 import trio
 
-from imgfs.block import DATA, UNALLOCATED, ZERO, BlockDriver, ChildRef, Extent, Kind
-from imgfs.errors import CorruptImage, ImgfsError, InvalidImage, ReadOnly, Unsupported
+from imgfs.block import (
+    DATA,
+    UNALLOCATED,
+    ZERO,
+    BlockDriver,
+    ChildRef,
+    Extent,
+    Kind,
+    Measurement,
+    MeasureSource,
+)
+from imgfs.errors import (
+    CorruptImage,
+    ImgfsError,
+    InvalidImage,
+    ReadOnly,
+    Unsupported,
+)
 from imgfs.node import OpenContext
 from imgfs.options import Bool, Opt, Schema, Size, Str
 
@@ -58,6 +74,7 @@ from .compress import decompress_cluster
 from .crypt_options import (
     LEGACY_AES_READ_ONLY,
     SECTOR_SIZE,
+    encrypt_create_options,
     legacy_aes_warning,
     parse_encrypt_options,
 )
@@ -231,6 +248,8 @@ class Qcow2Driver(WriteMixin, BlockDriver):
         self.snapshot_view = False
         #: where the next compressed cluster's bytes go (0: a new cluster)
         self.compressed_cursor = 0
+        #: see holes_in_file_are_zeros (None: not looked at yet)
+        self.preallocated_metadata: bool | None = None
         #: the bitmaps whose bits the write paths set (None: nothing to track)
         self.dirty_bitmaps: bitmaps.Directory | None = None
 
@@ -430,6 +449,51 @@ class Qcow2Driver(WriteMixin, BlockDriver):
         return max(header.backing_file_offset + header.backing_file_size,
                    (header.header_length if header.version >= 3 else 72)
                    + len(pack_extensions(list(self.image.extensions))))
+
+    async def holes_in_file_are_zeros(self) -> bool:
+        """QEMU's test for an image made with preallocation=metadata: more
+        clusters in use by the refcounts than the file really stores (by a
+        ninth, and by two clusters); then holes in data clusters read as
+        zeros there.  Encrypted clusters are never looked through."""
+        if self.crypto is not None:
+            return False
+        if self.preallocated_metadata is None:
+            self.preallocated_metadata = await self._detect_preallocated_metadata()
+        return self.preallocated_metadata
+
+    async def _detect_preallocated_metadata(self) -> bool:
+        file = self.children["file"]
+        stored = (file.allocated_bytes() or 0) // self.cluster_size
+        threshold = max(stored * 10 // 9, stored + 2)
+        in_use = 0
+        for cluster in range(-(-file.size // self.cluster_size)):
+            in_use += await self.refcounts.get(cluster) > 0
+            if in_use > threshold:
+                return True
+        return False
+
+    async def persistent_bitmaps(self) -> list[tuple[str, int]] | None:
+        if self.version < 3:
+            return None
+        directory = self.bitmap_directory
+        if directory is None:
+            return []
+        return [(bitmap.name, 1 << bitmap.granularity_bits) for bitmap in directory.bitmaps]
+
+    @classmethod
+    def measure(cls, size: int, options: dict[str, Any],
+                source: MeasureSource | None) -> Measurement:
+        from .measure import measure
+        encrypt = encrypt_create_options(options)
+        luks_bytes = 0
+        if encrypt is not None:
+            from ..luks.create import payload_bytes
+            try:
+                luks_bytes = payload_bytes(encrypt)
+            except ImgfsError as exc:
+                raise ImgfsError(str(exc).replace("'key-secret'", "'encrypt.key-secret'")) \
+                    from None
+        return measure(size, options, source, luks_bytes)
 
     async def make_empty(self) -> None:
         """Every cluster unallocated (released), so reads go to the backing file."""
