@@ -311,3 +311,25 @@ def test_measure_luks_matches_qemu_img(measure_sources: None, options: str) -> N
     theirs, ours = both("measure", *secret, "-O", "qcow2", "--size", "3G", "-o",
                         f"encrypt.format=luks,{qcow2_options}", "--output=json")
     assert ours == theirs
+
+
+# -- convert -S 0 ---------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("out_fmt", ["qcow2", "raw"])
+def test_convert_sparse_0_allocates_everything(out_fmt: str) -> None:
+    """-S 0 writes holes and zero ranges out, as qemu-img convert -S 0 does."""
+    qemu_create("sparse.qcow2", "4M")
+    qemu_io("sparse.qcow2", "write -P 1 1M 4k", "write -z 2M 64k")
+    imgfs("convert", "-S", "0", "-O", out_fmt, "sparse.qcow2", f"ours.{out_fmt}")
+    run("qemu-img", "convert", "-S", "0", "-O", out_fmt, "sparse.qcow2", f"theirs.{out_fmt}")
+    assert_same_contents("sparse.qcow2", f"ours.{out_fmt}")
+    maps = [json.loads(run("qemu-img", "map", "--output=json", "-f", out_fmt, image).stdout)
+            for image in (f"ours.{out_fmt}", f"theirs.{out_fmt}")]
+    assert [(entry["start"], entry["length"], entry["data"]) for entry in maps[0]] == \
+        [(entry["start"], entry["length"], entry["data"]) for entry in maps[1]] == \
+        [(0, 4 * MiB, True)]
+    if out_fmt == "qcow2":
+        assert_clean("ours.qcow2")
+    else:
+        assert Path("ours.raw").stat().st_blocks * 512 >= 4 * MiB
