@@ -113,6 +113,8 @@ class BlockDriver(abc.ABC):
     open_opts: ClassVar[Schema] = Schema()
     #: None: this driver cannot create images
     create_opts: ClassVar[Schema | None] = None
+    #: options `imgfs amend` can change (None: this format cannot amend)
+    amend_opts: ClassVar[Schema | None] = None
     #: one line for `imgfs formats`
     description: ClassVar[str] = ""
 
@@ -234,6 +236,10 @@ class BlockDriver(abc.ABC):
         """Bytes a new image of this format needs (create `options` parsed),
         for a disk of `size` bytes or for a copy of `source`."""
         raise Unsupported(f"Block driver '{cls.name}' does not support size measurement")
+
+    async def amend(self, options: dict[str, Any]) -> None:
+        """Change the options (parsed by `amend_opts`; only those given)."""
+        raise Unsupported(f"Format driver '{self.name}' does not support option amendment")
 
     def allocated_bytes(self) -> int | None:
         """Bytes this node itself occupies on its host storage, if known."""

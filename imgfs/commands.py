@@ -623,3 +623,26 @@ def cmd_measure(args: argparse.Namespace) -> int:
     source = run_trio(describe) if args.filename is not None else None
     print(render(cls.measure(size, parsed, source), args.output))
     return 0
+
+
+def cmd_amend(args: argparse.Namespace) -> int:
+    from .tools.amend import parse_amend_options
+
+    async def run() -> int:
+        node = await _open(args, args.filename, read_only=args.help_only)
+        try:
+            if args.help_only:
+                print(node.driver.amend_opts.help_text(f"'{node.format_name}' (amend)")
+                      if node.driver.amend_opts else
+                      f"Format driver '{node.format_name}' does not support option amendment")
+                return 0
+            await node.amend(parse_amend_options(type(node.driver), args.raw_options))
+            await node.flush()
+        finally:
+            await node.aclose()
+        return 0
+    args.raw_options = merged_options(args.options)
+    if not args.raw_options:
+        raise ImgfsError("Must specify options (-o)")
+    args.help_only = "help" in args.raw_options
+    return int(run_trio(run))

@@ -359,6 +359,12 @@ class Node:
         with self._driver_errors:
             await self.driver.set_backing(filename, fmt)
 
+    async def amend(self, options: dict[str, Any]) -> None:
+        """Change format options of the image (`imgfs amend`)."""
+        self._check_writable()
+        with self._driver_errors:
+            await self.driver.amend(options)
+
     # -- allocation -----------------------------------------------------------
 
     async def block_status(self, offset: int, length: int) -> Extent:

@@ -56,6 +56,7 @@ from imgfs.options import Bool, Opt, Schema, Size, Str
 
 from . import bitmaps, snapshot_ops
 from . import create as create_mod
+from .amend import AMEND_OPTS
 from .cluster import (
     L1E_OFFSET_MASK,
     L2E_OFFSET_MASK,
@@ -90,6 +91,7 @@ from .header import (
     INCOMPAT_EXTL2,
     OFFSET_AUTOCLEAR,
     OFFSET_INCOMPAT,
+    OFFSET_REFCOUNT_ORDER_END,
     OFFSET_REFCOUNT_TABLE,
     QCOW_CRYPT_AES,
     QCOW_CRYPT_LUKS,
@@ -176,6 +178,7 @@ class Qcow2Driver(WriteMixin, BlockDriver):
                      "pass-discard-", "cache-clean-interval", "discard-no-unref"),
     )
     create_opts = create_mod.CREATE_OPTS
+    amend_opts = AMEND_OPTS
 
     # -- probing and opening ----------------------------------------------------------
 
@@ -497,9 +500,30 @@ class Qcow2Driver(WriteMixin, BlockDriver):
 
     async def make_empty(self) -> None:
         """Every cluster unallocated (released), so reads go to the backing file."""
+        await self.discard_to_unallocated(0, self.size)
+
+    async def switch_refcount_structures(self, offset: int, clusters: int, order: int) -> None:
+        """Point the header at a new refcount table (and width) in one write
+        of the fields from refcount_table_offset to refcount_order."""
+        header = self.header._replace(refcount_table_offset=offset,
+                                      refcount_table_clusters=clusters,
+                                      refcount_order=order if self.version >= 3 else 4)
+        end = OFFSET_REFCOUNT_ORDER_END if self.version >= 3 else OFFSET_INCOMPAT
+        await self._write_header_bytes(OFFSET_REFCOUNT_TABLE,
+                                       header.pack()[OFFSET_REFCOUNT_TABLE:end])
+        self.header = header
+        await self._open_refcounts()
+
+    async def discard_to_unallocated(self, offset: int, length: int) -> None:
+        """Whole clusters in the range unallocated (released): they read from
+        the backing file, or as zeros without one."""
         if self.dirty_bitmaps is not None:
-            self.dirty_bitmaps.mark(0, self.size)
-        await self._clear_range(0, self.size, zero=False, unmap=True)
+            self.dirty_bitmaps.mark(offset, length)
+        await self._clear_range(offset, length, zero=False, unmap=True)
+
+    async def amend(self, options: dict[str, Any]) -> None:
+        from .amend import amend
+        await amend(self, options)
 
     async def _prepare_for_write(self) -> None:
         """First modification: drop the auto-clear bits we do not maintain

@@ -95,6 +95,7 @@ OFFSET_L1 = 36                    # l1_size, l1_table_offset
 OFFSET_REFCOUNT_TABLE = 48        # refcount_table_offset, refcount_table_clusters
 OFFSET_INCOMPAT = 72
 OFFSET_AUTOCLEAR = 88
+OFFSET_REFCOUNT_ORDER_END = 100   # end of refcount_order (v3)
 
 HEADER_V2 = struct.Struct(">4sIQIIQIIQQIIQ")
 HEADER_V3_FIELDS = struct.Struct(">QQQII")

@@ -333,3 +333,95 @@ def test_convert_sparse_0_allocates_everything(out_fmt: str) -> None:
         assert_clean("ours.qcow2")
     else:
         assert Path("ours.raw").stat().st_blocks * 512 >= 4 * MiB
+
+
+# -- amend ----------------------------------------------------------------------------------
+
+
+def amend_sources() -> dict[str, tuple[str, ...]]:
+    """name -> qemu-img create options; every image then gets data, a zero
+    cluster over nothing and a zero cluster over written data."""
+    return {"v3": (), "v2": ("-o", "compat=0.10"), "lazy": ("-o", "lazy_refcounts=on"),
+            "r8": ("-o", "refcount_bits=8"), "extl2": ("-o", "extended_l2=on"),
+            "small": ("-o", "cluster_size=4k"), "over": ("-b", "base.qcow2", "-F", "qcow2")}
+
+
+def make_amend_image(name: str) -> str:
+    if not Path("base.qcow2").exists():
+        qemu_create("base.qcow2", "2M")
+        qemu_io("base.qcow2", "write -P 7 0 2M")
+    image = qemu_create(f"{name}.qcow2", "2M", *amend_sources()[name])
+    writes = ["write -P 1 0 128k", "write -P 2 512k 64k"]
+    if name != "v2":
+        writes += ["write -z 256k 64k", "write -z 512k 64k"]
+    qemu_io(image, *writes)
+    return image
+
+
+def assert_amend_like_qemu(name: str, options: str) -> None:
+    image = make_amend_image(name)
+    shutil.copy(image, "theirs.qcow2")
+    shutil.copy(image, "orig.qcow2")
+    theirs = run("qemu-img", "amend", "-o", options, "theirs.qcow2", check=False)
+    ours = imgfs("amend", "-o", options, image, check=False)
+    assert ours.returncode == theirs.returncode, (ours.stderr, theirs.stderr)
+    assert ours.stdout == theirs.stdout
+    if ours.returncode:
+        assert ours.stderr.count("\n") == 1
+        assert run("cmp", image, "orig.qcow2", check=False).returncode == 0
+        return
+    assert_clean(image)
+    info = [json.loads(run("qemu-img", "info", "--output=json", path).stdout)
+            for path in (image, "theirs.qcow2")]
+    for key in ("virtual-size", "backing-filename", "backing-filename-format"):
+        assert info[0].get(key) == info[1].get(key), key
+    assert info[0]["format-specific"] == info[1]["format-specific"]
+    assert_same_contents(image, "theirs.qcow2")
+
+
+@pytest.mark.parametrize("name", ["v3", "v2", "lazy", "r8", "over"])
+@pytest.mark.parametrize("options", [
+    "compat=0.10", "compat=1.1", "compat=v3", "lazy_refcounts=on", "lazy_refcounts=off",
+    "refcount_bits=64", "refcount_bits=1", "refcount_bits=8", "size=4M", "size=1M",
+    "compat=1.1,lazy_refcounts=on,refcount_bits=32", "compat=0.10,lazy_refcounts=on",
+    "compat=0.10,refcount_bits=16", "compat=0.10,refcount_bits=8",
+])
+def test_amend_matches_qemu_img(name: str, options: str) -> None:
+    assert_amend_like_qemu(name, options)
+
+
+@pytest.mark.parametrize("name, options", [
+    ("extl2", "compat=0.10"), ("extl2", "refcount_bits=64"), ("extl2", "size=3M"),
+    ("small", "refcount_bits=1"), ("small", "compat=0.10"), ("small", "size=1000k"),
+])
+def test_amend_other_layouts_match_qemu_img(name: str, options: str) -> None:
+    assert_amend_like_qemu(name, options)
+
+
+@pytest.mark.parametrize("options", [
+    "cluster_size=4k", "preallocation=full", "extended_l2=on", "encrypt.format=luks",
+    "backing_file=other.qcow2", "backing_fmt=raw", "data_file=x", "foo=1",
+    "refcount_bits=3", "compat=2",
+])
+def test_amend_refusals_match_qemu_img(options: str) -> None:
+    assert_amend_like_qemu("over", options)
+
+
+def test_amend_upgrade_writes_the_header_qemu_writes() -> None:
+    """0.10 -> 1.1: byte for byte the header cluster qemu-img amend writes."""
+    make_amend_image("v2")
+    shutil.copy("v2.qcow2", "theirs.qcow2")
+    imgfs("amend", "-o", "compat=1.1", "v2.qcow2")
+    run("qemu-img", "amend", "-o", "compat=1.1", "theirs.qcow2")
+    assert Path("v2.qcow2").read_bytes()[:64 * KiB] == Path("theirs.qcow2").read_bytes()[:64 * KiB]
+
+
+def test_amend_refuses_raw_and_amend_help() -> None:
+    qemu_create("plain.raw", "1M", fmt="raw")
+    ours = imgfs("amend", "-f", "raw", "-o", "size=2M", "plain.raw", check=False)
+    assert ours.returncode == 1
+    assert "does not support option amendment" in ours.stderr
+    make_amend_image("v3")
+    listing = imgfs("amend", "-o", "help", "v3.qcow2").stdout
+    for name in ("compat", "lazy_refcounts", "refcount_bits", "size", "encrypt.keyslot"):
+        assert f"  {name}=" in listing
