@@ -425,3 +425,46 @@ def test_amend_refuses_raw_and_amend_help() -> None:
     listing = imgfs("amend", "-o", "help", "v3.qcow2").stdout
     for name in ("compat", "lazy_refcounts", "refcount_bits", "size", "encrypt.keyslot"):
         assert f"  {name}=" in listing
+
+
+# -- qcow (version 1): commit and rebase ------------------------------------------------------
+
+
+@pytest.fixture
+def qcow_chain() -> None:
+    qemu_create("base.qcow2", "1M")
+    qemu_io("base.qcow2", "write -P 1 0 256k")
+    qemu_create("top.qcow", "1M", "-b", "base.qcow2", "-F", "qcow2", fmt="qcow")
+    qemu_io("top.qcow", "write -P 2 64k 64k", "write -P 3 700k 4k", fmt="qcow")
+    shutil.copy("top.qcow", "top.orig.qcow")
+
+
+def test_qcow_commit_like_qemu_img(qcow_chain: None) -> None:
+    shutil.copy("base.qcow2", "base.orig.qcow2")
+    run("qemu-img", "commit", "top.qcow")
+    shutil.copy("base.qcow2", "base.qemu.qcow2")
+    shutil.copy("base.orig.qcow2", "base.qcow2")
+    shutil.copy("top.orig.qcow", "top.qcow")
+    assert imgfs("commit", "top.qcow").stdout == "Image committed.\n"
+    assert_clean("base.qcow2")
+    assert_same_contents("base.qcow2", "base.qemu.qcow2")
+    assert_same_contents("top.qcow", "top.orig.qcow")
+    mapped = run("qemu-img", "map", "--output=json", "top.qcow").stdout
+    assert '"depth": 0' not in mapped             # emptied, as qemu-img leaves it
+
+
+def test_qcow_rebase_rewrites_the_name(qcow_chain: None) -> None:
+    """QEMU cannot rebase a qcow image; imgfs can, and QEMU reads the result.
+    A name longer than the room before the L1 table moves the table."""
+    qemu_create("mid.qcow2", "1M", "-b", "base.qcow2", "-F", "qcow2")
+    long_name = "b" * 200 + ".qcow2"
+    shutil.copy("base.qcow2", long_name)
+    for args in (["-b", "mid.qcow2", "-F", "qcow2"], ["-u", "-b", long_name, "-F", "qcow2"],
+                 ["-b", ""], ["-u", "-b", "base.qcow2", "-F", "qcow2"]):
+        imgfs("rebase", *args, "top.qcow")
+        info = json.loads(run("qemu-img", "info", "--output=json", "top.qcow").stdout)
+        assert info.get("backing-filename") == (args[args.index("-b") + 1] or None)
+        assert_same_contents("top.qcow", "top.orig.qcow")
+    qemu_io("top.qcow", "write -P 9 0 64k", fmt="qcow")
+    qemu_io("top.qcow", "read -P 9 0 64k", "read -P 2 64k 64k", "read -P 3 700k 4k",
+            fmt="qcow")
