@@ -216,8 +216,6 @@ def _add_tool_parsers(commands: Any) -> None:
                        help="options to change (-o help lists them)")
     amend.add_argument("-p", dest="progress", action="store_true", help="show progress")
     amend.add_argument("-q", dest="quiet", action="store_true", help="print nothing")
-    amend.add_argument("--force", action="store_true",
-                       help="accepted for qemu-img compatibility")
     _add_object(amend)
     amend.add_argument("filename", metavar="FILE", help="the image to change")
 

@@ -6,12 +6,14 @@ can amend, in QEMU's order: an upgrade to version 3 first, then a new
 refcount width (new refcount blocks and table, written after the end of
 the file, then one header write pointing at them), lazy refcounts, the
 size, and a downgrade to version 2 last (zero clusters, which version 2
-cannot express, become unallocated or written zeros first).  Creation-only
-options, a new backing file (that is `imgfs rebase`) and the LUKS keyslot
-options are refused with one line each.
+cannot express, become unallocated or written zeros first).  ``encrypt.*``
+adds or erases key slots of the embedded LUKS header (luks/keyslots.py).
+Creation-only options and a new backing file (that is `imgfs rebase`) are
+refused with one line each.
 """
 from __future__ import annotations
 
+import os
 from typing import TYPE_CHECKING, Any
 
 from imgfs.block import Status
@@ -56,12 +58,13 @@ AMEND_OPTS = Schema(
     Opt("backing_fmt", Str, help="image format of the base image (only its current format)"),
     Opt("data_file", Str, help="file name of the external data file (only its current name)"),
     Opt("data_file_raw", Bool, help="the external data file must stay valid as a raw image"),
-    Opt("encrypt.keyslot", Int, help="LUKS keyslot to modify (not supported yet)"),
     Opt("encrypt.state", choice("active", "inactive"),
-        help="new state of the LUKS keyslots (not supported yet)"),
-    Opt("encrypt.new-secret", Str, help="secret for the keyslots (not supported yet)"),
-    Opt("encrypt.old-secret", Str, help="select keyslots by this secret (not supported yet)"),
-    Opt("encrypt.iter-time", Int, help="PBKDF milliseconds for new keyslots (not supported yet)"),
+        help="active: add a LUKS key slot (encrypt.new-secret); inactive: erase key "
+             "slots (encrypt.keyslot or encrypt.old-secret)"),
+    Opt("encrypt.keyslot", Int, help="the LUKS key slot to add or erase"),
+    Opt("encrypt.new-secret", Str, help="ID of the secret the new key slot opens with"),
+    Opt("encrypt.old-secret", Str, help="ID of the secret whose key slots are erased"),
+    Opt("encrypt.iter-time", Int, help="milliseconds of PBKDF2 for the new key slot"),
 )
 
 
@@ -83,8 +86,6 @@ def check_request(driver: Qcow2Driver, options: dict[str, Any]) -> None:
     if options.get("data_file") not in (None, driver.data_file_name) or \
             options.get("data_file_raw") not in (None, driver.data_file_raw):
         raise Unsupported("changing the external data file is not supported")
-    if any(key.startswith("encrypt.") for key in options):
-        raise Unsupported("amending LUKS keyslots (encrypt.*) is not supported yet")
     version = target_version(options, driver.version)
     # As QEMU: only a change is checked (lazy refcounts already on may stay
     # asked for in a downgrade, which then drops them)
@@ -121,6 +122,10 @@ def _check_downgrade(driver: Qcow2Driver) -> None:
 async def amend(driver: Qcow2Driver, options: dict[str, Any]) -> None:
     """Apply the given options (only the keys the user gave)."""
     check_request(driver, options)
+    encrypt = {key[len("encrypt."):]: value for key, value in options.items()
+               if key.startswith("encrypt.")}
+    if encrypt:
+        await amend_keyslots(driver, encrypt)
     version = target_version(options, driver.version)
     if version > driver.version:
         await write_header(driver, upgraded_header(driver.header))
@@ -138,6 +143,30 @@ async def amend(driver: Qcow2Driver, options: dict[str, Any]) -> None:
     if version < driver.version:
         await expand_zero_clusters(driver)
         await write_header(driver, downgraded_header(driver.header))
+
+
+async def amend_keyslots(driver: Qcow2Driver, options: dict[str, Any]) -> None:
+    """encrypt.state/keyslot/new-secret/old-secret: the embedded LUKS header's
+    key slots, as for a standalone LUKS image."""
+    from ..luks.keyslots import amend_keyslots as amend_luks
+    from .crypt import ClusterCipher
+    crypto = driver.crypto
+    if not isinstance(crypto, ClusterCipher):
+        raise ImgfsError("encrypt.* options need an image encrypted with "
+                         "encrypt.format=luks")
+    file = driver.children["file"]
+
+    async def read(position: int, count: int) -> bytes:
+        return await file.read(crypto.offset + position, count)
+
+    async def write(position: int, data: bytes) -> None:
+        if position + len(data) > crypto.length:
+            raise ImgfsError(f"key slot data at {position} runs past the "
+                             f"{crypto.length}-byte LUKS header area")
+        await file.write(crypto.offset + position, data)
+        await file.flush()
+    await amend_luks(crypto.header, read, write, options, driver.node.ctx, crypto.secret_id,
+                     os.path.basename(driver.node.filename))
 
 
 def upgraded_header(header: Header) -> Header:

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import shutil
+import subprocess
 from pathlib import Path
 
 import pytest
@@ -468,3 +469,82 @@ def test_qcow_rebase_rewrites_the_name(qcow_chain: None) -> None:
     qemu_io("top.qcow", "write -P 9 0 64k", fmt="qcow")
     qemu_io("top.qcow", "read -P 9 0 64k", "read -P 2 64k 64k", "read -P 3 700k 4k",
             fmt="qcow")
+
+
+# -- amend: LUKS key slots ---------------------------------------------------------------------
+
+SECRETS = ["--object", "secret,id=s0,data=pw0", "--object", "secret,id=s1,data=pw1",
+           "--object", "secret,id=s2,data=pw2"]
+#: each step: options, for a standalone LUKS image (qcow2 gets them as encrypt.*)
+KEYSLOT_STEPS = [
+    "state=active,new-secret=s1,iter-time=10",
+    "state=active,new-secret=s2,keyslot=1,iter-time=10",
+    "state=active,new-secret=s2,keyslot=9",
+    "state=active",
+    "state=active,new-secret=s2,old-secret=s1",
+    "state=inactive,new-secret=s2",
+    "state=inactive",
+    "state=inactive,keyslot=5",
+    "state=active,new-secret=s2,keyslot=6,iter-time=10",
+    "state=inactive,old-secret=s2",
+    "state=inactive,keyslot=1,old-secret=s0",
+    "state=inactive,old-secret=s1,keyslot=1",
+    "state=inactive,keyslot=0",
+    "keyslot=0",
+    "state=active,new-secret=s2,iter-time=10",
+]
+
+
+def qemu_img_retrying(*args: str) -> subprocess.CompletedProcess[str]:
+    """qemu-img calibrating a PBKDF: try again when it fails to (see both())."""
+    for _attempt in range(40):
+        result = run("qemu-img", *args, check=False)
+        if "accurate CPU usage" not in result.stderr:
+            return result
+    raise AssertionError(result.stderr)
+
+
+def slot_states(image: str, fmt: str) -> list[bool]:
+    info = json.loads(run("qemu-img", "info", "--output=json", image).stdout)
+    data = info["format-specific"]["data"]
+    slots = data["encrypt"]["slots"] if fmt == "qcow2" else data["slots"]
+    return [slot["active"] for slot in slots]
+
+
+def opens_with(image: str, fmt: str, secret: str) -> bool:
+    key = "encrypt.key-secret" if fmt == "qcow2" else "key-secret"
+    result = run("qemu-io", *SECRETS, "--image-opts",
+                 f"driver={fmt},{key}={secret},file.filename={image}",
+                 "-c", "read -P 5 0 64k", check=False)
+    return result.returncode == 0 and "error" not in result.stdout.lower() + result.stderr
+
+
+@pytest.mark.parametrize("fmt", ["luks", "qcow2"])
+def test_amend_keyslots_like_qemu_img(fmt: str) -> None:
+    """The same amend steps through qemu-img and imgfs: same exit status at
+    each step, same active key slots, the same passphrases open the data."""
+    prefix = "encrypt." if fmt == "qcow2" else ""
+    options = f"{prefix}format=luks,{prefix}key-secret=s0,{prefix}iter-time=10" \
+        if fmt == "qcow2" else "key-secret=s0,iter-time=10"
+    result = qemu_img_retrying("create", "-q", "-f", fmt, *SECRETS, "-o", options,
+                               "ours.img", "4M")
+    assert result.returncode == 0, result.stderr
+    key = f"{prefix}key-secret"
+    run("qemu-io", *SECRETS, "--image-opts", f"driver={fmt},{key}=s0,file.filename=ours.img",
+        "-c", "write -P 5 0 64k")
+    shutil.copy("ours.img", "theirs.img")
+    for step in KEYSLOT_STEPS:
+        step = ",".join(prefix + option for option in step.split(","))
+        opener = next(f"s{n}" for n in range(3) if opens_with("ours.img", fmt, f"s{n}"))
+        theirs = qemu_img_retrying("amend", *SECRETS, "-o", step, "--image-opts",
+                                   f"driver={fmt},{key}={opener},file.filename=theirs.img")
+        ours = imgfs("amend", *SECRETS, "-o", step,
+                     f'json:{{"driver":"{fmt}","{key}":"{opener}",'
+                     '"file":{"filename":"ours.img"}}', check=False)
+        assert ours.returncode == theirs.returncode, (step, ours.stderr, theirs.stderr)
+        if theirs.returncode:
+            assert theirs.stderr.split(": ", 1)[1].strip() in ours.stderr, step
+        assert slot_states("ours.img", fmt) == slot_states("theirs.img", fmt), step
+        for secret in ("s0", "s1", "s2"):
+            assert opens_with("ours.img", fmt, secret) == \
+                opens_with("theirs.img", fmt, secret), (step, secret)
