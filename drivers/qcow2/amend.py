@@ -14,12 +14,14 @@ refused with one line each.
 from __future__ import annotations
 
 import os
+from dataclasses import replace
 from typing import TYPE_CHECKING, Any
 
 from imgfs.block import Status
 from imgfs.errors import ImgfsError, Unsupported
 from imgfs.options import Bool, Int, Opt, Schema, Size, Str, choice
 
+from ..luks.keyslots import AMEND_OPTS as KEYSLOT_OPTS
 from .header import (
     COMPAT_LAZY_REFCOUNTS,
     EXT_BITMAPS,
@@ -58,13 +60,7 @@ AMEND_OPTS = Schema(
     Opt("backing_fmt", Str, help="image format of the base image (only its current format)"),
     Opt("data_file", Str, help="file name of the external data file (only its current name)"),
     Opt("data_file_raw", Bool, help="the external data file must stay valid as a raw image"),
-    Opt("encrypt.state", choice("active", "inactive"),
-        help="active: add a LUKS key slot (encrypt.new-secret); inactive: erase key "
-             "slots (encrypt.keyslot or encrypt.old-secret)"),
-    Opt("encrypt.keyslot", Int, help="the LUKS key slot to add or erase"),
-    Opt("encrypt.new-secret", Str, help="ID of the secret the new key slot opens with"),
-    Opt("encrypt.old-secret", Str, help="ID of the secret whose key slots are erased"),
-    Opt("encrypt.iter-time", Int, help="milliseconds of PBKDF2 for the new key slot"),
+    *(replace(opt, name=f"encrypt.{opt.name}") for opt in KEYSLOT_OPTS.opts),
 )
 
 

@@ -15,6 +15,7 @@ from pathlib import Path
 import pytest
 
 from tests.conftest import imgfs, need, run
+from tests.drivers.test_qcow2_cli import qemu_io
 
 KiB = 1024
 MiB = 1024 * KiB
@@ -25,14 +26,6 @@ def _in_workdir(workdir: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """Relative backing names resolve alike for both tools."""
     need("qemu-img", "qemu-io")
     monkeypatch.chdir(workdir)
-
-
-def qemu_io(image: str, *commands: str, fmt: str = "qcow2") -> None:
-    args: list[str] = []
-    for command in commands:
-        args += ["-c", command]
-    output = run("qemu-io", "-f", fmt, *args, image).stdout
-    assert "error" not in output.lower(), output
 
 
 def qemu_create(image: str, size: str, *options: str, fmt: str = "qcow2") -> str:
