@@ -22,7 +22,7 @@ from typing import Any
 
 import trio
 
-from imgfs.block import BlockDriver, Extent, Kind
+from imgfs.block import BlockDriver, Extent, Kind, Measurement, MeasureSource
 from imgfs.errors import InvalidImage, PermissionDenied
 from imgfs.node import OpenContext
 from imgfs.options import Bool, Opt, Schema, Size
@@ -30,6 +30,9 @@ from imgfs.registry import probe_name
 from imgfs.signatures import HEAD_BYTES, TAIL_BYTES
 
 from .file import PREALLOC
+
+#: qemu-img measure rounds a raw image's size up to whole sectors
+SECTOR = 512
 
 
 class RawDriver(BlockDriver):
@@ -143,6 +146,13 @@ class RawDriver(BlockDriver):
     async def truncate(self, size: int, preallocation: str = "off") -> None:
         await self.children["file"].truncate(size, preallocation)
         self.size = size
+
+    @classmethod
+    def measure(cls, size: int, options: dict[str, Any],
+                source: MeasureSource | None) -> Measurement:
+        """A raw image is its disk: unallocated sectors count too."""
+        total = source.size if source is not None else -(-size // SECTOR) * SECTOR
+        return Measurement(total, total)
 
     @classmethod
     async def create(cls, target: Any, size: int, options: dict[str, Any],

@@ -89,6 +89,26 @@ class InternalSnapshot(Protocol):
     def name(self) -> str: ...
     def info(self) -> dict[str, Any]:
         """qemu-img info's JSON entry for the snapshot."""
+@dataclass(frozen=True, slots=True)
+class MeasureSource:
+    """What `imgfs measure FILE` knows of the image it measures a copy of."""
+
+    size: int
+    #: (offset, length) of the ranges that hold data, through the whole chain
+    data: tuple[tuple[int, int], ...]
+    #: (name, granularity) of its persistent bitmaps; None when its format
+    #: cannot hold any
+    bitmaps: tuple[tuple[str, int], ...] | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class Measurement:
+    """qemu-img measure's answer: bytes a new image needs now and at most."""
+
+    required: int
+    fully_allocated: int
+    #: bytes the source's persistent bitmaps would take (None: not shown)
+    bitmaps: int | None = None
 
 
 class BlockDriver(abc.ABC):
@@ -108,6 +128,8 @@ class BlockDriver(abc.ABC):
     open_opts: ClassVar[Schema] = Schema()
     #: None: this driver cannot create images
     create_opts: ClassVar[Schema | None] = None
+    #: options `imgfs amend` can change (None: this format cannot amend)
+    amend_opts: ClassVar[Schema | None] = None
     #: one line for `imgfs formats`
     description: ClassVar[str] = ""
 
@@ -254,6 +276,39 @@ class BlockDriver(abc.ABC):
 
     async def delete_snapshot(self, name: str) -> None:
         raise Unsupported(f"{self.name} images have no internal snapshots")
+    # -- whole-image operations (imgfs commit / rebase / amend) ------------------------
+
+    async def make_empty(self) -> None:
+        """Drop everything this layer holds, so that the whole image reads
+        through to its backing file (what `commit` leaves in the top image)."""
+        raise Unsupported(f"{self.name} images cannot be emptied")
+
+    async def set_backing(self, filename: str | None, fmt: str | None) -> None:
+        """Rewrite the backing file name (None: no backing file) and its
+        format (None: none recorded) in the image's metadata."""
+        raise Unsupported(f"{self.name} images cannot change their backing file")
+
+    async def holes_in_file_are_zeros(self) -> bool:
+        """True when the holes of the child a DATA extent's bytes live in
+        should be reported as zeros (QEMU recurses into the file for the
+        status of a format that preallocates its metadata)."""
+        return False
+
+    async def persistent_bitmaps(self) -> list[tuple[str, int]] | None:
+        """(name, granularity) of the bitmaps stored in the image; None when
+        the format cannot store bitmaps."""
+        return None
+
+    @classmethod
+    def measure(cls, size: int, options: dict[str, Any],
+                source: MeasureSource | None) -> Measurement:
+        """Bytes a new image of this format needs (create `options` parsed),
+        for a disk of `size` bytes or for a copy of `source`."""
+        raise Unsupported(f"Block driver '{cls.name}' does not support size measurement")
+
+    async def amend(self, options: dict[str, Any]) -> None:
+        """Change the options (parsed by `amend_opts`; only those given)."""
+        raise Unsupported(f"Format driver '{self.name}' does not support option amendment")
 
     def allocated_bytes(self) -> int | None:
         """Bytes this node itself occupies on its host storage, if known."""

@@ -13,13 +13,13 @@ import os
 import re
 import sys
 from collections.abc import Callable, Sequence
-from typing import NoReturn
+from typing import Any, NoReturn
 
 from .errors import ImgfsError, UsageError
 
 PROG = "imgfs"
 COMMANDS = ("mount", "create", "info", "check", "convert", "snapshot", "resize",
-            "formats", "map")
+            "formats", "map", "compare", "commit", "rebase", "measure", "amend")
 
 
 class ArgumentParser(argparse.ArgumentParser):
@@ -41,78 +41,108 @@ def build_parser() -> ArgumentParser:
 
     mount = commands.add_parser("mount", help="mount images as raw files")
     mount.add_argument("-f", "--foreground", action="store_true", help="do not daemonize")
-    mount.add_argument("-o", dest="options", action="append", default=[], metavar="OPTS")
+    mount.add_argument("-o", dest="options", action="append", default=[], metavar="OPTS",
+                       help="mount options, comma-separated (see imgfs(1): ro, rw, format=, "
+                            "snapshot, allow_other, ...)")
     _add_object(mount)
-    mount.add_argument("paths", nargs="+", metavar="SOURCE... MOUNTPOINT")
+    mount.add_argument("paths", nargs="+", metavar="SOURCE... MOUNTPOINT",
+                       help="images (files, URLs, json:) and the directory to mount on")
 
     create = commands.add_parser("create", help="create an image")
-    create.add_argument("-f", dest="fmt", default="raw", metavar="FMT")
-    create.add_argument("-o", dest="options", action="append", default=[], metavar="OPTS")
-    create.add_argument("-b", dest="backing", metavar="BACKING")
-    create.add_argument("-F", dest="backing_fmt", metavar="BACKING_FMT")
+    create.add_argument("-f", dest="fmt", default="raw", metavar="FMT",
+                        help="format of the new image (default raw)")
+    create.add_argument("-o", dest="options", action="append", default=[], metavar="OPTS",
+                        help="format options, comma-separated (-o help lists them)")
+    create.add_argument("-b", dest="backing", metavar="BACKING",
+                        help="backing file of the new image")
+    create.add_argument("-F", dest="backing_fmt", metavar="BACKING_FMT",
+                        help="format of the backing file")
     create.add_argument("-u", dest="unsafe", action="store_true",
                         help="do not open the backing file")
-    create.add_argument("-q", dest="quiet", action="store_true")
+    create.add_argument("-q", dest="quiet", action="store_true",
+                        help="do not print the 'Formatting' line")
     _add_object(create)
-    create.add_argument("filename", nargs="?", metavar="FILE")
-    create.add_argument("size", nargs="?", metavar="SIZE")
+    create.add_argument("filename", nargs="?", metavar="FILE", help="the image to create")
+    create.add_argument("size", nargs="?", metavar="SIZE",
+                        help="virtual size, with k/M/G/T suffixes (default: the backing file's)")
 
     info = commands.add_parser("info", help="show what an image is")
-    info.add_argument("-f", dest="fmt", metavar="FMT")
-    info.add_argument("--output", choices=("human", "json"), default="human")
-    info.add_argument("--backing-chain", action="store_true")
-    info.add_argument("-U", "--force-share", action="store_true")
+    info.add_argument("-f", dest="fmt", metavar="FMT", help="format of FILE (default: probe)")
+    info.add_argument("--output", choices=("human", "json"), default="human",
+                      help="output format")
+    info.add_argument("--backing-chain", action="store_true",
+                      help="describe every image of the backing chain")
+    info.add_argument("-U", "--force-share", action="store_true",
+                      help="open FILE even if another process has it locked")
     _add_object(info)
-    info.add_argument("filename", metavar="FILE")
+    info.add_argument("filename", metavar="FILE", help="the image")
 
     check = commands.add_parser("check", help="check an image for consistency")
-    check.add_argument("-f", dest="fmt", metavar="FMT")
-    check.add_argument("-r", dest="repair", choices=("leaks", "all"))
-    check.add_argument("--output", choices=("human", "json"), default="human")
-    check.add_argument("-U", "--force-share", action="store_true")
-    check.add_argument("-q", dest="quiet", action="store_true")
+    check.add_argument("-f", dest="fmt", metavar="FMT", help="format of FILE (default: probe)")
+    check.add_argument("-r", dest="repair", choices=("leaks", "all"),
+                       help="repair leaked clusters only, or all errors")
+    check.add_argument("--output", choices=("human", "json"), default="human",
+                       help="output format")
+    check.add_argument("-U", "--force-share", action="store_true",
+                       help="open FILE even if another process has it locked")
+    check.add_argument("-q", dest="quiet", action="store_true", help="print nothing")
     _add_object(check)
-    check.add_argument("filename", metavar="FILE")
+    check.add_argument("filename", metavar="FILE", help="the image")
 
     convert = commands.add_parser("convert", help="copy an image into another format")
-    convert.add_argument("-f", dest="fmt", metavar="FMT")
-    convert.add_argument("-O", dest="out_fmt", default="raw", metavar="FMT")
-    convert.add_argument("-o", dest="options", action="append", default=[], metavar="OPTS")
-    convert.add_argument("-B", dest="backing", metavar="BACKING")
-    convert.add_argument("-c", dest="compress", action="store_true")
-    convert.add_argument("-p", dest="progress", action="store_true")
-    convert.add_argument("-S", dest="sparse", default="4k", metavar="SIZE")
-    convert.add_argument("-U", "--force-share", action="store_true")
-    convert.add_argument("-q", dest="quiet", action="store_true")
+    convert.add_argument("-f", dest="fmt", metavar="FMT", help="format of SRC (default: probe)")
+    convert.add_argument("-O", dest="out_fmt", default="raw", metavar="FMT",
+                         help="format of DST (default raw)")
+    convert.add_argument("-o", dest="options", action="append", default=[], metavar="OPTS",
+                         help="options of DST's format, as for create")
+    convert.add_argument("-B", dest="backing", metavar="BACKING",
+                         help="DST gets this backing file and holds only what differs from it")
+    convert.add_argument("-c", dest="compress", action="store_true",
+                         help="compress the data (qcow2, qcow)")
+    convert.add_argument("-p", dest="progress", action="store_true", help="show progress")
+    convert.add_argument("-S", dest="sparse", default="4k", metavar="SIZE",
+                         help="zero runs this long become holes (default 4k; 0: DST is "
+                              "fully allocated)")
+    convert.add_argument("-U", "--force-share", action="store_true",
+                         help="open SRC even if another process has it locked")
+    convert.add_argument("-q", dest="quiet", action="store_true", help="print nothing")
     _add_object(convert)
-    convert.add_argument("source", metavar="SRC")
-    convert.add_argument("target", metavar="DST")
+    convert.add_argument("source", metavar="SRC", help="the image to copy")
+    convert.add_argument("target", metavar="DST", help="the new image")
 
     snapshot = commands.add_parser("snapshot", help="internal snapshots")
     action = snapshot.add_mutually_exclusive_group(required=True)
-    action.add_argument("-c", dest="create", metavar="TAG")
-    action.add_argument("-l", dest="list", action="store_true")
-    action.add_argument("-a", dest="apply", metavar="TAG")
-    action.add_argument("-d", dest="delete", metavar="TAG")
-    snapshot.add_argument("-f", dest="fmt", metavar="FMT")
-    snapshot.add_argument("-U", "--force-share", action="store_true")
-    snapshot.add_argument("filename", metavar="FILE")
+    action.add_argument("-c", dest="create", metavar="TAG", help="create snapshot TAG")
+    action.add_argument("-l", dest="list", action="store_true", help="list the snapshots")
+    action.add_argument("-a", dest="apply", metavar="TAG",
+                        help="revert the disk to snapshot TAG")
+    action.add_argument("-d", dest="delete", metavar="TAG", help="delete snapshot TAG")
+    snapshot.add_argument("-f", dest="fmt", metavar="FMT", help="format of FILE (default: probe)")
+    snapshot.add_argument("-U", "--force-share", action="store_true",
+                          help="open FILE even if another process has it locked")
+    snapshot.add_argument("filename", metavar="FILE", help="the image")
 
     resize = commands.add_parser("resize", help="grow or shrink an image")
-    resize.add_argument("-f", dest="fmt", metavar="FMT")
-    resize.add_argument("--shrink", action="store_true")
+    resize.add_argument("-f", dest="fmt", metavar="FMT", help="format of FILE (default: probe)")
+    resize.add_argument("--shrink", action="store_true",
+                        help="allow shrinking (data past the new end is lost)")
     resize.add_argument("--preallocation", default="off",
-                        choices=("off", "metadata", "falloc", "full"))
-    resize.add_argument("filename", metavar="FILE")
-    resize.add_argument("size", metavar="[+|-]SIZE")
+                        choices=("off", "metadata", "falloc", "full"),
+                        help="how to allocate the added space (default off)")
+    resize.add_argument("filename", metavar="FILE", help="the image")
+    resize.add_argument("size", metavar="[+|-]SIZE",
+                        help="new size, or a size to add (+) or remove (-)")
 
     mapping = commands.add_parser("map", help="where the data of an image lives")
-    mapping.add_argument("-f", dest="fmt", metavar="FMT")
-    mapping.add_argument("--output", choices=("human", "json"), default="human")
-    mapping.add_argument("-U", "--force-share", action="store_true")
+    mapping.add_argument("-f", dest="fmt", metavar="FMT", help="format of FILE (default: probe)")
+    mapping.add_argument("--output", choices=("human", "json"), default="human",
+                         help="output format")
+    mapping.add_argument("-U", "--force-share", action="store_true",
+                         help="open FILE even if another process has it locked")
     _add_object(mapping)
-    mapping.add_argument("filename", metavar="FILE")
+    mapping.add_argument("filename", metavar="FILE", help="the image")
 
+    _add_tool_parsers(commands)
     commands.add_parser("formats", help="list the supported formats and protocols")
     for sub_parser in commands.choices.values():
         # --debug is accepted after the sub-command too (SUPPRESS keeps a
@@ -120,6 +150,74 @@ def build_parser() -> ArgumentParser:
         sub_parser.add_argument("--debug", action="store_true", default=argparse.SUPPRESS,
                                 help="tracebacks and request logging")
     return parser
+
+
+def _add_tool_parsers(commands: Any) -> None:
+    """compare, commit, rebase, measure and amend, with qemu-img's flags."""
+    compare = commands.add_parser(
+        "compare", help="compare the contents of two images (exit 0 same, 1 differ, 2 error)")
+    compare.add_argument("-f", dest="fmt", metavar="FMT", help="format of FILE1 (default: probe)")
+    compare.add_argument("-F", dest="fmt2", metavar="FMT", help="format of FILE2 (default: probe)")
+    compare.add_argument("-s", dest="strict", action="store_true",
+                         help="strict: also fail on a size or allocation difference")
+    compare.add_argument("-p", dest="progress", action="store_true", help="show progress")
+    compare.add_argument("-q", dest="quiet", action="store_true", help="print nothing")
+    compare.add_argument("-U", "--force-share", action="store_true",
+                         help="open the images even if another process has them locked")
+    _add_object(compare)
+    compare.add_argument("filename", metavar="FILE1", help="the first image")
+    compare.add_argument("filename2", metavar="FILE2", help="the second image")
+
+    commit = commands.add_parser("commit", help="merge an image into its backing file")
+    commit.add_argument("-f", dest="fmt", metavar="FMT", help="format of FILE (default: probe)")
+    commit.add_argument("-b", dest="base", metavar="BASE",
+                        help="commit into BASE, deeper in the backing chain (implies -d)")
+    commit.add_argument("-d", dest="keep", action="store_true",
+                        help="do not empty FILE after the commit")
+    commit.add_argument("-p", dest="progress", action="store_true", help="show progress")
+    commit.add_argument("-q", dest="quiet", action="store_true", help="print nothing")
+    _add_object(commit)
+    commit.add_argument("filename", metavar="FILE",
+                        help="the image whose data goes into its backing file")
+
+    rebase = commands.add_parser("rebase", help="change the backing file of an image")
+    rebase.add_argument("-f", dest="fmt", metavar="FMT", help="format of FILE (default: probe)")
+    rebase.add_argument("-b", dest="backing", metavar="BACKING",
+                        help="the new backing file ('' removes the backing file)")
+    rebase.add_argument("-F", dest="backing_fmt", metavar="BACKING_FMT",
+                        help="format of the new backing file")
+    rebase.add_argument("-u", dest="unsafe", action="store_true",
+                        help="unsafe: only rewrite the name, copy no data")
+    rebase.add_argument("-p", dest="progress", action="store_true", help="show progress")
+    rebase.add_argument("-q", dest="quiet", action="store_true", help="print nothing")
+    rebase.add_argument("-U", "--force-share", action="store_true",
+                        help="open the backing files even if they are locked")
+    _add_object(rebase)
+    rebase.add_argument("filename", metavar="FILE", help="the image to rebase")
+
+    measure = commands.add_parser("measure", help="how large an image of a format would be")
+    measure.add_argument("--output", choices=("human", "json"), default="human",
+                         help="output format")
+    measure.add_argument("-f", dest="fmt", metavar="FMT", help="format of FILE (default: probe)")
+    measure.add_argument("-O", dest="out_fmt", default="raw", metavar="FMT",
+                         help="format to measure for (default raw)")
+    measure.add_argument("-o", dest="options", action="append", default=[], metavar="OPTS",
+                         help="creation options of the measured format, as for create")
+    measure.add_argument("--size", metavar="SIZE", help="measure a new image of SIZE bytes")
+    measure.add_argument("-U", "--force-share", action="store_true",
+                         help="open FILE even if another process has it locked")
+    _add_object(measure)
+    measure.add_argument("filename", nargs="?", metavar="FILE",
+                         help="measure a copy of FILE (as imgfs convert would make it)")
+
+    amend = commands.add_parser("amend", help="change format options of an existing image")
+    amend.add_argument("-f", dest="fmt", metavar="FMT", help="format of FILE (default: probe)")
+    amend.add_argument("-o", dest="options", action="append", default=[], metavar="OPTS",
+                       help="options to change (-o help lists them)")
+    amend.add_argument("-p", dest="progress", action="store_true", help="show progress")
+    amend.add_argument("-q", dest="quiet", action="store_true", help="print nothing")
+    _add_object(amend)
+    amend.add_argument("filename", metavar="FILE", help="the image to change")
 
 
 def _version() -> str:
@@ -194,7 +292,7 @@ def run_guarded(action: Callable[[], int], debug: bool) -> int:
         if debug:
             raise
         print(f"{PROG}: {_where(exc)}{exc}", file=sys.stderr)
-        return 1
+        return exc.exit_status
     except KeyboardInterrupt:
         print(f"{PROG}: interrupted", file=sys.stderr)
         return 130

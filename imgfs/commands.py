@@ -550,3 +550,131 @@ def _abilities(cls: Any) -> str:
 
 def elapsed(start: float) -> str:
     return f"{time.monotonic() - start:.1f}s"
+
+
+# -- compare / commit / rebase / measure / amend (imgfs/tools) ----------------------------
+
+
+def cmd_compare(args: argparse.Namespace) -> int:
+    from .tools.compare import compare_images
+    from .tools.progress import Progress
+
+    async def run() -> Any:
+        first = await _open(args, args.filename, read_only=True)
+        try:
+            second = await _open(argparse.Namespace(**{**vars(args), "fmt": args.fmt2}),
+                                 args.filename2, read_only=True)
+            try:
+                return await compare_images(
+                    first, second, strict=args.strict,
+                    progress=Progress(args.progress and not args.quiet, first.size))
+            finally:
+                await second.aclose()
+        finally:
+            await first.aclose()
+    try:
+        verdict = run_trio(run)
+    except ImgfsError as exc:
+        exc.exit_status = 2             # compare: 1 means "different"
+        raise
+    if not args.quiet:
+        print("\n".join(verdict.lines))
+    return int(verdict.status)
+
+
+def tool_opener(args: argparse.Namespace) -> Any:
+    """open_node(filename, fmt, read_only) for the tools that open several
+    images: read-only opens share their locks (-U), so that the same
+    process may open one of their files again for writing."""
+    async def open_node(filename: str, fmt: str | None, read_only: bool, *,
+                        options: dict[str, Any] | None = None) -> Any:
+        from .graph import open_image
+        from .source import parse_source
+        ctx = make_context(args, read_only=read_only)
+        ctx.force_share = ctx.force_share or read_only
+        tree = {**parse_source(filename), **(options or {})}
+        return await open_image(tree, ctx, fmt=fmt)
+    return open_node
+
+
+def cmd_commit(args: argparse.Namespace) -> int:
+    from .tools.commit import commit
+    from .tools.progress import Progress
+    progress = Progress(args.progress and not args.quiet, 0)
+
+    async def run() -> None:
+        await commit(args.filename, args.fmt, args.base, keep=args.keep,
+                     progress=progress, open_node=tool_opener(args))
+    run_trio(run)
+    if not args.quiet:
+        print("Image committed.")
+    return 0
+
+
+def cmd_rebase(args: argparse.Namespace) -> int:
+    from .tools.progress import Progress
+    from .tools.rebase import rebase
+    if args.backing is None and not args.unsafe:
+        raise ImgfsError("Must specify backing file (-b) or use unsafe mode (-u)")
+    open_node = tool_opener(args)
+
+    async def open_with(filename: str, fmt: str | None, read_only: bool,
+                        with_backing: bool) -> Any:
+        return await open_node(filename, fmt, read_only,
+                               options=None if with_backing else {"backing": None})
+
+    async def run() -> None:
+        await rebase(args.filename, args.fmt, args.backing or "", args.backing_fmt,
+                     unsafe=args.unsafe, progress=Progress(args.progress and not args.quiet, 0),
+                     open_node=open_with)
+    run_trio(run)
+    return 0
+
+
+def cmd_measure(args: argparse.Namespace) -> int:
+    from .registry import get_driver
+    from .tools.measure import describe_source, render
+    if args.filename is not None and args.size is not None:
+        raise ImgfsError("--size N cannot be used together with a filename.")
+    if args.filename is None and args.size is None:
+        raise ImgfsError("Either --size N or one filename must be specified.")
+    cls = get_driver(args.out_fmt)
+    options = merged_options(args.options)
+    if "help" in options:
+        print(_create_help(cls))
+        return 0
+    parsed = cls.create_opts.parse(options, what=cls.name) if cls.create_opts else {}
+    size = parse_size(args.size) if args.size is not None else 0
+
+    async def describe() -> Any:
+        node = await tool_opener(args)(args.filename, args.fmt, True)
+        try:
+            return await describe_source(node)
+        finally:
+            await node.aclose()
+    source = run_trio(describe) if args.filename is not None else None
+    print(render(cls.measure(size, parsed, source), args.output))
+    return 0
+
+
+def cmd_amend(args: argparse.Namespace) -> int:
+    from .tools.amend import parse_amend_options
+
+    async def run() -> int:
+        node = await _open(args, args.filename, read_only=args.help_only)
+        try:
+            if args.help_only:
+                print(node.driver.amend_opts.help_text(f"'{node.format_name}' (amend)")
+                      if node.driver.amend_opts else
+                      f"Format driver '{node.format_name}' does not support option amendment")
+                return 0
+            await node.amend(parse_amend_options(type(node.driver), args.raw_options))
+            await node.flush()
+        finally:
+            await node.aclose()
+        return 0
+    args.raw_options = merged_options(args.options)
+    if not args.raw_options:
+        raise ImgfsError("Must specify options (-o)")
+    args.help_only = "help" in args.raw_options
+    return int(run_trio(run))

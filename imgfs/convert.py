@@ -61,6 +61,9 @@ async def copy_image(source: Node, target: Node, *, sparse: int, compress: bool,
         elif status & Status.DATA:
             data = await source.read(offset, length)
             await _write_run(target, offset, data, sparse, write_compressed)
+        elif not sparse:
+            # -S 0: a fully allocated target, zeros written out as data
+            await target.write(offset, bytes(length))
         offset += length
         if progress:
             print(f"    ({100.0 * offset / size if size else 100:.2f}/100%)",

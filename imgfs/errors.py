@@ -14,6 +14,8 @@ class ImgfsError(Exception):
     """Base class: a one-sentence message and the errno it maps to."""
 
     errno: int = errno.EIO
+    #: the CLI's exit status for this error (compare's "error" is 2)
+    exit_status: int = 1
 
     def __init__(self, message: str, *, errno_: int | None = None,
                  path: str | None = None) -> None:

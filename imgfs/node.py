@@ -365,6 +365,24 @@ class Node:
         with self._driver_errors:
             await self.driver.truncate(size, preallocation)
 
+    async def make_empty(self) -> None:
+        """Make this layer hold nothing (it then reads as its backing file)."""
+        self._check_writable()
+        with self._driver_errors:
+            await self.driver.make_empty()
+
+    async def set_backing(self, filename: str | None, fmt: str | None) -> None:
+        """Record a new backing file name and format in this image."""
+        self._check_writable()
+        with self._driver_errors:
+            await self.driver.set_backing(filename, fmt)
+
+    async def amend(self, options: dict[str, Any]) -> None:
+        """Change format options of the image (`imgfs amend`)."""
+        self._check_writable()
+        with self._driver_errors:
+            await self.driver.amend(options)
+
     # -- allocation -----------------------------------------------------------
 
     async def block_status(self, offset: int, length: int) -> Extent:

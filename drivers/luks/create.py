@@ -18,7 +18,7 @@ import os
 import time
 from typing import TYPE_CHECKING, Any
 
-from imgfs.errors import Unsupported, UsageError
+from imgfs.errors import ImgfsError, Unsupported, UsageError
 from imgfs.options import Int, Opt, Schema, Str, choice, in_range
 
 from . import kdf, luks1
@@ -88,6 +88,18 @@ def create_spec(options: dict[str, Any]) -> tuple[CipherSpec, int]:
         mode_string = f"{mode}-{options['ivgen-alg']}"
     spec = parse_cipher(name, mode_string)
     return spec, per_cipher * 2 if mode == "xts" else per_cipher
+
+
+def payload_bytes(options: dict[str, Any]) -> int:
+    """Bytes before the payload of a new image: header and key material
+    (LUKS1: 8 slots after the 4 KiB aligned header; LUKS2: the 16 MiB area)."""
+    if not options.get("key-secret"):
+        raise ImgfsError("Parameter 'key-secret' is required for cipher")
+    _spec, key_bytes = create_spec(options)
+    if options["format"] == "luks2":
+        return LUKS2_KEYSLOTS_END
+    offsets = luks1.slot_layout(key_bytes)
+    return (offsets[-1] + offsets[1] - offsets[0]) * luks1.LUKS_SECTOR_SIZE
 
 
 def check_options(options: dict[str, Any], size: int) -> None:

@@ -14,7 +14,7 @@ from typing import TYPE_CHECKING, Any
 
 import trio
 
-from imgfs.block import BlockDriver, Kind
+from imgfs.block import BlockDriver, Kind, Measurement, MeasureSource
 from imgfs.errors import PermissionDenied
 from imgfs.node import Node, OpenContext
 from imgfs.options import Opt, Schema, Str
@@ -22,8 +22,9 @@ from imgfs.secrets import resolve_passphrase
 
 from . import luks1
 from . import probe as probe_luks
-from .create import CREATE_OPTS, check_options, create_spec, format_header
+from .create import CREATE_OPTS, check_options, create_spec, format_header, payload_bytes
 from .header import LuksHeader, read_header
+from .keyslots import AMEND_OPTS, amend_keyslots
 from .spec import sector_cipher
 
 if TYPE_CHECKING:
@@ -41,6 +42,9 @@ class LuksDriver(BlockDriver):
         Opt("key-secret", Str, help="ID of the secret that provides the passphrase"),
     )
     create_opts = CREATE_OPTS
+    amend_opts = AMEND_OPTS
+    #: the key-secret the image was opened with (amend unlocks again)
+    key_secret: str | None = None
 
     #: unwritten payload decrypts to noise, not zeros: convert must write zeros
     has_zero_init = False
@@ -64,6 +68,7 @@ class LuksDriver(BlockDriver):
         self.request_alignment = self.sector_size
         if ctx.no_io:
             return          # as qemu-img info: the header is all it shows
+        self.key_secret = options["key-secret"]
         passphrase = resolve_passphrase(ctx, options["key-secret"],
                                         what=os.path.basename(self.node.filename))
         try:
@@ -99,6 +104,23 @@ class LuksDriver(BlockDriver):
 
     def info(self) -> dict[str, Any]:
         return {**self.header.info(), "encrypted": True}
+
+    async def amend(self, options: dict[str, Any]) -> None:
+        """Key slots added or erased (LUKS1), each piece durable before the next."""
+        file = self.children["file"]
+
+        async def write(offset: int, data: bytes) -> None:
+            await file.write(offset, data)
+            await file.flush()
+        await amend_keyslots(self.header, file.read, write, options, self.node.ctx,
+                             self.key_secret, os.path.basename(self.node.filename))
+
+    @classmethod
+    def measure(cls, size: int, options: dict[str, Any],
+                source: MeasureSource | None) -> Measurement:
+        """Header and key material, then the payload (always fully allocated)."""
+        total = payload_bytes(options) + (source.size if source is not None else size)
+        return Measurement(total, total)
 
     @classmethod
     async def create(cls, target: Any, size: int, options: dict[str, Any],

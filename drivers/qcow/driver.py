@@ -19,7 +19,7 @@ from typing import Any
 import trio
 
 from imgfs.block import DATA, UNALLOCATED, ZERO, BlockDriver, ChildRef, Extent, Kind
-from imgfs.errors import CorruptImage, InvalidImage, ReadOnly, UsageError
+from imgfs.errors import CorruptImage, InvalidImage, ReadOnly, Unsupported, UsageError
 from imgfs.node import OpenContext
 from imgfs.options import Opt, Schema
 
@@ -30,6 +30,7 @@ from .layout import (
     HEADER,
     L2_CACHE_BYTES,
     MAX_ALLOCATION_BYTES,
+    MAX_BACKING_FILE_NAME,
     QCOW_CRYPT_AES,
     QCOW_OFLAG_COMPRESSED,
     SECTOR,
@@ -90,9 +91,6 @@ class QcowDriver(BlockDriver):
         self.l1_size = self.geometry.l1_entries_for(header.size)
         self.l1 = unpack_table(await file.read(header.l1_table_offset, self.l1_size * 8))
         self.backing_file = await self._read_backing_name()
-        #: header, backing file name and L1 table: never a guest cluster
-        self.metadata_end = max(HEADER.size, header.l1_table_offset + self.l1_size * 8,
-                                header.backing_file_offset + header.backing_file_size)
         self.file_end = file.size
         self.l2_cache: OrderedDict[int, array.array[int]] = OrderedDict()
         self.l2_cache_tables = max(4, L2_CACHE_BYTES // self.geometry.l2_bytes)
@@ -145,7 +143,7 @@ class QcowDriver(BlockDriver):
     async def _load_l2(self, l2_offset: int) -> array.array[int]:
         file = self.children["file"]
         l2_bytes = self.geometry.l2_bytes
-        if l2_offset < self.metadata_end or l2_offset + l2_bytes > file.size:
+        if self._overlaps_metadata(l2_offset, l2_bytes) or l2_offset + l2_bytes > file.size:
             raise CorruptImage(f"L2 table offset {l2_offset:#x} overlaps the header or L1 "
                                f"table, or runs past the end of the {file.size}-byte file")
         table = unpack_table(await file.read(l2_offset, l2_bytes))
@@ -262,8 +260,18 @@ class QcowDriver(BlockDriver):
         table = self.l2_cache.get(l2_offset)
         return table if table is not None else await self._load_l2(l2_offset)
 
+    def _overlaps_metadata(self, offset: int, length: int) -> bool:
+        """The header with the backing file name, or the L1 table: never a
+        guest cluster or an L2 table.  (QEMU puts the table right after the
+        name; a rebase may have moved it to the end of the file.)"""
+        header = self.header
+        header_end = max(HEADER.size, header.backing_file_offset + header.backing_file_size)
+        l1_start = header.l1_table_offset
+        return offset < header_end or \
+            (offset < l1_start + self.l1_size * 8 and offset + length > l1_start)
+
     async def _write_in_place(self, host_offset: int, data: memoryview) -> None:
-        if host_offset < self.metadata_end:
+        if self._overlaps_metadata(host_offset, len(data)):
             raise CorruptImage(f"data cluster at host offset {host_offset:#x} overlaps the "
                                "header or the L1 table")
         file_end = align_up(self.children["file"].size, self.cluster_size)
@@ -355,6 +363,61 @@ class QcowDriver(BlockDriver):
         await file.write(self.header.l1_table_offset + l1_index * 8,
                          struct.pack(">Q", l2_offset))
         self._cache_l2(l2_offset, table)
+
+    # -- whole-image operations (commit, rebase) --------------------------------------------
+
+    async def make_empty(self) -> None:
+        """An all-zero L1 table, and the file cut back to its end: every
+        cluster then reads from the backing file (QEMU's qcow make_empty)."""
+        file = self.children["file"]
+        async with self.lock:
+            l1_end = self.header.l1_table_offset + self.l1_size * 8
+            await file.write(self.header.l1_table_offset, bytes(self.l1_size * 8))
+            await file.flush()
+            await file.truncate(l1_end)
+            self.l1 = array.array("Q", bytes(self.l1_size * 8))
+            self.l2_cache.clear()
+            self.l2_offsets = None
+            self.file_end = l1_end
+
+    async def set_backing(self, filename: str | None, fmt: str | None) -> None:
+        """The name goes where QEMU puts it, between the header and the L1
+        table (which moves to the end of the file when the name outgrows
+        the room); qcow has no room for a format, so `fmt` is not recorded."""
+        name = (filename or "").encode()
+        if len(name) > MAX_BACKING_FILE_NAME:
+            raise Unsupported(f"backing file name of {len(name)} bytes is too long "
+                              f"(at most {MAX_BACKING_FILE_NAME})")
+        file = self.children["file"]
+        async with self.lock:
+            if HEADER.size + len(name) > self.header.l1_table_offset:
+                await self._move_l1_to_end()
+            header = self.header
+            old_end = header.backing_file_offset + header.backing_file_size \
+                if header.backing_file_offset else HEADER.size
+            # the name first, then the header fields that point at it
+            area = min(max(old_end, HEADER.size + len(name)), header.l1_table_offset)
+            await file.write(HEADER.size, name.ljust(area - HEADER.size, b"\0"))
+            await file.flush()
+            await self._write_header(header._replace(
+                backing_file_offset=HEADER.size if name else 0, backing_file_size=len(name)))
+        self.backing_file = filename or None
+
+    async def _move_l1_to_end(self) -> None:
+        """A copy of the L1 table at the end of the file, then the header
+        pointing at it: the old table's bytes become free for the name."""
+        raw = pack_table(self.l1)
+        offset = await self._allocate(len(raw))
+        file = self.children["file"]
+        await file.write(offset, raw)
+        await file.flush()
+        await self._write_header(self.header._replace(l1_table_offset=offset))
+
+    async def _write_header(self, header: Header) -> None:
+        file = self.children["file"]
+        await file.write(0, header.pack())
+        await file.flush()
+        self.header = header
 
     async def write_compressed(self, offset: int, data: bytes) -> None:
         """`convert -c`: whole clusters of `data` stored compressed, each at

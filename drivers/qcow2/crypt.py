@@ -61,11 +61,13 @@ class ClusterCipher:
     physical = True
 
     def __init__(self, header: LuksHeader, cipher: SectorCipher | None, offset: int,
-                 length: int) -> None:
+                 length: int, secret_id: str | None = None) -> None:
         self.header = header
         self.cipher = cipher
         self.offset = offset
         self.length = length
+        #: the encrypt.key-secret the image was opened with (amend unlocks again)
+        self.secret_id = secret_id
 
     def info(self) -> dict[str, Any]:
         """qemu-img info's format-specific.data.encrypt."""
@@ -125,7 +127,7 @@ async def open_cipher(image: ImageHeader, file: Node, options: dict[str, Any],
         del passphrase
     cipher = sector_cipher(header.spec, key, SECTOR_SIZE)
     del key
-    return ClusterCipher(header, cipher, offset, length)
+    return ClusterCipher(header, cipher, offset, length, secret_id)
 
 
 class AesCipher:

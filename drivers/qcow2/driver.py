@@ -32,13 +32,30 @@ from typing import TYPE_CHECKING, Any
 
 import trio
 
-from imgfs.block import DATA, UNALLOCATED, ZERO, BlockDriver, ChildRef, Extent, Kind
-from imgfs.errors import CorruptImage, ImgfsError, InvalidImage, ReadOnly, Unsupported
+from imgfs.block import (
+    DATA,
+    UNALLOCATED,
+    ZERO,
+    BlockDriver,
+    ChildRef,
+    Extent,
+    Kind,
+    Measurement,
+    MeasureSource,
+)
+from imgfs.errors import (
+    CorruptImage,
+    ImgfsError,
+    InvalidImage,
+    ReadOnly,
+    Unsupported,
+)
 from imgfs.node import OpenContext
 from imgfs.options import Bool, Opt, Schema, Size, Str
 
 from . import bitmaps, snapshot_ops
 from . import create as create_mod
+from .amend import AMEND_OPTS
 from .cluster import (
     L1E_OFFSET_MASK,
     L2E_OFFSET_MASK,
@@ -57,6 +74,7 @@ from .compress import decompress_cluster
 from .crypt_options import (
     LEGACY_AES_READ_ONLY,
     SECTOR_SIZE,
+    encrypt_create_options,
     legacy_aes_warning,
     parse_encrypt_options,
 )
@@ -72,12 +90,15 @@ from .header import (
     INCOMPAT_EXTL2,
     OFFSET_AUTOCLEAR,
     OFFSET_INCOMPAT,
+    OFFSET_REFCOUNT_ORDER_END,
     OFFSET_REFCOUNT_TABLE,
     QCOW_CRYPT_AES,
     QCOW_CRYPT_LUKS,
     QCOW_MAX_SNAPSHOTS_SIZE,
     Header,
+    pack_extensions,
     parse_image_header,
+    with_backing,
 )
 from .header import probe as probe_header
 from .refcount import RefcountGeometry, RefcountStore
@@ -158,6 +179,7 @@ class Qcow2Driver(WriteMixin, BlockDriver):
                      "pass-discard-", "cache-clean-interval", "discard-no-unref"),
     )
     create_opts = create_mod.CREATE_OPTS
+    amend_opts = AMEND_OPTS
 
     # -- probing and opening ----------------------------------------------------------
 
@@ -230,6 +252,8 @@ class Qcow2Driver(WriteMixin, BlockDriver):
         self.snapshot_view = False
         #: where the next compressed cluster's bytes go (0: a new cluster)
         self.compressed_cursor = 0
+        #: see holes_in_file_are_zeros (None: not looked at yet)
+        self.preallocated_metadata: bool | None = None
         #: the bitmaps whose bits the write paths set (None: nothing to track)
         self.dirty_bitmaps: bitmaps.Directory | None = None
 
@@ -407,6 +431,99 @@ class Qcow2Driver(WriteMixin, BlockDriver):
                                        struct.pack(">QI", offset, clusters))
         self.header = self.header._replace(refcount_table_offset=offset,
                                            refcount_table_clusters=clusters)
+
+    async def set_backing(self, filename: str | None, fmt: str | None) -> None:
+        """Rewrite the header cluster with the new name (spec: backing_file_offset,
+        "Backing file format name" extension); what follows the header and its
+        extensions in the cluster is zeroed, as it holds nothing else."""
+        file = self.children["file"]
+        async with self.lock:
+            await self._write_back()
+            await file.flush()
+            head = await file.read(0, min(file.size, self.cluster_size))
+            body = with_backing(head, self.image, filename, fmt)
+            used = max(len(body), self._header_bytes_used())
+            await self._write_header_bytes(0, body.ljust(min(used, len(head)), b"\0"))
+            self.image = parse_image_header(body.ljust(len(head), b"\0"), file.size)
+            self.header = self.image.header
+
+    def _header_bytes_used(self) -> int:
+        header = self.header
+        return max(header.backing_file_offset + header.backing_file_size,
+                   (header.header_length if header.version >= 3 else 72)
+                   + len(pack_extensions(list(self.image.extensions))))
+
+    async def holes_in_file_are_zeros(self) -> bool:
+        """QEMU's test for an image made with preallocation=metadata: more
+        clusters in use by the refcounts than the file really stores (by a
+        ninth, and by two clusters); then holes in data clusters read as
+        zeros there.  Encrypted clusters are never looked through."""
+        if self.crypto is not None:
+            return False
+        if self.preallocated_metadata is None:
+            self.preallocated_metadata = await self._detect_preallocated_metadata()
+        return self.preallocated_metadata
+
+    async def _detect_preallocated_metadata(self) -> bool:
+        file = self.children["file"]
+        stored = (file.allocated_bytes() or 0) // self.cluster_size
+        threshold = max(stored * 10 // 9, stored + 2)
+        in_use = 0
+        for cluster in range(-(-file.size // self.cluster_size)):
+            in_use += await self.refcounts.get(cluster) > 0
+            if in_use > threshold:
+                return True
+        return False
+
+    async def persistent_bitmaps(self) -> list[tuple[str, int]] | None:
+        if self.version < 3:
+            return None
+        directory = self.bitmap_directory
+        if directory is None:
+            return []
+        return [(bitmap.name, 1 << bitmap.granularity_bits) for bitmap in directory.bitmaps]
+
+    @classmethod
+    def measure(cls, size: int, options: dict[str, Any],
+                source: MeasureSource | None) -> Measurement:
+        from .measure import measure
+        encrypt = encrypt_create_options(options)
+        luks_bytes = 0
+        if encrypt is not None:
+            from ..luks.create import payload_bytes
+            try:
+                luks_bytes = payload_bytes(encrypt)
+            except ImgfsError as exc:
+                raise ImgfsError(str(exc).replace("'key-secret'", "'encrypt.key-secret'")) \
+                    from None
+        return measure(size, options, source, luks_bytes)
+
+    async def make_empty(self) -> None:
+        """Every cluster unallocated (released), so reads go to the backing file."""
+        await self.discard_to_unallocated(0, self.size)
+
+    async def switch_refcount_structures(self, offset: int, clusters: int, order: int) -> None:
+        """Point the header at a new refcount table (and width) in one write
+        of the fields from refcount_table_offset to refcount_order."""
+        header = self.header._replace(refcount_table_offset=offset,
+                                      refcount_table_clusters=clusters,
+                                      refcount_order=order if self.version >= 3 else 4)
+        end = OFFSET_REFCOUNT_ORDER_END if self.version >= 3 else OFFSET_INCOMPAT
+        await self._write_header_bytes(OFFSET_REFCOUNT_TABLE,
+                                       header.pack()[OFFSET_REFCOUNT_TABLE:end])
+        self.header = header
+        await self._open_refcounts()
+
+    async def discard_to_unallocated(self, offset: int, length: int) -> None:
+        """Whole clusters in the range unallocated (released): they read from
+        the backing file, or as zeros without one."""
+        if self.dirty_bitmaps is not None:
+            self.dirty_bitmaps.mark(offset, length)
+        await self._clear_range(offset, length, zero=False, unmap=True)
+
+    async def amend(self, options: dict[str, Any]) -> None:
+        from .amend import amend
+        await amend(self, options)
 
     async def _prepare_for_write(self) -> None:
         """First modification: drop the auto-clear bits we do not maintain

@@ -89,11 +89,13 @@ FEATURE_NAMES: tuple[tuple[int, int, str], ...] = (
 )
 
 # Byte offsets of the header fields imgfs rewrites in place.
+OFFSET_BACKING_FILE = 8          # backing_file_offset, backing_file_size
 OFFSET_SIZE = 24
 OFFSET_L1 = 36                    # l1_size, l1_table_offset
 OFFSET_REFCOUNT_TABLE = 48        # refcount_table_offset, refcount_table_clusters
 OFFSET_INCOMPAT = 72
 OFFSET_AUTOCLEAR = 88
+OFFSET_REFCOUNT_ORDER_END = 100   # end of refcount_order (v3)
 
 HEADER_V2 = struct.Struct(">4sIQIIQIIQQIIQ")
 HEADER_V3_FIELDS = struct.Struct(">QQQII")
@@ -195,6 +197,30 @@ def string_extension(ext_type: int, text: str) -> Extension:
 def pack_extensions(extensions: list[Extension]) -> bytes:
     """The extension area, terminated by the end marker."""
     return b"".join(ext.pack() for ext in extensions) + EXTENSION_HEADER.pack(EXT_END, 0)
+
+
+def with_backing(head: bytes, image: ImageHeader, backing_file: str | None,
+                 backing_fmt: str | None) -> bytes:
+    """The header cluster's used bytes with a new backing file name and
+    format: the header fields as they are (only backing_file_offset and
+    backing_file_size change), every other extension kept, the backing
+    format extension first, the name right after the end marker."""
+    header = image.header
+    fixed = bytearray(head[:HEADER_V2_LENGTH if header.version < 3 else header.header_length])
+    extensions = [ext for ext in image.extensions if ext.type != EXT_BACKING_FORMAT]
+    if backing_file and backing_fmt:
+        extensions.insert(0, string_extension(EXT_BACKING_FORMAT, backing_fmt))
+    name = (backing_file or "").encode()
+    if len(name) > MAX_BACKING_FILE_NAME:
+        raise Unsupported(f"backing file name of {len(name)} bytes is too long "
+                          f"(at most {MAX_BACKING_FILE_NAME})")
+    body = bytes(fixed) + pack_extensions(extensions)
+    struct.pack_into(">QI", fixed, OFFSET_BACKING_FILE, len(body) if name else 0, len(name))
+    body = bytes(fixed) + pack_extensions(extensions) + name
+    if len(body) > header.cluster_size:
+        raise Unsupported(f"header, extensions and backing file name need {len(body)} "
+                          f"bytes, more than the {header.cluster_size}-byte cluster")
+    return body
 
 
 # -- validation -------------------------------------------------------------------

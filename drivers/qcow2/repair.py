@@ -21,7 +21,7 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
 from imgfs.check import CheckResult
-from imgfs.errors import CorruptImage, InvalidImage
+from imgfs.errors import CorruptImage, ImgfsError, InvalidImage
 
 from .bitmaps import (
     BME_MAX_TABLE_SIZE,
@@ -44,7 +44,7 @@ from .cluster import (
     unpack_l2,
     unpack_table,
 )
-from .refcount import REFT_OFFSET_MASK, set_refcount
+from .refcount import REFT_OFFSET_MASK, RefcountGeometry, set_refcount
 from .snapshot import l1_table_problem
 
 #: refcount table entry bits 0-8 are reserved (spec: "Host cluster management")
@@ -467,16 +467,24 @@ async def rebuild_refcounts(driver: Qcow2Driver, *, leaks_only: bool = False) ->
     await driver.children["file"].flush()
 
 
-async def rebuild_refcount_structures(driver: Qcow2Driver) -> None:
+async def rebuild_refcount_structures(driver: Qcow2Driver,
+                                      refcount_order: int | None = None) -> None:
     """``check -r all`` when the refcount table or blocks themselves are
-    damaged (QEMU: "Rebuilding refcount structure"): new refcount blocks
-    and a new table after the end of the file, made from the references
-    alone; the header then points at them, and the old structures are
-    left unreferenced (free space)."""
+    damaged (QEMU: "Rebuilding refcount structure"), and ``amend -o
+    refcount_bits`` (a new `refcount_order`): new refcount blocks and a
+    new table after the end of the file, made from the references alone;
+    the header then points at them, and the old structures are left
+    unreferenced (free space)."""
     refs = await scan_references(driver, refcount_structures=False)
     counts = refs.counts
     file = driver.children["file"]
-    geometry = driver.refcounts.geometry
+    order = driver.header.refcount_order if refcount_order is None else refcount_order
+    geometry = RefcountGeometry(driver.geometry.cluster_bits, order)
+    for cluster, value in counts.items():
+        if value > geometry.max_refcount:
+            raise ImgfsError(f"Cannot decrease refcount entry width to "
+                             f"{geometry.refcount_bits} bits: cluster {cluster} has a "
+                             f"refcount of {value}")
     bits, cluster_size = driver.geometry.cluster_bits, driver.cluster_size
     end = max([-(-file.size // cluster_size), *(cluster + 1 for cluster in counts)])
     blocks, table_clusters = _structure_sizes(end, geometry.block_entries, cluster_size)
@@ -494,8 +502,7 @@ async def rebuild_refcount_structures(driver: Qcow2Driver) -> None:
     await file.write(table_offset,
                      pack_table(table).ljust(table_clusters << bits, b"\0"))
     await file.flush()
-    await driver._move_reftable(table_offset, table_clusters)
-    await driver._open_refcounts()
+    await driver.switch_refcount_structures(table_offset, table_clusters, order)
 
 
 def _structure_sizes(end: int, block_entries: int, cluster_size: int) -> tuple[int, int]:
