@@ -130,6 +130,12 @@ class BlockDriver(abc.ABC):
         """Protocol drivers: turn "nbd://h/e" into this driver's options."""
         return {"filename": filename}
 
+    @classmethod
+    def public_name(cls, filename: str) -> str:
+        """`filename` as messages, `imgfs info` and the mount table show it:
+        without the secrets a URL may carry (a password)."""
+        return filename
+
     # -- life cycle ---------------------------------------------------------------
 
     @abc.abstractmethod
