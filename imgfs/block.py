@@ -93,6 +93,10 @@ class BlockDriver(abc.ABC):
     create_opts: ClassVar[Schema | None] = None
     #: one line for `imgfs formats`
     description: ClassVar[str] = ""
+    #: protocol options a user may give at the top of a source (``-o NAME=``
+    #: on the command line, as QEMU's ``-iscsi`` group): the core hands them
+    #: down to this leaf under the format, unless the format knows the name
+    leaf_opts: ClassVar[frozenset[str]] = frozenset()
 
     # Set by the core before `open` is awaited.
     node: Node

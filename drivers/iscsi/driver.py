@@ -77,6 +77,9 @@ class IscsiDriver(BlockDriver):
         Opt("filename", Str, help="an iscsi:// URL"),
     )
 
+    leaf_opts = frozenset({"user", "password-secret", "target-user", "target-password-secret",
+                           "initiator-name", "header-digest", "timeout", "iscsi-config"})
+
     session: Session | None = None
     block_size: int = 512
     use_read10 = False
