@@ -18,8 +18,8 @@ from pathlib import Path
 
 import pytest
 import trio
-
 from imgfs.drivers.iscsi import IscsiDriver
+
 from imgfs.errors import ImgfsError
 from imgfs.graph import open_image
 from imgfs.node import OpenContext
