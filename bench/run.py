@@ -74,6 +74,7 @@ import argparse
 import collections
 import contextlib
 import datetime
+import importlib
 import json
 import os
 import platform
@@ -461,6 +462,9 @@ class QsdExporter(Exporter):
 
 EXPORTERS: tuple[type[Exporter], ...] = (ImgfsExporter, QsdExporter)
 
+#: cases with a module of their own (bench/NAME.py, run_NAME_case)
+OWN_MODULE_CASES = ("fat", "iscsi")
+
 #: every exporter currently mounted, for the clean-up on errors and Ctrl-C
 LIVE: list[Exporter] = []
 
@@ -666,6 +670,8 @@ def measure_kdf_open(case: Case, settings: Settings, profiles: dict) -> tuple[di
 
 def measure_once(cls: type[Exporter], case: Case, metric: str, image: Path,
                  settings: Settings, profiles: dict) -> tuple[float, dict]:
+    """One metric through one exporter (`cls`, one of `EXPORTERS` or a
+    case's own, such as bench/iscsi.py's)."""
     if metric in ("mount_latency", "kdf_open"):
         return measure_mount_latency(cls(case, image, settings), settings)
     if metric == "seq_write_new":
@@ -678,7 +684,8 @@ def measure_once(cls: type[Exporter], case: Case, metric: str, image: Path,
 
 
 def measure_metric(case: Case, metric: str, image: Path, settings: Settings,
-                   profiles: dict) -> dict:
+                   profiles: dict,
+                   exporters: tuple[type[Exporter], ...] = EXPORTERS) -> dict:
     """Both exporters for one metric: {exporter: (value, details)}.
 
     imgfs and qsd alternate, so that with --repeat a burst of load from
@@ -687,9 +694,9 @@ def measure_metric(case: Case, metric: str, image: Path, settings: Settings,
     memory the VM just handed back to its host) then slows each exporter
     equally often.  The value is the median of the repetitions (all of them
     are kept in the details)."""
-    runs: dict[str, list[tuple[float, dict]]] = {cls.name: [] for cls in EXPORTERS}
+    runs: dict[str, list[tuple[float, dict]]] = {cls.name: [] for cls in exporters}
     for repetition in range(settings.repeat):
-        for cls in EXPORTERS[::-1] if repetition % 2 else EXPORTERS:
+        for cls in exporters[::-1] if repetition % 2 else exporters:
             value, details = measure_once(cls, case, metric, image, settings, profiles)
             runs[cls.name].append((value, details))
             print(f"  {metric:<14} {cls.name:<6} {value:10.1f} {METRICS[metric].unit}",
@@ -701,6 +708,14 @@ def measure_metric(case: Case, metric: str, image: Path, settings: Settings,
             {"runs": [round(v, 2) for v in values], "first": results[0][1]}
         outcome[name] = (statistics.median(values), details)
     return outcome
+
+
+def metric_entry(metric: str, target: Target | None, outcome: dict) -> dict:
+    """A metric's line of the results, from measure_metric's outcome."""
+    imgfs, qsd = outcome["imgfs"][0], outcome["qsd"][0]
+    return {"unit": METRICS[metric].unit, "imgfs": round(imgfs, 2), "qsd": round(qsd, 2),
+            **judge(metric, target, imgfs, qsd),
+            "details": {"imgfs": outcome["imgfs"][1], "qsd": outcome["qsd"][1]}}
 
 
 def judge(metric: str, target: Target | None, imgfs: float, qsd: float) -> dict:
@@ -811,13 +826,7 @@ def run_case(case: Case, settings: Settings) -> dict:
                     print(f"  PBKDF of its key slot and digest: {result['short_pbkdf_ms']:.1f}"
                           " ms (for scale)", flush=True)
                 outcome = measure_metric(case, metric, image, settings, profiles)
-            imgfs, qsd = outcome["imgfs"][0], outcome["qsd"][0]
-            metrics[metric] = {
-                "unit": METRICS[metric].unit,
-                "imgfs": round(imgfs, 2), "qsd": round(qsd, 2),
-                **judge(metric, target, imgfs, qsd),
-                "details": {"imgfs": outcome["imgfs"][1], "qsd": outcome["qsd"][1]},
-            }
+            metrics[metric] = metric_entry(metric, target, outcome)
     finally:
         image.unlink(missing_ok=True)
     if profiles:
@@ -846,7 +855,8 @@ def print_table(results: dict) -> None:
             print(f"{case:<17} {outcome['status']}")
             continue
         for metric, entry in outcome["metrics"].items():
-            print((fat_module().format_row if case == "fat" else format_row)(case, metric, entry))
+            print((own_module("fat").format_row if case == "fat" else format_row)(
+                case, metric, entry))
     for case, outcome in results.items():
         for label, profile in outcome.get("imgfs_profile", {}).items():
             print_profile(case, label, profile)
@@ -903,7 +913,8 @@ def write_results(document: dict) -> Path:
 def parse_args(argv: list[str]) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--case", default="all",
-                        help=f"comma-separated cases, or 'all' ({', '.join(CASES)}, fat)")
+                        help=f"comma-separated cases, or 'all' "
+                        f"({', '.join([*CASES, *OWN_MODULE_CASES])})")
     parser.add_argument("--quick", action="store_true",
                         help="smoke test: 64 MiB image, 2 s jobs, 3 mounts for latency")
     parser.add_argument("--runtime", type=float, help="seconds per fio job (default 10)")
@@ -923,10 +934,11 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     parser.add_argument("--imgfs", help="imgfs command to benchmark (default: the one "
                         "installed beside this Python), e.g. a wrapper for an experiment")
     args = parser.parse_args(argv)
-    names = [*CASES, "fat"] if args.case == "all" else args.case.split(",")
-    unknown = [name for name in names if name not in CASES and name != "fat"]
+    names = [*CASES, *OWN_MODULE_CASES] if args.case == "all" else args.case.split(",")
+    unknown = [name for name in names if name not in CASES and name not in OWN_MODULE_CASES]
     if unknown:
-        parser.error(f"unknown case {', '.join(unknown)} (known: {', '.join(CASES)}, fat)")
+        parser.error(f"unknown case {', '.join(unknown)} "
+                     f"(known: {', '.join([*CASES, *OWN_MODULE_CASES])})")
     args.cases = names
     args.only = tuple(filter(None, args.only.split(",")))
     if any(metric not in METRICS for metric in args.only):
@@ -973,7 +985,8 @@ def run_all(args: argparse.Namespace, settings: Settings) -> dict:
     formats = available_formats(settings.imgfs)
     results = {}
     for name in args.cases:
-        case = CASES.get(name) or Case(name, name, (), ())   # fat: bench/fat.py
+        # fat and iscsi: bench/fat.py and bench/iscsi.py
+        case = CASES.get(name) or Case(name, "raw" if name == "iscsi" else name, (), ())
         missing = [fmt for fmt in case.needs if fmt not in formats]
         if missing:
             print(f"\n== {name}: skipped (format not available: {', '.join(missing)})")
@@ -981,7 +994,7 @@ def run_all(args: argparse.Namespace, settings: Settings) -> dict:
             continue
         try:
             results[name] = run_case(case, settings) if name in CASES \
-                else fat_module().run_fat_case(settings)
+                else getattr(own_module(name), f"run_{name}_case")(settings)
         except (subprocess.CalledProcessError, RuntimeError, OSError) as exc:
             detail = getattr(exc, "stderr", "") or ""
             print(f"== {name}: FAILED: {exc} {detail.strip()}", file=sys.stderr)
@@ -989,12 +1002,12 @@ def run_all(args: argparse.Namespace, settings: Settings) -> dict:
     return results
 
 
-def fat_module() -> Any:
-    """bench/fat.py (imgfs against a host directory), which imports this
-    module by name: alias it, or that would load a second copy."""
+def own_module(name: str) -> Any:
+    """bench/NAME.py of a case in OWN_MODULE_CASES (fat: imgfs against a
+    host directory; iscsi: over tgtd), which imports this module by name:
+    alias it, or that would load a second copy."""
     sys.modules.setdefault("run", sys.modules[__name__])
-    import fat
-    return fat
+    return importlib.import_module(name)
 
 
 def interrupt(signum: int, frame: Any) -> None:

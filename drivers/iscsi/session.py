@@ -46,6 +46,8 @@ SERVICE_INTERVAL = 0.5
 IDLE_PAUSE = 0.1
 #: connecting and logging in must not hang a mount (the CLI's budget is 10 s)
 LOGIN_TIMEOUT = 8.0
+#: socket events serviced in a row before the leader lets other tasks run
+BUSY_TURNS = 16
 LOGOUT_TIMEOUT = 2.0
 
 DIGESTS = {
@@ -98,6 +100,8 @@ class Session:
         #: why the socket failed (ECONNREFUSED...), which libiscsi's own
         #: message does not say once its reconnect logic has run
         self._socket_error: str | None = None
+        self._poller = select.poll()
+        self._polled_fd = -1
         #: most commands in flight at once (for tests and statistics)
         self.peak_in_flight = 0
 
@@ -221,6 +225,7 @@ class Session:
 
     async def _drive(self, waiter: Waiter) -> None:
         """Service the connection until `waiter` is done (the relay's leader)."""
+        busy = 0
         while not waiter.done:
             if self._broken is not None:
                 self._fail_all()
@@ -231,14 +236,27 @@ class Session:
                 self._service(0)
                 continue
             fd = self._lib.iscsi_get_fd(self._ctx)
-            revents = _ready(fd, events)
+            revents = self._ready(fd, events)
             if revents & (select.POLLERR | select.POLLHUP) and self._socket_error is None:
                 self._socket_error = _pending_socket_error(fd)
             if revents:
                 self._service(revents)
-                await trio.lowlevel.checkpoint()
-            elif await self._sleep_on(fd, events):
-                self._service(0)
+                busy += 1
+                if busy >= BUSY_TURNS and not waiter.done:
+                    busy = 0
+                    await trio.lowlevel.checkpoint()
+            else:
+                busy = 0
+                if await self._sleep_on(fd, events):
+                    self._service(0)
+
+    def _ready(self, fd: int, events: int) -> int:
+        """The events among `events` that `fd` has now (a poll that never waits)."""
+        if fd != self._polled_fd:
+            self._poller, self._polled_fd = select.poll(), fd
+        self._poller.register(fd, events)
+        ready = self._poller.poll(0)
+        return ready[0][1] if ready else 0
 
     async def _sleep_on(self, fd: int, events: int) -> bool:
         """Until the socket is ready or a command is queued; True when it is
@@ -255,12 +273,11 @@ class Session:
         return scope.cancelled_caught and trio.current_time() >= scope.deadline
 
     def _service(self, revents: int) -> None:
-        if self._lib.iscsi_service(self._ctx, revents) < 0 and not self._logged_in():
+        failed = self._lib.iscsi_service(self._ctx, revents) < 0
+        if (failed or revents == 0) and not self._logged_in():
             self._note_disconnected()
-        elif self._logged_in():
+        elif self._disconnected_since is not None and self._logged_in():
             self._disconnected_since = None
-        elif revents == 0:
-            self._note_disconnected()
 
     def _logged_in(self) -> bool:
         return bool(self._lib.iscsi_is_logged_in(self._ctx))
@@ -301,14 +318,6 @@ class Session:
         # while the buffers they point into are still referenced.
         self._lib.iscsi_destroy_context(ctx)
         self._pending.clear()
-
-
-def _ready(fd: int, events: int) -> int:
-    """The events among `events` that `fd` has now (a poll that never waits)."""
-    poller = select.poll()
-    poller.register(fd, events)
-    ready = poller.poll(0)
-    return ready[0][1] if ready else 0
 
 
 def _pending_socket_error(fd: int) -> str | None:

@@ -121,6 +121,9 @@ class Tgt:
             except subprocess.TimeoutExpired:
                 self.proc.kill()
                 self.proc.wait()
+        # a tgtd that did not exit by itself leaves its control socket
+        for leftover in (f"socket.{self.control}", f"socket.{self.control}.lock"):
+            Path("/var/run/tgtd", leftover).unlink(missing_ok=True)
 
 
 @contextlib.contextmanager
