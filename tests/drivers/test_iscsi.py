@@ -40,6 +40,9 @@ from tests.conftest import (
 MiB = 1 << 20
 IQN = "iqn.2026-01.test.imgfs"
 DISKS, CHAP, MUTUAL = f"{IQN}:disks", f"{IQN}:chap", f"{IQN}:mutual"
+#: targets open only to one initiator name: QEMU's style default, and another
+FOR_DEFAULT, FOR_NAMED = f"{IQN}:for-default", f"{IQN}:for-named"
+DEFAULT_INITIATOR, NAMED_INITIATOR = "iqn.2008-11.org.linux-kvm:imgfs", f"{IQN}:initiator"
 CHAP_USER, CHAP_SECRET = "imgfsuser", "imgfs-secret-1"
 MUTUAL_USER, MUTUAL_SECRET = "imgfsuser2", "imgfs-secret-2"
 TARGET_USER, TARGET_SECRET = "tgtout", "imgfs-target-3"
@@ -90,12 +93,15 @@ class Tgt:
     def adm(self, *args: str) -> None:
         run("tgtadm", "-C", str(self.control), "--lld", "iscsi", *args)
 
-    def target(self, name: str, *, digest: str | None = None) -> int:
+    def target(self, name: str, *, digest: str | None = None,
+               initiator: str | None = None) -> int:
+        """A new target, open to 127.0.0.1, or only to the `initiator` name."""
         tid = len(self.tids) + 1
         self.tids[name] = tid
         self.adm("--mode", "target", "--op", "new", "--tid", str(tid), "--targetname", name)
-        self.adm("--mode", "target", "--op", "bind", "--tid", str(tid),
-                 "--initiator-address", "127.0.0.1")
+        allowed = ["--initiator-name", initiator] if initiator else \
+            ["--initiator-address", "127.0.0.1"]
+        self.adm("--mode", "target", "--op", "bind", "--tid", str(tid), *allowed)
         if digest:
             self.adm("--mode", "target", "--op", "update", "--tid", str(tid),
                      "--name", "HeaderDigest", "--value", digest)
@@ -156,6 +162,10 @@ class Lab:
         server.lun(MUTUAL, 1, workdir / "mutual.img")
         server.account(MUTUAL, MUTUAL_USER, MUTUAL_SECRET)
         server.account(MUTUAL, TARGET_USER, TARGET_SECRET, outgoing=True)
+        server.target(FOR_DEFAULT, initiator=DEFAULT_INITIATOR)
+        server.lun(FOR_DEFAULT, 1, workdir / "chap.img")
+        server.target(FOR_NAMED, initiator=NAMED_INITIATOR)
+        server.lun(FOR_NAMED, 1, workdir / "mutual.img")
 
 
 @pytest.fixture(scope="module")
@@ -258,6 +268,23 @@ def test_json_and_option_forms(lab: Lab, tmp_path: Path) -> None:
         assert read_all(source, fmt=None) == lab.disk4k, source
 
 
+def test_initiator_names(lab: Lab, tmp_path: Path) -> None:
+    """tgt admits only the initiator name bound to each target: the default
+    (QEMU's prefix), one given as an option, one from the config file."""
+    server = lab.server
+    assert read_all(server.url(FOR_DEFAULT, 1)) == lab.chap
+    with pytest.raises(ImgfsError):
+        read_all(server.url(FOR_NAMED, 1))
+    named = "json:" + json.dumps({"driver": "iscsi", "filename": server.url(FOR_NAMED, 1),
+                                  "initiator-name": NAMED_INITIATOR})
+    assert read_all(named, fmt=None) == lab.mutual
+    config = tmp_path / "iscsi.conf"
+    config.write_text(f'[iscsi "{FOR_NAMED}"]\n  initiator-name = "{NAMED_INITIATOR}"\n')
+    from_config = "json:" + json.dumps({"driver": "iscsi", "filename": server.url(FOR_NAMED, 1),
+                                        "iscsi-config": str(config)})
+    assert read_all(from_config, fmt=None) == lab.mutual
+
+
 # -- authentication -----------------------------------------------------------------
 
 
@@ -351,6 +378,22 @@ def test_refused_before_mounting(lab: Lab, tmp_path: Path, mnt: Path) -> None:
     assert "Connection refused" in assert_refused(["mount", "-o", "ro", closed, str(mnt)],
                                                   closed)
     assert not is_mounted(mnt)
+
+
+def test_mount_options_reach_the_lun(lab: Lab, tmp_path: Path, mnt: Path) -> None:
+    """mount -o file.user=,password-secret= (a --object secret) and -o
+    iscsi-config= reach the iscsi node under the probed format (a plain
+    user= is mount(8)'s own option)."""
+    secret = tmp_path / "chap.pass"
+    secret.write_text(CHAP_SECRET)
+    url = lab.server.url(CHAP, 1)
+    with mounted(url, mountpoint=mnt, options=f"ro,file.user={CHAP_USER},password-secret=s0",
+                 extra=("--object", f"secret,id=s0,file={secret}")):
+        assert (mnt / "1.raw").read_bytes() == lab.chap
+    config = tmp_path / "iscsi.conf"
+    config.write_text(f'[iscsi]\n  user = "{CHAP_USER}"\n  password = "{CHAP_SECRET}"\n')
+    with mounted(url, mountpoint=mnt, options=f"ro,iscsi-config={config}"):
+        assert (mnt / "1.raw").read_bytes() == lab.chap
 
 
 def test_secrets_stay_out_of_ps_and_the_mount_table(lab: Lab, mnt: Path) -> None:
