@@ -31,12 +31,16 @@ from imgfs.node import OpenContext
 from imgfs.options import MiB, Opt, Schema, Str, in_range, parse_int
 
 from . import binding, scsi
+from .binding import ScsiIovec
 from .config import parse_header_digest, parse_iscsi_url, parse_lun, public_url, resolve_target
-from .session import LoginFailed, Session, iovec, unmap_list
+from .session import LoginFailed, Session, buffer_address, unmap_list
 
 #: largest READ/WRITE when the LUN reports no limit (libiscsi splits it
 #: into PDUs of the negotiated MaxBurstLength itself)
 DEFAULT_MAX_TRANSFER = 8 * MiB
+#: writes are split into commands of this size, sent together (the
+#: MaxBurstLength tgt and most targets offer: one R2T per command)
+WRITE_PIECE = 256 * 1024
 #: READ(10)'s transfer length is 16 bits
 READ10_MAX_BLOCKS = 0xFFFF
 #: UNMAP and WRITE SAME lengths are 32-bit block counts; keep each command modest
@@ -202,22 +206,30 @@ class IscsiDriver(BlockDriver):
 
     async def read(self, offset: int, length: int) -> bytes:
         buffer = bytearray(length)
-        vec, storage = iovec(buffer)
+        address, storage = buffer_address(buffer)
+        vec = ScsiIovec(address, length)
         lba, lib = offset // self.block_size, binding.lib()
         queue = lib.iscsi_read10_iov_task if self.use_read10 else lib.iscsi_read16_iov_task
         await self._session().run("read", queue, lba, length, self.block_size, 0, 0, 0, 0, 0,
-                                  after=(vec, 1), keep=(buffer, storage, vec))
+                                  after=(vec, 1), keep=(storage, vec))
         # Received in place: a bytearray serves every caller as bytes would.
         return cast(bytes, buffer)
 
     async def write(self, offset: int, data: bytes) -> None:
+        """WRITE(16)s of at most WRITE_PIECE each, all queued at once: each
+        waits for the target's R2Ts on its own, so their round trips overlap."""
         session = self._session()
         if not self.writable:
             raise ReadOnly(f"{session.name}: {self.read_only_reason}")
-        vec, storage = iovec(data)
-        await session.run("write", binding.lib().iscsi_write16_iov_task,
-                          offset // self.block_size, None, len(data), self.block_size,
-                          0, 0, 0, 0, 0, after=(vec, 1), keep=(data, storage, vec))
+        queue, (address, storage) = binding.lib().iscsi_write16_iov_task, buffer_address(data)
+        commands = []
+        for start in range(0, len(data), WRITE_PIECE):
+            vec = ScsiIovec(address + start, min(WRITE_PIECE, len(data) - start))
+            commands.append(session.submit(
+                "write", queue, (offset + start) // self.block_size, None, vec.iov_len,
+                self.block_size, 0, 0, 0, 0, 0, after=(vec, 1), keep=(storage, vec)))
+        for command in commands:
+            await session.wait("write", command)
 
     async def flush(self) -> None:
         if not self.writable or not self.sync_cache_works:

@@ -30,7 +30,7 @@ from imgfs.errors import ImgfsError, Unreachable
 from imgfs.relay import Relay, Waiter
 
 from . import binding
-from .binding import COMMAND_CB, ScsiIovec, ScsiTask, UnmapList
+from .binding import COMMAND_CB, ScsiTask, UnmapList
 from .config import Target
 from .scsi import sense_error
 
@@ -163,6 +163,12 @@ class Session:
         """Queue one SCSI command (``queue(ctx, lun, *args, cb, private,
         *after)``, an ``iscsi_*_task`` function) and wait for it; raise its
         error.  `keep`: buffers the command points into."""
+        return await self.wait(what, self.submit(what, queue, *args, after=after, keep=keep))
+
+    def submit(self, what: str, queue: Any, *args: Any, after: tuple[Any, ...] = (),
+               keep: tuple[Any, ...] = ()) -> Command:
+        """Queue one command without waiting (see `run`): several queued at
+        once travel together."""
         self._check_usable()
         command = Command(keep)
         ident = self._register(command)
@@ -171,6 +177,10 @@ class Session:
             self._pending.pop(ident, None)
             raise ImgfsError(f"{self.name}: {what}: {self.error_text()}")
         self._kick()
+        return command
+
+    async def wait(self, what: str, command: Command) -> Command:
+        """Wait for a submitted command; raise its error."""
         await self._relay.wait(command, self._drive)
         if command.status != binding.SCSI_STATUS_GOOD:
             raise self._failure(what, command)
@@ -339,16 +349,17 @@ async def _readable_or_writable(fd: int) -> None:
         nursery.start_soon(first, trio.lowlevel.wait_writable)
 
 
-def iovec(buffer: Any) -> tuple[Any, Any]:
-    """A one-entry scsi_iovec over `buffer` (a bytearray, or bytes copied
-    once when read-only), and the ctypes object that keeps it valid."""
-    length = len(buffer)
-    if isinstance(buffer, bytearray):
-        storage: Any = (ctypes.c_char * length).from_buffer(buffer)
-    else:
-        storage = ctypes.create_string_buffer(bytes(buffer), length)
-    vec = ScsiIovec(ctypes.cast(storage, ctypes.c_void_p), length)
-    return vec, storage
+def buffer_address(buffer: Any) -> tuple[int, Any]:
+    """The address of `buffer`'s bytes, and the object that keeps them
+    valid.  bytes and writable buffers are used in place; only a read-only
+    view of something else is copied."""
+    if isinstance(buffer, bytes):
+        pointer = ctypes.c_char_p(buffer)      # points into the bytes object
+        return ctypes.cast(pointer, ctypes.c_void_p).value or 0, (buffer, pointer)
+    if memoryview(buffer).readonly:
+        return buffer_address(bytes(buffer))
+    storage = (ctypes.c_char * len(buffer)).from_buffer(buffer)
+    return ctypes.addressof(storage), storage
 
 
 def unmap_list(ranges: list[tuple[int, int]]) -> Any:
