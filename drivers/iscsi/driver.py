@@ -122,9 +122,11 @@ class IscsiDriver(BlockDriver):
             self.writable = False
             self.read_only_by_default = True
             self.read_only_reason = "a CD-ROM LUN is read-only"
+        elif kind < 0:
+            raise NotFound(f"{session.name}: no device is connected at LUN {session.lun}")
         elif kind != scsi.TYPE_DISK:
-            raise Unsupported(f"{session.name}: LUN of SCSI device type {kind:#x} "
-                              "(only disks and CD-ROMs are supported)")
+            raise Unsupported(f"{session.name}: LUN {session.lun} is a SCSI device of type "
+                              f"{kind:#x}, not a disk or CD-ROM")
         capacity = await self._capacity()
         if capacity.block_size & (capacity.block_size - 1) or \
                 not MIN_BLOCK <= capacity.block_size <= MAX_BLOCK:

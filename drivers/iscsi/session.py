@@ -143,6 +143,8 @@ class Session:
 
     def error_text(self) -> str:
         """libiscsi's last error, one line, without any secret."""
+        if self._ctx is None:
+            return "the session is closed"
         raw = self._lib.iscsi_get_error(self._ctx) or b""
         text = " ".join(raw.decode("utf-8", "replace").split())
         for secret in (self.target.login.password, self.target.login.target_password):
