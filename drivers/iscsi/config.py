@@ -32,6 +32,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from imgfs.errors import UsageError
+from imgfs.options import split_host_port
 
 ISCSI_DEFAULT_PORT = 3260
 #: QEMU's initiator name prefix (block/iscsi.c); QEMU adds the VM's name
@@ -129,13 +130,10 @@ def _parse_portal(hostport: str, url: str) -> str:
 def split_portal(portal: str, *, what: str = "") -> tuple[str, int]:
     """``HOST[:PORT]`` or ``[IPV6][:PORT]`` -> (host, port)."""
     where = f" in '{what}'" if what else ""
-    if portal.startswith("["):
-        host, bracket, rest = portal[1:].partition("]")
-        if not bracket or (rest and not rest.startswith(":")):
-            raise UsageError(f"invalid iscsi portal '{portal}'{where}")
-        port_text = rest[1:]
-    else:
-        host, _, port_text = portal.partition(":")
+    parts = split_host_port(portal)
+    if parts is None:
+        raise UsageError(f"invalid iscsi portal '{portal}'{where}")
+    host, port_text = parts
     if not host:
         raise UsageError(f"no iscsi portal host{where}")
     if not port_text:
