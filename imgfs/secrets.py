@@ -91,16 +91,18 @@ def hide_inline_secrets() -> None:
 
 
 #: the password of a URL's user information (``scheme://user:PASSWORD@`` or
-#: iSCSI's ``user%PASSWORD@``) and of a ``...password=`` query parameter
-_URL_PASSWORDS = re.compile(rb"^[A-Za-z][\w+.-]*://[^/@:%]*[:%]([^/@]+)@"
-                            rb"|[?&][\w-]*password=([^&]+)")
+#: iSCSI's ``user%PASSWORD@``), of a ``...password=`` query parameter, and
+#: of a ``"...password": "..."`` key of a json: source
+_PASSWORDS = re.compile(rb"^[A-Za-z][\w+.-]*://[^/@:%]*[:%]([^/@]+)@"
+                        rb"|[?&][\w-]*password=([^&]+)"
+                        rb'|"[\w.-]*password"\s*:\s*"((?:[^"\\]|\\.)+)"')
 
 
 def _url_password_spans(arg: bytes) -> list[tuple[int, int]]:
-    if b"://" not in arg:
+    if b"://" not in arg and b"password" not in arg:
         return []
-    return [match.span(group) for match in _URL_PASSWORDS.finditer(arg)
-            for group in (1, 2) if match.group(group)]
+    return [match.span(group) for match in _PASSWORDS.finditer(arg)
+            for group in (1, 2, 3) if match.group(group)]
 
 
 def _inline_secret_spans(cmdline: bytes) -> list[tuple[int, int]]:

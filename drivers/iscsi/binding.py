@@ -129,6 +129,7 @@ PROTOTYPES: dict[str, tuple[Any, list[Any]]] = {
                                  COMMAND_CB, _ptr]),
     "iscsi_writesame16_task": (_task, [_ctx, _int, _u64, _ptr, _u32, _u32, _int, _int, _int,
                                        _int, COMMAND_CB, _ptr]),
+    "iscsi_get_lba_status_task": (_task, [_ctx, _int, _u64, _u32, COMMAND_CB, _ptr]),
     "scsi_free_scsi_task": (None, [_task]),
 }
 

@@ -18,7 +18,7 @@ import errno
 import os
 from typing import Any, cast
 
-from imgfs.block import BlockDriver, Kind
+from imgfs.block import DATA, ZERO, BlockDriver, Extent, Kind
 from imgfs.errors import (
     ImgfsError,
     NotFound,
@@ -63,11 +63,11 @@ class IscsiDriver(BlockDriver):
         Opt("target", Str, help="the target's IQN"),
         Opt("lun", parse_lun, help="the LUN number"),
         Opt("user", Str, help="CHAP user name"),
-        Opt("password", Str, help="CHAP password (visible to ps: prefer password-secret)"),
+        Opt("password", Str, help="CHAP password (as the URL gives it; prefer password-secret)"),
         Opt("password-secret", Str, help="id of the --object secret holding the CHAP password"),
         Opt("target-user", Str, help="mutual CHAP: the target's user name"),
-        Opt("target-password", Str, help="mutual CHAP: the target's password (visible to "
-                                         "ps: prefer target-password-secret)"),
+        Opt("target-password", Str, help="mutual CHAP: the target's password (as the URL "
+                                         "gives it; prefer target-password-secret)"),
         Opt("target-password-secret", Str, help="mutual CHAP: id of the secret holding "
                                                 "the target's password"),
         Opt("initiator-name", Str,
@@ -89,6 +89,12 @@ class IscsiDriver(BlockDriver):
     use_read10 = False
     can_unmap = False
     unmap_with_write_same = False
+    #: FUA on writes: under cache=writethrough/none a write is acknowledged
+    #: once it is stable
+    fua = 0
+    #: a thin LUN whose unmapped blocks read as zeros: block status asks
+    #: GET LBA STATUS (False again once the LUN refused it)
+    lba_status = False
     #: False once the LUN refused WRITE SAME / SYNCHRONIZE CACHE
     write_same_works = True
     sync_cache_works = True
@@ -113,6 +119,7 @@ class IscsiDriver(BlockDriver):
         except LoginFailed as exc:
             raise login_error(str(exc), target.url()) from None
         await self._inspect(session)
+        self.fua = int(ctx.cache != "writeback")
 
     async def _inspect(self, session: Session) -> None:
         inquiry = await self._inquiry(0)
@@ -148,6 +155,7 @@ class IscsiDriver(BlockDriver):
                 await self._inquiry(scsi.VPD_LOGICAL_BLOCK_PROVISIONING, vpd=True))
             self.can_unmap = provisioning.unmap
             self.unmap_with_write_same = provisioning.write_same_unmap
+        self.lba_status = capacity.thin and capacity.unmapped_reads_zero
         mode = await self._try(self._command("mode sense", binding.lib().iscsi_modesense6_task,
                                              1, 0, 0x3F, 0, INQUIRY_LENGTH))
         if mode is not None and scsi.write_protected(mode):
@@ -229,7 +237,7 @@ class IscsiDriver(BlockDriver):
             vec = ScsiIovec(address + start, min(WRITE_PIECE, len(data) - start))
             commands.append(session.submit(
                 "write", queue, (offset + start) // self.block_size, None, vec.iov_len,
-                self.block_size, 0, 0, 0, 0, 0, after=(vec, 1), keep=(storage, vec)))
+                self.block_size, 0, 0, self.fua, 0, 0, after=(vec, 1), keep=(storage, vec)))
         for command in commands:
             await session.wait("write", command)
 
@@ -285,6 +293,23 @@ class IscsiDriver(BlockDriver):
         for lba, count in self._pieces(offset, length, self.limits.max_write_same):
             await session.run("write same", lib.iscsi_writesame16_task, lba, zero_block,
                               self.block_size, count, 0, unmap, 0, 0, keep=(zero_block,))
+
+    async def block_status(self, offset: int, length: int) -> Extent:
+        """Where the LUN is thin and unmapped blocks read as zeros, those are
+        ZERO (so `imgfs map` and `convert` see the holes); all else is DATA."""
+        if not self.lba_status:
+            return Extent(length, DATA)
+        lba = offset // self.block_size
+        data = await self._try(self._command(
+            "get lba status", binding.lib().iscsi_get_lba_status_task, lba,
+            scsi.LBA_STATUS_HEADER + scsi.LBA_STATUS_DESCRIPTOR.size))
+        if data is None:
+            self.lba_status = False
+        status = scsi.parse_lba_status(data or b"", lba)
+        if status is None:
+            return Extent(length, DATA)
+        covered = min((lba + status.blocks) * self.block_size - offset, length)
+        return Extent(covered, DATA if status.mapped else ZERO)
 
     def info(self) -> dict[str, Any]:
         return {"block-size": self.block_size}

@@ -141,6 +141,33 @@ def parse_provisioning(data: bytes) -> Provisioning:
     return Provisioning(bool(body[1] & 0x80), bool(body[1] & 0x40))
 
 
+#: GET LBA STATUS parameter data (SBC-3 5.6): a header of 8 bytes, then
+#: descriptors of LBA, number of blocks and provisioning status
+LBA_STATUS_HEADER = 8
+LBA_STATUS_DESCRIPTOR = struct.Struct(">QIB3x")
+#: provisioning status values: mapped, deallocated, anchored
+LBA_MAPPED = 0
+
+
+@dataclass(frozen=True)
+class LbaStatus:
+    lba: int
+    blocks: int
+    mapped: bool
+
+
+def parse_lba_status(data: bytes, lba: int) -> LbaStatus | None:
+    """The first descriptor of GET LBA STATUS, if it covers `lba` (the
+    standard says it starts there; a target that says otherwise, or sends
+    none, gets no trust)."""
+    if len(data) < LBA_STATUS_HEADER + LBA_STATUS_DESCRIPTOR.size:
+        return None
+    first, blocks, status = LBA_STATUS_DESCRIPTOR.unpack_from(data, LBA_STATUS_HEADER)
+    if not first <= lba < first + blocks:
+        return None
+    return LbaStatus(lba, first + blocks - lba, status & 0x0F == LBA_MAPPED)
+
+
 def write_protected(mode_sense6: bytes) -> bool:
     """MODE SENSE(6) header byte 2, bit 7: WP (SBC-3 6.5.1, direct access)."""
     return len(mode_sense6) >= 4 and bool(mode_sense6[2] & 0x80)

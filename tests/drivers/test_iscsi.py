@@ -155,6 +155,17 @@ class Lab:
         server.lun(DISKS, 1, workdir / "lun512.img")
         server.lun(DISKS, 2, workdir / "lun4k.img", "--blocksize", "4096")
         server.lun(DISKS, 3, workdir / "cd.iso", "--device-type", "cd")
+        # a thin LUN over a sparse file: data at 192 KiB (128 KiB) and 5 MiB (1 MiB)
+        thin = workdir / "thin.img"
+        with open(thin, "wb") as handle:
+            handle.truncate(8 * MiB)
+            for offset, size in ((192 * 1024, 128 * 1024), (5 * MiB, MiB)):
+                handle.seek(offset)
+                handle.write(random.Random(offset).randbytes(size))
+        self.thin = thin.read_bytes()
+        server.lun(DISKS, 4, thin)
+        server.adm("--mode", "logicalunit", "--op", "update", "--tid", "1", "--lun", "4",
+                   "--params", "thin_provisioning=1")
         server.target(CHAP)
         server.lun(CHAP, 1, workdir / "chap.img")
         server.account(CHAP, CHAP_USER, CHAP_SECRET)
@@ -215,6 +226,20 @@ def test_luns_read_as_qemu_reads_them(lab: Lab, tmp_path: Path, lun: int, attr: 
         finally:
             await node.aclose()
     trio.run(alignment)
+
+
+def test_thin_lun_block_status_agrees_with_qemu(lab: Lab, tmp_path: Path) -> None:
+    """GET LBA STATUS: the holes of a thin LUN read as zeros and are reported
+    as zero extents, as QEMU's iscsi driver reports them."""
+    need("qemu-img")
+    url = lab.server.url(DISKS, 4)
+    assert read_all(url) == lab.thin
+    assert qemu_reads(url, tmp_path) == lab.thin
+    keys = ("start", "length", "zero", "data")
+    theirs = json.loads(run("qemu-img", "map", "--output=json", "-f", "raw", url).stdout)
+    ours = json.loads(imgfs("map", "--output", "json", "-f", "raw", url).stdout)
+    assert [{k: e[k] for k in keys} for e in ours] == [{k: e[k] for k in keys} for e in theirs]
+    assert any(e["zero"] for e in ours) and any(e["data"] for e in ours)
 
 
 def test_requests_in_flight_at_once(lab: Lab) -> None:

@@ -85,8 +85,10 @@ def test_precedence(tmp_path: Path) -> None:
 
 
 def test_url_password_out_of_the_command_line() -> None:
-    cmdline = b"imgfs\0mount\0iscsi://u%hunter2@h/iqn.x:t/1?target_password=tpw\0/mnt"
-    assert [cmdline[a:b] for a, b in _inline_secret_spans(cmdline)] == [b"hunter2", b"tpw"]
+    cmdline = (b"imgfs\0mount\0iscsi://u%hunter2@h/iqn.x:t/1?target_password=tpw\0/mnt\0"
+               b'json:{"driver":"iscsi","password": "j\\"pw","target-password":"t2"}')
+    assert [cmdline[a:b] for a, b in _inline_secret_spans(cmdline)] == [
+        b"hunter2", b"tpw", b'j\\"pw', b"t2"]
 
 
 # -- SCSI data ---------------------------------------------------------------------------
@@ -111,6 +113,17 @@ def test_capacity_and_vpd_pages() -> None:
     assert scsi.device_type(bytes([0x05])) == scsi.TYPE_MMC
     assert scsi.device_type(bytes([0x7F])) == -1
     assert scsi.write_protected(bytes([3, 0, 0x80, 0]))
+
+
+def test_lba_status() -> None:
+    header = bytes(8)
+    descriptor = scsi.LBA_STATUS_DESCRIPTOR.pack
+    assert scsi.parse_lba_status(header + descriptor(100, 50, 1), 120) == \
+        scsi.LbaStatus(120, 30, False)
+    assert scsi.parse_lba_status(header + descriptor(100, 50, 0), 100) == \
+        scsi.LbaStatus(100, 50, True)
+    assert scsi.parse_lba_status(header + descriptor(100, 50, 0), 150) is None
+    assert scsi.parse_lba_status(header, 0) is None
 
 
 def test_sense_errnos() -> None:
