@@ -45,7 +45,7 @@ SERVICE_INTERVAL = 0.5
 #: for at least this long a pause
 IDLE_PAUSE = 0.1
 #: connecting and logging in must not hang a mount (the CLI's budget is 10 s)
-LOGIN_TIMEOUT = 8.0
+LOGIN_TIMEOUT = 6.0
 #: socket events serviced in a row before the leader lets other tasks run
 BUSY_TURNS = 16
 LOGOUT_TIMEOUT = 2.0

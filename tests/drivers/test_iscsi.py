@@ -405,6 +405,18 @@ def test_refused_before_mounting(lab: Lab, tmp_path: Path, mnt: Path) -> None:
     assert not is_mounted(mnt)
 
 
+def test_silent_portal_refused_in_time(mnt: Path) -> None:
+    """A portal that accepts connections and never answers: the mount is
+    refused in one line within 10 seconds, nothing mounted."""
+    with socket.socket() as silent:
+        silent.bind(("127.0.0.1", 0))
+        silent.listen(4)
+        url = f"iscsi://127.0.0.1:{silent.getsockname()[1]}/{DISKS}/1"
+        message = assert_refused(["mount", "-o", "ro", url, str(mnt)], url)
+    assert "timed out" in message
+    assert not is_mounted(mnt)
+
+
 def test_mount_options_reach_the_lun(lab: Lab, tmp_path: Path, mnt: Path) -> None:
     """mount -o file.user=,password-secret= (a --object secret) and -o
     iscsi-config= reach the iscsi node under the probed format (a plain
