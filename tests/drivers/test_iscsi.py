@@ -554,3 +554,34 @@ def test_tgtd_killed_mid_mount(tmp_path: Path, mnt: Path) -> None:
         # mounted() unmounted and waited for the daemon to exit
         assert not is_mounted(mnt) and not daemon_pids(mnt)
     unmount(mnt)
+
+
+def test_timeout_turns_a_silent_target_into_eio(tmp_path: Path) -> None:
+    """timeout=N: a target that stops answering (SIGSTOP) fails the request
+    with EIO after N seconds; once it answers again, so do requests."""
+    backing = tmp_path / "disk.img"
+    data = random_file(backing, MiB, 13)
+    with tgtd(tmp_path) as server:
+        server.target(DISKS)
+        server.lun(DISKS, 1, backing)
+        source = "json:" + json.dumps({"driver": "iscsi", "filename": server.url(DISKS, 1),
+                                       "timeout": 2})
+
+        async def main() -> None:
+            node = await open_image(source, RO)
+            try:
+                assert bytes(await node.read(0, 4096)) == data[:4096]
+                server.proc.send_signal(signal.SIGSTOP)
+                try:
+                    started = time.monotonic()
+                    with pytest.raises(ImgfsError) as info:
+                        await node.read(65536, 4096)
+                    assert info.value.errno == errno.EIO
+                    assert "timed out" in str(info.value)
+                    assert time.monotonic() - started < 6
+                finally:
+                    server.proc.send_signal(signal.SIGCONT)
+                assert bytes(await node.read(131072, 4096)) == data[131072:135168]
+            finally:
+                await node.aclose()
+        trio.run(main)
