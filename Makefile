@@ -12,17 +12,22 @@ SBINDIR   ?= /sbin
 PYTEST_ARGS ?=
 
 # Run time: FUSE, and what pyfuse3 and our LUKS extension (libssl-dev) need
-# to build, libiscsi7 (the iscsi driver).  Test oracles: the real tools every test compares against
+# to build.  Test oracles: the real tools every test compares against
 # (qemu-img/qemu-io/qemu-nbd, qemu-storage-daemon, nbdkit, cryptsetup,
 # dosfstools, mtools, 7-Zip, sshd, tgtd, fio).
-APT_RUNTIME := fuse3 libfuse3-dev pkg-config gcc python3-dev python3-venv libssl-dev \
-               libiscsi7
+APT_RUNTIME := fuse3 libfuse3-dev pkg-config gcc python3-dev python3-venv libssl-dev
 APT_DEMO    := fdisk e2fsprogs util-linux mount
 APT_TEST    := qemu-utils qemu-system-common qemu-block-extra nbdkit fio \
                dosfstools mtools cryptsetup-bin 7zip openssh-server tgt \
-               man-db groff-base xfsprogs btrfs-progs libiscsi-dev libiscsi-bin
+               man-db groff-base xfsprogs btrfs-progs
 
 .PHONY: help deps deps-test venv demo test test-fast install uninstall bench lint typecheck clean
+
+# iscsi:// sources: libiscsi at run time; for the tests its headers (a unit
+# test compares the binding's struct layout with them) and its tools
+# (iscsi-ls, iscsi-inq, iscsi-perf) for debugging against tgtd.
+APT_RUNTIME += libiscsi7
+APT_TEST    += libiscsi-dev libiscsi-bin
 
 help:  ## list the targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | sed 's/:.*## /\t/' | sort

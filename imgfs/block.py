@@ -130,15 +130,15 @@ class BlockDriver(abc.ABC):
         return 0
 
     @classmethod
-    def parse_filename(cls, filename: str) -> dict[str, Any]:
-        """Protocol drivers: turn "nbd://h/e" into this driver's options."""
-        return {"filename": filename}
-
-    @classmethod
     def public_name(cls, filename: str) -> str:
         """`filename` as messages, `imgfs info` and the mount table show it:
         without the secrets a URL may carry (a password)."""
         return filename
+
+    @classmethod
+    def parse_filename(cls, filename: str) -> dict[str, Any]:
+        """Protocol drivers: turn "nbd://h/e" into this driver's options."""
+        return {"filename": filename}
 
     # -- life cycle ---------------------------------------------------------------
 
