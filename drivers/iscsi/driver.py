@@ -54,7 +54,6 @@ MIN_BLOCK, MAX_BLOCK = 512, 64 * 1024
 class IscsiDriver(BlockDriver):
     name = "iscsi"
     kind = Kind.PROTOCOL
-    prefixes = ("iscsi:",)
     description = "iSCSI LUNs through libiscsi (iscsi://[USER[%PASSWORD]@]HOST[:PORT]/IQN/LUN)"
     async_io = True
     open_opts = Schema(
