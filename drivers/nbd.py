@@ -23,13 +23,12 @@ no reconnect: once the connection is lost, every pending and later request
 fails with EIO (the mount stays up).
 
 Concurrency needs no background task: the task that sends a request waits
-for its reply.  One waiting task at a time is the *reader* (the leader of
-an `imgfs.relay.Relay`): it receives replies, fills in the request each
-one answers and wakes its owner, until its own reply is complete; then it
-hands the reader role to a task still waiting.  Once the first byte of a
-reply (or of a request) has crossed the socket, the rest of that message is
-moved under a cancel shield, because half a message would desynchronise
-the stream for everyone.
+for its reply.  One waiting task at a time is the *reader*: it receives
+replies, fills in the request each one answers and wakes its owner, until
+its own reply is complete; then it hands the reader role to a task still
+waiting.  Once the first byte of a reply (or of a request) has crossed the
+socket, the rest of that message is moved under a cancel shield, because
+half a message would desynchronise the stream for everyone.
 """
 from __future__ import annotations
 
@@ -57,7 +56,6 @@ from imgfs.errors import (
 )
 from imgfs.node import OpenContext
 from imgfs.options import MiB, Opt, Schema, Str, split_host_port
-from imgfs.relay import Relay, Waiter
 
 # -- spec constants (proto.md "Values") -----------------------------------------
 
@@ -422,14 +420,14 @@ class BlockSizes:
                                  f"{minimum} of at least {min(preferred, size)}")
 
 
-class _Request(Waiter):
+class _Request:
     """One request in flight: what was asked and, as replies arrive, its result."""
 
-    __slots__ = ("command", "offset", "length", "buffer", "covered", "extent", "error")
+    __slots__ = ("command", "offset", "length", "buffer", "covered", "extent",
+                 "error", "done", "wakeup")
 
     def __init__(self, command: int, offset: int, length: int,
                  buffer: bytearray | None) -> None:
-        super().__init__()
         self.command = command
         self.offset = offset
         self.length = length
@@ -440,6 +438,9 @@ class _Request(Waiter):
         #: BLOCK_STATUS: (length, base:allocation flags) of the first run
         self.extent: tuple[int, int] | None = None
         self.error: ImgfsError | None = None
+        self.done = False
+        #: set when the reply is complete, or when this task is to read next
+        self.wakeup: trio.Event | None = None
 
     def fail(self, error: ImgfsError) -> None:
         if self.error is None:          # the first error says most
@@ -462,7 +463,8 @@ class NbdConnection:
         self.peak_in_flight = 0
         self._send_lock = trio.Lock()
         self._pending: dict[int, _Request] = {}
-        self._relay = Relay()
+        self._sleepers: dict[_Request, None] = {}
+        self._reader: _Request | None = None
         self._handles = itertools.count(1)
         self._broken: str | None = None
         self._shutting_down = False
@@ -714,7 +716,7 @@ class NbdConnection:
         except BaseException:
             self._pending.pop(handle, None)     # never sent
             raise
-        await self._relay.wait(request, self._lead)
+        await self._wait(request)
         if self._shutting_down and not self._pending:
             await self.close()
         if request.error is not None:
@@ -725,11 +727,36 @@ class NbdConnection:
         if self._broken is not None:
             raise Unreachable(f"{self.name}: {self._broken}")
 
-    async def _lead(self, request: Waiter) -> None:
-        """Receive replies until `request`'s is complete (the relay's leader).
+    async def _wait(self, request: _Request) -> None:
+        """Wait for `request` to complete, reading replies while nobody else does.
 
         A cancelled waiter leaves its request pending: its reply still comes
-        and whoever reads then consumes it."""
+        and whoever reads then consumes it.
+        """
+        try:
+            while not request.done:
+                if self._reader is None:
+                    await self._lead(request)
+                else:
+                    request.wakeup = trio.Event()
+                    self._sleepers[request] = None
+                    try:
+                        await request.wakeup.wait()
+                    finally:
+                        self._sleepers.pop(request, None)
+        finally:
+            self._hand_over()
+
+    def _hand_over(self) -> None:
+        """Make sure a waiting task reads next when nobody reads."""
+        if self._reader is None and self._sleepers:
+            sleeper = next(iter(self._sleepers))
+            del self._sleepers[sleeper]
+            assert sleeper.wakeup is not None
+            sleeper.wakeup.set()
+
+    async def _lead(self, request: _Request) -> None:
+        self._reader = request
         try:
             while not request.done:
                 await self._receive_message()
@@ -741,6 +768,8 @@ class NbdConnection:
             # A bug here may have left half a message unread: never read on
             # from the middle of one.
             self._fail(f"internal error, disconnected: {exc!r}")
+        finally:
+            self._reader = None
 
     def _fail(self, reason: str) -> None:
         """The connection is unusable: fail everything pending, and hang up."""
@@ -752,9 +781,10 @@ class NbdConnection:
         self._pending.clear()
         self.sock.close()           # wakes a reader blocked in recv_into
 
-    @staticmethod
-    def _finish(request: _Request) -> None:
-        Relay.finish(request)
+    def _finish(self, request: _Request) -> None:
+        request.done = True
+        if request.wakeup is not None:
+            request.wakeup.set()
 
     # -- replies --------------------------------------------------------------------
 

@@ -234,11 +234,11 @@ class IscsiDriver(BlockDriver):
         commands = []
         for start in range(0, len(data), WRITE_PIECE):
             vec = ScsiIovec(address + start, min(WRITE_PIECE, len(data) - start))
-            commands.append(session.submit(
+            commands.append(await session.submit(
                 "write", queue, (offset + start) // self.block_size, None, vec.iov_len,
                 self.block_size, 0, 0, self.fua, 0, 0, after=(vec, 1), keep=(storage, vec)))
         for command in commands:
-            await session.wait("write", command)
+            await session.wait(command)
 
     async def flush(self) -> None:
         if not self.writable or not self.sync_cache_works:

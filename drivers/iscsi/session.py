@@ -2,12 +2,14 @@
 
 libiscsi never blocks and starts no thread: ``iscsi_*_task`` calls queue a
 command, and ``iscsi_service(revents)`` sends what is queued, receives
-replies and calls each command's completion callback.  The tasks waiting
-for commands take turns servicing the socket (`imgfs.relay`): the leader
-polls ``iscsi_get_fd`` for ``iscsi_which_events`` with
-`trio.lowlevel.wait_readable` / `wait_writable`.  A task that queues a
-command while the leader sleeps on a readable socket wakes it, so that the
-command is sent at once.  Every libiscsi call happens on the trio thread.
+replies and calls each command's completion callback.  The session is an
+`imgfs.pipeline.Pipeline` (the request/reply machinery the nbd and ssh
+drivers share): the tasks waiting for commands take turns as its reader,
+whose `receive` polls ``iscsi_get_fd`` for ``iscsi_which_events`` with
+`trio.lowlevel.wait_readable` / `wait_writable` and services the socket.
+libiscsi sends the bytes itself, so "transmitting" a command only wakes a
+reader sleeping on a readable socket, so that the command goes out at once.
+Every libiscsi call happens on the trio thread.
 
 libiscsi reconnects by itself when the connection drops, and replays the
 commands in flight; imgfs bounds that (a few retries, then every pending
@@ -16,9 +18,9 @@ answers EIO instead of hanging.
 """
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import errno
-import itertools
 import os
 import select
 import socket
@@ -27,7 +29,7 @@ from typing import Any
 import trio
 
 from imgfs.errors import ImgfsError, Unreachable
-from imgfs.relay import Relay, Waiter
+from imgfs.pipeline import Lost, Pipeline, ProtocolError, Request
 
 from . import binding
 from .binding import COMMAND_CB, ScsiTask, UnmapList
@@ -58,13 +60,15 @@ DIGESTS = {
 }
 
 
-class Command(Waiter):
+class Command(Request):
     """One command in flight, and what came back."""
 
-    __slots__ = ("status", "sense", "data", "keep")
+    __slots__ = ("what", "status", "sense", "data", "keep")
 
     def __init__(self, keep: tuple[Any, ...] = ()) -> None:
         super().__init__()
+        #: the command's name, for messages
+        self.what = "command"
         self.status = binding.SCSI_STATUS_ERROR
         #: (sense key, ASC << 8 | ASCQ) after CHECK CONDITION
         self.sense: tuple[int, int] | None = None
@@ -78,32 +82,27 @@ class LoginFailed(Exception):
     """The connection or the login failed (message: libiscsi's reason)."""
 
 
-class Session:
+class Session(Pipeline):
     """A logged-in session to one LUN; `name` is its URL without secrets."""
 
     def __init__(self, target: Target) -> None:
+        super().__init__(target.url())
         self.target = target
-        self.name = target.url()
         self.lun = target.lun
         lib = binding.lib()
         self._lib = lib
         self._ctx = lib.iscsi_create_context(target.initiator_name.encode())
         if not self._ctx:
             raise ImgfsError(f"{self.name}: cannot create an iSCSI context")
-        self._relay = Relay()
-        self._pending: dict[int, Command] = {}
-        self._ids = itertools.count(1)
         self._callback = COMMAND_CB(self._on_complete)     # kept alive with the session
         self._wait_scope: trio.CancelScope | None = None
-        self._broken: str | None = None
         self._disconnected_since: float | None = None
         #: why the socket failed (ECONNREFUSED...), which libiscsi's own
         #: message does not say once its reconnect logic has run
         self._socket_error: str | None = None
         self._poller = select.poll()
         self._polled_fd = -1
-        #: most commands in flight at once (for tests and statistics)
-        self.peak_in_flight = 0
+        self._busy = 0
 
     # -- login --------------------------------------------------------------------
 
@@ -125,14 +124,16 @@ class Session:
         lib.iscsi_set_reconnect_max_retries(ctx, RECONNECT_RETRIES)
         # A login that fails is reported as it failed, not retried.
         lib.iscsi_set_noautoreconnect(ctx, 1)
-        command = Command()
-        ident = self._register(command)
+        command, request_id = Command(), self.new_id()
         if lib.iscsi_full_connect_async(ctx, target.portal.encode(), target.lun,
-                                        self._callback, ident) != 0:
-            self._pending.pop(ident, None)
+                                        self._callback, request_id) != 0:
             raise LoginFailed(self.error_text())
+        await self.send(request_id, command)
         with trio.move_on_after(LOGIN_TIMEOUT):
-            await self._relay.wait(command, self._drive)
+            try:
+                await self.wait(command)
+            except ImgfsError:
+                pass
         if not command.done:
             raise LoginFailed(f"no answer from {target.portal} (timed out)")
         if command.status != binding.SCSI_STATUS_GOOD:
@@ -154,72 +155,64 @@ class Session:
 
     # -- commands -------------------------------------------------------------------
 
-    def _register(self, command: Command) -> int:
-        ident = next(self._ids)
-        self._pending[ident] = command
-        self.peak_in_flight = max(self.peak_in_flight, len(self._pending))
-        return ident
-
     async def run(self, what: str, queue: Any, *args: Any, after: tuple[Any, ...] = (),
                   keep: tuple[Any, ...] = ()) -> Command:
         """Queue one SCSI command (``queue(ctx, lun, *args, cb, private,
         *after)``, an ``iscsi_*_task`` function) and wait for it; raise its
         error.  `keep`: buffers the command points into."""
-        return await self.wait(what, self.submit(what, queue, *args, after=after, keep=keep))
+        command = await self.submit(what, queue, *args, after=after, keep=keep)
+        await self.wait(command)
+        return command
 
-    def submit(self, what: str, queue: Any, *args: Any, after: tuple[Any, ...] = (),
-               keep: tuple[Any, ...] = ()) -> Command:
-        """Queue one command without waiting (see `run`): several queued at
-        once travel together."""
-        self._check_usable()
-        command = Command(keep)
-        ident = self._register(command)
-        task = queue(self._ctx, self.lun, *args, self._callback, ident, *after)
-        if not task:
-            self._pending.pop(ident, None)
+    async def submit(self, what: str, queue: Any, *args: Any, after: tuple[Any, ...] = (),
+                     keep: tuple[Any, ...] = ()) -> Command:
+        """Queue one command without waiting for it (then `wait`): several
+        queued at once travel together."""
+        self.check_usable()
+        command, request_id = Command(keep), self.new_id()
+        command.what = what
+        if not queue(self._ctx, self.lun, *args, self._callback, request_id, *after):
             raise ImgfsError(f"{self.name}: {what}: {self.error_text()}")
-        self._kick()
+        await self.send(request_id, command)
         return command
 
-    async def wait(self, what: str, command: Command) -> Command:
-        """Wait for a submitted command; raise its error."""
-        await self._relay.wait(command, self._drive)
-        if command.status != binding.SCSI_STATUS_GOOD:
-            raise self._failure(what, command)
-        return command
+    async def transmit(self, *buffers: bytes | bytearray | memoryview) -> None:
+        """libiscsi sends queued commands itself: wake a reader sleeping on
+        a readable socket so that it services the new one now."""
+        if self._wait_scope is not None:
+            self._wait_scope.cancel()
 
-    def _failure(self, what: str, command: Command) -> ImgfsError:
+    def _failure(self, command: Command) -> ImgfsError:
+        what = f"{self.name}: {command.what}"
         if command.status == binding.SCSI_STATUS_CHECK_CONDITION and command.sense:
-            return sense_error(f"{self.name}: {what}", *command.sense)
+            return sense_error(what, *command.sense)
         if command.status == binding.SCSI_STATUS_TIMEOUT:
-            return Unreachable(f"{self.name}: {what}: timed out")
-        if command.status == binding.SCSI_STATUS_CANCELLED:
-            return Unreachable(f"{self.name}: {what}: {self._broken or 'cancelled'}")
-        if command.status == binding.SCSI_STATUS_ERROR:
-            return Unreachable(f"{self.name}: {what}: {self._broken or self.error_text()}")
-        return ImgfsError(f"{self.name}: {what}: SCSI status {command.status:#x}",
-                          errno_=errno.EIO)
-
-    def _check_usable(self) -> None:
-        if self._broken is not None:
-            raise Unreachable(f"{self.name}: {self._broken}")
+            return Unreachable(f"{what}: timed out")
+        if command.status in (binding.SCSI_STATUS_CANCELLED, binding.SCSI_STATUS_ERROR):
+            return Unreachable(f"{what}: {self.broken or self.error_text()}")
+        return ImgfsError(f"{what}: SCSI status {command.status:#x}", errno_=errno.EIO)
 
     def _on_complete(self, _ctx: Any, status: int, command_data: Any, private: Any) -> None:
         """libiscsi's completion callback, called inside iscsi_service.  For
         SCSI commands `command_data` is the task, which is ours to free; the
         login and logout callbacks carry none."""
         try:
-            command = self._pending.pop(private or 0, None)
             task = ctypes.cast(command_data, ctypes.POINTER(ScsiTask)) if command_data else None
-            if command is not None and not command.done:
+            try:
+                command = self.pending(private or 0)
+            except ProtocolError:
+                command = None      # failed already, or the login's second call
+            if isinstance(command, Command):
                 command.status = status
                 if task is not None:
                     self._collect(command, task.contents)
-                Relay.finish(command)
+                if status != binding.SCSI_STATUS_GOOD:
+                    command.fail(self._failure(command))
+                self.complete(private)
             if task is not None:
                 self._lib.scsi_free_scsi_task(task)
         except BaseException as exc:       # never let an exception into C
-            self._broken = self._broken or f"internal error: {exc!r}"
+            self.broken = self.broken or f"internal error: {exc!r}"
 
     @staticmethod
     def _collect(command: Command, task: ScsiTask) -> None:
@@ -228,39 +221,32 @@ class Session:
         if task.datain.size > 0 and task.datain.data:
             command.data = ctypes.string_at(task.datain.data, task.datain.size)
 
-    # -- driving the socket -------------------------------------------------------------
+    # -- driving the socket (the pipeline's reader) -------------------------------------
 
-    def _kick(self) -> None:
-        """Wake a leader sleeping on a readable socket: a command is queued."""
-        if self._wait_scope is not None:
-            self._wait_scope.cancel()
-
-    async def _drive(self, waiter: Waiter) -> None:
-        """Service the connection until `waiter` is done (the relay's leader)."""
-        busy = 0
-        while not waiter.done:
-            if self._broken is not None:
-                self._fail_all()
-                return
-            events = self._lib.iscsi_which_events(self._ctx)
-            if events == 0:
-                await trio.sleep(IDLE_PAUSE)
+    async def receive(self) -> None:
+        """Service the socket once: what is ready now, else sleep until it is,
+        a command is queued, or libiscsi's timers are due."""
+        if self.broken is not None:
+            raise Lost(self.broken)
+        events = self._lib.iscsi_which_events(self._ctx)
+        if events == 0:
+            await trio.sleep(IDLE_PAUSE)
+            self._service(0)
+            return
+        fd = self._lib.iscsi_get_fd(self._ctx)
+        revents = self._ready(fd, events)
+        if revents & (select.POLLERR | select.POLLHUP) and self._socket_error is None:
+            self._socket_error = _pending_socket_error(fd)
+        if revents:
+            self._service(revents)
+            self._busy += 1
+            if self._busy >= BUSY_TURNS:
+                self._busy = 0
+                await trio.lowlevel.checkpoint()
+        else:
+            self._busy = 0
+            if await self._sleep_on(fd, events):
                 self._service(0)
-                continue
-            fd = self._lib.iscsi_get_fd(self._ctx)
-            revents = self._ready(fd, events)
-            if revents & (select.POLLERR | select.POLLHUP) and self._socket_error is None:
-                self._socket_error = _pending_socket_error(fd)
-            if revents:
-                self._service(revents)
-                busy += 1
-                if busy >= BUSY_TURNS and not waiter.done:
-                    busy = 0
-                    await trio.lowlevel.checkpoint()
-            else:
-                busy = 0
-                if await self._sleep_on(fd, events):
-                    self._service(0)
 
     def _ready(self, fd: int, events: int) -> int:
         """The events among `events` that `fd` has now (a poll that never waits)."""
@@ -300,16 +286,13 @@ class Session:
         if self._disconnected_since is None:
             self._disconnected_since = now
         elif now - self._disconnected_since > RECONNECT_GRACE:
-            self._broken = f"connection to the target lost ({self.error_text()})"
+            raise Lost(f"{self.error_text()}; no reconnect in {RECONNECT_GRACE:g} s")
 
-    def _fail_all(self) -> None:
-        """The session is unusable: every command still waiting fails (the
-        cancelled tasks' callbacks run at once and free them)."""
-        self._lib.iscsi_scsi_cancel_all_tasks(self._ctx)
-        for command in list(self._pending.values()):
-            if not command.done:
-                command.status = binding.SCSI_STATUS_CANCELLED
-                Relay.finish(command)
+    def hang_up(self) -> None:
+        """Cancel what libiscsi still has queued or in flight: the callbacks
+        run now and free the tasks (the pipeline has failed their commands)."""
+        if self._ctx is not None:
+            self._lib.iscsi_scsi_cancel_all_tasks(self._ctx)
 
     # -- closing ------------------------------------------------------------------------
 
@@ -317,19 +300,16 @@ class Session:
         """Log out politely if the session works, then free the context."""
         if self._ctx is None:
             return
-        if self._broken is None and self._logged_in():
-            command = Command()
-            ident = self._register(command)
-            if self._lib.iscsi_logout_async(self._ctx, self._callback, ident) == 0:
+        if self.broken is None and self._logged_in():
+            command, request_id = Command(), self.new_id()
+            if self._lib.iscsi_logout_async(self._ctx, self._callback, request_id) == 0:
+                await self.send(request_id, command)
                 with trio.move_on_after(LOGOUT_TIMEOUT):
-                    await self._relay.wait(command, self._drive)
-            self._pending.pop(ident, None)
-        self._broken = self._broken or "the session is closed"
+                    with contextlib.suppress(ImgfsError):
+                        await self.wait(command)
+        self.fail("the session is closed")
         ctx, self._ctx = self._ctx, None
-        # Destroying cancels what is still queued: its callbacks run now,
-        # while the buffers they point into are still referenced.
         self._lib.iscsi_destroy_context(ctx)
-        self._pending.clear()
 
 
 def _pending_socket_error(fd: int) -> str | None:
