@@ -55,7 +55,7 @@ from imgfs.errors import (
     UsageError,
 )
 from imgfs.node import OpenContext
-from imgfs.options import MiB, Opt, Schema, Str, split_host_port
+from imgfs.options import MiB, Opt, Schema, Str
 
 # -- spec constants (proto.md "Values") -----------------------------------------
 
@@ -333,10 +333,13 @@ def _parse_legacy(spec: str) -> dict[str, Any]:
             raise UsageError("nbd:unix: needs a socket path")
         options["server"] = {"type": "unix", "path": body[5:]}
         return options
-    parts = split_host_port(body)
-    if parts is None:
-        raise UsageError(f"invalid nbd address '{body}'")
-    host, port = parts
+    if body.startswith("["):                   # [IPv6]:PORT
+        host, bracket, rest = body[1:].partition("]")
+        if not bracket or (rest and not rest.startswith(":")):
+            raise UsageError(f"invalid nbd address '{body}'")
+        port = rest[1:]
+    else:
+        host, _, port = body.partition(":")
     if not host:
         raise UsageError(f"invalid nbd address '{body}': no host")
     options["server"] = {"type": "inet", "host": host,

@@ -70,19 +70,6 @@ def parse_str(text: Any) -> str:
     return str(text)
 
 
-def split_host_port(text: str) -> tuple[str, str] | None:
-    """``HOST[:PORT]`` or ``[IPV6][:PORT]`` -> (host, port text, maybe
-    empty); None when the brackets are malformed.  Network drivers check
-    the parts with their own messages."""
-    if text.startswith("["):
-        host, bracket, rest = text[1:].partition("]")
-        if not bracket or (rest and not rest.startswith(":")):
-            return None
-        return host, rest[1:]
-    host, _, port = text.partition(":")
-    return host, port
-
-
 def choice(*allowed: str) -> Callable[[Any], str]:
     """A parser accepting one of `allowed` (the help lists them)."""
     def parse(text: Any) -> str:

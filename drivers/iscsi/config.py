@@ -32,7 +32,6 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from imgfs.errors import UsageError
-from imgfs.options import split_host_port
 
 ISCSI_DEFAULT_PORT = 3260
 #: QEMU's initiator name prefix (block/iscsi.c); QEMU adds the VM's name
@@ -130,17 +129,18 @@ def _parse_portal(hostport: str, url: str) -> str:
 def split_portal(portal: str, *, what: str = "") -> tuple[str, int]:
     """``HOST[:PORT]`` or ``[IPV6][:PORT]`` -> (host, port)."""
     where = f" in '{what}'" if what else ""
-    parts = split_host_port(portal)
-    if parts is None:
+    try:
+        parts = urllib.parse.urlsplit(f"//{portal}")
+        host, port = parts.hostname, parts.port
+    except ValueError:
+        raise UsageError(f"invalid iscsi portal '{portal}'{where}") from None
+    if parts.path or parts.query or parts.fragment or "@" in parts.netloc:
         raise UsageError(f"invalid iscsi portal '{portal}'{where}")
-    host, port_text = parts
     if not host:
         raise UsageError(f"no iscsi portal host{where}")
-    if not port_text:
-        return host, ISCSI_DEFAULT_PORT
-    if not port_text.isdigit() or not 0 < int(port_text) < 65536:
-        raise UsageError(f"invalid iscsi port '{port_text}'{where} (expected 1 to 65535)")
-    return host, int(port_text)
+    if port == 0:
+        raise UsageError(f"invalid iscsi port '0'{where} (expected 1 to 65535)")
+    return host, port or ISCSI_DEFAULT_PORT
 
 
 _URL_PASSWORD = re.compile(r"(?i)^(iscsi://[^/@%]*)%[^/@]*@")

@@ -18,12 +18,22 @@ from imgfs.drivers.iscsi.config import (
     parse_iscsi_url,
     public_url,
     resolve_target,
+    split_portal,
 )
 
 from imgfs.errors import UsageError
 from imgfs.secrets import _inline_secret_spans
 
 IQN = "iqn.2026-01.test.imgfs:t1"
+
+
+def test_portals() -> None:
+    assert split_portal("h") == ("h", 3260)
+    assert split_portal("[::1]:3261") == ("::1", 3261)
+    assert split_portal("10.0.0.1:999") == ("10.0.0.1", 999)
+    for bad in ("h:0", "h:x", "h:70000", "[::1", ":3260", "h/x", "u@h"):
+        with pytest.raises(UsageError):
+            split_portal(bad)
 
 
 def test_url_forms() -> None:
