@@ -103,6 +103,9 @@ class Session(Pipeline):
         self._poller = select.poll()
         self._polled_fd = -1
         self._busy = 0
+        #: every command libiscsi holds, by id, until its callback: what keeps
+        #: the buffers it points into alive, whatever becomes of the waiter
+        self._queued: dict[int, Command] = {}
 
     # -- login --------------------------------------------------------------------
 
@@ -173,6 +176,7 @@ class Session(Pipeline):
         command.what = what
         if not queue(self._ctx, self.lun, *args, self._callback, request_id, *after):
             raise ImgfsError(f"{self.name}: {what}: {self.error_text()}")
+        self._queued[request_id] = command
         await self.send(request_id, command)
         return command
 
@@ -197,6 +201,7 @@ class Session(Pipeline):
         SCSI commands `command_data` is the task, which is ours to free; the
         login and logout callbacks carry none."""
         try:
+            self._queued.pop(private or 0, None)
             task = ctypes.cast(command_data, ctypes.POINTER(ScsiTask)) if command_data else None
             try:
                 command = self.pending(private or 0)
@@ -309,7 +314,10 @@ class Session(Pipeline):
                         await self.wait(command)
         self.fail("the session is closed")
         ctx, self._ctx = self._ctx, None
+        # Destroying calls back whatever is still queued: only then may its
+        # buffers go.
         self._lib.iscsi_destroy_context(ctx)
+        self._queued.clear()
 
 
 def _pending_socket_error(fd: int) -> str | None:
