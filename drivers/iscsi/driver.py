@@ -204,8 +204,12 @@ class IscsiDriver(BlockDriver):
                                                  lib.iscsi_readcapacity16_task))
             if data is not None:
                 return scsi.parse_capacity16(data)
-        return scsi.parse_capacity10(await self._command(
+        capacity = scsi.parse_capacity10(await self._command(
             "read capacity", lib.iscsi_readcapacity10_task, 0, 0))
+        if capacity.blocks - 1 == scsi.CAPACITY10_MAX_LBA:
+            raise Unsupported(f"{self._session().name}: the LUN is larger than READ "
+                              "CAPACITY(10) can say, and READ CAPACITY(16) failed")
+        return capacity
 
     # -- I/O ------------------------------------------------------------------------------
 
