@@ -228,6 +228,15 @@ def test_luns_read_as_qemu_reads_them(lab: Lab, tmp_path: Path, lun: int, attr: 
     trio.run(alignment)
 
 
+def test_info_agrees_with_qemu_img(lab: Lab) -> None:
+    need("qemu-img")
+    for lun in (1, 2, 3):
+        url = lab.server.url(DISKS, lun)
+        theirs = json.loads(run("qemu-img", "info", "--output=json", url).stdout)
+        ours = json.loads(imgfs("info", "--output", "json", url).stdout)
+        assert (ours["virtual-size"], ours["format"]) == (theirs["virtual-size"], "raw")
+
+
 def test_thin_lun_block_status_agrees_with_qemu(lab: Lab, tmp_path: Path) -> None:
     """GET LBA STATUS: the holes of a thin LUN read as zeros and are reported
     as zero extents, as QEMU's iscsi driver reports them."""
