@@ -171,6 +171,9 @@ class Case:
     #: how qsd's format node is given the secret (luks: key-secret=ID; qcow2 also
     #: needs encrypt.format=luks beside encrypt.key-secret=ID)
     qsd_secret_options: str = f"key-secret={SECRET_ID}"
+    #: where the image lives: "file" (local) or "ssh" (an sshd on loopback,
+    #: started for the case; both exporters read it through their ssh driver)
+    transport: str = "file"
 
 
 def _luks_create_opts(prefix: str) -> str:
@@ -208,7 +211,15 @@ CASES = {c.name: c for c in (
           + _luks_create_opts("encrypt.")),
          metrics=LUKS_TARGETS, encrypted=True,
          qsd_secret_options=f"encrypt.format=luks,encrypt.key-secret={SECRET_ID}"),
+    # the same sshd, agent and image for imgfs's ssh driver and QEMU's
+    Case("ssh", "raw", ("raw", "ssh"), ("-O", "raw"), transport="ssh", metrics={
+        "seq_read": Target(1.5), "rand_read": Target(1.0), "seq_write": Target(1.0),
+        "mount_latency": None,
+    }),
 )}
+
+#: the sshd of the running ssh case (tests/sshd.py's Sshd)
+SSH_SERVER: Any = None
 
 
 @dataclass
@@ -383,7 +394,8 @@ class ImgfsExporter(Exporter):
         if self.case.encrypted:
             cmd += ["--object", f"secret,id={SECRET_ID},data={PASSPHRASE}",
                     "-o", f"key-secret={SECRET_ID}"]
-        return cmd + [str(self.image), str(self.mountpoint)]
+        source = SSH_SERVER.url(self.image) if self.case.transport == "ssh" else str(self.image)
+        return cmd + [source, str(self.mountpoint)]
 
     def mount(self) -> None:
         self.mountpoint.mkdir(exist_ok=True)
@@ -424,8 +436,13 @@ class QsdExporter(Exporter):
         if self.case.encrypted:
             cmd += ["--object", f"secret,id={SECRET_ID},data={PASSPHRASE}"]
             fmt_node += f",{self.case.qsd_secret_options}"
+        file_node = f"driver=file,node-name=file0,filename={self.image}"
+        if self.case.transport == "ssh":
+            file_node = (f"driver=ssh,node-name=file0,server.host=127.0.0.1,"
+                         f"server.port={SSH_SERVER.port},user=root,path={self.image},"
+                         f"host-key-check.mode=none")
         return cmd + [
-            "--blockdev", f"driver=file,node-name=file0,filename={self.image}",
+            "--blockdev", file_node,
             "--blockdev", fmt_node,
             "--export", f"type=fuse,id=exp0,node-name=fmt0,"
                         f"mountpoint={self.mountpoint},writable=on",
@@ -461,9 +478,6 @@ class QsdExporter(Exporter):
 
 
 EXPORTERS: tuple[type[Exporter], ...] = (ImgfsExporter, QsdExporter)
-
-#: cases with a module of their own (bench/NAME.py, run_NAME_case)
-OWN_MODULE_CASES = ("fat", "iscsi")
 
 #: every exporter currently mounted, for the clean-up on errors and Ctrl-C
 LIVE: list[Exporter] = []
@@ -793,11 +807,11 @@ def pbkdf_ms(image: Path) -> float:
 
 
 def available_formats(imgfs: str) -> set[str]:
-    """Format names from `imgfs formats` (the lines of its Formats section)."""
+    """Driver names from `imgfs formats` (its Formats and Protocols sections)."""
     text = run([*imgfs_command(imgfs), "formats"]).stdout
     formats, in_formats = set(), False
     for line in text.splitlines():
-        if line.startswith("Formats"):
+        if line.startswith(("Formats", "Protocols")):
             in_formats = True
         elif line and not line.startswith(" "):
             in_formats = False
@@ -807,6 +821,32 @@ def available_formats(imgfs: str) -> set[str]:
 
 
 def run_case(case: Case, settings: Settings) -> dict:
+    if case.transport == "ssh":
+        return run_ssh_case(case, settings)
+    return run_local_case(case, settings)
+
+
+def run_ssh_case(case: Case, settings: Settings) -> dict:
+    """The case with its image served by a fresh sshd and ssh-agent
+    (tests/sshd.py's recipe) in the scratch directory."""
+    global SSH_SERVER
+    sys.path.insert(0, str(BENCH_DIR.parent))
+    from tests.sshd import running_sshd
+    with running_sshd(settings.workdir / "sshd", "internal-sftp") as server:
+        saved = os.environ.get("SSH_AUTH_SOCK")
+        os.environ["SSH_AUTH_SOCK"] = str(server.agent_sock)
+        SSH_SERVER = server
+        try:
+            return run_local_case(case, settings)
+        finally:
+            SSH_SERVER = None
+            if saved is None:
+                os.environ.pop("SSH_AUTH_SOCK", None)
+            else:
+                os.environ["SSH_AUTH_SOCK"] = saved
+
+
+def run_local_case(case: Case, settings: Settings) -> dict:
     print(f"\n== {case.name}: building a {settings.image_size // MiB} MiB image", flush=True)
     image = build_image(case, settings)
     metrics: dict[str, dict] = {}
@@ -855,8 +895,8 @@ def print_table(results: dict) -> None:
             print(f"{case:<17} {outcome['status']}")
             continue
         for metric, entry in outcome["metrics"].items():
-            print((own_module("fat").format_row if case == "fat" else format_row)(
-                case, metric, entry))
+            row = extra_module(case).format_row if case in EXTRA_CASES else format_row
+            print(row(case, metric, entry))
     for case, outcome in results.items():
         for label, profile in outcome.get("imgfs_profile", {}).items():
             print_profile(case, label, profile)
@@ -914,7 +954,7 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--case", default="all",
                         help=f"comma-separated cases, or 'all' "
-                        f"({', '.join([*CASES, *OWN_MODULE_CASES])})")
+                        f"({', '.join([*CASES, *EXTRA_CASES])})")
     parser.add_argument("--quick", action="store_true",
                         help="smoke test: 64 MiB image, 2 s jobs, 3 mounts for latency")
     parser.add_argument("--runtime", type=float, help="seconds per fio job (default 10)")
@@ -934,11 +974,11 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     parser.add_argument("--imgfs", help="imgfs command to benchmark (default: the one "
                         "installed beside this Python), e.g. a wrapper for an experiment")
     args = parser.parse_args(argv)
-    names = [*CASES, *OWN_MODULE_CASES] if args.case == "all" else args.case.split(",")
-    unknown = [name for name in names if name not in CASES and name not in OWN_MODULE_CASES]
+    names = [*CASES, *EXTRA_CASES] if args.case == "all" else args.case.split(",")
+    unknown = [name for name in names if name not in CASES and name not in EXTRA_CASES]
     if unknown:
         parser.error(f"unknown case {', '.join(unknown)} "
-                     f"(known: {', '.join([*CASES, *OWN_MODULE_CASES])})")
+                     f"(known: {', '.join([*CASES, *EXTRA_CASES])})")
     args.cases = names
     args.only = tuple(filter(None, args.only.split(",")))
     if any(metric not in METRICS for metric in args.only):
@@ -985,8 +1025,7 @@ def run_all(args: argparse.Namespace, settings: Settings) -> dict:
     formats = available_formats(settings.imgfs)
     results = {}
     for name in args.cases:
-        # fat and iscsi: bench/fat.py and bench/iscsi.py
-        case = CASES.get(name) or Case(name, "raw" if name == "iscsi" else name, (), ())
+        case = CASES.get(name) or Case(name, name, EXTRA_CASES[name], ())
         missing = [fmt for fmt in case.needs if fmt not in formats]
         if missing:
             print(f"\n== {name}: skipped (format not available: {', '.join(missing)})")
@@ -994,7 +1033,7 @@ def run_all(args: argparse.Namespace, settings: Settings) -> dict:
             continue
         try:
             results[name] = run_case(case, settings) if name in CASES \
-                else getattr(own_module(name), f"run_{name}_case")(settings)
+                else getattr(extra_module(name), f"run_{name}_case")(settings)
         except (subprocess.CalledProcessError, RuntimeError, OSError) as exc:
             detail = getattr(exc, "stderr", "") or ""
             print(f"== {name}: FAILED: {exc} {detail.strip()}", file=sys.stderr)
@@ -1002,10 +1041,16 @@ def run_all(args: argparse.Namespace, settings: Settings) -> dict:
     return results
 
 
-def own_module(name: str) -> Any:
-    """bench/NAME.py of a case in OWN_MODULE_CASES (fat: imgfs against a
-    host directory; iscsi: over tgtd), which imports this module by name:
-    alias it, or that would load a second copy."""
+#: cases with a module of their own (bench/NAME.py), and the formats they need
+EXTRA_CASES: dict[str, tuple[str, ...]] = {
+    "fat": (),                       # imgfs against a host directory
+    "iscsi": (),                     # imgfs and qsd over the same tgtd
+}
+
+
+def extra_module(name: str) -> Any:
+    """bench/NAME.py, which imports this module by name: alias it, or that
+    would load a second copy."""
     sys.modules.setdefault("run", sys.modules[__name__])
     return importlib.import_module(name)
 
