@@ -25,6 +25,12 @@ APT_TEST    := qemu-utils qemu-system-common qemu-block-extra nbdkit fio \
 
 .PHONY: help deps deps-test venv demo test test-fast install uninstall bench lint typecheck clean
 
+# iscsi:// sources: libiscsi at run time; for the tests its headers (a unit
+# test compares the binding's struct layout with them) and its tools
+# (iscsi-ls, iscsi-inq, iscsi-perf) for debugging against tgtd.
+APT_RUNTIME += libiscsi7
+APT_TEST    += libiscsi-dev libiscsi-bin
+
 help:  ## list the targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | sed 's/:.*## /\t/' | sort
 

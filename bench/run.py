@@ -684,6 +684,8 @@ def measure_kdf_open(case: Case, settings: Settings, profiles: dict) -> tuple[di
 
 def measure_once(cls: type[Exporter], case: Case, metric: str, image: Path,
                  settings: Settings, profiles: dict) -> tuple[float, dict]:
+    """One metric through one exporter (`cls`, one of `EXPORTERS` or a
+    case's own, such as bench/iscsi.py's)."""
     if metric in ("mount_latency", "kdf_open"):
         return measure_mount_latency(cls(case, image, settings), settings)
     if metric == "seq_write_new":
@@ -696,7 +698,8 @@ def measure_once(cls: type[Exporter], case: Case, metric: str, image: Path,
 
 
 def measure_metric(case: Case, metric: str, image: Path, settings: Settings,
-                   profiles: dict) -> dict:
+                   profiles: dict,
+                   exporters: tuple[type[Exporter], ...] = EXPORTERS) -> dict:
     """Both exporters for one metric: {exporter: (value, details)}.
 
     imgfs and qsd alternate, so that with --repeat a burst of load from
@@ -705,9 +708,9 @@ def measure_metric(case: Case, metric: str, image: Path, settings: Settings,
     memory the VM just handed back to its host) then slows each exporter
     equally often.  The value is the median of the repetitions (all of them
     are kept in the details)."""
-    runs: dict[str, list[tuple[float, dict]]] = {cls.name: [] for cls in EXPORTERS}
+    runs: dict[str, list[tuple[float, dict]]] = {cls.name: [] for cls in exporters}
     for repetition in range(settings.repeat):
-        for cls in EXPORTERS[::-1] if repetition % 2 else EXPORTERS:
+        for cls in exporters[::-1] if repetition % 2 else exporters:
             value, details = measure_once(cls, case, metric, image, settings, profiles)
             runs[cls.name].append((value, details))
             print(f"  {metric:<14} {cls.name:<6} {value:10.1f} {METRICS[metric].unit}",
@@ -719,6 +722,14 @@ def measure_metric(case: Case, metric: str, image: Path, settings: Settings,
             {"runs": [round(v, 2) for v in values], "first": results[0][1]}
         outcome[name] = (statistics.median(values), details)
     return outcome
+
+
+def metric_entry(metric: str, target: Target | None, outcome: dict) -> dict:
+    """A metric's line of the results, from measure_metric's outcome."""
+    imgfs, qsd = outcome["imgfs"][0], outcome["qsd"][0]
+    return {"unit": METRICS[metric].unit, "imgfs": round(imgfs, 2), "qsd": round(qsd, 2),
+            **judge(metric, target, imgfs, qsd),
+            "details": {"imgfs": outcome["imgfs"][1], "qsd": outcome["qsd"][1]}}
 
 
 def judge(metric: str, target: Target | None, imgfs: float, qsd: float) -> dict:
@@ -855,13 +866,7 @@ def run_local_case(case: Case, settings: Settings) -> dict:
                     print(f"  PBKDF of its key slot and digest: {result['short_pbkdf_ms']:.1f}"
                           " ms (for scale)", flush=True)
                 outcome = measure_metric(case, metric, image, settings, profiles)
-            imgfs, qsd = outcome["imgfs"][0], outcome["qsd"][0]
-            metrics[metric] = {
-                "unit": METRICS[metric].unit,
-                "imgfs": round(imgfs, 2), "qsd": round(qsd, 2),
-                **judge(metric, target, imgfs, qsd),
-                "details": {"imgfs": outcome["imgfs"][1], "qsd": outcome["qsd"][1]},
-            }
+            metrics[metric] = metric_entry(metric, target, outcome)
     finally:
         image.unlink(missing_ok=True)
     if profiles:
@@ -1040,6 +1045,7 @@ def run_all(args: argparse.Namespace, settings: Settings) -> dict:
 EXTRA_CASES: dict[str, tuple[str, ...]] = {
     "fat": (),                       # imgfs against a host directory
     "partitions": ("raw",),          # a partition file against its disk's file
+    "iscsi": (),                     # imgfs and qsd over the same tgtd
 }
 
 

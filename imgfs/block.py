@@ -132,6 +132,10 @@ class BlockDriver(abc.ABC):
     amend_opts: ClassVar[Schema | None] = None
     #: one line for `imgfs formats`
     description: ClassVar[str] = ""
+    #: protocol options a user may give at the top of a source (``-o NAME=``
+    #: on the command line, as QEMU's ``-iscsi`` group): the core hands them
+    #: down to this leaf under the format, unless the format knows the name
+    leaf_opts: ClassVar[frozenset[str]] = frozenset()
 
     # Set by the core before `open` is awaited.
     node: Node
@@ -177,6 +181,12 @@ class BlockDriver(abc.ABC):
     def probe(head: bytes, filename: str) -> int:
         """Score 0..100 how surely `head` (first bytes of the file) is ours."""
         return 0
+
+    @classmethod
+    def public_name(cls, filename: str) -> str:
+        """`filename` as messages, `imgfs info` and the mount table show it:
+        without the secrets a URL may carry (a password)."""
+        return filename
 
     @classmethod
     def parse_filename(cls, filename: str) -> dict[str, Any]:

@@ -367,14 +367,15 @@ def _formatting_line(filename: str, fmt: str, parsed: dict[str, Any]) -> str:
 
 def cmd_info(args: argparse.Namespace) -> int:
     from .info import chain_info, image_info, render_human, render_json
+    from .source import without_secrets
 
     async def gather() -> Any:
         # As qemu-img info, describe without reading data: no passphrase needed
         node = await _open(args, args.filename, read_only=True, no_io=True)
         try:
             if args.backing_chain:
-                return chain_info(node, args.filename)
-            return image_info(node, args.filename)
+                return chain_info(node, without_secrets(args.filename))
+            return image_info(node, without_secrets(args.filename))
         finally:
             await node.aclose()
     report = run_trio(gather)

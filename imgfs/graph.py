@@ -104,8 +104,8 @@ async def open_tree(tree: Mapping[str, Any], ctx: OpenContext, *, read_only: boo
         return await open_protocol(tree, ctx, read_only=read_only, cls=cls)
     if "file" not in tree:
         raise UsageError(f"format '{driver_name}' needs a 'file' child")
-    file_node = await open_tree(child_tree(tree["file"], leaf=True), ctx,
-                                read_only=read_only, depth=depth + 1)
+    tree, file_tree = _hand_down_leaf_options(tree, cls)
+    file_node = await open_tree(file_tree, ctx, read_only=read_only, depth=depth + 1)
     try:
         probed = cls is None
         if cls is None:
@@ -115,6 +115,22 @@ async def open_tree(tree: Mapping[str, Any], ctx: OpenContext, *, read_only: boo
     except BaseException:
         await file_node.aclose()
         raise
+
+
+def _hand_down_leaf_options(tree: Mapping[str, Any], cls: type[BlockDriver] | None
+                            ) -> tuple[dict[str, Any], dict[str, Any]]:
+    """The format's tree and its file's, with the file protocol's `leaf_opts`
+    given at the top (and unknown to the format) moved down to the file."""
+    file_tree = child_tree(tree["file"], leaf=True)
+    leaf_name = file_tree.get("driver")
+    leaf_opts = get_driver(leaf_name).leaf_opts if isinstance(leaf_name, str) else frozenset()
+    moving = [key for key in tree if key in leaf_opts and key not in CORE_KEYS
+              and (cls is None or cls.open_opts.get(key) is None)]
+    if not moving:
+        return dict(tree), file_tree
+    for key in moving:
+        file_tree.setdefault(key, tree[key])
+    return {key: value for key, value in tree.items() if key not in moving}, file_tree
 
 
 async def probe(file_node: Node) -> type[BlockDriver]:

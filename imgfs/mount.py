@@ -181,7 +181,8 @@ def check_mountpoint(mountpoint: str, sources: list[str], opts: MountOptions) ->
 
 
 def fuse_options(opts: MountOptions, sources: list[str]) -> set[str]:
-    fsname = sources[0] if len(sources) == 1 else "imgfs"
+    from .source import without_secrets
+    fsname = without_secrets(sources[0]) if len(sources) == 1 else "imgfs"
     fsname = fsname.replace("\\", "\\\\").replace(",", "\\,")
     options = {f"fsname={fsname}", "subtype=imgfs"}
     if opts.default_permissions:

@@ -9,6 +9,7 @@ A passphrase never appears in a message, a log or a traceback.
 from __future__ import annotations
 
 import getpass
+import re
 import sys
 from typing import TYPE_CHECKING, Any
 
@@ -58,7 +59,8 @@ def given_passphrase(given: Any, secret_id: str | None) -> bytes | None:
 
 
 def hide_inline_secrets() -> None:
-    """Blank the values of ``--object secret,...,data=VALUE`` in this
+    """Blank the values of ``--object secret,...,data=VALUE`` (and the
+    passwords of URLs such as ``iscsi://user%PASSWORD@...``) in this
     process's command line, which ``ps`` and /proc/PID/cmdline show to every
     user for as long as the process (a mount daemon: as long as the mount)
     runs.  QEMU leaves them there; its manual recommends file= instead.
@@ -88,12 +90,29 @@ def hide_inline_secrets() -> None:
         return
 
 
+#: the password of a URL's user information (``scheme://user:PASSWORD@`` or
+#: iSCSI's ``user%PASSWORD@``), of a ``...password=`` query parameter, and
+#: of a ``"...password": "..."`` key of a json: source
+_PASSWORDS = re.compile(rb"^[A-Za-z][\w+.-]*://[^/@:%]*[:%]([^/@]+)@"
+                        rb"|[?&][\w-]*password=([^&]+)"
+                        rb'|"[\w.-]*password"\s*:\s*"((?:[^"\\]|\\.)+)"')
+
+
+def _url_password_spans(arg: bytes) -> list[tuple[int, int]]:
+    if b"://" not in arg and b"password" not in arg:
+        return []
+    return [match.span(group) for match in _PASSWORDS.finditer(arg)
+            for group in (1, 2, 3) if match.group(group)]
+
+
 def _inline_secret_spans(cmdline: bytes) -> list[tuple[int, int]]:
     """(start, end) of every data= value in the --object arguments of a
-    NUL-separated command line (QEMU option syntax: ",," is a literal comma)."""
+    NUL-separated command line (QEMU option syntax: ",," is a literal comma),
+    and of every password in a URL."""
     spans: list[tuple[int, int]] = []
     offset, previous = 0, b""
     for arg in cmdline.split(b"\0"):
+        spans.extend((offset + start, offset + end) for start, end in _url_password_spans(arg))
         body = None
         if previous == b"--object":
             body = 0

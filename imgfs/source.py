@@ -90,8 +90,20 @@ def display_name(source: str) -> str:
             tree = json.loads(source[5:])
         except ValueError:
             return "image"
-        return _name_in_tree(tree) or "image"
-    return source
+        return without_secrets(_name_in_tree(tree) or "image")
+    return without_secrets(source)
+
+
+def without_secrets(source: str) -> str:
+    """A filename or URL as it may be shown: its protocol driver removes any
+    password it carries (see BlockDriver.public_name)."""
+    protocol = protocol_for(source)
+    if protocol is None or protocol == "file":
+        return source
+    try:
+        return get_driver(protocol).public_name(source)
+    except UsageError:
+        return source
 
 
 def _name_in_tree(tree: Any) -> str | None:
