@@ -73,6 +73,7 @@ from __future__ import annotations
 import argparse
 import collections
 import contextlib
+import dataclasses
 import datetime
 import importlib
 import json
@@ -171,9 +172,22 @@ class Case:
     #: how qsd's format node is given the secret (luks: key-secret=ID; qcow2 also
     #: needs encrypt.format=luks beside encrypt.key-secret=ID)
     qsd_secret_options: str = f"key-secret={SECRET_ID}"
-    #: where the image lives: "file" (local) or "ssh" (an sshd on loopback,
-    #: started for the case; both exporters read it through their ssh driver)
-    transport: str = "file"
+    #: "" for a local file, else the server that serves the image on
+    #: loopback for the case (bench/servers.py's serve_NAME); both exporters
+    #: then reach it through their own driver for that protocol
+    server: str = ""
+
+
+@dataclass(frozen=True)
+class Served:
+    """How both exporters reach an image that a server serves."""
+
+    #: the SOURCE `imgfs mount` is given
+    imgfs_source: str
+    #: qemu-storage-daemon's protocol node (QEMU's driver), without node-name
+    qsd_file_node: str
+    #: the raw file imgfs shows for that source
+    raw_name: str
 
 
 def _luks_create_opts(prefix: str) -> str:
@@ -188,6 +202,11 @@ LUKS_TARGETS: dict[str, Target | None] = {
     "seq_write": Target(0.8), "mount_latency": None,
     # "opening takes no longer than the PBKDF itself" (issue 4)
     "kdf_open": Target(within_pbkdf=True),
+}
+
+NETWORK_TARGETS: dict[str, Target | None] = {
+    "seq_read": Target(1.5), "rand_read": Target(1.0), "seq_write": Target(1.0),
+    "mount_latency": None,
 }
 
 CASES = {c.name: c for c in (
@@ -211,15 +230,11 @@ CASES = {c.name: c for c in (
           + _luks_create_opts("encrypt.")),
          metrics=LUKS_TARGETS, encrypted=True,
          qsd_secret_options=f"encrypt.format=luks,encrypt.key-secret={SECRET_ID}"),
-    # the same sshd, agent and image for imgfs's ssh driver and QEMU's
-    Case("ssh", "raw", ("raw", "ssh"), ("-O", "raw"), transport="ssh", metrics={
-        "seq_read": Target(1.5), "rand_read": Target(1.0), "seq_write": Target(1.0),
-        "mount_latency": None,
-    }),
+    # a raw image behind a server on loopback, the same server for imgfs's
+    # driver and QEMU's (issues 17 and 18)
+    *(Case(protocol, "raw", ("raw", protocol), ("-O", "raw"), server=protocol,
+           metrics=NETWORK_TARGETS) for protocol in ("ssh", "iscsi", "gluster")),
 )}
-
-#: the sshd of the running ssh case (tests/sshd.py's Sshd)
-SSH_SERVER: Any = None
 
 
 @dataclass
@@ -237,6 +252,8 @@ class Settings:
     only: tuple[str, ...] = ()
     #: the imgfs command to benchmark (--imgfs, for A/B experiments)
     imgfs: str = ""
+    #: the running case's server, when its image is served (Case.server)
+    served: Served | None = None
 
 
 # -- small system helpers ----------------------------------------------------
@@ -387,14 +404,16 @@ class ImgfsExporter(Exporter):
 
     @property
     def raw_path(self) -> Path:
-        return self.mountpoint / f"{self.image.stem}.raw"
+        served = self.settings.served
+        return self.mountpoint / (served.raw_name if served else f"{self.image.stem}.raw")
 
     def command(self) -> list[str]:
         cmd = [*imgfs_command(self.settings.imgfs), "mount", "-o", f"format={self.case.fmt}"]
         if self.case.encrypted:
             cmd += ["--object", f"secret,id={SECRET_ID},data={PASSPHRASE}",
                     "-o", f"key-secret={SECRET_ID}"]
-        source = SSH_SERVER.url(self.image) if self.case.transport == "ssh" else str(self.image)
+        served = self.settings.served
+        source = served.imgfs_source if served else str(self.image)
         return cmd + [source, str(self.mountpoint)]
 
     def mount(self) -> None:
@@ -436,11 +455,9 @@ class QsdExporter(Exporter):
         if self.case.encrypted:
             cmd += ["--object", f"secret,id={SECRET_ID},data={PASSPHRASE}"]
             fmt_node += f",{self.case.qsd_secret_options}"
-        file_node = f"driver=file,node-name=file0,filename={self.image}"
-        if self.case.transport == "ssh":
-            file_node = (f"driver=ssh,node-name=file0,server.host=127.0.0.1,"
-                         f"server.port={SSH_SERVER.port},user=root,path={self.image},"
-                         f"host-key-check.mode=none")
+        served = self.settings.served
+        file_node = f"{served.qsd_file_node},node-name=file0" if served else \
+            f"driver=file,node-name=file0,filename={self.image}"
         return cmd + [
             "--blockdev", file_node,
             "--blockdev", fmt_node,
@@ -684,8 +701,7 @@ def measure_kdf_open(case: Case, settings: Settings, profiles: dict) -> tuple[di
 
 def measure_once(cls: type[Exporter], case: Case, metric: str, image: Path,
                  settings: Settings, profiles: dict) -> tuple[float, dict]:
-    """One metric through one exporter (`cls`, one of `EXPORTERS` or a
-    case's own, such as bench/iscsi.py's)."""
+    """One metric through one exporter (`cls`, one of `EXPORTERS`)."""
     if metric in ("mount_latency", "kdf_open"):
         return measure_mount_latency(cls(case, image, settings), settings)
     if metric == "seq_write_new":
@@ -698,8 +714,7 @@ def measure_once(cls: type[Exporter], case: Case, metric: str, image: Path,
 
 
 def measure_metric(case: Case, metric: str, image: Path, settings: Settings,
-                   profiles: dict,
-                   exporters: tuple[type[Exporter], ...] = EXPORTERS) -> dict:
+                   profiles: dict) -> dict:
     """Both exporters for one metric: {exporter: (value, details)}.
 
     imgfs and qsd alternate, so that with --repeat a burst of load from
@@ -708,9 +723,9 @@ def measure_metric(case: Case, metric: str, image: Path, settings: Settings,
     memory the VM just handed back to its host) then slows each exporter
     equally often.  The value is the median of the repetitions (all of them
     are kept in the details)."""
-    runs: dict[str, list[tuple[float, dict]]] = {cls.name: [] for cls in exporters}
+    runs: dict[str, list[tuple[float, dict]]] = {cls.name: [] for cls in EXPORTERS}
     for repetition in range(settings.repeat):
-        for cls in exporters[::-1] if repetition % 2 else exporters:
+        for cls in EXPORTERS[::-1] if repetition % 2 else EXPORTERS:
             value, details = measure_once(cls, case, metric, image, settings, profiles)
             runs[cls.name].append((value, details))
             print(f"  {metric:<14} {cls.name:<6} {value:10.1f} {METRICS[metric].unit}",
@@ -821,34 +836,20 @@ def available_formats(imgfs: str) -> set[str]:
 
 
 def run_case(case: Case, settings: Settings) -> dict:
-    if case.transport == "ssh":
-        return run_ssh_case(case, settings)
-    return run_local_case(case, settings)
+    """Every metric of a case, on an image built for it (and served, for a
+    network case, by a server started for the case)."""
+    if not case.server:
+        return measure_case(case, settings)
+    serve = getattr(extra_module("servers"), f"serve_{case.server}")
+    with serve(settings.workdir) as server:
+        return measure_case(case, settings, server)
 
 
-def run_ssh_case(case: Case, settings: Settings) -> dict:
-    """The case with its image served by a fresh sshd and ssh-agent
-    (tests/sshd.py's recipe) in the scratch directory."""
-    global SSH_SERVER
-    sys.path.insert(0, str(BENCH_DIR.parent))
-    from tests.sshd import running_sshd
-    with running_sshd(settings.workdir / "sshd", "internal-sftp") as server:
-        saved = os.environ.get("SSH_AUTH_SOCK")
-        os.environ["SSH_AUTH_SOCK"] = str(server.agent_sock)
-        SSH_SERVER = server
-        try:
-            return run_local_case(case, settings)
-        finally:
-            SSH_SERVER = None
-            if saved is None:
-                os.environ.pop("SSH_AUTH_SOCK", None)
-            else:
-                os.environ["SSH_AUTH_SOCK"] = saved
-
-
-def run_local_case(case: Case, settings: Settings) -> dict:
+def measure_case(case: Case, settings: Settings, server: Any = None) -> dict:
     print(f"\n== {case.name}: building a {settings.image_size // MiB} MiB image", flush=True)
     image = build_image(case, settings)
+    if server is not None:
+        settings = dataclasses.replace(settings, served=server.serve(image))
     metrics: dict[str, dict] = {}
     profiles: dict[str, dict] = {}
     result: dict[str, Any] = {"status": "ran", "format": case.fmt, "metrics": metrics}
@@ -1045,7 +1046,6 @@ def run_all(args: argparse.Namespace, settings: Settings) -> dict:
 EXTRA_CASES: dict[str, tuple[str, ...]] = {
     "fat": (),                       # imgfs against a host directory
     "partitions": ("raw",),          # a partition file against its disk's file
-    "iscsi": (),                     # imgfs and qsd over the same tgtd
 }
 
 

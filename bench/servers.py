@@ -1,0 +1,157 @@
+"""Servers on loopback for the benchmark's network cases (run.py's
+`Case.server`): ``serve_NAME(workdir)`` starts one server for a case and
+yields an object whose ``serve(image)`` puts the case's image behind it and
+says how each exporter reaches it (`run.Served`).  Both exporters then go
+through the same server, so the ratios compare imgfs's driver and FUSE path
+with QEMU's own driver for the protocol.  The servers are the tests'
+(tests/sshd.py, tests/glusterd.py) or started here as the tests start them.
+"""
+from __future__ import annotations
+
+import contextlib
+import os
+import random
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+from run import BENCH_DIR, Served, run
+
+sys.path.insert(0, str(BENCH_DIR.parent))
+
+if TYPE_CHECKING:
+    from tests.glusterd import GlusterServer
+    from tests.sshd import Sshd
+
+
+# -- ssh: OpenSSH's sshd and an ssh-agent ------------------------------------------
+
+
+class SshServer:
+    def __init__(self, sshd: Sshd) -> None:
+        self.sshd = sshd
+
+    def serve(self, image: Path) -> Served:
+        return Served(self.sshd.url(image),
+                      f"driver=ssh,server.host=127.0.0.1,server.port={self.sshd.port},user=root,"
+                      f"path={image},host-key-check.mode=none",
+                      f"{image.stem}.raw")
+
+
+@contextlib.contextmanager
+def serve_ssh(workdir: Path) -> Iterator[SshServer]:
+    from tests.sshd import running_sshd
+    with running_sshd(workdir / "sshd", "internal-sftp") as sshd:
+        saved = os.environ.get("SSH_AUTH_SOCK")
+        os.environ["SSH_AUTH_SOCK"] = str(sshd.agent_sock)
+        try:
+            yield SshServer(sshd)
+        finally:
+            if saved is None:
+                os.environ.pop("SSH_AUTH_SOCK", None)
+            else:
+                os.environ["SSH_AUTH_SOCK"] = saved
+
+
+# -- iscsi: tgtd ---------------------------------------------------------------------
+
+IQN = "iqn.2026-01.bench.imgfs:lun"
+LUN = 1
+#: where tgtd keeps its control sockets
+TGTD_CONTROL_DIR = Path("/var/run/tgtd")
+
+
+class IscsiServer:
+    def __init__(self, control: str, port: int) -> None:
+        self.adm = ["tgtadm", "-C", control, "--lld", "iscsi"]
+        self.port = port
+
+    def serve(self, image: Path) -> Served:
+        """`image` as LUN 1 of a new target."""
+        run([*self.adm, "--mode", "target", "--op", "new", "--tid", "1", "--targetname", IQN])
+        run([*self.adm, "--mode", "logicalunit", "--op", "new", "--tid", "1", "--lun",
+             str(LUN), "--backing-store", str(image)])
+        run([*self.adm, "--mode", "target", "--op", "bind", "--tid", "1",
+             "--initiator-address", "127.0.0.1"])
+        portal = f"127.0.0.1:{self.port}"
+        return Served(f"iscsi://{portal}/{IQN}/{LUN}",
+                      f"driver=iscsi,transport=tcp,portal={portal},target={IQN},lun={LUN}",
+                      f"{LUN}.raw")
+
+
+def _free_tgtd_control_port() -> str:
+    """A tgtd control port (-C, below 32768) no other tgtd here uses."""
+    port = random.SystemRandom().randrange(1000, 30000)
+    while (TGTD_CONTROL_DIR / f"socket.{port}").exists():
+        port += 1
+    return str(port)
+
+
+def _listening(port: int) -> bool:
+    with socket.socket() as probe:
+        return probe.connect_ex(("127.0.0.1", port)) == 0
+
+
+@contextlib.contextmanager
+def serve_iscsi(workdir: Path) -> Iterator[IscsiServer]:
+    """tgtd on 127.0.0.1 and a free port."""
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    control = _free_tgtd_control_port()
+    with open(workdir / "tgtd.log", "ab") as log:
+        proc = subprocess.Popen(["tgtd", "-f", "-C", control, "--iscsi",
+                                 f"portal=127.0.0.1:{port}"], stdout=log, stderr=log)
+    try:
+        deadline = time.monotonic() + 10
+        while not _listening(port):
+            if proc.poll() is not None or time.monotonic() > deadline:
+                raise RuntimeError("tgtd did not start")
+            time.sleep(0.02)
+        yield IscsiServer(control, port)
+    finally:
+        proc.terminate()
+        try:
+            proc.wait(5)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+        for leftover in (f"socket.{control}", f"socket.{control}.lock"):
+            (TGTD_CONTROL_DIR / leftover).unlink(missing_ok=True)
+
+
+# -- gluster: glusterd and a one-brick volume ------------------------------------------
+
+
+class GlusterVolume:
+    def __init__(self, server: GlusterServer) -> None:
+        self.server = server
+
+    def serve(self, image: Path) -> Served:
+        """The image linked into the brick (on one brick, the brick's file is
+        the volume's file), still at its own path for the cache warm-up."""
+        os.link(image, self.server.brick / image.name)
+        volume = self.server.volume
+        from tests.glusterd import HOST, PORT
+        return Served(f"gluster://{HOST}/{volume}/{image.name}",
+                      f"driver=gluster,volume={volume},path=/{image.name},"
+                      f"server.0.type=inet,server.0.host={HOST},server.0.port={PORT}",
+                      f"{image.stem}.raw")
+
+
+@contextlib.contextmanager
+def serve_gluster(workdir: Path) -> Iterator[GlusterVolume]:
+    from tests.glusterd import GlusterServer, port_free
+    if not port_free():
+        raise RuntimeError("the glusterd address is taken (another glusterd?)")
+    (workdir / "gluster").mkdir()
+    server = GlusterServer(workdir / "gluster")
+    try:
+        server.start()
+        yield GlusterVolume(server)
+    finally:
+        server.stop()
