@@ -59,6 +59,8 @@ class QedDriver(MappedDriver):
     past_eof_reads_zero = False     # QEMU fails a request that meets such an entry
     zero_blocks = True
     can_resize = True
+    #: this open set the need-check flag (and clears it on a clean close)
+    marked = False
 
     @staticmethod
     def probe(head: bytes, filename: str) -> int:
@@ -81,8 +83,6 @@ class QedDriver(MappedDriver):
             block_bits=self.geometry.cluster_bits, l2_bits=self.geometry.table_bits,
             codec=CODEC, classify=self._classify, check_table=self._check_l2_offset,
             allocate=self.allocate, cache_bytes=L2_CACHE_BYTES)
-        #: this open set the need-check flag (and clears it on a clean close)
-        self.marked = False
         writable = not self.node.read_only and file.driver.writable
         if writable and header.features & QED_F_NEED_CHECK and not ctx.check:
             # as QEMU: a read-write open of an image left dirty repairs it
