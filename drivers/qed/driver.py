@@ -17,7 +17,7 @@ from typing import Any
 from imgfs.block import ChildRef, Kind
 from imgfs.checks import CheckResult, exit_code, report
 from imgfs.errors import CorruptImage, Unsupported, UsageError
-from imgfs.mapped import MapKind, MappedDriver, Mapping, TwoLevelMap
+from imgfs.mapped import MapKind, MappedDriver, Mapping, TwoLevelMap, align_up
 from imgfs.node import OpenContext
 
 from . import check as checks
@@ -186,13 +186,24 @@ class QedDriver(MappedDriver):
             raise Unsupported(f"preallocation={preallocation} is not supported for QED")
         if size < self.size:
             raise Unsupported("shrinking QED images is not supported")
+        backing = self.node.backing
+        if size > self.size and backing is not None and backing.size > self.size:
+            # the backing file would show through the new area (QEMU refuses
+            # to grow a QED image with a backing file at all)
+            raise Unsupported("growing a QED image over a longer backing file is not "
+                              "supported")
         if size % SECTOR or size > self.geometry.max_image_size:
             raise UsageError(f"invalid QED image size {size} (a multiple of {SECTOR}, at "
                              f"most {self.geometry.max_image_size})")
+        old_size = self.size
         async with self.lock:
             await self._write_header_field(OFFSET_IMAGE_SIZE, size,
                                            self.header._replace(image_size=size))
             self.size = size
+        # whatever the last cluster held past the old end now reads as zeros
+        tail_end = min(size, align_up(old_size, self.block_size))
+        if tail_end > old_size:
+            await self.write(old_size, bytes(tail_end - old_size))
 
     # -- information and check ----------------------------------------------------------------
 

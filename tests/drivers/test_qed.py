@@ -334,6 +334,35 @@ def test_resize_grows_and_refuses_shrinking(tmp_path: Path) -> None:
     assert info_json("qemu-img", image)["virtual-size"] == 5 * MiB
 
 
+def test_resize_zeroes_the_old_last_cluster_past_its_end(tmp_path: Path) -> None:
+    """Bytes a hostile (or careless) writer left in the last cluster past
+    the end of the disk do not appear when the disk grows."""
+    image = qemu_create(tmp_path / "t.qed", 65536 + 512)
+    qemu_io(image, "write -P 9 65536 512")
+    host = le64(image, first_l2(image) + 8)
+    patch(image, host + 512, b"\xee" * 1024)
+    imgfs("resize", image, "+64k")
+    raw = qemu_raw(image)
+    assert raw[65536:66048] == b"\t" * 512 and not any(raw[66048:])
+    check_clean(image)
+
+
+def test_resize_never_uncovers_a_longer_backing_file(tmp_path: Path) -> None:
+    """Growing over a backing file longer than the image would show its
+    bytes in the new area: refused (QEMU refuses any backed QED growth);
+    over a backing file no longer than the image it grows."""
+    (tmp_path / "long.raw").write_bytes(random_bytes(4 * MiB, seed=1))
+    (tmp_path / "short.raw").write_bytes(random_bytes(MiB, seed=2))
+    refused = qemu_create(tmp_path / "r.qed", MiB, "backing_file=long.raw", "backing_fmt=raw")
+    result = imgfs("resize", refused, "4M", check=False)
+    assert result.returncode == 1 and result.stderr.count("\n") == 1, result.stderr
+    grown = qemu_create(tmp_path / "g.qed", MiB, "backing_file=short.raw", "backing_fmt=raw")
+    imgfs("resize", grown, "3M")
+    raw = qemu_raw(grown)
+    assert raw[:MiB] == (tmp_path / "short.raw").read_bytes() and not any(raw[MiB:])
+    check_clean(grown)
+
+
 # -- check and the need-check flag ------------------------------------------------------------
 
 def damaged(tmp_path: Path, name: str = "d.qed") -> Path:
