@@ -173,18 +173,12 @@ def decode_backing_name(raw: bytes) -> str:
 
 # -- creation (pure) ---------------------------------------------------------------------------
 
-def _table_size(value: Any) -> int:
-    number = Size(value)
-    power_of_two(MIN_TABLE_SIZE, MAX_TABLE_SIZE)(number)
-    return number
-
-
 CREATE_OPTS = Schema(
     Opt("backing_file", Str, help="file name of a base image"),
     Opt("backing_fmt", Str, help="image format of the base image (raw: never probed)"),
     Opt("cluster_size", Size, default=DEFAULT_CLUSTER_SIZE,
         check=power_of_two(MIN_CLUSTER_SIZE, MAX_CLUSTER_SIZE), help="cluster size (in bytes)"),
-    Opt("table_size", _table_size,
+    Opt("table_size", Size, check=power_of_two(MIN_TABLE_SIZE, MAX_TABLE_SIZE),
         help=f"L1/L2 table size (in clusters; default {DEFAULT_TABLE_SIZE})"),
 )
 
