@@ -348,15 +348,21 @@ class TwoLevelMap:
 
     async def lookup(self, offset: int, length: int) -> Mapping:
         """The run from `offset` inside one L2 table: entries equal (or, for
-        DATA, host-contiguous); a transformed block is a run of its own."""
-        span_end = (self.l1_index(offset) + 1) * self.l1_span
-        length = min(length, span_end - offset)
-        table = await self.table_for(offset)
-        if table is None:
+        DATA, host-contiguous); a transformed block is a run of its own.
+        (The hot path of every request: the table comes from the cache
+        without a coroutine when it is there.)"""
+        span_bits = self.block_bits + self.l2_bits
+        l1_index = offset >> span_bits
+        length = min(length, ((l1_index + 1) << span_bits) - offset)
+        l2_offset = self.l1[l1_index] if l1_index < len(self.l1) else 0
+        if not l2_offset:
             return Mapping(length, MapKind.UNALLOCATED)
+        table = self.cache.get(l2_offset)
+        if table is None:
+            table = await self.l2_table(l2_offset)
         entries = table.entries
-        index = self.l2_index(offset)
-        block_size = self.block_size
+        block_size = 1 << self.block_bits
+        index = (offset >> self.block_bits) & ((1 << self.l2_bits) - 1)
         within = offset & (block_size - 1)
         blocks = -(-(within + length) // block_size)
         first = entries[index]
