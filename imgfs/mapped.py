@@ -33,7 +33,7 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 from .block import DATA, UNALLOCATED, ZERO, BlockDriver, Extent
-from .errors import CorruptImage, Unsupported
+from .errors import CorruptImage, ReadOnly, Unsupported
 from .tablecache import DecodedCache, MetadataLock, Table, TableCache, TableCodec
 
 if TYPE_CHECKING:
@@ -124,8 +124,8 @@ class MappedDriver(BlockDriver):
         raise Unsupported(f"{self.name}: not encrypted")
 
     async def prepare_metadata_change(self) -> None:
-        """Called under `lock` before the first change to the tables
-        (QED sets its need-check flag here)."""
+        """Called under `lock` before every change to the tables (QED sets
+        its need-check flag at the first)."""
 
     def check_in_place(self, host_offset: int, length: int) -> None:
         """Refuse an in-place write a hostile entry aims at metadata."""
@@ -180,6 +180,8 @@ class MappedDriver(BlockDriver):
     # -- writes --------------------------------------------------------------------------
 
     async def write(self, offset: int, data: bytes) -> None:
+        if self.encrypted:      # the layer has no `encrypt` hook (yet)
+            raise ReadOnly(f"encrypted {self.name} images cannot be written")
         view = memoryview(data)
         done = 0
         while done < len(data):
@@ -335,16 +337,6 @@ class TwoLevelMap:
 
     async def l2_table(self, l2_offset: int) -> Table:
         return await self.cache.load(l2_offset, self._read_table)
-
-    async def table_for(self, offset: int) -> Table | None:
-        l1_index = self.l1_index(offset)
-        if l1_index >= len(self.l1) or not self.l1[l1_index]:
-            return None
-        return await self.l2_table(self.l1[l1_index])
-
-    async def entry(self, offset: int) -> int:
-        table = await self.table_for(offset)
-        return table.entries[self.l2_index(offset)] if table is not None else 0
 
     async def lookup(self, offset: int, length: int) -> Mapping:
         """The run from `offset` inside one L2 table: entries equal (or, for
