@@ -28,6 +28,7 @@ from __future__ import annotations
 import array
 import bisect
 import enum
+import os
 from collections.abc import Awaitable, Callable, Hashable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
@@ -37,7 +38,7 @@ from .errors import CorruptImage, ReadOnly, Unsupported
 from .tablecache import DecodedCache, MetadataLock, Table, TableCache, TableCodec
 
 if TYPE_CHECKING:
-    from .node import Node
+    from .node import Node, OpenContext
 
 
 class MapKind(enum.Enum):
@@ -59,6 +60,19 @@ class Mapping:
 
 def align_up(value: int, alignment: int) -> int:
     return -(-value // alignment) * alignment
+
+
+async def create_image_file(target: Any, ctx: OpenContext, head: bytes, length: int) -> None:
+    """A format's `create`: a new protocol file of `length` bytes (zeros)
+    that starts with `head` (header, names, tables), made durable."""
+    from .graph import create_protocol_file  # (only creating needs the graph)
+    node = await create_protocol_file(os.fspath(target), ctx, size=0)
+    try:
+        await node.truncate(length)
+        await node.write(0, head)
+        await node.flush()
+    finally:
+        await node.aclose()
 
 
 #: what `MappedDriver.read_data` finds in an encrypted DATA extent's token

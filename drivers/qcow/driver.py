@@ -12,12 +12,11 @@ from __future__ import annotations
 
 import array
 import logging
-import os
 from typing import Any
 
 from imgfs.block import ChildRef, Kind
 from imgfs.errors import CorruptImage, InvalidImage, ReadOnly, UsageError
-from imgfs.mapped import MappedDriver, Mapping, TwoLevelMap
+from imgfs.mapped import MappedDriver, Mapping, TwoLevelMap, create_image_file
 from imgfs.node import OpenContext
 from imgfs.options import Opt, Schema
 
@@ -215,17 +214,10 @@ class QcowDriver(MappedDriver):
     @classmethod
     async def create(cls, target: Any, size: int, options: dict[str, Any],
                      ctx: OpenContext) -> None:
-        from imgfs.graph import create_protocol_file
         check_create_options(options)
         size = align_up(size, SECTOR)             # qemu-img rounds up to whole sectors
         head, file_length = new_image(size, options["backing_file"])
-        node = await create_protocol_file(os.fspath(target), ctx, size=0)
-        try:
-            await node.truncate(file_length)
-            await node.write(0, head)
-            await node.flush()
-        finally:
-            await node.aclose()
+        await create_image_file(target, ctx, head, file_length)
 
 
 DRIVERS = [QcowDriver]

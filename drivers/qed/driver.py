@@ -9,7 +9,6 @@ backing node, and turns whole-cluster zero writes into zero entries.
 from __future__ import annotations
 
 import logging
-import os
 import struct
 import sys
 from typing import Any
@@ -17,7 +16,14 @@ from typing import Any
 from imgfs.block import ChildRef, Kind
 from imgfs.checks import CheckResult, exit_code, report
 from imgfs.errors import CorruptImage, Unsupported, UsageError
-from imgfs.mapped import MapKind, MappedDriver, Mapping, TwoLevelMap, align_up
+from imgfs.mapped import (
+    MapKind,
+    MappedDriver,
+    Mapping,
+    TwoLevelMap,
+    align_up,
+    create_image_file,
+)
 from imgfs.node import OpenContext
 
 from . import check as checks
@@ -255,16 +261,9 @@ class QedDriver(MappedDriver):
     @classmethod
     async def create(cls, target: Any, size: int, options: dict[str, Any],
                      ctx: OpenContext) -> None:
-        from imgfs.graph import create_protocol_file
         check_create_options(options)
         head, file_length = new_image(round_size(size), options)
-        node = await create_protocol_file(os.fspath(target), ctx, size=0)
-        try:
-            await node.truncate(file_length)
-            await node.write(0, head)
-            await node.flush()
-        finally:
-            await node.aclose()
+        await create_image_file(target, ctx, head, file_length)
 
 
 DRIVERS = [QedDriver]
