@@ -1,11 +1,13 @@
 """QED consistency check and repair (spec "Consistency checking").
 
 Every cluster the header, the L1 table, the L2 tables and the data use is
-marked once.  An entry that is unaligned, inside the header or past the
-end of the file is a corruption that a repair clears (the guest then sees
-the backing file, or zeros, there); a cluster used twice is a corruption a
-repair cannot fix; a cluster of the file nobody uses is a leak, which QED
-has no way to give back (as QEMU, a repair leaves it).  Allocated and
+marked, in L1 order, each table before its entries.  An entry that is
+unaligned, inside the header or past the end of the file is a corruption
+that a repair clears (the guest then sees the backing file, or zeros,
+there); a cluster used twice is a corruption a repair cannot fix (an L2
+table counts one per cluster already in use, and is then not walked); a
+cluster of the file nobody uses is a leak, which QED has no way to give
+back (as QEMU, a repair leaves it).  Allocated and
 fragmented counts are qemu-img's: every non-zero data entry, and each one
 not right after the previous one of its table.
 """
@@ -37,14 +39,13 @@ class _Scan:
         self.result = CheckResult(total_clusters=geometry.total_clusters(header.image_size))
         self.fixes: list[Fix] = []
 
-    def use(self, offset: int, length: int) -> bool:
-        """Mark clusters used; False (and nothing marked) if one already was."""
+    def use(self, offset: int, length: int) -> int:
+        """Mark the clusters used; return how many already were."""
         first = offset // self.geometry.cluster_size
         last = min(-(-(offset + length) // self.geometry.cluster_size), len(self.used))
-        if any(self.used[first:last]):
-            return False
+        before = self.used[first:last].count(1)
         self.used[first:last] = b"\1" * (last - first)
-        return True
+        return before
 
     def valid_table(self, offset: int) -> bool:
         return valid_cluster_offset(offset, self.geometry, self.header_end, self.file_size) \
@@ -65,7 +66,7 @@ class _Scan:
                                         self.file_size):
                 result.corruptions += 1
                 self.fixes.append(Fix(table_offset, index))
-            elif not self.use(entry, cluster_size):
+            elif self.use(entry, cluster_size):
                 result.corruptions += 1
 
 
@@ -82,8 +83,11 @@ async def scan(file: Node, geometry: Geometry, header: Header,
             walk.result.corruptions += 1
             walk.fixes.append(Fix(header.l1_table_offset, index))
             continue
-        if not walk.use(l2_offset, geometry.table_bytes):
-            walk.result.corruptions += 1
+        collisions = walk.use(l2_offset, geometry.table_bytes)
+        if collisions:
+            # as QEMU: each cluster in use already is a corruption, and the
+            # table is not walked (its entries are not to be trusted)
+            walk.result.corruptions += collisions
             continue
         walk.l2_table(l2_offset, CODEC.decode(await file.read(l2_offset,
                                                              geometry.table_bytes)))
