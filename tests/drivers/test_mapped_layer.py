@@ -107,12 +107,14 @@ def qemu_raw(image: Path, fmt: str) -> bytes:
     return out.read_bytes()
 
 
-def assert_no_corruption(image: Path, fmt: str) -> None:
+def assert_no_corruption(image: Path, fmt: str, *, leaks: bool = True) -> None:
+    """qemu-img check finds no corruption (and no leak, unless `leaks`)."""
     if fmt != "qed":
         return          # qemu-img cannot check qcow (version 1)
     result = run("qemu-img", "check", "--output=json", image, check=False)
     report = json.loads(result.stdout)
-    assert result.returncode in (0, 3) and not report.get("corruptions"), report
+    assert result.returncode in ((0, 3) if leaks else (0,)), report
+    assert not report.get("corruptions"), report
 
 
 @pytest.mark.parametrize("fmt", ["qed", "qcow"])
@@ -216,3 +218,68 @@ def test_cancelled_between_data_and_table_entry(tmp_path: Path, fmt: str,
     assert live[64 * KiB + 3:64 * KiB + 5003] == b"x" * 5000
     assert qemu_raw(image, fmt) == live
     assert_no_corruption(image, fmt)
+
+
+def random_requests(seed: int, cluster: int, size: int) -> list[tuple[str, int, int, int]]:
+    """(kind, offset, length, pattern): writes, zero writes, cluster-aligned
+    zero writes; unaligned, cluster-crossing, overlapping."""
+    rng = random.Random(seed)
+    requests = []
+    for _ in range(rng.randrange(1, 12)):
+        offset = rng.randrange(0, size - 1)
+        length = min(rng.choice([1, 511, 512, 4096, cluster, cluster + 7, 3 * cluster]),
+                     size - offset)
+        kind = rng.choice(["write", "write", "zero", "aligned zero"])
+        if kind == "aligned zero":
+            offset = offset // cluster * cluster
+            length = min(max(cluster, length // cluster * cluster), size - offset)
+        requests.append((kind, offset, length, rng.randrange(1, 255)))
+    return requests
+
+
+@pytest.mark.parametrize("fmt", ["qed", "qcow"])
+@pytest.mark.parametrize("first", range(0, 30, 10))
+def test_random_requests_read_back_and_pass_qemu_check(tmp_path: Path, fmt: str,
+                                                       first: int) -> None:
+    """Random writes and zero writes through the API, with and without a
+    backing file: the image holds what they say (judged by qemu-img
+    compare against the raw bytes computed here) and qemu-img check is
+    clean.  (QEMU 7.2 itself gets some of these sequences wrong: a partial
+    zero write into a zero cluster over a backing file shows the backing
+    file's bytes.)  qcow has no zero clusters: it writes zeros."""
+    for seed in range(first, first + 10):
+        rng = random.Random(seed)
+        cluster = rng.choice([4096, 65536])
+        size = rng.choice([8 * MiB, 8 * cluster + 512])
+        options = [f"cluster_size={cluster}", "table_size=2"] if fmt == "qed" else []
+        expected = bytearray(size)
+        if rng.random() < 0.5:
+            backing = random_bytes(size // 2, seed=seed)
+            (tmp_path / "back.raw").write_bytes(backing)
+            expected[:len(backing)] = backing
+            options += ["backing_file=back.raw", "backing_fmt=raw"]
+        image = tmp_path / f"r.{fmt}"
+        run("qemu-img", "create", "-q", "-f", fmt, *(["-o", ",".join(options)] if options
+                                                     else []), image, str(size))
+        requests = random_requests(seed, cluster, size)
+
+        async def apply(requests: list[tuple[str, int, int, int]] = requests,
+                        image: Path = image) -> None:
+            node = await open_image(str(image), OpenContext(read_only=False))
+            try:
+                for kind, offset, length, pattern in requests:
+                    if kind == "write":
+                        await node.write(offset, bytes([pattern]) * length)
+                    else:
+                        await node.write_zeroes(offset, length)
+            finally:
+                await node.aclose()
+        trio.run(apply)
+        for kind, offset, length, pattern in requests:
+            expected[offset:offset + length] = \
+                bytes([pattern]) * length if kind == "write" else bytes(length)
+        assert_no_corruption(image, fmt, leaks=False)
+        (tmp_path / "expected.raw").write_bytes(bytes(expected))
+        run("qemu-img", "compare", "-q", "-f", "raw", "-F", fmt, tmp_path / "expected.raw",
+            image)
+        image.unlink()
