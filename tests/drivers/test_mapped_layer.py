@@ -1,5 +1,6 @@
-"""The shared table-mapped layer (imgfs.mapped) under concurrency and
-cancellation, through qcow and QED images judged by qemu-img.
+"""The shared table-mapped layer (imgfs.mapped) under random requests,
+concurrency and cancellation, through qcow and QED images judged by
+qemu-img.
 
 Local file I/O never reaches a trio checkpoint, so requests would run one
 after the other; here the image's file node sits under a pass-through
