@@ -235,23 +235,34 @@ class MappedDriver(BlockDriver):
         end = min(offset + len(data), offset + mapping.length,
                   start + max(block_size, self.max_allocation))
         count = end - offset
-        if self._reads_zeros(mapping) and not any(data[:count]):
+        new = bytes(data[:count])   # (compared as bytes: memcmp, not a Python loop)
+        if self._reads_zeros(mapping) and new == bytes(count):
             return count            # zeros over what reads as zeros: nothing to do
         block_end = align_up(end, block_size)
         blocks = (block_end - start) // block_size
-        buffer = bytearray(block_end - start)
-        if offset > start:
-            buffer[:block_size] = await self._old_block(start, mapping)
-        if end < block_end and (blocks > 1 or offset == start):
-            buffer[-block_size:] = await self._old_block(block_end - block_size, mapping)
-        buffer[offset - start:end - start] = data[:count]
+        payload = new
+        if offset > start or end < block_end:
+            payload = await self._with_old_contents(start, block_end, offset, new, mapping)
         await self.prepare_metadata_change()
-        host_offset = await self.allocate(len(buffer))
-        await self.children[self.data_child].write(host_offset, bytes(buffer))
+        host_offset = await self.allocate(len(payload))
+        await self.children[self.data_child].write(host_offset, payload)
         await self.map_blocks(start, blocks, host_offset)
         if mapping.kind is MapKind.TRANSFORMED:
             self.decoded.forget(mapping.token)
         return count
+
+    async def _with_old_contents(self, start: int, end: int, offset: int, new: bytes,
+                                 mapping: Mapping) -> bytes:
+        """Blocks start..end: `new` at `offset`, the partial first and last
+        blocks filled with their old contents (copy-on-write)."""
+        block_size = self.block_size
+        buffer = bytearray(end - start)
+        if offset > start:
+            buffer[:block_size] = await self._old_block(start, mapping)
+        if offset + len(new) < end and (end - start > block_size or offset == start):
+            buffer[-block_size:] = await self._old_block(end - block_size, mapping)
+        buffer[offset - start:offset - start + len(new)] = new
+        return bytes(buffer)
 
     async def _old_block(self, guest_offset: int, mapping: Mapping) -> bytes:
         block_size = self.block_size
