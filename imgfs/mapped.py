@@ -30,8 +30,7 @@ import bisect
 import enum
 import os
 from collections.abc import Awaitable, Callable, Hashable
-from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, NamedTuple
 
 from .block import DATA, UNALLOCATED, ZERO, BlockDriver, Extent
 from .errors import CorruptImage, ReadOnly, Unsupported
@@ -48,9 +47,10 @@ class MapKind(enum.Enum):
     TRANSFORMED = "transformed"     # one block, decoded by decode_block(token)
 
 
-@dataclass(frozen=True, slots=True)
-class Mapping:
-    """A run of guest bytes in one state; DATA runs are host-contiguous."""
+class Mapping(NamedTuple):
+    """A run of guest bytes in one state; DATA runs are host-contiguous.
+    (NamedTuples, not dataclasses, here and below: every request makes
+    one, and probing imports this module.)"""
 
     length: int
     kind: MapKind
@@ -75,9 +75,9 @@ async def create_image_file(target: Any, ctx: OpenContext, head: bytes, length: 
         await node.aclose()
 
 
-#: what `MappedDriver.read_data` finds in an encrypted DATA extent's token
-@dataclass(frozen=True, slots=True)
-class HostRun:
+class HostRun(NamedTuple):
+    """What `MappedDriver.read_data` finds in an encrypted DATA extent's token."""
+
     host_offset: int
 
 

@@ -20,8 +20,7 @@ import array
 import sys
 from collections import OrderedDict
 from collections.abc import Awaitable, Callable, Hashable
-from dataclasses import dataclass
-from typing import Any
+from typing import Any, NamedTuple
 
 import trio
 
@@ -58,8 +57,7 @@ class MetadataLock:
             self._lock.release()
 
 
-@dataclass(frozen=True, slots=True)
-class TableCodec:
+class TableCodec(NamedTuple):
     """Tables of `width`-byte unsigned entries (8 or 4) in one byte order."""
 
     width: int = 8
