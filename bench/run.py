@@ -221,6 +221,13 @@ CASES = {c.name: c for c in (
              "rand_write": Target(0.8), "seq_write": None,
              "seq_write_new": Target(1.0), "mount_latency": None,
          }),
+    Case("qed", "qed", ("qed",), ("-O", "qed", "-o", QCOW2_OPTS),
+         create_args=("-f", "qed", "-o", QCOW2_OPTS), metrics={
+             "seq_read": Target(1.5), "rand_read": Target(0.8),
+             # converted from random data: every cluster is allocated
+             "rand_write": Target(0.8), "seq_write": None,
+             "seq_write_new": Target(1.0), "mount_latency": None,
+         }),
     Case("qcow2-compressed", "qcow2", ("qcow2",), ("-c", "-O", "qcow2", "-o", QCOW2_OPTS),
          metrics={"seq_read": Target(1.0), "rand_read": None, "mount_latency": None}),
     Case("luks", "luks", ("luks",), ("-O", "luks", "-o", _luks_create_opts("")),

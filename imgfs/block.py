@@ -57,13 +57,16 @@ class Extent:
     `length` > 0 and may stop short of what was asked.  When `host_offset`
     is set, the bytes are stored untransformed at that offset in the child
     named `child` (the core reads them there, coalesced into one call);
-    otherwise a DATA extent is produced by the driver's `read_data`.
+    otherwise a DATA extent is produced by the driver's `read_data`, which
+    finds in `token` whatever the driver put there (so that it need not look
+    the mapping up again).
     """
 
     length: int
     status: Status
     host_offset: int | None = None
     child: str = "file"
+    token: object = None
 
 
 @dataclass(frozen=True, slots=True)

@@ -31,11 +31,13 @@ class CheckResult:
     image_end_offset: int = 0
     #: lines for stderr, in the order the check and repair produced them
     messages: list[str] = field(default_factory=list)
-    #: a repair was asked for and something was fixed (qemu-img then says so
-    #: and double-checks)
-    repaired: bool = False
     #: the check could not complete (printed after `messages`, exit 1)
     failure: str | None = None
+
+    @property
+    def repaired(self) -> bool:
+        """Something was fixed (qemu-img then says so and double-checks)."""
+        return bool(self.leaks_fixed or self.corruptions_fixed)
 
     @property
     def exit_code(self) -> int:

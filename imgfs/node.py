@@ -393,7 +393,8 @@ class Node:
         if extent.length <= 0:
             raise CorruptImage(f"{self.filename}: empty extent at offset {offset}")
         if extent.length > length:
-            extent = Extent(length, extent.status, extent.host_offset, extent.child)
+            extent = Extent(length, extent.status, extent.host_offset, extent.child,
+                            extent.token)
         return extent
 
     async def block_status_above(self, offset: int, length: int) -> tuple[int, Status, int]:

@@ -10,8 +10,10 @@ import contextlib
 import hashlib
 import os
 import shutil
+import signal
 import subprocess
 import sys
+import threading
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -272,6 +274,41 @@ def slot_openings(monkeypatch: pytest.MonkeyPatch) -> list[bytes]:
             return real(header, slot, material, passphrase)
         monkeypatch.setattr(module, "open_slot", counting)
     return opened
+
+
+def kill_daemon_mid_writes(mountpoint: Path, view: Path, start: int, length: int,
+                           *, writes_first: int = 20) -> None:
+    """SIGKILL the daemon serving `mountpoint` while a thread keeps writing
+    50 kB pieces (unsynced) to `view` between `start` and `start + length`;
+    at least `writes_first` of them are done before the kill."""
+    stop = threading.Event()
+    written: list[int] = []
+
+    def write_until_gone() -> None:
+        fd = os.open(view, os.O_WRONLY)
+        try:
+            while not stop.is_set():
+                number = len(written) + 1
+                os.pwrite(fd, random_bytes(50_000, seed=1000 + number),
+                          start + (number * 123_457) % (length - 50_000))
+                written.append(number)
+        except OSError:
+            pass                       # ENOTCONN once the daemon is killed
+        finally:
+            with contextlib.suppress(OSError):
+                os.close(fd)
+
+    writer = threading.Thread(target=write_until_gone)
+    writer.start()
+    try:
+        while len(written) < writes_first and writer.is_alive():
+            stop.wait(0.01)
+        for pid in daemon_pids(mountpoint):
+            os.kill(pid, signal.SIGKILL)
+    finally:
+        stop.set()
+        writer.join()
+    assert len(written) >= writes_first
 
 
 def random_bytes(size: int, seed: int = 1) -> bytes:

@@ -7,12 +7,13 @@ from __future__ import annotations
 
 import array
 import struct
-import sys
 from dataclasses import dataclass
 from typing import Any, NamedTuple
 
 from imgfs.errors import InvalidImage, Unsupported, UsageError
+from imgfs.mapped import MapKind
 from imgfs.options import Bool, Opt, Schema, Str, choice
+from imgfs.tablecache import TableCodec
 
 from ..qcow2.cluster import TwoLevelTables
 
@@ -103,9 +104,17 @@ def compressed_entry(host_offset: int, length: int, cluster_bits: int) -> int:
     return QCOW_OFLAG_COMPRESSED | (length << (63 - cluster_bits)) | host_offset
 
 
-def is_plain(entry: int) -> bool:
-    """An allocated, uncompressed cluster (written in place)."""
-    return entry != 0 and not entry & QCOW_OFLAG_COMPRESSED
+#: L1 and L2 tables: big-endian 64-bit entries
+CODEC = TableCodec(8, big_endian=True)
+
+
+def classify_entry(entry: int) -> tuple[MapKind, int]:
+    """An L2 entry: 0 unallocated, bit 63 compressed, else a cluster's host offset."""
+    if entry == 0:
+        return MapKind.UNALLOCATED, 0
+    if entry & QCOW_OFLAG_COMPRESSED:
+        return MapKind.TRANSFORMED, 0
+    return MapKind.DATA, entry
 
 
 def plain_run(entries: array.array[int], index: int, count: int, cluster_size: int) -> int:
@@ -118,25 +127,8 @@ def plain_run(entries: array.array[int], index: int, count: int, cluster_size: i
     return run
 
 
-def unallocated_run(entries: array.array[int], index: int, count: int) -> int:
-    run = 1
-    while run < count and entries[index + run] == 0:
-        run += 1
-    return run
-
-
 def unpack_table(raw: bytes) -> array.array[int]:
-    table = array.array("Q", raw[:len(raw) // 8 * 8])
-    if sys.byteorder == "little":
-        table.byteswap()
-    return table
-
-
-def pack_table(table: array.array[int]) -> bytes:
-    if sys.byteorder == "little":
-        table = array.array("Q", table)
-        table.byteswap()
-    return table.tobytes()
+    return CODEC.decode(raw)
 
 
 def align_up(value: int, alignment: int) -> int:

@@ -607,7 +607,7 @@ def as_result(report: CheckReport, repair_messages: list[str], *,
     check found; `fixed` is (leaks fixed, corruptions fixed)."""
     return CheckResult(
         corruptions=report.corruptions, leaks=report.leaks, check_errors=report.check_errors,
-        leaks_fixed=fixed[0], corruptions_fixed=fixed[1], repaired=any(fixed),
+        leaks_fixed=fixed[0], corruptions_fixed=fixed[1],
         total_clusters=report.total_clusters, allocated_clusters=report.allocated,
         fragmented_clusters=report.fragmented, compressed_clusters=report.compressed,
         image_end_offset=report.image_end_offset,

@@ -229,6 +229,19 @@ def qcow_regions(data: bytes) -> list[tuple[int, int]]:
     return regions
 
 
+def qed_regions(data: bytes) -> list[tuple[int, int]]:
+    """The header, the backing name, and the first bytes of L1 and of the
+    first L2 table (QED's fields are little-endian)."""
+    l1_offset, _size, name_offset, name_size = struct.unpack_from("<QQII", data, 40)
+    regions = [(0, 64), (l1_offset, 64)]
+    if name_offset:
+        regions.append((name_offset, name_size))
+    l2_offset = struct.unpack_from("<Q", data, l1_offset)[0]
+    if l2_offset:
+        regions.append((l2_offset, 256))
+    return regions
+
+
 #: LUKS1: the phdr (version, cipher, payload offset, key bytes, digest) and slots 0-1
 LUKS1_REGIONS = [(0, 208), (208, 96)]
 #: LUKS2: the binary header up to the checksum (the JSON gets its own strategy)
@@ -298,6 +311,18 @@ def samples(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Sample]:
     qemu_img_luks(luks1)
     built["luks1"] = Sample("luks1", "luks", luks1, LUKS1_REGIONS, secret=True,
                              magic_length=6)
+
+    qed = directory / "plain.qed"
+    tool("qemu-img", "create", "-q", "-f", "qed", "-o", "cluster_size=4k,table_size=2", qed,
+         "2M")
+    qemu_io(qed, "qed", "write -P 0x11 0 8k", "write -z 64k 8k", "write -P 0x22 1M 4k")
+    built["qed"] = Sample("qed", "qed", qed, qed_regions(qed.read_bytes()))
+    qed_over = directory / "over.qed"
+    tool("qemu-img", "create", "-q", "-f", "qed", "-b", qed.name, "-F", "qed", qed_over,
+         "3M", cwd=directory)
+    qemu_io(qed_over, "qed", "write -P 0x33 4k 100k")
+    built["qed-backing"] = Sample("qed-backing", "qed", qed_over,
+                                  qed_regions(qed_over.read_bytes()))
 
     luks2 = directory / "two.luks"
     with open(luks2, "wb") as handle:
@@ -600,7 +625,8 @@ async def exercise_writes(path: Path, secret: bool) -> None:
 
 FORMATS = ["qcow2-v2", "qcow2-backing", "qcow2-snapshots", "qcow2-compressed",
            "qcow2-extended-l2", "qcow2-bitmaps", "qcow2-zstd", "qcow2-data-file",
-           "qcow2-luks", "qcow", "qcow-compressed", "qcow-backing", "luks1", "luks2"]
+           "qcow2-luks", "qcow", "qcow-compressed", "qcow-backing", "qed", "qed-backing",
+           "luks1", "luks2"]
 
 
 def test_valid_samples_read(samples: dict[str, Sample]) -> None:
@@ -661,7 +687,7 @@ def test_raw_windows(samples: dict[str, Sample], offset: int, size: int | None) 
 
 
 MAGICS = [b"QFI\xfb\x00\x00\x00\x01", b"QFI\xfb\x00\x00\x00\x02", b"QFI\xfb\x00\x00\x00\x03",
-          b"LUKS\xba\xbe\x00\x01", b"LUKS\xba\xbe\x00\x02", b""]
+          b"LUKS\xba\xbe\x00\x01", b"LUKS\xba\xbe\x00\x02", b"QED\x00", b""]
 
 
 @SETTINGS
@@ -694,6 +720,10 @@ def _be(width: int, value: int) -> bytes:
     return value.to_bytes(width, "big")
 
 
+def _le(width: int, value: int) -> bytes:
+    return value.to_bytes(width, "little")
+
+
 #: (sample, [(offset, bytes)]): damage every tool must refuse at open
 CLI_DAMAGE = {
     "qcow2 cluster_bits": ("qcow2-v2", [(20, _be(4, 0xFFFF_FFFF))]),
@@ -702,6 +732,15 @@ CLI_DAMAGE = {
     "qcow2 size": ("qcow2-extended-l2", [(24, _be(8, (1 << 64) - 1))]),
     "qcow size": ("qcow", [(24, _be(8, (1 << 64) - 1))]),
     "qcow cluster_bits": ("qcow", [(32, b"\0")]),
+    "qed cluster_size": ("qed", [(4, _le(4, 3 << 12))]),
+    "qed table_size": ("qed", [(8, _le(4, 32))]),
+    "qed header_size": ("qed", [(12, _le(4, 0xFFFF_FFFF))]),
+    "qed unknown feature": ("qed", [(16, _le(8, 1 << 40))]),
+    "qed L1 unaligned": ("qed", [(40, _le(8, 4096 + 512))]),
+    "qed L1 past EOF": ("qed", [(40, _le(8, 1 << 40))]),
+    "qed image_size": ("qed", [(48, _le(8, (1 << 64) - 512))]),
+    "qed backing name size": ("qed-backing", [(60, _le(4, 0xFFFF_FFFF))]),
+    "qed backing name offset": ("qed-backing", [(56, _le(4, 0xFFFF_FF00))]),
     "luks1 stripes": ("luks1", [(252, _be(4, 0xFFFF_FFFF))]),
     "luks1 payload offset": ("luks1", [(104, _be(4, 0xFFFF_FFFF))]),
 }
@@ -837,7 +876,7 @@ def test_backing_file_names_a_fifo(tmp_path: Path) -> None:
 
 WRITABLE = ["qcow2-v2", "qcow2-backing", "qcow2-snapshots", "qcow2-compressed",
             "qcow2-extended-l2", "qcow2-bitmaps", "qcow", "qcow-compressed", "qcow-backing",
-            "luks1"]
+            "qed", "qed-backing", "luks1"]
 
 
 @pytest.mark.parametrize("name", WRITABLE)
@@ -854,7 +893,7 @@ def test_damaged_metadata_written(samples: dict[str, Sample], name: str,
         trio.run(exercise_writes, target, sample.secret)
 
 
-@pytest.mark.parametrize("fmt", ["qcow2", "qcow"])
+@pytest.mark.parametrize("fmt", ["qcow2", "qcow", "qed"])
 def test_backing_files_name_each_other(tmp_path: Path, fmt: str) -> None:
     """Two images, each the other's backing file: refused, no recursion."""
     need("qemu-img")
