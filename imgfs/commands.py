@@ -660,6 +660,7 @@ def cmd_measure(args: argparse.Namespace) -> int:
 
 def cmd_amend(args: argparse.Namespace) -> int:
     from .tools.amend import parse_amend_options
+    from .tools.progress import Progress
 
     async def run() -> int:
         node = await _open(args, args.filename, read_only=args.help_only)
@@ -669,8 +670,11 @@ def cmd_amend(args: argparse.Namespace) -> int:
                       if node.driver.amend_opts else
                       f"Format driver '{node.format_name}' does not support option amendment")
                 return 0
+            progress = Progress(args.progress and not args.quiet, 1)
+            progress.update(0)
             await node.amend(parse_amend_options(type(node.driver), args.raw_options))
             await node.flush()
+            progress.done()
         finally:
             await node.aclose()
         return 0

@@ -541,3 +541,7 @@ def test_amend_keyslots_like_qemu_img(fmt: str) -> None:
         for secret in ("s0", "s1", "s2"):
             assert opens_with("ours.img", fmt, secret) == \
                 opens_with("theirs.img", fmt, secret), (step, secret)
+    if fmt == "qcow2":
+        opener = next(f"s{n}" for n in range(3) if opens_with("ours.img", fmt, f"s{n}"))
+        run("qemu-img", "check", *SECRETS, "--image-opts",
+            f"driver=qcow2,encrypt.key-secret={opener},file.filename=ours.img")
