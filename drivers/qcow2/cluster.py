@@ -1,9 +1,9 @@
-"""qcow2 cluster mapping: L1/L2 layout math, L2 entry decoding, L2 cache.
+"""qcow2 cluster mapping: L1/L2 layout math and L2 entry decoding.
 
 Spec: qemu/qemu docs/interop/qcow2.txt, "Cluster mapping" and "Extended L2
 Entries".  The math is pure (`Geometry`, `decode_entry`, `compressed_range`,
-`l2_run`); `L2Cache` keeps decoded L2 tables in memory and tracks which ones
-must be written back.
+`l2_run`); the decoded L2 tables are kept by the core's
+`imgfs.tablecache.TableCache`, as for every table-mapped format.
 """
 from __future__ import annotations
 
@@ -11,7 +11,6 @@ import array
 import enum
 import struct
 import sys
-from collections import OrderedDict
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, NamedTuple
@@ -275,76 +274,3 @@ def pack_table(entries: Sequence[int]) -> bytes:
             packed.byteswap()
         return packed.tobytes()
     return struct.pack(f">{len(entries)}Q", *entries)
-
-
-class L2Table:
-    """One cached L2 table: its entries and whether they need writing."""
-
-    __slots__ = ("offset", "entries", "dirty")
-
-    def __init__(self, offset: int, entries: array.array[int]) -> None:
-        self.offset = offset
-        self.entries = entries
-        self.dirty = False
-
-
-class L2Cache:
-    """Least-recently-used decoded L2 tables, keyed by host offset.
-
-    The cache does no I/O: the driver loads and writes tables and asks the
-    cache which clean tables it may drop.  Dirty tables are never dropped.
-    """
-
-    def __init__(self, capacity: int) -> None:
-        self.capacity = max(capacity, 4)
-        self.tables: OrderedDict[int, L2Table] = OrderedDict()
-        #: bumped by every change, so a load that raced one can tell
-        self.changes = 0
-
-    def get(self, offset: int) -> L2Table | None:
-        table = self.tables.get(offset)
-        if table is not None:
-            self.tables.move_to_end(offset)
-        return table
-
-    def insert(self, table: L2Table) -> L2Table:
-        """Add a loaded table (keeping one already there) and trim clean ones."""
-        existing = self.tables.get(table.offset)
-        if existing is not None:
-            return existing
-        self.tables[table.offset] = table
-        self._trim(keep=table.offset)
-        return table
-
-    def _trim(self, keep: int) -> None:
-        """Drop clean tables beyond capacity, never `keep` (just inserted)."""
-        excess = len(self.tables) - self.capacity
-        if excess <= 0:
-            return
-        victims = []
-        for offset, table in self.tables.items():
-            if not table.dirty and offset != keep:
-                victims.append(offset)
-                if len(victims) == excess:
-                    break
-        for offset in victims:
-            del self.tables[offset]
-
-    def mark_dirty(self, table: L2Table) -> None:
-        """Record that `table` changed; a caller may have held it across a
-        wait during which the clean table was dropped, so put it back (it
-        is newer than any copy loaded since)."""
-        table.dirty = True
-        self.changes += 1
-        if self.tables.get(table.offset) is not table:
-            self.tables[table.offset] = table
-            self._trim(keep=table.offset)
-
-    def dirty_tables(self) -> list[L2Table]:
-        return [table for table in self.tables.values() if table.dirty]
-
-    def dirty_count(self) -> int:
-        return sum(1 for table in self.tables.values() if table.dirty)
-
-    def drop(self, offset: int) -> None:
-        self.tables.pop(offset, None)

@@ -26,6 +26,7 @@ reference are released only after that.
 """
 from __future__ import annotations
 
+import array
 import logging
 import struct
 from typing import TYPE_CHECKING, Any
@@ -52,6 +53,7 @@ from imgfs.errors import (
 )
 from imgfs.node import OpenContext
 from imgfs.options import Bool, Opt, Schema, Size, Str
+from imgfs.tablecache import MetadataLock, Table, TableCache
 
 from . import bitmaps, snapshot_ops
 from . import create as create_mod
@@ -62,8 +64,6 @@ from .cluster import (
     QCOW_OFLAG_COMPRESSED,
     ClusterType,
     Geometry,
-    L2Cache,
-    L2Table,
     compressed_range,
     l2_run,
     pack_table,
@@ -123,38 +123,6 @@ FIRST_READ = 4096
 DEFAULT_L2_CACHE = 4 * 1024 * 1024
 
 log = logging.getLogger("imgfs")
-
-
-class MetadataLock:
-    """The per-node metadata lock.  Held sections are shielded from
-    cancellation: a cancelled request must not stop between, say, writing a
-    new refcount table and switching the header to it.  When free, the lock
-    is taken without a trip through the scheduler (the hot paths take it per
-    request, and the round-trip cost more than the request when measured)."""
-
-    def __init__(self) -> None:
-        self._lock = trio.Lock()
-        self._shield: trio.CancelScope | None = None
-
-    async def __aenter__(self) -> None:
-        try:
-            self._lock.acquire_nowait()
-        except trio.WouldBlock:
-            await self._lock.acquire()
-        shield = trio.CancelScope(shield=True)
-        shield.__enter__()
-        self._shield = shield
-
-    def locked(self) -> bool:
-        return self._lock.locked()
-
-    async def __aexit__(self, *exc_info: Any) -> None:
-        shield, self._shield = self._shield, None
-        try:
-            if shield is not None:
-                shield.__exit__(*exc_info)
-        finally:
-            self._lock.release()
 
 
 #: QEMU refuses to open (or check) a snapshot entry with more extra data
@@ -241,7 +209,7 @@ class Qcow2Driver(WriteMixin, BlockDriver):
         self.data_child = "data-file" if self.has_data_file else "file"
         self.data_file_raw = bool(header.autoclear_features & AUTOCLEAR_DATA_FILE_RAW)
         cache_bytes = options["l2-cache-size"] or DEFAULT_L2_CACHE
-        self.l2_cache = L2Cache(cache_bytes // self.cluster_size)
+        self.l2_cache = TableCache(cache_bytes // self.cluster_size)
         self.lock = MetadataLock()
         self.l1_dirty: set[int] = set()
         self.prepared = False
@@ -558,7 +526,7 @@ class Qcow2Driver(WriteMixin, BlockDriver):
 
     # -- metadata lookups -------------------------------------------------------------------
 
-    async def _l2_table(self, l2_offset: int) -> L2Table:
+    async def _l2_table(self, l2_offset: int) -> Table:
         table = self.l2_cache.get(l2_offset)
         if table is not None:
             return table
@@ -569,16 +537,10 @@ class Qcow2Driver(WriteMixin, BlockDriver):
         if self._overlaps_metadata(l2_offset, self.cluster_size):
             raise await self._mark_corrupt(f"L2 table offset {l2_offset:#x} overlaps the "
                                            "header, the L1 table or the refcount table")
-        while True:
-            # A table changed (and perhaps written and dropped) while this
-            # read was in flight would come back stale: read it again.
-            changes = self.l2_cache.changes
-            raw = await file.read(l2_offset, self.cluster_size)
-            table = self.l2_cache.get(l2_offset)
-            if table is not None:
-                return table
-            if self.l2_cache.changes == changes:
-                return self.l2_cache.insert(L2Table(l2_offset, unpack_l2(raw)))
+        return await self.l2_cache.load(l2_offset, self._read_l2)
+
+    async def _read_l2(self, l2_offset: int) -> array.array[int]:
+        return unpack_l2(await self.children["file"].read(l2_offset, self.cluster_size))
 
     async def block_status(self, offset: int, length: int) -> Extent:
         extent = await self._mapped_status(offset, length)
@@ -613,7 +575,7 @@ class Qcow2Driver(WriteMixin, BlockDriver):
             return Extent(run.length, DATA)
         return Extent(run.length, UNALLOCATED)
 
-    async def _check_host_alignment(self, table: L2Table, offset: int) -> None:
+    async def _check_host_alignment(self, table: Table, offset: int) -> None:
         """As QEMU, a request that meets a misaligned host offset (see
         _misaligned_host) fails and marks the image corrupt."""
         host = self._misaligned_host(table, offset)
@@ -622,7 +584,7 @@ class Qcow2Driver(WriteMixin, BlockDriver):
                 f"cluster allocation offset {host:#x} unaligned (L2 table at "
                 f"{table.offset:#x}, index {self.geometry.l2_index(offset)})")
 
-    def _misaligned_host(self, table: L2Table, offset: int) -> int | None:
+    def _misaligned_host(self, table: Table, offset: int) -> int | None:
         """The host offset of the standard L2 entry for guest `offset` if it
         is not cluster aligned (spec: "Standard Cluster Descriptor", bits
         9..55), else None; a run of contiguous clusters is aligned when its
@@ -678,6 +640,9 @@ class Qcow2Driver(WriteMixin, BlockDriver):
         async with self.lock:
             await self._write_back()
 
+    async def _write_l2(self, table: Table) -> None:
+        await self.children["file"].write(table.offset, pack_table(table.entries))
+
     async def _write_back(self) -> None:
         """Metadata to disk in crash-safe order (see the module docstring)."""
         file = self.children["file"]
@@ -686,9 +651,7 @@ class Qcow2Driver(WriteMixin, BlockDriver):
             await file.flush()
         if dirty_tables and self.has_data_file:
             await self.children["data-file"].flush()
-        for table in sorted(dirty_tables, key=lambda tab: tab.offset):
-            await file.write(table.offset, pack_table(table.entries))
-            table.dirty = False
+        await self.l2_cache.write_back(self._write_l2)
         if self.l1_dirty:
             if dirty_tables:
                 await file.flush()

@@ -53,7 +53,8 @@ REFT_RESERVED_MASK = 0x1FF
 BITMAP_TABLE_CHUNK = 1 << 20
 
 if TYPE_CHECKING:
-    from .cluster import L2Table
+    from imgfs.tablecache import Table
+
     from .driver import Qcow2Driver
     from .snapshot import Snapshot
 
@@ -557,8 +558,7 @@ async def zero_unaligned_preallocated(driver: Qcow2Driver, messages: list[str]) 
                 fixed += 1
     if fixed:
         await file.flush()
-        for offset in list(driver.l2_cache.tables):
-            driver.l2_cache.drop(offset)
+        driver.l2_cache.clear()
     return fixed
 
 
@@ -577,7 +577,7 @@ async def fix_copied_flags(driver: Qcow2Driver) -> None:
     await driver._write_back()
 
 
-async def _fix_copied_in_table(driver: Qcow2Driver, table: L2Table) -> None:
+async def _fix_copied_in_table(driver: Qcow2Driver, table: Table) -> None:
     words = 2 if driver.geometry.extended_l2 else 1
     changed = False
     for index in range(0, len(table.entries), words):
@@ -595,7 +595,7 @@ async def _fix_copied_in_table(driver: Qcow2Driver, table: L2Table) -> None:
             table.entries[index] = new
             changed = True
     if changed:
-        driver.l2_cache.mark_dirty(table)
+        driver.l2_cache.changed(table, dirty=True)
 
 
 # -- qemu-img check's output -----------------------------------------------------------

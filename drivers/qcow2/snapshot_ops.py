@@ -136,7 +136,7 @@ async def _clear_active_copied(driver: Qcow2Driver) -> None:
         table = await driver._l2_table(l2_offset)
         for index in range(0, len(table.entries), words):
             table.entries[index] &= ~QCOW_OFLAG_COPIED
-        driver.l2_cache.mark_dirty(table)
+        driver.l2_cache.changed(table, dirty=True)
 
 
 async def create_snapshot(driver: Qcow2Driver, name: str) -> None:

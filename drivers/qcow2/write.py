@@ -21,6 +21,7 @@ import struct
 from typing import TYPE_CHECKING, cast
 
 from imgfs.errors import CorruptImage, Unsupported, UsageError
+from imgfs.tablecache import Table
 
 from .cluster import (
     BITMAP_ALL_ALLOCATED,
@@ -31,7 +32,6 @@ from .cluster import (
     QCOW_OFLAG_COPIED,
     QCOW_OFLAG_ZERO,
     ClusterType,
-    L2Table,
     bitmap_range,
     compressed_descriptor,
     compressed_range,
@@ -45,11 +45,11 @@ from .header import INCOMPAT_CORRUPT, OFFSET_L1, OFFSET_SIZE
 
 if TYPE_CHECKING:
     from imgfs.node import Node
+    from imgfs.tablecache import MetadataLock, TableCache
 
     from .bitmaps import Directory
-    from .cluster import Geometry, L2Cache
+    from .cluster import Geometry
     from .crypt import AesCipher, ClusterCipher
-    from .driver import MetadataLock
     from .header import Header, ImageHeader
     from .refcount import RefcountStore
     from .snapshot import Snapshot
@@ -82,7 +82,7 @@ class WriteMixin:
         data_child: str
         l1: list[int]
         l1_dirty: set[int]
-        l2_cache: L2Cache
+        l2_cache: TableCache
         refcounts: RefcountStore
         lock: MetadataLock
         inflight: int
@@ -93,10 +93,10 @@ class WriteMixin:
         dirty_bitmaps: Directory | None
 
         async def _prepare_for_write(self) -> None: ...
-        async def _l2_table(self, l2_offset: int) -> L2Table: ...
+        async def _l2_table(self, l2_offset: int) -> Table: ...
         async def _mark_corrupt(self, message: str) -> CorruptImage: ...
-        async def _check_host_alignment(self, table: L2Table, offset: int) -> None: ...
-        def _misaligned_host(self, table: L2Table, offset: int) -> int | None: ...
+        async def _check_host_alignment(self, table: Table, offset: int) -> None: ...
+        def _misaligned_host(self, table: Table, offset: int) -> int | None: ...
         async def _write_back(self) -> None: ...
         async def _write_header_bytes(self, offset: int, data: bytes) -> None: ...
     # -- writes ---------------------------------------------------------------------------
@@ -174,7 +174,7 @@ class WriteMixin:
         geometry = self.geometry
         return (geometry.l1_index(offset) + 1) << (geometry.cluster_bits + geometry.l2_bits)
 
-    def _in_place_run(self, table: L2Table, offset: int, length: int
+    def _in_place_run(self, table: Table, offset: int, length: int
                       ) -> tuple[int, int] | None:
         """(host offset, length) of the part of the range that is allocated
         with refcount 1 and can be overwritten in place, or None."""
@@ -205,7 +205,7 @@ class WriteMixin:
                     (offset & ((geometry.l2_entries << geometry.cluster_bits) - 1))
         return run.host_offset, run.length
 
-    async def _l2_for_write(self, l1_index: int) -> L2Table:
+    async def _l2_for_write(self, l1_index: int) -> Table:
         """The L2 table for `l1_index`, allocated if missing (lock held)."""
         if l1_index >= len(self.l1):
             raise CorruptImage(f"L1 index {l1_index} beyond the L1 table")
@@ -218,16 +218,16 @@ class WriteMixin:
                 self.l1[l1_index] = entry | QCOW_OFLAG_COPIED
                 self.l1_dirty.add(l1_index)
             return await self._l2_table(l2_offset)
-        if self.l2_cache.dirty_count() >= self.l2_cache.capacity:
+        if len(self.l2_cache.dirty_tables()) >= self.l2_cache.capacity:
             await self._write_back()
         l2_offset = await self.refcounts.allocate(1)
-        table = L2Table(l2_offset, empty_l2(self.cluster_size // 8))
-        self.l2_cache.mark_dirty(table)
+        table = Table(l2_offset, empty_l2(self.cluster_size // 8))
+        self.l2_cache.changed(table, dirty=True)
         self.l1[l1_index] = l2_offset | QCOW_OFLAG_COPIED
         self.l1_dirty.add(l1_index)
         return table
 
-    async def _copy_shared_l2(self, l1_index: int, l2_offset: int) -> L2Table:
+    async def _copy_shared_l2(self, l1_index: int, l2_offset: int) -> Table:
         """Copy-on-write of an L2 table shared with a snapshot (spec:
         "Snapshots").  A data cluster's refcount counts the L1 tables that
         reach it, which the copy does not change; its entries keep no
@@ -239,8 +239,8 @@ class WriteMixin:
         for index in range(0, len(entries), words):
             entries[index] &= ~QCOW_OFLAG_COPIED
         new_offset = await self.refcounts.allocate(1)
-        table = L2Table(new_offset, entries)
-        self.l2_cache.mark_dirty(table)
+        table = Table(new_offset, entries)
+        self.l2_cache.changed(table, dirty=True)
         self.l1[l1_index] = new_offset | QCOW_OFLAG_COPIED
         self.l1_dirty.add(l1_index)
         self.refcounts.queue_free(l2_offset)
@@ -277,9 +277,9 @@ class WriteMixin:
             return data
         return b"".join((head, data, tail))
 
-    async def _allocating_write(self, table: L2Table, offset: int, data: memoryview) -> int:
+    async def _allocating_write(self, table: Table, offset: int, data: memoryview) -> int:
         """Copy-on-write of a run of clusters that cannot be written in place."""
-        if self.l2_cache.dirty_count() > self.l2_cache.capacity:
+        if len(self.l2_cache.dirty_tables()) > self.l2_cache.capacity:
             await self._write_back()
         if self.geometry.extended_l2:
             return await self._allocating_write_extended(table, offset, data)
@@ -301,10 +301,10 @@ class WriteMixin:
                 | QCOW_OFLAG_COPIED
             if old and not reuse:
                 self._release(old)
-        self.l2_cache.mark_dirty(table)
+        self.l2_cache.changed(table, dirty=True)
         return written
 
-    def _clusters_to_allocate(self, table: L2Table, offset: int, length: int) -> int:
+    def _clusters_to_allocate(self, table: Table, offset: int, length: int) -> int:
         """How many clusters from `offset` need a fresh allocation (at least 1)."""
         geometry = self.geometry
         index = geometry.l2_index(offset)
@@ -344,7 +344,7 @@ class WriteMixin:
         for host, count in self._clusters_of(entry):
             self.refcounts.queue_free(host, count)
 
-    async def _allocating_write_extended(self, table: L2Table, offset: int,
+    async def _allocating_write_extended(self, table: Table, offset: int,
                                          data: memoryview) -> int:
         """Extended L2: write the touched subclusters of one cluster."""
         geometry = self.geometry
@@ -379,7 +379,7 @@ class WriteMixin:
             self._release(entry)
         table.entries[2 * index] = host | QCOW_OFLAG_COPIED
         table.entries[2 * index + 1] = bitmap
-        self.l2_cache.mark_dirty(table)
+        self.l2_cache.changed(table, dirty=True)
         return written
 
     # -- zeroes and discard ----------------------------------------------------------------
@@ -433,7 +433,7 @@ class WriteMixin:
                     self._clear_in_table(table, position, step, zero=zero, unmap=unmap)
             position += step
 
-    def _clear_in_table(self, table: L2Table, offset: int, length: int, *,
+    def _clear_in_table(self, table: Table, offset: int, length: int, *,
                         zero: bool, unmap: bool) -> None:
         geometry = self.geometry
         position, end = offset, offset + length
@@ -447,9 +447,9 @@ class WriteMixin:
             else:
                 self._clear_cluster(table, index, zero=zero, unmap=unmap)
             position = step_end
-        self.l2_cache.mark_dirty(table)
+        self.l2_cache.changed(table, dirty=True)
 
-    def _clear_cluster(self, table: L2Table, index: int, *, zero: bool, unmap: bool) -> None:
+    def _clear_cluster(self, table: Table, index: int, *, zero: bool, unmap: bool) -> None:
         old = table.entries[index]
         mapping = decode_entry(old, zero_flag=self.zero_flag)
         keep = not unmap and mapping.host_offset and old & QCOW_OFLAG_COPIED \
@@ -460,7 +460,7 @@ class WriteMixin:
         table.entries[index] = QCOW_OFLAG_ZERO if zero else 0
         self._release(old)
 
-    def _clear_subclusters(self, table: L2Table, index: int, start: int, length: int, *,
+    def _clear_subclusters(self, table: Table, index: int, start: int, length: int, *,
                            zero: bool) -> None:
         geometry = self.geometry
         entry, bitmap = table.entries[2 * index], table.entries[2 * index + 1]
@@ -505,11 +505,11 @@ class WriteMixin:
                     for number in range(count):
                         self._set_preallocated(table, index + number,
                                                host + (number << geometry.cluster_bits), mode)
-                    self.l2_cache.mark_dirty(table)
+                    self.l2_cache.changed(table, dirty=True)
                 position += max(count, 1)
             await self._write_back()
 
-    def _set_preallocated(self, table: L2Table, index: int, host: int, mode: str) -> None:
+    def _set_preallocated(self, table: Table, index: int, host: int, mode: str) -> None:
         if self.geometry.extended_l2:
             table.entries[2 * index] = host | QCOW_OFLAG_COPIED
             table.entries[2 * index + 1] = 0 if mode == "metadata" else BITMAP_ALL_ALLOCATED
@@ -651,7 +651,7 @@ class WriteMixin:
                                                          self.geometry.cluster_bits)
             if words == 2:
                 table.entries[index + 1] = 0
-            self.l2_cache.mark_dirty(table)
+            self.l2_cache.changed(table, dirty=True)
             self._release(old)
 
     async def _allocate_bytes(self, length: int) -> int:
