@@ -12,11 +12,15 @@ from __future__ import annotations
 
 import itertools
 import os
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, TypeVar
 
 import trio
+
+from .errors import Unreachable
+
+T = TypeVar("T")
 
 
 @dataclass
@@ -74,3 +78,20 @@ class ForeignCompletions:
         if pending is not None:
             pending.result, pending.error = result, error
             pending.done.set()
+
+
+async def blocking_call(timeout: float, call: Callable[..., T], *arguments: Any) -> T:
+    """A blocking library call (connect, open, resize, close) on a worker
+    thread, for at most `timeout` seconds: then it is abandoned (the thread
+    finishes on its own) and the caller gets Unreachable (EIO)."""
+    with trio.move_on_after(timeout):
+        return await trio.to_thread.run_sync(call, *arguments, abandon_on_cancel=True)
+    raise Unreachable(f"no answer within {timeout} s")
+
+
+async def within(timeout: float, request: Awaitable[T]) -> T:
+    """An asynchronous request that gives up (Unreachable, EIO) after
+    `timeout` seconds; its buffers stay with `ForeignCompletions`."""
+    with trio.move_on_after(timeout):
+        return await request
+    raise Unreachable(f"no answer within {timeout} s")

@@ -10,10 +10,8 @@ from __future__ import annotations
 
 import errno
 import os
-from collections.abc import Callable
-from typing import Any, TypeVar
-
-import trio
+from collections.abc import Awaitable, Callable
+from typing import Any, TypeVar, cast
 
 from imgfs.block import DATA, ZERO, BlockDriver, Extent, Kind
 from imgfs.errors import (
@@ -25,6 +23,7 @@ from imgfs.errors import (
     UsageError,
     from_oserror,
 )
+from imgfs.foreign_io import blocking_call, within
 from imgfs.node import OpenContext
 from imgfs.options import Int, Opt, Schema, Str, in_range
 
@@ -102,27 +101,21 @@ class GlusterDriver(BlockDriver):
                 volume.release()
 
     async def _blocking(self, call: Callable[..., T], *arguments: Any) -> T:
-        """A blocking library call on a worker thread, at most `timeout`
-        seconds (then abandoned: the thread finishes on its own)."""
-        with trio.move_on_after(self.timeout):
-            return await trio.to_thread.run_sync(call, *arguments, abandon_on_cancel=True)
-        raise Unreachable(f"no answer from the volume within {self.timeout} s")
+        return await blocking_call(self.timeout, call, *arguments)
 
     def _file(self) -> gfapi.File:
         if self.file is None:
             raise Unreachable("not connected to the volume")
         return self.file
 
-    async def _request(self, call: Callable[..., Any], *arguments: Any) -> Any:
-        with trio.move_on_after(self.timeout):
-            return await call(*arguments)
-        raise Unreachable(f"no answer from the volume within {self.timeout} s")
+    async def _request(self, call: Callable[..., Awaitable[T]], *arguments: Any) -> T:
+        return await within(self.timeout, call(*arguments))
 
     # -- I/O ----------------------------------------------------------------------
 
     async def read(self, offset: int, length: int) -> bytes:
-        data: bytes = await self._request(self._file().pread, offset, length)
-        return data
+        # a bytearray serves every caller as bytes would (see the nbd driver)
+        return cast(bytes, await self._request(self._file().pread, offset, length))
 
     async def write(self, offset: int, data: bytes) -> None:
         if not self.writable:
