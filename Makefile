@@ -14,12 +14,12 @@ PYTEST_ARGS ?=
 # Run time: FUSE, and what pyfuse3 and our LUKS extension (libssl-dev) need
 # to build.  Test oracles: the real tools every test compares against
 # (qemu-img/qemu-io/qemu-nbd, qemu-storage-daemon, nbdkit, cryptsetup,
-# dosfstools, mtools, 7-Zip, sshd, tgtd, fio).
+# dosfstools, mtools, 7-Zip, sshd, tgtd, fio, nginx).
 APT_RUNTIME := fuse3 libfuse3-dev pkg-config gcc python3-dev python3-venv libssl-dev
 APT_DEMO    := fdisk e2fsprogs util-linux mount
 APT_TEST    := qemu-utils qemu-system-common qemu-block-extra nbdkit fio \
                dosfstools mtools cryptsetup-bin 7zip openssh-server tgt \
-               man-db groff-base xfsprogs btrfs-progs
+               man-db groff-base xfsprogs btrfs-progs nginx-light
 
 .PHONY: help deps deps-test venv demo test test-fast install uninstall bench lint typecheck clean
 
