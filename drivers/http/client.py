@@ -385,7 +385,7 @@ class HttpFile:
 
     async def read(self, offset: int, length: int) -> bytearray:
         """Bytes `offset` to `offset + length` (within the size) of the file."""
-        self._check_unchanged()
+        self.check_unchanged()
         buffer = bytearray(length)
 
         async def answer(conn: Connection, response: h11.Response) -> None:
@@ -397,7 +397,7 @@ class HttpFile:
         await self.pool.exchange(self._request(offset, offset + length - 1), answer)
         return buffer
 
-    def _check_unchanged(self) -> None:
+    def check_unchanged(self) -> None:
         if self.changed is not None:
             raise ImgfsError(f"{self.url.display}: the file changed on the server "
                              f"({self.changed}); remount to read the new version")
@@ -416,7 +416,7 @@ class HttpFile:
             if self.changed is None and (first, last) != (offset, offset + length - 1):
                 raise ImgfsError(f"{self.url.display}: asked for bytes {offset}-"
                                  f"{offset + length - 1}, got {first}-{last}")
-        self._check_unchanged()
+        self.check_unchanged()
 
     async def aclose(self) -> None:
         await self.pool.aclose()

@@ -143,6 +143,7 @@ class HttpDriver(BlockDriver):
 
     async def read(self, offset: int, length: int) -> bytes:
         assert self.file is not None
+        self.file.check_unchanged()
         if self.cache is not None:
             return await self.cache.read(offset, length)
         # a bytearray serves every caller as well as bytes would
