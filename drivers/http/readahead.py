@@ -72,7 +72,7 @@ class ReadAhead:
         for was cancelled (the caller asks again)."""
         claimed = [self._claim(index) for index in range(first, last + 1)]
         mine = [index for index, (_, fresh) in enumerate(claimed, first) if fresh]
-        for run in _runs(mine):
+        for run in contiguous_runs(mine):
             await self._fill(run, [claimed[index - first][0] for index in run])
         self._maybe_prefetch(first, last)
         datas = []
@@ -139,7 +139,7 @@ class ReadAhead:
             pass                # the read that wants this window will report it
 
 
-def _runs(indexes: list[int]) -> list[list[int]]:
+def contiguous_runs(indexes: list[int]) -> list[list[int]]:
     """[1, 2, 3, 7, 8] -> [[1, 2, 3], [7, 8]]"""
     runs: list[list[int]] = []
     for index in indexes:

@@ -130,7 +130,8 @@ def test_qcow2_with_backing_on_the_server(server: Nginx, tmp_path: Path) -> None
     info = imgfs("info", "--output", "json", url).stdout
     assert f'"full-backing-filename": "{server.url("sub/base.qcow2")}"' in info
     secure = server.url("sub/top.qcow2", https=True)
-    tree = f'json:{{"driver":"qcow2","file":{{"driver":"https","url":"{secure}","sslverify":false}}}}'
+    tree = ('json:{"driver":"qcow2","file":{"driver":"https",'
+            f'"url":"{secure}","sslverify":false}}}}')
     assert imgfs_convert(tmp_path / "secure.raw", tree) == expected
 
 

@@ -3,10 +3,10 @@ from __future__ import annotations
 
 import h11
 import pytest
-
 from imgfs.drivers.http.client import Validators, basic_auth
-from imgfs.drivers.http.readahead import _runs
+from imgfs.drivers.http.readahead import contiguous_runs
 from imgfs.drivers.http.url import content_range, parse_url, redact
+
 from imgfs.errors import UsageError
 
 
@@ -65,4 +65,4 @@ def test_validators_notice_a_new_version() -> None:
 def test_basic_auth_and_runs() -> None:
     assert basic_auth("Aladdin", "open sesame") == (
         "Authorization", "Basic QWxhZGRpbjpvcGVuIHNlc2FtZQ==")
-    assert _runs([1, 2, 3, 7, 8, 10]) == [[1, 2, 3], [7, 8], [10]]
+    assert contiguous_runs([1, 2, 3, 7, 8, 10]) == [[1, 2, 3], [7, 8], [10]]
