@@ -18,7 +18,7 @@ import functools
 import ssl
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
-from typing import TypeVar, cast
+from typing import Any, TypeVar, cast
 
 import h11
 import trio
@@ -106,6 +106,20 @@ def header(response: h11.Response, name: bytes) -> str | None:
     return value
 
 
+def content_length(response: h11.Response) -> int | None:
+    """The body's length, when Content-Length alone frames it."""
+    if header(response, b"transfer-encoding") is not None:
+        return None
+    value = header(response, b"content-length")
+    return int(value) if value is not None and value.isdigit() else None
+
+
+def keeps_alive(response: h11.Response) -> bool:
+    """Whether the server keeps the connection open after this answer (RFC 9112 9.3)."""
+    connection = (header(response, b"connection") or "").lower()
+    return response.http_version == b"1.1" and "close" not in connection
+
+
 def status_error(url: Url, response: h11.Response) -> ImgfsError:
     """The error an unexpected status means."""
     status = response.status_code
@@ -127,6 +141,9 @@ class Connection:
         self.protocol = h11.Connection(h11.CLIENT, max_incomplete_event_size=MAX_HEADER_BYTES)
         #: the server sent something since the current request went out
         self.heard_back = False
+        #: the last body bypassed h11, which must then start afresh
+        self.bypassed_body = False
+        self.keep_alive = False
 
     async def send(self, request: h11.Request) -> None:
         data = self.protocol.send(request) + self.protocol.send(h11.EndOfMessage())
@@ -136,24 +153,31 @@ class Connection:
         except NETWORK_ERRORS as exc:
             raise Lost(socket_reason(exc)) from None
 
+    def _poll(self) -> Any:
+        """h11's next event, or NEED_DATA."""
+        try:
+            event = self.protocol.next_event()
+        except h11.RemoteProtocolError as exc:
+            raise Lost(f"not a valid HTTP answer: {exc}") from None
+        if isinstance(event, h11.ConnectionClosed):
+            raise Lost("the server closed the connection")
+        if event is h11.PAUSED:
+            raise Lost("the server answered more than was asked")
+        return event
+
+    async def _feed(self) -> None:
+        """Give h11 what the server sent next."""
+        try:
+            data = await self.stream.receive_some(RECEIVE_SIZE)
+        except NETWORK_ERRORS as exc:
+            raise Lost(ssl_reason(exc) or socket_reason(exc)) from None
+        self.heard_back = self.heard_back or bool(data)
+        self.protocol.receive_data(bytes(data) if isinstance(data, bytearray) else data)
+
     async def next_event(self) -> h11.Event:
-        while True:
-            try:
-                event = self.protocol.next_event()
-            except h11.RemoteProtocolError as exc:
-                raise Lost(f"not a valid HTTP answer: {exc}") from None
-            if isinstance(event, h11.ConnectionClosed):
-                raise Lost("the server closed the connection")
-            if event is h11.PAUSED:
-                raise Lost("the server answered more than was asked")
-            if event is not h11.NEED_DATA:
-                return cast(h11.Event, event)
-            try:
-                data = await self.stream.receive_some(RECEIVE_SIZE)
-            except NETWORK_ERRORS as exc:
-                raise Lost(ssl_reason(exc) or socket_reason(exc)) from None
-            self.heard_back = self.heard_back or bool(data)
-            self.protocol.receive_data(bytes(data) if isinstance(data, bytearray) else data)
+        while (event := self._poll()) is h11.NEED_DATA:
+            await self._feed()
+        return cast(h11.Event, event)
 
     async def response(self) -> h11.Response:
         while True:
@@ -163,12 +187,22 @@ class Connection:
             if not isinstance(event, h11.InformationalResponse):
                 raise Lost(f"unexpected {type(event).__name__} before the status line")
 
-    async def body_into(self, view: memoryview) -> int:
-        """Receive the body into `view`; how many bytes it had."""
+    async def body_into(self, response: h11.Response, view: memoryview) -> int:
+        """Receive the body into `view`; how many bytes it had.
+
+        What h11 holds of the body already comes through h11; when the body
+        is exactly `view` long, the rest is received straight into `view`
+        (through h11 every byte would be copied twice more), and the
+        connection's next request starts with a fresh h11 state."""
         filled = 0
+        direct = len(view) if content_length(response) == len(view) else None
         while True:
-            event = await self.next_event()
-            if isinstance(event, h11.Data):
+            event = self._poll()
+            if event is h11.NEED_DATA:
+                if direct is not None:
+                    break
+                await self._feed()
+            elif isinstance(event, h11.Data):
                 count = len(event.data)
                 if filled + count > len(view):
                     raise Lost("the server sent more than the range asked for")
@@ -178,6 +212,26 @@ class Connection:
                 return filled
             else:
                 raise Lost(f"unexpected {type(event).__name__} in a body")
+        while filled < len(view):
+            filled += await self._receive_into(view[filled:])
+        self.bypassed_body = True
+        self.keep_alive = keeps_alive(response)
+        return filled
+
+    async def _receive_into(self, view: memoryview) -> int:
+        try:
+            if isinstance(self.stream, trio.SocketStream):
+                count = await self.stream.socket.recv_into(view)
+            else:
+                data = await self.stream.receive_some(len(view))
+                count = len(data)
+                view[:count] = data
+        except NETWORK_ERRORS as exc:
+            raise Lost(ssl_reason(exc) or socket_reason(exc)) from None
+        if count == 0:
+            raise Lost("the server closed the connection in the middle of a body")
+        self.heard_back = True
+        return count
 
     async def skip_body(self) -> None:
         """Read a short body to keep the connection; a long one is not read
@@ -192,6 +246,11 @@ class Connection:
 
     def reuse(self) -> bool:
         """Ready the connection for its next request, if it can have one."""
+        if self.bypassed_body:
+            self.bypassed_body = False
+            self.protocol = h11.Connection(h11.CLIENT,
+                                           max_incomplete_event_size=MAX_HEADER_BYTES)
+            return self.keep_alive
         if self.protocol.our_state is h11.DONE and self.protocol.their_state is h11.DONE:
             self.protocol.start_next_cycle()
             return True
@@ -365,7 +424,8 @@ class HttpFile:
             raise Unsupported(f"{self.url.display}: the server does not tell the file's size")
         if status == 206 and first != 0:
             raise ImgfsError(f"{self.url.display}: asked for byte 0, got byte {first}")
-        await (conn.body_into(memoryview(bytearray(1))) if status == 206 else conn.skip_body())
+        await (conn.body_into(response, memoryview(bytearray(1))) if status == 206
+               else conn.skip_body())
         self.size = total
         self.validators = Validators.of(response)
         return None
@@ -390,7 +450,7 @@ class HttpFile:
 
         async def answer(conn: Connection, response: h11.Response) -> None:
             self._check_answer(response, offset, length)
-            received = await conn.body_into(memoryview(buffer))
+            received = await conn.body_into(response, memoryview(buffer))
             if received != length:
                 raise Lost(f"{received} bytes of a {length}-byte range")
 
