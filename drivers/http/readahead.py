@@ -1,12 +1,22 @@
 """The read-ahead cache: windows of `readahead` bytes, aligned to their size.
 
-A read fetches every window it touches that is not cached yet (contiguous
+A read shorter than a window that continues an earlier read (a sequential
+reader) fetches every window it touches that is not cached yet (contiguous
 missing windows in one request), so a run of small sequential reads costs
 one request per window, as QEMU's curl driver asks for `readahead` bytes
-beyond each read.  Aligned windows let concurrent readers of one window
-share a single request: whoever claims a window first fetches it, the
-others wait for it.  When a read follows the window before it (a
-sequential reader), the next windows are fetched in the background.
+beyond each read.  A small read that continues nothing and is not cached
+(a random read) asks for its own bytes only: QEMU reads ahead there too,
+which makes every random read pay for a window it rarely uses.  Aligned windows let concurrent
+readers of one window share a single request: whoever claims a window
+first fetches it, the others wait for it.  When a read follows the window
+before it (a sequential reader), the next windows are fetched in the
+background.
+
+A read of a window or more is not cut into windows (that would only copy
+it twice more); when it continues an earlier read, the next reads of the
+same length are fetched in the background, so that a sequential reader
+(the kernel's read-ahead: 1 MiB reads one after the other) always has a
+request in flight ahead of it.
 """
 from __future__ import annotations
 
@@ -24,6 +34,10 @@ CACHE_BYTES = 16 * MiB
 MIN_WINDOWS = 8
 #: a sequential reader has this much fetched ahead of it
 PREFETCH_BYTES = 1 * MiB
+#: sequential readers of small reads followed at once
+SMALL_READERS = 16
+#: a sequential reader of large reads has this many of them fetched ahead
+AHEAD_READS = 2
 
 Fetch = Callable[[int, int], Awaitable[bytearray]]
 
@@ -50,11 +64,24 @@ class ReadAhead:
         self.capacity = max(MIN_WINDOWS, CACHE_BYTES // window)
         self.prefetch_windows = max(1, PREFETCH_BYTES // window)
         self.windows: OrderedDict[int, _Window] = OrderedDict()
+        #: large reads fetched ahead: offset -> (length, its window)
+        self.ahead: OrderedDict[int, tuple[int, _Window]] = OrderedDict()
+        #: where the last few small reads ended (their continuations are sequential)
+        self.small_ends: OrderedDict[int, None] = OrderedDict()
+        #: where the last few large reads ended (their continuations are sequential)
+        self.large_ends: OrderedDict[int, None] = OrderedDict()
 
     async def read(self, offset: int, length: int) -> bytes:
+        if length >= self.window:
+            return cast(bytes, await self._large_read(offset, length))
         first, last = offset // self.window, (offset + length - 1) // self.window
-        if last - first >= self.capacity // 2:
-            # (would only flush the cache)
+        sequential = offset in self.small_ends
+        self.small_ends[offset + length] = None
+        while len(self.small_ends) > SMALL_READERS:
+            self.small_ends.popitem(last=False)
+        cached = all(index in self.windows for index in range(first, last + 1))
+        if not (sequential or cached):
+            # a random read: a whole window would cost more than it saves
             return cast(bytes, await self.fetch(offset, length))
         while True:
             windows = await self._windows(first, last)
@@ -119,6 +146,39 @@ class ReadAhead:
             for number, window in enumerate(windows):
                 window.data = bytearray(view[number * self.window:(number + 1) * self.window])
         for window in windows:
+            window.ready.set()
+
+    async def _large_read(self, offset: int, length: int) -> bytearray:
+        sequential = offset in self.large_ends
+        self.large_ends[offset + length] = None
+        while len(self.large_ends) > 4 * AHEAD_READS:
+            self.large_ends.popitem(last=False)
+        if sequential and self.nursery is not None:
+            for number in range(1, AHEAD_READS + 1):
+                self._fetch_ahead(offset + number * length, length)
+        fetched = self.ahead.pop(offset, None)
+        if fetched is not None and fetched[0] == length:
+            window = fetched[1]
+            await window.ready.wait()
+            if window.data is not None:
+                return window.data
+        return await self.fetch(offset, length)      # not fetched ahead, or that failed
+
+    def _fetch_ahead(self, offset: int, length: int) -> None:
+        if offset in self.ahead or offset >= self.size:
+            return
+        window = _Window()
+        self.ahead[offset] = (min(length, self.size - offset), window)
+        while len(self.ahead) > 2 * AHEAD_READS:
+            self.ahead.popitem(last=False)
+        self.nursery.start_soon(self._fill_ahead, offset, self.ahead[offset][0], window)
+
+    async def _fill_ahead(self, offset: int, length: int, window: _Window) -> None:
+        try:
+            window.data = await self.fetch(offset, length)
+        except ImgfsError:
+            pass                # the read that wants these bytes fetches them again
+        finally:
             window.ready.set()
 
     def _maybe_prefetch(self, first: int, last: int) -> None:
