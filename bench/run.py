@@ -83,6 +83,7 @@ import statistics
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
@@ -170,6 +171,9 @@ class Case:
     #: how qsd's format node is given the secret (luks: key-secret=ID; qcow2 also
     #: needs encrypt.format=luks beside encrypt.key-secret=ID)
     qsd_secret_options: str = f"key-secret={SECRET_ID}"
+    #: "http": the image is served by nginx (tests/nginx.py) and both
+    #: exporters read it by URL (qsd with QEMU's curl driver), read-only
+    served: str = ""
 
 
 def _luks_create_opts(prefix: str) -> str:
@@ -198,6 +202,10 @@ CASES = {c.name: c for c in (
              "rand_write": Target(0.8), "seq_write": None,
              "seq_write_new": Target(1.0), "mount_latency": None,
          }),
+    # issue 17: an image on a web server, read with range requests
+    Case("http", "raw", ("raw",), ("-O", "raw"), served="http", metrics={
+        "seq_read": Target(1.5), "rand_read": Target(1.0), "mount_latency": None,
+    }),
     Case("qcow2-compressed", "qcow2", ("qcow2",), ("-c", "-O", "qcow2", "-o", QCOW2_OPTS),
          metrics={"seq_read": Target(1.0), "rand_read": None, "mount_latency": None}),
     Case("luks", "luks", ("luks",), ("-O", "luks", "-o", _luks_create_opts("")),
@@ -225,6 +233,8 @@ class Settings:
     only: tuple[str, ...] = ()
     #: the imgfs command to benchmark (--imgfs, for A/B experiments)
     imgfs: str = ""
+    #: the image's URL when the case serves it over the network
+    served_url: str = ""
 
 
 # -- small system helpers ----------------------------------------------------
@@ -382,7 +392,11 @@ class ImgfsExporter(Exporter):
         if self.case.encrypted:
             cmd += ["--object", f"secret,id={SECRET_ID},data={PASSPHRASE}",
                     "-o", f"key-secret={SECRET_ID}"]
-        return cmd + [str(self.image), str(self.mountpoint)]
+        return cmd + [self.source, str(self.mountpoint)]
+
+    @property
+    def source(self) -> str:
+        return self.settings.served_url or str(self.image)
 
     def mount(self) -> None:
         self.mountpoint.mkdir(exist_ok=True)
@@ -423,11 +437,19 @@ class QsdExporter(Exporter):
         if self.case.encrypted:
             cmd += ["--object", f"secret,id={SECRET_ID},data={PASSPHRASE}"]
             fmt_node += f",{self.case.qsd_secret_options}"
+        file_node = f"driver=file,node-name=file0,filename={self.image}"
+        writable = "on"
+        if self.settings.served_url:
+            scheme = self.settings.served_url.partition(":")[0]
+            file_node = (f"driver={scheme},node-name=file0,url={self.settings.served_url},"
+                         "read-only=on")
+            fmt_node += ",read-only=on"
+            writable = "off"
         return cmd + [
-            "--blockdev", f"driver=file,node-name=file0,filename={self.image}",
+            "--blockdev", file_node,
             "--blockdev", fmt_node,
             "--export", f"type=fuse,id=exp0,node-name=fmt0,"
-                        f"mountpoint={self.mountpoint},writable=on",
+                        f"mountpoint={self.mountpoint},writable={writable}",
         ]
 
     def mount(self) -> None:
@@ -619,9 +641,26 @@ def measure_io(metric: str, exporter: Exporter, settings: Settings,
     prepare_caches(exporter.image, settings)
     with mounted(exporter):
         extra = {"read_ahead_kb": read_ahead_kb(exporter.mountpoint)}
-        with profiled(exporter, metric, settings, profiles):
+        with profiled(exporter, metric, settings, profiles), watchdog(exporter, settings):
             value, details = IO_JOBS[metric](exporter.raw_path, settings)
     return value, {**details, **extra}
+
+
+@contextlib.contextmanager
+def watchdog(exporter: Exporter, settings: Settings) -> Iterator[None]:
+    """For a served image: kill the daemon if a job outlives any sane
+    runtime, so that fio fails instead of waiting forever (QEMU 7.2's curl
+    driver sometimes never completes a request when several are in flight)."""
+    if not settings.served_url or exporter.pid is None:
+        yield
+        return
+    pid = exporter.pid
+    timer = threading.Timer(settings.runtime * 12 + 120, os.kill, (pid, signal.SIGKILL))
+    timer.start()
+    try:
+        yield
+    finally:
+        timer.cancel()
 
 
 def measure_mount_latency(exporter: Exporter, settings: Settings) -> tuple[float, dict]:
@@ -794,6 +833,24 @@ def available_formats(imgfs: str) -> set[str]:
 def run_case(case: Case, settings: Settings) -> dict:
     print(f"\n== {case.name}: building a {settings.image_size // MiB} MiB image", flush=True)
     image = build_image(case, settings)
+    if not case.served:
+        return measure_case(case, image, settings)
+    # nginx from the tests (one process, loopback only), serving the image
+    sys.path.insert(0, str(BENCH_DIR.parent))
+    from tests.nginx import Nginx
+    server = Nginx(settings.workdir / "nginx")
+    served = server.www / image.name
+    image.rename(served)
+    server.start()
+    try:
+        settings.served_url = server.url(served.name)
+        return measure_case(case, served, settings)
+    finally:
+        settings.served_url = ""
+        server.stop()
+
+
+def measure_case(case: Case, image: Path, settings: Settings) -> dict:
     metrics: dict[str, dict] = {}
     profiles: dict[str, dict] = {}
     result: dict[str, Any] = {"status": "ran", "format": case.fmt, "metrics": metrics}
