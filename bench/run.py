@@ -654,13 +654,24 @@ def watchdog(exporter: Exporter, settings: Settings) -> Iterator[None]:
     if not settings.served_url or exporter.pid is None:
         yield
         return
-    pid = exporter.pid
-    timer = threading.Timer(settings.runtime * 12 + 120, os.kill, (pid, signal.SIGKILL))
+    limit = settings.runtime * 3 + 60
+    fired = threading.Event()
+
+    def kill(pid: int) -> None:
+        fired.set()
+        os.kill(pid, signal.SIGKILL)
+    timer = threading.Timer(limit, kill, (exporter.pid,))
     timer.start()
     try:
         yield
     finally:
         timer.cancel()
+    if fired.is_set():
+        raise Hung(f"{exporter.name} never completed a request (killed after {limit:g} s)")
+
+
+class Hung(RuntimeError):
+    """An exporter stopped answering and was killed (see watchdog)."""
 
 
 def measure_mount_latency(exporter: Exporter, settings: Settings) -> tuple[float, dict]:
@@ -713,7 +724,14 @@ def measure_once(cls: type[Exporter], case: Case, metric: str, image: Path,
             return measure_io(metric, exporter, settings, profiles)
         finally:
             exporter.image.unlink(missing_ok=True)
-    return measure_io(metric, cls(case, image, settings), settings, profiles)
+    for attempt in range(3):
+        try:
+            return measure_io(metric, cls(case, image, settings), settings, profiles)
+        except Hung as exc:
+            print(f"  {metric:<14} {cls.name:<6} {exc}; again", flush=True)
+            if attempt == 2:
+                raise
+    raise AssertionError("unreachable")
 
 
 def measure_metric(case: Case, metric: str, image: Path, settings: Settings,
