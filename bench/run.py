@@ -662,12 +662,17 @@ def watchdog(exporter: Exporter, settings: Settings) -> Iterator[None]:
         os.kill(pid, signal.SIGKILL)
     timer = threading.Timer(limit, kill, (exporter.pid,))
     timer.start()
+    hung = Hung(f"{exporter.name} never completed a request (killed after {limit:g} s)")
     try:
         yield
+    except subprocess.CalledProcessError as exc:      # fio, when its reads failed
+        if fired.is_set():
+            raise hung from exc
+        raise
     finally:
         timer.cancel()
     if fired.is_set():
-        raise Hung(f"{exporter.name} never completed a request (killed after {limit:g} s)")
+        raise hung
 
 
 class Hung(RuntimeError):

@@ -146,7 +146,10 @@ class Connection:
         self.keep_alive = False
 
     async def send(self, request: h11.Request) -> None:
-        data = self.protocol.send(request) + self.protocol.send(h11.EndOfMessage())
+        try:
+            data = self.protocol.send(request) + self.protocol.send(h11.EndOfMessage())
+        except h11.LocalProtocolError as exc:
+            raise Lost(f"cannot send the request: {exc}") from None
         self.heard_back = False
         try:
             await self.stream.send_all(data)

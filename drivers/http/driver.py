@@ -20,7 +20,7 @@ from imgfs.source import SOURCE_KEY
 
 from .client import HttpFile, Settings, basic_auth
 from .readahead import ReadAhead
-from .url import UNSAFE, Url, parse_url
+from .url import CONTROL, Url, parse_url
 
 #: QEMU's defaults (block/curl.c): READAHEAD_SIZE and CURL_TIMEOUT_DEFAULT
 DEFAULT_READAHEAD = 256 * KiB
@@ -40,7 +40,9 @@ def readahead_check(value: int) -> None:
 
 
 def header_safe(value: str, what: str) -> str:
-    if UNSAFE.sub("", value.replace(" ", "")) != value.replace(" ", ""):
+    """`value`, unless it holds a control character (a line break in a
+    header would end it and start another)."""
+    if CONTROL.search(value):
         raise UsageError(f"{what} contains control characters")
     return value
 

@@ -16,6 +16,8 @@ DEFAULT_PORTS = {"http": 80, "https": 443}
 #: what may not appear in a request target or a header value (request
 #: splitting): controls, spaces and DEL
 UNSAFE = re.compile(r"[\x00-\x20\x7f]")
+#: what may not appear in a header value
+CONTROL = re.compile(r"[\x00-\x1f\x7f]")
 #: the password part of a URL's userinfo, for messages about unparsable URLs
 _USERINFO_PASSWORD = re.compile(r"(//[^/@:]*):[^/@]*@")
 
