@@ -7,7 +7,8 @@ certificate for 127.0.0.1, ::1 and localhost.
 
 Locations: ``/`` serves `www`; ``/norange/`` the same files without range
 support (``max_ranges 0``); ``/redirect/NAME`` answers 302 to ``/NAME``;
-``/loop`` redirects to itself; ``/auth/`` needs user ``imgfs`` with
+``/loop`` redirects to itself; ``/away/NAME`` redirects to ``/NAME`` on
+[::1] (another origin); ``/auth/`` needs user ``imgfs`` with
 password PASSWORD (basic auth); ``/cookie/`` needs the cookie COOKIE.
 """
 from __future__ import annotations
@@ -71,6 +72,7 @@ http {{
         location /norange/ {{ alias {d}/www/; max_ranges 0; }}
         location /redirect/ {{ rewrite ^/redirect/(.*)$ /$1 redirect; }}
         location = /loop {{ return 302 /loop; }}
+        location /away/ {{ rewrite ^/away/(.*)$ http://[::1]:{http}/$1 redirect; }}
         location /auth/ {{
             alias {d}/www/;
             auth_basic "imgfs";

@@ -245,6 +245,15 @@ def test_auth_failures_never_show_the_password(server: Nginx) -> None:
     assert "wrong-password-2" not in message and "401" in message
 
 
+def test_credentials_stay_with_their_server(server: Nginx) -> None:
+    """A redirect to another origin ([::1] instead of 127.0.0.1) drops the
+    Authorization header: the other server asks for credentials."""
+    url = server.url("away/auth/disk.raw").replace("://", f"://imgfs:{PASSWORD}@")
+    message = refused("info", url)
+    assert "HTTP 401" in message and server.url("auth/disk.raw", host="::1") in message
+    assert PASSWORD not in message
+
+
 def test_cookie_and_cookie_secret(server: Nginx, tmp_path: Path) -> None:
     url = server.url("cookie/disk.raw")
     expected = (server.www / "disk.raw").read_bytes()
