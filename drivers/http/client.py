@@ -79,8 +79,9 @@ class Settings:
         return context
 
 
-def basic_auth(username: str, password: str) -> tuple[str, str]:
-    token = base64.b64encode(f"{username}:{password}".encode()).decode()
+def basic_auth(username: str, password: bytes) -> tuple[str, str]:
+    """RFC 7617: user-id ":" password, in UTF-8 (a secret's bytes as they are)."""
+    token = base64.b64encode(username.encode() + b":" + password).decode()
     return ("Authorization", f"Basic {token}")
 
 

@@ -114,15 +114,16 @@ class HttpDriver(BlockDriver):
         headers = []
         username = options.get("username") or url.username
         if username is not None:
-            password = url.password or ""
+            password = (url.password or "").encode()
             if options.get("password-secret"):
-                password = secret_by_id(ctx.secrets, options["password-secret"]).decode()
+                password = secret_by_id(ctx.secrets, options["password-secret"])
             headers.append(basic_auth(username, password))
         if options.get("cookie") and options.get("cookie-secret"):
             raise UsageError("give either cookie or cookie-secret, not both")
         cookie = options.get("cookie")
         if options.get("cookie-secret"):
-            cookie = secret_by_id(ctx.secrets, options["cookie-secret"]).decode()
+            # (header values are bytes on the wire: any byte but controls goes)
+            cookie = secret_by_id(ctx.secrets, options["cookie-secret"]).decode("latin-1")
         if cookie:
             headers.append(("Cookie", header_safe(cookie, "the cookie")))
         return headers

@@ -63,6 +63,6 @@ def test_validators_notice_a_new_version() -> None:
 
 
 def test_basic_auth_and_runs() -> None:
-    assert basic_auth("Aladdin", "open sesame") == (
+    assert basic_auth("Aladdin", b"open sesame") == (
         "Authorization", "Basic QWxhZGRpbjpvcGVuIHNlc2FtZQ==")
     assert contiguous_runs([1, 2, 3, 7, 8, 10]) == [[1, 2, 3], [7, 8], [10]]
