@@ -418,6 +418,10 @@ class HttpFile:
                 raise ImgfsError(f"{self.url.display}: HTTP {status} without a Location")
             await conn.skip_body()
             return location
+        if status == 200 and content_length(response) == 0:
+            await conn.skip_body()          # an empty file: nothing to range over
+            self.validators = Validators.of(response)
+            return None
         if status == 200:
             raise Unsupported(f"{self.url.display}: the server does not support range "
                               "requests (it answered a Range request with the whole file)")

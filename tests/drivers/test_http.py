@@ -38,6 +38,7 @@ def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Nginx]:
     nginx = Nginx(tmp_path_factory.mktemp("nginx"))
     (nginx.www / "disk.raw").write_bytes(random_bytes(5 * MiB + 1536, seed=7))
     (nginx.www / "odd.raw").write_bytes(random_bytes(MiB + 123, seed=8))
+    (nginx.www / "empty.raw").write_bytes(b"")
     make_chain(nginx.www / "sub")
     nginx.start()
     try:
@@ -333,6 +334,17 @@ def test_readahead_serves_small_reads_from_one_request(server: Nginx) -> None:
         finally:
             await node.aclose()
     run_trio(body)
+
+
+def test_empty_file_has_size_zero(server: Nginx) -> None:
+    """nginx answers 416 with "bytes */0" to the first-byte probe."""
+    async def body() -> int:
+        node = await open_image(server.url("empty.raw"), RO, fmt="raw")
+        try:
+            return node.size
+        finally:
+            await node.aclose()
+    assert run_trio(body) == 0
 
 
 def test_changed_file_fails_reads_with_eio(tmp_path: Path) -> None:
