@@ -15,13 +15,13 @@ PYTEST_ARGS ?=
 # to build; openssh-client for ssh:// sources, libgfapi0 for gluster://.
 # Test oracles: the real tools every test compares against
 # (qemu-img/qemu-io/qemu-nbd, qemu-storage-daemon, nbdkit, cryptsetup,
-# dosfstools, mtools, 7-Zip, sshd, tgtd, glusterd, fio).
+# dosfstools, mtools, 7-Zip, sshd, tgtd, glusterd, nginx, fio).
 APT_RUNTIME := fuse3 libfuse3-dev pkg-config gcc python3-dev python3-venv libssl-dev \
                openssh-client libgfapi0
 APT_DEMO    := fdisk e2fsprogs util-linux mount
 APT_TEST    := qemu-utils qemu-system-common qemu-block-extra nbdkit fio \
                dosfstools mtools cryptsetup-bin 7zip openssh-server tgt \
-               man-db groff-base xfsprogs btrfs-progs glusterfs-server
+               man-db groff-base xfsprogs btrfs-progs glusterfs-server nginx-light
 
 .PHONY: help deps deps-test venv demo test test-fast install uninstall bench lint typecheck clean
 
@@ -30,6 +30,10 @@ APT_TEST    := qemu-utils qemu-system-common qemu-block-extra nbdkit fio \
 # (iscsi-ls, iscsi-inq, iscsi-perf) for debugging against tgtd.
 APT_RUNTIME += libiscsi7
 APT_TEST    += libiscsi-dev libiscsi-bin
+# rbd: sources: librados and librbd at run time; a one-node Ceph cluster
+# (mon, osd, mgr) for the tests.
+APT_RUNTIME += librbd1 librados2
+APT_TEST    += ceph-mon ceph-osd ceph-mgr ceph-common
 
 help:  ## list the targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | sed 's/:.*## /\t/' | sort

@@ -25,6 +25,7 @@ sys.path.insert(0, str(BENCH_DIR.parent))
 
 if TYPE_CHECKING:
     from tests.glusterd import GlusterServer
+    from tests.nginx import Nginx
     from tests.sshd import Sshd
 
 
@@ -155,3 +156,31 @@ def serve_gluster(workdir: Path) -> Iterator[GlusterVolume]:
         yield GlusterVolume(server)
     finally:
         server.stop()
+
+
+# -- http: nginx ---------------------------------------------------------------------
+
+
+class HttpServer:
+    def __init__(self, nginx: Nginx) -> None:
+        self.nginx = nginx
+
+    def serve(self, image: Path) -> Served:
+        """The image linked into nginx's root, still at its own path for the
+        cache warm-up."""
+        os.link(image, self.nginx.www / image.name)
+        url = self.nginx.url(image.name)
+        return Served(url, f"driver=http,url={url}", f"{image.stem}.raw",
+                      read_only=True, qsd_read_ahead_off=True)
+
+
+@contextlib.contextmanager
+def serve_http(workdir: Path) -> Iterator[HttpServer]:
+    """nginx from the tests (one process, loopback only)."""
+    from tests.nginx import Nginx
+    nginx = Nginx(workdir / "nginx")
+    nginx.start()
+    try:
+        yield HttpServer(nginx)
+    finally:
+        nginx.stop()

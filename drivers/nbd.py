@@ -52,6 +52,7 @@ from imgfs.errors import (
     Unsupported,
     UsageError,
 )
+from imgfs.netio import printable, socket_reason
 from imgfs.node import OpenContext
 from imgfs.options import MiB, Opt, Schema, Str
 from imgfs.pipeline import Lost, Pipeline, ProtocolError, Request
@@ -441,7 +442,7 @@ class NbdConnection(Pipeline):
             with trio.fail_after(HANDSHAKE_TIMEOUT):
                 sock = await open_socket(address)
         except OSError as exc:
-            raise Unreachable(f"cannot connect to {name}: {_reason(exc)}") from None
+            raise Unreachable(f"cannot connect to {name}: {socket_reason(exc)}") from None
         except trio.TooSlowError:
             raise Unreachable(f"cannot connect to {name}: timed out") from None
         conn = cls(sock, name)
@@ -575,7 +576,7 @@ class NbdConnection(Pipeline):
 
     def _export_refused(self, export: str, reply_type: int, payload: bytes) -> ImgfsError:
         reason = REPLY_ERROR_NAMES.get(reply_type, f"error {reply_type & ~NBD_REP_FLAG_ERROR}")
-        said = _printable(payload)
+        said = printable(payload)
         message = f"export '{export}' refused: {reason}" + (
             f" (server says: {said})" if said else "")
         if reply_type == NBD_REP_ERR_UNKNOWN:
@@ -629,13 +630,13 @@ class NbdConnection(Pipeline):
                 if sent:
                     views[0] = views[0][sent:]
         except (OSError, trio.ClosedResourceError) as exc:
-            raise Lost(_reason(exc)) from None
+            raise Lost(socket_reason(exc)) from None
 
     async def _recv_some(self, view: memoryview) -> int:
         try:
             count = await self.sock.recv_into(view)
         except (OSError, trio.ClosedResourceError) as exc:
-            raise Lost(_reason(exc)) from None
+            raise Lost(socket_reason(exc)) from None
         if count == 0:
             raise Lost("the server closed the connection")
         return count
@@ -796,7 +797,7 @@ class NbdConnection(Pipeline):
         if message_length > length - ERROR_CHUNK.size - tail:
             raise ProtocolError("error chunk message longer than the chunk")
         message = payload[ERROR_CHUNK.size:ERROR_CHUNK.size + message_length]
-        request.fail(self._server_error(request, error or NBD_EINVAL, _printable(message)))
+        request.fail(self._server_error(request, error or NBD_EINVAL, printable(message)))
 
     def _complete(self, handle: int, request: _Request) -> None:
         if request.error is None:
@@ -869,21 +870,6 @@ async def open_socket(address: Address) -> trio.socket.SocketType:
         sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
         return sock
     raise last or OSError(errno.EHOSTUNREACH, os.strerror(errno.EHOSTUNREACH))
-
-
-def _reason(exc: BaseException) -> str:
-    """Why a socket call failed, in the usual words ("Connection refused")."""
-    if isinstance(exc, socket.gaierror) and exc.strerror:
-        return exc.strerror
-    if isinstance(exc, OSError) and exc.errno:
-        return os.strerror(exc.errno)
-    return str(exc) or type(exc).__name__
-
-
-def _printable(data: bytes | bytearray) -> str:
-    """A server's message, safe for one line on a terminal."""
-    text = data.decode("utf-8", "replace")
-    return "".join(char if char.isprintable() else " " for char in text).strip()
 
 
 # -- the driver ---------------------------------------------------------------------

@@ -216,6 +216,14 @@ class BlockDriver(abc.ABC):
     async def open(self, options: dict[str, Any], ctx: OpenContext) -> None:
         """Validate the image and fill `size` (options parsed by `open_opts`)."""
 
+    def child_location(self, name: str) -> str | dict[str, Any] | None:
+        """Protocols: where a relative name written inside an image stored
+        here (a backing file) lives, as a filename or a protocol tree; None
+        when this protocol has no notion of directories (the name is then
+        taken as it is).  The file driver's rule (the image's directory) is
+        the core's own."""
+        return None
+
     def child_refs(self) -> dict[str, ChildRef]:
         """Children the image names (``backing``, ``data-file``), after open."""
         return {}

@@ -233,7 +233,8 @@ async def open_format(cls: type[BlockDriver], file_node: Node, tree: Mapping[str
 
 
 #: keys that say where a node's data is (a file name, the parts of a URL)
-LOCATION_KEYS = frozenset({"filename", "path", "server", "host", "dir", "export", SOURCE_KEY})
+LOCATION_KEYS = frozenset({"filename", "path", "server", "host", "dir", "export", "url",
+                           SOURCE_KEY})
 
 
 def _only_options(child: Any) -> bool:
@@ -251,11 +252,15 @@ def _locates(tree: Any) -> bool:
     return "file" in tree and _locates(tree["file"])
 
 
-def resolve_relative(name: str, file_node: Node) -> str:
+def resolve_relative(name: str, file_node: Node) -> str | dict[str, Any]:
     """A name written inside an image, resolved as QEMU resolves it: relative
-    to the directory of the image's own file."""
+    to the directory of the image's own file, or to its URL (a protocol
+    tree when the protocol says so)."""
     if name.startswith("json:") or protocol_for(name) is not None or os.path.isabs(name):
         return name
+    location = file_node.driver.child_location(name)
+    if location is not None:
+        return location
     base = file_node.filename
     if protocol_for(base) is not None or base.startswith("json:"):
         return name
@@ -263,11 +268,16 @@ def resolve_relative(name: str, file_node: Node) -> str:
 
 
 def ref_tree(ref: ChildRef, file_node: Node, *, leaf: bool) -> dict[str, Any]:
-    filename = resolve_relative(ref.filename, file_node)
-    if ref.fmt and not leaf:
-        tree = {"driver": ref.fmt, "file": protocol_tree(filename)}
+    location = resolve_relative(ref.filename, file_node)
+    tree: dict[str, Any]
+    if isinstance(location, dict):
+        tree = location if leaf else {"file": location}
+        if ref.fmt and not leaf:
+            tree["driver"] = ref.fmt
+    elif ref.fmt and not leaf:
+        tree = {"driver": ref.fmt, "file": protocol_tree(location)}
     else:
-        tree = child_tree(filename, leaf=leaf)
+        tree = child_tree(location, leaf=leaf)
     return with_options(tree, ref.options) if ref.options else tree
 
 

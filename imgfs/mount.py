@@ -453,7 +453,8 @@ def exit_status(exc: BaseException) -> int:
 def describe_error(exc: BaseException) -> str:
     from .source import display_name
     if isinstance(exc, ImgfsError):
-        where = display_name(exc.path) if exc.path else None
+        # (as the CLI: no prefix when the message names its source already)
+        where = display_name(exc.path) if exc.path and exc.path not in str(exc) else None
         return f"{where}: {exc}" if where else str(exc)
     if isinstance(exc, OSError):
         reason = exc.strerror or str(exc)

@@ -48,14 +48,19 @@ def given_passphrase(given: Any, secret_id: str | None) -> bytes | None:
     None when nothing was given."""
     secret_id = secret_id or given.key_secret
     if secret_id:
-        try:
-            return given.secrets[secret_id]
-        except KeyError:
-            raise UsageError(f"no secret with id '{secret_id}' (define it with "
-                             f"--object secret,id={secret_id},file=PATH)") from None
+        return secret_by_id(given.secrets, secret_id)
     if given.passphrase_file:
         return read_passphrase_file(given.passphrase_file)
     return None
+
+
+def secret_by_id(secrets: dict[str, bytes], secret_id: str) -> bytes:
+    """The secret ``--object secret,id=ID,...`` defined."""
+    try:
+        return secrets[secret_id]
+    except KeyError:
+        raise UsageError(f"no secret with id '{secret_id}' (define it with "
+                         f"--object secret,id={secret_id},file=PATH)") from None
 
 
 def hide_inline_secrets() -> None:
