@@ -587,13 +587,14 @@ def tool_opener(args: argparse.Namespace) -> Any:
     """open_node(filename, fmt, read_only) for the tools that open several
     images: read-only opens share their locks (-U), so that the same
     process may open one of their files again for writing."""
-    async def open_node(filename: str, fmt: str | None, read_only: bool, *,
+    async def open_node(filename: str | dict[str, Any], fmt: str | None, read_only: bool, *,
                         options: dict[str, Any] | None = None) -> Any:
         from .graph import open_image
         from .source import parse_source
         ctx = make_context(args, read_only=read_only)
         ctx.force_share = ctx.force_share or read_only
-        tree = {**parse_source(filename), **(options or {})}
+        given = filename if isinstance(filename, dict) else parse_source(filename)
+        tree = {**given, **(options or {})}
         return await open_image(tree, ctx, fmt=fmt)
     return open_node
 
@@ -619,7 +620,7 @@ def cmd_rebase(args: argparse.Namespace) -> int:
         raise ImgfsError("Must specify backing file (-b) or use unsafe mode (-u)")
     open_node = tool_opener(args)
 
-    async def open_with(filename: str, fmt: str | None, read_only: bool,
+    async def open_with(filename: str | dict[str, Any], fmt: str | None, read_only: bool,
                         with_backing: bool) -> Any:
         return await open_node(filename, fmt, read_only,
                                options=None if with_backing else {"backing": None})

@@ -82,7 +82,7 @@ def check_backing(overlay: Node, base: Node, source: str) -> None:
                            f"{source} (remove it or name another overlay file)",
                            path=overlay.filename)
     named = resolve_relative(ref.filename, overlay.file or overlay)
-    if not same_image(named, source):
+    if not isinstance(named, str) or not same_image(named, source):
         raise InvalidImage(f"is an overlay of {ref.filename}, not of {source}",
                            path=overlay.filename)
     if ref.fmt is not None and ref.fmt != base.format_name:

@@ -10,6 +10,7 @@ the backing file (safe mode then copies in everything that is not zero).
 from __future__ import annotations
 
 from collections.abc import Awaitable, Callable
+from typing import Any
 
 from imgfs.block import Status
 from imgfs.errors import ImgfsError
@@ -23,7 +24,7 @@ CHUNK = 1024 * 1024
 GRANULE = 64 * 1024
 
 #: open_node(filename, fmt, read_only, with_backing)
-Opener = Callable[[str, "str | None", bool, bool], Awaitable[Node]]
+Opener = Callable[["str | dict[str, Any]", "str | None", bool, bool], Awaitable[Node]]
 
 
 async def rebase(filename: str, fmt: str | None, backing: str, backing_fmt: str | None, *,

@@ -1,0 +1,142 @@
+"""The rbd driver against a real one-node Ceph cluster on loopback (started
+here, stopped by PID), checked against `rbd export` and QEMU's own rbd
+driver.  Mounts are real FUSE mounts."""
+from __future__ import annotations
+
+import json
+import os
+import signal
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from tests.ceph import POOL, CephCluster
+from tests.conftest import (
+    imgfs,
+    is_mounted,
+    mounted,
+    need,
+    need_root,
+    pwrite_all,
+    random_bytes,
+    run,
+)
+
+MiB = 1 << 20
+
+
+@pytest.fixture(scope="module")
+def ceph(tmp_path_factory: pytest.TempPathFactory) -> Iterator[CephCluster]:
+    need("ceph-mon", "ceph-osd", "ceph-mgr", "rbd", "qemu-img")
+    need_root()
+    cluster = CephCluster(tmp_path_factory.mktemp("ceph"))
+    try:
+        cluster.start()
+        yield cluster
+    finally:
+        cluster.stop()
+
+
+def _import(ceph: CephCluster, tmp_path: Path, name: str, data: bytes) -> None:
+    source = tmp_path / f"{name}.src"
+    source.write_bytes(data)
+    ceph.rbd("import", str(source), f"{POOL}/{name}")
+
+
+def _export(ceph: CephCluster, tmp_path: Path, name: str) -> bytes:
+    out = tmp_path / f"{name}.out"
+    out.unlink(missing_ok=True)
+    ceph.rbd("export", f"{POOL}/{name}", str(out))
+    return out.read_bytes()
+
+
+def test_raw_image_read_and_written_through_a_mount(ceph: CephCluster, mnt: Path,
+                                                    tmp_path: Path) -> None:
+    expected = bytearray(random_bytes(12 * MiB))
+    _import(ceph, tmp_path, "disk", bytes(expected))
+    with mounted(ceph.url("disk"), mountpoint=mnt):
+        raw = mnt / "disk.raw"
+        assert raw.stat().st_size == 12 * MiB
+        assert raw.read_bytes() == expected
+        pwrite_all(raw, [(7, b"abc"), (4 * MiB - 5, random_bytes(5 * MiB + 11, seed=2)),
+                         (12 * MiB - 4096, b"\xee" * 4096)], expected)
+    assert _export(ceph, tmp_path, "disk") == expected
+    out = tmp_path / "qemu.raw"
+    run("qemu-img", "convert", "-O", "raw", ceph.url("disk"), out)
+    assert out.read_bytes() == expected
+
+
+def test_qcow2_created_on_rbd_and_written_through_a_mount(ceph: CephCluster, mnt: Path,
+                                                          tmp_path: Path) -> None:
+    url = ceph.url("vm")
+    imgfs("create", "-f", "qcow2", url, "16M")
+    expected = bytearray(16 * MiB)
+    with mounted(url, mountpoint=mnt):
+        pwrite_all(mnt / "vm.raw", [(4095, b"\x01" * 9000), (9 * MiB, b"\x02" * 70000)],
+                   expected)
+    run("qemu-img", "check", "-q", url)
+    out = tmp_path / "vm.raw"
+    run("qemu-img", "convert", "-O", "raw", url, out)
+    assert out.read_bytes() == expected
+    info = json.loads(imgfs("info", "--output", "json", url).stdout)
+    assert info["format"] == "qcow2" and info["virtual-size"] == 16 * MiB
+
+
+def test_snapshot_opens_read_only_and_resize(ceph: CephCluster, mnt: Path,
+                                            tmp_path: Path) -> None:
+    before = random_bytes(4 * MiB, seed=3)
+    _import(ceph, tmp_path, "snapped", before)
+    ceph.rbd("snap", "create", f"{POOL}/snapped@s1")
+    with mounted(ceph.url("snapped"), mountpoint=mnt):
+        pwrite_all(mnt / "snapped.raw", [(0, b"\xff" * MiB)])
+    with mounted(ceph.url("snapped", "s1"), mountpoint=mnt):
+        assert (mnt / "snapped@s1.raw").read_bytes() == before
+    refused = imgfs("mount", "-o", "rw", ceph.url("snapped", "s1"), mnt, check=False)
+    assert refused.returncode == 1 and refused.stderr.count("\n") == 1
+    assert not is_mounted(mnt)
+    imgfs("resize", "-f", "raw", ceph.url("snapped"), "+4M")
+    assert json.loads(ceph.rbd("info", "--format", "json", f"{POOL}/snapped").stdout)[
+        "size"] == 8 * MiB
+
+
+@pytest.mark.parametrize("suffix, message", [
+    ("rbd:rbd/nosuch:conf=CONF", "no image rbd:rbd/nosuch"),
+    ("rbd:nopool/x:conf=CONF", "no pool 'nopool'"),
+    ("rbd:rbd/x:conf=CONF:mon_host=127.0.0.1\\:9", "cannot reach the cluster"),
+])
+def test_refusals_are_one_line_and_quick(ceph: CephCluster, mnt: Path, suffix: str,
+                                         message: str) -> None:
+    source = suffix.replace("CONF", str(ceph.conf))
+    started = time.monotonic()
+    result = imgfs("mount", source, mnt, check=False)
+    assert time.monotonic() - started < 10
+    assert result.returncode == 1
+    assert result.stderr.startswith(f"imgfs: {source}: ")
+    assert message in result.stderr and result.stderr.count("\n") == 1
+    assert not is_mounted(mnt)
+
+
+def test_a_cluster_that_stops_answering_gives_eio_not_a_hang(ceph: CephCluster, mnt: Path,
+                                                             tmp_path: Path) -> None:
+    data = random_bytes(4 * MiB, seed=4)
+    _import(ceph, tmp_path, "stall", data)
+    osd = next(p for p in ceph.processes if p.args[0] == "ceph-osd")
+    with mounted(ceph.url("stall"), mountpoint=mnt, options="file.timeout=3"):
+        raw = mnt / "stall.raw"
+        assert raw.read_bytes()[:4096] == data[:4096]
+        os.kill(osd.pid, signal.SIGSTOP)
+        try:
+            started = time.monotonic()
+            fd = os.open(raw, os.O_RDONLY | os.O_DIRECT)
+            try:
+                with pytest.raises(OSError) as failure:
+                    os.pread(fd, 4096, 2 * MiB)
+            finally:
+                os.close(fd)
+            assert failure.value.errno == 5
+            assert time.monotonic() - started < 10
+        finally:
+            os.kill(osd.pid, signal.SIGCONT)
+        assert raw.read_bytes() == data
