@@ -251,7 +251,7 @@ CASES = {c.name: c for c in (
     # a raw image behind a server on loopback, the same server for imgfs's
     # driver and QEMU's (issues 17 and 18)
     *(Case(protocol, "raw", ("raw", protocol), ("-O", "raw"), server=protocol,
-           metrics=NETWORK_TARGETS) for protocol in ("ssh", "iscsi", "gluster")),
+           metrics=NETWORK_TARGETS) for protocol in ("ssh", "iscsi", "gluster", "rbd")),
 )}
 
 

@@ -24,6 +24,7 @@ from run import BENCH_DIR, Served, run
 sys.path.insert(0, str(BENCH_DIR.parent))
 
 if TYPE_CHECKING:
+    from tests.ceph import CephCluster
     from tests.glusterd import GlusterServer
     from tests.nginx import Nginx
     from tests.sshd import Sshd
@@ -184,3 +185,30 @@ def serve_http(workdir: Path) -> Iterator[HttpServer]:
         yield HttpServer(nginx)
     finally:
         nginx.stop()
+
+
+# -- rbd: a one-node Ceph cluster ------------------------------------------------------
+
+
+class RbdPool:
+    def __init__(self, cluster: CephCluster) -> None:
+        self.cluster = cluster
+
+    def serve(self, image: Path) -> Served:
+        """The image imported into the pool (RBD keeps its own objects)."""
+        from tests.ceph import POOL
+        self.cluster.rbd("import", str(image), f"{POOL}/{image.stem}")
+        return Served(self.cluster.url(image.stem),
+                      f"driver=rbd,pool={POOL},image={image.stem},conf={self.cluster.conf}",
+                      f"{image.stem}.raw")
+
+
+@contextlib.contextmanager
+def serve_rbd(workdir: Path) -> Iterator[RbdPool]:
+    from tests.ceph import CephCluster
+    cluster = CephCluster(workdir / "ceph")
+    try:
+        cluster.start()
+        yield RbdPool(cluster)
+    finally:
+        cluster.stop()
