@@ -113,7 +113,10 @@ def _wait_gone(pids: list[int], timeout: float = 10) -> None:
 
 
 def port_free() -> bool:
+    """Nothing listens on glusterd's address (connections of an earlier run
+    left in TIME_WAIT do not count: glusterd binds with SO_REUSEADDR too)."""
     with socket.socket() as probe:
+        probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         try:
             probe.bind((HOST, PORT))
         except OSError:
