@@ -369,10 +369,12 @@ async def open_snapshot_views(source: str, name: str, node: Any,
     from .graph import open_image
     from .node import OpenContext
 
-    if not node.driver.has_internal_snapshots:
+    found = node.snapshot_holder()
+    if found is None:
         raise UsageError(f"{node.format_name} images have no internal snapshots "
                          "(-o snapshots)")
-    snapshots = node.internal_snapshots()
+    holder, prefix = found
+    snapshots = holder.internal_snapshots()
     stem = name[:-len(".raw")]
     views = []
     for snapshot in snapshots:
@@ -380,7 +382,7 @@ async def open_snapshot_views(source: str, name: str, node: Any,
                           secrets=opts.secrets, key_secret=opts.key_secret,
                           passphrase_file=opts.passphrase_file)
         view = await open_image(source, ctx, fmt=node.format_name,
-                                options={**opts.driver_options, "snapshot": snapshot.id})
+                                options={**opts.driver_options, f"{prefix}snapshot": snapshot.id})
         tag = (snapshot.name or snapshot.id).replace("/", "_")
         views.append((f"{stem}@{tag}.raw", view))
     return views

@@ -440,6 +440,18 @@ class Node:
         with self._driver_errors:
             return await self.driver.check(repair)
 
+    def snapshot_holder(self) -> tuple[Node, str] | None:
+        """The node of this image's own data that stores internal snapshots
+        (the format's, or a protocol's below it: RBD), and the dotted option
+        prefix that reaches it from here (``""``, ``"file."``)."""
+        node: Node | None = self
+        prefix = ""
+        while node is not None:
+            if node.driver.has_internal_snapshots:
+                return node, prefix
+            node, prefix = node.file, prefix + "file."
+        return None
+
     def internal_snapshots(self) -> Sequence[InternalSnapshot]:
         if not self.driver.has_internal_snapshots:
             raise Unsupported(f"{self.driver.name} images have no internal snapshots")

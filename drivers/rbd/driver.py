@@ -10,6 +10,7 @@ from __future__ import annotations
 import errno
 import os
 from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
 from typing import Any, TypeVar, cast
 
 from imgfs.block import BlockDriver, Kind
@@ -39,12 +40,29 @@ CONNECT_TIMEOUT = 8
 MAX_TRANSFER = 4 << 20
 
 
+@dataclass(frozen=True)
+class RbdSnapshot:
+    """An RBD snapshot, named (as the `snapshot` option opens it) by its name."""
+
+    name: str
+    size: int
+
+    @property
+    def id(self) -> str:
+        return self.name
+
+    def info(self) -> dict[str, Any]:
+        return {"id": self.name, "name": self.name, "vm-state-size": 0,
+                "date-sec": 0, "date-nsec": 0, "vm-clock-sec": 0, "vm-clock-nsec": 0}
+
+
 class RbdDriver(BlockDriver):
     name = "rbd"
     kind = Kind.PROTOCOL
     description = "images in Ceph RBD pools (rbd:POOL/IMAGE[@SNAP]), through librbd"
     async_io = True
     can_resize = True
+    has_internal_snapshots = True
     open_opts = Schema(
         Opt("pool", Str, help="the pool"),
         Opt("namespace", Str, help="the namespace in the pool"),
@@ -64,6 +82,7 @@ class RbdDriver(BlockDriver):
     cluster: librbd.Cluster | None = None
     image: librbd.Image | None = None
     timeout = DEFAULT_TIMEOUT
+    snapshots: list[RbdSnapshot] = []
 
     @classmethod
     def parse_filename(cls, filename: str) -> dict[str, Any]:
@@ -88,6 +107,8 @@ class RbdDriver(BlockDriver):
         except OSError as exc:
             raise _refused(options, exc, "image") from None
         self.size = await blocking_call(self.timeout, self.image.size)
+        self.snapshots = [RbdSnapshot(name, size) for name, size in
+                          await blocking_call(self.timeout, self.image.snapshots)]
         self.writable = not read_only
         if snapshot is not None:
             self.read_only_reason = "an RBD snapshot is read-only; use -o ro"
@@ -167,6 +188,10 @@ class RbdDriver(BlockDriver):
 
     def info(self) -> dict[str, Any]:
         return {}
+
+    def internal_snapshots(self) -> list[RbdSnapshot]:
+        """The image's RBD snapshots (-o snapshots shows each read-only)."""
+        return self.snapshots
 
     # -- creation -----------------------------------------------------------------
 

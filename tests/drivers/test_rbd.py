@@ -3,6 +3,7 @@ here, stopped by PID), checked against `rbd export` and QEMU's own rbd
 driver.  Mounts are real FUSE mounts."""
 from __future__ import annotations
 
+import errno
 import json
 import os
 import signal
@@ -93,6 +94,13 @@ def test_snapshot_opens_read_only_and_resize(ceph: CephCluster, mnt: Path,
         pwrite_all(mnt / "snapped.raw", [(0, b"\xff" * MiB)])
     with mounted(ceph.url("snapped", "s1"), mountpoint=mnt):
         assert (mnt / "snapped@s1.raw").read_bytes() == before
+    with mounted(ceph.url("snapped"), mountpoint=mnt, options="snapshots"):
+        assert sorted(os.listdir(mnt)) == ["snapped.raw", "snapped@s1.raw"]
+        assert (mnt / "snapped@s1.raw").read_bytes() == before
+        assert (mnt / "snapped.raw").read_bytes()[:MiB] == b"\xff" * MiB
+        with pytest.raises(OSError) as refused_write:
+            open(mnt / "snapped@s1.raw", "r+b").close()
+        assert refused_write.value.errno in (errno.EROFS, errno.EACCES)
     refused = imgfs("mount", "-o", "rw", ceph.url("snapped", "s1"), mnt, check=False)
     assert refused.returncode == 1 and refused.stderr.count("\n") == 1
     assert not is_mounted(mnt)
