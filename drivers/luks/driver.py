@@ -4,7 +4,7 @@ Opening validates the header (luks1.parse_header / luks2.parse_header),
 resolves the passphrase (imgfs.secrets), unlocks a key slot, and keeps only
 the sector cipher.  Reads and writes are whole sectors (the core widens
 and read-modify-writes unaligned requests); each is one read or write of
-the file child plus a bulk transform (crypto.SectorCipher).
+the file child plus a bulk transform (spec.sector_cipher).
 """
 from __future__ import annotations
 
@@ -27,7 +27,7 @@ from .header import LuksHeader, read_header
 from .spec import sector_cipher
 
 if TYPE_CHECKING:
-    from .crypto import SectorCipher
+    from .spec import SectorTransform
 
 #: requests at least this large are encrypted in a worker thread
 THREAD_MIN = 64 * 1024
@@ -47,7 +47,7 @@ class LuksDriver(BlockDriver):
 
     header: LuksHeader
     #: None when opened only to be described (imgfs info needs no passphrase)
-    cipher: SectorCipher | None = None
+    cipher: SectorTransform | None = None
     payload_offset = 0
     sector_size = luks1.LUKS_SECTOR_SIZE
 
@@ -81,7 +81,7 @@ class LuksDriver(BlockDriver):
         encrypted = await self._transform(self._unlocked().encrypt, offset, data)
         await self.children["file"].write(self.payload_offset + offset, encrypted)
 
-    def _unlocked(self) -> SectorCipher:
+    def _unlocked(self) -> SectorTransform:
         if self.cipher is None:
             raise PermissionDenied("opened without its passphrase (metadata only)")
         return self.cipher

@@ -90,10 +90,10 @@ def _qcow2_luks_header(fd: int, head: bytes, file_size: int) -> tuple[int, int] 
 
 def _open_first_slot(fd: int, offset: int, area_size: int, passphrase: bytes | None) -> None:
     """Start opening the key slot the open of the LUKS header at `offset`
-    will try first.  (numpy, which decrypting the key material needs, is
-    not prefetched here: its import holds the GIL and would only slow the
-    loading of trio and the drivers; unlock() starts it, while the KDF
-    still runs.)"""
+    will try first.  (numpy, which the Python sector cipher needs for
+    ciphers other than AES, is not prefetched here: its import holds the
+    GIL and would only slow the loading of trio and the drivers; unlock()
+    starts it, while the KDF still runs.)"""
     from . import luks1, probe_version
     if passphrase is None:
         return
@@ -198,7 +198,7 @@ async def try_slots(open_slot: Callable[[Any, Any, bytes, bytes], bytes | None],
     import trio  # (here: this module is imported before trio is loaded)
 
     from .spec import prefetch_sector_cipher
-    prefetch_sector_cipher()
+    prefetch_sector_cipher(header.spec)
     try:
         for attempt in slots:
             material = await read(attempt.start, attempt.size)

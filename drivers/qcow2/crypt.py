@@ -45,7 +45,7 @@ from .crypt_options import LEGACY_AES_READ_ONLY, SECTOR_SIZE
 from .header import ImageHeader
 
 if TYPE_CHECKING:
-    from ..luks.crypto import SectorCipher
+    from ..luks.spec import SectorTransform
 
 #: requests at least this large are transformed in a worker thread (as drivers/luks)
 THREAD_MIN = 64 * 1024
@@ -60,7 +60,7 @@ class ClusterCipher:
     #: sectors are numbered by host offset (LUKS); legacy AES uses guest offsets
     physical = True
 
-    def __init__(self, header: LuksHeader, cipher: SectorCipher | None, offset: int,
+    def __init__(self, header: LuksHeader, cipher: SectorTransform | None, offset: int,
                  length: int) -> None:
         self.header = header
         self.cipher = cipher
@@ -77,7 +77,7 @@ class ClusterCipher:
     async def encrypt(self, host_offset: int, data: bytes | memoryview) -> bytes:
         return await self._transform(self._unlocked().encrypt, host_offset, data)
 
-    def _unlocked(self) -> SectorCipher:
+    def _unlocked(self) -> SectorTransform:
         if self.cipher is None:
             raise PermissionDenied("opened without its passphrase (metadata only)")
         return self.cipher
