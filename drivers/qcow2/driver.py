@@ -54,7 +54,7 @@ from .cluster import (
     unpack_l2,
     unpack_table,
 )
-from .compress import decompress_cluster
+from .compress import InflatedClusters
 from .crypt_options import (
     LEGACY_AES_READ_ONLY,
     SECTOR_SIZE,
@@ -223,7 +223,7 @@ class Qcow2Driver(WriteMixin, BlockDriver):
         self.l1_dirty: set[int] = set()
         self.prepared = False
         self.inflight = 0
-        self.compressed_cache: tuple[int, bytes] | None = None
+        self.inflated = InflatedClusters(self.cluster_size, header.compression_type)
         self.crypto: ClusterCipher | AesCipher | None = None
         self.can_resize = True
         self.snapshot_view = False
@@ -537,23 +537,29 @@ class Qcow2Driver(WriteMixin, BlockDriver):
         entry = await self._entry_at(offset)
         if not entry & QCOW_OFLAG_COMPRESSED:
             raise CorruptImage(f"no compressed cluster at guest offset {offset}")
-        cluster = await self._decompress(entry)
-        start = self.geometry.offset_in_cluster(offset)
-        return cluster[start:start + length]
+        return await self.inflated.read(entry, self.geometry.offset_in_cluster(offset), length,
+                                        self._compressed_bytes)
 
-    async def _decompress(self, entry: int) -> bytes:
-        cached = self.compressed_cache
-        if cached is not None and cached[0] == entry:
-            return cached[1]
+    async def read(self, offset: int, length: int) -> bytes:
+        # Once the image has shown compressed clusters, a request of several
+        # clusters inflates its compressed ones in threads first, at once.
+        if self.inflated.used and length > self.cluster_size:
+            start = self.geometry.cluster_start(offset)
+            entries = [await self._entry_at(cluster)
+                       for cluster in range(start, offset + length, self.cluster_size)]
+            await self.inflated.prefetch(
+                (entry for entry in entries if entry & QCOW_OFLAG_COMPRESSED),
+                self._compressed_bytes)
+        return await self.node.read_via_status(offset, length)
+
+    async def _compressed_bytes(self, entry: int) -> bytes:
+        """The host bytes of the compressed cluster of L2 entry `entry`."""
         host_offset, most = compressed_range(entry, self.geometry.cluster_bits)
         file = self.children["file"]
         if host_offset >= file.size:
             raise await self._mark_corrupt(f"compressed cluster at {host_offset:#x} lies "
                                            f"beyond the end of the {file.size}-byte file")
-        raw = await file.read(host_offset, min(most, file.size - host_offset))
-        cluster = decompress_cluster(raw, self.cluster_size, self.header.compression_type)
-        self.compressed_cache = (entry, cluster)
-        return cluster
+        return await file.read(host_offset, min(most, file.size - host_offset))
 
     # -- flush and close -----------------------------------------------------------------
 

@@ -40,7 +40,7 @@ from .cluster import (
     l2_run,
     pack_table,
 )
-from .compress import compress_cluster
+from .compress import InflatedClusters, compress_cluster
 from .header import INCOMPAT_CORRUPT, OFFSET_L1, OFFSET_SIZE
 
 if TYPE_CHECKING:
@@ -88,6 +88,7 @@ class WriteMixin:
         inflight: int
         prepared: bool
         compressed_cursor: int
+        inflated: InflatedClusters
         crypto: ClusterCipher | AesCipher | None
         snapshots: list[Snapshot]
         dirty_bitmaps: Directory | None
@@ -643,6 +644,9 @@ class WriteMixin:
             await self._prepare_for_write()
             table = await self._l2_for_write(self.geometry.l1_index(guest_offset))
             host = await self._allocate_bytes(len(packed))
+            # (bytes freed by an old compressed cluster may be reused, and an
+            # entry with the same offset and length must not read as it)
+            self.inflated.clear()
             await self.children["file"].write(host, packed)
             words = 2 if self.geometry.extended_l2 else 1
             index = self.geometry.l2_index(guest_offset) * words
