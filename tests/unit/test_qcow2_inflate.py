@@ -11,8 +11,8 @@ import trio
 import trio.testing
 from imgfs.drivers.qcow2.compress import (
     ZLIB_WINDOW_BITS,
-    Inflation,
     InflatedClusters,
+    Inflation,
     compress_cluster,
 )
 from imgfs.drivers.qcow2.header import COMPRESSION_ZLIB, COMPRESSION_ZSTD
