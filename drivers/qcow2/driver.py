@@ -29,6 +29,7 @@ from __future__ import annotations
 import logging
 import struct
 import sys
+from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 import trio
@@ -102,6 +103,16 @@ FIRST_READ = 4096
 DEFAULT_L2_CACHE = 4 * 1024 * 1024
 
 log = logging.getLogger("imgfs")
+
+
+@dataclass(frozen=True, slots=True)
+class EncryptedExtent(Extent):
+    """A run of encrypted clusters: plain DATA to the core, so that the
+    bytes come from `read_data`, which decrypts them from where they are
+    stored (found once, by block_status)."""
+
+    stored_at: int = 0
+    stored_in: str = "file"
 
 
 class MetadataLock:
@@ -466,7 +477,8 @@ class Qcow2Driver(WriteMixin, BlockDriver):
     async def block_status(self, offset: int, length: int) -> Extent:
         extent = await self._mapped_status(offset, length)
         if self.crypto is not None and extent.host_offset is not None:
-            return Extent(extent.length, DATA)       # read_data decrypts it
+            return EncryptedExtent(extent.length, DATA, stored_at=extent.host_offset,
+                                   stored_in=extent.child)
         return extent
 
     async def _mapped_status(self, offset: int, length: int) -> Extent:
@@ -527,13 +539,11 @@ class Qcow2Driver(WriteMixin, BlockDriver):
         return table.entries[self.geometry.l2_index(offset) * words]
 
     async def read_data(self, offset: int, length: int, extent: Extent) -> bytes:
-        if self.crypto is not None:
-            # block_status hid the host offset of this encrypted run
-            mapped = await self._mapped_status(offset, length)
-            if mapped.host_offset is not None and mapped.length >= length:
-                raw = await self.children[mapped.child].read(mapped.host_offset, length)
-                at = mapped.host_offset if self.crypto.physical else offset
-                return await self.crypto.decrypt(at, raw)
+        if self.crypto is not None and isinstance(extent, EncryptedExtent):
+            # (the core reads from `offset`, the start of the extent)
+            raw = await self.children[extent.stored_in].read(extent.stored_at, length)
+            at = extent.stored_at if self.crypto.physical else offset
+            return await self.crypto.decrypt(at, raw)
         entry = await self._entry_at(offset)
         if not entry & QCOW_OFLAG_COMPRESSED:
             raise CorruptImage(f"no compressed cluster at guest offset {offset}")
