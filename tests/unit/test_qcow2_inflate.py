@@ -9,6 +9,7 @@ import zlib
 import pytest
 import trio
 import trio.testing
+from imgfs.drivers.qcow2 import compress
 from imgfs.drivers.qcow2.compress import (
     ZLIB_WINDOW_BITS,
     InflatedClusters,
@@ -36,6 +37,17 @@ except ImportError:
     pass
 
 
+@pytest.fixture(params=["isal", "zlib"], autouse=True)
+def whole_cluster_inflater(request, monkeypatch) -> str:
+    """Every test with ISA-L inflating whole zlib clusters, and without."""
+    if request.param == "isal":
+        if compress.fast_zlib is None:
+            pytest.skip("isal is not installed")
+    else:
+        monkeypatch.setattr(compress, "fast_zlib", None)
+    return str(request.param)
+
+
 @pytest.mark.parametrize("compression_type", TYPES)
 def test_inflation_resumes_where_it_stopped(compression_type: int) -> None:
     cluster = _cluster(1)
@@ -49,10 +61,16 @@ def test_inflation_resumes_where_it_stopped(compression_type: int) -> None:
 
 
 def test_zlib_inflates_only_what_is_read() -> None:
-    inflation = Inflation(compress_cluster(_cluster(2), COMPRESSION_ZLIB), CLUSTER,
+    cluster = _cluster(2)
+    inflation = Inflation(compress_cluster(cluster, COMPRESSION_ZLIB), CLUSTER,
                           COMPRESSION_ZLIB)
     inflation.inflate_to(4096)
     assert len(inflation.data) == 4096 and not inflation.whole
+    # more than half of a cluster at first: all of it, at once
+    inflation = Inflation(compress_cluster(cluster, COMPRESSION_ZLIB), CLUSTER,
+                          COMPRESSION_ZLIB)
+    inflation.inflate_to(CLUSTER // 2 + 1)
+    assert inflation.whole and inflation.data == cluster
 
 
 @pytest.mark.parametrize("compression_type", TYPES)
@@ -71,6 +89,8 @@ def test_a_short_stream_fails_where_its_data_ends() -> None:
     assert inflation.data == b"a" * 4096
     with pytest.raises(CorruptImage, match="decompresses to 5000 bytes .expected 65536."):
         inflation.inflate_to(8192)
+    with pytest.raises(CorruptImage, match="decompresses to 5000 bytes .expected 65536."):
+        Inflation(short, CLUSTER, COMPRESSION_ZLIB).inflate_to(CLUSTER)
 
 
 class RawStore:
