@@ -12,7 +12,7 @@ writes the whole string in the JSON ``encryption`` field).  Every sector is
 encrypted on its own, with an IV derived from its sector number.
 
 Speed: building a `cryptography` cipher object per 512-byte sector costs
-more than the AES itself (~40 MB/s).  So a request of many sectors is done
+more than the AES itself (bench/README.md).  So a request of many sectors is done
 in a few bulk calls: the IVs of all its sectors at once (one ECB call for
 ESSIV), XTS tweaks multiplied by alpha for every block with numpy, one ECB
 call over the whole request; CBC decryption is one ECB call plus an XOR
@@ -29,8 +29,8 @@ import threading
 from typing import Any
 
 # numpy here does element-wise uint64 arithmetic only, never linear algebra:
-# without this, loading it starts an OpenBLAS thread per CPU, which cost
-# ~90 ms of CPU at every encrypted open (0.16 s of user time instead of 0.07)
+# without this, loading it starts an OpenBLAS thread per CPU, CPU that every
+# open with this path would pay (bench/README.md)
 os.environ.setdefault("OPENBLAS_NUM_THREADS", "1")
 
 import numpy as np  # noqa: E402
@@ -139,7 +139,7 @@ class SectorCipher:
     def _context(self, key_index: int, encrypt: bool) -> Any:
         """A long-lived ECB context for one of the keys (0: data, 1: XTS
         tweak, 2: ESSIV), one per thread: creating one per request cost
-        ~20 us of a 4 KiB request's ~50.  ECB keeps no state between
+        a large part of a 4 KiB request.  ECB keeps no state between
         whole blocks, so a context serves any number of requests."""
         contexts: dict[tuple[int, bool], Any] | None = getattr(self._local, "contexts", None)
         if contexts is None:
@@ -182,7 +182,7 @@ class SectorCipher:
         if len(data) <= CHUNK:
             return self._crypt_chunk(sector, data, encrypt)
         # Temporaries of a bounded size stay in malloc's arena; fresh
-        # multi-MiB buffers cost a page fault per page (measured 3x slower).
+        # multi-MiB buffers cost a page fault per page (bench/README.md).
         view = memoryview(data)
         out = bytearray(len(data))
         for start in range(0, len(data), CHUNK):

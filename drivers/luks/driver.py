@@ -89,9 +89,9 @@ class LuksDriver(BlockDriver):
     async def _transform(self, transform: Callable[[int, bytes], bytes], offset: int,
                          data: bytes) -> bytes:
         # OpenSSL releases the GIL, so a large request's crypto runs in a
-        # worker while the trio thread serves the next FUSE request: measured
-        # 1.2-1.5x on sequential 1 MiB reads through the mount.  A small one
-        # costs less than the thread hand-off.
+        # worker while the trio thread serves the next FUSE request (faster
+        # sequential reads: bench/README.md).  A small one costs less than
+        # the thread hand-off.
         sector = offset // self.sector_size
         if len(data) < THREAD_MIN:
             return transform(sector, data)

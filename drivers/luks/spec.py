@@ -170,7 +170,7 @@ class SectorTransform(Protocol):
 
 def sector_cipher(spec: CipherSpec, key: bytes, sector_size: int = 512) -> SectorTransform:
     """The sector cipher of a volume: compiled for AES, else `crypto`'s
-    (imported only now: it needs numpy, 70-170 ms to import, which
+    (imported only now: it needs numpy, slow to import, which
     `prefetch_sector_cipher` loads while the PBKDF runs)."""
     spec.check_volume(len(key), sector_size)
     native = _native_cipher(spec, key, sector_size)
@@ -192,7 +192,7 @@ def _native_cipher(spec: CipherSpec, key: bytes, sector_size: int) -> SectorTran
     try:
         return AesSectors(spec.mode, "" if spec.mode == "ecb" else spec.ivgen or "", key,
                           sector_size, essiv_key)
-    except ValueError:   # what OpenSSL lacks or refuses: AES-192 XTS, equal XTS halves
+    except ValueError:          # (nothing spec allows; but never a failed open for it)
         return None
 
 

@@ -143,7 +143,8 @@ class WriteMixin:
         sends anything else (and anything doubtful, which the locked path
         then reports) to the locked path.  Safe while the lock is free: no
         metadata update is half done, and this runs without an await, so
-        none can start.  Taking the lock was ~10% of a 4 KiB overwrite."""
+        none can start.  Taking the lock showed in a 4 KiB overwrite's
+        profile (bench/README.md)."""
         if self.lock.locked() or not self.prepared or \
                 self.header.incompatible_features & INCOMPAT_CORRUPT:
             return None
