@@ -101,8 +101,8 @@ PASSPHRASE = "imgfs-bench"
 LUKS_ITER_TIME_MS = 200
 # "Opening takes no longer than the PBKDF itself" is a claim about the images
 # people have: qemu-img's (and cryptsetup's LUKS1) default iter-time.  With
-# the short one, the ~150 ms of CPU any mount spends loading trio, pyfuse3
-# and numpy is as large as the PBKDF itself, on a machine with few cores.
+# the short one, the ~150 ms of CPU any mount spends loading trio and pyfuse3
+# is as large as the PBKDF itself, on a machine with few cores.
 DEFAULT_ITER_TIME_MS = 2000
 CLUSTER_SIZE = 65536
 MiB = 1024 * 1024

@@ -16,8 +16,8 @@
  * two equal key halves.  In Python the same work takes a few dozen numpy
  * and `cryptography` calls per request, which cost more than the AES.
  *
- * Contexts: a volume's contexts (the data key's, and for ESSIV the hashed
- * key's ECB) are made once and reused by every request.  A request takes a
+ * Contexts: a volume's contexts (the data key's, for XTS the tweak key's,
+ * for ESSIV the hashed key's) are made once and reused by every request.  A request takes a
  * set from the volume's free list while it holds the GIL and puts it back
  * after, so requests in worker threads (which run without the GIL) each
  * have a set of their own; a new set is made only when every kept set is
@@ -48,6 +48,7 @@ struct context_set {
     EVP_CIPHER_CTX *essiv;
     EVP_CIPHER_CTX *tweak;
     uint8_t *tweaks;
+    size_t tweaks_size;
     struct context_set *next;
 };
 
@@ -102,6 +103,8 @@ free_set(struct context_set *set)
     EVP_CIPHER_CTX_free(set->data);
     EVP_CIPHER_CTX_free(set->essiv);
     EVP_CIPHER_CTX_free(set->tweak);
+    if (set->tweaks != NULL)
+        OPENSSL_cleanse(set->tweaks, set->tweaks_size);
     PyMem_RawFree(set->tweaks);
     PyMem_RawFree(set);
 }
@@ -117,8 +120,9 @@ new_set(const Sectors *self, int encrypt)
         set->essiv = keyed_context(self->essiv_cipher, self->essiv_key, 1);
     if (self->mode == XTS) {
         set->tweak = keyed_context(self->cipher, self->key + self->key_len / 2, 1);
-        set->tweaks = PyMem_RawMalloc(XTS_GROUP > self->sector_size
-                                      ? XTS_GROUP : (size_t)self->sector_size);
+        set->tweaks_size = XTS_GROUP > self->sector_size ? XTS_GROUP
+                                                         : (size_t)self->sector_size;
+        set->tweaks = PyMem_RawMalloc(set->tweaks_size);
     }
     if (set->data == NULL || (self->ivgen == IV_ESSIV && set->essiv == NULL) ||
             (self->mode == XTS && (set->tweak == NULL || set->tweaks == NULL))) {

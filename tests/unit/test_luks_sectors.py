@@ -42,7 +42,7 @@ def test_the_native_module_is_built() -> None:
 
 @native
 @pytest.mark.parametrize("mode,key_bytes", COMBINATIONS)
-@pytest.mark.parametrize("sector_size", [512, 1024, 2048, 4096])
+@pytest.mark.parametrize("sector_size", [512, 1024, 2048, 4096, 32768])
 def test_native_is_the_python_path(mode: str, key_bytes: int, sector_size: int) -> None:
     cipher_spec = spec.parse_cipher("aes", mode)
     key = hashlib.sha512(f"{mode}{key_bytes}".encode()).digest()[:key_bytes]
