@@ -47,7 +47,7 @@ from .header import ImageHeader
 if TYPE_CHECKING:
     from ..luks.spec import SectorTransform
 
-#: requests at least this large are transformed in a worker thread (as drivers/luks)
+#: reads at least this large are decrypted in a worker thread (as drivers/luks)
 THREAD_MIN = 64 * 1024
 #: legacy AES keys are AES-128: the passphrase truncated or zero-padded to this
 AES_KEY_SIZE = 16
@@ -75,7 +75,9 @@ class ClusterCipher:
         return await self._transform(self._unlocked().decrypt, host_offset, data)
 
     async def encrypt(self, host_offset: int, data: bytes | memoryview) -> bytes:
-        return await self._transform(self._unlocked().encrypt, host_offset, data)
+        # (on this thread, as a luks image's writes: see LuksDriver.write)
+        return await self._transform(self._unlocked().encrypt, host_offset, data,
+                                     threaded=False)
 
     def _unlocked(self) -> SectorTransform:
         if self.cipher is None:
@@ -84,7 +86,7 @@ class ClusterCipher:
 
     @staticmethod
     async def _transform(transform: Callable[[int, Any], bytes], host_offset: int,
-                         data: bytes | memoryview) -> bytes:
+                         data: bytes | memoryview, threaded: bool = True) -> bytes:
         if host_offset % SECTOR_SIZE:
             raise InvalidImage(f"encrypted request at host offset {host_offset:#x} is "
                                "not sector aligned")
@@ -92,7 +94,7 @@ class ClusterCipher:
         if tail:
             data = bytes(data) + bytes(tail)
         sector = host_offset // SECTOR_SIZE
-        if len(data) < THREAD_MIN:
+        if not threaded or len(data) < THREAD_MIN:
             result = transform(sector, data)
         else:
             result = await trio.to_thread.run_sync(transform, sector, data)
