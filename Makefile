@@ -55,7 +55,7 @@ deps:  ## Debian packages needed to build and run imgfs
 deps-test: deps  ## plus the test oracles
 	$(call apt_install,$(APT_TEST))
 
-$(VENV)/.installed: setup.cfg setup.py pyproject.toml drivers/luks/_kdf.c
+$(VENV)/.installed: setup.cfg setup.py pyproject.toml drivers/luks/_kdf.c drivers/luks/_sectors.c
 	$(PYTHON) -m venv $(VENV)
 	$(VENV)/bin/pip install -q --upgrade pip
 	$(VENV)/bin/pip install -q -e '.[test,dev]'

@@ -3,7 +3,7 @@
 The leaf under every local image.  Reads and writes are positioned
 (`os.pread`/`os.pwrite`, never a shared offset) and run on the trio thread:
 they are page-cache hits or short disk waits, and handing each request to a
-worker thread cost 5x in latency when measured.  `cache=none` opens with
+worker thread multiplied its latency (bench/README.md).  `cache=none` opens with
 O_DIRECT and bounces data through page-aligned buffers, since O_DIRECT wants
 aligned memory, offsets and lengths.  Locking takes QEMU's lock bytes
 (`imgfs.locking`).  Holes are reported with SEEK_DATA / SEEK_HOLE.

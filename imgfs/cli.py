@@ -250,9 +250,8 @@ def reuse_large_buffers() -> None:
     on free, so a request's 1 MiB buffers (pyfuse3's copy of a write, the
     bytes a read returns, a cipher's output) are fresh pages every time, a
     page fault per 4 KiB; on a VM that hands freed memory back to its host
-    each is also a fault in the hypervisor.  Measured here: copying 1 MiB
-    twice 1.04 ms -> 0.05 ms, AES-XTS of 1 MiB 1.92 ms -> 0.82 ms.  Freed
-    memory above 64 MiB is still given back."""
+    each is also a fault in the hypervisor (figures: bench/README.md).
+    Freed memory above 64 MiB is still given back."""
     import ctypes
     libc = ctypes.CDLL(None)
     libc.mallopt(M_MMAP_THRESHOLD, 32 << 20)

@@ -215,10 +215,8 @@ def _serve_foreground(sources: list[str], mountpoint: str, opts: Any,
 def pause_garbage_collection() -> None:
     """No cyclic garbage collection while a mount starts: what start-up
     builds (modules, classes, the block graph, its caches) lives as long as
-    the mount, and sifting it for cycles is CPU the open waits for (a LUKS
-    mount made ~80 young collections, ~9 ms in all, then a full one of
-    ~9 ms about when the first read came; mount + first read, 21 runs
-    each: raw 103 -> 100 ms, LUKS 247 -> 241 ms)."""
+    the mount, and sifting it for cycles is CPU the open waits for
+    (figures: bench/README.md)."""
     gc.disable()
 
 
@@ -260,7 +258,7 @@ def _serve_daemon(sources: list[str], mountpoint: str, opts: Any, debug: bool,
 
 def _exit_at_once(status: int) -> NoReturn:
     """End the waiting parent without the interpreter's teardown of every
-    loaded module (~10 ms that `mount` and the first read would wait for);
+    loaded module (which `mount` and the first read would wait for);
     it holds nothing else to clean up once its output is flushed."""
     sys.stdout.flush()
     sys.stderr.flush()

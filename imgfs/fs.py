@@ -354,11 +354,9 @@ class ImageFS(pyfuse3.Operations):
         # is that write(2)'s and not a later fsync's, nothing is held twice
         # (in the FUSE page cache and in the host's), and the writer does not
         # copy into the FUSE cache 4 KiB page by page, which was the whole
-        # cost of a sequential write.  Measured (make bench, 1 GiB raw, 2-3
-        # runs): 1 MiB sequential writes 2250 MB/s vs 1350 MB/s through the
-        # kernel's writeback cache; the price is 4 KiB random writes, which
-        # that cache absorbed (178k IOPS) and which now each make a request
-        # (9k IOPS, 1.2x qemu-storage-daemon).  The kernel drops cached pages
+        # cost of a sequential write; the price is 4 KiB random writes, which
+        # that cache absorbed and which now each make a request (figures:
+        # bench/README.md).  The kernel drops cached pages
         # of a range written this way, so read-only opens stay coherent.
         # mmap(MAP_SHARED) of a writable open fails with ENODEV.
         #

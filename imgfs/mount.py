@@ -199,8 +199,8 @@ def import_pyfuse3() -> Any:
     """Import pyfuse3 without its one slow question.
 
     At import, pyfuse3 asks importlib.metadata for its own version, which
-    imports that package and scans every installed distribution: 25-80 ms of
-    a mount's start-up, measured with -X importtime, for a version string
+    imports that package and scans every installed distribution, a large
+    part of a mount's start-up (bench/README.md), for a version string
     imgfs never reads.  A stand-in answers "unknown" for that one import."""
     if "pyfuse3" in sys.modules or "importlib.metadata" in sys.modules:
         import pyfuse3
@@ -310,9 +310,8 @@ def worker_tasks(nodes: list[Any]) -> int:
 
     With local files every request runs to completion on the trio thread
     (pread/pwrite block it), so a second worker cannot overlap anything and
-    only adds a lock hand-over per request (py-spy: 10-18% of a random-write
-    profile).  Measured back to back on raw: 23.4k vs 19.3k IOPS for 4 KiB
-    random reads (random writes unchanged, ~30k).  A network source keeps
+    only adds a lock hand-over per request, which shows in 4 KiB random
+    reads (bench/README.md).  A network source keeps
     many requests in flight.
     """
     def leaves(node: Any) -> list[Any]:

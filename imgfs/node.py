@@ -281,7 +281,7 @@ class Node:
         # nothing between them: a 1 MiB write from a buffer that is not page
         # aligned reaches us as 1 MiB - 16 bytes and 16 bytes (FUSE's
         # 256-page limit), and reading the whole range back cost a LUKS
-        # image 1.1 ms of its 2.4 per MiB.
+        # image half its time per MiB (bench/README.md).
         first = await self._read_block(start, align) if start < offset else None
         head = first[:offset - start] if first is not None else b""
         tail = b""

@@ -5,8 +5,10 @@ Encryption format" (the LUKS1 on-disk specification); LUKS2 — cryptsetup's
 docs/on-disk-format-luks2.pdf and the JSON that ``cryptsetup luksDump
 --dump-json-metadata`` prints.
 
-Modules: `spec` (cipher names, parsed without numpy), `crypto` (sector
-ciphers, bulk XTS/CBC/CTR with numpy, imported while the PBKDF runs), `kdf`
+Modules: `spec` (cipher names, parsed without numpy, and the choice of
+sector cipher), `_sectors` (AES sectors in C, with OpenSSL), `crypto` (the
+Python path for the other ciphers: bulk XTS/CBC/CTR with numpy, imported
+while the PBKDF runs), `kdf`
 (PBKDF2, Argon2, AF splitter), `luks1` and `luks2` (headers, key slots),
 `create` (qemu-img's create options, the LUKS2 layout), `header` (the entry
 point qcow2's ``encrypt.format=luks`` can reuse), `early` (a mount's PBKDF
@@ -37,7 +39,7 @@ def probe_version(head: bytes) -> int:
 
 
 def probe(head: bytes, filename: str) -> int:
-    """Probing stays light: numpy and the ciphers load only when opening."""
+    """Probing stays light: the ciphers load only when opening."""
     return 100 if probe_version(head) else 0
 
 

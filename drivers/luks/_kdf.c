@@ -2,8 +2,7 @@
  * The two loops of a LUKS open that run long in Python: PBKDF2-HMAC (RFC
  * 8018 section 5.2) with its output blocks on several cores at once, and
  * the anti-forensic merge of a key slot's stripes (kdf.af_merge: 4,000
- * stripes, 8,000 hashes for a 512-bit key; ~9 ms in Python, on the open's
- * critical path).
+ * stripes, 8,000 hashes for a 512-bit key, on the open's critical path).
  *
  * A LUKS volume key is longer than one digest (a 512-bit XTS key is two
  * SHA-256 blocks), and PBKDF2's blocks (the function F of the RFC) are
@@ -24,8 +23,7 @@
  *
  * OpenSSL 3 deprecates these per-hash functions in favour of EVP, but an
  * EVP context copy allocates: with EVP_MD_CTX_copy_ex for the two copies
- * of each iteration a SHA-256 block took 138 ms where this takes 91 (and
- * `cryptography`'s own PBKDF2 102), 876,000 iterations on this machine.
+ * of each iteration a block took half as long again (bench/README.md).
  */
 #define PY_SSIZE_T_CLEAN
 #define OPENSSL_SUPPRESS_DEPRECATED     /* the SHA*_Init family: see above */

@@ -1,13 +1,18 @@
 """Sector ciphers as dm-crypt and QEMU use them: ``aes-xts-plain64``,
 ``aes-cbc-essiv:sha256``, ``cast5-cbc-plain``, ``aes-ecb``, ``aes-ctr-plain64``.
 
+This is the Python path: AES volumes are done by the compiled `_sectors`
+module where it is built (spec.sector_cipher chooses), and unit tests hold
+the two byte-identical; this one serves every other block cipher, and AES
+where the extension is missing.
+
 A cipher spec is the Linux crypto API triple ``CIPHER-MODE-IVGEN[:HASH]``
 (LUKS1 keeps ``CIPHER`` and ``MODE-IVGEN`` in two header fields, LUKS2
 writes the whole string in the JSON ``encryption`` field).  Every sector is
 encrypted on its own, with an IV derived from its sector number.
 
 Speed: building a `cryptography` cipher object per 512-byte sector costs
-more than the AES itself (~40 MB/s).  So a request of many sectors is done
+more than the AES itself (bench/README.md).  So a request of many sectors is done
 in a few bulk calls: the IVs of all its sectors at once (one ECB call for
 ESSIV), XTS tweaks multiplied by alpha for every block with numpy, one ECB
 call over the whole request; CBC decryption is one ECB call plus an XOR
@@ -24,14 +29,12 @@ import threading
 from typing import Any
 
 # numpy here does element-wise uint64 arithmetic only, never linear algebra:
-# without this, loading it starts an OpenBLAS thread per CPU, which cost
-# ~90 ms of CPU at every encrypted open (0.16 s of user time instead of 0.07)
+# without this, loading it starts an OpenBLAS thread per CPU, CPU that every
+# open with this path would pay (bench/README.md)
 os.environ.setdefault("OPENBLAS_NUM_THREADS", "1")
 
 import numpy as np  # noqa: E402
 from cryptography.hazmat.primitives.ciphers import Cipher, modes
-
-from imgfs.errors import InvalidImage
 
 from .kdf import digest
 from .spec import (  # noqa: F401  (re-exported: the names crypto always had)
@@ -120,10 +123,7 @@ class SectorCipher:
     __slots__ = ("spec", "sector_size", "_keys", "_local")
 
     def __init__(self, spec: CipherSpec, key: bytes, sector_size: int = 512) -> None:
-        spec.check_key_size(len(key))
-        if sector_size % spec.algorithm.block_size:
-            raise InvalidImage(f"sector size {sector_size} is not a multiple of the "
-                               f"{spec.algorithm.name} block size")
+        spec.check_volume(len(key), sector_size)
         self.spec = spec
         self.sector_size = sector_size
         self._keys: tuple[bytes, ...]
@@ -139,7 +139,7 @@ class SectorCipher:
     def _context(self, key_index: int, encrypt: bool) -> Any:
         """A long-lived ECB context for one of the keys (0: data, 1: XTS
         tweak, 2: ESSIV), one per thread: creating one per request cost
-        ~20 us of a 4 KiB request's ~50.  ECB keeps no state between
+        a large part of a 4 KiB request.  ECB keeps no state between
         whole blocks, so a context serves any number of requests."""
         contexts: dict[tuple[int, bool], Any] | None = getattr(self._local, "contexts", None)
         if contexts is None:
@@ -182,7 +182,7 @@ class SectorCipher:
         if len(data) <= CHUNK:
             return self._crypt_chunk(sector, data, encrypt)
         # Temporaries of a bounded size stay in malloc's arena; fresh
-        # multi-MiB buffers cost a page fault per page (measured 3x slower).
+        # multi-MiB buffers cost a page fault per page (bench/README.md).
         view = memoryview(data)
         out = bytearray(len(data))
         for start in range(0, len(data), CHUNK):

@@ -2,9 +2,9 @@
 
 Opening an encrypted image is mostly its PBKDF (QEMU's default iter-time is
 2 s; cryptsetup's 1-2 s): everything else a mount does before it (loading
-trio, pyfuse3, the block graph and the drivers: 150-250 ms) would simply add
-to it.  So the mount process, before anything else, reads the header of each
-local LUKS image (standalone, or the one a qcow2 image embeds) and the first
+trio, pyfuse3, the block graph and the drivers) would simply add to it.
+So the mount process, before anything else, reads the header of each local
+LUKS image (standalone, or the one a qcow2 image embeds) and the first
 key slot its open will try, resolves the passphrase the open will use, and
 starts opening that slot in a thread (`luks1.open_slot`, `luks2.open_slot`:
 the PBKDF2 or Argon2, the AF merge and the digest check).  The KDF releases
@@ -30,8 +30,8 @@ from imgfs.errors import CorruptImage, PermissionDenied
 
 from . import LUKS_MAGIC
 
-#: qcow2.header.MAGIC, spelled out: importing that module here costs ~7 ms
-#: before a LUKS image's PBKDF can start
+#: qcow2.header.MAGIC, spelled out: importing that module here would delay
+#: the start of a LUKS image's PBKDF
 QCOW2_MAGIC = b"QFI\xfb"
 #: the largest header area read here (qcow2's first cluster is at most 2 MiB)
 MAX_HEAD = 2 * 1024 * 1024
@@ -90,10 +90,10 @@ def _qcow2_luks_header(fd: int, head: bytes, file_size: int) -> tuple[int, int] 
 
 def _open_first_slot(fd: int, offset: int, area_size: int, passphrase: bytes | None) -> None:
     """Start opening the key slot the open of the LUKS header at `offset`
-    will try first.  (numpy, which decrypting the key material needs, is
-    not prefetched here: its import holds the GIL and would only slow the
-    loading of trio and the drivers; unlock() starts it, while the KDF
-    still runs.)"""
+    will try first.  (numpy, which the Python sector cipher needs for
+    ciphers other than AES, is not prefetched here: its import holds the
+    GIL and would only slow the loading of trio and the drivers; unlock()
+    starts it, while the KDF still runs.)"""
     from . import luks1, probe_version
     if passphrase is None:
         return
@@ -198,7 +198,7 @@ async def try_slots(open_slot: Callable[[Any, Any, bytes, bytes], bytes | None],
     import trio  # (here: this module is imported before trio is loaded)
 
     from .spec import prefetch_sector_cipher
-    prefetch_sector_cipher()
+    prefetch_sector_cipher(header.spec)
     try:
         for attempt in slots:
             material = await read(attempt.start, attempt.size)

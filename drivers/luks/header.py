@@ -45,7 +45,7 @@ async def read_header(read: ReadFn, area_size: int) -> LuksHeader:
     if version == 1:
         return luks1.parse_header(head, area_size)
     if version == 2:
-        from . import luks2  # (only here: ~7 ms of every LUKS1 open)
+        from . import luks2  # (only here: LUKS1 opens need not load it)
         return await luks2.parse_header(read, area_size)
     if head[:6] == LUKS_MAGIC:
         raise InvalidImage(f"LUKS version {int.from_bytes(head[6:8], 'big')} is not supported")

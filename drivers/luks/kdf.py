@@ -17,14 +17,15 @@ library, derives them one after another.  So where the compiled `_kdf`
 module is present (setup.py), PBKDF2 with SHA-1 and SHA-2 runs there, each
 block on its own core, with libcrypto's SHA functions: the open of a default
 LUKS image takes half the time on two cores.  The AF merge of those hashes
-runs there too (8,000 hashes in a Python loop were ~9 ms of every open).
+runs there too (8,000 hashes in a Python loop were a visible part of every
+open: bench/README.md).
 Key-slot iteration counts are still calibrated against `cryptography`'s
 one-core PBKDF2: that is the time cryptsetup and QEMU take to open the
 image.
 
 `cryptography` is imported where it is used, not here: a mount starts its
 LUKS images' PBKDF2 (`early`) before anything else loads, and that import
-(5-10 ms) then runs beside the derivation instead of before it.
+then runs beside the derivation instead of before it.
 """
 from __future__ import annotations
 
@@ -166,8 +167,8 @@ def diffuse(block: bytes, hash_name: str) -> bytes:
 class _Diffuser:
     """`diffuse` for many blocks of one size: the pieces' bounds and index
     prefixes worked out once, each piece hashed from a copy of one empty
-    context (a 4000-stripe merge of a 512-bit key hashes 8000 pieces;
-    copying a context costs a third of creating one: ~60 ms -> ~15 ms)."""
+    context (a 4000-stripe merge of a 512-bit key hashes 8000 pieces, and
+    copying a context costs less than creating one: bench/README.md)."""
 
     def __init__(self, hash_name: str, block_size: int) -> None:
         from cryptography.hazmat.primitives import hashes

@@ -5,7 +5,11 @@ A spec is the Linux crypto API triple ``CIPHER-MODE-IVGEN[:HASH]`` (LUKS1
 keeps ``CIPHER`` and ``MODE-IVGEN`` in two header fields, LUKS2 writes the
 whole string in the JSON ``encryption`` field).  Parsing and checking a
 spec needs no numpy: headers are validated (and the PBKDF started) before
-`crypto`, the bulk sector cipher, has even been imported.
+any sector cipher has been imported.
+
+`sector_cipher` gives a volume's sector cipher: AES (what cryptsetup and
+QEMU write by default) in the compiled `_sectors` module where it is built,
+everything else (and AES without it) with `crypto`, the Python path.
 """
 from __future__ import annotations
 
@@ -15,7 +19,7 @@ import sys
 import threading
 import warnings
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Protocol
 
 from imgfs.errors import InvalidImage, Unsupported
 
@@ -24,7 +28,10 @@ from .kdf import digest
 if TYPE_CHECKING:
     from cryptography.hazmat.primitives.ciphers import BlockCipherAlgorithm
 
-    from .crypto import SectorCipher
+try:
+    from ._sectors import AesSectors
+except ImportError:              # installed without a compiler: the Python path
+    AesSectors = None  # type: ignore[assignment,misc]
 
 
 @dataclass(frozen=True)
@@ -91,6 +98,13 @@ class CipherSpec:
                 per_cipher not in self.algorithm.key_sizes:
             raise InvalidImage(f"key size {key_bytes * 8} bits does not suit cipher {self}")
 
+    def check_volume(self, key_bytes: int, sector_size: int) -> None:
+        """A key of `key_bytes` and sectors of `sector_size` suit the cipher."""
+        self.check_key_size(key_bytes)
+        if sector_size % self.algorithm.block_size:
+            raise InvalidImage(f"sector size {sector_size} is not a multiple of the "
+                               f"{self.algorithm.name} block size")
+
 
 def parse_cipher(name: str, mode_string: str) -> CipherSpec:
     """The two LUKS1 fields (``aes``, ``xts-plain64``) as a checked spec."""
@@ -142,24 +156,55 @@ def parse_encryption(text: str) -> CipherSpec:
     return parse_cipher(name, mode_string)
 
 
-# -- the bulk cipher, imported on demand ------------------------------------------------
+# -- the sector cipher ------------------------------------------------------------------
 
 
-def sector_cipher(spec: CipherSpec, key: bytes, sector_size: int = 512) -> SectorCipher:
-    """`crypto.SectorCipher`, imported only now: it needs numpy (70-170 ms to
-    import), which `prefetch_sector_cipher` loads while the PBKDF runs."""
+class SectorTransform(Protocol):
+    """A volume's sector cipher: whole sectors, the first numbered `sector`
+    (crypto.SectorCipher, or the compiled _sectors.AesSectors).  Either may
+    be used by several threads at once."""
+
+    def decrypt(self, sector: int, data: bytes | bytearray | memoryview) -> bytes: ...
+    def encrypt(self, sector: int, data: bytes | bytearray | memoryview) -> bytes: ...
+
+
+def sector_cipher(spec: CipherSpec, key: bytes, sector_size: int = 512) -> SectorTransform:
+    """The sector cipher of a volume: compiled for AES, else `crypto`'s
+    (imported only now: it needs numpy, slow to import, which
+    `prefetch_sector_cipher` loads while the PBKDF runs)."""
+    spec.check_volume(len(key), sector_size)
+    native = _native_cipher(spec, key, sector_size)
+    if native is not None:
+        return native
     from .crypto import SectorCipher
     return SectorCipher(spec, key, sector_size)
 
 
-def prefetch_sector_cipher() -> None:
-    """Start importing `crypto` (numpy) in a background thread.
+def has_native_cipher(spec: CipherSpec) -> bool:
+    """Whether volumes of this spec are (most likely) done by `_sectors`."""
+    return AesSectors is not None and spec.algorithm.name == "aes"
+
+
+def _native_cipher(spec: CipherSpec, key: bytes, sector_size: int) -> SectorTransform | None:
+    if not has_native_cipher(spec):
+        return None
+    essiv_key = digest(spec.ivgen_hash, key) if spec.ivgen == "essiv" else None
+    try:
+        return AesSectors(spec.mode, "" if spec.mode == "ecb" else spec.ivgen or "", key,
+                          sector_size, essiv_key)
+    except ValueError:          # (nothing spec allows; but never a failed open for it)
+        return None
+
+
+def prefetch_sector_cipher(spec: CipherSpec) -> None:
+    """Start importing `crypto` (numpy) in a background thread, unless the
+    volume's cipher is compiled.
 
     Unlocking spends its time in the PBKDF, which releases the GIL; the
     import then costs nothing.  A thread that needs `crypto` before the
     import has finished simply waits for it (Python's per-module import
     lock), so this is only ever a head start."""
-    if f"{__package__}.crypto" in sys.modules:
+    if has_native_cipher(spec) or f"{__package__}.crypto" in sys.modules:
         return
     threading.Thread(target=importlib.import_module, args=(f"{__package__}.crypto",),
                      name="imgfs-prefetch-crypto", daemon=True).start()

@@ -255,8 +255,8 @@ def unpack_table(data: bytes) -> list[int]:
 
 
 def unpack_l2(data: bytes) -> array.array[int]:
-    """An L2 table as 8 bytes per entry (a list of ints costs 5x the memory,
-    which matters for 2 MiB tables)."""
+    """An L2 table as 8 bytes per entry (a list of ints costs several times
+    the memory, which matters for 2 MiB tables)."""
     entries = array.array("Q", data[:len(data) - len(data) % 8])
     if sys.byteorder == "little":
         entries.byteswap()

@@ -45,9 +45,9 @@ from .crypt_options import LEGACY_AES_READ_ONLY, SECTOR_SIZE
 from .header import ImageHeader
 
 if TYPE_CHECKING:
-    from ..luks.crypto import SectorCipher
+    from ..luks.spec import SectorTransform
 
-#: requests at least this large are transformed in a worker thread (as drivers/luks)
+#: reads at least this large are decrypted in a worker thread (as drivers/luks)
 THREAD_MIN = 64 * 1024
 #: legacy AES keys are AES-128: the passphrase truncated or zero-padded to this
 AES_KEY_SIZE = 16
@@ -60,7 +60,7 @@ class ClusterCipher:
     #: sectors are numbered by host offset (LUKS); legacy AES uses guest offsets
     physical = True
 
-    def __init__(self, header: LuksHeader, cipher: SectorCipher | None, offset: int,
+    def __init__(self, header: LuksHeader, cipher: SectorTransform | None, offset: int,
                  length: int, secret_id: str | None = None) -> None:
         self.header = header
         self.cipher = cipher
@@ -77,16 +77,18 @@ class ClusterCipher:
         return await self._transform(self._unlocked().decrypt, host_offset, data)
 
     async def encrypt(self, host_offset: int, data: bytes | memoryview) -> bytes:
-        return await self._transform(self._unlocked().encrypt, host_offset, data)
+        # (on this thread, as a luks image's writes: see LuksDriver.write)
+        return await self._transform(self._unlocked().encrypt, host_offset, data,
+                                     threaded=False)
 
-    def _unlocked(self) -> SectorCipher:
+    def _unlocked(self) -> SectorTransform:
         if self.cipher is None:
             raise PermissionDenied("opened without its passphrase (metadata only)")
         return self.cipher
 
     @staticmethod
     async def _transform(transform: Callable[[int, Any], bytes], host_offset: int,
-                         data: bytes | memoryview) -> bytes:
+                         data: bytes | memoryview, threaded: bool = True) -> bytes:
         if host_offset % SECTOR_SIZE:
             raise InvalidImage(f"encrypted request at host offset {host_offset:#x} is "
                                "not sector aligned")
@@ -94,7 +96,7 @@ class ClusterCipher:
         if tail:
             data = bytes(data) + bytes(tail)
         sector = host_offset // SECTOR_SIZE
-        if len(data) < THREAD_MIN:
+        if not threaded or len(data) < THREAD_MIN:
             result = transform(sector, data)
         else:
             result = await trio.to_thread.run_sync(transform, sector, data)

@@ -2,8 +2,8 @@
 options and the legacy AES messages.
 
 Every qcow2 open and create needs these, but only an encrypted image needs
-`crypt` itself, which loads `cryptography` and the LUKS driver (~25 ms of
-every start, measured with -X importtime).  qcow (version 1) shares them.
+`crypt` itself, which loads `cryptography` and the LUKS driver (a cost
+every start would pay: bench/README.md).  qcow (version 1) shares them.
 """
 from __future__ import annotations
 

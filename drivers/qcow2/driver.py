@@ -29,7 +29,7 @@ from __future__ import annotations
 import array
 import logging
 import struct
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, NamedTuple
 
 import trio
 
@@ -70,7 +70,7 @@ from .cluster import (
     unpack_l2,
     unpack_table,
 )
-from .compress import decompress_cluster
+from .compress import InflatedClusters
 from .crypt_options import (
     LEGACY_AES_READ_ONLY,
     SECTOR_SIZE,
@@ -123,6 +123,15 @@ FIRST_READ = 4096
 DEFAULT_L2_CACHE = 4 * 1024 * 1024
 
 log = logging.getLogger("imgfs")
+
+
+class EncryptedRun(NamedTuple):
+    """The token of an encrypted extent: where its clusters are stored, found
+    once by block_status (the extent itself is plain DATA to the core, so
+    that its bytes come from `read_data`, which decrypts them)."""
+
+    host_offset: int
+    child: str
 
 
 #: QEMU refuses to open (or check) a snapshot entry with more extra data
@@ -214,7 +223,7 @@ class Qcow2Driver(WriteMixin, BlockDriver):
         self.l1_dirty: set[int] = set()
         self.prepared = False
         self.inflight = 0
-        self.compressed_cache: tuple[int, bytes] | None = None
+        self.inflated = InflatedClusters(self.cluster_size, header.compression_type)
         self.crypto: ClusterCipher | AesCipher | None = None
         self.can_resize = True
         self.snapshot_view = False
@@ -545,7 +554,8 @@ class Qcow2Driver(WriteMixin, BlockDriver):
     async def block_status(self, offset: int, length: int) -> Extent:
         extent = await self._mapped_status(offset, length)
         if self.crypto is not None and extent.host_offset is not None:
-            return Extent(extent.length, DATA)       # read_data decrypts it
+            return Extent(extent.length, DATA,
+                          token=EncryptedRun(extent.host_offset, extent.child))
         return extent
 
     async def _mapped_status(self, offset: int, length: int) -> Extent:
@@ -606,33 +616,38 @@ class Qcow2Driver(WriteMixin, BlockDriver):
         return table.entries[self.geometry.l2_index(offset) * words]
 
     async def read_data(self, offset: int, length: int, extent: Extent) -> bytes:
-        if self.crypto is not None:
-            # block_status hid the host offset of this encrypted run
-            mapped = await self._mapped_status(offset, length)
-            if mapped.host_offset is not None and mapped.length >= length:
-                raw = await self.children[mapped.child].read(mapped.host_offset, length)
-                at = mapped.host_offset if self.crypto.physical else offset
-                return await self.crypto.decrypt(at, raw)
+        stored = extent.token
+        if self.crypto is not None and isinstance(stored, EncryptedRun):
+            # (the core reads from `offset`, the start of the extent)
+            raw = await self.children[stored.child].read(stored.host_offset, length)
+            at = stored.host_offset if self.crypto.physical else offset
+            return await self.crypto.decrypt(at, raw)
         entry = await self._entry_at(offset)
         if not entry & QCOW_OFLAG_COMPRESSED:
             raise CorruptImage(f"no compressed cluster at guest offset {offset}")
-        cluster = await self._decompress(entry)
-        start = self.geometry.offset_in_cluster(offset)
-        return cluster[start:start + length]
+        return await self.inflated.read(entry, self.geometry.offset_in_cluster(offset), length,
+                                        self._compressed_bytes)
 
-    async def _decompress(self, entry: int) -> bytes:
-        cached = self.compressed_cache
-        if cached is not None and cached[0] == entry:
-            return cached[1]
+    async def read(self, offset: int, length: int) -> bytes:
+        # Once the image has shown compressed clusters, a request of several
+        # clusters inflates its compressed ones in threads first, at once.
+        if self.inflated.used and length > self.cluster_size:
+            start = self.geometry.cluster_start(offset)
+            entries = [await self._entry_at(cluster)
+                       for cluster in range(start, offset + length, self.cluster_size)]
+            await self.inflated.prefetch(
+                (entry for entry in entries if entry & QCOW_OFLAG_COMPRESSED),
+                self._compressed_bytes)
+        return await self.node.read_via_status(offset, length)
+
+    async def _compressed_bytes(self, entry: int) -> bytes:
+        """The host bytes of the compressed cluster of L2 entry `entry`."""
         host_offset, most = compressed_range(entry, self.geometry.cluster_bits)
         file = self.children["file"]
         if host_offset >= file.size:
             raise await self._mark_corrupt(f"compressed cluster at {host_offset:#x} lies "
                                            f"beyond the end of the {file.size}-byte file")
-        raw = await file.read(host_offset, min(most, file.size - host_offset))
-        cluster = decompress_cluster(raw, self.cluster_size, self.header.compression_type)
-        self.compressed_cache = (entry, cluster)
-        return cluster
+        return await file.read(host_offset, min(most, file.size - host_offset))
 
     # -- flush and close -----------------------------------------------------------------
 

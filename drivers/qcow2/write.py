@@ -40,7 +40,7 @@ from .cluster import (
     l2_run,
     pack_table,
 )
-from .compress import compress_cluster
+from .compress import InflatedClusters, compress_cluster
 from .header import INCOMPAT_CORRUPT, OFFSET_L1, OFFSET_SIZE
 
 if TYPE_CHECKING:
@@ -88,6 +88,7 @@ class WriteMixin:
         inflight: int
         prepared: bool
         compressed_cursor: int
+        inflated: InflatedClusters
         crypto: ClusterCipher | AesCipher | None
         snapshots: list[Snapshot]
         dirty_bitmaps: Directory | None
@@ -142,7 +143,8 @@ class WriteMixin:
         sends anything else (and anything doubtful, which the locked path
         then reports) to the locked path.  Safe while the lock is free: no
         metadata update is half done, and this runs without an await, so
-        none can start.  Taking the lock was ~10% of a 4 KiB overwrite."""
+        none can start.  Taking the lock showed in a 4 KiB overwrite's
+        profile (bench/README.md)."""
         if self.lock.locked() or not self.prepared or \
                 self.header.incompatible_features & INCOMPAT_CORRUPT:
             return None
@@ -643,6 +645,9 @@ class WriteMixin:
             await self._prepare_for_write()
             table = await self._l2_for_write(self.geometry.l1_index(guest_offset))
             host = await self._allocate_bytes(len(packed))
+            # (bytes freed by an old compressed cluster may be reused, and an
+            # entry with the same offset and length must not read as it)
+            self.inflated.clear()
             await self.children["file"].write(host, packed)
             words = 2 if self.geometry.extended_l2 else 1
             index = self.geometry.l2_index(guest_offset) * words

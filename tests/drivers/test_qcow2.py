@@ -185,6 +185,41 @@ def test_compressed_read_matches_qemu(tmp_path, options):
     assert run(map_of, image) == qemu_map(image)
 
 
+@pytest.mark.parametrize("compression", ["zlib", "zstd"])
+def test_compressed_reads_of_any_size_and_at_once(tmp_path, compression):
+    """Reads of parts of clusters (inflated only that far, resumed later),
+    of many clusters (inflated in threads), and several at once."""
+    if compression == "zstd":
+        pytest.importorskip("zstandard")
+    rng = random.Random(7)
+    source = tmp_path / "src.raw"
+    source.write_bytes(b"".join(rng.randbytes(rng.randrange(1, 40000)) + bytes(30000)
+                                for _ in range(120))[:4 * MiB])
+    image = tmp_path / "comp.qcow2"
+    result = qemu_img("convert", "-c", "-f", "raw", "-O", "qcow2", "-o",
+                      f"compression_type={compression}", str(source), str(image))
+    assert result.returncode == 0, result.stderr
+    expected = source.read_bytes()
+    requests = [(100 * KiB, 4 * KiB), (0, MiB), (MiB + 512, 700 * KiB), (0, 4 * MiB)]
+    requests += [(offset, rng.randrange(1, 600 * KiB)) for offset in
+                 (rng.randrange(0, 3 * MiB) for _ in range(30))]
+
+    async def check() -> None:
+        node = await open_image(str(image), OpenContext(read_only=True))
+        try:
+            for offset, length in requests:
+                assert await node.read(offset, length) == expected[offset:offset + length]
+
+            async def one(offset: int, length: int) -> None:
+                assert await node.read(offset, length) == expected[offset:offset + length]
+            async with trio.open_nursery() as nursery:
+                for offset, length in requests[::-1]:
+                    nursery.start_soon(one, offset, length)
+        finally:
+            await node.aclose()
+    run(check)
+
+
 def test_zstd_compressed_read(tmp_path):
     source = create(tmp_path / "src.raw", 1 * MiB, fmt="raw")
     source.write_bytes(os.urandom(100 * KiB) + b"z" * (MiB - 100 * KiB))

@@ -114,7 +114,7 @@ def test_a_mount_starts_unlocking_the_embedded_header_early(
 def test_host_offset_numbers_the_sectors(image: Path, tmp_path: Path) -> None:
     """The fact the driver rests on: QEMU encrypts a data cluster with the
     sector numbers of its host offset, not its guest offset."""
-    from imgfs.drivers.luks.crypto import SectorCipher
+    from imgfs.drivers.luks.spec import SectorTransform
 
     async def check() -> None:
         node = await open_image(str(image), context(True))
@@ -122,7 +122,7 @@ def test_host_offset_numbers_the_sectors(image: Path, tmp_path: Path) -> None:
             crypto = node.driver.crypto
             extent = await node.driver._mapped_status(3 * MiB, 4 * KiB)
             assert extent.host_offset is not None and extent.host_offset != 3 * MiB
-            key_cipher: SectorCipher = crypto.cipher
+            key_cipher: SectorTransform = crypto.cipher
             raw = image.read_bytes()[extent.host_offset:extent.host_offset + 512]
             assert key_cipher.decrypt(extent.host_offset // 512, raw) == b"\x33" * 512
             assert key_cipher.decrypt(3 * MiB // 512, raw) != b"\x33" * 512
