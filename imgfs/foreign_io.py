@@ -1,5 +1,6 @@
 """Requests that a C library completes on its own threads (libgfapi's
-``*_async`` calls, librbd's aio completions), awaited from trio.
+``*_async`` calls, librbd's aio completions), awaited from trio, and
+`LibraryDriver`, the I/O of a protocol driver built on such a library.
 
 The library calls a callback on one of its threads with a key the request
 was started with; `ForeignCompletions.complete` hands the result to the
@@ -10,15 +11,17 @@ waiting task was cancelled.
 """
 from __future__ import annotations
 
+import errno
 import itertools
 import os
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
-from typing import Any, TypeVar
+from typing import Any, ClassVar, Protocol, TypeVar, cast
 
 import trio
 
-from .errors import Unreachable
+from .block import BlockDriver
+from .errors import ReadOnly, Unreachable
 
 T = TypeVar("T")
 
@@ -95,3 +98,60 @@ async def within(timeout: float, request: Awaitable[T]) -> T:
     with trio.move_on_after(timeout):
         return await request
     raise Unreachable(f"no answer within {timeout} s")
+
+
+class LibraryHandle(Protocol):
+    """What a library's open image or file answers (gluster's glfs_fd,
+    librbd's image), every call one asynchronous request."""
+
+    async def read(self, offset: int, length: int) -> bytearray: ...
+    async def write(self, offset: int, data: bytes) -> None: ...
+    async def flush(self) -> None: ...
+    async def discard(self, offset: int, length: int) -> None: ...
+    async def write_zeroes(self, offset: int, length: int) -> None: ...
+
+
+#: a library's answer to an operation the file or image does not support
+NOT_SUPPORTED = (errno.EOPNOTSUPP, errno.ENOSYS)
+
+
+class LibraryDriver(BlockDriver):
+    """A protocol driver whose data requests go to a C library's
+    asynchronous calls (many in flight at once), each failing with
+    Unreachable (EIO) after `timeout` seconds without an answer."""
+
+    async_io = True
+    timeout: float = 30
+    #: what a write to a source opened read-only is told
+    read_only_message: ClassVar[str] = "the source is open read-only"
+
+    def handle(self) -> LibraryHandle:
+        """The open image or file; raises Unreachable once closed."""
+        raise Unreachable("not connected")
+
+    async def read(self, offset: int, length: int) -> bytes:
+        # a bytearray serves every caller as bytes would (see the nbd driver)
+        return cast(bytes, await within(self.timeout, self.handle().read(offset, length)))
+
+    async def write(self, offset: int, data: bytes) -> None:
+        if not self.writable:
+            raise ReadOnly(self.read_only_message)
+        await within(self.timeout, self.handle().write(offset, data))
+
+    async def flush(self) -> None:
+        await within(self.timeout, self.handle().flush())
+
+    async def discard(self, offset: int, length: int) -> None:
+        try:
+            await within(self.timeout, self.handle().discard(offset, length))
+        except OSError as exc:
+            if exc.errno not in NOT_SUPPORTED:
+                raise
+
+    async def write_zeroes(self, offset: int, length: int, *, may_unmap: bool = False) -> None:
+        try:
+            await within(self.timeout, self.handle().write_zeroes(offset, length))
+        except OSError as exc:
+            if exc.errno not in NOT_SUPPORTED:
+                raise
+            await super().write_zeroes(offset, length, may_unmap=may_unmap)

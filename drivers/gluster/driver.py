@@ -10,20 +10,19 @@ from __future__ import annotations
 
 import errno
 import os
-from collections.abc import Awaitable, Callable
-from typing import Any, TypeVar, cast
+from collections.abc import Callable
+from typing import Any, TypeVar
 
-from imgfs.block import DATA, ZERO, BlockDriver, Extent, Kind
+from imgfs.block import DATA, ZERO, Extent, Kind
 from imgfs.errors import (
     ImgfsError,
     NotFound,
     PermissionDenied,
-    ReadOnly,
     Unreachable,
     UsageError,
     from_oserror,
 )
-from imgfs.foreign_io import blocking_call, within
+from imgfs.foreign_io import LibraryDriver, blocking_call, within
 from imgfs.node import OpenContext
 from imgfs.options import Int, Opt, Schema, Str, in_range
 
@@ -40,11 +39,11 @@ DEFAULT_DEBUG = 4
 MAX_TRANSFER = 1 << 20
 
 
-class GlusterDriver(BlockDriver):
+class GlusterDriver(LibraryDriver):
     name = "gluster"
     kind = Kind.PROTOCOL
+    read_only_message = "the file is read-only on the volume"
     description = "files on GlusterFS volumes (gluster://, gluster+unix://), through libgfapi"
-    async_io = True
     can_resize = True
     open_opts = Schema(
         Opt("volume", Str, help="the volume's name"),
@@ -103,60 +102,28 @@ class GlusterDriver(BlockDriver):
     async def _blocking(self, call: Callable[..., T], *arguments: Any) -> T:
         return await blocking_call(self.timeout, call, *arguments)
 
-    def _file(self) -> gfapi.File:
+    def handle(self) -> gfapi.File:
         if self.file is None:
             raise Unreachable("not connected to the volume")
         return self.file
 
-    async def _request(self, call: Callable[..., Awaitable[T]], *arguments: Any) -> T:
-        return await within(self.timeout, call(*arguments))
-
-    # -- I/O ----------------------------------------------------------------------
-
-    async def read(self, offset: int, length: int) -> bytes:
-        # a bytearray serves every caller as bytes would (see the nbd driver)
-        return cast(bytes, await self._request(self._file().pread, offset, length))
-
-    async def write(self, offset: int, data: bytes) -> None:
-        if not self.writable:
-            raise ReadOnly("the file is read-only on the volume")
-        await self._request(self._file().pwrite, offset, data)
-
-    async def flush(self) -> None:
-        await self._request(self._file().fsync)
-
-    async def discard(self, offset: int, length: int) -> None:
-        try:
-            await self._request(self._file().discard, offset, length)
-        except OSError as exc:
-            if exc.errno not in (errno.EOPNOTSUPP, errno.ENOSYS):
-                raise
-
-    async def write_zeroes(self, offset: int, length: int, *, may_unmap: bool = False) -> None:
-        try:
-            await self._request(self._file().zerofill, offset, length)
-        except OSError as exc:
-            if exc.errno not in (errno.EOPNOTSUPP, errno.ENOSYS):
-                raise
-            await super().write_zeroes(offset, length, may_unmap=may_unmap)
-
     async def truncate(self, size: int, preallocation: str = "off") -> None:
         if preallocation != "off":
             raise UsageError(f"gluster: preallocation={preallocation} is not supported")
-        await self._blocking(self._file().truncate, size)
+        await self._blocking(self.handle().truncate, size)
         self.size = size
 
     async def block_status(self, offset: int, length: int) -> Extent:
         """Holes and data from SEEK_HOLE / SEEK_DATA, as on a local file."""
         try:
-            data_start = await self._blocking(self._file().seek, offset, os.SEEK_DATA)
+            data_start = await self._blocking(self.handle().seek, offset, os.SEEK_DATA)
         except OSError as exc:
             if exc.errno == errno.ENXIO:       # only a hole up to the end
                 return Extent(length, ZERO)
             return Extent(length, DATA)
         if data_start > offset:
             return Extent(min(length, data_start - offset), ZERO)
-        hole_start = await self._blocking(self._file().seek, offset, os.SEEK_HOLE)
+        hole_start = await self._blocking(self.handle().seek, offset, os.SEEK_HOLE)
         return Extent(min(length, max(hole_start - offset, 1)), DATA)
 
     def info(self) -> dict[str, Any]:
@@ -181,7 +148,7 @@ class GlusterDriver(BlockDriver):
                 driver.volume.create, location.path,
                 os.O_RDWR | os.O_CREAT | os.O_TRUNC)
             await driver._blocking(driver.file.truncate, size)
-            await driver._request(driver.file.fsync)
+            await within(driver.timeout, driver.file.flush())
         finally:
             await driver.aclose()
 

@@ -139,7 +139,7 @@ class File:
                 raise _failed(what)
         return start
 
-    async def pread(self, offset: int, length: int) -> bytearray:
+    async def read(self, offset: int, length: int) -> bytearray:
         buffer = bytearray(length)
         view = (ctypes.c_char * length).from_buffer(buffer)
         done = await _COMPLETIONS.run(
@@ -148,7 +148,7 @@ class File:
             raise OSError(5, f"short read at offset {offset}: {done} of {length} bytes")
         return buffer
 
-    async def pwrite(self, offset: int, data: bytes) -> None:
+    async def write(self, offset: int, data: bytes) -> None:
         buffer = (ctypes.c_char * len(data)).from_buffer_copy(data) \
             if not isinstance(data, bytes) else ctypes.c_char_p(data)
         done = await _COMPLETIONS.run(
@@ -157,14 +157,16 @@ class File:
         if done != len(data):
             raise OSError(5, f"short write at offset {offset}: {done} of {len(data)} bytes")
 
-    async def fsync(self) -> None:
+    async def flush(self) -> None:
+        """fsync of the file."""
         await _COMPLETIONS.run(self._async("fsync", library().glfs_fsync_async))
 
     async def discard(self, offset: int, length: int) -> None:
         await _COMPLETIONS.run(self._async("discard", library().glfs_discard_async,
                                            offset, length))
 
-    async def zerofill(self, offset: int, length: int) -> None:
+    async def write_zeroes(self, offset: int, length: int) -> None:
+        """glfs_zerofill."""
         await _COMPLETIONS.run(self._async("zerofill", library().glfs_zerofill_async,
                                            offset, length))
 

@@ -9,21 +9,19 @@ from __future__ import annotations
 
 import errno
 import os
-from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
-from typing import Any, TypeVar, cast
+from typing import Any, TypeVar
 
-from imgfs.block import BlockDriver, Kind
+from imgfs.block import Kind
 from imgfs.errors import (
     ImgfsError,
     NotFound,
     PermissionDenied,
-    ReadOnly,
     Unreachable,
     UsageError,
     from_oserror,
 )
-from imgfs.foreign_io import blocking_call, within
+from imgfs.foreign_io import LibraryDriver, blocking_call
 from imgfs.node import OpenContext
 from imgfs.options import Int, Opt, Schema, Str, in_range
 
@@ -56,11 +54,11 @@ class RbdSnapshot:
                 "date-sec": 0, "date-nsec": 0, "vm-clock-sec": 0, "vm-clock-nsec": 0}
 
 
-class RbdDriver(BlockDriver):
+class RbdDriver(LibraryDriver):
     name = "rbd"
     kind = Kind.PROTOCOL
+    read_only_message = "the RBD image is open read-only"
     description = "images in Ceph RBD pools (rbd:POOL/IMAGE[@SNAP]), through librbd"
-    async_io = True
     can_resize = True
     has_internal_snapshots = True
     open_opts = Schema(
@@ -147,43 +145,15 @@ class RbdDriver(BlockDriver):
             if cluster is not None:
                 await blocking_call(self.timeout, cluster.close)
 
-    def _image(self) -> librbd.Image:
+    def handle(self) -> librbd.Image:
         if self.image is None:
             raise Unreachable("not connected to the cluster")
         return self.image
 
-    async def _request(self, call: Callable[..., Awaitable[T]], *arguments: Any) -> T:
-        return await within(self.timeout, call(*arguments))
-
-    # -- I/O ----------------------------------------------------------------------
-
-    async def read(self, offset: int, length: int) -> bytes:
-        # a bytearray serves every caller as bytes would (see the nbd driver)
-        return cast(bytes, await self._request(self._image().read, offset, length))
-
-    async def write(self, offset: int, data: bytes) -> None:
-        if not self.writable:
-            raise ReadOnly("the RBD image is open read-only")
-        await self._request(self._image().write, offset, data)
-
-    async def flush(self) -> None:
-        await self._request(self._image().flush)
-
-    async def discard(self, offset: int, length: int) -> None:
-        await self._request(self._image().discard, offset, length)
-
-    async def write_zeroes(self, offset: int, length: int, *, may_unmap: bool = False) -> None:
-        try:
-            await self._request(self._image().write_zeroes, offset, length)
-        except OSError as exc:
-            if exc.errno not in (errno.EOPNOTSUPP, errno.ENOSYS):
-                raise
-            await super().write_zeroes(offset, length, may_unmap=may_unmap)
-
     async def truncate(self, size: int, preallocation: str = "off") -> None:
         if preallocation != "off":
             raise UsageError(f"rbd: preallocation={preallocation} is not supported")
-        await blocking_call(self.timeout, self._image().resize, size)
+        await blocking_call(self.timeout, self.handle().resize, size)
         self.size = size
 
     def info(self) -> dict[str, Any]:
