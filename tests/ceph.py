@@ -7,22 +7,17 @@ from __future__ import annotations
 
 import os
 import signal
-import socket
 import subprocess
 import time
 import uuid
 from pathlib import Path
 
-from tests.conftest import run
+from tests.conftest import free_port, run
 
 #: the pool the tests create images in
 POOL = "rbd"
 
 
-def _free_port() -> int:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return int(probe.getsockname()[1])
 
 
 class CephCluster:
@@ -79,7 +74,7 @@ class CephCluster:
         (base / "run").mkdir(parents=True)
         (base / "log").mkdir()
         fsid = str(uuid.uuid4())
-        monitor = f"[v2:127.0.0.1:{_free_port()},v1:127.0.0.1:{_free_port()}]"
+        monitor = f"[v2:127.0.0.1:{free_port()},v1:127.0.0.1:{free_port()}]"
         self._write_config(fsid, monitor)
         mon_keyring, admin = base / "mon.a.keyring", base / "client.admin.keyring"
         run("ceph-authtool", "--create-keyring", mon_keyring, "--gen-key", "-n", "mon.",

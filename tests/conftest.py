@@ -11,6 +11,7 @@ import hashlib
 import os
 import shutil
 import signal
+import socket
 import subprocess
 import sys
 import threading
@@ -35,6 +36,25 @@ def need(*tools: str) -> None:
         if REQUIRE_ORACLES:
             pytest.fail(message)
         pytest.skip(message)
+
+
+def free_port() -> int:
+    """A TCP port on 127.0.0.1 that nothing listens on right now."""
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return int(probe.getsockname()[1])
+
+
+def connectable(address: str | int) -> bool:
+    """Something accepts connections on 127.0.0.1:PORT, or on a unix socket path."""
+    family = socket.AF_UNIX if isinstance(address, str) else socket.AF_INET
+    target = address if isinstance(address, str) else ("127.0.0.1", address)
+    with socket.socket(family) as probe:
+        try:
+            probe.connect(target)
+            return True
+        except OSError:
+            return False
 
 
 def need_root() -> None:

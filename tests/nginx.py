@@ -14,28 +14,18 @@ password PASSWORD (basic auth); ``/cookie/`` needs the cookie COOKIE.
 from __future__ import annotations
 
 import shutil
-import socket
 import subprocess
 import time
 from pathlib import Path
+
+from tests.conftest import connectable, free_port
 
 PASSWORD = "s3cret-pass-77"
 COOKIE = "session=cookie-value-42"
 
 
-def free_port() -> int:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return int(probe.getsockname()[1])
 
 
-def _connectable(port: int) -> bool:
-    with socket.socket() as probe:
-        try:
-            probe.connect(("127.0.0.1", port))
-            return True
-        except OSError:
-            return False
 
 
 def make_certificate(directory: Path) -> tuple[Path, Path]:
@@ -114,7 +104,7 @@ class Nginx:
             self.proc = subprocess.Popen([nginx, "-c", str(self.dir / "nginx.conf"),
                                           "-p", f"{self.dir}/"], stdout=log, stderr=log)
         deadline = time.monotonic() + 10
-        while not (_connectable(self.http_port) and _connectable(self.https_port)):
+        while not (connectable(self.http_port) and connectable(self.https_port)):
             if self.proc.poll() is not None or time.monotonic() > deadline:
                 self.stop()
                 raise RuntimeError("nginx did not start: "

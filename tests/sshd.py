@@ -15,7 +15,6 @@ import hashlib
 import os
 import shutil
 import signal
-import socket
 import subprocess
 import time
 from collections.abc import Iterator
@@ -24,24 +23,13 @@ from pathlib import Path
 
 import pytest
 
-from tests.conftest import need, stop_process
+from tests.conftest import connectable, free_port, need, stop_process
 
 SSHD = "/usr/sbin/sshd"
 
 
-def free_port() -> int:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return int(probe.getsockname()[1])
 
 
-def _connectable(port: int) -> bool:
-    with socket.socket() as probe:
-        try:
-            probe.connect(("127.0.0.1", port))
-            return True
-        except OSError:
-            return False
 
 
 def children(pid: int) -> list[int]:
@@ -172,7 +160,7 @@ def running_sshd(directory: Path, sftp: str = "") -> Iterator[Sshd]:
                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     try:
         deadline = time.monotonic() + 10
-        while not (_connectable(port) and agent_sock.exists()):
+        while not (connectable(port) and agent_sock.exists()):
             if proc.poll() is not None or time.monotonic() > deadline:
                 raise RuntimeError(f"sshd did not start: {(directory / 'sshd.log').read_text()}")
             time.sleep(0.02)

@@ -26,6 +26,7 @@ from imgfs.node import OpenContext
 from tests.conftest import (
     IMGFS,
     daemon_pids,
+    free_port,
     imgfs,
     is_mounted,
     mounted,
@@ -50,10 +51,6 @@ RW = OpenContext(read_only=False)
 RO = OpenContext(read_only=True)
 
 
-def free_port() -> int:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return int(probe.getsockname()[1])
 
 
 def random_file(path: Path, size: int, seed: int) -> bytes:

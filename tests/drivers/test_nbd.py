@@ -26,7 +26,7 @@ from imgfs.errors import ImgfsError, NoSpace, NotFound, PermissionDenied, ReadOn
 from imgfs.graph import open_image
 from imgfs.node import Node, OpenContext, describe_status
 from imgfs.registry import get_driver
-from tests.conftest import stop_process
+from tests.conftest import connectable, free_port, stop_process
 
 QEMU_TOOLS = all(shutil.which(tool) for tool in ("qemu-nbd", "qemu-img", "qemu-io"))
 needs_qemu = pytest.mark.skipif(not QEMU_TOOLS, reason="qemu-nbd/qemu-img/qemu-io not installed")
@@ -47,21 +47,8 @@ def run(fn: Any, *args: Any, timeout: float = 20) -> Any:
     return trio.run(main)
 
 
-def free_port() -> int:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return probe.getsockname()[1]
 
 
-def _connectable(address: str | int) -> bool:
-    family = socket.AF_UNIX if isinstance(address, str) else socket.AF_INET
-    target = address if isinstance(address, str) else ("127.0.0.1", address)
-    with socket.socket(family) as probe:
-        try:
-            probe.connect(target)
-            return True
-        except OSError:
-            return False
 
 
 @contextlib.contextmanager
@@ -71,7 +58,7 @@ def serve(argv: list[str], address: str | int, log: Path) -> Iterator[subprocess
         proc = subprocess.Popen(argv, stdout=log_file, stderr=log_file)
     try:
         deadline = time.monotonic() + 10
-        while not _connectable(address):
+        while not connectable(address):
             if proc.poll() is not None or time.monotonic() > deadline:
                 raise RuntimeError(f"{argv[0]} did not start: {log.read_text()}")
             time.sleep(0.02)
