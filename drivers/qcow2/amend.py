@@ -15,13 +15,14 @@ from __future__ import annotations
 
 import os
 from dataclasses import replace
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Protocol
 
 from imgfs.block import Status
 from imgfs.errors import ImgfsError, Unsupported
 from imgfs.options import Bool, Int, Opt, Schema, Size, Str, choice
 
 from ..luks.keyslots import AMEND_OPTS as KEYSLOT_OPTS
+from .create import refcount_bits_check  # one rule for create and amend
 from .header import (
     COMPAT_LAZY_REFCOUNTS,
     EXT_BITMAPS,
@@ -37,23 +38,37 @@ from .header import (
 )
 
 if TYPE_CHECKING:
-    from .driver import Qcow2Driver
+    from imgfs.block import Extent
+    from imgfs.node import Node
+
+    from .crypt import AesCipher, ClusterCipher
+    from .metadata import Qcow2Metadata
+
+
+class Qcow2Driver(Protocol):
+    """What amending needs of the qcow2 driver (declared here: this module
+    does not import the driver, which imports it)."""
+
+    meta: Qcow2Metadata
+    node: Node
+    crypto: ClusterCipher | AesCipher | None
+    size: int
+
+    async def flush(self) -> None: ...
+    async def write(self, offset: int, data: bytes) -> None: ...
+    async def block_status(self, offset: int, length: int) -> Extent: ...
+    async def discard_to_unallocated(self, offset: int, length: int) -> None: ...
 
 REFCOUNT_ORDER_V2 = 4
 #: bytes of zeros written at a time when a downgrade expands zero clusters
 ZERO_CHUNK = 1024 * 1024
 
 
-def _refcount_bits_check(value: int) -> None:
-    from .create import _refcount_bits_check as check  # one rule for create and amend
-    check(value)
-
-
 AMEND_OPTS = Schema(
     Opt("compat", choice("0.10", "1.1", "v2", "v3"),
         help="compatibility level (v2 [0.10] or v3 [1.1])"),
     Opt("lazy_refcounts", Bool, help="postpone refcount updates"),
-    Opt("refcount_bits", Int, check=_refcount_bits_check,
+    Opt("refcount_bits", Int, check=refcount_bits_check,
         help="width of a reference count entry in bits"),
     Opt("size", Size, help="virtual disk size"),
     Opt("backing_file", Str, help="file name of a base image (only its current name)"),
@@ -73,16 +88,16 @@ def target_version(options: dict[str, Any], current: int) -> int:
 
 def check_request(driver: Qcow2Driver, options: dict[str, Any]) -> None:
     """Refuse what QEMU refuses (with its reasons) before changing anything."""
-    image, header = driver.image, driver.header
+    image, header = driver.meta.image, driver.meta.header
     if options.get("backing_file") not in (None, image.backing_file) or \
             options.get("backing_fmt") not in (None, image.backing_format):
         raise ImgfsError("Cannot amend the backing file (use 'imgfs rebase' instead)")
-    if "data_file" in options and not driver.has_data_file:
+    if "data_file" in options and not driver.meta.has_data_file:
         raise ImgfsError("data-file can only be set for images that use an external data file")
-    if options.get("data_file") not in (None, driver.data_file_name) or \
-            options.get("data_file_raw") not in (None, driver.data_file_raw):
+    if options.get("data_file") not in (None, driver.meta.data_file_name) or \
+            options.get("data_file_raw") not in (None, driver.meta.data_file_raw):
         raise Unsupported("changing the external data file is not supported")
-    version = target_version(options, driver.version)
+    version = target_version(options, driver.meta.version)
     # As QEMU: only a change is checked (lazy refcounts already on may stay
     # asked for in a downgrade, which then drops them)
     current_bits = 1 << header.refcount_order
@@ -97,20 +112,20 @@ def check_request(driver: Qcow2Driver, options: dict[str, Any]) -> None:
                              "level 1.1 or above (use compat=1.1 or greater)")
         if bits != 16:
             raise ImgfsError("compat=0.10 requires refcount_bits=16")
-    if version < driver.version:
+    if version < driver.meta.version:
         _check_downgrade(driver)
 
 
 def _check_downgrade(driver: Qcow2Driver) -> None:
-    if driver.has_data_file:
+    if driver.meta.has_data_file:
         raise ImgfsError("Cannot downgrade an image with a data file")
-    other = driver.header.incompatible_features & ~(INCOMPAT_DIRTY | INCOMPAT_CORRUPT)
+    other = driver.meta.header.incompatible_features & ~(INCOMPAT_DIRTY | INCOMPAT_CORRUPT)
     if other:
         raise ImgfsError(f"Cannot downgrade an image with incompatible features {other:#x} set")
-    if driver.snapshots:
+    if driver.meta.snapshots:
         raise Unsupported("cannot downgrade an image with internal snapshots (their zero "
                           "clusters would need expanding)")
-    if driver.bitmaps is not None:
+    if driver.meta.bitmaps is not None:
         raise Unsupported("cannot downgrade an image with persistent bitmaps "
                           "(version 2 cannot store them)")
 
@@ -122,23 +137,23 @@ async def amend(driver: Qcow2Driver, options: dict[str, Any]) -> None:
                if key.startswith("encrypt.")}
     if encrypt:
         await amend_keyslots(driver, encrypt)
-    version = target_version(options, driver.version)
-    if version > driver.version:
-        await write_header(driver, upgraded_header(driver.header))
+    version = target_version(options, driver.meta.version)
+    if version > driver.meta.version:
+        await write_header(driver, upgraded_header(driver.meta.header))
     bits = options.get("refcount_bits")
-    if bits is not None and bits != 1 << driver.header.refcount_order:
+    if bits is not None and bits != 1 << driver.meta.header.refcount_order:
         from .repair import rebuild_refcount_structures
-        await rebuild_refcount_structures(driver, refcount_order=bits.bit_length() - 1)
+        await rebuild_refcount_structures(driver.meta, refcount_order=bits.bit_length() - 1)
     lazy = options.get("lazy_refcounts")
     if lazy is not None and version >= 3:
-        compat = driver.header.compatible_features & ~COMPAT_LAZY_REFCOUNTS
-        await write_header(driver, driver.header._replace(
+        compat = driver.meta.header.compatible_features & ~COMPAT_LAZY_REFCOUNTS
+        await write_header(driver, driver.meta.header._replace(
             compatible_features=compat | (COMPAT_LAZY_REFCOUNTS if lazy else 0)))
     if options.get("size") is not None and options["size"] != driver.size:
         await driver.node.truncate(options["size"])
-    if version < driver.version:
+    if version < driver.meta.version:
         await expand_zero_clusters(driver)
-        await write_header(driver, downgraded_header(driver.header))
+        await write_header(driver, downgraded_header(driver.meta.header))
 
 
 async def amend_keyslots(driver: Qcow2Driver, options: dict[str, Any]) -> None:
@@ -150,7 +165,7 @@ async def amend_keyslots(driver: Qcow2Driver, options: dict[str, Any]) -> None:
     if not isinstance(crypto, ClusterCipher):
         raise ImgfsError("encrypt.* options need an image encrypted with "
                          "encrypt.format=luks")
-    file = driver.children["file"]
+    file = driver.meta.children["file"]
 
     async def read(position: int, count: int) -> bytes:
         return await file.read(crypto.offset + position, count)
@@ -194,19 +209,19 @@ async def write_header(driver: Qcow2Driver, header: Header) -> None:
     point at tables that are not on disk yet."""
     from .header import parse_image_header, with_backing
     await driver.flush()
-    file = driver.children["file"]
+    file = driver.meta.children["file"]
     await file.flush()
-    image = driver.image
+    image = driver.meta.image
     extensions = header_extensions(image.extensions, header.version)
     head = header.pack() + pack_extensions(extensions)
     rebuilt = image.__class__(header=header, extensions=tuple(extensions))
     body = with_backing(head, rebuilt, image.backing_file, image.backing_format)
-    old = await file.read(0, min(file.size, driver.cluster_size))
+    old = await file.read(0, min(file.size, driver.meta.cluster_size))
     await file.write(0, body.ljust(len(old), b"\0"))
     await file.flush()
-    driver.image = parse_image_header(body.ljust(len(old), b"\0"), file.size)
-    driver.header = driver.image.header
-    driver.version = header.version
+    driver.meta.image = parse_image_header(body.ljust(len(old), b"\0"), file.size)
+    driver.meta.header = driver.meta.image.header
+    driver.meta.version = header.version
 
 
 async def expand_zero_clusters(driver: Qcow2Driver) -> None:

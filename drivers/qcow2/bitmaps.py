@@ -32,7 +32,7 @@ from .header import EXT_BITMAPS, EXTENSION_HEADER, HEADER_V2_LENGTH, Extension, 
 if TYPE_CHECKING:
     from imgfs.node import Node
 
-    from .driver import Qcow2Driver
+    from .metadata import Qcow2Metadata
 
 BITMAPS_EXTENSION = struct.Struct(">IIQQ")
 BITMAP_DIRECTORY_ENTRY = struct.Struct(">QIIBBHI")
@@ -263,26 +263,26 @@ class Directory:
     unusable: dict[str, str] = field(default_factory=dict)
 
     @classmethod
-    async def load(cls, driver: Qcow2Driver, extension: BitmapsExtension,
+    async def load(cls, meta: Qcow2Metadata, extension: BitmapsExtension,
                    extension_offset: int) -> Directory:
-        raw = await driver.children["file"].read(extension.bitmap_directory_offset,
-                                                 extension.bitmap_directory_size)
+        raw = await meta.children["file"].read(extension.bitmap_directory_offset,
+                                               extension.bitmap_directory_size)
         return cls(extension, extension_offset, raw, read_directory(raw, extension.nb_bitmaps),
-                   driver.size)
+                   meta.size)
 
-    def start_tracking(self, driver: Qcow2Driver) -> None:
+    def start_tracking(self, meta: Qcow2Metadata) -> None:
         """Read-write open: choose the bitmaps imgfs maintains."""
-        file_size = driver.children["file"].size
+        file_size = meta.children["file"].size
         for bitmap in self.bitmaps:
             if bitmap.flags & BME_FLAG_IN_USE:
                 continue            # inconsistent already: left as it is
-            reason = unusable_reason(bitmap, driver.size, driver.cluster_size, file_size)
+            reason = unusable_reason(bitmap, meta.size, meta.cluster_size, file_size)
             if reason is not None:
                 self.unusable[bitmap.name] = reason
                 continue
             self.maintained.add(bitmap.position)
             if bitmap.flags & BME_FLAG_AUTO:
-                self.trackers[bitmap.position] = DirtyTracker(bitmap, driver.cluster_size)
+                self.trackers[bitmap.position] = DirtyTracker(bitmap, meta.cluster_size)
 
     def mark(self, offset: int, length: int) -> None:
         """A guest range changed: the write paths' hook."""
@@ -292,21 +292,21 @@ class Directory:
         for tracker in self.trackers.values():
             tracker.mark(offset, end)
 
-    async def mark_in_use(self, driver: Qcow2Driver) -> None:
+    async def mark_in_use(self, meta: Qcow2Metadata) -> None:
         """Before the first write: every bitmap says it may be out of date."""
         for name, reason in self.unusable.items():
             log.warning("%s: bitmap '%s' cannot be maintained (%s): marked in use",
-                        driver.node.filename, name, reason)
+                        meta.filename, name, reason)
         raw = bytearray(self.raw)
         if mark_in_use(raw, parse_directory(self.raw, self.extension.nb_bitmaps)):
-            await driver._write_header_bytes(self.extension.bitmap_directory_offset,
-                                             bytes(raw))
+            await meta.write_header_bytes(self.extension.bitmap_directory_offset,
+                                          bytes(raw))
             self.raw = bytes(raw)
         self.marked = True
 
     # -- storing at close --------------------------------------------------------------
 
-    async def store(self, driver: Qcow2Driver) -> None:
+    async def store(self, meta: Qcow2Metadata) -> None:
         """Write the maintained bitmaps back with in_use clear (crash-safe:
         new clusters, refcounts, directory, header, then frees)."""
         if not self.marked:
@@ -317,55 +317,55 @@ class Directory:
             if bitmap.position not in self.maintained:
                 continue
             try:
-                table_offset, table_size = await self._store_bitmap(driver, bitmap, frees)
+                table_offset, table_size = await self._store_bitmap(meta, bitmap, frees)
             except ImgfsError as error:
-                log.warning("%s: bitmap '%s' left in use: %s", driver.node.filename,
+                log.warning("%s: bitmap '%s' left in use: %s", meta.filename,
                             bitmap.name, error)
                 continue
             struct.pack_into(">QII", raw, bitmap.position, table_offset, table_size,
                              bitmap.flags & ~BME_FLAG_IN_USE)
-        await self._switch_directory(driver, bytes(raw), frees)
+        await self._switch_directory(meta, bytes(raw), frees)
         self.marked = False
-        self.disk_size = driver.size
+        self.disk_size = meta.size
         for tracker in self.trackers.values():
             tracker.changes.clear()
 
-    async def _switch_directory(self, driver: Qcow2Driver, raw: bytes,
+    async def _switch_directory(self, meta: Qcow2Metadata, raw: bytes,
                                 frees: list[tuple[int, int]]) -> None:
-        file = driver.children["file"]
-        refcounts = driver.refcounts
-        clusters = -(-len(raw) // driver.cluster_size)
+        file = meta.children["file"]
+        refcounts = meta.refcounts
+        clusters = -(-len(raw) // meta.cluster_size)
         offset = await refcounts.allocate(clusters)
         await file.write(offset, raw)
         await refcounts.write_back()
         await file.flush()
         old = self.extension
         self.extension = old._replace(bitmap_directory_offset=offset)
-        await driver._write_header_bytes(self.extension_offset,
-                                         BITMAPS_EXTENSION.pack(*self.extension))
-        driver.bitmaps = self.extension
+        await meta.write_header_bytes(self.extension_offset,
+                                      BITMAPS_EXTENSION.pack(*self.extension))
+        meta.bitmaps = self.extension
         self.raw = raw
         self.bitmaps = read_directory(raw, self.extension.nb_bitmaps)
         frees.append((old.bitmap_directory_offset,
-                      -(-old.bitmap_directory_size // driver.cluster_size)))
+                      -(-old.bitmap_directory_size // meta.cluster_size)))
         for host, count in frees:
-            await refcounts.update(host >> driver.geometry.cluster_bits, count, -1)
+            await refcounts.update(host >> meta.geometry.cluster_bits, count, -1)
         await refcounts.write_back()
         await file.flush()
 
-    async def _store_bitmap(self, driver: Qcow2Driver, bitmap: Bitmap,
+    async def _store_bitmap(self, meta: Qcow2Metadata, bitmap: Bitmap,
                             frees: list[tuple[int, int]]) -> tuple[int, int]:
         """(table offset, table size) of `bitmap` with its new bits and the
         disk's current size; what the old table reached and no longer
         needs is added to `frees`."""
-        cluster_size = driver.cluster_size
-        file = driver.children["file"]
-        old_table = await self._read_table(driver, bitmap)
-        new_size = table_size_for(driver.size, bitmap.granularity_bits, cluster_size)
+        cluster_size = meta.cluster_size
+        file = meta.children["file"]
+        old_table = await self._read_table(meta, bitmap)
+        new_size = table_size_for(meta.size, bitmap.granularity_bits, cluster_size)
         tracker = self.trackers.get(bitmap.position)
         rewrite = {index for index in (tracker.changes if tracker else ())
                    if index < new_size}
-        if driver.size != self.disk_size and new_size:
+        if meta.size != self.disk_size and new_size:
             rewrite.add(new_size - 1)       # its unused tail bits must be zero
         if not rewrite and new_size == len(old_table):
             return bitmap.table_offset, bitmap.table_size
@@ -375,11 +375,11 @@ class Directory:
             if tracker is not None and index in tracker.changes:
                 content = merge_bits(content, tracker.changes[index])
             if index == new_size - 1:
-                content = self._clear_tail(content, driver.size, bitmap.granularity_bits,
+                content = self._clear_tail(content, meta.size, bitmap.granularity_bits,
                                            index, cluster_size)
             if table[index] & BME_TABLE_ENTRY_OFFSET_MASK:
                 frees.append((table[index] & BME_TABLE_ENTRY_OFFSET_MASK, 1))
-            table[index] = await self._new_data_cluster(driver, content)
+            table[index] = await self._new_data_cluster(meta, content)
         for entry in old_table[new_size:]:
             if entry & BME_TABLE_ENTRY_OFFSET_MASK:
                 frees.append((entry & BME_TABLE_ENTRY_OFFSET_MASK, 1))
@@ -387,7 +387,7 @@ class Directory:
         if new_size:
             raw_table = struct.pack(f">{new_size}Q", *table)
             table_clusters = -(-len(raw_table) // cluster_size)
-            table_offset = await driver.refcounts.allocate(table_clusters)
+            table_offset = await meta.refcounts.allocate(table_clusters)
             await file.write(table_offset, raw_table.ljust(table_clusters * cluster_size,
                                                            b"\0"))
         if bitmap.table_size:
@@ -395,14 +395,14 @@ class Directory:
         return table_offset, new_size
 
     @staticmethod
-    async def _read_table(driver: Qcow2Driver, bitmap: Bitmap) -> list[int]:
-        file = driver.children["file"]
+    async def _read_table(meta: Qcow2Metadata, bitmap: Bitmap) -> list[int]:
+        file = meta.children["file"]
         raw = await file.read(bitmap.table_offset, bitmap.table_size * 8)
         table = list(struct.unpack(f">{bitmap.table_size}Q", raw))
         for entry in table:
             host = entry & BME_TABLE_ENTRY_OFFSET_MASK
             if entry & BME_TABLE_ENTRY_RESERVED or host and entry & BME_TABLE_ENTRY_ALL_ONES \
-                    or host % driver.cluster_size or host + driver.cluster_size > file.size:
+                    or host % meta.cluster_size or host + meta.cluster_size > file.size:
                 raise InvalidImage(f"bitmap table entry {entry:#x} is invalid")
         return table
 
@@ -429,11 +429,11 @@ class Directory:
         return bytes(data)
 
     @staticmethod
-    async def _new_data_cluster(driver: Qcow2Driver, content: bytes) -> int:
+    async def _new_data_cluster(meta: Qcow2Metadata, content: bytes) -> int:
         """The table entry for a bitmap cluster holding `content` (QEMU
         stores no cluster for one that is all zeros)."""
         if not any(content):
             return 0
-        host = await driver.refcounts.allocate(1)
-        await driver.children["file"].write(host, content)
+        host = await meta.refcounts.allocate(1)
+        await meta.children["file"].write(host, content)
         return host

@@ -51,7 +51,7 @@ from .refcount import RefcountGeometry, set_refcount
 SECTOR = 512
 
 
-def _refcount_bits_check(value: int) -> None:
+def refcount_bits_check(value: int) -> None:
     if value < 1 or value > 64 or value & (value - 1):
         raise UsageError("must be a power of two between 1 and 64")
 
@@ -66,7 +66,7 @@ CREATE_OPTS = Schema(
     Opt("preallocation", choice("off", "metadata", "falloc", "full"), default="off",
         help="preallocation mode"),
     Opt("lazy_refcounts", Bool, default=False, help="postpone refcount updates"),
-    Opt("refcount_bits", Int, default=16, check=_refcount_bits_check,
+    Opt("refcount_bits", Int, default=16, check=refcount_bits_check,
         help="width of a reference count entry in bits"),
     Opt("extended_l2", Bool, default=False, help="extended L2 tables (subclusters)"),
     Opt("compression_type", choice("zlib", "zstd"), default="zlib",

@@ -55,7 +55,7 @@ BITMAP_TABLE_CHUNK = 1 << 20
 if TYPE_CHECKING:
     from imgfs.tablecache import Table
 
-    from .driver import Qcow2Driver
+    from .metadata import Qcow2Metadata
     from .snapshot import Snapshot
 
 
@@ -106,13 +106,13 @@ class _Walk:
     """Counts references while walking the tables of one image, in the
     order and with the messages of QEMU's check (calculate_refcounts)."""
 
-    def __init__(self, driver: Qcow2Driver) -> None:
-        self.driver = driver
-        self.bits = driver.geometry.cluster_bits
-        self.cluster_size = driver.cluster_size
-        self.file = driver.children["file"]
+    def __init__(self, meta: Qcow2Metadata) -> None:
+        self.meta = meta
+        self.bits = meta.geometry.cluster_bits
+        self.cluster_size = meta.cluster_size
+        self.file = meta.children["file"]
         self.file_size = self.file.size
-        self.max_refcount = driver.refcounts.geometry.max_refcount
+        self.max_refcount = meta.refcounts.geometry.max_refcount
         self.result = References()
         self.next_contiguous = 0
 
@@ -148,16 +148,16 @@ class _Walk:
                 self.error(f"ERROR l2_offset={l2_offset:x}: Table is not cluster aligned; "
                            "L1 entry corrupted")
             # as QEMU, the table is read where the entry says, whatever that is
-            entries = await read_l2(self.driver, l2_offset)
+            entries = await read_l2(self.meta, l2_offset)
             self.next_contiguous = 0        # as QEMU: fragmentation is per L2 table
             self.l2_table(entries, active=active)
 
     def l2_table(self, entries: Sequence[int], *, active: bool) -> None:
-        words = 2 if self.driver.geometry.extended_l2 else 1
+        words = 2 if self.meta.geometry.extended_l2 else 1
         for index in range(0, len(entries), words):
             entry = entries[index]
             bitmap = entries[index + 1] if words == 2 else 0
-            kind = cluster_type(self.driver, entry)
+            kind = cluster_type(self.meta, entry)
             if kind is not ClusterType.COMPRESSED and entry & L2E_STANDARD_RESERVED:
                 self.error(f"ERROR found l2 entry with reserved bits set: {entry:x}")
             if kind is ClusterType.COMPRESSED:
@@ -174,7 +174,7 @@ class _Walk:
             self.error(f"ERROR: coffset={host:#x}: copied flag must never be set for "
                        "compressed clusters")
             entry &= ~QCOW_OFLAG_COPIED
-        if self.driver.has_data_file:
+        if self.meta.has_data_file:
             self.error(f"ERROR compressed cluster {index} with data file, entry={entry:#x}")
             return
         if bitmap:
@@ -200,13 +200,13 @@ class _Walk:
             if self.next_contiguous and host != self.next_contiguous:
                 self.result.fragmented += 1
             self.next_contiguous = host + self.cluster_size
-        if not self.driver.has_data_file:
+        if not self.meta.has_data_file:
             self.add(host, self.cluster_size)
 
     def _unaligned(self, entry: int, bitmap: int) -> None:
         """QEMU's check_refcounts_l2: an unaligned host offset is one
         corruption (the cluster is still counted where it points)."""
-        if self.driver.geometry.extended_l2:
+        if self.meta.geometry.extended_l2:
             holds_data = bool(bitmap & BITMAP_ALL_ALLOCATED)
         else:
             holds_data = not entry & QCOW_OFLAG_ZERO
@@ -215,79 +215,79 @@ class _Walk:
                    "is not properly aligned; L2 entry corrupted.")
 
 
-def cluster_type(driver: Qcow2Driver, entry: int) -> ClusterType:
+def cluster_type(meta: Qcow2Metadata, entry: int) -> ClusterType:
     """QEMU's classification of an L2 entry (qcow2_get_cluster_type); a
     zero cluster with a host offset is NORMAL here (it holds a cluster)."""
     if entry & QCOW_OFLAG_COMPRESSED:
         return ClusterType.COMPRESSED
-    if entry & QCOW_OFLAG_ZERO and not driver.geometry.extended_l2:
+    if entry & QCOW_OFLAG_ZERO and not meta.geometry.extended_l2:
         return ClusterType.NORMAL if entry & L2E_OFFSET_MASK else ClusterType.ZERO
-    if entry & L2E_OFFSET_MASK or driver.has_data_file and entry & QCOW_OFLAG_COPIED:
+    if entry & L2E_OFFSET_MASK or meta.has_data_file and entry & QCOW_OFLAG_COPIED:
         return ClusterType.NORMAL
     return ClusterType.UNALLOCATED
 
 
-async def read_l2(driver: Qcow2Driver, l2_offset: int) -> Sequence[int]:
+async def read_l2(meta: Qcow2Metadata, l2_offset: int) -> Sequence[int]:
     """The L2 table at `l2_offset` as the file holds it, aligned or not
     (zeros past the end of the file), without the driver's cache."""
-    file = driver.children["file"]
-    length = max(0, min(driver.cluster_size, file.size - l2_offset))
+    file = meta.children["file"]
+    length = max(0, min(meta.cluster_size, file.size - l2_offset))
     raw = await file.read(l2_offset, length) if length else b""
-    return unpack_l2(raw.ljust(driver.cluster_size, b"\0"))
+    return unpack_l2(raw.ljust(meta.cluster_size, b"\0"))
 
 
-async def scan_references(driver: Qcow2Driver, *,
+async def scan_references(meta: Qcow2Metadata, *,
                           refcount_structures: bool = True) -> References:
     """How many references each host cluster of the image file has (the
     refcount table and blocks left out when not `refcount_structures`)."""
-    header = driver.header
-    walk = _Walk(driver)
-    for message in driver.snapshot_errors:
+    header = meta.header
+    walk = _Walk(meta)
+    for message in meta.snapshot_errors:
         walk.error(message)
-    walk.add(0, driver.cluster_size)
+    walk.add(0, meta.cluster_size)
     walk.add(header.l1_table_offset, header.l1_size * 8)
-    await walk.l1_table(driver.l1, active=True)
-    if driver.has_data_file and header.nb_snapshots:
+    await walk.l1_table(meta.l1, active=True)
+    if meta.has_data_file and header.nb_snapshots:
         walk.error(f"ERROR {header.nb_snapshots} snapshots in image with data file")
-    for snap in driver.snapshots:
+    for snap in meta.snapshots:
         # only an image opened for the check gets here with such a table
-        problem = l1_table_problem(snap, driver.cluster_size)
+        problem = l1_table_problem(snap, meta.cluster_size)
         if problem:
             walk.error(problem)
             continue
         walk.add(snap.l1_table_offset, snap.l1_size * 8)
-        await walk.l1_table(await _snapshot_l1(driver, snap), active=False)
+        await walk.l1_table(await _snapshot_l1(meta, snap), active=False)
     if header.nb_snapshots:
-        walk.add(header.snapshots_offset, driver.snapshot_table_length)
+        walk.add(header.snapshots_offset, meta.snapshot_table_length)
     if refcount_structures:
         walk.add(header.refcount_table_offset, header.refcount_table_clusters << walk.bits)
-    if driver.image.crypto_header is not None:
-        walk.add(*driver.image.crypto_header)
-    await _bitmap_references(driver, walk)
+    if meta.image.crypto_header is not None:
+        walk.add(*meta.image.crypto_header)
+    await _bitmap_references(meta, walk)
     if refcount_structures:
-        _refcount_blocks(driver, walk)
+        _refcount_blocks(meta, walk)
     return walk.result
 
 
-async def _snapshot_l1(driver: Qcow2Driver, snap: Snapshot) -> list[int]:
+async def _snapshot_l1(meta: Qcow2Metadata, snap: Snapshot) -> list[int]:
     """A snapshot's L1 table (its size checked by `l1_table_problem`): as
     in QEMU's check, the part past the end of the file has no entries."""
-    inside = await driver.read_inside(snap.l1_table_offset, snap.l1_size * 8)
+    inside = await meta.read_inside(snap.l1_table_offset, snap.l1_size * 8)
     return unpack_table(inside[:len(inside) // 8 * 8])
 
 
-def _refcount_blocks(driver: Qcow2Driver, walk: _Walk) -> None:
+def _refcount_blocks(meta: Qcow2Metadata, walk: _Walk) -> None:
     """The refcount blocks: each must be referenced exactly once (QEMU's
     check_refblocks; anything else needs the refcounts rebuilt)."""
-    file_clusters = -(-walk.file_size // driver.cluster_size)
-    for index, entry in enumerate(driver.refcounts.table):
+    file_clusters = -(-walk.file_size // meta.cluster_size)
+    for index, entry in enumerate(meta.refcounts.table):
         offset = entry & REFT_OFFSET_MASK
         cluster = offset >> walk.bits
         if entry & REFT_RESERVED_MASK:
             walk.error(f"ERROR refcount table entry {index} has reserved bits set")
             walk.result.rebuild = True
             continue
-        if offset & (driver.cluster_size - 1):
+        if offset & (meta.cluster_size - 1):
             walk.error(f"ERROR refcount block {index} is not cluster aligned; refcount "
                        "table entry corrupted")
             walk.result.rebuild = True
@@ -298,41 +298,41 @@ def _refcount_blocks(driver: Qcow2Driver, walk: _Walk) -> None:
             walk.result.outside_blocks += 1
             continue
         if offset:
-            walk.add(offset, driver.cluster_size)
+            walk.add(offset, meta.cluster_size)
             if walk.result.counts[cluster] != 1:
                 walk.error(f"ERROR refcount block {index} "
                            f"refcount={walk.result.counts[cluster]}")
                 walk.result.rebuild = True
 
 
-async def _bitmap_references(driver: Qcow2Driver, walk: _Walk) -> None:
+async def _bitmap_references(meta: Qcow2Metadata, walk: _Walk) -> None:
     """The bitmap directory, tables and data clusters (spec: "Bitmaps";
     QEMU's qcow2_check_bitmaps_refcounts)."""
-    if driver.bitmaps is None:
+    if meta.bitmaps is None:
         return
-    walk.add(driver.bitmaps.bitmap_directory_offset, driver.bitmaps.bitmap_directory_size)
+    walk.add(meta.bitmaps.bitmap_directory_offset, meta.bitmaps.bitmap_directory_size)
     try:
-        entries = await driver.bitmap_entries()
+        entries = await meta.bitmap_entries()
     except InvalidImage as error:
         walk.error(f"ERROR bitmap directory: {error}")
         return
     for entry in entries:
         length = entry.table_size * 8
         walk.add(entry.table_offset, length)
-        if entry.table_offset % driver.cluster_size:
+        if entry.table_offset % meta.cluster_size:
             walk.error(f"ERROR bitmap table at {entry.table_offset:#x} is not cluster "
                        "aligned")
             continue
         if entry.table_size > BME_MAX_TABLE_SIZE:
             walk.error(f"ERROR bitmap table of {entry.table_size} entries is too large")
             continue
-        await _bitmap_table(driver, walk, entry.table_offset, length)
+        await _bitmap_table(meta, walk, entry.table_offset, length)
 
 
-async def _bitmap_table(driver: Qcow2Driver, walk: _Walk, offset: int, length: int) -> None:
+async def _bitmap_table(meta: Qcow2Metadata, walk: _Walk, offset: int, length: int) -> None:
     """The data clusters one bitmap table references, read a piece at a time;
     as QEMU, the part past the end of the file reads as zeros (no entries)."""
-    file = driver.children["file"]
+    file = meta.children["file"]
     end = min(offset + length, file.size)
     for start in range(offset, end, BITMAP_TABLE_CHUNK):
         raw = await file.read(start, min(BITMAP_TABLE_CHUNK, end - start))
@@ -340,24 +340,24 @@ async def _bitmap_table(driver: Qcow2Driver, walk: _Walk, offset: int, length: i
             data_offset = table_entry & BME_TABLE_ENTRY_OFFSET_MASK
             if table_entry & BME_TABLE_ENTRY_RESERVED or data_offset and (
                     table_entry & BME_TABLE_ENTRY_ALL_ONES
-                    or data_offset % driver.cluster_size):
+                    or data_offset % meta.cluster_size):
                 walk.error(f"ERROR bitmap table entry {table_entry:#x} is invalid")
                 continue
             if data_offset:
-                walk.add(data_offset, driver.cluster_size)
+                walk.add(data_offset, meta.cluster_size)
 
 
-async def check_image(driver: Qcow2Driver) -> CheckReport:
+async def check_image(meta: Qcow2Metadata) -> CheckReport:
     """Compare stored refcounts with references, as qemu-img check does."""
-    refs = await scan_references(driver)
+    refs = await scan_references(meta)
     report = CheckReport(messages=list(refs.errors), corruptions=len(refs.errors),
                          allocated=refs.allocated, fragmented=refs.fragmented,
                          compressed=refs.compressed, needs_rebuild=refs.rebuild,
                          damaged_structures=refs.rebuild or bool(refs.outside_blocks),
                          outside_blocks=refs.outside_blocks)
-    report.total_clusters = -(-driver.size // driver.cluster_size)
-    store = driver.refcounts
-    file_clusters = -(-driver.children["file"].size // driver.cluster_size)
+    report.total_clusters = -(-meta.size // meta.cluster_size)
+    store = meta.refcounts
+    file_clusters = -(-meta.children["file"].size // meta.cluster_size)
     clusters = max([file_clusters, *(cluster + 1 for cluster in refs.counts)])
     highest = 0             # as QEMU: the end offset is at least one cluster
     for cluster in range(clusters):
@@ -381,47 +381,47 @@ async def check_image(driver: Qcow2Driver) -> CheckReport:
             report.leaked.append((cluster, stored, wanted))
             report.messages.append(f"Leaked cluster {cluster} refcount={stored} "
                                    f"reference={wanted}")
-    report.image_end_offset = (highest + 1) * driver.cluster_size
-    await _check_copied_flags(driver, report)
+    report.image_end_offset = (highest + 1) * meta.cluster_size
+    await _check_copied_flags(meta, report)
     return report
 
 
-async def _refcount_or_zero(driver: Qcow2Driver, host_offset: int) -> int | None:
+async def _refcount_or_zero(meta: Qcow2Metadata, host_offset: int) -> int | None:
     """The stored refcount of the cluster at `host_offset` (None if unreadable)."""
     try:
-        return await driver.refcounts.get(host_offset >> driver.geometry.cluster_bits)
+        return await meta.refcounts.get(host_offset >> meta.geometry.cluster_bits)
     except CorruptImage:
         return None
 
 
-async def _l2_tables_with_refcounts(driver: Qcow2Driver
+async def _l2_tables_with_refcounts(meta: Qcow2Metadata
                                     ) -> AsyncIterator[tuple[int, int, int, int]]:
     """(L1 index, L1 entry, L2 offset, the L2 cluster's refcount) of every
     active L2 table whose refcount can be read."""
-    for l1_index, entry in enumerate(driver.l1):
+    for l1_index, entry in enumerate(meta.l1):
         l2_offset = entry & L1E_OFFSET_MASK
         if not l2_offset:
             continue
-        refcount = await _refcount_or_zero(driver, l2_offset)
+        refcount = await _refcount_or_zero(meta, l2_offset)
         if refcount is not None:
             yield l1_index, entry, l2_offset, refcount
 
 
-async def _check_copied_flags(driver: Qcow2Driver, report: CheckReport) -> None:
+async def _check_copied_flags(meta: Qcow2Metadata, report: CheckReport) -> None:
     """Bit 63 of active L1 and L2 entries must say whether the refcount is 1."""
-    words = 2 if driver.geometry.extended_l2 else 1
-    async for l1_index, entry, l2_offset, refcount in _l2_tables_with_refcounts(driver):
+    words = 2 if meta.geometry.extended_l2 else 1
+    async for l1_index, entry, l2_offset, refcount in _l2_tables_with_refcounts(meta):
         if bool(entry & QCOW_OFLAG_COPIED) != (refcount == 1):
             report.corruptions += 1
             report.copied_errors += 1
             report.messages.append(f"ERROR OFLAG_COPIED L2 cluster: l1_index={l1_index} "
                                    f"l1_entry={entry:x} refcount={refcount}")
-        entries = await read_l2(driver, l2_offset)
+        entries = await read_l2(meta, l2_offset)
         for l2_entry in entries[::words]:
-            if cluster_type(driver, l2_entry) is not ClusterType.NORMAL:
+            if cluster_type(meta, l2_entry) is not ClusterType.NORMAL:
                 continue
-            data_refcount = 1 if driver.has_data_file else \
-                await _refcount_or_zero(driver, l2_entry & L2E_OFFSET_MASK)
+            data_refcount = 1 if meta.has_data_file else \
+                await _refcount_or_zero(meta, l2_entry & L2E_OFFSET_MASK)
             if data_refcount is None:
                 continue
             if bool(l2_entry & QCOW_OFLAG_COPIED) != (data_refcount == 1):
@@ -431,30 +431,30 @@ async def _check_copied_flags(driver: Qcow2Driver, report: CheckReport) -> None:
                                        f"l2_entry={l2_entry:x} refcount={data_refcount}")
 
 
-async def _active_l2_tables(driver: Qcow2Driver) -> list[tuple[int, int, int, int]]:
+async def _active_l2_tables(meta: Qcow2Metadata) -> list[tuple[int, int, int, int]]:
     """Active L2 tables the repair may rewrite: aligned, inside the file,
     and clear of the header, L1 and refcount tables."""
-    file_size = driver.children["file"].size
+    file_size = meta.children["file"].size
     tables = []
-    for l1_index, entry in enumerate(driver.l1):
+    for l1_index, entry in enumerate(meta.l1):
         l2_offset = entry & L1E_OFFSET_MASK
-        if l2_offset and not l2_offset & (driver.cluster_size - 1) and \
-                l2_offset + driver.cluster_size <= file_size and \
-                not driver._overlaps_metadata(l2_offset, driver.cluster_size):
-            refcount = await driver.refcounts.get(l2_offset >> driver.geometry.cluster_bits)
+        if l2_offset and not l2_offset & (meta.cluster_size - 1) and \
+                l2_offset + meta.cluster_size <= file_size and \
+                not meta.overlaps_metadata(l2_offset, meta.cluster_size):
+            refcount = await meta.refcounts.get(l2_offset >> meta.geometry.cluster_bits)
             tables.append((l1_index, entry, l2_offset, refcount))
     return tables
 
 
-async def rebuild_refcounts(driver: Qcow2Driver, *, leaks_only: bool = False) -> None:
+async def rebuild_refcounts(meta: Qcow2Metadata, *, leaks_only: bool = False) -> None:
     """Rewrite refcounts from the references (only lowering them when
     `leaks_only`, as ``check -r leaks``)."""
-    refs = await scan_references(driver)
-    store = driver.refcounts
-    file_clusters = -(-driver.children["file"].size // driver.cluster_size)
-    table_clusters = {entry >> driver.geometry.cluster_bits for entry in store.table if entry}
-    start = driver.header.refcount_table_offset >> driver.geometry.cluster_bits
-    table_clusters.update(range(start, start + driver.header.refcount_table_clusters))
+    refs = await scan_references(meta)
+    store = meta.refcounts
+    file_clusters = -(-meta.children["file"].size // meta.cluster_size)
+    table_clusters = {entry >> meta.geometry.cluster_bits for entry in store.table if entry}
+    start = meta.header.refcount_table_offset >> meta.geometry.cluster_bits
+    table_clusters.update(range(start, start + meta.header.refcount_table_clusters))
     # Refcount structures first: a table move during the rebuild releases the
     # old table, whose count must be right by then.
     order = sorted(set(refs.counts) | set(range(file_clusters)),
@@ -465,10 +465,10 @@ async def rebuild_refcounts(driver: Qcow2Driver, *, leaks_only: bool = False) ->
             await store.update(cluster, 1, wanted - stored)
     store.free_hint = 0
     await store.write_back()
-    await driver.children["file"].flush()
+    await meta.children["file"].flush()
 
 
-async def rebuild_refcount_structures(driver: Qcow2Driver,
+async def rebuild_refcount_structures(meta: Qcow2Metadata,
                                       refcount_order: int | None = None) -> None:
     """``check -r all`` when the refcount table or blocks themselves are
     damaged (QEMU: "Rebuilding refcount structure"), and ``amend -o
@@ -476,17 +476,17 @@ async def rebuild_refcount_structures(driver: Qcow2Driver,
     new table after the end of the file, made from the references alone;
     the header then points at them, and the old structures are left
     unreferenced (free space)."""
-    refs = await scan_references(driver, refcount_structures=False)
+    refs = await scan_references(meta, refcount_structures=False)
     counts = refs.counts
-    file = driver.children["file"]
-    order = driver.header.refcount_order if refcount_order is None else refcount_order
-    geometry = RefcountGeometry(driver.geometry.cluster_bits, order)
+    file = meta.children["file"]
+    order = meta.header.refcount_order if refcount_order is None else refcount_order
+    geometry = RefcountGeometry(meta.geometry.cluster_bits, order)
     for cluster, value in counts.items():
         if value > geometry.max_refcount:
             raise ImgfsError(f"Cannot decrease refcount entry width to "
                              f"{geometry.refcount_bits} bits: cluster {cluster} has a "
                              f"refcount of {value}")
-    bits, cluster_size = driver.geometry.cluster_bits, driver.cluster_size
+    bits, cluster_size = meta.geometry.cluster_bits, meta.cluster_size
     end = max([-(-file.size // cluster_size), *(cluster + 1 for cluster in counts)])
     blocks, table_clusters = _structure_sizes(end, geometry.block_entries, cluster_size)
     for cluster in range(end, end + blocks + table_clusters):
@@ -503,7 +503,7 @@ async def rebuild_refcount_structures(driver: Qcow2Driver,
     await file.write(table_offset,
                      pack_table(table).ljust(table_clusters << bits, b"\0"))
     await file.flush()
-    await driver.switch_refcount_structures(table_offset, table_clusters, order)
+    await meta.switch_refcount_structures(table_offset, table_clusters, order)
 
 
 def _structure_sizes(end: int, block_entries: int, cluster_size: int) -> tuple[int, int]:
@@ -519,27 +519,27 @@ def _structure_sizes(end: int, block_entries: int, cluster_size: int) -> tuple[i
         blocks, table_clusters = wanted, wanted_table
 
 
-async def zero_unaligned_preallocated(driver: Qcow2Driver, messages: list[str]) -> int:
+async def zero_unaligned_preallocated(meta: Qcow2Metadata, messages: list[str]) -> int:
     """``check -r all``, as QEMU: an L2 entry with an unaligned host offset
     that holds no data (a preallocated zero cluster) becomes a plain zero
     cluster (unallocated with extended L2).  Returns how many, and says
     which in `messages`."""
     fixed = 0
-    file = driver.children["file"]
+    file = meta.children["file"]
     # a snapshot whose L1 table the check could not walk is left alone
-    tables = [driver.l1] + [await _snapshot_l1(driver, snap) for snap in driver.snapshots
-                            if not l1_table_problem(snap, driver.cluster_size)]
-    words = 2 if driver.geometry.extended_l2 else 1
+    tables = [meta.l1] + [await _snapshot_l1(meta, snap) for snap in meta.snapshots
+                          if not l1_table_problem(snap, meta.cluster_size)]
+    words = 2 if meta.geometry.extended_l2 else 1
     for l1 in tables:
         for l1_entry in l1:
             l2_offset = l1_entry & L1E_OFFSET_MASK
-            if not l1_entry or l2_offset + driver.cluster_size > file.size:
+            if not l1_entry or l2_offset + meta.cluster_size > file.size:
                 continue
-            entries = await read_l2(driver, l2_offset)
+            entries = await read_l2(meta, l2_offset)
             for index in range(0, len(entries), words):
                 entry = entries[index]
-                if cluster_type(driver, entry) is not ClusterType.NORMAL or \
-                        not entry & L2E_OFFSET_MASK & (driver.cluster_size - 1):
+                if cluster_type(meta, entry) is not ClusterType.NORMAL or \
+                        not entry & L2E_OFFSET_MASK & (meta.cluster_size - 1):
                     continue
                 if words == 2:
                     if entries[index + 1] & BITMAP_ALL_ALLOCATED:
@@ -550,7 +550,7 @@ async def zero_unaligned_preallocated(driver: Qcow2Driver, messages: list[str]) 
                 else:
                     continue
                 position = l2_offset + index * 8
-                if driver._overlaps_metadata(position, 8):
+                if meta.overlaps_metadata(position, 8):
                     continue
                 messages.append(f"Repairing offset={entry & L2E_OFFSET_MASK:x}: Preallocated "
                                 "cluster is not properly aligned; L2 entry corrupted.")
@@ -558,36 +558,36 @@ async def zero_unaligned_preallocated(driver: Qcow2Driver, messages: list[str]) 
                 fixed += 1
     if fixed:
         await file.flush()
-        driver.l2_cache.clear()
+        meta.l2_cache.clear()
     return fixed
 
 
-async def fix_copied_flags(driver: Qcow2Driver) -> None:
+async def fix_copied_flags(meta: Qcow2Metadata) -> None:
     """Set bit 63 of active L1/L2 entries from the (rebuilt) refcounts; the
     entries of an L2 table that is misplaced (unaligned, past the end,
     over other metadata) are left alone."""
-    sane = {l2_offset for _, _, l2_offset, _ in await _active_l2_tables(driver)}
-    async for l1_index, entry, l2_offset, refcount in _l2_tables_with_refcounts(driver):
+    sane = {l2_offset for _, _, l2_offset, _ in await _active_l2_tables(meta)}
+    async for l1_index, entry, l2_offset, refcount in _l2_tables_with_refcounts(meta):
         wanted = (entry & ~QCOW_OFLAG_COPIED) | (QCOW_OFLAG_COPIED if refcount == 1 else 0)
         if wanted != entry:
-            driver.l1[l1_index] = wanted
-            driver.l1_dirty.add(l1_index)
+            meta.l1[l1_index] = wanted
+            meta.l1_dirty.add(l1_index)
         if l2_offset in sane:
-            await _fix_copied_in_table(driver, await driver._l2_table(l2_offset))
-    await driver._write_back()
+            await _fix_copied_in_table(meta, await meta.l2_table(l2_offset))
+    await meta.write_back()
 
 
-async def _fix_copied_in_table(driver: Qcow2Driver, table: Table) -> None:
-    words = 2 if driver.geometry.extended_l2 else 1
+async def _fix_copied_in_table(meta: Qcow2Metadata, table: Table) -> None:
+    words = 2 if meta.geometry.extended_l2 else 1
     changed = False
     for index in range(0, len(table.entries), words):
         old = table.entries[index]
-        if cluster_type(driver, old) is not ClusterType.NORMAL:
+        if cluster_type(meta, old) is not ClusterType.NORMAL:
             continue
-        if driver.has_data_file:
+        if meta.has_data_file:
             refcount: int | None = 1
         else:
-            refcount = await _refcount_or_zero(driver, old & L2E_OFFSET_MASK)
+            refcount = await _refcount_or_zero(meta, old & L2E_OFFSET_MASK)
         if refcount is None:
             continue
         new = (old & ~QCOW_OFLAG_COPIED) | (QCOW_OFLAG_COPIED if refcount == 1 else 0)
@@ -595,7 +595,7 @@ async def _fix_copied_in_table(driver: Qcow2Driver, table: Table) -> None:
             table.entries[index] = new
             changed = True
     if changed:
-        driver.l2_cache.changed(table, dirty=True)
+        meta.l2_cache.changed(table, dirty=True)
 
 
 # -- qemu-img check's output -----------------------------------------------------------

@@ -17,7 +17,6 @@ the driver's `open`.
 from __future__ import annotations
 
 import array
-import struct
 from typing import TYPE_CHECKING, cast
 
 from imgfs.errors import CorruptImage, Unsupported, UsageError
@@ -34,25 +33,19 @@ from .cluster import (
     ClusterType,
     bitmap_range,
     compressed_descriptor,
-    compressed_range,
     decode_entry,
     empty_l2,
     l2_run,
-    pack_table,
 )
 from .compress import InflatedClusters, compress_cluster
-from .header import INCOMPAT_CORRUPT, OFFSET_L1, OFFSET_SIZE
+from .header import INCOMPAT_CORRUPT
 
 if TYPE_CHECKING:
     from imgfs.node import Node
-    from imgfs.tablecache import MetadataLock, TableCache
 
     from .bitmaps import Directory
-    from .cluster import Geometry
     from .crypt import AesCipher, ClusterCipher
-    from .header import Header, ImageHeader
-    from .refcount import RefcountStore
-    from .snapshot import Snapshot
+    from .metadata import Qcow2Metadata
 
 #: most bytes one allocating write takes at once (it builds them in memory)
 MAX_ALLOCATION_BYTES = 32 * 1024 * 1024
@@ -67,39 +60,16 @@ def as_bytes(data: bytes | memoryview) -> bytes:
 class WriteMixin:
     """The write half of `Qcow2Driver`."""
 
-    if TYPE_CHECKING:        # state and helpers the driver provides
+    if TYPE_CHECKING:        # what the driver provides
+        meta: Qcow2Metadata
         node: Node
         children: dict[str, Node]
         size: int
-        version: int
-        header: Header
-        image: ImageHeader
-        geometry: Geometry
-        cluster_size: int
-        zero_flag: bool
-        has_data_file: bool
-        data_file_raw: bool
-        data_child: str
-        l1: list[int]
-        l1_dirty: set[int]
-        l2_cache: TableCache
-        refcounts: RefcountStore
-        lock: MetadataLock
-        inflight: int
-        prepared: bool
-        compressed_cursor: int
         inflated: InflatedClusters
+        compressed_cursor: int
         crypto: ClusterCipher | AesCipher | None
-        snapshots: list[Snapshot]
         dirty_bitmaps: Directory | None
 
-        async def _prepare_for_write(self) -> None: ...
-        async def _l2_table(self, l2_offset: int) -> Table: ...
-        async def _mark_corrupt(self, message: str) -> CorruptImage: ...
-        async def _check_host_alignment(self, table: Table, offset: int) -> None: ...
-        def _misaligned_host(self, table: Table, offset: int) -> int | None: ...
-        async def _write_back(self) -> None: ...
-        async def _write_header_bytes(self, offset: int, data: bytes) -> None: ...
     # -- writes ---------------------------------------------------------------------------
 
     async def write(self, offset: int, data: bytes) -> None:
@@ -114,27 +84,27 @@ class WriteMixin:
         """Write a prefix of `data` at `offset`; return how many bytes."""
         host = self._cached_in_place_run(offset, len(data))
         if host is None:
-            async with self.lock:
-                await self._prepare_for_write()
-                table = await self._l2_for_write(self.geometry.l1_index(offset))
-                await self._check_host_alignment(table, offset)
+            async with self.meta.lock:
+                await self.meta.prepare_for_write()
+                table = await self._l2_for_write(self.meta.geometry.l1_index(offset))
+                await self.meta.check_host_alignment(table, offset)
                 length = min(len(data), self._table_end(offset) - offset)
                 host = self._in_place_run(table, offset, length)
                 if host is None:
                     return await self._allocating_write(table, offset, data[:length])
-                if not self.has_data_file and self._overlaps_metadata(*host):
-                    raise await self._mark_corrupt(
+                if not self.meta.has_data_file and self.meta.overlaps_metadata(*host):
+                    raise await self.meta.mark_corrupt(
                         f"data cluster at host offset {host[0]:#x} overlaps the header, "
                         "L1 table, refcount table or LUKS header")
         host_offset, length = host
-        self.inflight += 1
+        self.meta.inflight += 1
         try:
             payload: bytes | memoryview = data[:length]
             if self.crypto is not None:
                 payload = await self.crypto.encrypt(host_offset, bytes(payload))
-            await self.children[self.data_child].write(host_offset, as_bytes(payload))
+            await self.children[self.meta.data_child].write(host_offset, as_bytes(payload))
         finally:
-            self.inflight -= 1
+            self.meta.inflight -= 1
         return length
 
     def _cached_in_place_run(self, offset: int, length: int) -> tuple[int, int] | None:
@@ -145,55 +115,43 @@ class WriteMixin:
         metadata update is half done, and this runs without an await, so
         none can start.  Taking the lock showed in a 4 KiB overwrite's
         profile (bench/README.md)."""
-        if self.lock.locked() or not self.prepared or \
-                self.header.incompatible_features & INCOMPAT_CORRUPT:
+        if self.meta.lock.locked() or not self.meta.prepared or \
+                self.meta.header.incompatible_features & INCOMPAT_CORRUPT:
             return None
-        geometry = self.geometry
+        geometry = self.meta.geometry
         l1_index = geometry.l1_index(offset)
-        if l1_index >= len(self.l1) or not self.l1[l1_index] & QCOW_OFLAG_COPIED:
+        if l1_index >= len(self.meta.l1) or not self.meta.l1[l1_index] & QCOW_OFLAG_COPIED:
             return None
-        table = self.l2_cache.get(self.l1[l1_index] & L1E_OFFSET_MASK)
-        if table is None or self._misaligned_host(table, offset) is not None:
+        table = self.meta.l2_cache.get(self.meta.l1[l1_index] & L1E_OFFSET_MASK)
+        if table is None or self.meta.misaligned_host(table, offset) is not None:
             return None
         host = self._in_place_run(table, offset, min(length, self._table_end(offset) - offset))
-        if host is None or (not self.has_data_file and self._overlaps_metadata(*host)):
+        if host is None or (not self.meta.has_data_file and self.meta.overlaps_metadata(*host)):
             return None
         return host
 
-    def _overlaps_metadata(self, host: int, length: int) -> bool:
-        """QEMU's cheapest overlap checks: a guest write must never land on
-        the header, the active L1 table or the refcount table."""
-        header = self.header
-        regions = ((0, self.cluster_size),
-                   (header.l1_table_offset, header.l1_size * 8),
-                   (header.refcount_table_offset,
-                    header.refcount_table_clusters << header.cluster_bits),
-                   self.image.crypto_header or (0, 0))     # LUKS key material
-        return any(host < start + size and start < host + length
-                   for start, size in regions if size)
-
     def _table_end(self, offset: int) -> int:
-        geometry = self.geometry
+        geometry = self.meta.geometry
         return (geometry.l1_index(offset) + 1) << (geometry.cluster_bits + geometry.l2_bits)
 
     def _in_place_run(self, table: Table, offset: int, length: int
                       ) -> tuple[int, int] | None:
         """(host offset, length) of the part of the range that is allocated
         with refcount 1 and can be overwritten in place, or None."""
-        geometry = self.geometry
-        in_cluster = offset & (self.cluster_size - 1)
-        if in_cluster + length <= self.cluster_size and not geometry.extended_l2:
+        geometry = self.meta.geometry
+        in_cluster = offset & (self.meta.cluster_size - 1)
+        if in_cluster + length <= self.meta.cluster_size and not geometry.extended_l2:
             # the common small request: one entry decides
             entry = table.entries[(offset >> geometry.cluster_bits) & (geometry.l2_entries - 1)]
-            unusable = QCOW_OFLAG_COMPRESSED | (QCOW_OFLAG_ZERO if self.zero_flag else 0)
+            unusable = QCOW_OFLAG_COMPRESSED | (QCOW_OFLAG_ZERO if self.meta.zero_flag else 0)
             host = entry & L2E_OFFSET_MASK
             if entry & QCOW_OFLAG_COPIED and not entry & unusable and \
-                    (host or self.has_data_file):
+                    (host or self.meta.has_data_file):
                 return host + in_cluster, length
             return None
         if not geometry.extended_l2 and not table.entries[geometry.l2_index(offset)]:
             return None             # unallocated: the usual case of a new image
-        run = l2_run(table.entries, geometry, offset, length, zero_flag=self.zero_flag)
+        run = l2_run(table.entries, geometry, offset, length, zero_flag=self.meta.zero_flag)
         if run.type is not ClusterType.NORMAL:
             return None
         words = 2 if geometry.extended_l2 else 1
@@ -209,24 +167,24 @@ class WriteMixin:
 
     async def _l2_for_write(self, l1_index: int) -> Table:
         """The L2 table for `l1_index`, allocated if missing (lock held)."""
-        if l1_index >= len(self.l1):
+        if l1_index >= len(self.meta.l1):
             raise CorruptImage(f"L1 index {l1_index} beyond the L1 table")
-        entry = self.l1[l1_index]
+        entry = self.meta.l1[l1_index]
         l2_offset = entry & L1E_OFFSET_MASK
         if l2_offset:
             if not entry & QCOW_OFLAG_COPIED:
-                if await self.refcounts.get(l2_offset >> self.geometry.cluster_bits) > 1:
+                if await self.meta.refcounts.get(l2_offset >> self.meta.geometry.cluster_bits) > 1:
                     return await self._copy_shared_l2(l1_index, l2_offset)
-                self.l1[l1_index] = entry | QCOW_OFLAG_COPIED
-                self.l1_dirty.add(l1_index)
-            return await self._l2_table(l2_offset)
-        if len(self.l2_cache.dirty_tables()) >= self.l2_cache.capacity:
-            await self._write_back()
-        l2_offset = await self.refcounts.allocate(1)
-        table = Table(l2_offset, empty_l2(self.cluster_size // 8))
-        self.l2_cache.changed(table, dirty=True)
-        self.l1[l1_index] = l2_offset | QCOW_OFLAG_COPIED
-        self.l1_dirty.add(l1_index)
+                self.meta.l1[l1_index] = entry | QCOW_OFLAG_COPIED
+                self.meta.l1_dirty.add(l1_index)
+            return await self.meta.l2_table(l2_offset)
+        if len(self.meta.l2_cache.dirty_tables()) >= self.meta.l2_cache.capacity:
+            await self.meta.write_back()
+        l2_offset = await self.meta.refcounts.allocate(1)
+        table = Table(l2_offset, empty_l2(self.meta.cluster_size // 8))
+        self.meta.l2_cache.changed(table, dirty=True)
+        self.meta.l1[l1_index] = l2_offset | QCOW_OFLAG_COPIED
+        self.meta.l1_dirty.add(l1_index)
         return table
 
     async def _copy_shared_l2(self, l1_index: int, l2_offset: int) -> Table:
@@ -235,30 +193,18 @@ class WriteMixin:
         reach it, which the copy does not change; its entries keep no
         COPIED flag (those clusters are still shared).  The old table loses
         the active L1's reference once the new L1 entry is on disk."""
-        old = await self._l2_table(l2_offset)
+        old = await self.meta.l2_table(l2_offset)
         entries = array.array("Q", old.entries)
-        words = 2 if self.geometry.extended_l2 else 1
+        words = 2 if self.meta.geometry.extended_l2 else 1
         for index in range(0, len(entries), words):
             entries[index] &= ~QCOW_OFLAG_COPIED
-        new_offset = await self.refcounts.allocate(1)
+        new_offset = await self.meta.refcounts.allocate(1)
         table = Table(new_offset, entries)
-        self.l2_cache.changed(table, dirty=True)
-        self.l1[l1_index] = new_offset | QCOW_OFLAG_COPIED
-        self.l1_dirty.add(l1_index)
-        self.refcounts.queue_free(l2_offset)
+        self.meta.l2_cache.changed(table, dirty=True)
+        self.meta.l1[l1_index] = new_offset | QCOW_OFLAG_COPIED
+        self.meta.l1_dirty.add(l1_index)
+        self.meta.refcounts.queue_free(l2_offset)
         return table
-
-    def _clusters_of(self, entry: int) -> list[tuple[int, int]]:
-        """(host offset, cluster count) runs that an L2 entry holds a reference to."""
-        if self.has_data_file or not entry:
-            return []
-        if entry & QCOW_OFLAG_COMPRESSED:
-            host_offset, most = compressed_range(entry, self.geometry.cluster_bits)
-            first = host_offset >> self.geometry.cluster_bits
-            last = (host_offset + most - 1) >> self.geometry.cluster_bits
-            return [(first << self.geometry.cluster_bits, last - first + 1)]
-        mapping = decode_entry(entry, zero_flag=self.zero_flag)
-        return [(mapping.host_offset, 1)] if mapping.host_offset else []
 
     async def _old_contents(self, start: int, end: int) -> bytes:
         """What guest bytes start..end read as now (zeros past the disk end)."""
@@ -281,13 +227,13 @@ class WriteMixin:
 
     async def _allocating_write(self, table: Table, offset: int, data: memoryview) -> int:
         """Copy-on-write of a run of clusters that cannot be written in place."""
-        if len(self.l2_cache.dirty_tables()) > self.l2_cache.capacity:
-            await self._write_back()
-        if self.geometry.extended_l2:
+        if len(self.meta.l2_cache.dirty_tables()) > self.meta.l2_cache.capacity:
+            await self.meta.write_back()
+        if self.meta.geometry.extended_l2:
             return await self._allocating_write_extended(table, offset, data)
-        geometry = self.geometry
+        geometry = self.meta.geometry
         index = geometry.l2_index(offset)
-        first = decode_entry(table.entries[index], zero_flag=self.zero_flag)
+        first = decode_entry(table.entries[index], zero_flag=self.meta.zero_flag)
         reuse = first.type is ClusterType.ZERO and first.host_offset and \
             table.entries[index] & QCOW_OFLAG_COPIED
         count = 1 if reuse else self._clusters_to_allocate(table, offset, len(data))
@@ -302,13 +248,13 @@ class WriteMixin:
             table.entries[index + number] = (host + (number << geometry.cluster_bits)) \
                 | QCOW_OFLAG_COPIED
             if old and not reuse:
-                self._release(old)
-        self.l2_cache.changed(table, dirty=True)
+                self.meta.release(old)
+        self.meta.l2_cache.changed(table, dirty=True)
         return written
 
     def _clusters_to_allocate(self, table: Table, offset: int, length: int) -> int:
         """How many clusters from `offset` need a fresh allocation (at least 1)."""
-        geometry = self.geometry
+        geometry = self.meta.geometry
         index = geometry.l2_index(offset)
         wanted = -(-(geometry.offset_in_cluster(offset) + length) >> geometry.cluster_bits)
         wanted = min(wanted, geometry.l2_entries - index,
@@ -318,7 +264,7 @@ class WriteMixin:
         count = 1
         while count < wanted:
             entry = table.entries[index + count]
-            mapping = decode_entry(entry, zero_flag=self.zero_flag)
+            mapping = decode_entry(entry, zero_flag=self.meta.zero_flag)
             if mapping.type is ClusterType.NORMAL and entry & QCOW_OFLAG_COPIED:
                 break
             if mapping.type is ClusterType.ZERO and mapping.host_offset:
@@ -328,36 +274,31 @@ class WriteMixin:
 
     async def _new_clusters(self, guest_start: int, count: int) -> int:
         """Host offset of `count` fresh clusters for guest `guest_start`."""
-        if self.has_data_file:
+        if self.meta.has_data_file:
             return guest_start          # external data files map guest = host
-        return await self.refcounts.allocate(count)
+        return await self.meta.refcounts.allocate(count)
 
     async def _write_data(self, host: int, data: bytes | memoryview) -> None:
         if self.crypto is not None:
             data = await self.crypto.encrypt(host, bytes(data))
-        child = self.children[self.data_child]
+        child = self.children[self.meta.data_child]
         end = host + len(data)
         if end > child.size:
             await child.truncate(end)
         await child.write(host, as_bytes(data))
 
-    def _release(self, entry: int) -> None:
-        """Queue the host clusters an overwritten L2 entry held."""
-        for host, count in self._clusters_of(entry):
-            self.refcounts.queue_free(host, count)
-
     async def _allocating_write_extended(self, table: Table, offset: int,
                                          data: memoryview) -> int:
         """Extended L2: write the touched subclusters of one cluster."""
-        geometry = self.geometry
+        geometry = self.meta.geometry
         index = geometry.l2_index(offset)
         entry, bitmap = table.entries[2 * index], table.entries[2 * index + 1]
         cluster_start = geometry.cluster_start(offset)
-        cluster_end = cluster_start + self.cluster_size
+        cluster_end = cluster_start + self.meta.cluster_size
         written = min(len(data), cluster_end - offset)
         compressed = bool(entry & QCOW_OFLAG_COMPRESSED)
         host = entry & L2E_OFFSET_MASK
-        has_host = not compressed and bool(host or self.has_data_file and
+        has_host = not compressed and bool(host or self.meta.has_data_file and
                                            entry & QCOW_OFLAG_COPIED)
         partial = not compressed and (not has_host or bool(entry & QCOW_OFLAG_COPIED))
         if partial:
@@ -378,10 +319,10 @@ class WriteMixin:
             bitmap = (bitmap | allocated) & ~(allocated << 32)
         else:
             bitmap = BITMAP_ALL_ALLOCATED
-            self._release(entry)
+            self.meta.release(entry)
         table.entries[2 * index] = host | QCOW_OFLAG_COPIED
         table.entries[2 * index + 1] = bitmap
-        self.l2_cache.changed(table, dirty=True)
+        self.meta.l2_cache.changed(table, dirty=True)
         return written
 
     # -- zeroes and discard ----------------------------------------------------------------
@@ -389,7 +330,7 @@ class WriteMixin:
     async def write_zeroes(self, offset: int, length: int, *, may_unmap: bool = False) -> None:
         if self.dirty_bitmaps is not None:
             self.dirty_bitmaps.mark(offset, length)
-        if self.data_file_raw or not (self.zero_flag or self.geometry.extended_l2):
+        if self.meta.data_file_raw or not (self.meta.zero_flag or self.meta.geometry.extended_l2):
             await self._write_zero_bytes(offset, length)
             return
         await self._clear_range(offset, length, zero=True, unmap=may_unmap)
@@ -406,15 +347,15 @@ class WriteMixin:
     async def discard(self, offset: int, length: int) -> None:
         if self.dirty_bitmaps is not None:
             self.dirty_bitmaps.mark(offset, length)
-        if self.data_file_raw:
+        if self.meta.data_file_raw:
             return
-        await self._clear_range(offset, length, zero=self.version >= 3, unmap=True)
+        await self._clear_range(offset, length, zero=self.meta.version >= 3, unmap=True)
 
     async def _clear_range(self, offset: int, length: int, *, zero: bool, unmap: bool) -> None:
         """Make whole units (clusters, or subclusters with extended L2) read
         as zeros or unallocated; partial units get zeros written (or, for a
         discard, are left alone)."""
-        unit = self.geometry.subcluster_size
+        unit = self.meta.geometry.subcluster_size
         end = offset + length
         start = -(-offset // unit) * unit
         stop = end // unit * unit if end < self.size else end
@@ -426,10 +367,11 @@ class WriteMixin:
         position = start
         while position < stop:
             step = min(stop, self._table_end(position)) - position
-            async with self.lock:
-                await self._prepare_for_write()
-                l1_index = self.geometry.l1_index(position)
-                unmapped = l1_index < len(self.l1) and not self.l1[l1_index] & L1E_OFFSET_MASK
+            async with self.meta.lock:
+                await self.meta.prepare_for_write()
+                l1_index = self.meta.geometry.l1_index(position)
+                l1 = self.meta.l1
+                unmapped = l1_index < len(l1) and not l1[l1_index] & L1E_OFFSET_MASK
                 if not (unmapped and (not zero or self.node.backing is None)):
                     table = await self._l2_for_write(l1_index)
                     self._clear_in_table(table, position, step, zero=zero, unmap=unmap)
@@ -437,41 +379,41 @@ class WriteMixin:
 
     def _clear_in_table(self, table: Table, offset: int, length: int, *,
                         zero: bool, unmap: bool) -> None:
-        geometry = self.geometry
+        geometry = self.meta.geometry
         position, end = offset, offset + length
         while position < end:
             index = geometry.l2_index(position)
             cluster_start = geometry.cluster_start(position)
-            step_end = min(end, cluster_start + self.cluster_size)
+            step_end = min(end, cluster_start + self.meta.cluster_size)
             if geometry.extended_l2:
                 self._clear_subclusters(table, index, position - cluster_start,
                                         step_end - position, zero=zero)
             else:
                 self._clear_cluster(table, index, zero=zero, unmap=unmap)
             position = step_end
-        self.l2_cache.changed(table, dirty=True)
+        self.meta.l2_cache.changed(table, dirty=True)
 
     def _clear_cluster(self, table: Table, index: int, *, zero: bool, unmap: bool) -> None:
         old = table.entries[index]
-        mapping = decode_entry(old, zero_flag=self.zero_flag)
+        mapping = decode_entry(old, zero_flag=self.meta.zero_flag)
         keep = not unmap and mapping.host_offset and old & QCOW_OFLAG_COPIED \
             and mapping.type is not ClusterType.COMPRESSED
         if keep:
             table.entries[index] = mapping.host_offset | QCOW_OFLAG_COPIED | QCOW_OFLAG_ZERO
             return
         table.entries[index] = QCOW_OFLAG_ZERO if zero else 0
-        self._release(old)
+        self.meta.release(old)
 
     def _clear_subclusters(self, table: Table, index: int, start: int, length: int, *,
                            zero: bool) -> None:
-        geometry = self.geometry
+        geometry = self.meta.geometry
         entry, bitmap = table.entries[2 * index], table.entries[2 * index + 1]
         if entry & QCOW_OFLAG_COMPRESSED:
-            if length < self.cluster_size:
+            if length < self.meta.cluster_size:
                 raise Unsupported("partial zero write to a compressed cluster")
             table.entries[2 * index] = 0
             table.entries[2 * index + 1] = BITMAP_ALL_ZEROES if zero else 0
-            self._release(entry)
+            self.meta.release(entry)
             return
         bits = bitmap_range(start >> geometry.subcluster_bits,
                             length >> geometry.subcluster_bits)
@@ -488,12 +430,12 @@ class WriteMixin:
         if self.crypto is not None:
             # preallocated clusters would decrypt to noise, not zeros
             raise Unsupported(f"preallocation={mode} is not supported for encrypted images")
-        geometry = self.geometry
-        total = -(-self.size // self.cluster_size)
+        geometry = self.meta.geometry
+        total = -(-self.size // self.meta.cluster_size)
         position = start >> geometry.cluster_bits
         words = 2 if geometry.extended_l2 else 1
-        async with self.lock:
-            await self._prepare_for_write()
+        async with self.meta.lock:
+            await self.meta.prepare_for_write()
             while position < total:
                 table = await self._l2_for_write(position >> geometry.l2_bits)
                 index = position & (geometry.l2_entries - 1)
@@ -507,19 +449,19 @@ class WriteMixin:
                     for number in range(count):
                         self._set_preallocated(table, index + number,
                                                host + (number << geometry.cluster_bits), mode)
-                    self.l2_cache.changed(table, dirty=True)
+                    self.meta.l2_cache.changed(table, dirty=True)
                 position += max(count, 1)
-            await self._write_back()
+            await self.meta.write_back()
 
     def _set_preallocated(self, table: Table, index: int, host: int, mode: str) -> None:
-        if self.geometry.extended_l2:
+        if self.meta.geometry.extended_l2:
             table.entries[2 * index] = host | QCOW_OFLAG_COPIED
             table.entries[2 * index + 1] = 0 if mode == "metadata" else BITMAP_ALL_ALLOCATED
         else:
             table.entries[index] = host | QCOW_OFLAG_COPIED
 
     async def _reserve(self, host: int, length: int, mode: str) -> None:
-        child = self.children[self.data_child]
+        child = self.children[self.meta.data_child]
         if host + length > child.size:
             await child.truncate(host + length)
         if mode == "falloc":
@@ -544,17 +486,18 @@ class WriteMixin:
                 raise UsageError("preallocation only applies when growing an image")
             await self._shrink(size)
             return
-        async with self.lock:
-            await self._prepare_for_write()
-            needed = self.geometry.l1_entries_for(size)
-            if needed > len(self.l1):
-                await self._grow_l1(needed)
-            if self.data_file_raw and self.children["data-file"].size < size:
+        async with self.meta.lock:
+            await self.meta.prepare_for_write()
+            needed = self.meta.geometry.l1_entries_for(size)
+            if needed > len(self.meta.l1):
+                await self.meta.grow_l1(needed)
+            if self.meta.data_file_raw and self.children["data-file"].size < size:
                 await self.children["data-file"].truncate(size)
-            await self._set_size(size)
+            await self.meta.set_size(size)
         zero_end = old_size
-        if old_size % self.cluster_size:
-            zero_end = min(size, self.geometry.cluster_start(old_size) + self.cluster_size)
+        if old_size % self.meta.cluster_size:
+            zero_end = min(size, self.meta.geometry.cluster_start(old_size)
+                           + self.meta.cluster_size)
         backing = self.node.backing
         if backing is not None:
             zero_end = max(zero_end, min(size, backing.size))
@@ -563,51 +506,26 @@ class WriteMixin:
         if preallocation != "off":
             await self.preallocate(preallocation, start=old_size)
 
-    async def _set_size(self, size: int) -> None:
-        await self._write_header_bytes(OFFSET_SIZE, struct.pack(">Q", size))
-        self.header = self.header._replace(size=size)
-        self.size = size
-
     async def _shrink(self, size: int) -> None:
-        if self.snapshots:
+        if self.meta.snapshots:
             raise Unsupported("cannot shrink an image that has internal snapshots")
-        keep_end = -(-size // self.cluster_size) * self.cluster_size
+        keep_end = -(-size // self.meta.cluster_size) * self.meta.cluster_size
         if keep_end < self.size:
             await self._clear_range(keep_end, self.size - keep_end, zero=False, unmap=True)
-        async with self.lock:
-            first_unused = self.geometry.l1_entries_for(size)
+        async with self.meta.lock:
+            first_unused = self.meta.geometry.l1_entries_for(size)
             dropped = []
-            for l1_index in range(first_unused, len(self.l1)):
-                l2_offset = self.l1[l1_index] & L1E_OFFSET_MASK
+            for l1_index in range(first_unused, len(self.meta.l1)):
+                l2_offset = self.meta.l1[l1_index] & L1E_OFFSET_MASK
                 if l2_offset:
-                    self.refcounts.queue_free(l2_offset)
+                    self.meta.refcounts.queue_free(l2_offset)
                     dropped.append(l2_offset)
-                    self.l1[l1_index] = 0
-                    self.l1_dirty.add(l1_index)
-            await self._write_back()
+                    self.meta.l1[l1_index] = 0
+                    self.meta.l1_dirty.add(l1_index)
+            await self.meta.write_back()
             for l2_offset in dropped:
-                self.l2_cache.drop(l2_offset)
-            await self._set_size(size)
-
-    async def _grow_l1(self, entries: int) -> None:
-        """Copy the L1 table to a bigger one, then point the header at it."""
-        await self._write_back()
-        file = self.children["file"]
-        clusters = -(-entries * 8 // self.cluster_size)
-        new_offset = await self.refcounts.allocate(clusters)
-        new_l1 = self.l1 + [0] * (entries - len(self.l1))
-        raw = pack_table(new_l1).ljust(clusters * self.cluster_size, b"\0")
-        await file.write(new_offset, raw)
-        await self.refcounts.write_back()
-        await file.flush()
-        old_offset, old_entries = self.header.l1_table_offset, len(self.l1)
-        await self._write_header_bytes(OFFSET_L1, struct.pack(">IQ", entries, new_offset))
-        self.header = self.header._replace(l1_size=entries, l1_table_offset=new_offset)
-        self.l1 = new_l1
-        if old_entries:
-            old_clusters = -(-old_entries * 8 // self.cluster_size)
-            await self.refcounts.update(old_offset >> self.geometry.cluster_bits,
-                                        old_clusters, -1)
+                self.meta.l2_cache.drop(l2_offset)
+            await self.meta.set_size(size)
 
     # -- compressed writes (convert -c) ------------------------------------------------
 
@@ -616,7 +534,7 @@ class WriteMixin:
         header's compression_type says); partial clusters, and clusters that
         do not shrink, are written normally.  Clusters of zeros on a layer
         without backing are skipped."""
-        if self.has_data_file:
+        if self.meta.has_data_file:
             raise Unsupported("compressed clusters cannot be used with an external data file")
         if self.dirty_bitmaps is not None:
             self.dirty_bitmaps.mark(offset, len(data))
@@ -625,8 +543,8 @@ class WriteMixin:
         view = memoryview(data)
         position, end = offset, offset + len(data)
         while position < end:
-            cluster_start = self.geometry.cluster_start(position)
-            cluster_end = min(cluster_start + self.cluster_size, self.size)
+            cluster_start = self.meta.geometry.cluster_start(position)
+            cluster_end = min(cluster_start + self.meta.cluster_size, self.size)
             step_end = min(end, cluster_end)
             chunk = view[position - offset:step_end - offset]
             if position != cluster_start or step_end != cluster_end:
@@ -636,42 +554,42 @@ class WriteMixin:
             position = step_end
 
     async def _write_compressed_cluster(self, guest_offset: int, data: bytes) -> None:
-        packed = compress_cluster(data.ljust(self.cluster_size, b"\0"),
-                                  self.header.compression_type)
-        if len(packed) >= self.cluster_size:
+        packed = compress_cluster(data.ljust(self.meta.cluster_size, b"\0"),
+                                  self.meta.header.compression_type)
+        if len(packed) >= self.meta.cluster_size:
             await self.write(guest_offset, data)
             return
-        async with self.lock:
-            await self._prepare_for_write()
-            table = await self._l2_for_write(self.geometry.l1_index(guest_offset))
+        async with self.meta.lock:
+            await self.meta.prepare_for_write()
+            table = await self._l2_for_write(self.meta.geometry.l1_index(guest_offset))
             host = await self._allocate_bytes(len(packed))
             # (bytes freed by an old compressed cluster may be reused, and an
             # entry with the same offset and length must not read as it)
             self.inflated.clear()
             await self.children["file"].write(host, packed)
-            words = 2 if self.geometry.extended_l2 else 1
-            index = self.geometry.l2_index(guest_offset) * words
+            words = 2 if self.meta.geometry.extended_l2 else 1
+            index = self.meta.geometry.l2_index(guest_offset) * words
             old = table.entries[index]
             table.entries[index] = compressed_descriptor(host, len(packed),
-                                                         self.geometry.cluster_bits)
+                                                         self.meta.geometry.cluster_bits)
             if words == 2:
                 table.entries[index + 1] = 0
-            self.l2_cache.changed(table, dirty=True)
-            self._release(old)
+            self.meta.l2_cache.changed(table, dirty=True)
+            self.meta.release(old)
 
     async def _allocate_bytes(self, length: int) -> int:
         """Host bytes for compressed data, packed one after another; each
         host cluster holds one reference per compressed cluster touching it
         (spec: "Compressed Clusters Descriptor")."""
         cursor = self.compressed_cursor
-        cluster_bits = self.geometry.cluster_bits
-        if cursor and cursor & (self.cluster_size - 1) and \
-                (cursor & (self.cluster_size - 1)) + length <= self.cluster_size and \
-                await self.refcounts.get(cursor >> cluster_bits) < \
-                self.refcounts.geometry.max_refcount:
-            await self.refcounts.update(cursor >> cluster_bits, 1, 1)
+        cluster_bits = self.meta.geometry.cluster_bits
+        if cursor and cursor & (self.meta.cluster_size - 1) and \
+                (cursor & (self.meta.cluster_size - 1)) + length <= self.meta.cluster_size and \
+                await self.meta.refcounts.get(cursor >> cluster_bits) < \
+                self.meta.refcounts.geometry.max_refcount:
+            await self.meta.refcounts.update(cursor >> cluster_bits, 1, 1)
             host = cursor
         else:
-            host = await self.refcounts.allocate(1)
+            host = await self.meta.refcounts.allocate(1)
         self.compressed_cursor = host + length
         return host
