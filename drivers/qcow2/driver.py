@@ -187,20 +187,21 @@ class Qcow2Driver(WriteMixin, BlockDriver):
         self.meta.size = size
 
     async def _select_snapshot(self, wanted: str) -> None:
-        for snap in self.meta.snapshots:
+        meta = self.meta
+        for snap in meta.snapshots:
             if wanted in (snap.id, snap.name):
                 break
         else:
             raise InvalidImage(f"no snapshot with ID or name '{wanted}'")
         if not self.node.read_only:
             raise ReadOnly("a snapshot can only be opened read-only")
-        self.meta.snapshot_view = True
+        meta.snapshot_view = True
         self.can_resize = False
         self.size = snap.disk_size if snap.disk_size is not None else self.size
-        if snap.l1_size < self.meta.geometry.l1_entries_for(self.size):
+        if snap.l1_size < meta.geometry.l1_entries_for(self.size):
             raise InvalidImage(f"snapshot '{wanted}': l1_size {snap.l1_size} too small "
                                f"for its {self.size}-byte disk")
-        self.meta.l1 = unpack_table(await self.children["file"].read(
+        meta.l1 = unpack_table(await self.children["file"].read(
             snap.l1_table_offset, snap.l1_size * 8))
 
     async def attach(self) -> None:
@@ -209,24 +210,26 @@ class Qcow2Driver(WriteMixin, BlockDriver):
                                "(give one with the data-file option)")
 
     async def _open_for_writing(self) -> None:
+        meta = self.meta
         # A corrupt image opens (so that check -r all can repair it) but
         # refuses every guest write (_prepare_for_write).
-        incompat = self.meta.header.incompatible_features
+        incompat = meta.header.incompatible_features
         if incompat & INCOMPAT_DIRTY and self.children["file"].driver.writable:
             from . import repair as checks
             await checks.rebuild_refcounts(self.meta)
-            await self.meta.set_incompat(self.meta.header.incompatible_features & ~INCOMPAT_DIRTY)
-        if self.meta.bitmap_directory is not None:
-            self.meta.bitmap_directory.start_tracking(self.meta)
-            if self.meta.bitmap_directory.trackers:
-                self.dirty_bitmaps = self.meta.bitmap_directory
+            await meta.set_incompat(meta.header.incompatible_features & ~INCOMPAT_DIRTY)
+        if meta.bitmap_directory is not None:
+            meta.bitmap_directory.start_tracking(self.meta)
+            if meta.bitmap_directory.trackers:
+                self.dirty_bitmaps = meta.bitmap_directory
 
     def child_refs(self) -> dict[str, ChildRef]:
+        meta = self.meta
         refs: dict[str, ChildRef] = {}
-        if self.meta.image.backing_file:
-            refs["backing"] = ChildRef(self.meta.image.backing_file, self.meta.image.backing_format)
-        if self.meta.has_data_file:
-            refs["data-file"] = ChildRef(self.meta.data_file_name or "", "raw",
+        if meta.image.backing_file:
+            refs["backing"] = ChildRef(meta.image.backing_file, meta.image.backing_format)
+        if meta.has_data_file:
+            refs["data-file"] = ChildRef(meta.data_file_name or "", "raw",
                                          read_only=self.node.read_only)
         return refs
 
@@ -236,16 +239,17 @@ class Qcow2Driver(WriteMixin, BlockDriver):
         """Rewrite the header cluster with the new name (spec: backing_file_offset,
         "Backing file format name" extension); what follows the header and its
         extensions in the cluster is zeroed, as it holds nothing else."""
+        meta = self.meta
         file = self.children["file"]
-        async with self.meta.lock:
-            await self.meta.write_back()
+        async with meta.lock:
+            await meta.write_back()
             await file.flush()
-            head = await file.read(0, min(file.size, self.meta.cluster_size))
-            body = with_backing(head, self.meta.image, filename, fmt)
-            used = max(len(body), self.meta.header_bytes_used())
-            await self.meta.write_header_bytes(0, body.ljust(min(used, len(head)), b"\0"))
-            self.meta.image = parse_image_header(body.ljust(len(head), b"\0"), file.size)
-            self.meta.header = self.meta.image.header
+            head = await file.read(0, min(file.size, meta.cluster_size))
+            body = with_backing(head, meta.image, filename, fmt)
+            used = max(len(body), meta.header_bytes_used())
+            await meta.write_header_bytes(0, body.ljust(min(used, len(head)), b"\0"))
+            meta.image = parse_image_header(body.ljust(len(head), b"\0"), file.size)
+            meta.header = meta.image.header
 
     async def holes_in_file_are_zeros(self) -> bool:
         """QEMU's test for an image made with preallocation=metadata: more
@@ -259,12 +263,13 @@ class Qcow2Driver(WriteMixin, BlockDriver):
         return self.preallocated_metadata
 
     async def _detect_preallocated_metadata(self) -> bool:
+        meta = self.meta
         file = self.children["file"]
-        stored = (file.allocated_bytes() or 0) // self.meta.cluster_size
+        stored = (file.allocated_bytes() or 0) // meta.cluster_size
         threshold = max(stored * 10 // 9, stored + 2)
         in_use = 0
-        for cluster in range(-(-file.size // self.meta.cluster_size)):
-            in_use += await self.meta.refcounts.get(cluster) > 0
+        for cluster in range(-(-file.size // meta.cluster_size)):
+            in_use += await meta.refcounts.get(cluster) > 0
             if in_use > threshold:
                 return True
         return False
@@ -318,25 +323,26 @@ class Qcow2Driver(WriteMixin, BlockDriver):
 
     async def _mapped_status(self, offset: int, length: int) -> Extent:
         """block_status with the host offsets of encrypted clusters."""
-        geometry = self.meta.geometry
+        meta = self.meta
+        geometry = meta.geometry
         l1_index = geometry.l1_index(offset)
         span_end = (l1_index + 1) << (geometry.cluster_bits + geometry.l2_bits)
         length = min(length, span_end - offset)
-        if l1_index >= len(self.meta.l1):
+        if l1_index >= len(meta.l1):
             return Extent(length, UNALLOCATED)
-        l2_offset = self.meta.l1[l1_index] & L1E_OFFSET_MASK
+        l2_offset = meta.l1[l1_index] & L1E_OFFSET_MASK
         if not l2_offset:
             return Extent(length, UNALLOCATED)
-        table = await self.meta.l2_table(l2_offset)
-        await self.meta.check_host_alignment(table, offset)
-        run = l2_run(table.entries, geometry, offset, length, zero_flag=self.meta.zero_flag)
+        table = await meta.l2_table(l2_offset)
+        await meta.check_host_alignment(table, offset)
+        run = l2_run(table.entries, geometry, offset, length, zero_flag=meta.zero_flag)
         if run.type is ClusterType.NORMAL:
             # Past the end of its file a cluster reads as zeros, as in QEMU.
-            available = self.children[self.meta.data_child].size - run.host_offset
+            available = self.children[meta.data_child].size - run.host_offset
             if available <= 0:
                 return Extent(run.length, ZERO)
             return Extent(min(run.length, available), DATA, run.host_offset,
-                          self.meta.data_child)
+                          meta.data_child)
         if run.type is ClusterType.ZERO:
             return Extent(run.length, ZERO)
         if run.type is ClusterType.COMPRESSED:
@@ -345,12 +351,13 @@ class Qcow2Driver(WriteMixin, BlockDriver):
 
     async def _entry_at(self, offset: int) -> int:
         """The (first word of the) L2 entry of guest `offset`; 0 if none."""
-        l1_index = self.meta.geometry.l1_index(offset)
-        if l1_index >= len(self.meta.l1) or not self.meta.l1[l1_index] & L1E_OFFSET_MASK:
+        meta = self.meta
+        l1_index = meta.geometry.l1_index(offset)
+        if l1_index >= len(meta.l1) or not meta.l1[l1_index] & L1E_OFFSET_MASK:
             return 0
-        table = await self.meta.l2_table(self.meta.l1[l1_index] & L1E_OFFSET_MASK)
-        words = 2 if self.meta.geometry.extended_l2 else 1
-        return table.entries[self.meta.geometry.l2_index(offset) * words]
+        table = await meta.l2_table(meta.l1[l1_index] & L1E_OFFSET_MASK)
+        words = 2 if meta.geometry.extended_l2 else 1
+        return table.entries[meta.geometry.l2_index(offset) * words]
 
     async def read_data(self, offset: int, length: int, extent: Extent) -> bytes:
         stored = extent.token
@@ -366,12 +373,13 @@ class Qcow2Driver(WriteMixin, BlockDriver):
                                         self._compressed_bytes)
 
     async def read(self, offset: int, length: int) -> bytes:
+        meta = self.meta
         # Once the image has shown compressed clusters, a request of several
         # clusters inflates its compressed ones in threads first, at once.
-        if self.inflated.used and length > self.meta.cluster_size:
-            start = self.meta.geometry.cluster_start(offset)
+        if self.inflated.used and length > meta.cluster_size:
+            start = meta.geometry.cluster_start(offset)
             entries = [await self._entry_at(cluster)
-                       for cluster in range(start, offset + length, self.meta.cluster_size)]
+                       for cluster in range(start, offset + length, meta.cluster_size)]
             await self.inflated.prefetch(
                 (entry for entry in entries if entry & QCOW_OFLAG_COMPRESSED),
                 self._compressed_bytes)
@@ -410,30 +418,31 @@ class Qcow2Driver(WriteMixin, BlockDriver):
     # -- information ----------------------------------------------------------------------
 
     def info(self) -> dict[str, Any]:
-        header = self.meta.header
-        report: dict[str, Any] = {"cluster-size": self.meta.cluster_size}
+        meta = self.meta
+        header = meta.header
+        report: dict[str, Any] = {"cluster-size": meta.cluster_size}
         if header.incompatible_features & INCOMPAT_DIRTY:
             report["dirty-flag"] = True
-        if self.meta.snapshots:
-            report["snapshots"] = [snap.info() for snap in self.meta.snapshots]
+        if meta.snapshots:
+            report["snapshots"] = [snap.info() for snap in meta.snapshots]
         report["compat"] = "0.10" if header.version < 3 else "1.1"
         report["compression-type"] = COMPRESSION_NAMES.get(header.compression_type, "?")
         if header.version >= 3:
             report["lazy-refcounts"] = bool(header.compatible_features
                                             & COMPAT_LAZY_REFCOUNTS)
-        if self.meta.bitmap_directory is not None:
-            report["bitmaps"] = [bitmap.info() for bitmap in self.meta.bitmap_directory.bitmaps]
+        if meta.bitmap_directory is not None:
+            report["bitmaps"] = [bitmap.info() for bitmap in meta.bitmap_directory.bitmaps]
         report["refcount-bits"] = 1 << header.refcount_order
         if self.crypto is not None:
             report["encrypt"] = self.crypto.info()
             report["encrypted"] = True
-        if self.meta.has_data_file and self.meta.data_file_name:
-            report["data-file"] = self.meta.data_file_name
-        if self.meta.has_data_file:
-            report["data-file-raw"] = self.meta.data_file_raw
+        if meta.has_data_file and meta.data_file_name:
+            report["data-file"] = meta.data_file_name
+        if meta.has_data_file:
+            report["data-file-raw"] = meta.data_file_raw
         if header.version >= 3:
             report["corrupt"] = bool(header.incompatible_features & INCOMPAT_CORRUPT)
-            report["extended-l2"] = self.meta.geometry.extended_l2
+            report["extended-l2"] = meta.geometry.extended_l2
         return report
 
     async def check(self, repair: str | None = None) -> CheckResult:
@@ -461,6 +470,7 @@ class Qcow2Driver(WriteMixin, BlockDriver):
         new ones.  Corruptions fixed are those the refcount repair removed
         plus the bit-63 flags still wrong once the refcounts are right;
         other errors in the tables themselves stay."""
+        meta = self.meta
         from . import repair as checks
         if repair == "leaks" and report.needs_rebuild:
             # a referenced cluster with refcount 0: only -r all may fix that
@@ -484,8 +494,8 @@ class Qcow2Driver(WriteMixin, BlockDriver):
             return (report.leaks, 0), rebuilt
         await checks.fix_copied_flags(self.meta)
         after = await checks.check_image(self.meta)
-        if not after.corruptions and self.meta.header.incompatible_features & INCOMPAT_CORRUPT:
-            await self.meta.set_incompat(self.meta.header.incompatible_features & ~INCOMPAT_CORRUPT)
+        if not after.corruptions and meta.header.incompatible_features & INCOMPAT_CORRUPT:
+            await meta.set_incompat(meta.header.incompatible_features & ~INCOMPAT_CORRUPT)
         fixed_flags = rebuilt.corruptions - after.corruptions
         if repair == "leaks":
             return (report.leaks, fixed_flags), after

@@ -82,29 +82,30 @@ class WriteMixin:
 
     async def _write_step(self, offset: int, data: memoryview) -> int:
         """Write a prefix of `data` at `offset`; return how many bytes."""
+        meta = self.meta
         host = self._cached_in_place_run(offset, len(data))
         if host is None:
-            async with self.meta.lock:
-                await self.meta.prepare_for_write()
-                table = await self._l2_for_write(self.meta.geometry.l1_index(offset))
-                await self.meta.check_host_alignment(table, offset)
+            async with meta.lock:
+                await meta.prepare_for_write()
+                table = await self._l2_for_write(meta.geometry.l1_index(offset))
+                await meta.check_host_alignment(table, offset)
                 length = min(len(data), self._table_end(offset) - offset)
                 host = self._in_place_run(table, offset, length)
                 if host is None:
                     return await self._allocating_write(table, offset, data[:length])
-                if not self.meta.has_data_file and self.meta.overlaps_metadata(*host):
-                    raise await self.meta.mark_corrupt(
+                if not meta.has_data_file and meta.overlaps_metadata(*host):
+                    raise await meta.mark_corrupt(
                         f"data cluster at host offset {host[0]:#x} overlaps the header, "
                         "L1 table, refcount table or LUKS header")
         host_offset, length = host
-        self.meta.inflight += 1
+        meta.inflight += 1
         try:
             payload: bytes | memoryview = data[:length]
             if self.crypto is not None:
                 payload = await self.crypto.encrypt(host_offset, bytes(payload))
-            await self.children[self.meta.data_child].write(host_offset, as_bytes(payload))
+            await self.children[meta.data_child].write(host_offset, as_bytes(payload))
         finally:
-            self.meta.inflight -= 1
+            meta.inflight -= 1
         return length
 
     def _cached_in_place_run(self, offset: int, length: int) -> tuple[int, int] | None:
@@ -115,18 +116,19 @@ class WriteMixin:
         metadata update is half done, and this runs without an await, so
         none can start.  Taking the lock showed in a 4 KiB overwrite's
         profile (bench/README.md)."""
-        if self.meta.lock.locked() or not self.meta.prepared or \
-                self.meta.header.incompatible_features & INCOMPAT_CORRUPT:
+        meta = self.meta
+        if meta.lock.locked() or not meta.prepared or \
+                meta.header.incompatible_features & INCOMPAT_CORRUPT:
             return None
-        geometry = self.meta.geometry
+        geometry = meta.geometry
         l1_index = geometry.l1_index(offset)
-        if l1_index >= len(self.meta.l1) or not self.meta.l1[l1_index] & QCOW_OFLAG_COPIED:
+        if l1_index >= len(meta.l1) or not meta.l1[l1_index] & QCOW_OFLAG_COPIED:
             return None
-        table = self.meta.l2_cache.get(self.meta.l1[l1_index] & L1E_OFFSET_MASK)
-        if table is None or self.meta.misaligned_host(table, offset) is not None:
+        table = meta.l2_cache.get(meta.l1[l1_index] & L1E_OFFSET_MASK)
+        if table is None or meta.misaligned_host(table, offset) is not None:
             return None
         host = self._in_place_run(table, offset, min(length, self._table_end(offset) - offset))
-        if host is None or (not self.meta.has_data_file and self.meta.overlaps_metadata(*host)):
+        if host is None or (not meta.has_data_file and meta.overlaps_metadata(*host)):
             return None
         return host
 
@@ -138,20 +140,21 @@ class WriteMixin:
                       ) -> tuple[int, int] | None:
         """(host offset, length) of the part of the range that is allocated
         with refcount 1 and can be overwritten in place, or None."""
-        geometry = self.meta.geometry
-        in_cluster = offset & (self.meta.cluster_size - 1)
-        if in_cluster + length <= self.meta.cluster_size and not geometry.extended_l2:
+        meta = self.meta
+        geometry = meta.geometry
+        in_cluster = offset & (meta.cluster_size - 1)
+        if in_cluster + length <= meta.cluster_size and not geometry.extended_l2:
             # the common small request: one entry decides
             entry = table.entries[(offset >> geometry.cluster_bits) & (geometry.l2_entries - 1)]
-            unusable = QCOW_OFLAG_COMPRESSED | (QCOW_OFLAG_ZERO if self.meta.zero_flag else 0)
+            unusable = QCOW_OFLAG_COMPRESSED | (QCOW_OFLAG_ZERO if meta.zero_flag else 0)
             host = entry & L2E_OFFSET_MASK
             if entry & QCOW_OFLAG_COPIED and not entry & unusable and \
-                    (host or self.meta.has_data_file):
+                    (host or meta.has_data_file):
                 return host + in_cluster, length
             return None
         if not geometry.extended_l2 and not table.entries[geometry.l2_index(offset)]:
             return None             # unallocated: the usual case of a new image
-        run = l2_run(table.entries, geometry, offset, length, zero_flag=self.meta.zero_flag)
+        run = l2_run(table.entries, geometry, offset, length, zero_flag=meta.zero_flag)
         if run.type is not ClusterType.NORMAL:
             return None
         words = 2 if geometry.extended_l2 else 1
@@ -167,24 +170,25 @@ class WriteMixin:
 
     async def _l2_for_write(self, l1_index: int) -> Table:
         """The L2 table for `l1_index`, allocated if missing (lock held)."""
-        if l1_index >= len(self.meta.l1):
+        meta = self.meta
+        if l1_index >= len(meta.l1):
             raise CorruptImage(f"L1 index {l1_index} beyond the L1 table")
-        entry = self.meta.l1[l1_index]
+        entry = meta.l1[l1_index]
         l2_offset = entry & L1E_OFFSET_MASK
         if l2_offset:
             if not entry & QCOW_OFLAG_COPIED:
-                if await self.meta.refcounts.get(l2_offset >> self.meta.geometry.cluster_bits) > 1:
+                if await meta.refcounts.get(l2_offset >> meta.geometry.cluster_bits) > 1:
                     return await self._copy_shared_l2(l1_index, l2_offset)
-                self.meta.l1[l1_index] = entry | QCOW_OFLAG_COPIED
-                self.meta.l1_dirty.add(l1_index)
-            return await self.meta.l2_table(l2_offset)
-        if len(self.meta.l2_cache.dirty_tables()) >= self.meta.l2_cache.capacity:
-            await self.meta.write_back()
-        l2_offset = await self.meta.refcounts.allocate(1)
-        table = Table(l2_offset, empty_l2(self.meta.cluster_size // 8))
-        self.meta.l2_cache.changed(table, dirty=True)
-        self.meta.l1[l1_index] = l2_offset | QCOW_OFLAG_COPIED
-        self.meta.l1_dirty.add(l1_index)
+                meta.l1[l1_index] = entry | QCOW_OFLAG_COPIED
+                meta.l1_dirty.add(l1_index)
+            return await meta.l2_table(l2_offset)
+        if len(meta.l2_cache.dirty_tables()) >= meta.l2_cache.capacity:
+            await meta.write_back()
+        l2_offset = await meta.refcounts.allocate(1)
+        table = Table(l2_offset, empty_l2(meta.cluster_size // 8))
+        meta.l2_cache.changed(table, dirty=True)
+        meta.l1[l1_index] = l2_offset | QCOW_OFLAG_COPIED
+        meta.l1_dirty.add(l1_index)
         return table
 
     async def _copy_shared_l2(self, l1_index: int, l2_offset: int) -> Table:
@@ -193,17 +197,18 @@ class WriteMixin:
         reach it, which the copy does not change; its entries keep no
         COPIED flag (those clusters are still shared).  The old table loses
         the active L1's reference once the new L1 entry is on disk."""
-        old = await self.meta.l2_table(l2_offset)
+        meta = self.meta
+        old = await meta.l2_table(l2_offset)
         entries = array.array("Q", old.entries)
-        words = 2 if self.meta.geometry.extended_l2 else 1
+        words = 2 if meta.geometry.extended_l2 else 1
         for index in range(0, len(entries), words):
             entries[index] &= ~QCOW_OFLAG_COPIED
-        new_offset = await self.meta.refcounts.allocate(1)
+        new_offset = await meta.refcounts.allocate(1)
         table = Table(new_offset, entries)
-        self.meta.l2_cache.changed(table, dirty=True)
-        self.meta.l1[l1_index] = new_offset | QCOW_OFLAG_COPIED
-        self.meta.l1_dirty.add(l1_index)
-        self.meta.refcounts.queue_free(l2_offset)
+        meta.l2_cache.changed(table, dirty=True)
+        meta.l1[l1_index] = new_offset | QCOW_OFLAG_COPIED
+        meta.l1_dirty.add(l1_index)
+        meta.refcounts.queue_free(l2_offset)
         return table
 
     async def _old_contents(self, start: int, end: int) -> bytes:
@@ -227,13 +232,14 @@ class WriteMixin:
 
     async def _allocating_write(self, table: Table, offset: int, data: memoryview) -> int:
         """Copy-on-write of a run of clusters that cannot be written in place."""
-        if len(self.meta.l2_cache.dirty_tables()) > self.meta.l2_cache.capacity:
-            await self.meta.write_back()
-        if self.meta.geometry.extended_l2:
+        meta = self.meta
+        if len(meta.l2_cache.dirty_tables()) > meta.l2_cache.capacity:
+            await meta.write_back()
+        if meta.geometry.extended_l2:
             return await self._allocating_write_extended(table, offset, data)
-        geometry = self.meta.geometry
+        geometry = meta.geometry
         index = geometry.l2_index(offset)
-        first = decode_entry(table.entries[index], zero_flag=self.meta.zero_flag)
+        first = decode_entry(table.entries[index], zero_flag=meta.zero_flag)
         reuse = first.type is ClusterType.ZERO and first.host_offset and \
             table.entries[index] & QCOW_OFLAG_COPIED
         count = 1 if reuse else self._clusters_to_allocate(table, offset, len(data))
@@ -248,8 +254,8 @@ class WriteMixin:
             table.entries[index + number] = (host + (number << geometry.cluster_bits)) \
                 | QCOW_OFLAG_COPIED
             if old and not reuse:
-                self.meta.release(old)
-        self.meta.l2_cache.changed(table, dirty=True)
+                meta.release(old)
+        meta.l2_cache.changed(table, dirty=True)
         return written
 
     def _clusters_to_allocate(self, table: Table, offset: int, length: int) -> int:
@@ -290,15 +296,16 @@ class WriteMixin:
     async def _allocating_write_extended(self, table: Table, offset: int,
                                          data: memoryview) -> int:
         """Extended L2: write the touched subclusters of one cluster."""
-        geometry = self.meta.geometry
+        meta = self.meta
+        geometry = meta.geometry
         index = geometry.l2_index(offset)
         entry, bitmap = table.entries[2 * index], table.entries[2 * index + 1]
         cluster_start = geometry.cluster_start(offset)
-        cluster_end = cluster_start + self.meta.cluster_size
+        cluster_end = cluster_start + meta.cluster_size
         written = min(len(data), cluster_end - offset)
         compressed = bool(entry & QCOW_OFLAG_COMPRESSED)
         host = entry & L2E_OFFSET_MASK
-        has_host = not compressed and bool(host or self.meta.has_data_file and
+        has_host = not compressed and bool(host or meta.has_data_file and
                                            entry & QCOW_OFLAG_COPIED)
         partial = not compressed and (not has_host or bool(entry & QCOW_OFLAG_COPIED))
         if partial:
@@ -319,18 +326,19 @@ class WriteMixin:
             bitmap = (bitmap | allocated) & ~(allocated << 32)
         else:
             bitmap = BITMAP_ALL_ALLOCATED
-            self.meta.release(entry)
+            meta.release(entry)
         table.entries[2 * index] = host | QCOW_OFLAG_COPIED
         table.entries[2 * index + 1] = bitmap
-        self.meta.l2_cache.changed(table, dirty=True)
+        meta.l2_cache.changed(table, dirty=True)
         return written
 
     # -- zeroes and discard ----------------------------------------------------------------
 
     async def write_zeroes(self, offset: int, length: int, *, may_unmap: bool = False) -> None:
+        meta = self.meta
         if self.dirty_bitmaps is not None:
             self.dirty_bitmaps.mark(offset, length)
-        if self.meta.data_file_raw or not (self.meta.zero_flag or self.meta.geometry.extended_l2):
+        if meta.data_file_raw or not (meta.zero_flag or meta.geometry.extended_l2):
             await self._write_zero_bytes(offset, length)
             return
         await self._clear_range(offset, length, zero=True, unmap=may_unmap)
@@ -355,7 +363,8 @@ class WriteMixin:
         """Make whole units (clusters, or subclusters with extended L2) read
         as zeros or unallocated; partial units get zeros written (or, for a
         discard, are left alone)."""
-        unit = self.meta.geometry.subcluster_size
+        meta = self.meta
+        unit = meta.geometry.subcluster_size
         end = offset + length
         start = -(-offset // unit) * unit
         stop = end // unit * unit if end < self.size else end
@@ -367,10 +376,10 @@ class WriteMixin:
         position = start
         while position < stop:
             step = min(stop, self._table_end(position)) - position
-            async with self.meta.lock:
-                await self.meta.prepare_for_write()
-                l1_index = self.meta.geometry.l1_index(position)
-                l1 = self.meta.l1
+            async with meta.lock:
+                await meta.prepare_for_write()
+                l1_index = meta.geometry.l1_index(position)
+                l1 = meta.l1
                 unmapped = l1_index < len(l1) and not l1[l1_index] & L1E_OFFSET_MASK
                 if not (unmapped and (not zero or self.node.backing is None)):
                     table = await self._l2_for_write(l1_index)
@@ -379,19 +388,20 @@ class WriteMixin:
 
     def _clear_in_table(self, table: Table, offset: int, length: int, *,
                         zero: bool, unmap: bool) -> None:
-        geometry = self.meta.geometry
+        meta = self.meta
+        geometry = meta.geometry
         position, end = offset, offset + length
         while position < end:
             index = geometry.l2_index(position)
             cluster_start = geometry.cluster_start(position)
-            step_end = min(end, cluster_start + self.meta.cluster_size)
+            step_end = min(end, cluster_start + meta.cluster_size)
             if geometry.extended_l2:
                 self._clear_subclusters(table, index, position - cluster_start,
                                         step_end - position, zero=zero)
             else:
                 self._clear_cluster(table, index, zero=zero, unmap=unmap)
             position = step_end
-        self.meta.l2_cache.changed(table, dirty=True)
+        meta.l2_cache.changed(table, dirty=True)
 
     def _clear_cluster(self, table: Table, index: int, *, zero: bool, unmap: bool) -> None:
         old = table.entries[index]
@@ -406,14 +416,15 @@ class WriteMixin:
 
     def _clear_subclusters(self, table: Table, index: int, start: int, length: int, *,
                            zero: bool) -> None:
-        geometry = self.meta.geometry
+        meta = self.meta
+        geometry = meta.geometry
         entry, bitmap = table.entries[2 * index], table.entries[2 * index + 1]
         if entry & QCOW_OFLAG_COMPRESSED:
-            if length < self.meta.cluster_size:
+            if length < meta.cluster_size:
                 raise Unsupported("partial zero write to a compressed cluster")
             table.entries[2 * index] = 0
             table.entries[2 * index + 1] = BITMAP_ALL_ZEROES if zero else 0
-            self.meta.release(entry)
+            meta.release(entry)
             return
         bits = bitmap_range(start >> geometry.subcluster_bits,
                             length >> geometry.subcluster_bits)
@@ -427,15 +438,16 @@ class WriteMixin:
         """Allocate the L2 tables and data clusters of the disk from guest
         offset `start` on, where none is allocated yet (QEMU's
         preallocation=metadata|falloc|full, at create and resize)."""
+        meta = self.meta
         if self.crypto is not None:
             # preallocated clusters would decrypt to noise, not zeros
             raise Unsupported(f"preallocation={mode} is not supported for encrypted images")
-        geometry = self.meta.geometry
-        total = -(-self.size // self.meta.cluster_size)
+        geometry = meta.geometry
+        total = -(-self.size // meta.cluster_size)
         position = start >> geometry.cluster_bits
         words = 2 if geometry.extended_l2 else 1
-        async with self.meta.lock:
-            await self.meta.prepare_for_write()
+        async with meta.lock:
+            await meta.prepare_for_write()
             while position < total:
                 table = await self._l2_for_write(position >> geometry.l2_bits)
                 index = position & (geometry.l2_entries - 1)
@@ -449,9 +461,9 @@ class WriteMixin:
                     for number in range(count):
                         self._set_preallocated(table, index + number,
                                                host + (number << geometry.cluster_bits), mode)
-                    self.meta.l2_cache.changed(table, dirty=True)
+                    meta.l2_cache.changed(table, dirty=True)
                 position += max(count, 1)
-            await self.meta.write_back()
+            await meta.write_back()
 
     def _set_preallocated(self, table: Table, index: int, host: int, mode: str) -> None:
         if self.meta.geometry.extended_l2:
@@ -477,6 +489,7 @@ class WriteMixin:
         """Grow, or shrink (dropping the clusters past the new end), as
         qemu-img resize; the new area reads as zeros even where the old last
         cluster or a longer backing file held data."""
+        meta = self.meta
         if size % 512:
             raise UsageError(f"the new size {size} is not a multiple of 512 bytes")
         preallocation = preallocation or "off"
@@ -486,18 +499,18 @@ class WriteMixin:
                 raise UsageError("preallocation only applies when growing an image")
             await self._shrink(size)
             return
-        async with self.meta.lock:
-            await self.meta.prepare_for_write()
-            needed = self.meta.geometry.l1_entries_for(size)
-            if needed > len(self.meta.l1):
-                await self.meta.grow_l1(needed)
-            if self.meta.data_file_raw and self.children["data-file"].size < size:
+        async with meta.lock:
+            await meta.prepare_for_write()
+            needed = meta.geometry.l1_entries_for(size)
+            if needed > len(meta.l1):
+                await meta.grow_l1(needed)
+            if meta.data_file_raw and self.children["data-file"].size < size:
                 await self.children["data-file"].truncate(size)
-            await self.meta.set_size(size)
+            await meta.set_size(size)
         zero_end = old_size
-        if old_size % self.meta.cluster_size:
-            zero_end = min(size, self.meta.geometry.cluster_start(old_size)
-                           + self.meta.cluster_size)
+        if old_size % meta.cluster_size:
+            zero_end = min(size, meta.geometry.cluster_start(old_size)
+                           + meta.cluster_size)
         backing = self.node.backing
         if backing is not None:
             zero_end = max(zero_end, min(size, backing.size))
@@ -507,25 +520,26 @@ class WriteMixin:
             await self.preallocate(preallocation, start=old_size)
 
     async def _shrink(self, size: int) -> None:
-        if self.meta.snapshots:
+        meta = self.meta
+        if meta.snapshots:
             raise Unsupported("cannot shrink an image that has internal snapshots")
-        keep_end = -(-size // self.meta.cluster_size) * self.meta.cluster_size
+        keep_end = -(-size // meta.cluster_size) * meta.cluster_size
         if keep_end < self.size:
             await self._clear_range(keep_end, self.size - keep_end, zero=False, unmap=True)
-        async with self.meta.lock:
-            first_unused = self.meta.geometry.l1_entries_for(size)
+        async with meta.lock:
+            first_unused = meta.geometry.l1_entries_for(size)
             dropped = []
-            for l1_index in range(first_unused, len(self.meta.l1)):
-                l2_offset = self.meta.l1[l1_index] & L1E_OFFSET_MASK
+            for l1_index in range(first_unused, len(meta.l1)):
+                l2_offset = meta.l1[l1_index] & L1E_OFFSET_MASK
                 if l2_offset:
-                    self.meta.refcounts.queue_free(l2_offset)
+                    meta.refcounts.queue_free(l2_offset)
                     dropped.append(l2_offset)
-                    self.meta.l1[l1_index] = 0
-                    self.meta.l1_dirty.add(l1_index)
-            await self.meta.write_back()
+                    meta.l1[l1_index] = 0
+                    meta.l1_dirty.add(l1_index)
+            await meta.write_back()
             for l2_offset in dropped:
-                self.meta.l2_cache.drop(l2_offset)
-            await self.meta.set_size(size)
+                meta.l2_cache.drop(l2_offset)
+            await meta.set_size(size)
 
     # -- compressed writes (convert -c) ------------------------------------------------
 
@@ -534,7 +548,8 @@ class WriteMixin:
         header's compression_type says); partial clusters, and clusters that
         do not shrink, are written normally.  Clusters of zeros on a layer
         without backing are skipped."""
-        if self.meta.has_data_file:
+        meta = self.meta
+        if meta.has_data_file:
             raise Unsupported("compressed clusters cannot be used with an external data file")
         if self.dirty_bitmaps is not None:
             self.dirty_bitmaps.mark(offset, len(data))
@@ -543,8 +558,8 @@ class WriteMixin:
         view = memoryview(data)
         position, end = offset, offset + len(data)
         while position < end:
-            cluster_start = self.meta.geometry.cluster_start(position)
-            cluster_end = min(cluster_start + self.meta.cluster_size, self.size)
+            cluster_start = meta.geometry.cluster_start(position)
+            cluster_end = min(cluster_start + meta.cluster_size, self.size)
             step_end = min(end, cluster_end)
             chunk = view[position - offset:step_end - offset]
             if position != cluster_start or step_end != cluster_end:
@@ -554,42 +569,44 @@ class WriteMixin:
             position = step_end
 
     async def _write_compressed_cluster(self, guest_offset: int, data: bytes) -> None:
-        packed = compress_cluster(data.ljust(self.meta.cluster_size, b"\0"),
-                                  self.meta.header.compression_type)
-        if len(packed) >= self.meta.cluster_size:
+        meta = self.meta
+        packed = compress_cluster(data.ljust(meta.cluster_size, b"\0"),
+                                  meta.header.compression_type)
+        if len(packed) >= meta.cluster_size:
             await self.write(guest_offset, data)
             return
-        async with self.meta.lock:
-            await self.meta.prepare_for_write()
-            table = await self._l2_for_write(self.meta.geometry.l1_index(guest_offset))
+        async with meta.lock:
+            await meta.prepare_for_write()
+            table = await self._l2_for_write(meta.geometry.l1_index(guest_offset))
             host = await self._allocate_bytes(len(packed))
             # (bytes freed by an old compressed cluster may be reused, and an
             # entry with the same offset and length must not read as it)
             self.inflated.clear()
             await self.children["file"].write(host, packed)
-            words = 2 if self.meta.geometry.extended_l2 else 1
-            index = self.meta.geometry.l2_index(guest_offset) * words
+            words = 2 if meta.geometry.extended_l2 else 1
+            index = meta.geometry.l2_index(guest_offset) * words
             old = table.entries[index]
             table.entries[index] = compressed_descriptor(host, len(packed),
-                                                         self.meta.geometry.cluster_bits)
+                                                         meta.geometry.cluster_bits)
             if words == 2:
                 table.entries[index + 1] = 0
-            self.meta.l2_cache.changed(table, dirty=True)
-            self.meta.release(old)
+            meta.l2_cache.changed(table, dirty=True)
+            meta.release(old)
 
     async def _allocate_bytes(self, length: int) -> int:
         """Host bytes for compressed data, packed one after another; each
         host cluster holds one reference per compressed cluster touching it
         (spec: "Compressed Clusters Descriptor")."""
+        meta = self.meta
         cursor = self.compressed_cursor
-        cluster_bits = self.meta.geometry.cluster_bits
-        if cursor and cursor & (self.meta.cluster_size - 1) and \
-                (cursor & (self.meta.cluster_size - 1)) + length <= self.meta.cluster_size and \
-                await self.meta.refcounts.get(cursor >> cluster_bits) < \
-                self.meta.refcounts.geometry.max_refcount:
-            await self.meta.refcounts.update(cursor >> cluster_bits, 1, 1)
+        cluster_bits = meta.geometry.cluster_bits
+        if cursor and cursor & (meta.cluster_size - 1) and \
+                (cursor & (meta.cluster_size - 1)) + length <= meta.cluster_size and \
+                await meta.refcounts.get(cursor >> cluster_bits) < \
+                meta.refcounts.geometry.max_refcount:
+            await meta.refcounts.update(cursor >> cluster_bits, 1, 1)
             host = cursor
         else:
-            host = await self.meta.refcounts.allocate(1)
+            host = await meta.refcounts.allocate(1)
         self.compressed_cursor = host + length
         return host
