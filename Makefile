@@ -21,7 +21,7 @@ APT_RUNTIME := fuse3 libfuse3-dev pkg-config gcc python3-dev python3-venv libssl
 APT_DEMO    := fdisk e2fsprogs util-linux mount
 APT_TEST    := qemu-utils qemu-system-common qemu-block-extra nbdkit fio \
                dosfstools mtools cryptsetup-bin 7zip openssh-server tgt \
-               man-db groff-base xfsprogs btrfs-progs glusterfs-server nginx-light
+               man-db groff-base xfsprogs btrfs-progs glusterfs-server nginx-light tinyproxy
 
 .PHONY: help deps deps-test venv demo test test-fast install uninstall bench lint typecheck clean
 

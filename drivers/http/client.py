@@ -15,8 +15,9 @@ from __future__ import annotations
 
 import base64
 import functools
+import os
 import ssl
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any, TypeVar, cast
 
@@ -35,6 +36,7 @@ from imgfs.errors import (
 from imgfs.netio import Reconnect, printable, socket_reason
 from imgfs.options import KiB
 
+from .proxy import choose_proxy, open_tunnel, request_target
 from .url import Url, content_range
 
 #: bytes asked of the socket at once
@@ -67,6 +69,11 @@ class Settings:
     #: Authorization and Cookie headers, sent only to the origin they were given for
     credentials: list[tuple[str, str]] = field(default_factory=list)
     pool_size: int = POOL_SIZE
+    #: where the proxy settings come from (os.environ, as libcurl's)
+    environ: Mapping[str, str] = field(default_factory=lambda: dict(os.environ))
+    #: the driver's proxy-username / proxy-password-secret
+    proxy_username: str | None = None
+    proxy_password: bytes | None = None
 
     @functools.cached_property
     def ssl_context(self) -> ssl.SSLContext:
@@ -125,7 +132,9 @@ def status_error(url: Url, response: h11.Response) -> ImgfsError:
     """The error an unexpected status means."""
     status = response.status_code
     message = f"{url.display}: HTTP {status} {printable(response.reason)}".rstrip()
-    if status in (401, 407):
+    if status == 407:
+        return PermissionDenied(message + " (proxy authentication failed or needed)")
+    if status == 401:
         return PermissionDenied(message + " (authentication failed or needed)")
     if status == 403:
         return PermissionDenied(message)
@@ -273,6 +282,8 @@ class Pool:
         self.reconnect = reconnect
         self.idle: list[Connection] = []
         self.slots = trio.Semaphore(settings.pool_size)
+        self.proxy = choose_proxy(url, settings.environ, settings.proxy_username,
+                                  settings.proxy_password)
         #: most requests that were in flight at once (for tests and stats)
         self.peak_in_flight = 0
 
@@ -280,8 +291,13 @@ class Pool:
         why_not = self.reconnect.check()
         if why_not is not None:
             raise Unreachable(f"{self.url.display}: {why_not}")
+        proxy = self.proxy
+        host, port = (self.url.host, self.url.port) if proxy is None else \
+            (proxy.host, proxy.port)
         try:
-            stream: trio.abc.Stream = await trio.open_tcp_stream(self.url.host, self.url.port)
+            stream: trio.abc.Stream = await trio.open_tcp_stream(host, port)
+            if proxy is not None and self.url.scheme == "https":
+                await open_tunnel(stream, proxy, self.url)
             if self.url.scheme == "https":
                 stream = trio.SSLStream(stream, self.settings.ssl_context,
                                         server_hostname=self.url.host, https_compatible=True)
@@ -289,7 +305,9 @@ class Pool:
         except NETWORK_ERRORS as exc:
             reason = ssl_reason(exc) or socket_reason(exc)
             self.reconnect.failed(reason)
-            raise Unreachable(f"cannot connect to {self.url.display}: {reason}") from None
+            through = "" if proxy is None else f" through the proxy {proxy.display}"
+            raise Unreachable(f"cannot connect to {self.url.display}{through}: {reason}") \
+                from None
         self.reconnect.succeeded()
         return Connection(stream)
 
@@ -386,7 +404,11 @@ class HttpFile:
                    ("Accept-Encoding", "identity"), ("Range", f"bytes={first}-{last}")]
         if self.url.origin == self.credentials_origin:
             headers += self.settings.credentials
-        return h11.Request(method="GET", target=self.url.target, headers=headers)
+        proxy = self.pool.proxy
+        if proxy is not None and self.url.scheme == "http":
+            headers += proxy.headers()
+        return h11.Request(method="GET", target=request_target(self.url, proxy),
+                           headers=headers)
 
     # -- opening ----------------------------------------------------------------
 

@@ -3,16 +3,17 @@ with range requests and never downloaded whole.
 
 Options are QEMU's curl driver's: ``url``, ``readahead``, ``timeout``,
 ``sslverify``, ``cookie`` / ``cookie-secret``, ``username`` /
-``password-secret`` (or ``user:password@`` in the URL).  Refused:
-``proxy-username`` / ``proxy-password-secret`` (imgfs connects directly
-and does not use the ``http_proxy`` variables libcurl honours).
+``password-secret`` (or ``user:password@`` in the URL), and, for a proxy
+taken from the environment as libcurl takes it (``http_proxy``,
+``https_proxy``, ``all_proxy``, ``no_proxy``: see `proxy`),
+``proxy-username`` / ``proxy-password-secret``.
 """
 from __future__ import annotations
 
 from typing import Any, cast
 
 from imgfs.block import BlockDriver, Kind
-from imgfs.errors import Unsupported, UsageError
+from imgfs.errors import UsageError
 from imgfs.node import OpenContext
 from imgfs.options import Bool, Int, KiB, MiB, Opt, Schema, Size, Str, in_range
 from imgfs.secrets import secret_by_id
@@ -30,6 +31,7 @@ MAX_TIMEOUT = 10000
 MAX_TRANSFER = 8 * MiB
 #: options a backing file named relative to this URL inherits (same server)
 INHERITED = ("readahead", "timeout", "sslverify", "cookie", "cookie-secret",
+             "proxy-username", "proxy-password-secret",
              "username", "password-secret")
 CREDENTIALS = ("cookie", "cookie-secret", "username", "password-secret")
 
@@ -69,8 +71,9 @@ class HttpDriver(BlockDriver):
         Opt("cookie-secret", Str, help="id of a secret holding the cookie"),
         Opt("username", Str, help="user name for HTTP authentication"),
         Opt("password-secret", Str, help="id of a secret holding the password"),
-        Opt("proxy-username", Str, help="proxy user name (proxies are not supported)"),
-        Opt("proxy-password-secret", Str, help="proxy password (proxies are not supported)"),
+        Opt("proxy-username", Str,
+            help="user name for the proxy (from http_proxy, https_proxy, all_proxy)"),
+        Opt("proxy-password-secret", Str, help="id of a secret holding the proxy password"),
     )
 
     file: HttpFile | None = None
@@ -86,11 +89,11 @@ class HttpDriver(BlockDriver):
         url = self._url(options)
         # Every message about this node names the URL without its password.
         self.node.filename = url.display
-        if options.get("proxy-username") or options.get("proxy-password-secret"):
-            raise Unsupported("proxies are not supported (imgfs connects directly)")
         self.given = {key: options[key] for key in INHERITED if options.get(key) is not None}
         settings = Settings(timeout=float(options["timeout"]), sslverify=options["sslverify"],
-                            credentials=self._credentials(url, options, ctx))
+                            credentials=self._credentials(url, options, ctx),
+                            proxy_username=options.get("proxy-username"),
+                            proxy_password=self._proxy_password(options, ctx))
         self.file = HttpFile(url, settings)
         await self.file.open()
         self.size = self.file.size
@@ -127,6 +130,12 @@ class HttpDriver(BlockDriver):
         if cookie:
             headers.append(("Cookie", header_safe(cookie, "the cookie")))
         return headers
+
+    @staticmethod
+    def _proxy_password(options: dict[str, Any], ctx: OpenContext) -> bytes | None:
+        if not options.get("proxy-password-secret"):
+            return None
+        return secret_by_id(ctx.secrets, options["proxy-password-secret"])
 
     def child_location(self, name: str) -> dict[str, Any]:
         """A backing file named relative to the image: on the same server

@@ -208,7 +208,6 @@ def test_silent_server_times_out(tmp_path: Path) -> None:
 @pytest.mark.parametrize("option, message", [
     ("readahead=1000", "option 'readahead': 1000 is not a multiple of 512"),
     ("timeout=0", "option 'timeout': must be between 1 and 10000"),
-    ("proxy-username=me", "proxies are not supported"),
 ])
 def test_invalid_options_are_refused(server: Nginx, option: str, message: str) -> None:
     name, value = option.split("=")

@@ -1,13 +1,15 @@
 """Pure parts of the http driver: URLs, Content-Range, validators, windows."""
 from __future__ import annotations
 
+import base64
+
 import h11
 import pytest
 from imgfs.drivers.http.client import Validators, basic_auth
 from imgfs.drivers.http.readahead import contiguous_runs
 from imgfs.drivers.http.url import content_range, parse_url, redact
 
-from imgfs.errors import UsageError
+from imgfs.errors import ImgfsError, UsageError
 
 
 def test_parse_url_parts_and_default_ports() -> None:
@@ -66,3 +68,43 @@ def test_basic_auth_and_runs() -> None:
     assert basic_auth("Aladdin", b"open sesame") == (
         "Authorization", "Basic QWxhZGRpbjpvcGVuIHNlc2FtZQ==")
     assert contiguous_runs([1, 2, 3, 7, 8, 10]) == [[1, 2, 3], [7, 8], [10]]
+
+
+# -- proxies from the environment, as libcurl reads them ------------------------------
+
+def test_proxy_setting_follows_libcurl() -> None:
+    from imgfs.drivers.http.proxy import proxy_setting
+    env = {"HTTP_PROXY": "upper:1", "all_proxy": "all:2"}
+    assert proxy_setting("http", env) == "all:2"          # HTTP_PROXY is never read
+    assert proxy_setting("http", {**env, "http_proxy": "lower:3"}) == "lower:3"
+    assert proxy_setting("https", {**env, "HTTPS_PROXY": "s:4"}) == "s:4"
+    assert proxy_setting("https", {"https_proxy": "a:5", "HTTPS_PROXY": "b:6"}) == "a:5"
+    assert proxy_setting("https", {}) is None
+
+
+@pytest.mark.parametrize("listing, host, direct", [
+    ("*", "anything.example", True),
+    ("example.org", "example.org", True),
+    ("example.org", "www.example.org", True),
+    (".example.org", "www.example.org", True),
+    ("example.org", "badexample.org", False),
+    (" 10.0.0.1 , [::1]", "::1", True),
+    ("10.0.0.1", "10.0.0.10", False),
+    ("", "example.org", False),
+])
+def test_no_proxy_matches_hosts_and_domains(listing: str, host: str, direct: bool) -> None:
+    from imgfs.drivers.http.proxy import bypasses_proxy
+    assert bypasses_proxy(host, {"no_proxy": listing}) is direct
+
+
+def test_proxy_parsing() -> None:
+    from imgfs.drivers.http.proxy import parse_proxy
+    proxy = parse_proxy("proxy.example", None, None)
+    assert (proxy.host, proxy.port, proxy.authorization) == ("proxy.example", 1080, None)
+    proxy = parse_proxy("http://u%40x:p%3Aw@[::1]:3128/", None, None)
+    assert (proxy.host, proxy.port, proxy.display) == ("::1", 3128, "http://[::1]:3128")
+    assert proxy.authorization == "Basic " + base64.b64encode(b"u@x:p:w").decode()
+    proxy = parse_proxy("http://u:p@h:1", "option-user", b"secret")
+    assert proxy.authorization == "Basic " + base64.b64encode(b"option-user:secret").decode()
+    with pytest.raises(ImgfsError, match=r"only http:// proxies are supported \(not socks5://\)"):
+        parse_proxy("socks5://h:1", None, None)
