@@ -82,10 +82,21 @@ class OutOfRange(ImgfsError):
     errno = errno.EINVAL
 
 
+#: a lost or refused connection (a network library's errno): the file
+#: behind it answers EIO, as a disk that stopped answering does
+CONNECTION_ERRNOS = frozenset({
+    errno.ENOTCONN, errno.ECONNRESET, errno.ECONNREFUSED, errno.ECONNABORTED, errno.EPIPE,
+    errno.ETIMEDOUT, errno.EHOSTUNREACH, errno.ENETUNREACH, errno.ESHUTDOWN,
+})
+
+
 def from_oserror(exc: OSError, what: str = "") -> ImgfsError:
-    """Turn an OSError into the matching ImgfsError, keeping its errno."""
+    """Turn an OSError into the matching ImgfsError, keeping its errno
+    (but EIO for a lost connection)."""
     reason = exc.strerror or str(exc)
     message = f"{what}: {reason}" if what else reason
+    if exc.errno in CONNECTION_ERRNOS:
+        return Unreachable(message)
     cls: type[ImgfsError] = {
         errno.ENOENT: NotFound,
         errno.EACCES: PermissionDenied,

@@ -4,6 +4,7 @@ itself (on one brick it is the plain file) and against QEMU's gluster
 driver.  Mounts are real FUSE mounts."""
 from __future__ import annotations
 
+import errno
 import json
 import os
 import signal
@@ -154,6 +155,52 @@ def test_a_volume_that_stops_answering_gives_eio_not_a_hang(gluster: GlusterServ
         # the mount stayed up and serves again
         assert raw.read_bytes() == image.read_bytes()
     assert not daemon_pids(mnt)
+
+
+def test_a_killed_brick_gives_eio_and_the_restarted_one_serves(gluster: GlusterServer,
+                                                              mnt: Path) -> None:
+    """The brick daemon killed (SIGKILL) under a mount: reads fail with EIO
+    within the timeout, the mount stays up; once glusterd restarts the
+    brick, the same mount reads (and writes) again, and unmounts cleanly."""
+    image = gluster.brick / "killed.img"
+    image.write_bytes(random_bytes(4 * MiB, seed=5))
+    with mounted(gluster.url("killed.img"), mountpoint=mnt, options="file.timeout=3"):
+        raw = mnt / "killed.raw"
+        assert raw.read_bytes()[:4096] == image.read_bytes()[:4096]
+        bricks = gluster.brick_pids()
+        assert bricks
+        try:
+            for pid in bricks:
+                os.kill(pid, signal.SIGKILL)
+            started = time.monotonic()
+            assert pread_errno(raw, 3 * MiB, 4096) == errno.EIO
+            assert time.monotonic() - started < 10
+        finally:
+            # (the killed brick stays a zombie where PID 1 reaps nothing, and
+            # glusterd takes it for running: stop the volume, then start it)
+            gluster.cli("volume", "stop", gluster.volume, "force")
+            gluster.cli("volume", "start", gluster.volume)
+        assert gluster.brick_pids(), "glusterd did not restart the brick"
+        deadline = time.monotonic() + 60
+        while (error := pread_errno(raw, 3 * MiB, 4096)):
+            assert time.monotonic() < deadline, f"the mount never reconnected: {error}"
+            time.sleep(0.5)
+        pwrite_all(raw, [(MiB + 7, b"after the restart")])
+        expected = bytearray(image.read_bytes())
+        assert raw.read_bytes() == bytes(expected)
+        assert expected[MiB + 7:MiB + 24] == b"after the restart"
+    assert not daemon_pids(mnt)
+
+
+def pread_errno(path: Path, offset: int, length: int) -> int:
+    """0 when an O_DIRECT read returns `length` bytes, else its errno."""
+    fd = os.open(path, os.O_RDONLY | os.O_DIRECT)
+    try:
+        return 0 if len(os.pread(fd, length, offset)) == length else -1
+    except OSError as exc:
+        return exc.errno or -1
+    finally:
+        os.close(fd)
 
 
 def test_unmount_does_not_wait_for_the_library_shutdown(gluster: GlusterServer,
