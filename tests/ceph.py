@@ -69,6 +69,17 @@ class CephCluster:
             start_new_session=True))
         log.close()
 
+    def kill_osd(self) -> list[str]:
+        """SIGKILL the OSD (as a crash) and wait for it; returns how to start it again."""
+        osd = next(proc for proc in self.processes if proc.args[0] == "ceph-osd")
+        osd.kill()
+        osd.wait()
+        self.processes.remove(osd)
+        return [str(arg) for arg in osd.args[:osd.args.index("-c")]]
+
+    def start_daemon(self, args: list[str]) -> None:
+        self._daemon(*args)
+
     def start(self) -> None:
         base = self.base
         (base / "run").mkdir(parents=True)

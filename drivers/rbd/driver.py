@@ -7,6 +7,7 @@ gives EIO, never a hang.  A snapshot (``@SNAP``) opens read-only.
 """
 from __future__ import annotations
 
+import base64
 import errno
 import os
 from dataclasses import dataclass
@@ -125,7 +126,9 @@ class RbdDriver(LibraryDriver):
         if secret:
             if secret not in ctx.secrets:
                 raise UsageError(f"rbd: no secret with id '{secret}' (--object secret)")
-            settings["key"] = ctx.secrets[secret].decode()
+            # as QEMU: the secret holds the key's bytes (give the key as Ceph
+            # prints it with format=base64), passed to Ceph in base64
+            settings["key"] = base64.b64encode(ctx.secrets[secret]).decode()
         if settings.get("auth_supported") and "auth_client_required" not in settings:
             settings["auth_client_required"] = settings.pop("auth_supported")
         try:

@@ -3,6 +3,7 @@ here, stopped by PID), checked against `rbd export` and QEMU's own rbd
 driver.  Mounts are real FUSE mounts."""
 from __future__ import annotations
 
+import base64
 import errno
 import json
 import os
@@ -15,6 +16,7 @@ import pytest
 
 from tests.ceph import POOL, CephCluster
 from tests.conftest import (
+    daemon_pids,
     imgfs,
     is_mounted,
     mounted,
@@ -148,3 +150,70 @@ def test_a_cluster_that_stops_answering_gives_eio_not_a_hang(ceph: CephCluster, 
         finally:
             os.kill(osd.pid, signal.SIGCONT)
         assert raw.read_bytes() == data
+
+
+def test_a_killed_osd_gives_eio_and_the_restarted_one_serves(ceph: CephCluster, mnt: Path,
+                                                             tmp_path: Path) -> None:
+    """The OSD killed (SIGKILL) under a mount: reads fail with EIO within
+    the timeout, the mount stays up; once the OSD is started again, the
+    same mount reads and writes again, and unmounts cleanly."""
+    data = bytearray(random_bytes(4 * MiB, seed=6))
+    _import(ceph, tmp_path, "crash", bytes(data))
+    with mounted(ceph.url("crash"), mountpoint=mnt, options="file.timeout=3"):
+        raw = mnt / "crash.raw"
+        assert raw.read_bytes()[:4096] == data[:4096]
+        restart = ceph.kill_osd()
+        try:
+            started = time.monotonic()
+            fd = os.open(raw, os.O_RDONLY | os.O_DIRECT)
+            try:
+                with pytest.raises(OSError) as failure:
+                    os.pread(fd, 4096, 2 * MiB)
+            finally:
+                os.close(fd)
+            assert failure.value.errno == errno.EIO
+            assert time.monotonic() - started < 10
+        finally:
+            ceph.start_daemon(restart)
+        deadline = time.monotonic() + 60
+        while True:
+            fd = os.open(raw, os.O_RDONLY | os.O_DIRECT)
+            try:
+                if len(os.pread(fd, 4096, 3 * MiB)) == 4096:
+                    break
+            except OSError as exc:
+                assert exc.errno == errno.EIO
+                assert time.monotonic() < deadline, "the mount never served again"
+                time.sleep(0.5)
+            finally:
+                os.close(fd)
+        pwrite_all(raw, [(MiB + 3, b"after the restart")], data)
+        assert raw.read_bytes() == bytes(data)
+    assert not daemon_pids(mnt)
+    assert bytes(data) == _export(ceph, tmp_path, "crash")
+
+
+def test_a_user_key_from_a_secret_as_qemu(ceph: CephCluster, tmp_path: Path) -> None:
+    """cephx with a user whose key is in no keyring: the key comes from a
+    secret (key-secret) holding its bytes (format=base64 takes the key as
+    Ceph prints it), as QEMU's; a wrong key is one line without it."""
+    data = random_bytes(MiB + 512, seed=8)
+    _import(ceph, tmp_path, "keyed", data)
+    ceph.ceph("auth", "get-or-create", "client.keyuser", "mon", "profile rbd",
+              "osd", f"profile rbd pool={POOL}")
+    key = ceph.ceph("auth", "get-key", "client.keyuser").strip()
+    tree = f"driver=rbd,pool={POOL},image=keyed,conf={ceph.conf},user=keyuser,key-secret=k"
+    spec = "json:" + json.dumps(dict(item.split("=", 1) for item in tree.split(",")))
+    ours, theirs = tmp_path / "ours.raw", tmp_path / "qemu.raw"
+    secret = f"secret,id=k,data={key},format=base64"
+    imgfs("convert", "--object", secret, spec, "-O", "raw", ours)
+    run("qemu-img", "convert", "--object", secret, "--image-opts", tree, "-O", "raw", theirs)
+    assert ours.read_bytes() == data == theirs.read_bytes()
+    raw_key = bytearray(base64.b64decode(key))
+    raw_key[-4:] = bytes(byte ^ 0xFF for byte in raw_key[-4:])     # the secret's last bytes
+    wrong = base64.b64encode(raw_key).decode()
+    started = time.monotonic()
+    result = imgfs("info", "--object", f"secret,id=k,data={wrong},format=base64", spec, check=False)
+    assert time.monotonic() - started < 10
+    assert result.returncode == 1 and result.stderr.count("\n") == 1, result.stderr
+    assert wrong not in result.stderr and key not in result.stderr
