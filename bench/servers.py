@@ -11,7 +11,6 @@ from __future__ import annotations
 import contextlib
 import os
 import random
-import socket
 import subprocess
 import sys
 import time
@@ -93,24 +92,18 @@ def _free_tgtd_control_port() -> str:
     return str(port)
 
 
-def _listening(port: int) -> bool:
-    with socket.socket() as probe:
-        return probe.connect_ex(("127.0.0.1", port)) == 0
-
-
 @contextlib.contextmanager
 def serve_iscsi(workdir: Path) -> Iterator[IscsiServer]:
     """tgtd on 127.0.0.1 and a free port."""
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        port = probe.getsockname()[1]
+    from tests.conftest import connectable, free_port
+    port = free_port()
     control = _free_tgtd_control_port()
     with open(workdir / "tgtd.log", "ab") as log:
         proc = subprocess.Popen(["tgtd", "-f", "-C", control, "--iscsi",
                                  f"portal=127.0.0.1:{port}"], stdout=log, stderr=log)
     try:
         deadline = time.monotonic() + 10
-        while not _listening(port):
+        while not connectable(port):
             if proc.poll() is not None or time.monotonic() > deadline:
                 raise RuntimeError("tgtd did not start")
             time.sleep(0.02)
