@@ -53,7 +53,8 @@ def library() -> ctypes.CDLL:
         except OSError:
             found = ctypes.util.find_library("nettle")
             if found is None or not found.endswith(".so.8"):
-                raise ImportError(f"{LIBRARY} (Debian libnettle8) is not installed") from None
+                raise ImportError(f"{LIBRARY} (Debian libnettle8), which is not "
+                                  "installed") from None
             loaded = ctypes.CDLL(found)
         for cipher in CIPHERS.values():
             for suffix in ("set_key", "encrypt", "decrypt"):

@@ -70,7 +70,10 @@ class BlockAlgorithm:
         """The cipher keyed with `key`, one direction, over whole blocks."""
         if not self.class_name:
             from .nettle import NettleEcb
-            return NettleEcb(self.name, key, encrypt)
+            try:
+                return NettleEcb(self.name, key, encrypt)
+            except ImportError as error:
+                raise Unsupported(f"cipher {self.name} needs {error}") from None
         from cryptography.hazmat.primitives.ciphers import Cipher, modes
         cipher = Cipher(self.factory(key), modes.ECB())
         context: EcbContext = cipher.encryptor() if encrypt else cipher.decryptor()

@@ -155,3 +155,21 @@ def test_partial_blocks_are_refused() -> None:
         context.update(bytes(17))
     with pytest.raises(ValueError, match="smaller than the input"):
         context.update_into(bytes(32), bytearray(16))
+
+
+def test_a_header_key_size_nettle_cannot_take_is_invalid() -> None:
+    """A LUKS header's key size is checked against the cipher before any
+    Nettle call (serpent-cbc with a 512-bit key would abort in Nettle)."""
+    from imgfs.errors import InvalidImage
+    spec = crypto.parse_cipher("serpent", "cbc-plain64")
+    with pytest.raises(InvalidImage, match="key size 512 bits does not suit"):
+        crypto.SectorCipher(spec, bytes(64))
+
+
+def test_a_missing_nettle_is_one_clear_refusal(monkeypatch: pytest.MonkeyPatch) -> None:
+    from imgfs.errors import Unsupported
+    monkeypatch.setattr(nettle, "_library", None)
+    monkeypatch.setattr(nettle, "LIBRARY", "libnettle-not-here.so.8")
+    monkeypatch.setattr(nettle.ctypes.util, "find_library", lambda name: None)
+    with pytest.raises(Unsupported, match="cipher twofish needs libnettle-not-here.so.8"):
+        crypto.ALGORITHMS["twofish"].ecb(bytes(16), True)
