@@ -34,6 +34,11 @@ APT_TEST    += libiscsi-dev libiscsi-bin
 # (mon, osd, mgr) for the tests.
 APT_RUNTIME += librbd1 librados2
 APT_TEST    += ceph-mon ceph-osd ceph-mgr ceph-common
+# LUKS serpent and twofish: Nettle at run time (drivers/luks/nettle.py); for
+# the tests its headers (a unit test compares the context sizes with them)
+# and libgcrypt, an independent implementation the ciphers are checked with.
+APT_RUNTIME += libnettle8
+APT_TEST    += nettle-dev libgcrypt20
 
 help:  ## list the targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | sed 's/:.*## /\t/' | sort

@@ -88,6 +88,17 @@ def qemu_img_create_encrypted(*args: str | os.PathLike[str]) -> None:
     raise AssertionError(f"qemu-img create kept failing: {result.stderr}")
 
 
+@pytest.fixture(scope="session")
+def fast_qemu_pbkdf(tmp_path_factory: pytest.TempPathFactory) -> dict[str, str]:
+    """An environment for `run(..., env=)` in which qemu-img creates LUKS
+    images (and encrypt.format=luks) in milliseconds, with QEMU's minimum
+    PBKDF iterations: see tests/fake_rusage.c."""
+    need("gcc")
+    library = tmp_path_factory.mktemp("fake-rusage") / "fake_rusage.so"
+    run("gcc", "-shared", "-fPIC", "-O2", "-o", library, Path(__file__).parent / "fake_rusage.c")
+    return {**os.environ, "LD_PRELOAD": str(library)}
+
+
 def imgfs(*args: str | os.PathLike[str], check: bool = True, timeout: float = 120,
           cwd: str | os.PathLike[str] | None = None) -> subprocess.CompletedProcess[str]:
     return run(IMGFS, *args, check=check, timeout=timeout, cwd=cwd)

@@ -8,18 +8,19 @@ docs/on-disk-format-luks2.pdf and the JSON that ``cryptsetup luksDump
 Modules: `spec` (cipher names, parsed without numpy, and the choice of
 sector cipher), `_sectors` (AES sectors in C, with OpenSSL), `crypto` (the
 Python path for the other ciphers: bulk XTS/CBC/CTR with numpy, imported
-while the PBKDF runs), `kdf`
+while the PBKDF runs), `nettle` (serpent and twofish blocks), `kdf`
 (PBKDF2, Argon2, AF splitter), `luks1` and `luks2` (headers, key slots),
 `create` (qemu-img's create options, the LUKS2 layout), `header` (the entry
 point qcow2's ``encrypt.format=luks`` can reuse), `early` (a mount's PBKDF
 started before the rest of imgfs loads), `driver` (the format driver).
 
 Supported: LUKS1 read/write/create (all 8 key slots, PBKDF2 with the SHA-1,
-SHA-2, SHA-3, BLAKE2 and SM3 hashes, aes/camellia/sm4/cast5/blowfish/des3_ede
-in xts, cbc, ecb, ctr with plain, plain64, essiv and null IVs); LUKS2
+SHA-2, SHA-3, BLAKE2 and SM3 hashes, aes/serpent/twofish/camellia/sm4 in
+xts, cbc, ecb, ctr and cast5/blowfish/des3_ede in cbc, ecb, ctr, with
+plain, plain64, essiv and null IVs); LUKS2
 read/write and create with ``format=luks2`` (keyslots with pbkdf2, argon2i,
 argon2id; one crypt segment, sector sizes 512 to 4096).  Refused with a
-message: ciphers `cryptography` lacks (serpent, twofish, ...), LUKS2
+message: ciphers neither `cryptography` nor Nettle has (cast6, anubis, ...), LUKS2
 integrity, reencryption, several segments, detached headers; resizing.
 """
 from __future__ import annotations

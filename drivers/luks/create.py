@@ -80,9 +80,8 @@ def create_spec(options: dict[str, Any]) -> tuple[CipherSpec, int]:
     if name in KNOWN_UNSUPPORTED or name not in ALGORITHMS:
         raise Unsupported(f"cipher not supported: {name}")
     mode = options["cipher-mode"]
-    if mode == "ecb" and options["ivgen-alg"] == "essiv":
-        mode_string = "ecb-plain64"      # ECB takes no IV; QEMU needs one named
-    elif options["ivgen-alg"] == "essiv":
+    # (ECB takes no IV; QEMU still names one, as here)
+    if options["ivgen-alg"] == "essiv":
         mode_string = f"{mode}-essiv:{options['ivgen-hash-alg']}"
     else:
         mode_string = f"{mode}-{options['ivgen-alg']}"

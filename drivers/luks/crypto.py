@@ -3,8 +3,9 @@
 
 This is the Python path: AES volumes are done by the compiled `_sectors`
 module where it is built (spec.sector_cipher chooses), and unit tests hold
-the two byte-identical; this one serves every other block cipher, and AES
-where the extension is missing.
+the two byte-identical; this one serves every other block cipher (from
+`cryptography`, or Nettle for serpent and twofish: spec.BlockAlgorithm.ecb),
+and AES where the extension is missing.
 
 A cipher spec is the Linux crypto API triple ``CIPHER-MODE-IVGEN[:HASH]``
 (LUKS1 keeps ``CIPHER`` and ``MODE-IVGEN`` in two header fields, LUKS2
@@ -19,14 +20,14 @@ call over the whole request; CBC decryption is one ECB call plus an XOR
 with the shifted ciphertext, CBC encryption one ECB call per block column
 (all sectors at once), CTR one ECB call over the counter blocks.  XTS is
 therefore composed from the block cipher in ECB mode (IEEE 1619 section
-5.3), which also gives XTS for Camellia and SM4 that `cryptography` lacks;
+5.3), which also gives XTS for Camellia, SM4, Serpent and Twofish (whose
+Nettle functions are ECB only);
 unit tests pin it to `cryptography`'s own AES-XTS.
 """
 from __future__ import annotations
 
 import os
 import threading
-from typing import Any
 
 # numpy here does element-wise uint64 arithmetic only, never linear algebra:
 # without this, loading it starts an OpenBLAS thread per CPU, CPU that every
@@ -34,7 +35,6 @@ from typing import Any
 os.environ.setdefault("OPENBLAS_NUM_THREADS", "1")
 
 import numpy as np  # noqa: E402
-from cryptography.hazmat.primitives.ciphers import Cipher, modes
 
 from .kdf import digest
 from .spec import (  # noqa: F401  (re-exported: the names crypto always had)
@@ -44,6 +44,7 @@ from .spec import (  # noqa: F401  (re-exported: the names crypto always had)
     MODES,
     BlockAlgorithm,
     CipherSpec,
+    EcbContext,
     parse_cipher,
     parse_encryption,
 )
@@ -53,12 +54,6 @@ CHUNK = 128 * 1024
 
 
 # -- IVs and tweaks (pure, whole requests at once) ------------------------------------
-
-
-def _ecb(algorithm: BlockAlgorithm, key: bytes, data: bytes, *, encrypt: bool) -> bytes:
-    cipher = Cipher(algorithm.factory(key), modes.ECB())
-    context = cipher.encryptor() if encrypt else cipher.decryptor()
-    return context.update(data) + context.finalize()
 
 
 def sector_numbers(first: int, count: int, iv_size: int, ivgen: str) -> np.ndarray:
@@ -136,18 +131,18 @@ class SectorCipher:
             self._keys += (digest(spec.ivgen_hash, key),)
         self._local = threading.local()
 
-    def _context(self, key_index: int, encrypt: bool) -> Any:
+    def _context(self, key_index: int, encrypt: bool) -> EcbContext:
         """A long-lived ECB context for one of the keys (0: data, 1: XTS
         tweak, 2: ESSIV), one per thread: creating one per request cost
         a large part of a 4 KiB request.  ECB keeps no state between
         whole blocks, so a context serves any number of requests."""
-        contexts: dict[tuple[int, bool], Any] | None = getattr(self._local, "contexts", None)
+        contexts: dict[tuple[int, bool], EcbContext] | None = getattr(self._local, "contexts",
+                                                                      None)
         if contexts is None:
             contexts = self._local.contexts = {}
         context = contexts.get((key_index, encrypt))
         if context is None:
-            cipher = Cipher(self.spec.algorithm.factory(self._keys[key_index]), modes.ECB())
-            context = cipher.encryptor() if encrypt else cipher.decryptor()
+            context = self.spec.algorithm.ecb(self._keys[key_index], encrypt)
             contexts[(key_index, encrypt)] = context
         return context
 

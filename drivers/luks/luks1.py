@@ -169,7 +169,9 @@ def spec_info(spec: CipherSpec, key_bytes: int) -> dict[str, object]:
 def cipher_alg_name(spec: CipherSpec, key_bytes: int) -> str:
     """QEMU's name: "aes-256" (the key size per cipher, halved for XTS)."""
     bits = (key_bytes // 2 if spec.mode == "xts" else key_bytes) * 8
-    return "sm4" if spec.algorithm.name == "sm4" else f"{spec.algorithm.name}-{bits}"
+    if spec.algorithm.name in ("sm4", "des3_ede"):          # (one key size each)
+        return "3des" if spec.algorithm.name == "des3_ede" else "sm4"
+    return f"{spec.algorithm.name}-{bits}"
 
 
 def _slot_info(slot: KeySlot) -> dict[str, object]:

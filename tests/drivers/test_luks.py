@@ -303,8 +303,8 @@ def test_wrong_passphrase_is_one_line(qemu_templates: dict[str, Path], in_tmp: P
     assert not (tmp_path / "out.raw").exists()
 
 
-@pytest.mark.parametrize("cipher", ["serpent", "twofish"])
-def test_ciphers_cryptography_lacks_are_named(in_tmp: Path, tmp_path: Path, cipher: str) -> None:
+@pytest.mark.parametrize("cipher", ["cast6", "anubis"])
+def test_ciphers_nobody_here_has_are_named(in_tmp: Path, tmp_path: Path, cipher: str) -> None:
     # A cryptsetup image relabelled: dm-crypt is not here to make a real one,
     # and the name is checked before any key material is touched.
     image = cryptsetup_format(tmp_path / "disk.luks", 3 * MiB)
@@ -314,11 +314,6 @@ def test_ciphers_cryptography_lacks_are_named(in_tmp: Path, tmp_path: Path, ciph
     result = imgfs("info", *SECRET, json_source(image), check=False)
     assert result.returncode == 1
     assert result.stderr == f"imgfs: disk.luks: cipher not supported: {cipher}\n"
-    result = imgfs("create", "-f", "luks", *SECRET, "-o",
-                   f"key-secret=sec0,cipher-alg={cipher}-256", tmp_path / "new.luks", "1M",
-                   check=False)
-    assert result.returncode == 1
-    assert result.stderr.endswith(f"cipher not supported: {cipher}\n")
 
 
 def _patch(path: Path, offset: int, fmt: str, value: int) -> None:

@@ -25,7 +25,7 @@ MODES = {
     "xts-null": (32, 64), "cbc-plain64": (16, 24, 32), "cbc-plain": (16, 24, 32),
     "cbc-essiv:sha256": (16, 24, 32), "cbc-null": (16, 24, 32),
     "ctr-plain64": (16, 24, 32), "ctr-plain": (16, 32), "ecb": (16, 24, 32),
-    "ecb-plain64": (16, 32),
+    "ecb-plain64": (16, 32), "ecb-essiv:sha256": (16, 32),
 }
 COMBINATIONS = [(mode, key_bytes) for mode, sizes in MODES.items() for key_bytes in sizes]
 
