@@ -34,6 +34,9 @@ APT_TEST    += libiscsi-dev libiscsi-bin
 # (mon, osd, mgr) for the tests.
 APT_RUNTIME += librbd1 librados2
 APT_TEST    += ceph-mon ceph-osd ceph-mgr ceph-common
+# dmg: dmg2img, an independent reader of the chunk kinds QEMU on Debian
+# cannot read (bzip2, ADC).
+APT_TEST    += dmg2img
 
 help:  ## list the targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | sed 's/:.*## /\t/' | sort
