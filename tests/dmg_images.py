@@ -13,6 +13,7 @@ import bz2
 import struct
 import zlib
 from dataclasses import dataclass, field
+from pathlib import Path
 
 SECTOR = 512
 KOLY = struct.Struct(">4sIIIQQQQQII16sII128sQQ120sII128sIQ12x")
@@ -137,33 +138,61 @@ def build(image: Image) -> bytes:
             first = within if chunk.start is None else chunk.start
             entries.append(CHUNK.pack(chunk.kind, 0, first, chunk.sectors, offset, length))
             within += chunk.sectors
-        entries.append(CHUNK.pack(TERMINATOR, 0, within, 0, len(fork), 0))
-        count = len(entries) if partition.entry_count is None else partition.entry_count
-        head = MISH.pack(b"mish", 1, start, within, 0, 0, len(entries), bytes(24), 2, 32,
-                         bytes(128), count)
-        tables.append((partition.name, head + b"".join(entries)))
+        tables.append((partition.name, mish_table(start, within, entries, len(fork),
+                                                  partition.entry_count)))
         sector = start + within
-    total = sector if image.sector_count is None else image.sector_count
-    data_length = len(fork)
-    rsrc_offset = rsrc_length = xml_offset = xml_length = 0
+    values = dict(data_fork_length=len(fork), rsrc_offset=0, rsrc_length=0, xml_offset=0,
+                  xml_length=0, version=4, header_size=512,
+                  sector_count=sector if image.sector_count is None else image.sector_count)
     if image.resource_fork:
         rsrc = resource_fork([table for _, table in tables])
-        rsrc_offset, rsrc_length = len(fork), len(rsrc)
+        values.update(rsrc_offset=len(fork), rsrc_length=len(rsrc))
         fork += rsrc
     else:
         xml = image.xml_override if image.xml_override is not None else plist(tables)
-        xml_offset, xml_length = len(fork), len(xml)
+        values.update(xml_offset=len(fork), xml_length=len(xml))
         fork += xml
-    values = dict(data_fork_length=data_length, rsrc_offset=rsrc_offset,
-                  rsrc_length=rsrc_length, xml_offset=xml_offset, xml_length=xml_length,
-                  version=4, header_size=512, sector_count=total)
     values.update(image.extra)
-    trailer = KOLY.pack(b"koly", values["version"], values["header_size"], 1, 0, 0,
-                        values["data_fork_length"], values["rsrc_offset"],
-                        values["rsrc_length"], 1, 1, bytes(16), 2, 32, bytes(128),
-                        values["xml_offset"], values["xml_length"], bytes(120), 2, 32,
-                        bytes(128), 1, values["sector_count"])
-    return bytes(fork) + trailer
+    return bytes(fork) + trailer(values)
+
+
+def mish_table(start: int, sectors: int, entries: list[bytes], fork_end: int,
+               entry_count: int | None = None) -> bytes:
+    """A block table: its header, the chunk entries and a terminator."""
+    entries = [*entries, CHUNK.pack(TERMINATOR, 0, sectors, 0, fork_end, 0)]
+    count = len(entries) if entry_count is None else entry_count
+    head = MISH.pack(b"mish", 1, start, sectors, 0, 0, len(entries), bytes(24), 2, 32,
+                     bytes(128), count)
+    return head + b"".join(entries)
+
+
+def trailer(values: dict[str, int]) -> bytes:
+    return KOLY.pack(b"koly", values["version"], values["header_size"], 1, 0, 0,
+                     values["data_fork_length"], values["rsrc_offset"], values["rsrc_length"],
+                     1, 1, bytes(16), 2, 32, bytes(128), values["xml_offset"],
+                     values["xml_length"], bytes(120), 2, 32, bytes(128), 1,
+                     values["sector_count"])
+
+
+def write_zlib_image(source: Path, target: Path, chunk_size: int = 1024 * 1024) -> None:
+    """A zlib UDIF (UDZO, as hdiutil makes it: 1 MiB chunks) of a raw file,
+    written as it is read (the bench's images are large)."""
+    entries = []
+    offset = sector = 0
+    with open(source, "rb") as raw, open(target, "wb") as out:
+        while data := raw.read(chunk_size):
+            data += bytes(-len(data) % SECTOR)
+            stored = zlib.compress(data, 6)
+            out.write(stored)
+            entries.append(CHUNK.pack(ZLIB, 0, sector, len(data) // SECTOR, offset,
+                                      len(stored)))
+            offset += len(stored)
+            sector += len(data) // SECTOR
+        xml = plist([("disk image", mish_table(0, sector, entries, offset))])
+        out.write(xml)
+        out.write(trailer(dict(data_fork_length=offset, rsrc_offset=0, rsrc_length=0,
+                               xml_offset=offset, xml_length=len(xml), version=4,
+                               header_size=512, sector_count=sector)))
 
 
 def plist(tables: list[tuple[str, bytes]]) -> bytes:
