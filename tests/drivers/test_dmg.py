@@ -163,6 +163,15 @@ def test_info_like_qemu(tmp_path: Path, name: str) -> None:
     assert imgfs("info", image).stdout == run("qemu-img", "info", image).stdout
 
 
+def test_check_is_not_supported_like_qemu(tmp_path: Path) -> None:
+    need("qemu-img")
+    image = mixed_image(tmp_path)
+    assert run("qemu-img", "check", image, check=False).returncode == 63
+    result = imgfs("check", image, check=False)
+    assert (result.returncode, result.stderr.splitlines()) == \
+        (63, [f"imgfs: {image}: this image format does not support checks"])
+
+
 def test_map_like_qemu_without_zero_chunks(tmp_path: Path) -> None:
     need("qemu-img")
     image = pydmg_image(tmp_path)
