@@ -14,7 +14,7 @@ import pytest
 
 from tests.conftest import imgfs, is_mounted, mounted, need, qemu_raw, run
 from tests.dmg_images import BZIP2, ZLIB, Chunk, Image, Partition, build, pattern
-from tests.drivers.test_dmg import kinds_image, mixed_image, sample_dmg
+from tests.drivers.test_dmg import kinds_image, mixed_image, pydmg_image, sample_dmg
 
 KiB = 1024
 MiB = 1024 * KiB
@@ -85,3 +85,15 @@ def test_damaged_chunks_are_eio_and_the_mount_stays_up(tmp_path: Path, mnt: Path
         finally:
             os.close(fd)
         assert is_mounted(mnt)
+
+
+def test_pydmg_partition_is_a_fat_volume(tmp_path: Path, mnt: Path) -> None:
+    """The MBR and FAT32 tables of a pydmg image are one disk; its partition
+    file holds the FAT volume with the files pydmg was given.  (No fsck:
+    pydmg's FAT writer leaves out the '.' and '..' entries of directories.)"""
+    need("mcopy")
+    image = pydmg_image(tmp_path)
+    with mounted(image, mountpoint=mnt, options="partitions"):
+        volume = mnt / "pydmg-p1.raw"
+        run("mcopy", "-i", volume, "::/tree/text.txt", tmp_path / "text.txt")
+    assert (tmp_path / "text.txt").read_bytes() == b"hello dmg\n" * 50_000
