@@ -119,10 +119,5 @@ class DmgDriver(MappedDriver):
         except CorruptImage as exc:
             raise CorruptImage(f"UDIF chunk at sector {chunk.first_sector}: {exc}") from None
 
-    # -- information --------------------------------------------------------------------------
-
-    def info(self) -> dict[str, Any]:
-        return {}
-
 
 DRIVERS = [DmgDriver]
