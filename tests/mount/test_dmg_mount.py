@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 
 from tests.conftest import imgfs, is_mounted, mounted, need, qemu_raw, run
-from tests.dmg_images import BZIP2, ZLIB, Chunk, Image, Partition, build, pattern
+from tests.dmg_images import ADC, BZIP2, ZLIB, Chunk, Image, Partition, build, pattern
 from tests.drivers.test_dmg import kinds_image, mixed_image, pydmg_image, sample_dmg
 
 KiB = 1024
@@ -43,9 +43,10 @@ def test_reads_like_qemu_read_only(tmp_path: Path, mnt: Path, name: str) -> None
         assert info.value.errno in (errno.EROFS, errno.EACCES, errno.EPERM)
 
 
-def test_bzip2_reads_like_dmg2img(tmp_path: Path, mnt: Path) -> None:
+@pytest.mark.parametrize("kind", [BZIP2, ADC], ids=["bzip2", "adc"])
+def test_kinds_read_like_dmg2img(tmp_path: Path, mnt: Path, kind: int) -> None:
     need("dmg2img")
-    image, data = kinds_image(tmp_path, BZIP2)
+    image, data = kinds_image(tmp_path, kind)
     run("dmg2img", "-s", image, tmp_path / "dmg2img.raw")
     assert (tmp_path / "dmg2img.raw").read_bytes() == data
     with mounted(image, mountpoint=mnt):
