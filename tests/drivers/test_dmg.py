@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import bz2
 import json
+import struct
 from pathlib import Path
 
 import pytest
@@ -26,6 +27,7 @@ from tests.conftest import imgfs, need, qemu_raw, run
 from tests.dmg_images import (
     ADC,
     BZIP2,
+    CHUNK,
     IGNORE,
     LZFSE,
     RAW,
@@ -36,7 +38,9 @@ from tests.dmg_images import (
     Partition,
     adc_compress,
     build,
+    mish_table,
     pattern,
+    plist,
 )
 
 KiB = 1024
@@ -224,6 +228,20 @@ def test_resource_fork_and_trailer_sector_count(tmp_path: Path) -> None:
         path = write(tmp_path / f"{name}.dmg", image)
         expected = qemu_raw(path, tmp_path / f"{name}.qemu.raw")
         assert imgfs_raw(path, tmp_path / f"{name}.raw") == expected
+
+
+def test_resource_fork_wins_over_the_plist_like_qemu(tmp_path: Path) -> None:
+    """Both forks, describing different chunks: QEMU reads the resource
+    fork's tables, and so does imgfs."""
+    both = build(Image([Partition([Chunk(ZLIB, 8, pattern(4 * KiB))])], resource_fork=True))
+    body, trailer = both[:-512], bytearray(both[-512:])
+    xml = plist([("zeros", mish_table(0, 8, [CHUNK.pack(ZERO, 0, 0, 8, 0, 0)], 0))])
+    struct.pack_into(">QQ", trailer, 216, len(body), len(xml))
+    path = tmp_path / "both.dmg"
+    path.write_bytes(body + xml + bytes(trailer))
+    expected = qemu_raw(path, tmp_path / "qemu.raw")
+    assert expected == pattern(4 * KiB)
+    assert imgfs_raw(path, tmp_path / "imgfs.raw") == expected
 
 
 @pytest.mark.parametrize("case", ["gap", "past-chunks"])
