@@ -39,6 +39,9 @@ APT_TEST    += ceph-mon ceph-osd ceph-mgr ceph-common
 # and libgcrypt, an independent implementation the ciphers are checked with.
 APT_RUNTIME += libnettle8
 APT_TEST    += nettle-dev libgcrypt20
+# dmg: dmg2img, an independent reader of the chunk kinds QEMU on Debian
+# cannot read (bzip2, ADC).
+APT_TEST    += dmg2img
 
 help:  ## list the targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | sed 's/:.*## /\t/' | sort

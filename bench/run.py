@@ -183,6 +183,11 @@ class Case:
     #: compressed case (see source_data: random data does not compress, and
     #: qemu-img convert -c then stores every cluster uncompressed)
     source: str = "random"
+    #: the image is built by this function of (raw data, image path)
+    #: instead of qemu-img convert (formats QEMU cannot write: dmg)
+    builder: Callable[[Path, Path], None] | None = None
+    #: the format can only be read: qsd's nodes and export are read-only too
+    read_only: bool = False
 
 
 @dataclass(frozen=True)
@@ -223,6 +228,13 @@ NETWORK_TARGETS: dict[str, Target | None] = {
     "mount_latency": None,
 }
 
+def write_udif(source: Path, image: Path) -> None:
+    """A zlib DMG (UDZO, 1 MiB chunks) by the tests' own UDIF writer."""
+    sys.path.insert(0, str(BENCH_DIR.parent))
+    from tests.dmg_images import write_zlib_image
+    write_zlib_image(source, image)
+
+
 CASES = {c.name: c for c in (
     Case("raw", "raw", ("raw",), ("-O", "raw"), metrics={
         "seq_read": Target(2.0), "rand_read": Target(0.9), "rand_write": Target(1.0),
@@ -256,6 +268,9 @@ CASES = {c.name: c for c in (
           + _luks_create_opts("encrypt.")),
          metrics=LUKS_TARGETS, encrypted=True,
          qsd_secret_options=f"encrypt.format=luks,encrypt.key-secret={SECRET_ID}"),
+    # issue 16: a DMG of zlib chunks, read-only; each chunk decoded once
+    Case("dmg", "dmg", ("dmg",), (), builder=write_udif, read_only=True, source="text",
+         metrics={"seq_read": Target(1.0), "rand_read": None, "mount_latency": None}),
     # a raw image behind a server on loopback, the same server for imgfs's
     # driver and QEMU's (issues 17 and 18)
     *(Case(protocol, "raw", ("raw", protocol), ("-O", "raw"), server=protocol,
@@ -491,7 +506,7 @@ class QsdExporter(Exporter):
         file_node = f"{served.qsd_file_node},node-name=file0" if served else \
             f"driver=file,node-name=file0,filename={self.image}"
         writable = "on"
-        if served and served.read_only:
+        if (served and served.read_only) or self.case.read_only:
             file_node += ",read-only=on"
             fmt_node += ",read-only=on"
             writable = "off"
@@ -897,6 +912,9 @@ def build_image(case: Case, settings: Settings, iter_time_ms: int = LUKS_ITER_TI
     name = case.name if iter_time_ms == LUKS_ITER_TIME_MS else f"{case.name}-{iter_time_ms}ms"
     image = settings.workdir / f"bench-{name}.{case.fmt}"
     secret = ["--object", f"secret,id={SECRET_ID},data={PASSPHRASE}"] if case.encrypted else []
+    if case.builder is not None:
+        case.builder(source_data(settings, case.source), image)
+        return image
     convert_args = [arg.format(iter_time=iter_time_ms) for arg in case.convert_args]
     command = ["qemu-img", "convert", *secret, "-f", "raw", *convert_args,
                str(source_data(settings, case.source)), str(image)]

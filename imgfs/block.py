@@ -177,6 +177,9 @@ class BlockDriver(abc.ABC):
     can_check: ClassVar[bool] = False
     #: the format stores internal snapshots (imgfs snapshot, -o snapshots)
     has_internal_snapshots: ClassVar[bool] = False
+    #: `imgfs info` shows dirty-flag, as qemu-img does for formats whose
+    #: QEMU driver reports image information (not dmg, bochs, cloop)
+    reports_dirty_flag: ClassVar[bool] = True
 
     # -- probing and filename parsing (pure) ------------------------------------
 

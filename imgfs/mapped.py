@@ -11,7 +11,8 @@ A format driver subclasses `MappedDriver` and provides four hooks:
   after the data is written;
 * ``allocate(length)``: host space for new blocks (default: append at the
   cluster-aligned end of the file; qcow2 plugs in its refcounts);
-* ``decode_block(token)``: the bytes of one transformed block.
+* ``decode_block(token)``: the bytes of one transformed block (blocks of
+  varying length also say where each starts: ``transformed_start``).
 
 and `MappedDriver` implements `block_status`, `read_data`, allocating
 writes with copy-on-write from the backing node, zero writes, and the
@@ -141,6 +142,12 @@ class MappedDriver(BlockDriver):
         """The `block_size` bytes of a transformed block."""
         raise Unsupported(f"{self.name}: no transformed blocks")
 
+    def transformed_start(self, offset: int, token: Any) -> int:
+        """The guest offset where the transformed block `token` (which holds
+        guest `offset`) starts: block-aligned, unless the format's blocks
+        vary in length (DMG chunks)."""
+        return offset - offset % self.block_size
+
     async def decrypt(self, guest_offset: int, host_offset: int, raw: bytes) -> bytes:
         raise Unsupported(f"{self.name}: not encrypted")
 
@@ -201,7 +208,7 @@ class MappedDriver(BlockDriver):
             if token.kind is not MapKind.TRANSFORMED:
                 raise CorruptImage(f"no transformed block at guest offset {offset}")
         block = await self.decoded.get(token.token, self.decode_block)
-        within = offset % self.block_size
+        within = offset - self.transformed_start(offset, token.token)
         return block[within:within + length]
 
     # -- writes --------------------------------------------------------------------------

@@ -196,22 +196,40 @@ class TableCache:
 
 
 class DecodedCache:
-    """The last few decoded (decompressed, decrypted) blocks by token."""
+    """The last few decoded (decompressed, decrypted) blocks by token.
+
+    Requests that want a block while another is decoding it wait for that
+    decode instead of decoding it again (a read-ahead sends several
+    requests into one compressed block at once; over a network source the
+    first one's read yields)."""
 
     def __init__(self, capacity: int = 4) -> None:
         self.capacity = max(capacity, 1)
         self.blocks: OrderedDict[Hashable, bytes] = OrderedDict()
+        #: token -> set when its decode in flight ends (stored or failed)
+        self.pending: dict[Hashable, trio.Event] = {}
 
     async def get(self, token: Hashable, decode: Callable[[Any], Awaitable[bytes]]) -> bytes:
         block = self.blocks.get(token)
+        if block is None and token in self.pending:
+            await self.pending[token].wait()
+            block = self.blocks.get(token)      # (None: that decode failed or was forgotten)
         if block is not None:
             self.blocks.move_to_end(token)
             return block
-        block = await decode(token)
-        self.blocks[token] = block
-        while len(self.blocks) > self.capacity:
-            self.blocks.popitem(last=False)
+        done = self.pending[token] = trio.Event()
+        try:
+            block = await decode(token)
+            if self.pending.get(token) is done:     # not forgotten meanwhile
+                self.blocks[token] = block
+                while len(self.blocks) > self.capacity:
+                    self.blocks.popitem(last=False)
+        finally:
+            if self.pending.get(token) is done:
+                del self.pending[token]
+            done.set()
         return block
 
     def forget(self, token: Hashable) -> None:
         self.blocks.pop(token, None)
+        self.pending.pop(token, None)       # a decode in flight read the old block

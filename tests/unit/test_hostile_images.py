@@ -908,3 +908,173 @@ def test_backing_files_name_each_other(tmp_path: Path, fmt: str) -> None:
     with guarded():
         trio.run(open_it)
     assert_one_line_refusal(imgfs("map", tmp_path / f"x.{fmt}", check=False, timeout=30))
+
+
+# -- DMG (UDIF) ------------------------------------------------------------------------------
+# Built by the tests' own UDIF writer (tests/dmg_images.py): QEMU cannot write DMG.
+
+def dmg_regions(data: bytes) -> list[tuple[int, int]]:
+    """The trailer, and the block tables: the resource fork's header and
+    its mish tables, or the first bytes of the XML plist."""
+    from imgfs.drivers.dmg.layout import Trailer
+    trailer = Trailer.unpack(data)
+    regions = [(len(data) - 512, 512)]
+    if trailer.rsrc_fork_length:
+        start = trailer.rsrc_fork_offset
+        data_offset = struct.unpack_from(">I", data, start)[0]
+        regions += [(start, 16), (start + data_offset, 4 + 204 + 3 * 40)]
+    else:
+        regions.append((trailer.xml_offset, min(trailer.xml_length, 2048)))
+    return regions
+
+
+@pytest.fixture(scope="module")
+def dmg_samples(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Sample]:
+    from tests import dmg_images as udif
+    directory = tmp_path_factory.mktemp("hostile-dmg")
+    chunks = [udif.Chunk(udif.ZLIB, 128, udif.pattern(64 * KiB)),
+              udif.Chunk(udif.RAW, 8, udif.pattern(4 * KiB, 2)),
+              udif.Chunk(udif.ZERO, 64), udif.Chunk(udif.BZIP2, 16, udif.pattern(8 * KiB, 3)),
+              udif.Chunk(udif.ADC, 16, udif.pattern(8 * KiB, 4)),
+              udif.Chunk(udif.LZFSE, 16, udif.pattern(8 * KiB, 5))]
+    built = {}
+    for name, fork in (("dmg-xml", False), ("dmg-rsrc", True)):
+        path = directory / f"{name}.dmg"
+        path.write_bytes(udif.build(udif.Image([udif.Partition(chunks),
+                                                udif.Partition(chunks[:2])],
+                                               resource_fork=fork)))
+        built[name] = Sample(name, "dmg", path, dmg_regions(path.read_bytes()),
+                             magic_length=0)
+    return built
+
+
+@pytest.mark.parametrize("name", ["dmg-xml", "dmg-rsrc"])
+@SETTINGS
+@given(data=st.data())
+def test_damaged_dmg(dmg_samples: dict[str, Sample], name: str, data: st.DataObject) -> None:
+    sample = dmg_samples[name]
+    run_damaged(sample, data.draw(damage(sample)))
+
+
+def test_valid_dmg_samples_read(dmg_samples: dict[str, Sample]) -> None:
+    for sample in dmg_samples.values():
+        async def check(sample: Sample = sample) -> None:
+            node = await open_image(str(sample.path), OpenContext(read_only=True))
+            try:
+                assert len(await node.read(0, node.size)) == node.size
+            finally:
+                await node.aclose()
+
+        trio.run(check)
+
+
+def _dmg(**changes: Any) -> bytes:
+    """A small UDIF image with `changes` to its first chunk ("chunk"), its
+    partition ("partition") or the image ("image")."""
+    from tests import dmg_images as udif
+    chunk = udif.Chunk(udif.ZLIB, 8, udif.pattern(4 * KiB))
+    for key, value in changes.get("chunk", {}).items():
+        setattr(chunk, key, value)
+    partition = udif.Partition([chunk, udif.Chunk(udif.RAW, 8, udif.pattern(4 * KiB, 2))])
+    for key, value in changes.get("partition", {}).items():
+        setattr(partition, key, value)
+    image = udif.Image([partition], **changes.get("image", {}))
+    return udif.build(image)
+
+
+BILLION_LAUGHS = (b'<?xml version="1.0"?><!DOCTYPE plist [<!ENTITY a "aaaaaaaaaa">'
+                  b'<!ENTITY b "&a;&a;&a;&a;&a;&a;&a;&a;&a;&a;">'
+                  b'<!ENTITY c "&b;&b;&b;&b;&b;&b;&b;&b;&b;&b;">]>'
+                  b'<plist><dict><key>resource-fork</key><string>&c;</string></dict></plist>')
+PLIST_HEAD = b'<?xml version="1.0"?><plist version="1.0">'
+
+#: damage `imgfs info` refuses at open, in one line
+DMG_CLI_DAMAGE: dict[str, dict[str, Any]] = {
+    "chunk past the end": {"chunk": {"offset": 1 << 40}},
+    "chunk length past the end": {"chunk": {"length": 1 << 62}},
+    "huge chunk count": {"partition": {"entry_count": 0xFFFF_FFFF}},
+    "huge chunk": {"chunk": {"sectors": 1 << 40}},
+    "chunk past the last sector": {"chunk": {"start": (1 << 64) - 4}},
+    "zero-length chunk": {"chunk": {"length": 0}},
+    "overlapping chunks": {"chunk": {"start": 4}},
+    "LZMA chunk": {"chunk": {"kind": 0x80000008}},
+    "unknown chunk": {"chunk": {"kind": 0x12345}},
+    "huge sector count": {"image": {"sector_count": 1 << 60}},
+    "trailer version": {"image": {"extra": {"version": 5}}},
+    "huge XML length": {"image": {"extra": {"xml_length": 1 << 62}}},
+    "XML past the end": {"image": {"extra": {"xml_offset": 1 << 40}}},
+    "no block tables": {"image": {"extra": {"xml_length": 0}}},
+    "resource fork past the end": {"image": {"resource_fork": True,
+                                             "extra": {"rsrc_offset": 1 << 40}}},
+    "XML that is not XML": {"image": {"xml_override": b"\x00\xff not xml at all"}},
+    "XML cut short": {"image": {"xml_override": PLIST_HEAD + b"<dict><key>resource-fork"}},
+    "XML entities": {"image": {"xml_override": BILLION_LAUGHS}},
+    "plist without blkx": {"image": {"xml_override": PLIST_HEAD + b"<dict><key>resource-fork"
+                                     b"</key><dict/></dict></plist>"}},
+    "blkx Data not base64": {"image": {"xml_override": PLIST_HEAD + b"<dict><key>resource-"
+                                       b"fork</key><dict><key>blkx</key><array><dict><key>"
+                                       b"Data</key><data>!!!</data></dict></array></dict>"
+                                       b"</dict></plist>"}},
+    "blkx Data not mish": {"image": {"xml_override": PLIST_HEAD + b"<dict><key>resource-"
+                                     b"fork</key><dict><key>blkx</key><array><dict><key>"
+                                     b"Data</key><data>AAAA</data></dict></array></dict>"
+                                     b"</dict></plist>"}},
+}
+
+
+@pytest.mark.parametrize("damage", sorted(DMG_CLI_DAMAGE))
+def test_dmg_cli_one_line(tmp_path: Path, damage: str) -> None:
+    target = tmp_path / "cli.dmg"
+    target.write_bytes(_dmg(**DMG_CLI_DAMAGE[damage]))
+    assert_one_line_refusal(imgfs("info", target, check=False, timeout=30))
+    with guarded():
+        trio.run(exercise, target, None, False)
+
+
+def _zlib_bomb(size: int) -> bytes:
+    """A zlib stream of `size` zero bytes, made by repeating one flushed
+    deflate block (cheap to build, unlike compressing `size` bytes)."""
+    import zlib
+    piece_size = 8 * MiB
+    deflate = zlib.compressobj(9, zlib.DEFLATED, -15)
+    piece = deflate.compress(bytes(piece_size)) + deflate.flush(zlib.Z_SYNC_FLUSH)
+    return b"\x78\xda" + piece * (size // piece_size) + deflate.flush()
+
+
+def _adc_bomb(size: int) -> bytes:
+    """One literal zero, then copies of 67 bytes from one byte back."""
+    return b"\x80\x00" + b"\x7f\x00\x00" * (size // 67)
+
+
+@pytest.mark.parametrize("kind", ["zlib", "bzip2", "adc", "lzfse"])
+def test_dmg_decompression_bombs(tmp_path: Path, kind: str) -> None:
+    """A chunk declared as 4 KiB that inflates far past it: an error after
+    at most the declared size, with the address space capped (an unbounded
+    zlib decoder would need 2 GiB here)."""
+    import bz2
+
+    import lzfse
+
+    from tests import dmg_images as udif
+    stored = {"zlib": lambda: _zlib_bomb(2048 * MiB),
+              "bzip2": lambda: bz2.compress(bytes(16 * MiB)),
+              "adc": lambda: _adc_bomb(48 * MiB),
+              "lzfse": lambda: bytes(lzfse.compress(bytes(2 * MiB)))}[kind]()
+    code = {"zlib": udif.ZLIB, "bzip2": udif.BZIP2, "adc": udif.ADC, "lzfse": udif.LZFSE}[kind]
+    target = tmp_path / "bomb.dmg"
+    target.write_bytes(udif.build(udif.Image([udif.Partition([
+        udif.Chunk(code, 8, stored=stored)])])))
+
+    async def read_bomb() -> None:
+        node = await open_image(str(target), OpenContext(read_only=True))
+        try:
+            with trio.fail_after(REQUEST_SECONDS), \
+                    pytest.raises(ImgfsError, match="decodes to more than the 4096 bytes"):
+                await node.read(0, 4096)
+        finally:
+            await node.aclose()
+
+    with guarded():
+        trio.run(read_bomb)
+    result = imgfs("convert", "-O", "raw", target, tmp_path / "out.raw", check=False)
+    assert_one_line_refusal(result)

@@ -194,6 +194,37 @@ def test_decoded_cache_decodes_once_and_forgets() -> None:
     assert decoded == [1, 2, 3, 1, 1]
 
 
+def test_decoded_cache_waits_for_a_decode_in_flight() -> None:
+    """Concurrent requests for one block decode it once; a block forgotten
+    while its decode is in flight is not kept (it read the old bytes)."""
+    decoded: list[int] = []
+
+    async def decode(token: int) -> bytes:
+        decoded.append(token)
+        await trio.sleep(0.01)
+        return bytes([token])
+
+    async def main() -> None:
+        cache = DecodedCache(2)
+        results: list[bytes] = []
+
+        async def want(token: int) -> None:
+            results.append(await cache.get(token, decode))
+
+        async with trio.open_nursery() as nursery:
+            for _ in range(4):
+                nursery.start_soon(want, 7)
+        assert results == [b"\x07"] * 4 and decoded == [7]
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(want, 8)
+            await trio.sleep(0.001)
+            cache.forget(8)
+        await cache.get(8, decode)
+        assert decoded == [7, 8, 8]
+        assert not cache.pending
+    trio.run(main)
+
+
 @given(st.lists(st.integers(0, 2**64 - 1), max_size=20), st.booleans())
 def test_codec_round_trips_64_bit(values: list[int], big_endian: bool) -> None:
     codec = TableCodec(8, big_endian)
