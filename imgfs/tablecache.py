@@ -183,6 +183,7 @@ class TableCache:
             await write(table)
             table.dirty = False
             self.changes += 1
+        self._trim(keep=-1)     # dirty tables may have held the cache past its capacity
         return len(dirty)
 
     def drop(self, offset: int) -> None:

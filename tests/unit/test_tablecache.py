@@ -239,3 +239,18 @@ def test_codec_round_trips_32_bit(values: list[int], big_endian: bool) -> None:
     codec = TableCodec(4, big_endian)
     assert list(codec.decode(codec.encode(values))) == values
     assert len(codec.empty(3)) == 3
+
+
+def test_write_back_trims_the_cache_to_its_capacity() -> None:
+    """Dirty tables may hold the cache past its capacity; once written
+    back, they are ordinary clean tables and the cache shrinks again."""
+    cache = TableCache(4)
+    for key in range(4):
+        cache.changed(table(key * 4096), dirty=True)
+    cache.insert(table(4 * 4096))
+    assert len(cache) == 5
+
+    async def write(item: Table) -> None:
+        pass
+    assert trio.run(cache.write_back, write) == 4
+    assert len(cache) == 4
