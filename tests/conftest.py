@@ -7,6 +7,7 @@ without the oracles.
 from __future__ import annotations
 
 import contextlib
+import functools
 import hashlib
 import os
 import shutil
@@ -14,6 +15,7 @@ import signal
 import socket
 import subprocess
 import sys
+import tempfile
 import threading
 import time
 from collections.abc import Callable, Iterator
@@ -75,28 +77,28 @@ def run(*args: str | os.PathLike[str], check: bool = True, input: bytes | None =
 
 
 def qemu_img_create_encrypted(*args: str | os.PathLike[str]) -> None:
-    """`qemu-img create -q ARGS` of an encrypted image.  qemu-img calibrates
-    its PBKDF against the CPU clock whatever iter-time says, and on this VM
-    that fails at once ("Unable to get accurate CPU usage") in up to half of
-    the runs (measured: 6 of 12 with sha1, 1 of 6 with sha256): try again,
-    up to 40 times."""
-    for _attempt in range(40):
-        result = run("qemu-img", "create", "-q", *args, check=False)
-        if result.returncode == 0:
-            return
-        assert "accurate CPU usage" in result.stderr, result.stderr
-    raise AssertionError(f"qemu-img create kept failing: {result.stderr}")
+    """`qemu-img create -q ARGS` of an encrypted image, in milliseconds
+    (see `fast_pbkdf_environment`)."""
+    run("qemu-img", "create", "-q", *args, env=fast_pbkdf_environment())
+
+
+@functools.cache
+def fast_pbkdf_environment() -> dict[str, str]:
+    """An environment for `run(..., env=)` in which qemu-img creates LUKS
+    images (and encrypt.format=luks) in milliseconds, with QEMU's minimum
+    PBKDF iterations (see tests/fake_rusage.c): qemu-img otherwise spends
+    seconds per image calibrating against the CPU clock, whatever iter-time
+    says, and on a busy machine often fails ("Unable to get accurate CPU
+    usage")."""
+    need("gcc")
+    library = Path(tempfile.mkdtemp(prefix="imgfs-fake-rusage-")) / "fake_rusage.so"
+    run("gcc", "-shared", "-fPIC", "-O2", "-o", library, Path(__file__).parent / "fake_rusage.c")
+    return {**os.environ, "LD_PRELOAD": str(library)}
 
 
 @pytest.fixture(scope="session")
-def fast_qemu_pbkdf(tmp_path_factory: pytest.TempPathFactory) -> dict[str, str]:
-    """An environment for `run(..., env=)` in which qemu-img creates LUKS
-    images (and encrypt.format=luks) in milliseconds, with QEMU's minimum
-    PBKDF iterations: see tests/fake_rusage.c."""
-    need("gcc")
-    library = tmp_path_factory.mktemp("fake-rusage") / "fake_rusage.so"
-    run("gcc", "-shared", "-fPIC", "-O2", "-o", library, Path(__file__).parent / "fake_rusage.c")
-    return {**os.environ, "LD_PRELOAD": str(library)}
+def fast_qemu_pbkdf() -> dict[str, str]:
+    return fast_pbkdf_environment()
 
 
 def imgfs(*args: str | os.PathLike[str], check: bool = True, timeout: float = 120,

@@ -24,7 +24,15 @@ from cryptography.hazmat.primitives.ciphers import Cipher, algorithms, modes
 from imgfs.errors import PermissionDenied
 from imgfs.graph import open_image
 from imgfs.node import OpenContext
-from tests.conftest import IMGFS, imgfs, need, random_bytes, run, write_through_api
+from tests.conftest import (
+    IMGFS,
+    fast_pbkdf_environment,
+    imgfs,
+    need,
+    random_bytes,
+    run,
+    write_through_api,
+)
 
 PASS = "correct horse"
 SECRET = ["--object", f"secret,id=sec0,data={PASS}"]
@@ -55,29 +63,10 @@ def _qemu_create_args(path: Path, size: str, options: str) -> list[str]:
 
 
 def _create_all(jobs: dict[str, Path]) -> None:
-    """qemu-img create -f luks for every option string at once: each run
-    spends ~3 s calibrating PBKDF2 whatever iter-time says, and fails at
-    once ("Unable to get accurate CPU usage") in up to half of the runs on
-    this VM (measured: 6 of 12 with sha1, 1 of 6 with sha256): retry each
-    option until it succeeds, up to 40 times."""
-    pending = dict(jobs)
-    failures = dict.fromkeys(jobs, 0)
-    while pending:
-        # Two at a time: the calibration measures CPU time, and this is a
-        # two-CPU machine; more in parallel only makes each slower.
-        batch = dict(list(pending.items())[:2])
-        procs = {options: subprocess.Popen(_qemu_create_args(path, "4M", options),
-                                           stderr=subprocess.PIPE, text=True)
-                 for options, path in batch.items()}
-        for options, proc in procs.items():
-            _, stderr = proc.communicate(timeout=120)
-            if proc.returncode == 0:
-                del pending[options]
-                continue
-            assert "accurate CPU usage" in stderr, stderr
-            failures[options] += 1
-            if failures[options] >= 40:
-                raise AssertionError(f"qemu-img create kept failing for {options}")
+    """qemu-img create -f luks for every option string (in milliseconds:
+    see conftest.fast_pbkdf_environment)."""
+    for options, path in jobs.items():
+        run(*_qemu_create_args(path, "4M", options), env=fast_pbkdf_environment())
 
 
 @pytest.fixture(scope="module")
