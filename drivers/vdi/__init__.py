@@ -20,7 +20,8 @@ Supported: reading and writing static, dynamic and differencing images
 (new blocks appended to the data area: block data, then the map entry,
 then the header's allocated count; the next block number comes from the
 map itself, so a crash between the steps leaks or reuses one block and
-never maps one twice), creating (static, preallocation, sizes rounded up
+never maps one twice, and a read-write open corrects a count a crash left
+behind the map), creating (static, preallocation, sizes rounded up
 to whole sectors as qemu-img), `imgfs check` as qemu-img's (no repair:
 QEMU has none).  Beyond QEMU, differencing images (VirtualBox snapshots):
 the parent is found by UUID among the .vdi files beside the child and in

@@ -20,6 +20,8 @@ from .layout import BLOCK_FREE, BLOCK_ZERO, Geometry
 CODEC = TableCodec(4, big_endian=False)
 #: entries per page: 16 KiB of map, 16 GiB of guest with 1 MiB blocks
 PAGE_ENTRIES = 4096
+#: entries a scan of the whole map reads at once
+SCAN_ENTRIES = 1 << 20
 #: bytes of map pages kept in memory
 CACHE_BYTES = 4 << 20
 
@@ -107,12 +109,17 @@ class BlockMap:
 
     async def scan(self) -> tuple[int, int]:
         """(entries that hold a block, highest block number + 1) over the
-        whole map: where the next new block goes, and the header's count."""
+        whole map: the header's count, and where the next new block goes."""
+        import numpy  # (only writers scan; probing and reading never import it)
         used = top = 0
         limit = self.geometry.blocks
-        for page in range(-(-limit // PAGE_ENTRIES)):
-            for entry in await self.page(page):
-                if entry < limit:
-                    used += 1
-                    top = max(top, entry + 1)
+        for first in range(0, limit, SCAN_ENTRIES):
+            count = min(SCAN_ENTRIES, limit - first)
+            raw = await self.file.read(self.geometry.offset_bmap + first * CODEC.width,
+                                       count * CODEC.width)
+            entries = numpy.frombuffer(raw, dtype="<u4")
+            blocks = entries[entries < limit]
+            if blocks.size:
+                used += int(blocks.size)
+                top = max(top, int(blocks.max()) + 1)
         return used, top

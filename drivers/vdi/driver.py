@@ -56,7 +56,7 @@ class VdiDriver(MappedDriver):
     header: Header
     block_map: BlockMap
     #: where the next new block goes, and how many entries hold a block:
-    #: both from one scan of the map at the first allocation (None before)
+    #: both from one scan of the map (at a read-write open; None before)
     next_block: int | None = None
     used_blocks: int = 0
     #: the parent's file name, as found or as given
@@ -81,6 +81,24 @@ class VdiDriver(MappedDriver):
         # a free block of a base image reads as zeros; of a child, as its parent
         free = MapKind.UNALLOCATED if header.differencing else MapKind.ZERO
         self.block_map = BlockMap(file, self.geometry, free=free)
+        if not self.node.read_only and file.driver.writable and not ctx.check:
+            await self._count_blocks()
+
+    async def _count_blocks(self) -> None:
+        """Before the first write: where new blocks go, and the header's
+        count of allocated blocks made right if a crash left it behind the
+        map (the one step of an allocation that may be missing)."""
+        self.used_blocks, self.next_block = await self.block_map.scan()
+        if self.used_blocks != self.header.blocks_allocated:
+            log.warning("%s: the header counted %d allocated blocks, the block map %d: "
+                        "corrected", self.node.filename, self.header.blocks_allocated,
+                        self.used_blocks)
+            await self._write_blocks_allocated()
+
+    async def _write_blocks_allocated(self) -> None:
+        await self.children["file"].write(OFFSET_BLOCKS_ALLOCATED,
+                                          struct.pack("<I", self.used_blocks))
+        self.header = self.header._replace(blocks_allocated=self.used_blocks)
 
     def child_refs(self) -> dict[str, ChildRef]:
         if not self.header.differencing:
@@ -135,7 +153,8 @@ class VdiDriver(MappedDriver):
         """The next block numbers after the highest in use: new blocks go
         at the end of the data area, over whatever a crash left there."""
         if self.next_block is None:
-            self.used_blocks, self.next_block = await self.block_map.scan()
+            await self._count_blocks()
+        assert self.next_block is not None
         count = length // self.block_size
         if self.next_block + count > self.geometry.blocks:
             raise NoSpace(f"no free VDI block number left (the block map uses numbers up "
@@ -154,9 +173,7 @@ class VdiDriver(MappedDriver):
         number = self.geometry.block_number(host_offset)
         await self.block_map.set_entries(first, list(range(number, number + count)))
         self.used_blocks += count
-        await self.children["file"].write(OFFSET_BLOCKS_ALLOCATED,
-                                          struct.pack("<I", self.used_blocks))
-        self.header = self.header._replace(blocks_allocated=self.used_blocks)
+        await self._write_blocks_allocated()
 
     # -- information and check ----------------------------------------------------------------
 
