@@ -110,16 +110,14 @@ class BlockMap:
     async def scan(self) -> tuple[int, int]:
         """(entries that hold a block, highest block number + 1) over the
         whole map: the header's count, and where the next new block goes."""
-        import numpy  # (only writers scan; probing and reading never import it)
         used = top = 0
         limit = self.geometry.blocks
         for first in range(0, limit, SCAN_ENTRIES):
             count = min(SCAN_ENTRIES, limit - first)
-            raw = await self.file.read(self.geometry.offset_bmap + first * CODEC.width,
-                                       count * CODEC.width)
-            entries = numpy.frombuffer(raw, dtype="<u4")
-            blocks = entries[entries < limit]
-            if blocks.size:
-                used += int(blocks.size)
-                top = max(top, int(blocks.max()) + 1)
+            entries = CODEC.decode(await self.file.read(
+                self.geometry.offset_bmap + first * CODEC.width, count * CODEC.width))
+            blocks = [entry for entry in entries if entry < limit]
+            if blocks:
+                used += len(blocks)
+                top = max(top, max(blocks) + 1)
         return used, top
