@@ -76,7 +76,12 @@ class BlockMap:
         block = offset >> block_bits
         if block >= self.geometry.blocks:
             raise CorruptImage(f"guest offset {offset} lies beyond the block map")
-        entries = await self.page(block // PAGE_ENTRIES)
+        # (the hot path of every request: a cached page without a coroutine)
+        page = block // PAGE_ENTRIES
+        table = self.cache.get(self._page_offset(page))
+        if table is None:
+            table = await self.table(page)
+        entries = table.entries
         index = block % PAGE_ENTRIES
         within = offset - (block << block_bits)
         blocks = min(-(-(within + length) >> block_bits), len(entries) - index)
