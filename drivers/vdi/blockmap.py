@@ -9,6 +9,7 @@ area, or FREE / ZERO.
 from __future__ import annotations
 
 import array
+from collections.abc import AsyncIterator
 
 from imgfs.errors import CorruptImage
 from imgfs.mapped import MapKind, Mapping
@@ -55,9 +56,12 @@ class BlockMap:
     async def page(self, page: int) -> array.array[int]:
         return (await self.table(page)).entries
 
-    async def entry(self, block: int) -> int:
-        entries = await self.page(block // PAGE_ENTRIES)
-        return int(entries[block % PAGE_ENTRIES])
+    async def entries(self) -> AsyncIterator[tuple[int, int]]:
+        """(block, entry) for every block, in order."""
+        for page in range(-(-self.geometry.blocks // PAGE_ENTRIES)):
+            first = page * PAGE_ENTRIES
+            for index, entry in enumerate(await self.page(page)):
+                yield first + index, entry
 
     def classify(self, block: int, entry: int) -> MapKind:
         if entry == BLOCK_FREE:

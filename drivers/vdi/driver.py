@@ -193,8 +193,7 @@ class VdiDriver(MappedDriver):
         result = CheckResult()
         used = bytearray(blocks)
         allocated = 0
-        for block in range(blocks):
-            entry = await self.block_map.entry(block)
+        async for block, entry in self.block_map.entries():
             if entry >= BLOCK_ZERO:
                 continue
             if entry >= blocks:
