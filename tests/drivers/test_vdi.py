@@ -512,3 +512,20 @@ def test_writes_to_a_child_leave_the_parent_alone(tmp_path: Path) -> None:
     assert header.uuid_link != NULL_UUID
     entry = struct.unpack_from("<I", chain[-1].read_bytes(), header.offset_bmap)[0]
     assert entry == BLOCK_ZERO
+
+
+def test_convert_with_a_parent_writes_only_what_differs(tmp_path: Path) -> None:
+    """convert -B PARENT -O vdi: a differencing image holding the one
+    block that differs from its parent."""
+    base_data = random_bytes(4 * MiB, seed=4)
+    (tmp_path / "base.raw").write_bytes(base_data)
+    imgfs("convert", "-O", "vdi", tmp_path / "base.raw", tmp_path / "base.vdi")
+    new = bytearray(base_data)
+    new[2_000_000:2_000_005] = b"hello"
+    (tmp_path / "new.raw").write_bytes(new)
+    top = tmp_path / "top.vdi"
+    imgfs("convert", "-O", "vdi", "-B", "base.vdi", tmp_path / "new.raw", top)
+    assert header_of(top).blocks_allocated == 1
+    assert imgfs_raw(top) == bytes(new)
+    check = run("imgfs", "check", top, check=False)
+    assert check.returncode == 0, check.stderr
