@@ -254,6 +254,11 @@ CASES = {c.name: c for c in (
              "rand_write": Target(0.8), "seq_write": None,
              "seq_write_new": Target(1.0), "mount_latency": None,
          }),
+    # issue 16: a dynamic VDI (1 MiB blocks), converted from random data
+    Case("vdi", "vdi", ("vdi",), ("-O", "vdi"), create_args=("-f", "vdi"), metrics={
+        "seq_read": Target(1.5), "rand_read": Target(0.8), "rand_write": Target(0.8),
+        "seq_write": None, "seq_write_new": None, "mount_latency": None,
+    }),
     # issue 17: an image on a web server, read with range requests
     Case("http", "raw", ("raw",), ("-O", "raw"), server="http", metrics={
         "seq_read": Target(1.5), "rand_read": Target(1.0), "mount_latency": None,

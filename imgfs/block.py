@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import abc
 import enum
-from collections.abc import Sequence
+from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, ClassVar, Protocol
 
@@ -81,6 +81,10 @@ class ChildRef:
     fmt: str | None = None
     read_only: bool = True
     options: dict[str, Any] = field(default_factory=dict)
+    #: a child the image identifies without naming it (a differencing
+    #: VDI's parent, known by UUID): unless the user names the child, the
+    #: core awaits this for its filename (it raises when there is none)
+    locate: Callable[[], Awaitable[str]] | None = None
 
 
 class InternalSnapshot(Protocol):
@@ -175,6 +179,8 @@ class BlockDriver(abc.ABC):
     can_write_compressed: ClassVar[bool] = False
     #: `check` works (imgfs check); otherwise check exits 63, as qemu-img
     can_check: ClassVar[bool] = False
+    #: `check(repair=...)` works too; otherwise check -r exits 63, as qemu-img
+    can_repair: ClassVar[bool] = True
     #: the format stores internal snapshots (imgfs snapshot, -o snapshots)
     has_internal_snapshots: ClassVar[bool] = False
     #: `imgfs info` shows dirty-flag, as qemu-img does for formats whose

@@ -433,9 +433,9 @@ def cmd_check(args: argparse.Namespace) -> int:
     async def run() -> int:
         node = await _open(args, args.filename, read_only=args.repair is None, check=True)
         try:
-            if not node.driver.can_check:
-                print(f"imgfs: {args.filename}: this image format does not support checks",
-                      file=sys.stderr)
+            if not node.driver.can_check or (args.repair and not node.driver.can_repair):
+                print(f"imgfs: {args.filename}: this image format does not support checks"
+                      f"{' with repairs' if node.driver.can_check else ''}", file=sys.stderr)
                 return NOT_SUPPORTED
             result = await node.check(args.repair)
             fmt = node.format_name

@@ -8,6 +8,7 @@ decision is made once for the whole graph before any lock is taken.
 """
 from __future__ import annotations
 
+import dataclasses
 import logging
 import os
 from collections.abc import Mapping
@@ -215,6 +216,8 @@ async def open_format(cls: type[BlockDriver], file_node: Node, tree: Mapping[str
             if name in tree and not _only_options(tree[name]):
                 child_spec = child_tree(tree[name], leaf=name != "backing")
             else:
+                if ref.locate is not None:
+                    ref = dataclasses.replace(ref, filename=await ref.locate())
                 child_spec = ref_tree(ref, file_node, leaf=name != "backing")
                 if name in tree:
                     # QEMU's backing.encrypt.key-secret=ID: options for the
@@ -311,8 +314,7 @@ async def create_image(filename: str, fmt: str, size: int | None,
 
 async def _backing_size(filename: str, backing: str, backing_fmt: str | None,
                         ctx: OpenContext) -> int:
-    if not os.path.isabs(backing) and protocol_for(backing) is None:
-        backing = os.path.join(os.path.dirname(filename), backing)
+    backing = resolve_location(filename, backing)
     # Only its size is needed: an encrypted backing file opens without its
     # secret, as qemu-img create opens it
     node = await open_image(backing, OpenContext(read_only=True, force_share=True,
@@ -323,6 +325,13 @@ async def _backing_size(filename: str, backing: str, backing_fmt: str | None,
         return node.size
     finally:
         await node.aclose()
+
+
+def resolve_location(filename: str, name: str) -> str:
+    """A backing file named when creating `filename`: relative to its folder."""
+    if not os.path.isabs(name) and protocol_for(name) is None:
+        return os.path.join(os.path.dirname(filename), name)
+    return name
 
 
 async def create_protocol_file(filename: str, ctx: OpenContext, *, size: int = 0,

@@ -67,13 +67,15 @@ def align_up(value: int, alignment: int) -> int:
     return -(-value // alignment) * alignment
 
 
-async def create_image_file(target: Any, ctx: OpenContext, head: bytes, length: int) -> None:
+async def create_image_file(target: Any, ctx: OpenContext, head: bytes, length: int, *,
+                            preallocation: str = "off") -> None:
     """A format's `create`: a new protocol file of `length` bytes (zeros)
-    that starts with `head` (header, names, tables), made durable."""
+    that starts with `head` (header, names, tables), made durable;
+    `preallocation` (falloc, full) reserves its bytes on the host."""
     from .graph import create_protocol_file  # (only creating needs the graph)
     node = await create_protocol_file(os.fspath(target), ctx, size=0)
     try:
-        await node.truncate(length)
+        await node.truncate(length, preallocation)
         await node.write(0, head)
         await node.flush()
     finally:

@@ -242,6 +242,34 @@ def qed_regions(data: bytes) -> list[tuple[int, int]]:
     return regions
 
 
+def vdi_regions(data: bytes) -> list[tuple[int, int]]:
+    """The header behind the signature (version, sizes, offsets, counts,
+    UUIDs) and the first entries of the block map."""
+    offset_bmap = struct.unpack_from("<I", data, 0x154)[0]
+    return [(0x44, 0x188 - 0x44), (0x188, 64), (offset_bmap, 64)]
+
+
+def vdi_samples(directory: Path) -> dict[str, Sample]:
+    """Dynamic and static images written out of order, and a differencing
+    image (in a folder of its own, so that its parent is found by UUID)."""
+    built = {}
+    for name, static in (("vdi", "off"), ("vdi-static", "on")):
+        path = directory / f"{name}.vdi"
+        tool("qemu-img", "create", "-q", "-f", "vdi", "-o", f"static={static}", path, "3M")
+        qemu_io(path, "vdi", "write -P 0x11 1M 8k", "write -P 0x22 100 1M")
+        built[name] = Sample(name, "vdi", path, vdi_regions(path.read_bytes()),
+                             magic_length=0x44)
+    chain = directory / "vdi-chain"
+    chain.mkdir()
+    parent = chain / "parent.vdi"
+    tool("qemu-img", "convert", "-O", "vdi", built["vdi"].path, parent)
+    child = chain / "child.vdi"
+    imgfs("create", "-q", "-f", "vdi", "-b", parent.name, child, cwd=chain)
+    built["vdi-diff"] = Sample("vdi-diff", "vdi", child, vdi_regions(child.read_bytes()),
+                               magic_length=0x44)
+    return built
+
+
 #: LUKS1: the phdr (version, cipher, payload offset, key bytes, digest) and slots 0-1
 LUKS1_REGIONS = [(0, 208), (208, 96)]
 #: LUKS2: the binary header up to the checksum (the JSON gets its own strategy)
@@ -332,6 +360,8 @@ def samples(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Sample]:
          "--luks2-keyslots-size", "256k", "--key-file", "-", luks2, stdin=PASS.encode())
     built["luks2"] = Sample("luks2", "luks", luks2, LUKS2_REGIONS, secret=True,
                              magic_length=6)
+
+    built.update(vdi_samples(directory))
 
     raw = directory / "disk.raw"
     raw.write_bytes(bytes(range(256)) * 1024)
@@ -626,7 +656,7 @@ async def exercise_writes(path: Path, secret: bool) -> None:
 FORMATS = ["qcow2-v2", "qcow2-backing", "qcow2-snapshots", "qcow2-compressed",
            "qcow2-extended-l2", "qcow2-bitmaps", "qcow2-zstd", "qcow2-data-file",
            "qcow2-luks", "qcow", "qcow-compressed", "qcow-backing", "qed", "qed-backing",
-           "luks1", "luks2"]
+           "luks1", "luks2", "vdi", "vdi-static", "vdi-diff"]
 
 
 def test_valid_samples_read(samples: dict[str, Sample]) -> None:
@@ -741,6 +771,16 @@ CLI_DAMAGE = {
     "qed image_size": ("qed", [(48, _le(8, (1 << 64) - 512))]),
     "qed backing name size": ("qed-backing", [(60, _le(4, 0xFFFF_FFFF))]),
     "qed backing name offset": ("qed-backing", [(56, _le(4, 0xFFFF_FF00))]),
+    "vdi version": ("vdi", [(0x44, _le(4, 0x0001_0002))]),
+    "vdi block map past EOF": ("vdi", [(0x154, _le(4, 0x7FFF_FE00))]),
+    "vdi blocks need a huge map": ("vdi", [(0x180, _le(4, 0x1FFF_FF00))]),
+    "vdi too many blocks": ("vdi", [(0x180, _le(4, 0xFFFF_FFFF))]),
+    "vdi block size": ("vdi", [(0x178, _le(4, 3 << 20))]),
+    "vdi block size zero": ("vdi-static", [(0x178, _le(4, 0))]),
+    "vdi data over the map": ("vdi", [(0x158, _le(4, 0x200))]),
+    "vdi map over the header": ("vdi", [(0x154, _le(4, 0x100))]),
+    "vdi disk size": ("vdi", [(0x170, _le(8, (1 << 64) - 1))]),
+    "vdi parent not found": ("vdi-diff", [(0x1A8, b"\x55" * 16)]),
     "luks1 stripes": ("luks1", [(252, _be(4, 0xFFFF_FFFF))]),
     "luks1 payload offset": ("luks1", [(104, _be(4, 0xFFFF_FFFF))]),
 }
@@ -876,7 +916,7 @@ def test_backing_file_names_a_fifo(tmp_path: Path) -> None:
 
 WRITABLE = ["qcow2-v2", "qcow2-backing", "qcow2-snapshots", "qcow2-compressed",
             "qcow2-extended-l2", "qcow2-bitmaps", "qcow", "qcow-compressed", "qcow-backing",
-            "qed", "qed-backing", "luks1"]
+            "qed", "qed-backing", "luks1", "vdi", "vdi-static", "vdi-diff"]
 
 
 @pytest.mark.parametrize("name", WRITABLE)
