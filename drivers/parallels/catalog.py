@@ -16,13 +16,37 @@ from imgfs.mapped import MapKind, Mapping
 from imgfs.node import Node
 from imgfs.tablecache import Table, TableCache
 
-from .layout import CODEC, HEADER, Geometry
+from .layout import CODEC, HEADER, MAX_ENTRY, Geometry
 
 #: entries per cached page
 PAGE_ENTRIES = 4096
 PAGE_BYTES = PAGE_ENTRIES * CODEC.width
 #: bytes of catalog kept in memory
 CACHE_BYTES = 4 * 1024 * 1024
+
+
+def zero_run(entries: array.array[int]) -> int:
+    """How many entries from the first are 0 (at C speed: a disk's worth
+    of unallocated clusters is the common case)."""
+    raw = entries.tobytes()
+    return (len(raw) - len(raw.lstrip(b"\0"))) // entries.itemsize
+
+
+def same_run(entries: array.array[int], step: int) -> int:
+    """How many entries from the first go up by `step` each (clusters that
+    follow each other on the host), found by comparing slices with the
+    progression they would be."""
+    first = entries[0]
+    count = min(len(entries), (MAX_ENTRY - first) // step + 1)
+    progression = array.array(entries.typecode, range(first, first + count * step, step))
+    low, high = 1, count            # entries[:low] matches; entries[:high + 1] does not
+    while low < high:
+        middle = (low + high + 1) // 2
+        if entries[:middle] == progression[:middle]:
+            low = middle
+        else:
+            high = middle - 1
+    return low
 
 
 class Catalog:
@@ -67,15 +91,17 @@ class Catalog:
         index, within = divmod(offset, cluster_size)
         if index >= self.geometry.bat_entries:      # past the catalog: zeros, as QEMU
             return Mapping(length, MapKind.UNALLOCATED)
+        if HEADER.size + index * CODEC.width >= self.file.size:
+            # the rest of the catalog lies past the end of the file: zeros
+            return Mapping(min(length, (self.geometry.bat_entries - index) * cluster_size -
+                               within), MapKind.UNALLOCATED)
         entries = (await self.page(index)).entries
         first_slot = index % PAGE_ENTRIES
         wanted = min(-(-(within + length) // cluster_size), PAGE_ENTRIES - first_slot,
                      self.geometry.bat_entries - index)
         first = entries[first_slot]
-        step = self.step if first else 0
-        run = 1
-        while run < wanted and entries[first_slot + run] == first + run * step:
-            run += 1
+        segment = entries[first_slot:first_slot + wanted]
+        run = same_run(segment, self.step) if first else zero_run(segment)
         count = min(length, run * cluster_size - within)
         if not first:
             return Mapping(count, MapKind.UNALLOCATED)

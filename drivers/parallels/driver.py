@@ -13,7 +13,7 @@ from typing import Any
 
 from imgfs.block import Kind
 from imgfs.check import CheckResult
-from imgfs.errors import CorruptImage, NoSpace
+from imgfs.errors import CorruptImage, NoSpace, Unsupported
 from imgfs.mapped import MappedDriver, Mapping, align_up, create_image_file
 from imgfs.node import OpenContext
 
@@ -24,6 +24,7 @@ from .layout import (
     HEADER,
     INUSE_OPEN,
     MAX_ENTRY,
+    MAX_WRITE_CLUSTER,
     OFFSET_INUSE,
     Header,
     check_header,
@@ -68,6 +69,10 @@ class ParallelsDriver(MappedDriver):
         check or read-only opens may touch."""
         if self.node.read_only or not self.children["file"].driver.writable:
             return
+        if self.block_size > MAX_WRITE_CLUSTER:
+            # (a write builds whole clusters in memory)
+            raise Unsupported(f"clusters of {self.block_size} bytes are too large to write "
+                              f"(at most {MAX_WRITE_CLUSTER}); open read-only")
         if self.unclean and not self.for_check:
             raise CorruptImage("image was not closed correctly; cannot be opened "
                                "read/write (run 'imgfs check -r all')")

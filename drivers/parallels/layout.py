@@ -34,6 +34,8 @@ MAX_BAT_ENTRIES = 0x7FFFFFFF // 4
 #: qemu-img create: an image of 2^32 clusters or more is "too large"
 MAX_CLUSTERS = 1 << 32
 MAX_ENTRY = 0xFFFFFFFF
+#: the largest cluster imgfs writes (qemu-img creates up to 1 GiB)
+MAX_WRITE_CLUSTER = 256 * 1024 * 1024
 MAX_SECTORS = ((1 << 63) - 1) // SECTOR
 #: catalog entries: little-endian 32-bit
 CODEC = TableCodec(4, big_endian=False)

@@ -11,6 +11,7 @@ and ``qemu-img compare``.
 """
 from __future__ import annotations
 
+import array
 import bz2
 import json
 import struct
@@ -18,6 +19,9 @@ from pathlib import Path
 
 import pytest
 import trio
+from hypothesis import given
+from hypothesis import strategies as st
+from imgfs.drivers.parallels.catalog import same_run, zero_run
 from imgfs.drivers.parallels.layout import (
     HEADER,
     INUSE_OPEN,
@@ -155,6 +159,24 @@ def test_check_header_refuses(field: str, value: object, error: type) -> None:
     check_header(header)
     with pytest.raises(error):
         check_header(header._replace(**{field: value}))
+
+
+@given(st.lists(st.integers(0, 0xFFFF_FFFF), min_size=1, max_size=40),
+       st.integers(1, 3), st.integers(0, 40), st.sampled_from([1, 8, 128]))
+def test_runs_match_a_plain_loop(tail: list[int], start: int, length: int,
+                                 step: int) -> None:
+    """zero_run and same_run (slice comparisons) agree with counting one
+    entry at a time."""
+    for first in (0, start, 0xFFFF_FFFF - step):
+        entries = array.array("I", [min(first + number * step, 0xFFFF_FFFF)
+                                    for number in range(length)] + tail)
+        expected = 1
+        wanted_step = step if entries[0] else 0
+        while expected < len(entries) and \
+                entries[expected] == entries[0] + expected * wanted_step:
+            expected += 1
+        found = same_run(entries, step) if entries[0] else zero_run(entries)
+        assert found == expected
 
 
 # -- reading ------------------------------------------------------------------------------
