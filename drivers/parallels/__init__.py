@@ -21,13 +21,25 @@ past the end of the file read as zeros.  Refused: format extensions
 (ext_off: dirty bitmaps), catalog entries before the data area (an I/O
 error; `check -r all` clears them), resizing (QEMU cannot either).
 
+A bundle (``NAME.hdd/``, spec prl-xml.txt) opens by naming the directory
+or its DiskDescriptor.xml: the top snapshot's image is the data, each
+parent snapshot a read-only backing node (a ``Plain`` root opens as raw);
+`-o guid=` opens an older snapshot.  The descriptor is parsed without
+document type or entity declarations, size- and depth-bounded.
+
 Module map: `layout` (header, geometry, new images; pure, all that probing
 imports), `catalog` (the paged catalog), `check` (check and repair) and
-`driver` (the BlockDriver on imgfs.mapped).
+`driver` (the BlockDriver on imgfs.mapped), `bundle` (DiskDescriptor.xml).
 """
 from typing import Any
 
-from .layout import probe
+from .bundle import probe_descriptor, probe_directory
+from .layout import probe as probe_image
+
+
+def probe(head: bytes, filename: str) -> int:
+    """An image's header, or a bundle's DiskDescriptor.xml."""
+    return max(probe_image(head, filename), probe_descriptor(head, filename))
 
 
 def __getattr__(name: str) -> Any:
@@ -37,4 +49,4 @@ def __getattr__(name: str) -> Any:
     raise AttributeError(name)
 
 
-__all__ = ["DRIVERS", "probe"]
+__all__ = ["DRIVERS", "probe", "probe_directory"]

@@ -8,16 +8,26 @@ host offsets through `catalog.Catalog`.
 """
 from __future__ import annotations
 
+import os
 import struct
 from typing import Any
 
-from imgfs.block import Kind
+from imgfs.block import ChildRef, Kind
 from imgfs.check import CheckResult
-from imgfs.errors import CorruptImage, NoSpace, Unsupported
-from imgfs.mapped import MappedDriver, Mapping, align_up, create_image_file
+from imgfs.errors import CorruptImage, InvalidImage, NoSpace, Unsupported, UsageError
+from imgfs.mapped import MapKind, MappedDriver, Mapping, align_up, create_image_file
 from imgfs.node import OpenContext
 
 from . import check as checks
+from .bundle import (
+    DESCRIPTOR,
+    MAX_XML_BYTES,
+    PLAIN,
+    Layer,
+    looks_like_descriptor,
+    parse_descriptor,
+    probe_descriptor,
+)
 from .catalog import Catalog
 from .layout import (
     CREATE_OPTS,
@@ -26,6 +36,9 @@ from .layout import (
     MAX_ENTRY,
     MAX_WRITE_CLUSTER,
     OFFSET_INUSE,
+    OPEN_OPTS,
+    PLAIN_BLOCK,
+    SECTOR,
     Header,
     check_header,
     new_image,
@@ -43,31 +56,88 @@ class ParallelsDriver(MappedDriver):
     #: as QEMU: a cluster past the end of the file reads as zeros (`check`
     #: reports the entry)
     past_eof_reads_zero = True
+    open_opts = OPEN_OPTS
+    supports_backing = True
     #: this open set the in-use flag (and clears it on a clean close)
     marked = False
+    #: opened through a bundle's DiskDescriptor.xml: the snapshot shown, its parent
+    layer: Layer | None = None
+    parent: Layer | None = None
 
     @staticmethod
     def probe(head: bytes, filename: str) -> int:
-        return probe_header(head, filename)
+        return max(probe_header(head, filename), probe_descriptor(head, filename))
 
     # -- opening -------------------------------------------------------------------------
 
     async def open(self, options: dict[str, Any], ctx: OpenContext) -> None:
         file = self.children["file"]
-        self.header = Header.unpack(await file.read(0, min(file.size, HEADER.size)))
-        self.geometry = check_header(self.header)
-        self.size = self.geometry.size
         self.for_check = ctx.check
+        head = await file.read(0, min(file.size, HEADER.size))
+        if looks_like_descriptor(head):
+            await self._open_descriptor(options["guid"])
+            return
+        if options["guid"]:
+            raise UsageError("the guid option names an image of a .hdd bundle: open its "
+                             f"{DESCRIPTOR}")
+        self._open_image(Header.unpack(head))
+
+    def _open_image(self, header: Header) -> None:
+        """The Parallels image in the data child (the file, or a bundle's image)."""
+        self.header = header
+        self.geometry = check_header(header)
+        self.size = self.geometry.size
         #: in_use was set when we opened it: software holding it read-write died
-        self.unclean = self.header.inuse == INUSE_OPEN
+        self.unclean = header.inuse == INUSE_OPEN
         self.setup_mapping(self.geometry.cluster_size)
-        self.catalog = Catalog(file, self.geometry)
+        self.catalog = Catalog(self.children[self.data_child], self.geometry)
+
+    async def _open_descriptor(self, guid: str | None) -> None:
+        """A bundle's DiskDescriptor.xml: its image opens as the data child
+        (in `attach`), the parent snapshot as the backing node."""
+        file = self.children["file"]
+        descriptor = parse_descriptor(await file.read(0, min(file.size, MAX_XML_BYTES + 1)))
+        guid = (guid or descriptor.top).lower()
+        if guid not in descriptor.layers:
+            raise InvalidImage(f"{DESCRIPTOR}: no snapshot {guid} on the chain from the top")
+        self.layer = descriptor.layers[guid]
+        self.parent = descriptor.layers.get(self.layer.parent or "")
+        self.size = descriptor.disk_sectors * SECTOR
+        self.data_child = "image"
+
+    def child_refs(self) -> dict[str, ChildRef]:
+        if self.layer is None:
+            return {}
+        refs = {"image": ChildRef(self.layer.filename, None, read_only=False)}
+        if self.parent is not None and self.parent.kind == PLAIN:
+            refs["backing"] = ChildRef(self.parent.filename, "raw")
+        elif self.parent is not None:
+            # the descriptor again, for the parent snapshot; only read, and
+            # already held by this node: not locked a second time
+            refs["backing"] = ChildRef(os.path.basename(self.children["file"].filename),
+                                       self.name, options={"guid": self.parent.guid,
+                                                           "file.locking": "off"})
+        return refs
+
+    async def attach(self) -> None:
+        if self.layer is None:
+            return
+        image = self.children["image"]
+        if self.layer.kind == PLAIN:
+            self.setup_mapping(PLAIN_BLOCK)
+            return
+        described = self.size
+        self._open_image(Header.unpack(await image.read(0, min(image.size, HEADER.size))))
+        if self.size != described:
+            raise InvalidImage(f"{image.filename}: {self.size} bytes, but {DESCRIPTOR} "
+                               f"says {described}")
 
     async def activate(self) -> None:
         """As QEMU: a read-write open marks the image in use (durably,
         before any write) and refuses an image left in use, which only a
         check or read-only opens may touch."""
-        if self.node.read_only or not self.children["file"].driver.writable:
+        if self.node.read_only or not self.children[self.data_child].driver.writable or \
+                self.plain:
             return
         if self.block_size > MAX_WRITE_CLUSTER:
             # (a write builds whole clusters in memory)
@@ -80,7 +150,7 @@ class ParallelsDriver(MappedDriver):
         self.marked = True
 
     async def _set_inuse(self, value: int) -> None:
-        file = self.children["file"]
+        file = self.children[self.data_child]
         await file.flush()          # what the catalog names is durable before the flag says so
         await file.write(OFFSET_INUSE, struct.pack("<I", value))
         await file.flush()
@@ -95,7 +165,13 @@ class ParallelsDriver(MappedDriver):
 
     # -- the mapped layer's hooks -------------------------------------------------------------
 
+    @property
+    def plain(self) -> bool:
+        return self.layer is not None and self.layer.kind == PLAIN
+
     async def lookup(self, offset: int, length: int) -> Mapping:
+        if self.plain:
+            return Mapping(length, MapKind.DATA, offset)
         return await self.catalog.lookup(offset, length)
 
     async def allocate(self, length: int) -> int:
@@ -129,6 +205,9 @@ class ParallelsDriver(MappedDriver):
     async def check(self, repair: str | None = None) -> CheckResult:
         """`imgfs check [-r leaks|all]` as qemu-img: a repairing pass, then
         a plain one whose counts are reported with what was fixed."""
+        if self.plain:
+            raise Unsupported(f"{self.layer and self.layer.filename}: a Plain image has no "
+                              "metadata to check")
         async with self.lock:
             fix_errors = repair == "all"
             fix_leaks = repair is not None
@@ -152,7 +231,7 @@ class ParallelsDriver(MappedDriver):
     async def _repair(self, findings: checks.Findings, *, fix_errors: bool) -> bool:
         """Clear bad entries (and the in-use finding) with `fix_errors`, cut
         leaked space; whether anything was fixed."""
-        file = self.children["file"]
+        file = self.children[self.data_child]
         fixed = False
         if fix_errors and (findings.bad_entries or self.unclean):
             await checks.clear_entries(self.catalog, findings.bad_entries)

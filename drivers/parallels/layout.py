@@ -11,7 +11,7 @@ from typing import Any, NamedTuple
 
 from imgfs.errors import InvalidImage, Unsupported, UsageError
 from imgfs.mapped import align_up
-from imgfs.options import Opt, Schema, Size
+from imgfs.options import Opt, Schema, Size, Str
 from imgfs.tablecache import TableCodec
 
 #: spec "Header": the magic says how catalog entries count
@@ -147,6 +147,12 @@ def check_header(header: Header) -> Geometry:
 
 
 # -- creation (pure) ---------------------------------------------------------------------------
+
+OPEN_OPTS = Schema(
+    Opt("guid", Str, help="the snapshot of a .hdd bundle to open (default: its top one)"),
+)
+#: the block a Plain (raw) image of a bundle is mapped in
+PLAIN_BLOCK = 64 * 1024
 
 CREATE_OPTS = Schema(
     Opt("cluster_size", Size, default=DEFAULT_CLUSTER_SIZE,

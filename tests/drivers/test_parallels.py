@@ -344,3 +344,199 @@ def test_check_and_repair_as_qemu_img(tmp_path: Path, damage: str, mode: str) ->
     if mode == "all":
         check_clean(ours)
     assert imgfs_raw(ours) == qemu_raw(ours)
+
+
+# -- .hdd bundles -----------------------------------------------------------------------------
+
+TOP_GUID = "{5fbaabe3-6958-40ff-92a7-860e329aab41}"
+ROOT_GUID = "{2cd4a1e0-7c3b-4f5e-9d1a-0b6c8e2f4a11}"
+MIDDLE_GUID = "{9e8d7c6b-5a49-4382-a170-f6e5d4c3b2a1}"
+NO_PARENT = "{00000000-0000-0000-0000-000000000000}"
+
+
+def descriptor(size: int, images: list[tuple[str, str, str]], shots: list[tuple[str, str]],
+               top: str | None = None, block_sectors: int = 2048) -> str:
+    """DiskDescriptor.xml as Parallels writes it (prl-xml.txt), with the
+    nodes its software adds and QEMU's spec says to leave alone."""
+    sectors = size // 512
+    image_xml = "".join(f"""
+            <Image>
+                <GUID>{guid}</GUID>
+                <Type>{kind}</Type>
+                <File>{name}</File>
+            </Image>""" for guid, kind, name in images)
+    shot_xml = "".join(f"""
+        <Shot>
+            <GUID>{guid}</GUID>
+            <ParentGUID>{parent}</ParentGUID>
+        </Shot>""" for guid, parent in shots)
+    top_xml = f"\n        <TopGUID>{top}</TopGUID>" if top else ""
+    return f"""<?xml version='1.0' encoding='UTF-8'?>
+<Parallels_disk_image Version="1.0">
+    <Disk_Parameters>
+        <Disk_size>{sectors}</Disk_size>
+        <Cylinders>{sectors // 512}</Cylinders>
+        <Heads>16</Heads>
+        <Sectors>32</Sectors>
+        <Padding>0</Padding>
+        <Encryption>
+            <Engine>{NO_PARENT}</Engine>
+            <Data></Data>
+        </Encryption>
+        <UID>{{6b0e1f4c-2d3a-4b5c-8e9f-0a1b2c3d4e5f}}</UID>
+        <Name>disk</Name>
+        <Miscellaneous>
+            <CompatLevel>level2</CompatLevel>
+            <Bootable>1</Bootable>
+            <SuspendState>0</SuspendState>
+        </Miscellaneous>
+    </Disk_Parameters>
+    <StorageData>
+        <Storage>
+            <Start>0</Start>
+            <End>{sectors}</End>
+            <Blocksize>{block_sectors}</Blocksize>{image_xml}
+        </Storage>
+    </StorageData>
+    <Snapshots>{top_xml}{shot_xml}
+    </Snapshots>
+</Parallels_disk_image>
+"""
+
+
+def hds_name(guid: str) -> str:
+    return f"harddisk.hdd.0.{guid}.hds"
+
+
+def bundle(tmp_path: Path, size: int = 4 * MiB, plain_root: bool = False) -> Path:
+    """disk.hdd/: a root written by qemu-io, a middle snapshot and the top
+    one, each an overlay holding what changed (as Parallels lays it out)."""
+    directory = tmp_path / "disk.hdd"
+    directory.mkdir()
+    root = directory / hds_name(ROOT_GUID)
+    if plain_root:
+        root.write_bytes(random_bytes(size, seed=21))
+    else:
+        qemu_create(root, size, "cluster_size=64k")
+        qemu_io(root, "write -P 0x11 0 1M", "write -P 0x12 3M 100k")
+    for guid, pattern in ((MIDDLE_GUID, "0x22 512k 128k"), (TOP_GUID, "0x33 576k 200k")):
+        qemu_create(directory / hds_name(guid), size, "cluster_size=64k")
+        qemu_io(directory / hds_name(guid), f"write -P {pattern}")
+    images = [(ROOT_GUID, "Plain" if plain_root else "Compressed", hds_name(ROOT_GUID)),
+              (MIDDLE_GUID, "Compressed", hds_name(MIDDLE_GUID)),
+              (TOP_GUID, "Compressed", hds_name(TOP_GUID))]
+    shots = [(ROOT_GUID, NO_PARENT), (MIDDLE_GUID, ROOT_GUID), (TOP_GUID, MIDDLE_GUID)]
+    (directory / "DiskDescriptor.xml").write_text(descriptor(size, images, shots))
+    return directory
+
+
+def qemu_chain(directory: Path, guids: list[str], plain_root: bool = False) -> dict:
+    """The same chain as a QEMU json: tree (QEMU opens no descriptor)."""
+    tree: dict | None = None
+    for number, guid in enumerate(reversed(guids)):
+        driver = "raw" if plain_root and number == 0 else FMT
+        layer: dict = {"driver": driver, "file": {"driver": "file",
+                                                  "filename": str(directory / hds_name(guid))}}
+        if tree is not None:
+            layer["backing"] = tree
+        tree = layer
+    assert tree is not None
+    return tree
+
+
+def qemu_chain_raw(directory: Path, guids: list[str], plain_root: bool = False) -> bytes:
+    out = directory.parent / "chain.raw"
+    run("qemu-img", "convert", "-O", "raw",
+        "json:" + json.dumps(qemu_chain(directory, guids, plain_root)), out)
+    return out.read_bytes()
+
+
+@pytest.mark.parametrize("plain_root", [False, True])
+def test_bundle_reads_as_qemu_reads_its_chain(tmp_path: Path, plain_root: bool) -> None:
+    directory = bundle(tmp_path, plain_root=plain_root)
+    expected = qemu_chain_raw(directory, [TOP_GUID, MIDDLE_GUID, ROOT_GUID], plain_root)
+    assert imgfs_raw(directory) == expected
+    assert imgfs_raw(directory / "DiskDescriptor.xml", "xml.raw") == expected
+    chain = map_json("qemu-img", "json:" + json.dumps(qemu_chain(
+        directory, [TOP_GUID, MIDDLE_GUID, ROOT_GUID], plain_root)))   # type: ignore[arg-type]
+    assert map_json("imgfs", directory) == chain
+
+
+def test_bundle_opens_an_older_snapshot_by_guid(tmp_path: Path) -> None:
+    directory = bundle(tmp_path)
+    tree = {"driver": FMT, "guid": MIDDLE_GUID, "file": {"driver": "file",
+                                                         "filename": str(directory)}}
+    out = tmp_path / "middle.raw"
+    imgfs("convert", "-O", "raw", "json:" + json.dumps(tree), out)
+    assert out.read_bytes() == qemu_chain_raw(directory, [MIDDLE_GUID, ROOT_GUID])
+
+
+def test_bundle_top_guid_element_names_the_top(tmp_path: Path) -> None:
+    directory = bundle(tmp_path)
+    xml = directory / "DiskDescriptor.xml"
+    text = xml.read_text().replace("<Snapshots>", f"<Snapshots>\n<TopGUID>{MIDDLE_GUID}"
+                                   "</TopGUID>")
+    xml.write_text(text)
+    assert imgfs_raw(directory) == qemu_chain_raw(directory, [MIDDLE_GUID, ROOT_GUID])
+
+
+def test_bundle_writes_go_to_the_top_image(tmp_path: Path) -> None:
+    directory = bundle(tmp_path)
+    before = {path.name: path.read_bytes() for path in directory.iterdir()
+              if TOP_GUID not in path.name}
+    expected = bytearray(imgfs_raw(directory))
+    writes = [(600 * KiB + 3, random_bytes(70000, seed=8)), (3 * MiB + 10, b"top"),
+              (4 * MiB - 1, b"!")]
+    write_through_api(directory, writes)
+    for offset, data in writes:
+        expected[offset:offset + len(data)] = data
+    assert imgfs_raw(directory, "after.raw") == bytes(expected)
+    assert qemu_chain_raw(directory, [TOP_GUID, MIDDLE_GUID, ROOT_GUID]) == bytes(expected)
+    assert before == {path.name: path.read_bytes() for path in directory.iterdir()
+                      if TOP_GUID not in path.name}
+    check_clean(directory / hds_name(TOP_GUID))
+    assert header_of(directory / hds_name(TOP_GUID)).inuse == 0
+
+
+BILLION_LAUGHS = """<?xml version="1.0"?>
+<!DOCTYPE lolz [<!ENTITY lol "lol"><!ENTITY lol2 "&lol;&lol;&lol;&lol;&lol;&lol;&lol;">
+<!ENTITY lol3 "&lol2;&lol2;&lol2;&lol2;&lol2;&lol2;&lol2;">]>
+<Parallels_disk_image Version="1.0"><Disk_Parameters><Disk_size>&lol3;</Disk_size>
+</Disk_Parameters></Parallels_disk_image>
+"""
+
+
+@pytest.mark.parametrize("damage", ["not xml", "entities", "external entity", "too large",
+                                    "loop", "missing image", "split", "padding", "deep",
+                                    "size mismatch", "not a number", "unknown type"])
+def test_hostile_descriptors_are_one_line_refusals(tmp_path: Path, damage: str) -> None:
+    directory = bundle(tmp_path)
+    xml = directory / "DiskDescriptor.xml"
+    text = xml.read_text()
+    damaged = {
+        "not xml": "<Parallels_disk_image Version='1.0'><Disk_Parameters>",
+        "entities": BILLION_LAUGHS,
+        "external entity": '<?xml version="1.0"?><!DOCTYPE p [<!ENTITY x SYSTEM '
+                           '"file:///etc/passwd">]><Parallels_disk_image>&x;'
+                           '</Parallels_disk_image>',
+        "too large": text.replace("<Name>disk</Name>", "<Name>" + "x" * (2 * MiB) + "</Name>"),
+        "loop": text.replace(f"<ParentGUID>{NO_PARENT}</ParentGUID>",
+                             f"<ParentGUID>{TOP_GUID}</ParentGUID>"),
+        "missing image": text.replace(f"<GUID>{ROOT_GUID}</GUID>\n                <Type>",
+                                      "<GUID>{x}</GUID>\n                <Type>"),
+        "split": text.replace("<Storage>", "<Storage><Start>0</Start></Storage><Storage>"),
+        "padding": text.replace("<Padding>0</Padding>", "<Padding>1</Padding>"),
+        "deep": text.replace("<Name>disk</Name>", "<a>" * 40 + "</a>" * 40),
+        "size mismatch": text.replace("<Disk_size>8192</Disk_size>",
+                                      "<Disk_size>4096</Disk_size>").replace(
+                                          "<End>8192</End>", "<End>4096</End>"),
+        "not a number": text.replace("<Disk_size>8192</Disk_size>",
+                                     "<Disk_size>-1</Disk_size>"),
+        "unknown type": text.replace("<Type>Compressed</Type>", "<Type>Exotic</Type>", 1),
+    }[damage]
+    xml.write_text(damaged)
+    for command in ("info", "map"):
+        result = imgfs(command, directory, check=False, timeout=30)
+        assert result.returncode == 1, result
+        lines = result.stderr.splitlines()
+        assert len(lines) == 1 and lines[0].startswith("imgfs:"), result.stderr

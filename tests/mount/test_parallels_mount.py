@@ -33,11 +33,17 @@ from tests.conftest import (
 )
 from tests.drivers.test_parallels import (
     FMT,
+    MIDDLE_GUID,
+    ROOT_GUID,
+    TOP_GUID,
+    bundle,
     check_clean,
     compare_raw,
+    hds_name,
     header_of,
     out_of_order,
     patch,
+    qemu_chain_raw,
     qemu_create,
     qemu_io,
     sample,
@@ -142,3 +148,19 @@ def test_sigkill_mid_writes_leaves_the_image_in_use(workdir: Path, mnt: Path) ->
     assert header_of(image).inuse == 0
     check_clean(image)
     assert qemu_raw(image, workdir / "after.raw", FMT)[:8 * MiB] == expected[:8 * MiB]
+
+
+def test_bundle_directory_mounts_and_writes_go_to_the_top(workdir: Path, mnt: Path) -> None:
+    directory = bundle(workdir)
+    chain = [TOP_GUID, MIDDLE_GUID, ROOT_GUID]
+    expected = bytearray(qemu_chain_raw(directory, chain))
+    with mounted(directory, mountpoint=mnt, options="ro"):
+        (view,) = list(mnt.iterdir())
+        assert view.read_bytes() == bytes(expected)
+    writes = [(700 * KiB + 1, random_bytes(90000, seed=9)), (2 * MiB, b"x" * 4096)]
+    with mounted(directory / "DiskDescriptor.xml", mountpoint=mnt):
+        (view,) = list(mnt.iterdir())
+        assert header_of(directory / hds_name(TOP_GUID)).inuse == INUSE_OPEN
+        pwrite_all(view, writes, expected)
+    assert qemu_chain_raw(directory, chain) == bytes(expected)
+    check_clean(directory / hds_name(TOP_GUID))

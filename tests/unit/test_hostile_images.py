@@ -62,6 +62,7 @@ from tests.conftest import (
     need_root_or_fuse,
     qemu_img_create_encrypted,
 )
+from tests.drivers.test_parallels import NO_PARENT, ROOT_GUID, TOP_GUID, descriptor, hds_name
 
 KiB = 1024
 MiB = 1024 * KiB
@@ -342,6 +343,20 @@ def samples(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Sample]:
     prl_v1.write_bytes(bz2.decompress(PARALLELS_SAMPLE.read_bytes()))
     built["parallels-v1"] = Sample("parallels-v1", "parallels", prl_v1,
                                    parallels_regions(prl_v1.read_bytes()), magic_length=16)
+
+    hdd = directory / "disk.hdd"
+    hdd.mkdir()
+    for guid, pattern in ((ROOT_GUID, "0x44 0 64k"), (TOP_GUID, "0x55 32k 64k")):
+        layer = hdd / hds_name(guid)
+        tool("qemu-img", "create", "-q", "-f", "parallels", "-o", "cluster_size=4k", layer,
+             "1M")
+        qemu_io(layer, "parallels", f"write -P {pattern}")
+    xml = hdd / "DiskDescriptor.xml"
+    xml.write_text(descriptor(MiB, [(guid, "Compressed", hds_name(guid))
+                                    for guid in (ROOT_GUID, TOP_GUID)],
+                              [(ROOT_GUID, NO_PARENT), (TOP_GUID, ROOT_GUID)]))
+    built["parallels-bundle"] = Sample("parallels-bundle", "parallels", xml,
+                                       [(0, len(xml.read_bytes()))], magic_length=0)
 
     luks2 = directory / "two.luks"
     with open(luks2, "wb") as handle:
@@ -645,7 +660,7 @@ async def exercise_writes(path: Path, secret: bool) -> None:
 FORMATS = ["qcow2-v2", "qcow2-backing", "qcow2-snapshots", "qcow2-compressed",
            "qcow2-extended-l2", "qcow2-bitmaps", "qcow2-zstd", "qcow2-data-file",
            "qcow2-luks", "qcow", "qcow-compressed", "qcow-backing", "qed", "qed-backing",
-           "luks1", "luks2", "parallels", "parallels-v1"]
+           "luks1", "luks2", "parallels", "parallels-v1", "parallels-bundle"]
 
 
 def test_valid_samples_read(samples: dict[str, Sample]) -> None:
