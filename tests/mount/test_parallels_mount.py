@@ -49,6 +49,7 @@ from tests.drivers.test_parallels import (
     sample,
     to_sector_entries,
 )
+from tests.mount.test_qed_mount import assert_reads_like_qemu, exposed
 
 KiB = 1024
 MiB = 1024 * KiB
@@ -58,23 +59,6 @@ MiB = 1024 * KiB
 def _oracles(workdir: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     need("qemu-img", "qemu-io")
     monkeypatch.chdir(workdir)
-
-
-def exposed(mnt: Path, image: Path) -> Path:
-    return mnt / (image.name.rsplit(".", 1)[0] + ".raw")
-
-
-def assert_reads_like_qemu(image: Path, mnt: Path, workdir: Path) -> None:
-    expected = qemu_raw(image, workdir / "expected.raw", FMT)
-    with mounted(image, mountpoint=mnt, options="ro"):
-        view = exposed(mnt, image)
-        assert view.stat().st_size == len(expected)
-        assert view.read_bytes() == expected
-        with open(view, "rb") as handle:
-            for offset, length in [(1, 100), (65535, 3), (len(expected) - 7, 7),
-                                   (3072 * 3 + 17, 200_000)]:
-                assert os.pread(handle.fileno(), length, offset) == \
-                    expected[offset:offset + length]
 
 
 @pytest.mark.parametrize("option, cluster", [("cluster_size=64k", 65536),
