@@ -86,22 +86,29 @@ class Catalog:
 
     async def lookup(self, offset: int, length: int) -> Mapping:
         """The run from guest `offset` inside one page: unallocated entries,
-        or entries whose clusters follow each other on the host."""
-        cluster_size = self.geometry.cluster_size
+        or entries whose clusters follow each other on the host.  (The hot
+        path of every request: a cached page is used without a coroutine.)"""
+        geometry = self.geometry
+        cluster_size = geometry.cluster_size
         index, within = divmod(offset, cluster_size)
-        if index >= self.geometry.bat_entries:      # past the catalog: zeros, as QEMU
+        if index >= geometry.bat_entries:       # past the catalog: zeros, as QEMU
             return Mapping(length, MapKind.UNALLOCATED)
-        if HEADER.size + index * CODEC.width >= self.file.size:
-            # the rest of the catalog lies past the end of the file: zeros
-            return Mapping(min(length, (self.geometry.bat_entries - index) * cluster_size -
-                               within), MapKind.UNALLOCATED)
-        entries = (await self.page(index)).entries
         first_slot = index % PAGE_ENTRIES
-        wanted = min(-(-(within + length) // cluster_size), PAGE_ENTRIES - first_slot,
-                     self.geometry.bat_entries - index)
+        table = self.cache.get(HEADER.size + (index - first_slot) * CODEC.width)
+        if table is None:
+            if HEADER.size + index * CODEC.width >= self.file.size:
+                # the rest of the catalog lies past the end of the file: zeros
+                return Mapping(min(length, (geometry.bat_entries - index) * cluster_size -
+                                   within), MapKind.UNALLOCATED)
+            table = await self.page(index)
+        entries = table.entries
         first = entries[first_slot]
-        segment = entries[first_slot:first_slot + wanted]
-        run = same_run(segment, self.step) if first else zero_run(segment)
+        run = 1
+        wanted = -(-(within + length) // cluster_size)
+        if wanted > 1:      # (a small request stays in one cluster: no slices)
+            wanted = min(wanted, PAGE_ENTRIES - first_slot, geometry.bat_entries - index)
+            segment = entries[first_slot:first_slot + wanted]
+            run = same_run(segment, self.step) if first else zero_run(segment)
         count = min(length, run * cluster_size - within)
         if not first:
             return Mapping(count, MapKind.UNALLOCATED)
