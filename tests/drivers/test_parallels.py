@@ -316,8 +316,9 @@ def test_an_image_left_in_use_opens_read_only_only(tmp_path: Path) -> None:
     assert check_json("imgfs", image) == check_json("qemu-img", image)
 
 
-@pytest.mark.parametrize("damage", ["in use", "leak", "outside", "all"])
-@pytest.mark.parametrize("mode", ["leaks", "all"])
+@pytest.mark.parametrize("damage, mode", [("in use", "leaks"), ("in use", "all"),
+                                          ("leak", "leaks"), ("outside", "all"),
+                                          ("all", "leaks"), ("all", "all")])
 def test_check_and_repair_as_qemu_img(tmp_path: Path, damage: str, mode: str) -> None:
     base = qemu_create(tmp_path / "base.prl", 3 * MiB, "cluster_size=64k")
     qemu_io(base, "write -P 0x11 2M 100k", "write -P 0x22 0 4k", "write -P 0x33 1M 64k")
