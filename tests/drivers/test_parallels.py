@@ -80,10 +80,13 @@ def header_of(image: Path) -> Header:
     return Header.unpack(image.read_bytes()[:HEADER.size])
 
 
-def to_sector_entries(image: Path) -> None:
+def to_sector_entries(image: Path, data_off: int | None = None) -> None:
     """Rewrite an image as the old layout: ``WithoutFreeSpace``, catalog
-    entries counting sectors."""
+    entries counting sectors (and maybe data_off 0: the data area then
+    starts at the first sector after the catalog)."""
     header = header_of(image)
+    if data_off is not None:
+        header = header._replace(data_off=data_off)
     with open(image, "r+b") as handle:
         handle.write(header._replace(magic=MAGIC_SECTORS).pack())
         raw = handle.read(4 * header.bat_entries)
@@ -193,11 +196,14 @@ def test_reads_what_qemu_reads(tmp_path: Path, options: tuple[str, ...], cluster
     assert check_json("imgfs", image) == check_json("qemu-img", image)
 
 
-def test_sector_addressed_images_read_and_write_like_qemu(tmp_path: Path) -> None:
-    """The old layout: entries in sectors; qemu-io then adds clusters to it."""
+@pytest.mark.parametrize("data_off", [None, 0])
+def test_sector_addressed_images_read_and_write_like_qemu(tmp_path: Path,
+                                                          data_off: int | None) -> None:
+    """The old layout: entries in sectors; qemu-io then adds clusters to it,
+    and imgfs more (not cluster aligned in the file when data_off is 0)."""
     image = qemu_create(tmp_path / "old.prl", 2 * MiB, "cluster_size=64k")
     qemu_io(image, "write -P 0x61 70000 100000", "write -P 0x62 0 512")
-    to_sector_entries(image)
+    to_sector_entries(image, data_off)
     qemu_io(image, "write -P 0x63 1500000 200000", "write -P 0x64 65536 3")
     assert header_of(image).magic == MAGIC_SECTORS
     assert imgfs_raw(image) == qemu_raw(image)
