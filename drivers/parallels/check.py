@@ -9,7 +9,8 @@ leaked clusters, cut off by `-r leaks` or `-r all`.  Allocated clusters
 are the non-zero entries, fragmented ones those not right after the
 previous entry (an unallocated entry between breaks no run), and the
 image end offset is the end of the last cluster (at least the start of
-the data area).
+the data area; with data_off 0, QEMU rounds the catalog's end up to a
+whole cluster for it).
 """
 from __future__ import annotations
 
@@ -41,7 +42,7 @@ class _Walk:
         self.catalog = catalog
         self.file_size = file_size
         self.findings = Findings(CheckResult(total_clusters=geometry.total_clusters()),
-                                 geometry.data_start)
+                                 geometry.empty_end)
         self.previous = 0
 
     def outside(self, host_offset: int) -> bool:

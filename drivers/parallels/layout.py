@@ -88,6 +88,9 @@ class Geometry:
     #: where the data area starts
     data_start: int
     size: int
+    #: the end of an image that holds no cluster, as QEMU's check counts it
+    #: (with data_off 0: the catalog's end rounded up to a whole cluster)
+    empty_end: int
 
     @property
     def bat_end(self) -> int:
@@ -108,8 +111,9 @@ def geometry_of(header: Header) -> Geometry:
     entry_unit = cluster_size if header.magic == MAGIC_CLUSTERS else SECTOR
     bat_end = HEADER.size + 4 * header.bat_entries
     data_start = header.data_off * SECTOR if header.data_off else align_up(bat_end, SECTOR)
+    empty_end = data_start if header.data_off else align_up(bat_end, cluster_size)
     return Geometry(cluster_size, header.bat_entries, entry_unit, data_start,
-                    image_sectors(header) * SECTOR)
+                    image_sectors(header) * SECTOR, empty_end)
 
 
 def image_sectors(header: Header) -> int:

@@ -547,3 +547,15 @@ def test_hostile_descriptors_are_one_line_refusals(tmp_path: Path, damage: str) 
         assert result.returncode == 1, result
         lines = result.stderr.splitlines()
         assert len(lines) == 1 and lines[0].startswith("imgfs:"), result.stderr
+
+
+@pytest.mark.parametrize("cluster, extra", [("cluster_size=4k", 0), ("cluster_size=64k", 70000)])
+def test_check_of_an_empty_old_image_counts_as_qemu(tmp_path: Path, cluster: str,
+                                                    extra: int) -> None:
+    """data_off 0 and no cluster: QEMU's image end is the catalog's end
+    rounded up to a cluster (past it: leaked)."""
+    image = qemu_create(tmp_path / "e.prl", 3 * MiB, cluster)
+    to_sector_entries(image, data_off=0)
+    with open(image, "r+b") as handle:
+        handle.truncate(image.stat().st_size + extra)
+    assert check_json("imgfs", image) == check_json("qemu-img", image)
