@@ -195,7 +195,7 @@ class ParallelsDriver(MappedDriver):
                                    self.geometry.entry_for(host_offset))
 
     def check_in_place(self, host_offset: int, length: int) -> None:
-        if host_offset < self.geometry.data_start:
+        if not self.plain and host_offset < self.geometry.data_start:
             raise CorruptImage(f"data cluster at host offset {host_offset:#x} overlaps the "
                                "header or the catalog")
         super().check_in_place(host_offset, length)

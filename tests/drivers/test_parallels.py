@@ -505,6 +505,19 @@ def test_bundle_writes_go_to_the_top_image(tmp_path: Path) -> None:
     assert header_of(directory / hds_name(TOP_GUID)).inuse == 0
 
 
+def test_bundle_of_one_plain_image_reads_and_writes(tmp_path: Path) -> None:
+    directory = tmp_path / "plain.hdd"
+    directory.mkdir()
+    data = bytearray(random_bytes(2 * MiB, seed=12))
+    (directory / hds_name(TOP_GUID)).write_bytes(bytes(data))
+    (directory / "DiskDescriptor.xml").write_text(descriptor(
+        2 * MiB, [(TOP_GUID, "Plain", hds_name(TOP_GUID))], [(TOP_GUID, NO_PARENT)]))
+    assert imgfs_raw(directory) == bytes(data)
+    write_through_api(directory, [(70000, b"plain write")])
+    data[70000:70011] = b"plain write"
+    assert (directory / hds_name(TOP_GUID)).read_bytes() == bytes(data)
+
+
 BILLION_LAUGHS = """<?xml version="1.0"?>
 <!DOCTYPE lolz [<!ENTITY lol "lol"><!ENTITY lol2 "&lol;&lol;&lol;&lol;&lol;&lol;&lol;">
 <!ENTITY lol3 "&lol2;&lol2;&lol2;&lol2;&lol2;&lol2;&lol2;">]>
