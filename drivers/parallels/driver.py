@@ -51,7 +51,7 @@ class ParallelsDriver(MappedDriver):
     name = "parallels"
     kind = Kind.FORMAT
     can_check = True
-    description = "Parallels expandable image (read, write, create, check)"
+    description = "Parallels images and .hdd bundles (read, write, create, check)"
     create_opts = CREATE_OPTS
     #: as QEMU: a cluster past the end of the file reads as zeros (`check`
     #: reports the entry)
