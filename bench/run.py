@@ -259,6 +259,12 @@ CASES = {c.name: c for c in (
         "seq_read": Target(1.5), "rand_read": Target(0.8), "rand_write": Target(0.8),
         "seq_write": None, "seq_write_new": None, "mount_latency": None,
     }),
+    # issue 16: the one-level catalog on the mapped layer (no targets set yet)
+    Case("parallels", "parallels", ("parallels",), ("-O", "parallels", "-o", QCOW2_OPTS),
+         create_args=("-f", "parallels", "-o", QCOW2_OPTS), metrics={
+             "seq_read": None, "rand_read": None, "rand_write": None, "seq_write": None,
+             "seq_write_new": None, "mount_latency": None,
+         }),
     # issue 17: an image on a web server, read with range requests
     Case("http", "raw", ("raw",), ("-O", "raw"), server="http", metrics={
         "seq_read": Target(1.5), "rand_read": Target(1.0), "mount_latency": None,

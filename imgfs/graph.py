@@ -17,7 +17,7 @@ from typing import Any
 from .block import BlockDriver, ChildRef, Kind
 from .errors import CorruptImage, ImgfsError, PermissionDenied, Unsupported, UsageError
 from .node import Node, OpenContext
-from .registry import get_driver, probe_format, protocol_for
+from .registry import directory_image, get_driver, probe_format, protocol_for
 from .signatures import HEAD_BYTES, TAIL_BYTES
 from .source import SOURCE_KEY, child_tree, parse_source, protocol_tree, with_options
 
@@ -176,6 +176,10 @@ async def open_protocol(tree: Mapping[str, Any], ctx: OpenContext, *, read_only:
             return await open_protocol(protocol_tree(filename) | _driver_options(tree), ctx,
                                        read_only=read_only, cls=get_driver(protocol))
         cls = get_driver("file")
+    filename = tree.get("filename")
+    if cls is get_driver("file") and isinstance(filename, str) and os.path.isdir(filename):
+        # an image stored as a directory opens through a file inside it
+        tree = {**tree, "filename": directory_image(filename) or filename}
     driver = cls()
     node = Node(driver, _name_of(tree, cls), read_only, ctx)
     options = cls.open_opts.parse(_driver_options(tree), what=cls.name, sloppy=ctx.sloppy)

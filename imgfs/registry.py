@@ -10,7 +10,9 @@ code is large (or needs numpy) defines a module-level ``probe(head,
 filename)`` in its ``__init__`` from light modules only, and imports its
 driver class on first use of ``DRIVERS`` (a module ``__getattr__``).  A
 format whose signature sits at the end of the file also defines a light
-``probe_tail(tail, filename)`` there (`tail`: the file's last bytes).
+``probe_tail(tail, filename)`` there (`tail`: the file's last bytes).  A
+format stored as a directory defines ``probe_directory(path)``, which
+names the file inside it to open instead.
 
 A format QEMU knows but imgfs has no driver for is still recognised, by its
 entry in `imgfs.signatures.SIGNATURES`, and refused: it is never opened as
@@ -149,6 +151,19 @@ def _probe_functions(name: str) -> tuple[ProbeFn | None, ProbeFn | None]:
         cls = _load(name)
         head = cls.probe if cls is not None else None
     return head, module.__dict__.get("probe_tail")
+
+
+def directory_image(path: str) -> str | None:
+    """The file that opens an image stored as a directory (a Parallels
+    ``.hdd`` bundle names its DiskDescriptor.xml): asked of each format
+    module's light ``probe_directory(path)``, first answer wins."""
+    for name in FORMATS:
+        module = _module(name)
+        probe_directory = module.__dict__.get("probe_directory") if module else None
+        found = probe_directory(path) if probe_directory is not None else None
+        if found is not None:
+            return str(found)
+    return None
 
 
 def probe_name(head: bytes, filename: str, tail: bytes = b"") -> str:

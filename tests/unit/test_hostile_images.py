@@ -27,6 +27,7 @@ HOSTILE_EXAMPLES=N runs a longer hunt.
 """
 from __future__ import annotations
 
+import bz2
 import contextlib
 import copy
 import errno
@@ -61,6 +62,8 @@ from tests.conftest import (
     need_root_or_fuse,
     qemu_img_create_encrypted,
 )
+from tests.drivers.test_parallels import NO_PARENT, ROOT_GUID, TOP_GUID, descriptor, hds_name
+from tests.probe_samples import SAMPLE_IMAGES
 
 KiB = 1024
 MiB = 1024 * KiB
@@ -73,6 +76,8 @@ MEMORY_HEADROOM = 1 << 30
 #: reads and block_status calls per example when a damaged size is huge
 MAX_CALLS = 256
 
+#: written by Parallels software (entries in sectors)
+PARALLELS_SAMPLE = SAMPLE_IMAGES / "parallels-v1.bz2"
 #: examples per test; HOSTILE_EXAMPLES=1000 for a longer (still deterministic) hunt
 EXAMPLES = int(os.environ.get("HOSTILE_EXAMPLES", "60"))
 #: most edits in one damaged image (HOSTILE_EDITS=8: heavier damage)
@@ -268,6 +273,9 @@ def vdi_samples(directory: Path) -> dict[str, Sample]:
     built["vdi-diff"] = Sample("vdi-diff", "vdi", child, vdi_regions(child.read_bytes()),
                                magic_length=0x44)
     return built
+def parallels_regions(data: bytes) -> list[tuple[int, int]]:
+    """The header and the first bytes of the catalog, which follows it."""
+    return [(0, 64), (64, 256)]
 
 
 #: LUKS1: the phdr (version, cipher, payload offset, key bytes, digest) and slots 0-1
@@ -351,6 +359,31 @@ def samples(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Sample]:
     qemu_io(qed_over, "qed", "write -P 0x33 4k 100k")
     built["qed-backing"] = Sample("qed-backing", "qed", qed_over,
                                   qed_regions(qed_over.read_bytes()))
+
+    prl = directory / "plain.prl"
+    tool("qemu-img", "create", "-q", "-f", "parallels", "-o", "cluster_size=4k", prl, "2M")
+    qemu_io(prl, "parallels", "write -P 0x11 0 8k", "write -P 0x22 1M 4k",
+            "write -P 0x33 12k 4k")
+    built["parallels"] = Sample("parallels", "parallels", prl,
+                                parallels_regions(prl.read_bytes()), magic_length=16)
+    prl_v1 = directory / "v1.prl"
+    prl_v1.write_bytes(bz2.decompress(PARALLELS_SAMPLE.read_bytes()))
+    built["parallels-v1"] = Sample("parallels-v1", "parallels", prl_v1,
+                                   parallels_regions(prl_v1.read_bytes()), magic_length=16)
+
+    hdd = directory / "disk.hdd"
+    hdd.mkdir()
+    for guid, pattern in ((ROOT_GUID, "0x44 0 64k"), (TOP_GUID, "0x55 32k 64k")):
+        layer = hdd / hds_name(guid)
+        tool("qemu-img", "create", "-q", "-f", "parallels", "-o", "cluster_size=4k", layer,
+             "1M")
+        qemu_io(layer, "parallels", f"write -P {pattern}")
+    xml = hdd / "DiskDescriptor.xml"
+    xml.write_text(descriptor(MiB, [(guid, "Compressed", hds_name(guid))
+                                    for guid in (ROOT_GUID, TOP_GUID)],
+                              [(ROOT_GUID, NO_PARENT), (TOP_GUID, ROOT_GUID)]))
+    built["parallels-bundle"] = Sample("parallels-bundle", "parallels", xml,
+                                       [(0, len(xml.read_bytes()))], magic_length=0)
 
     luks2 = directory / "two.luks"
     with open(luks2, "wb") as handle:
@@ -656,7 +689,8 @@ async def exercise_writes(path: Path, secret: bool) -> None:
 FORMATS = ["qcow2-v2", "qcow2-backing", "qcow2-snapshots", "qcow2-compressed",
            "qcow2-extended-l2", "qcow2-bitmaps", "qcow2-zstd", "qcow2-data-file",
            "qcow2-luks", "qcow", "qcow-compressed", "qcow-backing", "qed", "qed-backing",
-           "luks1", "luks2", "vdi", "vdi-static", "vdi-diff"]
+           "luks1", "luks2", "vdi", "vdi-static", "vdi-diff", "parallels", "parallels-v1",
+           "parallels-bundle"]
 
 
 def test_valid_samples_read(samples: dict[str, Sample]) -> None:
@@ -717,7 +751,8 @@ def test_raw_windows(samples: dict[str, Sample], offset: int, size: int | None) 
 
 
 MAGICS = [b"QFI\xfb\x00\x00\x00\x01", b"QFI\xfb\x00\x00\x00\x02", b"QFI\xfb\x00\x00\x00\x03",
-          b"LUKS\xba\xbe\x00\x01", b"LUKS\xba\xbe\x00\x02", b"QED\x00", b""]
+          b"LUKS\xba\xbe\x00\x01", b"LUKS\xba\xbe\x00\x02", b"QED\x00",
+          b"WithoutFreeSpace\x02\0\0\0", b"WithouFreSpacExt\x02\0\0\0", b""]
 
 
 @SETTINGS
@@ -741,6 +776,21 @@ def test_luks2_digest_scalar_lists(samples: dict[str, Sample], key: str, value: 
     metadata["digests"]["0"][key] = value
     image = luks2_with_json(sample.data, metadata)
     assert image is not None
+    run_damaged(sample, image)
+
+
+def test_parallels_largest_catalog_past_the_end(samples: dict[str, Sample]) -> None:
+    """The largest catalog QEMU allows (2 GiB of entries) in a file that
+    holds none of it, with the data area after it: the catalog is read in
+    pages and its tail past the end of the file reads as zeros, so open,
+    reads, map and check stay within their time limits (walking it page
+    by page once took half a minute)."""
+    sample = samples["parallels"]
+    entries, tracks = 0x1FFF_FFFF, 8
+    data_off = -(-(64 + 4 * entries) // 4096) * 4096 // 512
+    image = apply_edits(sample.data[:4096], [
+        (28, _le(4, tracks)), (32, _le(4, entries)), (36, _le(8, entries * tracks)),
+        (48, _le(4, data_off))], [])
     run_damaged(sample, image)
 
 
@@ -781,6 +831,13 @@ CLI_DAMAGE = {
     "vdi map over the header": ("vdi", [(0x154, _le(4, 0x100))]),
     "vdi disk size": ("vdi", [(0x170, _le(8, (1 << 64) - 1))]),
     "vdi parent not found": ("vdi-diff", [(0x1A8, b"\x55" * 16)]),
+    "parallels zero cluster": ("parallels", [(28, _le(4, 0))]),
+    "parallels huge cluster": ("parallels", [(28, _le(4, 0xFFFF_FFFF))]),
+    "parallels huge catalog": ("parallels", [(32, _le(4, 0xFFFF_FFFF))]),
+    "parallels nb_sectors": ("parallels", [(36, _le(8, (1 << 64) - 1))]),
+    "parallels data inside catalog": ("parallels", [(48, _le(4, 1))]),
+    "parallels format extension": ("parallels", [(56, _le(8, 1))]),
+    "parallels-v1 huge catalog": ("parallels-v1", [(32, _le(4, 0x2000_0000))]),
     "luks1 stripes": ("luks1", [(252, _be(4, 0xFFFF_FFFF))]),
     "luks1 payload offset": ("luks1", [(104, _be(4, 0xFFFF_FFFF))]),
 }
@@ -916,7 +973,8 @@ def test_backing_file_names_a_fifo(tmp_path: Path) -> None:
 
 WRITABLE = ["qcow2-v2", "qcow2-backing", "qcow2-snapshots", "qcow2-compressed",
             "qcow2-extended-l2", "qcow2-bitmaps", "qcow", "qcow-compressed", "qcow-backing",
-            "qed", "qed-backing", "luks1", "vdi", "vdi-static", "vdi-diff"]
+            "qed", "qed-backing", "luks1", "vdi", "vdi-static", "vdi-diff", "parallels",
+            "parallels-v1"]
 
 
 @pytest.mark.parametrize("name", WRITABLE)
