@@ -51,6 +51,7 @@ class ParallelsDriver(MappedDriver):
     name = "parallels"
     kind = Kind.FORMAT
     can_check = True
+    reports_dirty_flag = False      # as qemu-img info
     description = "Parallels images and .hdd bundles (read, write, create, check)"
     create_opts = CREATE_OPTS
     #: as QEMU: a cluster past the end of the file reads as zeros (`check`

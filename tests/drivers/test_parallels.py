@@ -230,6 +230,7 @@ def test_info_agrees_with_qemu_img(tmp_path: Path) -> None:
     for image in [sample(tmp_path), qemu_create(tmp_path / "a.prl", 5 * MiB + 512,
                                                 "cluster_size=4k")]:
         ours, theirs = info_json("imgfs", image), info_json("qemu-img", image)
+        assert set(ours) == set(theirs)
         shared = set(theirs) - {"actual-size"}
         assert {key: ours.get(key) for key in shared} == {key: theirs[key] for key in shared}
         assert human_info("imgfs", image) == human_info("qemu-img", image)
