@@ -180,7 +180,10 @@ def check_mountpoint(mountpoint: str, sources: list[str], opts: MountOptions) ->
 # -- the serving process ----------------------------------------------------------
 
 
-def fuse_options(opts: MountOptions, sources: list[str]) -> set[str]:
+def fuse_options(opts: MountOptions, sources: list[str], *,
+                 read_only: bool = False) -> set[str]:
+    """`read_only`: every image opened read-only (a read-only format, a
+    write-protected source), so the mount table says ro as the files do."""
     from .source import without_secrets
     fsname = without_secrets(sources[0]) if len(sources) == 1 else "imgfs"
     fsname = fsname.replace("\\", "\\\\").replace(",", "\\,")
@@ -189,7 +192,7 @@ def fuse_options(opts: MountOptions, sources: list[str]) -> set[str]:
         options.add("default_permissions")
     if opts.allow_other:
         options.add("allow_other")
-    if opts.read_only:
+    if opts.read_only or read_only:
         options.add("ro")
     options.update(opts.kernel_flags)
     return options
@@ -287,7 +290,8 @@ async def _mount(sources: list[str], mountpoint: str, opts: MountOptions, nodes:
     # waits for the session we have not started serving.
     real_mountpoint = os.path.realpath(mountpoint)
     try:
-        pyfuse3.init(operations, mountpoint, fuse_options(opts, sources))
+        pyfuse3.init(operations, mountpoint, fuse_options(
+            opts, sources, read_only=all(view.read_only for view in images)))
     except RuntimeError as exc:
         # libfuse has already printed why (no /dev/fuse access, no
         # fusermount3, mountpoint not allowed...)
