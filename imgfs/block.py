@@ -177,6 +177,10 @@ class BlockDriver(abc.ABC):
     can_check: ClassVar[bool] = False
     #: the format stores internal snapshots (imgfs snapshot, -o snapshots)
     has_internal_snapshots: ClassVar[bool] = False
+    #: `imgfs info` reports a dirty-flag (False unless `info` says otherwise);
+    #: off for formats whose QEMU driver has no bdrv_get_info, which
+    #: qemu-img info shows without one (bochs, cloop)
+    reports_dirty_flag: ClassVar[bool] = True
 
     # -- probing and filename parsing (pure) ------------------------------------
 

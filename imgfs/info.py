@@ -34,7 +34,8 @@ def image_info(node: Node, filename: str) -> dict[str, Any]:
             report["backing-filename-format"] = backing.fmt
         if node.backing is not None:
             report["full-backing-filename"] = node.backing.filename
-    report.setdefault("dirty-flag", False)
+    if node.driver.reports_dirty_flag:
+        report.setdefault("dirty-flag", False)
     return qemu_order(report)
 
 
