@@ -34,6 +34,9 @@ APT_TEST    += libiscsi-dev libiscsi-bin
 # (mon, osd, mgr) for the tests.
 APT_RUNTIME += librbd1 librados2
 APT_TEST    += ceph-mon ceph-osd ceph-mgr ceph-common
+# bochs and cloop images for the tests: bximage (package bochs) and
+# create_compressed_fs (cloop-utils) make them.
+APT_TEST    += bochs cloop-utils
 
 help:  ## list the targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | sed 's/:.*## /\t/' | sort
