@@ -74,7 +74,8 @@ def _decide_read_only(node: Node, ctx: OpenContext) -> None:
                 not unwritable[0].driver.read_only_by_default:
             log.warning("%s: write-protected, opening read-only", unwritable[0].filename)
     if not read_only and node.driver.read_only_format:
-        raise Unsupported(f"{node.format_name} images can only be opened read-only (use -o ro)")
+        raise Unsupported(f"{node.format_name} images can only be opened read-only (use -o ro)",
+                          path=node.filename)
     if not read_only and unwritable:
         leaf = unwritable[0]
         raise PermissionDenied(f"{leaf.filename}: cannot open for writing "
