@@ -17,8 +17,9 @@ Refused at open: a block_size that is zero, not a multiple of 512 or
 above 64 MiB, an offset table larger than 512 MiB or past the end of the
 file, offsets that decrease, a chunk larger than 128 MiB, and a preamble
 naming another cloop version (V3/V4 put their index elsewhere).  Refused
-when read (EIO in a mount, the mount stays up): a chunk past the end of
-the file, empty or cut short, or inflating to more or less than a block
+when read (EIO in a mount, the mount stays up): a chunk that is empty, cut
+short (by the end of the file too: what lies in the file is inflated, as
+QEMU reads zeros past it), or inflates to more or less than a block
 (inflation stops one byte past the block size).
 
 Module map: `layout` (header, offsets, inflation; pure, and all that
