@@ -38,7 +38,7 @@ class BochsDriver(MappedDriver):
     kind = Kind.FORMAT
     read_only_format = True
     reports_dirty_flag = False      # as qemu-img info shows it
-    description = "Bochs growing (redolog) image (read-only)"
+    description = "Bochs growing images (redologs, as bximage makes them)"
     request_alignment = SECTOR
 
     @staticmethod

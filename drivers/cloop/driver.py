@@ -34,7 +34,7 @@ class CloopDriver(MappedDriver):
     kind = Kind.FORMAT
     read_only_format = True
     reports_dirty_flag = False      # as qemu-img info shows it
-    description = "compressed loop (cloop V2.0) image (read-only)"
+    description = "compressed loop images, version 2.0 (Knoppix, create_compressed_fs)"
     request_alignment = SECTOR
 
     @staticmethod
