@@ -1042,3 +1042,22 @@ def test_cloop_chunk_past_the_end_of_the_file_reads_as_qemu(tmp_path: Path) -> N
     assert (tmp_path / "out.raw").read_bytes() == b"".join(blocks)
     if shutil.which("qemu-img"):
         tool("qemu-img", "compare", "-f", "cloop", "-F", "raw", image, tmp_path / "out.raw")
+
+
+READ_ONLY_MAGICS = [
+    b"Bochs Virtual HD Image".ljust(32, b"\0") + b"Redolog".ljust(16, b"\0") +
+    b"Growing".ljust(16, b"\0") + _le(4, 0x00020000),
+    b"Bochs Virtual HD Image".ljust(32, b"\0") + b"Redolog".ljust(16, b"\0") +
+    b"Growing".ljust(16, b"\0") + _le(4, 0x00010000),
+    b"#!/bin/sh\n#V2.0 Format\nmodprobe cloop file=$0 && mount -r -t iso9660 /dev/cloop $1\n"
+    .ljust(128, b"\0"),
+]
+
+
+@SETTINGS
+@given(magic=st.sampled_from(READ_ONLY_MAGICS), head=st.binary(min_size=0, max_size=600),
+       tail=st.sampled_from([0, 1, 511, 4096, 70000]))
+def test_probed_garbage_read_only_formats(read_only_samples: dict[str, Sample], magic: bytes,
+                                          head: bytes, tail: int) -> None:
+    """A Bochs or cloop header, then anything: probed, opened or refused."""
+    run_damaged(read_only_samples["cloop"], magic + head + bytes(tail), fmt=None)
