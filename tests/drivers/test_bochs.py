@@ -270,6 +270,9 @@ def test_read_only_format(tmp_path: Path) -> None:
     assert image.read_bytes() == before
     listing = imgfs("formats").stdout
     assert "\n  bochs        ro " in listing
+    # neither tool checks the format (qemu-img check's exit status 63)
+    assert imgfs("check", image, check=False).returncode == 63
+    assert run("qemu-img", "check", image, check=False).returncode == 63
 
 
 def test_probe_and_subtypes(tmp_path: Path) -> None:
