@@ -31,6 +31,7 @@ from .layout import probe as probe_header
 CATALOG_CODEC = TableCodec(4, big_endian=False)
 #: bytes of extent bitmaps kept in memory
 BITMAP_CACHE_BYTES = 1024 * 1024
+TABLE_OVERHEAD_BYTES = 256
 
 
 class BochsDriver(MappedDriver):
@@ -54,7 +55,9 @@ class BochsDriver(MappedDriver):
         raw = await file.read(geometry.catalog_offset, 4 * geometry.entries)
         self.catalog = CATALOG_CODEC.decode(raw)
         self.setup_mapping(geometry.extent_size)
-        self.bitmaps = TableCache(BITMAP_CACHE_BYTES // geometry.bitmap_bytes)
+        # (a table costs some hundred bytes beside its bits: count that too)
+        self.bitmaps = TableCache(BITMAP_CACHE_BYTES //
+                                  max(geometry.bitmap_bytes, TABLE_OVERHEAD_BYTES))
 
     # -- the mapped layer's hook ----------------------------------------------------------
 
