@@ -1,11 +1,12 @@
-"""The Bochs driver: open, the mapped layer's lookup, info.
+"""The Bochs driver: open and the mapped layer's lookup.
 
 A growing redolog is a one-level map on `imgfs.mapped`: the catalog
 (in memory) names the stored extent of each guest extent, and each
 stored extent's bitmap (cached in a `TableCache`) says which of its
 sectors were written.  Written sectors are DATA runs (host-contiguous
-within an extent, so the core reads them in one call); the rest reads as
-zeros.  Read-only, as in QEMU.
+within an extent, so the core reads them in one call); the rest is
+UNALLOCATED, which reads as zeros (a growing image has no backing file).
+Read-only, as in QEMU.
 """
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""The cloop driver: open, the mapped layer's lookup and decode_block, info.
+"""The cloop driver: open and the mapped layer's lookup and decode_block.
 
 Every block of a cloop image is TRANSFORMED (one zlib stream per block):
 `lookup` names the block, `decode_block` reads and inflates its chunk,
