@@ -5,6 +5,7 @@ See the package docstring for the layout.  Probing imports only this module.
 from __future__ import annotations
 
 import array
+import functools
 import re
 import struct
 import sys
@@ -14,12 +15,6 @@ from typing import NamedTuple
 
 from imgfs.errors import CorruptImage, InvalidImage, Unsupported
 from imgfs.signatures import probe_cloop
-
-fast_zlib: ModuleType | None
-try:
-    from isal import isal_zlib as fast_zlib
-except ImportError:                      # (an optional speed-up: zlib does the same)
-    fast_zlib = None
 
 #: the shell preamble fills the first 128 bytes
 PREAMBLE_SIZE = 128
@@ -101,11 +96,22 @@ def decode_offsets(raw: bytes) -> array.array[int]:
     return offsets
 
 
+@functools.cache
+def inflater_library() -> ModuleType:
+    """ISA-L's zlib where it is installed (faster), else zlib; imported at
+    the first inflation, not when probing imports this module."""
+    try:
+        from isal import isal_zlib
+    except ImportError:                 # (an optional speed-up: zlib does the same)
+        return zlib
+    return isal_zlib
+
+
 def inflate_block(chunk: bytes, block_size: int, index: int) -> bytes:
     """Block `index` from its zlib stream: exactly `block_size` bytes.  A
     stream that would produce more is refused once `block_size` bytes are
     out (a decompression bomb costs no more than one block)."""
-    library: ModuleType = fast_zlib or zlib      # ISA-L where installed: faster
+    library = inflater_library()
     inflater = library.decompressobj()
     try:
         block = inflater.decompress(chunk, block_size)
