@@ -1016,7 +1016,6 @@ def test_cloop_chunks_refused_when_read(tmp_path: Path, case: str) -> None:
         data = bytearray(image.read_bytes())
         struct.pack_into(">Q", data, 136 + 8 * 3, len(data) + 9 + 4096)
         image.write_bytes(data)
-    assert json.loads(imgfs("info", "--output=json", image).stdout)["format"] == "cloop"
     result = imgfs("convert", "-O", "raw", image, tmp_path / "out.raw", check=False)
     assert_one_line_refusal(result)
     assert "chunk 1" in result.stderr or "chunk 2" in result.stderr
