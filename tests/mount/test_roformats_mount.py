@@ -11,7 +11,16 @@ from pathlib import Path
 
 import pytest
 
-from tests.conftest import imgfs, is_mounted, mounted, qemu_raw, sha256
+from tests.conftest import (
+    MOUNT_HELPER,
+    imgfs,
+    is_mounted,
+    mounted,
+    qemu_raw,
+    run,
+    sha256,
+    unmount,
+)
 from tests.roformat_images import (
     BochsLayout,
     KiB,
@@ -108,3 +117,16 @@ def test_damaged_chunks_are_eio_and_the_mount_stays_up(tmp_path: Path, mnt: Path
         finally:
             os.close(fd)
         assert is_mounted(mnt)
+
+
+def test_mount_helper_mounts_read_only_formats_read_only(images: list[Path],
+                                                         mnt: Path) -> None:
+    """mount(8) hands mount.imgfs `-o rw` unless told ro: for a bochs or
+    cloop image that is its default, and the mount is read-only."""
+    for image in (images[0], images[2]):
+        run(MOUNT_HELPER, image, mnt, "-o", "rw")
+        try:
+            assert "ro" in mount_options(mnt)
+            assert (mnt / f"{image.stem}.raw").stat().st_size > 0
+        finally:
+            unmount(mnt)

@@ -51,6 +51,13 @@ def test_human_sizes_as_qemu_img_prints_them(value: int, text: str) -> None:
     assert human_size(value) == text
 
 
+def test_rw_from_mount8_is_a_default_not_a_demand() -> None:
+    """mount.imgfs: mount(8) passes rw unless ro was asked for."""
+    assert parse_mount_options(["rw"]).read_only is False
+    assert parse_mount_options(["rw,allow_other"], rw_is_default=True).read_only is None
+    assert parse_mount_options(["ro"], rw_is_default=True).read_only is True
+
+
 def test_option_strings_as_qemu() -> None:
     assert split_opt_string("a=1,b=x,,y,flag") == {"a": "1", "b": "x,y", "flag": "on"}
     assert split_opt_string("a=1,a=2") == {"a": "2"}
