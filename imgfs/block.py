@@ -177,9 +177,8 @@ class BlockDriver(abc.ABC):
     can_check: ClassVar[bool] = False
     #: the format stores internal snapshots (imgfs snapshot, -o snapshots)
     has_internal_snapshots: ClassVar[bool] = False
-    #: `imgfs info` reports a dirty-flag (False unless `info` says otherwise);
-    #: off for formats whose QEMU driver has no bdrv_get_info, which
-    #: qemu-img info shows without one (bochs, cloop)
+    #: `imgfs info` shows dirty-flag, as qemu-img does for formats whose
+    #: QEMU driver reports image information (not dmg, bochs, cloop)
     reports_dirty_flag: ClassVar[bool] = True
 
     # -- probing and filename parsing (pure) ------------------------------------
