@@ -787,131 +787,6 @@ def assert_one_line_refusal(result: subprocess.CompletedProcess[str]) -> None:
     assert len(lines) == 1 and lines[0].startswith("imgfs:"), result.stderr
 
 
-# -- a mount --------------------------------------------------------------------------------
-
-def test_mount_damaged_l2_entries(tmp_path: Path) -> None:
-    """Two L2 entries aimed past the end of the file: a compressed cluster
-    (EIO for that request, as qemu-io fails it) and a data cluster (zeros,
-    as QEMU reads it); the rest reads, and the mount stays up."""
-    need("qemu-img", "qemu-io")
-    need_root_or_fuse()
-    image = tmp_path / "l2.qcow2"
-    tool("qemu-img", "create", "-q", "-f", "qcow2", image, "1M")
-    qemu_io(image, "qcow2", "write -P 0x11 0 192k", "write -P 0x22 512k 64k")
-    data = bytearray(image.read_bytes())
-    l1_offset = struct.unpack_from(">Q", data, 40)[0]
-    l2_offset = struct.unpack_from(">Q", data, l1_offset)[0] & 0x00FF_FFFF_FFFF_FE00
-    past_end = (len(data) // CHUNK + 100) * CHUNK
-    # cluster 1: compressed (bit 62), host offset past the end; cluster 2: data
-    struct.pack_into(">Q", data, l2_offset + 8, 1 << 62 | past_end)
-    struct.pack_into(">Q", data, l2_offset + 16, 1 << 63 | past_end)
-    image.write_bytes(data)
-    qemu = subprocess.run(["qemu-io", "-r", "-f", "qcow2", "-c", f"read {CHUNK} {CHUNK}",
-                           image], capture_output=True, text=True, check=False)
-    assert "error" in (qemu.stdout + qemu.stderr).lower(), qemu
-    mountpoint = tmp_path / "mnt"
-    mountpoint.mkdir()
-    with mounted(image, mountpoint=mountpoint, options="ro"):
-        view = mountpoint / "l2.raw"
-        fd = os.open(view, os.O_RDONLY)
-        try:
-            with pytest.raises(OSError) as info:
-                os.pread(fd, CHUNK, CHUNK)
-            assert info.value.errno == errno.EIO
-            assert os.pread(fd, CHUNK, 0) == b"\x11" * CHUNK
-            assert os.pread(fd, CHUNK, 2 * CHUNK) == bytes(CHUNK)
-            assert os.pread(fd, CHUNK, 8 * CHUNK) == b"\x22" * CHUNK
-        finally:
-            os.close(fd)
-        assert is_mounted(mountpoint)
-        assert os.stat(view).st_size == 1 * MiB
-
-
-def test_mount_of_a_fifo_is_refused_at_once(tmp_path: Path) -> None:
-    """A FIFO named as the source: one line and exit 1, for every format
-    the early unlock looks at (it once opened the source blocking, and the
-    mount waited for a writer forever)."""
-    need_root_or_fuse()
-    os.mkfifo(tmp_path / "pipe")
-    mountpoint = tmp_path / "mnt"
-    mountpoint.mkdir()
-    for options in ([], ["-o", "format=luks,passphrase-file=/dev/null"],
-                    ["-o", "format=qcow2"]):
-        result = imgfs("mount", *options, tmp_path / "pipe", mountpoint, check=False,
-                       timeout=30)
-        assert_one_line_refusal(result)
-        assert "not a regular file or block device" in result.stderr
-        assert not is_mounted(mountpoint)
-
-
-def test_check_bitmap_table_size(samples: dict[str, Sample]) -> None:
-    """imgfs check once sized an allocation by bitmap_table_size (32 GiB for
-    0xFFFFFFFF); fixed in repair.py, kept as a regression case."""
-    sample = samples["qcow2-bitmaps"]
-    original = sample.data
-    header_length = struct.unpack_from(">I", original, 100)[0]
-    start = qcow2_extensions(original, header_length, 4096)[BITMAPS_EXTENSION][0]
-    directory = struct.unpack_from(">Q", original, start + 16)[0]
-    image = apply_edits(original, [(directory + 8, _be(4, 0xFFFF_FFFF))], [])
-    run_damaged(sample, image)
-
-
-def test_backing_file_names_a_fifo(tmp_path: Path) -> None:
-    """A backing file name may name anything: a FIFO is refused at once
-    instead of waiting for a writer (QEMU 7.2 waits forever)."""
-    need("qemu-img")
-    os.mkfifo(tmp_path / "pipe")
-    image = tmp_path / "top.qcow2"
-    tool("qemu-img", "create", "-q", "-f", "qcow2", "-u", "-b", "pipe", "-F", "raw", image,
-         "1M", cwd=tmp_path)
-
-    async def open_it() -> None:
-        with trio.fail_after(REQUEST_SECONDS), pytest.raises(ImgfsError) as info:
-            await open_image(str(image), OpenContext(read_only=True))
-        assert "not a regular file or block device" in str(info.value)
-
-    with guarded():
-        trio.run(open_it)
-    result = imgfs("info", "--backing-chain", image, check=False, timeout=30)
-    assert_one_line_refusal(result)
-
-
-WRITABLE = ["qcow2-v2", "qcow2-backing", "qcow2-snapshots", "qcow2-compressed",
-            "qcow2-extended-l2", "qcow2-bitmaps", "qcow", "qcow-compressed", "qcow-backing",
-            "qed", "qed-backing", "luks1"]
-
-
-@pytest.mark.parametrize("name", WRITABLE)
-@settings(SETTINGS, max_examples=max(10, EXAMPLES // 3))
-@given(data=st.data())
-def test_damaged_metadata_written(samples: dict[str, Sample], name: str,
-                                  data: st.DataObject) -> None:
-    """Writes through a damaged image: refused or done, never a crash."""
-    sample = samples[name]
-    image = data.draw(damage(sample))
-    target = sample.path.with_name("written-" + sample.path.name)
-    target.write_bytes(image)
-    with guarded():
-        trio.run(exercise_writes, target, sample.secret)
-
-
-@pytest.mark.parametrize("fmt", ["qcow2", "qcow", "qed"])
-def test_backing_files_name_each_other(tmp_path: Path, fmt: str) -> None:
-    """Two images, each the other's backing file: refused, no recursion."""
-    need("qemu-img")
-    for name, other in (("x", "y"), ("y", "x")):
-        tool("qemu-img", "create", "-q", "-f", fmt, "-u", "-b", f"{other}.{fmt}", "-F", fmt,
-             tmp_path / f"{name}.{fmt}", "1M", cwd=tmp_path)
-
-    async def open_it() -> None:
-        with trio.fail_after(REQUEST_SECONDS), pytest.raises(ImgfsError):
-            await open_image(str(tmp_path / f"x.{fmt}"), OpenContext(read_only=True))
-
-    with guarded():
-        trio.run(open_it)
-    assert_one_line_refusal(imgfs("map", tmp_path / f"x.{fmt}", check=False, timeout=30))
-
-
 # -- read-only formats: bochs and cloop ------------------------------------------------------
 # (their own samples, written from the layouts by tests/roformat_images.py: no
 # tool is needed to damage them)
@@ -1060,3 +935,129 @@ def test_probed_garbage_read_only_formats(read_only_samples: dict[str, Sample], 
                                           head: bytes, tail: int) -> None:
     """A Bochs or cloop header, then anything: probed, opened or refused."""
     run_damaged(read_only_samples["cloop"], magic + head + bytes(tail), fmt=None)
+
+
+# -- a mount --------------------------------------------------------------------------------
+
+def test_mount_damaged_l2_entries(tmp_path: Path) -> None:
+    """Two L2 entries aimed past the end of the file: a compressed cluster
+    (EIO for that request, as qemu-io fails it) and a data cluster (zeros,
+    as QEMU reads it); the rest reads, and the mount stays up."""
+    need("qemu-img", "qemu-io")
+    need_root_or_fuse()
+    image = tmp_path / "l2.qcow2"
+    tool("qemu-img", "create", "-q", "-f", "qcow2", image, "1M")
+    qemu_io(image, "qcow2", "write -P 0x11 0 192k", "write -P 0x22 512k 64k")
+    data = bytearray(image.read_bytes())
+    l1_offset = struct.unpack_from(">Q", data, 40)[0]
+    l2_offset = struct.unpack_from(">Q", data, l1_offset)[0] & 0x00FF_FFFF_FFFF_FE00
+    past_end = (len(data) // CHUNK + 100) * CHUNK
+    # cluster 1: compressed (bit 62), host offset past the end; cluster 2: data
+    struct.pack_into(">Q", data, l2_offset + 8, 1 << 62 | past_end)
+    struct.pack_into(">Q", data, l2_offset + 16, 1 << 63 | past_end)
+    image.write_bytes(data)
+    qemu = subprocess.run(["qemu-io", "-r", "-f", "qcow2", "-c", f"read {CHUNK} {CHUNK}",
+                           image], capture_output=True, text=True, check=False)
+    assert "error" in (qemu.stdout + qemu.stderr).lower(), qemu
+    mountpoint = tmp_path / "mnt"
+    mountpoint.mkdir()
+    with mounted(image, mountpoint=mountpoint, options="ro"):
+        view = mountpoint / "l2.raw"
+        fd = os.open(view, os.O_RDONLY)
+        try:
+            with pytest.raises(OSError) as info:
+                os.pread(fd, CHUNK, CHUNK)
+            assert info.value.errno == errno.EIO
+            assert os.pread(fd, CHUNK, 0) == b"\x11" * CHUNK
+            assert os.pread(fd, CHUNK, 2 * CHUNK) == bytes(CHUNK)
+            assert os.pread(fd, CHUNK, 8 * CHUNK) == b"\x22" * CHUNK
+        finally:
+            os.close(fd)
+        assert is_mounted(mountpoint)
+        assert os.stat(view).st_size == 1 * MiB
+
+
+def test_mount_of_a_fifo_is_refused_at_once(tmp_path: Path) -> None:
+    """A FIFO named as the source: one line and exit 1, for every format
+    the early unlock looks at (it once opened the source blocking, and the
+    mount waited for a writer forever)."""
+    need_root_or_fuse()
+    os.mkfifo(tmp_path / "pipe")
+    mountpoint = tmp_path / "mnt"
+    mountpoint.mkdir()
+    for options in ([], ["-o", "format=luks,passphrase-file=/dev/null"],
+                    ["-o", "format=qcow2"]):
+        result = imgfs("mount", *options, tmp_path / "pipe", mountpoint, check=False,
+                       timeout=30)
+        assert_one_line_refusal(result)
+        assert "not a regular file or block device" in result.stderr
+        assert not is_mounted(mountpoint)
+
+
+def test_check_bitmap_table_size(samples: dict[str, Sample]) -> None:
+    """imgfs check once sized an allocation by bitmap_table_size (32 GiB for
+    0xFFFFFFFF); fixed in repair.py, kept as a regression case."""
+    sample = samples["qcow2-bitmaps"]
+    original = sample.data
+    header_length = struct.unpack_from(">I", original, 100)[0]
+    start = qcow2_extensions(original, header_length, 4096)[BITMAPS_EXTENSION][0]
+    directory = struct.unpack_from(">Q", original, start + 16)[0]
+    image = apply_edits(original, [(directory + 8, _be(4, 0xFFFF_FFFF))], [])
+    run_damaged(sample, image)
+
+
+def test_backing_file_names_a_fifo(tmp_path: Path) -> None:
+    """A backing file name may name anything: a FIFO is refused at once
+    instead of waiting for a writer (QEMU 7.2 waits forever)."""
+    need("qemu-img")
+    os.mkfifo(tmp_path / "pipe")
+    image = tmp_path / "top.qcow2"
+    tool("qemu-img", "create", "-q", "-f", "qcow2", "-u", "-b", "pipe", "-F", "raw", image,
+         "1M", cwd=tmp_path)
+
+    async def open_it() -> None:
+        with trio.fail_after(REQUEST_SECONDS), pytest.raises(ImgfsError) as info:
+            await open_image(str(image), OpenContext(read_only=True))
+        assert "not a regular file or block device" in str(info.value)
+
+    with guarded():
+        trio.run(open_it)
+    result = imgfs("info", "--backing-chain", image, check=False, timeout=30)
+    assert_one_line_refusal(result)
+
+
+WRITABLE = ["qcow2-v2", "qcow2-backing", "qcow2-snapshots", "qcow2-compressed",
+            "qcow2-extended-l2", "qcow2-bitmaps", "qcow", "qcow-compressed", "qcow-backing",
+            "qed", "qed-backing", "luks1"]
+
+
+@pytest.mark.parametrize("name", WRITABLE)
+@settings(SETTINGS, max_examples=max(10, EXAMPLES // 3))
+@given(data=st.data())
+def test_damaged_metadata_written(samples: dict[str, Sample], name: str,
+                                  data: st.DataObject) -> None:
+    """Writes through a damaged image: refused or done, never a crash."""
+    sample = samples[name]
+    image = data.draw(damage(sample))
+    target = sample.path.with_name("written-" + sample.path.name)
+    target.write_bytes(image)
+    with guarded():
+        trio.run(exercise_writes, target, sample.secret)
+
+
+@pytest.mark.parametrize("fmt", ["qcow2", "qcow", "qed"])
+def test_backing_files_name_each_other(tmp_path: Path, fmt: str) -> None:
+    """Two images, each the other's backing file: refused, no recursion."""
+    need("qemu-img")
+    for name, other in (("x", "y"), ("y", "x")):
+        tool("qemu-img", "create", "-q", "-f", fmt, "-u", "-b", f"{other}.{fmt}", "-F", fmt,
+             tmp_path / f"{name}.{fmt}", "1M", cwd=tmp_path)
+
+    async def open_it() -> None:
+        with trio.fail_after(REQUEST_SECONDS), pytest.raises(ImgfsError):
+            await open_image(str(tmp_path / f"x.{fmt}"), OpenContext(read_only=True))
+
+    with guarded():
+        trio.run(open_it)
+    assert_one_line_refusal(imgfs("map", tmp_path / f"x.{fmt}", check=False, timeout=30))
+
