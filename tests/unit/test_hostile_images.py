@@ -1060,4 +1060,3 @@ def test_backing_files_name_each_other(tmp_path: Path, fmt: str) -> None:
     with guarded():
         trio.run(open_it)
     assert_one_line_refusal(imgfs("map", tmp_path / f"x.{fmt}", check=False, timeout=30))
-
