@@ -111,6 +111,8 @@ def inflate_block(chunk: bytes, block_size: int, index: int) -> bytes:
     """Block `index` from its zlib stream: exactly `block_size` bytes.  A
     stream that would produce more is refused once `block_size` bytes are
     out (a decompression bomb costs no more than one block)."""
+    if not chunk:
+        raise CorruptImage(f"chunk {index} is empty (expected a zlib stream)")
     library = inflater_library()
     inflater = library.decompressobj()
     try:
