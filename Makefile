@@ -30,6 +30,9 @@ APT_TEST    := qemu-utils qemu-system-common qemu-block-extra nbdkit fio \
 # (iscsi-ls, iscsi-inq, iscsi-perf) for debugging against tgtd.
 APT_RUNTIME += libiscsi7
 APT_TEST    += libiscsi-dev libiscsi-bin
+# bochs and cloop images for the tests: bximage (package bochs) and
+# create_compressed_fs (cloop-utils) make them.
+APT_TEST    += bochs cloop-utils
 # rbd: sources: librados and librbd at run time; a one-node Ceph cluster
 # (mon, osd, mgr) for the tests.
 APT_RUNTIME += librbd1 librados2

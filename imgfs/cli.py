@@ -351,7 +351,8 @@ def mount_helper_main(argv: Sequence[str] | None = None) -> int:
         from .commands import mount_sources
         return mount_sources([parsed.source], parsed.mountpoint, parsed.options,
                              objects=[], foreground=False, debug=parsed.debug,
-                             sloppy=parsed.sloppy, fake=parsed.fake, verbose=parsed.verbose)
+                             sloppy=parsed.sloppy, fake=parsed.fake, verbose=parsed.verbose,
+                             rw_is_default=True)
     return run_guarded(run, debug)
 
 

@@ -117,9 +117,9 @@ def absolute_source(source: str) -> str:
 
 def mount_sources(sources: list[str], mountpoint: str, option_strings: list[str], *,
                   objects: list[str], foreground: bool, debug: bool, sloppy: bool = False,
-                  fake: bool = False, verbose: bool = False) -> int:
+                  fake: bool = False, verbose: bool = False, rw_is_default: bool = False) -> int:
     from .mount import check_mountpoint, export_names, parse_mount_options
-    opts = parse_mount_options(option_strings, sloppy=sloppy)
+    opts = parse_mount_options(option_strings, sloppy=sloppy, rw_is_default=rw_is_default)
     opts.secrets = parse_objects(objects)
     given = {absolute_source(source): source for source in sources}
     sources = [absolute_source(source) for source in sources]

@@ -67,11 +67,12 @@ def chain_info(node: Node, filename: str) -> list[dict[str, Any]]:
 
 
 def human_size(value: int) -> str:
-    """``1.5 GiB``: three significant digits, as qemu-img prints sizes."""
+    """``1.5 GiB``: three significant digits, as qemu-img prints sizes (its
+    next unit from 1000 of the smaller one: ``0.984 MiB``, not ``1.01e+03 KiB``)."""
     units = ["B", "KiB", "MiB", "GiB", "TiB", "PiB", "EiB"]
     amount = float(value)
     unit = 0
-    while amount >= 1024 and unit < len(units) - 1:
+    while amount >= 1000 and unit < len(units) - 1:
         amount /= 1024
         unit += 1
     if unit == 0:

@@ -73,6 +73,11 @@ class MountOptions:
     driver_options: dict[str, str] = field(default_factory=dict)
     #: mount -s (mount.imgfs): unknown options are ignored, not refused
     sloppy: bool = False
+    #: mount.imgfs: mount(8) passes rw whenever ro is not asked for, so rw
+    #: is no request: the mount is read-write where the image can be
+    #: written, and read-only (as mount(8) mounts write-protected media)
+    #: for a read-only format or source
+    rw_is_default: bool = False
 
 
 def _choice(value: str, allowed: tuple[str, ...], name: str) -> str:
@@ -82,12 +87,13 @@ def _choice(value: str, allowed: tuple[str, ...], name: str) -> str:
     return value
 
 
-def parse_mount_options(option_strings: list[str], *, sloppy: bool = False) -> MountOptions:
+def parse_mount_options(option_strings: list[str], *, sloppy: bool = False,
+                        rw_is_default: bool = False) -> MountOptions:
     """Merge every ``-o`` list (later wins) and check each option."""
     merged: dict[str, str] = {}
     for text in option_strings:
         merged.update(split_opt_string(text))
-    opts = MountOptions(sloppy=sloppy)
+    opts = MountOptions(sloppy=sloppy, rw_is_default=rw_is_default)
     for key, value in merged.items():
         try:
             _apply_option(opts, key, value)
@@ -104,7 +110,8 @@ def parse_mount_options(option_strings: list[str], *, sloppy: bool = False) -> M
 
 def _apply_option(opts: MountOptions, key: str, value: str) -> None:
     if key in ("ro", "rw"):
-        opts.read_only = key == "ro"
+        if key == "ro" or not opts.rw_is_default:
+            opts.read_only = key == "ro"
     elif key == "format":
         opts.fmt = value
     elif key == "name":
@@ -180,7 +187,10 @@ def check_mountpoint(mountpoint: str, sources: list[str], opts: MountOptions) ->
 # -- the serving process ----------------------------------------------------------
 
 
-def fuse_options(opts: MountOptions, sources: list[str]) -> set[str]:
+def fuse_options(opts: MountOptions, sources: list[str], *,
+                 read_only: bool = False) -> set[str]:
+    """`read_only`: every image opened read-only (a read-only format, a
+    write-protected source), so the mount table says ro as the files do."""
     from .source import without_secrets
     fsname = without_secrets(sources[0]) if len(sources) == 1 else "imgfs"
     fsname = fsname.replace("\\", "\\\\").replace(",", "\\,")
@@ -189,7 +199,7 @@ def fuse_options(opts: MountOptions, sources: list[str]) -> set[str]:
         options.add("default_permissions")
     if opts.allow_other:
         options.add("allow_other")
-    if opts.read_only:
+    if opts.read_only or read_only:
         options.add("ro")
     options.update(opts.kernel_flags)
     return options
@@ -287,7 +297,8 @@ async def _mount(sources: list[str], mountpoint: str, opts: MountOptions, nodes:
     # waits for the session we have not started serving.
     real_mountpoint = os.path.realpath(mountpoint)
     try:
-        pyfuse3.init(operations, mountpoint, fuse_options(opts, sources))
+        pyfuse3.init(operations, mountpoint, fuse_options(
+            opts, sources, read_only=all(view.read_only for view in images)))
     except RuntimeError as exc:
         # libfuse has already printed why (no /dev/fuse access, no
         # fusermount3, mountpoint not allowed...)

@@ -6,6 +6,7 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from imgfs.errors import UsageError
+from imgfs.info import human_size
 from imgfs.locking import Perm, wanted_perms
 from imgfs.mount import export_names, parse_mount_options
 from imgfs.options import (
@@ -38,6 +39,23 @@ def test_bad_sizes(text: str) -> None:
 @given(st.integers(min_value=0, max_value=2 ** 50))
 def test_size_round_trip(value: int) -> None:
     assert parse_size(str(value)) == value
+
+
+@pytest.mark.parametrize("value, text", [
+    (0, "0 B"), (512, "512 B"), (999, "999 B"), (1000, "0.977 KiB"), (1024, "1 KiB"),
+    (1032192, "0.984 MiB"), (1024000, "0.977 MiB"), (1048576, "1 MiB"),
+    (5000000000, "4.66 GiB"),
+])
+def test_human_sizes_as_qemu_img_prints_them(value: int, text: str) -> None:
+    """(qemu-img info's "virtual size", e.g. of a 0.984 MiB Bochs image)"""
+    assert human_size(value) == text
+
+
+def test_rw_from_mount8_is_a_default_not_a_demand() -> None:
+    """mount.imgfs: mount(8) passes rw unless ro was asked for."""
+    assert parse_mount_options(["rw"]).read_only is False
+    assert parse_mount_options(["rw,allow_other"], rw_is_default=True).read_only is None
+    assert parse_mount_options(["ro"], rw_is_default=True).read_only is True
 
 
 def test_option_strings_as_qemu() -> None:

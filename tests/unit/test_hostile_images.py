@@ -35,9 +35,11 @@ import hashlib
 import json
 import os
 import resource
+import shutil
 import signal
 import struct
 import subprocess
+import zlib
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -880,6 +882,156 @@ def assert_one_line_refusal(result: subprocess.CompletedProcess[str]) -> None:
     assert "Traceback" not in result.stderr and "internal error" not in result.stderr, result
     lines = result.stderr.splitlines()
     assert len(lines) == 1 and lines[0].startswith("imgfs:"), result.stderr
+
+
+# -- read-only formats: bochs and cloop ------------------------------------------------------
+# (their own samples, written from the layouts by tests/roformat_images.py: no
+# tool is needed to damage them)
+
+BOCHS_CATALOG = 512
+
+
+@pytest.fixture(scope="module")
+def read_only_samples(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Sample]:
+    from tests.roformat_images import BochsLayout, cloop_image, deflate
+    directory = tmp_path_factory.mktemp("hostile-ro")
+    built: dict[str, Sample] = {}
+    for name, version in (("bochs-v2", 0x00020000), ("bochs-v1", 0x00010000)):
+        path = directory / f"{name}.bochs"
+        layout = BochsLayout(disk=1 * MiB, version=version,
+                             stored=[(3, 0b1011_0001), (0, 0xFF), (200, 0x80)])
+        layout.write(path)
+        data_offset = BOCHS_CATALOG + 4 * (256 + layout.spare_entries)
+        # the fields after magic, type and subtype; the catalog; the first bitmap
+        built[name] = Sample(name, "bochs", path, [(64, 32), (BOCHS_CATALOG, 64),
+                                                   (data_offset, 16)], magic_length=64)
+    path = directory / "disk.cloop"
+    blocks = [bytes([index]) * (16 * KiB) for index in range(6)]
+    cloop_image(path, 16 * KiB, [deflate(block) for block in blocks])
+    first_chunk = 136 + 8 * 7
+    # block_size and n_blocks; the offsets; the first chunk's zlib header
+    built["cloop"] = Sample("cloop", "cloop", path, [(128, 8), (136, 56), (first_chunk, 16)],
+                            magic_length=128)
+    return built
+
+
+@pytest.mark.parametrize("name", ["bochs-v2", "bochs-v1", "cloop"])
+@SETTINGS
+@given(data=st.data())
+def test_damaged_read_only_formats(read_only_samples: dict[str, Sample], name: str,
+                                   data: st.DataObject) -> None:
+    sample = read_only_samples[name]
+    run_damaged(sample, data.draw(damage(sample)))
+
+
+def test_valid_read_only_samples_read(read_only_samples: dict[str, Sample]) -> None:
+    for sample in read_only_samples.values():
+        with guarded():
+            trio.run(exercise, sample.path, sample.fmt, False)
+
+
+#: (sample, [(offset, bytes)], what the one line says): refused at open
+READ_ONLY_CLI_DAMAGE = {
+    "bochs catalog past EOF": ("bochs-v2", [(68, _le(4, 1 << 31))], "past the end"),
+    "bochs catalog of 2^32 entries": ("bochs-v2", [(72, _le(4, 0xFFFF_FFFF))], "too large"),
+    "bochs catalog too small": ("bochs-v2", [(72, _le(4, 1))], "too small"),
+    "bochs disk of 2^63 bytes": ("bochs-v2", [(88, _le(8, 1 << 63))], "too small"),
+    "bochs v1 disk of 2^64-1 bytes": ("bochs-v1", [(84, _le(8, (1 << 64) - 1))], "too small"),
+    "bochs extent 0": ("bochs-v2", [(80, _le(4, 0))], "extent size 0"),
+    "bochs extent 2^31": ("bochs-v2", [(80, _le(4, 1 << 31))], "extent size"),
+    "bochs extent not a power of two": ("bochs-v2", [(80, _le(4, 4097))], "extent size"),
+    "bochs bitmap 0": ("bochs-v2", [(76, _le(4, 0))], "bitmap size 0"),
+    "bochs version": ("bochs-v2", [(64, _le(4, 0x00030000))], "version"),
+    "cloop block_size 0": ("cloop", [(128, _be(4, 0))], "block_size 0"),
+    "cloop block_size 4 GiB - 512": ("cloop", [(128, _be(4, 0xFFFF_FE00))], "block_size"),
+    "cloop block_size unaligned": ("cloop", [(128, _be(4, 1000))], "block_size 1000"),
+    "cloop n_blocks 2^32 - 1": ("cloop", [(132, _be(4, 0xFFFF_FFFF))], "offset table"),
+    "cloop n_blocks past EOF": ("cloop", [(132, _be(4, 1 << 20))], "past the end"),
+    "cloop offsets decrease": ("cloop", [(144, _be(8, 1))], "decrease"),
+    "cloop chunk of 1 TiB": ("cloop", [(144, _be(8, 1 << 40))], "larger than"),
+}
+
+
+@pytest.mark.parametrize("damage", sorted(READ_ONLY_CLI_DAMAGE))
+def test_read_only_formats_cli_one_line(read_only_samples: dict[str, Sample],
+                                        damage: str) -> None:
+    name, changes, says = READ_ONLY_CLI_DAMAGE[damage]
+    sample = read_only_samples[name]
+    target = sample.path.with_name("cli-" + sample.path.name)
+    target.write_bytes(apply_edits(sample.data, changes, []))
+    result = imgfs("info", target, check=False, timeout=30)
+    assert_one_line_refusal(result)
+    assert says in result.stderr
+
+
+def hostile_cloop(path: Path, chunks: list[bytes], block_size: int = 64 * KiB) -> Path:
+    from tests.roformat_images import cloop_image
+    cloop_image(path, block_size, chunks)
+    return path
+
+
+@pytest.mark.parametrize("case", ["empty chunk", "bomb", "cut short", "cut by the end",
+                                  "short block", "garbage"])
+def test_cloop_chunks_refused_when_read(tmp_path: Path, case: str) -> None:
+    """Opened (the table is sane), refused by the read that meets the chunk,
+    in one line; qemu-img fails the same conversions.  A bomb (64 MiB of
+    zeros in 64 KiB of zlib) stops one byte past its 64 KiB block."""
+    from tests.roformat_images import deflate
+    block = 64 * KiB
+    good = deflate(b"\x11" * block)
+    bad = {"empty chunk": b"", "bomb": zlib.compress(bytes(64 * MiB), 9),
+           "cut short": deflate(b"\x22" * block)[:-9], "cut by the end": good[:-9],
+           "short block": deflate(b"\x33" * (block - 512)), "garbage": b"\x99" * 100}[case]
+    chunks = [good, bad, good] if case != "cut by the end" else [good, good, bad]
+    image = hostile_cloop(tmp_path / "chunk.cloop", chunks)
+    if case == "cut by the end":        # the last offset past the end of the file
+        data = bytearray(image.read_bytes())
+        struct.pack_into(">Q", data, 136 + 8 * 3, len(data) + 9 + 4096)
+        image.write_bytes(data)
+    result = imgfs("convert", "-O", "raw", image, tmp_path / "out.raw", check=False)
+    assert_one_line_refusal(result)
+    assert "chunk 1" in result.stderr or "chunk 2" in result.stderr
+    if shutil.which("qemu-img"):
+        qemu = subprocess.run(["qemu-img", "convert", "-O", "raw", image, tmp_path / "q.raw"],
+                              capture_output=True, check=False, timeout=60)
+        assert qemu.returncode != 0
+    sample = Sample("chunk", "cloop", image, [(128, 8)])
+    run_damaged(sample, image.read_bytes())
+
+
+def test_cloop_chunk_past_the_end_of_the_file_reads_as_qemu(tmp_path: Path) -> None:
+    """The last offset past the end of the file: QEMU reads zeros there, so
+    a stream that ends inside the file inflates; imgfs reads it too."""
+    from tests.roformat_images import deflate
+    blocks = [b"\x11" * 4 * KiB, b"\x22" * 4 * KiB]
+    image = hostile_cloop(tmp_path / "long.cloop", [deflate(block) for block in blocks],
+                          block_size=4 * KiB)
+    data = bytearray(image.read_bytes())
+    struct.pack_into(">Q", data, 136 + 8 * 2, len(data) + 64 * KiB)
+    image.write_bytes(data)
+    imgfs("convert", "-O", "raw", image, tmp_path / "out.raw")
+    assert (tmp_path / "out.raw").read_bytes() == b"".join(blocks)
+    if shutil.which("qemu-img"):
+        tool("qemu-img", "compare", "-f", "cloop", "-F", "raw", image, tmp_path / "out.raw")
+
+
+READ_ONLY_MAGICS = [
+    b"Bochs Virtual HD Image".ljust(32, b"\0") + b"Redolog".ljust(16, b"\0") +
+    b"Growing".ljust(16, b"\0") + _le(4, 0x00020000),
+    b"Bochs Virtual HD Image".ljust(32, b"\0") + b"Redolog".ljust(16, b"\0") +
+    b"Growing".ljust(16, b"\0") + _le(4, 0x00010000),
+    b"#!/bin/sh\n#V2.0 Format\nmodprobe cloop file=$0 && mount -r -t iso9660 /dev/cloop $1\n"
+    .ljust(128, b"\0"),
+]
+
+
+@SETTINGS
+@given(magic=st.sampled_from(READ_ONLY_MAGICS), head=st.binary(min_size=0, max_size=600),
+       tail=st.sampled_from([0, 1, 511, 4096, 70000]))
+def test_probed_garbage_read_only_formats(read_only_samples: dict[str, Sample], magic: bytes,
+                                          head: bytes, tail: int) -> None:
+    """A Bochs or cloop header, then anything: probed, opened or refused."""
+    run_damaged(read_only_samples["cloop"], magic + head + bytes(tail), fmt=None)
 
 
 # -- a mount --------------------------------------------------------------------------------
