@@ -218,6 +218,18 @@ def workdir(tmp_path: Path) -> Path:
     return tmp_path
 
 
+def pread_errno(path: Path, offset: int, length: int, *, direct: bool = False) -> int:
+    """0 when a read (O_DIRECT: past the page cache) returns `length`
+    bytes, -1 when it returns fewer, else the errno it fails with."""
+    fd = os.open(path, os.O_RDONLY | (os.O_DIRECT if direct else 0))
+    try:
+        return 0 if len(os.pread(fd, length, offset)) == length else -1
+    except OSError as exc:
+        return exc.errno or -1
+    finally:
+        os.close(fd)
+
+
 def pwrite_all(path: Path, writes: list[tuple[int, bytes]],
                expected: bytearray | None = None) -> None:
     """Write every (offset, data) through one descriptor, then fsync; keep

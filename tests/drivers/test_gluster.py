@@ -21,6 +21,7 @@ from tests.conftest import (
     mounted,
     need,
     need_root,
+    pread_errno,
     pwrite_all,
     random_bytes,
     run,
@@ -141,13 +142,7 @@ def test_a_volume_that_stops_answering_gives_eio_not_a_hang(gluster: GlusterServ
             os.kill(pid, signal.SIGSTOP)
         try:
             started = time.monotonic()
-            fd = os.open(raw, os.O_RDONLY | os.O_DIRECT)
-            try:
-                with pytest.raises(OSError) as failure:
-                    os.pread(fd, 4096, 2 * MiB)
-            finally:
-                os.close(fd)
-            assert failure.value.errno == 5
+            assert pread_errno(raw, 2 * MiB, 4096, direct=True) == errno.EIO
             assert time.monotonic() - started < 10
         finally:
             for pid in bricks:
@@ -173,7 +168,7 @@ def test_a_killed_brick_gives_eio_and_the_restarted_one_serves(gluster: GlusterS
             for pid in bricks:
                 os.kill(pid, signal.SIGKILL)
             started = time.monotonic()
-            assert pread_errno(raw, 3 * MiB, 4096) == errno.EIO
+            assert pread_errno(raw, 3 * MiB, 4096, direct=True) == errno.EIO
             assert time.monotonic() - started < 10
         finally:
             # (the killed brick stays a zombie where PID 1 reaps nothing, and
@@ -182,7 +177,7 @@ def test_a_killed_brick_gives_eio_and_the_restarted_one_serves(gluster: GlusterS
             gluster.cli("volume", "start", gluster.volume)
         assert gluster.brick_pids(), "glusterd did not restart the brick"
         deadline = time.monotonic() + 60
-        while (error := pread_errno(raw, 3 * MiB, 4096)):
+        while (error := pread_errno(raw, 3 * MiB, 4096, direct=True)):
             assert time.monotonic() < deadline, f"the mount never reconnected: {error}"
             time.sleep(0.5)
         pwrite_all(raw, [(MiB + 7, b"after the restart")])
@@ -191,16 +186,6 @@ def test_a_killed_brick_gives_eio_and_the_restarted_one_serves(gluster: GlusterS
         assert expected[MiB + 7:MiB + 24] == b"after the restart"
     assert not daemon_pids(mnt)
 
-
-def pread_errno(path: Path, offset: int, length: int) -> int:
-    """0 when an O_DIRECT read returns `length` bytes, else its errno."""
-    fd = os.open(path, os.O_RDONLY | os.O_DIRECT)
-    try:
-        return 0 if len(os.pread(fd, length, offset)) == length else -1
-    except OSError as exc:
-        return exc.errno or -1
-    finally:
-        os.close(fd)
 
 
 def test_unmount_does_not_wait_for_the_library_shutdown(gluster: GlusterServer,

@@ -22,6 +22,7 @@ from tests.conftest import (
     mounted,
     need,
     need_root,
+    pread_errno,
     pwrite_all,
     random_bytes,
     run,
@@ -139,13 +140,7 @@ def test_a_cluster_that_stops_answering_gives_eio_not_a_hang(ceph: CephCluster, 
         os.kill(osd.pid, signal.SIGSTOP)
         try:
             started = time.monotonic()
-            fd = os.open(raw, os.O_RDONLY | os.O_DIRECT)
-            try:
-                with pytest.raises(OSError) as failure:
-                    os.pread(fd, 4096, 2 * MiB)
-            finally:
-                os.close(fd)
-            assert failure.value.errno == 5
+            assert pread_errno(raw, 2 * MiB, 4096, direct=True) == errno.EIO
             assert time.monotonic() - started < 10
         finally:
             os.kill(osd.pid, signal.SIGCONT)
@@ -165,28 +160,14 @@ def test_a_killed_osd_gives_eio_and_the_restarted_one_serves(ceph: CephCluster, 
         restart = ceph.kill_osd()
         try:
             started = time.monotonic()
-            fd = os.open(raw, os.O_RDONLY | os.O_DIRECT)
-            try:
-                with pytest.raises(OSError) as failure:
-                    os.pread(fd, 4096, 2 * MiB)
-            finally:
-                os.close(fd)
-            assert failure.value.errno == errno.EIO
+            assert pread_errno(raw, 2 * MiB, 4096, direct=True) == errno.EIO
             assert time.monotonic() - started < 10
         finally:
             ceph.start_daemon(restart)
         deadline = time.monotonic() + 60
-        while True:
-            fd = os.open(raw, os.O_RDONLY | os.O_DIRECT)
-            try:
-                if len(os.pread(fd, 4096, 3 * MiB)) == 4096:
-                    break
-            except OSError as exc:
-                assert exc.errno == errno.EIO
-                assert time.monotonic() < deadline, "the mount never served again"
-                time.sleep(0.5)
-            finally:
-                os.close(fd)
+        while (error := pread_errno(raw, 3 * MiB, 4096, direct=True)):
+            assert error == errno.EIO and time.monotonic() < deadline, error
+            time.sleep(0.5)
         pwrite_all(raw, [(MiB + 3, b"after the restart")], data)
         assert raw.read_bytes() == bytes(data)
     assert not daemon_pids(mnt)

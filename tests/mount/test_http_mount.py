@@ -12,7 +12,15 @@ from pathlib import Path
 
 import pytest
 
-from tests.conftest import IMGFS, daemon_pids, is_mounted, mounted, random_bytes, unmount
+from tests.conftest import (
+    IMGFS,
+    daemon_pids,
+    is_mounted,
+    mounted,
+    pread_errno,
+    random_bytes,
+    unmount,
+)
 from tests.drivers.test_http import make_chain, need_nginx, qemu_convert
 from tests.nginx import PASSWORD, Nginx
 
@@ -29,16 +37,6 @@ def nginx(tmp_path: Path) -> Iterator[Nginx]:
     finally:
         server.stop()
 
-
-def pread_errno(path: Path, offset: int, length: int) -> int:
-    """0 when the read returns `length` bytes, else the errno it fails with."""
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        return 0 if len(os.pread(fd, length, offset)) == length else -1
-    except OSError as exc:
-        return exc.errno or -1
-    finally:
-        os.close(fd)
 
 
 def test_raw_and_qcow2_chain_mounted_match_qemu(nginx: Nginx, mnt: Path,
