@@ -1,0 +1,291 @@
+"""The VHDX driver: open (headers, log, regions, metadata, BAT), the mapped
+layer's hooks, info.
+
+VHDX is a one-level block map on `imgfs.mapped`: the BAT is kept in memory
+(it is at most a few MiB for the largest disks) and checked whole at open,
+so that `lookup` is index arithmetic.
+"""
+from __future__ import annotations
+
+import array
+import logging
+import uuid
+from typing import Any
+
+from imgfs.block import Extent, Kind
+from imgfs.errors import CorruptImage, InvalidImage, Unsupported
+from imgfs.mapped import MapKind, MappedDriver, Mapping
+from imgfs.node import OpenContext
+
+from . import log as vlog
+from .layout import (
+    HEADER_OFFSETS,
+    HEADER_SIZE,
+    METADATA_TABLE_SIZE,
+    PAYLOAD_BLOCK_FULLY_PRESENT,
+    PAYLOAD_BLOCK_NOT_PRESENT,
+    PAYLOAD_BLOCK_PARTIALLY_PRESENT,
+    REGION_TABLE_OFFSETS,
+    REGION_TABLE_SIZE,
+    SB_BLOCK_NOT_PRESENT,
+    SB_BLOCK_PRESENT,
+    Geometry,
+    Metadata,
+    MiB,
+    Region,
+    check_block_offset,
+    check_log_location,
+    check_payload_entry,
+    check_regions,
+    current_header,
+    decode_metadata,
+    entry_offset,
+    entry_state,
+    parse_metadata_table,
+    parse_region_table,
+)
+from .layout import probe as probe_header
+
+log = logging.getLogger("imgfs")
+
+class ReplayedView:
+    """A dirty-log image opened read-only: the file as it would be after
+    replaying the log, without writing it (reads of metadata go through it,
+    and data reads that meet a logged range)."""
+
+    def __init__(self, file: Any, writes: list[vlog.Write], size: int) -> None:
+        self.file = file
+        self.writes = writes
+        self.size = size
+
+    def touches(self, offset: int, length: int) -> bool:
+        return any(write.file_offset < offset + length and
+                   offset < write.file_offset + write.length for write in self.writes)
+
+    async def read(self, offset: int, length: int) -> bytes:
+        stored = min(length, max(0, self.file.size - offset))
+        raw = bytearray(await self.file.read(offset, stored) if stored else b"")
+        raw.extend(bytes(length - len(raw)))
+        vlog.apply_writes(raw, offset, self.writes)
+        return bytes(raw)
+
+
+class VhdxDriver(MappedDriver):
+    name = "vhdx"
+    kind = Kind.FORMAT
+    description = "Hyper-V VHDX (read; log replay, also read-only)"
+    read_only_format = True
+    zero_blocks = True
+
+    replayed: ReplayedView | None = None
+
+    @staticmethod
+    def probe(head: bytes, filename: str) -> int:
+        return probe_header(head, filename)
+
+    # -- opening -------------------------------------------------------------------------
+
+    async def open(self, options: dict[str, Any], ctx: OpenContext) -> None:
+        file = self.children["file"]
+        headers = await file.read(0, min(file.size, HEADER_OFFSETS[1] + HEADER_SIZE))
+        if len(headers) < HEADER_OFFSETS[1] + HEADER_SIZE:
+            raise InvalidImage(f"file too short for VHDX headers ({file.size} bytes)")
+        self.header, self.header_index = current_header(
+            headers[HEADER_OFFSETS[0]:HEADER_OFFSETS[0] + HEADER_SIZE],
+            headers[HEADER_OFFSETS[1]:HEADER_OFFSETS[1] + HEADER_SIZE])
+        check_log_location(self.header, file.size)
+        self.writable = not self.node.read_only and file.driver.writable
+        if self.header.has_log:
+            await self._replay_log()
+        bat_region, metadata_region = await self._read_regions()
+        self.metadata = await self._read_metadata(metadata_region)
+        meta = self.metadata
+        if meta.has_parent:
+            raise Unsupported("differencing VHDX images (with a parent) are not supported yet")
+        self.geometry = Geometry(meta.block_size, meta.logical_sector_size,
+                                 meta.virtual_size, meta.has_parent)
+        self.size = meta.virtual_size
+        self.sector_size = meta.logical_sector_size
+        self.bat_region, self.metadata_region = bat_region, metadata_region
+        self.bat = await self._read_bat(bat_region)
+        self.setup_mapping(meta.block_size)
+
+    async def read_meta(self, offset: int, length: int) -> bytes:
+        """File bytes of metadata: through the replayed log when there is one."""
+        if self.replayed is not None:
+            return await self.replayed.read(offset, length)
+        file = self.children["file"]
+        if offset + length > file.size:
+            raise InvalidImage(f"metadata at {offset:#x} (+{length}) lies past the end of "
+                               f"the {file.size}-byte file")
+        return await file.read(offset, length)
+
+    async def _replay_log(self) -> None:
+        """Replay the log (read-write), or read through it (read-only)."""
+        file = self.children["file"]
+        header = self.header
+        entries = await vlog.scan(file.read, header.log_offset, header.log_length,
+                                  header.log_guid)
+        sequence = vlog.active_sequence(entries, header.log_length)
+        protected = [(0, REGION_TABLE_OFFSETS[0]),
+                     (header.log_offset, header.log_offset + header.log_length)]
+        vlog.check_replay(sequence, file.size, protected)
+        if not sequence:
+            return
+        writes = vlog.replay_writes(sequence)
+        size = vlog.replay_file_size(sequence, file.size)
+        if not self.writable:
+            self.replayed = ReplayedView(file, writes, size)
+            log.info("%s: reading through %d log entries (read-only: the file is left "
+                     "as it is)", self.node.filename, len(sequence))
+            return
+        await self._apply_log(writes, size)
+
+    async def _apply_log(self, writes: list[vlog.Write], size: int) -> None:
+        """2.3.3: the writes in order, the file grown, all made durable,
+        and only then the log marked empty."""
+        file = self.children["file"]
+        for write in writes:
+            end = write.file_offset + write.length
+            if end > file.size:
+                await file.truncate(end)
+            await file.write(write.file_offset, write.data or bytes(write.length))
+        if size > file.size:
+            await file.truncate(size)
+        await file.flush()
+        await self.write_header(log_guid=bytes(16))
+
+    async def write_header(self, **changes: Any) -> None:
+        """A new header (sequence number one higher) over the older of the
+        two, made durable; a crash in between leaves the other current."""
+        target = 1 - self.header_index
+        header = self.header._replace(sequence_number=self.header.sequence_number + 1,
+                                      **changes)
+        file = self.children["file"]
+        await file.write(HEADER_OFFSETS[target], header.pack())
+        await file.flush()
+        self.header, self.header_index = header, target
+
+    async def _read_regions(self) -> tuple[Region, Region]:
+        file = self.children["file"]
+        for offset in REGION_TABLE_OFFSETS:
+            regions = parse_region_table(await self.read_meta(offset, REGION_TABLE_SIZE))
+            if regions is not None:
+                return check_regions(regions, self.header, max(file.size, self._view_size()))
+        raise InvalidImage("no valid VHDX region table (both have a bad signature or "
+                           "checksum)")
+
+    def _view_size(self) -> int:
+        return self.replayed.size if self.replayed is not None else 0
+
+    async def _read_metadata(self, region: Region) -> Metadata:
+        table = await self.read_meta(region.offset, METADATA_TABLE_SIZE)
+        items = parse_metadata_table(table, region.length)
+        values: dict[uuid.UUID, bytes] = {}
+        for item_id, item in items.items():
+            if item.length and item.length <= 64 * 1024:
+                values[item_id] = await self.read_meta(region.offset + item.offset, item.length)
+        self.metadata_items = items
+        return decode_metadata(values)
+
+    async def _read_bat(self, region: Region) -> array.array[int]:
+        geometry = self.geometry
+        needed = geometry.bat_entries * 8
+        if needed > region.length:
+            raise InvalidImage(f"BAT region of {region.length} bytes is too small for "
+                               f"{geometry.bat_entries} entries")
+        bat = array.array("Q", await self.read_meta(region.offset, needed))
+        if array.array("Q", [1]).tobytes()[0] != 1:
+            bat.byteswap()
+        self._check_bat(bat)
+        return bat
+
+    def reserved_spans(self) -> list[tuple[int, int]]:
+        """Host ranges no block may overlap: the log and the regions."""
+        header = self.header
+        spans = [(header.log_offset, header.log_offset + header.log_length),
+                 (self.bat_region.offset, self.bat_region.end)]
+        metadata = self.metadata_region
+        spans.append((metadata.offset, metadata.end))
+        return spans
+
+    def _check_bat(self, bat: array.array[int]) -> None:
+        """Every entry (states, offsets) and no block used twice."""
+        geometry = self.geometry
+        file_size = max(self.children["file"].size, self._view_size())
+        reserved = self.reserved_spans()
+        seen: set[int] = set()
+        for block in range(geometry.data_blocks):
+            entry = bat[geometry.payload_index(block)]
+            check_payload_entry(entry, block, geometry, file_size, reserved)
+            if entry_state(entry) >= PAYLOAD_BLOCK_FULLY_PRESENT:
+                self._claim(seen, entry_offset(entry), f"block {block}")
+        for chunk in range(geometry.bitmap_blocks if geometry.has_parent else 0):
+            entry = bat[geometry.bitmap_index(chunk)]
+            state = entry_state(entry)
+            if state == SB_BLOCK_PRESENT:
+                check_block_offset(entry_offset(entry), MiB, file_size, reserved,
+                                   f"sector bitmap {chunk}")
+                self._claim(seen, entry_offset(entry), f"sector bitmap {chunk}")
+            elif state != SB_BLOCK_NOT_PRESENT:
+                raise CorruptImage(f"sector bitmap {chunk} has the unknown BAT state {state}")
+
+    @staticmethod
+    def _claim(seen: set[int], offset: int, what: str) -> None:
+        if offset in seen:
+            raise CorruptImage(f"{what} at {offset:#x} shares its host space with another")
+        seen.add(offset)
+
+    # -- the mapped layer's hooks -------------------------------------------------------------
+
+    def classify(self, block: int) -> tuple[MapKind, int]:
+        entry = self.bat[self.geometry.payload_index(block)]
+        state = entry_state(entry)
+        if state == PAYLOAD_BLOCK_FULLY_PRESENT:
+            return MapKind.DATA, entry_offset(entry)
+        if state == PAYLOAD_BLOCK_NOT_PRESENT:
+            return MapKind.UNALLOCATED, 0
+        if state == PAYLOAD_BLOCK_PARTIALLY_PRESENT:
+            raise Unsupported("partially present blocks need the parent")
+        # zero, and (as QEMU) undefined and unmapped blocks, which 2.5.1
+        # lets read as anything
+        return MapKind.ZERO, 0
+
+    async def lookup(self, offset: int, length: int) -> Mapping:
+        block_size = self.block_size
+        block, within = divmod(offset, block_size)
+        kind, host = self.classify(block)
+        run = block_size - within
+        while run < length and block + 1 < self.geometry.data_blocks:
+            next_kind, next_host = self.classify(block + 1)
+            if next_kind is not kind or (kind is MapKind.DATA and
+                                         next_host != host + (run + within)):
+                break
+            block += 1
+            run += block_size
+        run = min(run, length)
+        if kind is MapKind.DATA:
+            return Mapping(run, kind, host + within)
+        return Mapping(run, kind)
+
+    async def block_status(self, offset: int, length: int) -> Extent:
+        extent = await super().block_status(offset, length)
+        replayed = self.replayed
+        if replayed is not None and extent.host_offset is not None and \
+                replayed.touches(extent.host_offset, extent.length):
+            return Extent(extent.length, extent.status, token=("replayed", extent.host_offset))
+        return extent
+
+    async def read_data(self, offset: int, length: int, extent: Extent) -> bytes:
+        token = extent.token
+        if isinstance(token, tuple) and token[0] == "replayed" and self.replayed is not None:
+            return await self.replayed.read(token[1], length)
+        return await super().read_data(offset, length, extent)
+
+    # -- information ----------------------------------------------------------------------------
+
+    def info(self) -> dict[str, Any]:
+        return {"cluster-size": self.block_size}
+
+
+DRIVERS = [VhdxDriver]

@@ -1,0 +1,244 @@
+"""VHDX against qemu-img / qemu-io and the Hyper-V sample images.
+
+Images made by ``qemu-img create -f vhdx`` (every option) and written out
+of order by qemu-io read as ``qemu-img convert -O raw`` reads them; the
+Hyper-V samples in ../shared/sample-images read the same as QEMU reads
+them (the dirty-log one, read-only, as QEMU reads a copy it repaired, and
+the file is left untouched); info equals qemu-img's.  QEMU's vhdx driver
+reports no block status (its map is one data extent), so `imgfs map` is
+checked against the BAT: data where qemu-io wrote, zeros elsewhere.
+"""
+from __future__ import annotations
+
+import bz2
+import hashlib
+import json
+import os
+import struct
+from pathlib import Path
+from typing import Any
+
+import pytest
+from imgfs.drivers.vhdx.layout import (
+    HEADER,
+    METADATA_ENTRY,
+    METADATA_HEADER,
+    REGION_ENTRY,
+    REGION_HEADER,
+    Geometry,
+    Header,
+    probe,
+)
+
+from tests.conftest import IMGFS, need, qemu_raw
+from tests.conftest import run as run_tool
+
+KiB = 1024
+MiB = 1024 * KiB
+SAMPLES = Path(__file__).resolve().parents[2].parent / "shared" / "sample-images"
+
+
+@pytest.fixture(autouse=True)
+def _in_workdir(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    need("qemu-img", "qemu-io")
+    monkeypatch.chdir(tmp_path)
+
+
+# -- helpers ------------------------------------------------------------------------------
+
+def run(tool: str | Path, *args: str | Path, check: bool = True) -> Any:
+    return run_tool(IMGFS if tool == "imgfs" else tool, *args, check=check)
+
+
+def qemu_create(image: Path, size: int | str, *options: str) -> Path:
+    run("qemu-img", "create", "-q", "-f", "vhdx",
+        *(["-o", ",".join(options)] if options else []), image, str(size))
+    return image
+
+
+def qemu_io(image: Path, *commands: str) -> None:
+    args: list[str | Path] = ["-f", "vhdx"]
+    for command in commands:
+        args += ["-c", command]
+    run("qemu-io", *args, image)
+
+
+def out_of_order(image: Path, block: int, size: int) -> list[tuple[int, int]]:
+    """Writes from the end backwards, unaligned and block-crossing; the
+    (offset, length) of each."""
+    writes = [(size - 3 * KiB - 512, 3 * KiB), (2 * block + 7 * KiB, 5 * KiB + 512),
+              (block - 1536, 4 * KiB), (512, 2560)]
+    qemu_io(image, *[f"write -P {0x21 + number} {offset} {length}"
+                     for number, (offset, length) in enumerate(writes)])
+    return writes
+
+
+def sample(name: str, tmp_path: Path) -> Path:
+    source = SAMPLES / f"{name}.bz2"
+    assert source.exists(), f"sample image {source} is missing (../shared/sample-images)"
+    image = tmp_path / name
+    image.write_bytes(bz2.decompress(source.read_bytes()))
+    return image
+
+
+def imgfs_raw(image: Path, out: Path, *options: str) -> bytes:
+    run("imgfs", "convert", *options, "-O", "raw", image, out)
+    return out.read_bytes()
+
+
+def info_json(tool: str, image: Path) -> dict[str, Any]:
+    report: dict[str, Any] = json.loads(
+        run(tool, "info", "--output=json", *(["-U"] if tool == "qemu-img" else []),
+            image).stdout)
+    return report
+
+
+def data_ranges(path: Path) -> list[tuple[int, int]]:
+    """The (start, end) of a sparse file's data, by SEEK_DATA/SEEK_HOLE."""
+    ranges = []
+    with open(path, "rb") as handle:
+        size = os.fstat(handle.fileno()).st_size
+        offset = 0
+        while offset < size:
+            try:
+                start = os.lseek(handle.fileno(), offset, os.SEEK_DATA)
+            except OSError:
+                break
+            offset = os.lseek(handle.fileno(), start, os.SEEK_HOLE)
+            ranges.append((start, offset))
+    return ranges
+
+
+def assert_same_sparse(got: Path, expected: Path) -> None:
+    """Two large sparse files hold the same bytes (without reading the holes)."""
+    assert got.stat().st_size == expected.stat().st_size
+    with open(got, "rb") as first, open(expected, "rb") as second:
+        for start, end in sorted(set(data_ranges(got) + data_ranges(expected))):
+            assert os.pread(first.fileno(), end - start, start) == \
+                os.pread(second.fileno(), end - start, start), f"differ in {start}..{end}"
+
+
+def digest(path: Path) -> str:
+    return hashlib.sha256(path.read_bytes()).hexdigest()
+
+
+# -- layout (pure) ---------------------------------------------------------------------------
+
+def test_struct_sizes() -> None:
+    assert HEADER.size == 80
+    assert REGION_HEADER.size == 16 and REGION_ENTRY.size == 32
+    assert METADATA_HEADER.size == 32 and METADATA_ENTRY.size == 32
+
+
+def test_probe() -> None:
+    assert probe(b"vhdxfile" + bytes(100), "x") == 100
+    assert probe(b"conectix", "x") == 0
+
+
+def test_bat_geometry_interleaves_bitmap_entries() -> None:
+    # 512-byte sectors, 32 MiB blocks: 128 payload entries per chunk
+    geometry = Geometry(32 * MiB, 512, 10 * 1024 * MiB, False)
+    assert geometry.chunk_ratio == 128
+    assert geometry.payload_index(127) == 127 and geometry.payload_index(128) == 129
+    assert geometry.bat_entries == 320 + 2
+    assert Geometry(32 * MiB, 512, 10 * 1024 * MiB, True).bat_entries == 3 * 129
+    assert Geometry(1 * MiB, 4096, 64 * MiB, False).chunk_ratio == 32768
+
+
+def test_header_round_trip() -> None:
+    header = Header(b"head", 0, 5, bytes(range(16)), bytes(16), bytes(16), 0, 1, MiB, MiB)
+    packed = header.pack()
+    assert len(packed) == 4096
+    from imgfs.drivers.vhdx.layout import valid_header
+    assert valid_header(packed) == header._replace(checksum=valid_header(packed).checksum)
+
+
+# -- reads ------------------------------------------------------------------------------------
+
+CREATE_CASES = [
+    ((), 64 * MiB + 4 * KiB),
+    (("block_size=1M",), 9 * MiB),
+    (("block_size=32M", "log_size=2M"), 100 * MiB),
+    (("block_state_zero=off",), 20 * MiB),
+    (("subformat=fixed", "block_size=1M"), 5 * MiB + 512),
+    (("subformat=fixed", "block_state_zero=off", "block_size=2M"), 7 * MiB),
+]
+
+
+@pytest.mark.parametrize("options, size", CREATE_CASES)
+def test_out_of_order_image_reads_like_qemu(tmp_path: Path, options: tuple[str, ...],
+                                            size: int) -> None:
+    image = qemu_create(tmp_path / "o.vhdx", size, *options)
+    block = info_json("qemu-img", image)["cluster-size"]
+    writes = out_of_order(image, block, size)
+    qemu_io(image, f"write -z {block} 4k")
+    expected = qemu_raw(image, tmp_path / "expected.raw")
+    assert imgfs_raw(image, tmp_path / "got.raw") == expected
+    assert info_json("imgfs", image) == info_json("qemu-img", image)
+    if "subformat=fixed" not in options:
+        assert_map_follows_writes(image, block, size, writes, expected)
+
+
+def assert_map_follows_writes(image: Path, block: int, size: int,
+                              writes: list[tuple[int, int]], expected: bytes) -> None:
+    written = {offset // block for offset, _ in writes} | \
+            {(offset + length - 1) // block for offset, length in writes} | {1}
+    extents = json.loads(run("imgfs", "map", "--output=json", image).stdout)
+    assert sum(extent["length"] for extent in extents) == size
+    for extent in extents:
+        first = extent["start"] // block
+        last = (extent["start"] + extent["length"] - 1) // block
+        if extent["data"]:
+            assert set(range(first, last + 1)) <= written
+        else:
+            assert extent["zero"]
+            assert not set(range(first, last + 1)) & written - {1}
+            assert expected[extent["start"]:extent["start"] + extent["length"]].count(0) == \
+                extent["length"]
+
+
+def test_hyperv_dynamic_sample_reads_like_qemu(tmp_path: Path) -> None:
+    image = sample("iotest-dynamic-1G.vhdx", tmp_path)
+    run("qemu-img", "convert", "-O", "raw", image, tmp_path / "expected.raw")
+    run("imgfs", "convert", "-O", "raw", image, tmp_path / "got.raw")
+    assert_same_sparse(tmp_path / "got.raw", tmp_path / "expected.raw")
+    assert info_json("imgfs", image) == info_json("qemu-img", image)
+
+
+def test_dirty_log_read_only_shows_the_replayed_contents(tmp_path: Path) -> None:
+    """QEMU refuses it read-only; imgfs reads through the log, writes nothing."""
+    image = sample("iotest-dirtylog-10G-4M.vhdx", tmp_path)
+    before = digest(image)
+    refused = run("qemu-img", "info", image, check=False)
+    assert refused.returncode != 0 and "log that needs to be replayed" in refused.stderr
+    repaired = tmp_path / "repaired.vhdx"
+    repaired.write_bytes(image.read_bytes())
+    run("qemu-img", "check", "-r", "all", repaired)
+    run("qemu-img", "convert", "-O", "raw", repaired, tmp_path / "expected.raw")
+    run("imgfs", "convert", "-O", "raw", image, tmp_path / "got.raw")
+    assert_same_sparse(tmp_path / "got.raw", tmp_path / "expected.raw")
+    info = info_json("imgfs", image)
+    assert info["virtual-size"] == 10 * 1024 * MiB and info["cluster-size"] == MiB
+    assert digest(image) == before
+
+
+def test_region_table_copy_is_used_when_the_first_is_damaged(tmp_path: Path) -> None:
+    image = qemu_create(tmp_path / "r.vhdx", 8 * MiB)
+    qemu_io(image, "write -P 0x5a 1M 64k")
+    expected = qemu_raw(image, tmp_path / "expected.raw")
+    with open(image, "r+b") as handle:
+        handle.seek(192 * KiB + 100)
+        handle.write(b"\xff")
+    assert imgfs_raw(image, tmp_path / "got.raw") == expected
+
+
+def test_older_header_is_used_when_the_newer_is_torn(tmp_path: Path) -> None:
+    image = qemu_create(tmp_path / "h.vhdx", 8 * MiB)
+    raw = image.read_bytes()
+    sequences = [struct.unpack_from("<Q", raw, offset + 8)[0] for offset in (64 * KiB,
+                                                                            128 * KiB)]
+    newer = (64 * KiB, 128 * KiB)[sequences.index(max(sequences))]
+    with open(image, "r+b") as handle:
+        handle.seek(newer + 200)
+        handle.write(b"torn")
+    assert info_json("imgfs", image)["virtual-size"] == 8 * MiB
