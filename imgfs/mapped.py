@@ -29,7 +29,7 @@ import array
 import bisect
 import enum
 import os
-from collections.abc import Awaitable, Callable, Hashable
+from collections.abc import Awaitable, Callable, Hashable, Sequence
 from typing import TYPE_CHECKING, Any, NamedTuple
 
 from .block import DATA, UNALLOCATED, ZERO, BlockDriver, Extent
@@ -62,14 +62,18 @@ def align_up(value: int, alignment: int) -> int:
     return -(-value // alignment) * alignment
 
 
-async def create_image_file(target: Any, ctx: OpenContext, head: bytes, length: int) -> None:
+async def create_image_file(target: Any, ctx: OpenContext, head: bytes, length: int,
+                            more: Sequence[tuple[int, bytes]] = ()) -> None:
     """A format's `create`: a new protocol file of `length` bytes (zeros)
-    that starts with `head` (header, names, tables), made durable."""
+    that starts with `head` (header, names, tables), and has the (offset,
+    bytes) of `more` further on (tables after a hole), made durable."""
     from .graph import create_protocol_file  # (only creating needs the graph)
     node = await create_protocol_file(os.fspath(target), ctx, size=0)
     try:
         await node.truncate(length)
         await node.write(0, head)
+        for offset, data in more:
+            await node.write(offset, data)
         await node.flush()
     finally:
         await node.aclose()
