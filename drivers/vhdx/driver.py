@@ -9,22 +9,25 @@ from __future__ import annotations
 
 import array
 import logging
+import sys
 import uuid
 from typing import Any
 
 from imgfs.block import Extent, Kind
 from imgfs.errors import CorruptImage, InvalidImage, Unsupported
-from imgfs.mapped import MapKind, MappedDriver, Mapping
+from imgfs.mapped import MapKind, MappedDriver, Mapping, align_up, create_image_file
 from imgfs.node import OpenContext
 
 from . import log as vlog
 from .layout import (
+    CREATE_OPTS,
     HEADER_OFFSETS,
     HEADER_SIZE,
     METADATA_TABLE_SIZE,
     PAYLOAD_BLOCK_FULLY_PRESENT,
     PAYLOAD_BLOCK_NOT_PRESENT,
     PAYLOAD_BLOCK_PARTIALLY_PRESENT,
+    PAYLOAD_BLOCK_ZERO,
     REGION_TABLE_OFFSETS,
     REGION_TABLE_SIZE,
     SB_BLOCK_NOT_PRESENT,
@@ -41,12 +44,17 @@ from .layout import (
     decode_metadata,
     entry_offset,
     entry_state,
+    make_entry,
+    new_image,
     parse_metadata_table,
     parse_region_table,
 )
 from .layout import probe as probe_header
 
 log = logging.getLogger("imgfs")
+
+LOG_SECTOR = vlog.LOG_SECTOR
+ENTRIES_PER_SECTOR = LOG_SECTOR // 8
 
 class ReplayedView:
     """A dirty-log image opened read-only: the file as it would be after
@@ -73,11 +81,19 @@ class ReplayedView:
 class VhdxDriver(MappedDriver):
     name = "vhdx"
     kind = Kind.FORMAT
-    description = "Hyper-V VHDX (read; log replay, also read-only)"
-    read_only_format = True
+    description = "Hyper-V VHDX (read, write, create; log replay, also read-only)"
+    create_opts = CREATE_OPTS
     zero_blocks = True
 
     replayed: ReplayedView | None = None
+    #: this open changed the image: the headers carry new write GUIDs and a
+    #: log GUID, cleared again by a clean close
+    writing = False
+    #: where the next log entry goes, the oldest entry whose in-place
+    #: writes may not be durable yet, and the last sequence number used
+    log_head = 0
+    log_tail = 0
+    log_sequence = 0
 
     @staticmethod
     def probe(head: bytes, filename: str) -> int:
@@ -195,7 +211,7 @@ class VhdxDriver(MappedDriver):
             raise InvalidImage(f"BAT region of {region.length} bytes is too small for "
                                f"{geometry.bat_entries} entries")
         bat = array.array("Q", await self.read_meta(region.offset, needed))
-        if array.array("Q", [1]).tobytes()[0] != 1:
+        if sys.byteorder != "little":
             bat.byteswap()
         self._check_bat(bat)
         return bat
@@ -282,10 +298,119 @@ class VhdxDriver(MappedDriver):
             return await self.replayed.read(token[1], length)
         return await super().read_data(offset, length, extent)
 
+    # -- writes --------------------------------------------------------------------------------
+
+    async def write(self, offset: int, data: bytes) -> None:
+        await self._start_writing()
+        await super().write(offset, data)
+
+    async def write_zeroes(self, offset: int, length: int, *, may_unmap: bool = False) -> None:
+        await self._start_writing()
+        await super().write_zeroes(offset, length, may_unmap=may_unmap)
+
+    async def _start_writing(self) -> None:
+        """Before the first change (2.2.2): new file and data write GUIDs,
+        and a new log GUID, so that entries of an older log never count."""
+        if self.writing:
+            return
+        async with self.lock:
+            if self.writing:
+                return
+            self.log_sequence = 0
+            self.log_head = self.log_tail = 0
+            await self.write_header(file_write_guid=uuid.uuid4().bytes_le,
+                                    data_write_guid=uuid.uuid4().bytes_le,
+                                    log_guid=uuid.uuid4().bytes_le)
+            self.writing = True
+
+    async def allocate(self, length: int) -> int:
+        """Payload blocks go at the end of the file, 1 MiB aligned (2.5)."""
+        host_offset = align_up(self.file_end, MiB)
+        await self.grow_file(host_offset + length)
+        return host_offset
+
+    async def map_blocks(self, guest_offset: int, count: int, host_offset: int | None) -> None:
+        """New BAT entries, through the log: the entry (with the data
+        before it) made durable, then the BAT sectors written in place."""
+        geometry = self.geometry
+        first = guest_offset // self.block_size
+        changed: set[int] = set()
+        for number in range(count):
+            index = geometry.payload_index(first + number)
+            if host_offset is None:
+                self.bat[index] = make_entry(PAYLOAD_BLOCK_ZERO)
+            else:
+                self.bat[index] = make_entry(PAYLOAD_BLOCK_FULLY_PRESENT,
+                                             host_offset + number * self.block_size)
+            changed.add(index * 8 // LOG_SECTOR)
+        sectors = [(self.bat_region.offset + sector * LOG_SECTOR, self._bat_sector(sector))
+                   for sector in sorted(changed)]
+        await self._log_and_write(sectors)
+
+    def _bat_sector(self, sector: int) -> bytes:
+        entries = self.bat[sector * ENTRIES_PER_SECTOR:(sector + 1) * ENTRIES_PER_SECTOR]
+        raw = entries.tobytes() if sys.byteorder == "little" else _swapped(entries)
+        return raw.ljust(LOG_SECTOR, b"\0")
+
+    async def _log_and_write(self, sectors: list[tuple[int, bytes]]) -> None:
+        """2.3: one log entry, flushed; then the sectors in place.  Entries
+        pile up from the tail until a flush makes their in-place writes
+        durable; an entry that does not fit before the end of the ring
+        starts it again after a flush."""
+        file = self.children["file"]
+        header = self.header
+        length = vlog.descriptor_area(len(sectors)) + len(sectors) * LOG_SECTOR
+        if length > header.log_length:
+            raise Unsupported(f"a BAT update of {len(sectors)} sectors does not fit the "
+                              f"{header.log_length}-byte log")
+        if self.log_head + length > header.log_length:
+            await file.flush()
+            self.log_head = self.log_tail = 0
+        self.log_sequence += 1
+        entry = vlog.build_entry(sequence=self.log_sequence, tail=self.log_tail,
+                                 log_guid=header.log_guid, sectors=sectors,
+                                 flushed_file_offset=file.size, last_file_offset=file.size)
+        await file.write(header.log_offset + self.log_head, entry)
+        await file.flush()          # the data and the entry, before the BAT changes
+        self.log_head += length
+        for file_offset, data in sectors:
+            await file.write(file_offset, data)
+
+    async def flush(self) -> None:
+        """In-place writes durable: the log may start again from its head."""
+        if self.writing:
+            async with self.lock:
+                await self.children["file"].flush()
+                self.log_tail = self.log_head
+
+    async def aclose(self) -> None:
+        """A clean close: everything durable, then the log GUID cleared so
+        that nothing is left to replay."""
+        if not self.writing:
+            return
+        async with self.lock:
+            await self.children["file"].flush()
+            await self.write_header(log_guid=bytes(16))
+            self.writing = False
+
+    # -- creation ------------------------------------------------------------------------------
+
+    @classmethod
+    async def create(cls, target: Any, size: int, options: dict[str, Any],
+                     ctx: OpenContext) -> None:
+        pieces, length = new_image(size, options, lambda: uuid.uuid4().bytes_le)
+        await create_image_file(target, ctx, pieces[0][1], length, pieces[1:])
+
     # -- information ----------------------------------------------------------------------------
 
     def info(self) -> dict[str, Any]:
         return {"cluster-size": self.block_size}
+
+
+def _swapped(entries: array.array[int]) -> bytes:
+    copy = array.array("Q", entries)
+    copy.byteswap()
+    return copy.tobytes()
 
 
 DRIVERS = [VhdxDriver]

@@ -30,7 +30,7 @@ from imgfs.drivers.vhdx.layout import (
     probe,
 )
 
-from tests.conftest import IMGFS, need, qemu_raw
+from tests.conftest import IMGFS, need, qemu_raw, random_bytes, write_through_api
 from tests.conftest import run as run_tool
 
 KiB = 1024
@@ -242,3 +242,111 @@ def test_older_header_is_used_when_the_newer_is_torn(tmp_path: Path) -> None:
         handle.seek(newer + 200)
         handle.write(b"torn")
     assert info_json("imgfs", image)["virtual-size"] == 8 * MiB
+
+
+# -- log replay on a read-write open -------------------------------------------------------
+
+def log_guids(image: Path) -> list[bytes]:
+    with open(image, "rb") as handle:
+        raw = handle.read(192 * KiB)
+    return [raw[offset + 48:offset + 64] for offset in (64 * KiB, 128 * KiB)]
+
+
+def test_dirty_log_is_replayed_by_a_read_write_open(tmp_path: Path) -> None:
+    """The same file as QEMU's replay (past the headers), the log cleared."""
+    image = sample("iotest-dirtylog-10G-4M.vhdx", tmp_path)
+    repaired = tmp_path / "repaired.vhdx"
+    repaired.write_bytes(image.read_bytes())
+    run("qemu-img", "check", "-r", "all", repaired)
+    write_through_api(image, [])
+    run("qemu-img", "check", image)
+    assert bytes(16) in log_guids(image)
+    with open(image, "rb") as ours, open(repaired, "rb") as theirs:
+        ours.seek(192 * KiB)
+        theirs.seek(192 * KiB)
+        while chunk := ours.read(MiB):
+            assert chunk == theirs.read(MiB)
+
+
+# -- writes and create ----------------------------------------------------------------------
+
+def apply(expected: bytearray, writes: list[tuple[int, bytes]]) -> None:
+    for offset, data in writes:
+        expected[offset:offset + len(data)] = data
+
+
+def check_equal(image: Path, expected_raw: Path) -> None:
+    run("qemu-img", "check", image)
+    run("qemu-img", "compare", "-f", "vhdx", "-F", "raw", image, expected_raw)
+    assert log_guids(image)[0] == bytes(16) or log_guids(image)[1] == bytes(16)
+
+
+@pytest.mark.parametrize("creator, options", [
+    ("qemu-img", "block_size=1M"), ("imgfs", "block_size=1M"),
+    ("imgfs", "block_size=2M,subformat=fixed,block_state_zero=off"),
+    ("qemu-img", "block_size=2M,subformat=fixed")])
+def test_writes_are_clean_and_equal_for_qemu(tmp_path: Path, creator: str,
+                                             options: str) -> None:
+    size = 9 * MiB + 512
+    image = tmp_path / "w.vhdx"
+    run(creator, "create", "-q", "-f", "vhdx", "-o", options, image, str(size))
+    qemu_io(image, "write -P 0x33 2M 100k")
+    expected = bytearray(qemu_raw(image, tmp_path / "before.raw"))
+    writes = [(size - 1000, random_bytes(1000, seed=1)), (MiB - 700, random_bytes(1500, seed=2)),
+              (2 * MiB + 4 * KiB, random_bytes(9000, seed=3)), (4 * MiB, random_bytes(3 * MiB))]
+    write_through_api(image, writes)
+    apply(expected, writes)
+    (tmp_path / "expected.raw").write_bytes(expected)
+    check_equal(image, tmp_path / "expected.raw")
+    assert imgfs_raw(image, tmp_path / "got.raw") == expected
+
+
+def test_zero_writes_make_zero_blocks(tmp_path: Path) -> None:
+    image = qemu_create(tmp_path / "z.vhdx", 4 * MiB, "block_size=1M")
+    qemu_io(image, "write -P 0x44 0 4M")
+    run("qemu-io", "-f", "vhdx", "-c", "write -z 1M 2M", image)   # (QEMU writes zeros)
+    run("imgfs", "convert", "-O", "vhdx", "-o", "block_size=1M", image, tmp_path / "c.vhdx")
+    expected = qemu_raw(image, tmp_path / "expected.raw")
+    check_equal(tmp_path / "c.vhdx", tmp_path / "expected.raw")
+    extents = json.loads(run("imgfs", "map", "--output=json", tmp_path / "c.vhdx").stdout)
+    assert [(extent["start"], extent["data"]) for extent in extents] == \
+        [(0, True), (MiB, False), (3 * MiB, True)]
+    assert len(expected) == 4 * MiB
+
+
+CREATE_OPTION_CASES = [
+    ((), "64M"), ((), "1025M"), ((), "200G"), ((), "33T"), ((), "1000"),
+    (("block_size=1536k",), "10M"), (("block_size=512k",), "10M"),
+    (("log_size=1500k",), "10M"), (("block_state_zero=off",), "64M"),
+    (("subformat=fixed", "block_size=1M"), "5M"),
+    (("subformat=fixed", "block_state_zero=off", "block_size=2M"), "7M"),
+]
+
+
+@pytest.mark.parametrize("options, size", CREATE_OPTION_CASES)
+def test_create_matches_qemu_img(tmp_path: Path, options: tuple[str, ...], size: str) -> None:
+    """Same info and file length as qemu-img's, clean, same layout."""
+    ours, theirs = tmp_path / "ours.vhdx", tmp_path / "theirs.vhdx"
+    opt_args = ["-o", ",".join(options)] if options else []
+    run("imgfs", "create", "-q", "-f", "vhdx", *opt_args, ours, size)
+    run("qemu-img", "create", "-q", "-f", "vhdx", *opt_args, theirs, size)
+    mine, qemus = info_json("qemu-img", ours), info_json("qemu-img", theirs)
+    for report in (mine, qemus):
+        report.pop("filename")
+        report.pop("actual-size")
+    assert mine == qemus
+    assert ours.stat().st_size == theirs.stat().st_size
+    run("qemu-img", "check", ours)
+    ours_raw, theirs_raw = ours.read_bytes()[192 * KiB:], theirs.read_bytes()[192 * KiB:]
+    assert ours_raw[:64 * KiB] == theirs_raw[:64 * KiB]          # region table
+
+
+@pytest.mark.parametrize("options, size", [(("block_size=3M",), "10M"), ((), "65T"),
+                                           (("subformat=thin",), "10M")])
+def test_create_refuses_what_qemu_img_refuses(tmp_path: Path, options: tuple[str, ...],
+                                              size: str) -> None:
+    args = ["create", "-q", "-f", "vhdx", "-o", ",".join(options)]
+    assert run("qemu-img", *args, tmp_path / "q.vhdx", size, check=False).returncode
+    result = run("imgfs", *args, tmp_path / "i.vhdx", size, check=False)
+    assert result.returncode in (1, 2) and result.stderr.startswith("imgfs:")
+    assert not (tmp_path / "i.vhdx").exists()

@@ -8,11 +8,22 @@ file stays as it was.
 from __future__ import annotations
 
 import os
+import shutil
 from pathlib import Path
 
 import pytest
 
-from tests.conftest import mounted, need, qemu_raw, run
+from tests.conftest import (
+    IMGFS,
+    kill_daemon_mid_writes,
+    mounted,
+    need,
+    pwrite_all,
+    qemu_raw,
+    random_bytes,
+    run,
+    write_through_api,
+)
 from tests.drivers.test_vhdx import data_ranges, digest, out_of_order, qemu_create, sample
 
 KiB = 1024
@@ -62,3 +73,37 @@ def test_dirty_log_sample_mounts_read_only_replayed(workdir: Path, mnt: Path) ->
                 assert os.pread(got.fileno(), 4 * MiB, offset) == \
                     os.pread(expected.fileno(), 4 * MiB, offset)
     assert digest(image) == before
+
+
+def test_writes_through_the_mount_are_clean_for_qemu(workdir: Path, mnt: Path) -> None:
+    image = workdir / "w.vhdx"
+    run(IMGFS, "create", "-q", "-f", "vhdx", "-o", "block_size=1M", image, str(6 * MiB))
+    expected = bytearray(6 * MiB)
+    with mounted(image, mountpoint=mnt):
+        pwrite_all(exposed(mnt, image), [(number * 150_001 + 5, random_bytes(20_003, number))
+                                         for number in range(38)], expected)
+    (workdir / "expected.raw").write_bytes(expected)
+    run("qemu-img", "check", image)
+    run("qemu-img", "compare", "-f", "vhdx", "-F", "raw", image, workdir / "expected.raw")
+
+
+def test_killed_daemon_leaves_a_log_qemu_replays(workdir: Path, mnt: Path) -> None:
+    """SIGKILL mid-write: every fsynced write is there after QEMU's replay
+    (qemu-img check -r all) and after imgfs's (a read-write open)."""
+    image = workdir / "k.vhdx"
+    run(IMGFS, "create", "-q", "-f", "vhdx", "-o", "block_size=1M", image, str(16 * MiB))
+    expected = bytearray(16 * MiB)
+    with mounted(image, mountpoint=mnt):
+        view = exposed(mnt, image)
+        pwrite_all(view, [(number * 200_017 + 3, random_bytes(30_001, seed=number))
+                          for number in range(40)], expected)
+        kill_daemon_mid_writes(mnt, view, 8 * MiB, 8 * MiB)
+    refused = run("qemu-img", "info", image, check=False)      # a log is left to replay
+    assert refused.returncode and "log that needs to be replayed" in refused.stderr
+    ours = workdir / "ours.vhdx"
+    shutil.copyfile(image, ours)
+    run("qemu-img", "check", "-r", "all", image)
+    write_through_api(ours, [])
+    for replayed in (image, ours):
+        run("qemu-img", "check", replayed)
+        assert qemu_raw(replayed, workdir / "after.raw")[:8 * MiB] == expected[:8 * MiB]
