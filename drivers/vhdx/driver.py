@@ -14,6 +14,7 @@ import uuid
 from typing import Any
 
 from imgfs.block import Extent, Kind
+from imgfs.check import CheckResult
 from imgfs.errors import CorruptImage, InvalidImage, Unsupported
 from imgfs.mapped import MapKind, MappedDriver, Mapping, align_up, create_image_file
 from imgfs.node import OpenContext
@@ -84,6 +85,9 @@ class VhdxDriver(MappedDriver):
     description = "Hyper-V VHDX (read, write, create; log replay, also read-only)"
     create_opts = CREATE_OPTS
     zero_blocks = True
+    can_check = True
+    #: this (read-write) open replayed a log, as `check -r` reports
+    log_replayed = False
 
     replayed: ReplayedView | None = None
     #: this open changed the image: the headers carry new write GUIDs and a
@@ -170,6 +174,7 @@ class VhdxDriver(MappedDriver):
             await file.truncate(size)
         await file.flush()
         await self.write_header(log_guid=bytes(16))
+        self.log_replayed = True
 
     async def write_header(self, **changes: Any) -> None:
         """A new header (sequence number one higher) over the older of the
@@ -392,6 +397,21 @@ class VhdxDriver(MappedDriver):
             await self.children["file"].flush()
             await self.write_header(log_guid=bytes(16))
             self.writing = False
+
+    # -- check ---------------------------------------------------------------------------------
+
+    async def check(self, repair: str | None = None) -> CheckResult:
+        """As qemu-img check: the BAT was checked at open (a bad entry
+        refuses the image); a log to replay is the one corruption, which
+        the read-write open of a repair has already replayed."""
+        result = CheckResult()
+        if self.replayed is not None:
+            result.corruptions = 1
+            result.messages.append("ERROR: the log has entries to replay (repair with "
+                                   "imgfs check -r all)")
+        elif self.log_replayed and repair is not None:
+            result.corruptions_fixed = 1
+        return result
 
     # -- creation ------------------------------------------------------------------------------
 
