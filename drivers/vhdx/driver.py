@@ -9,15 +9,17 @@ from __future__ import annotations
 
 import array
 import logging
+import os
 import sys
 import uuid
 from typing import Any
 
-from imgfs.block import Extent, Kind
+from imgfs.block import ChildRef, Extent, Kind
 from imgfs.check import CheckResult
 from imgfs.errors import CorruptImage, InvalidImage, Unsupported
 from imgfs.mapped import MapKind, MappedDriver, Mapping, align_up, create_image_file
 from imgfs.node import OpenContext
+from imgfs.tablecache import DecodedCache
 
 from . import log as vlog
 from .layout import (
@@ -25,6 +27,7 @@ from .layout import (
     HEADER_OFFSETS,
     HEADER_SIZE,
     METADATA_TABLE_SIZE,
+    PARENT_LOCATOR,
     PAYLOAD_BLOCK_FULLY_PRESENT,
     PAYLOAD_BLOCK_NOT_PRESENT,
     PAYLOAD_BLOCK_PARTIALLY_PRESENT,
@@ -36,6 +39,7 @@ from .layout import (
     Geometry,
     Metadata,
     MiB,
+    Parent,
     Region,
     check_block_offset,
     check_log_location,
@@ -45,9 +49,13 @@ from .layout import (
     decode_metadata,
     entry_offset,
     entry_state,
+    format_linkage,
     make_entry,
     new_image,
+    parent_filename,
+    parse_linkage,
     parse_metadata_table,
+    parse_parent_locator,
     parse_region_table,
 )
 from .layout import probe as probe_header
@@ -56,6 +64,9 @@ log = logging.getLogger("imgfs")
 
 LOG_SECTOR = vlog.LOG_SECTOR
 ENTRIES_PER_SECTOR = LOG_SECTOR // 8
+#: sector bitmaps of partially present blocks kept in memory (at most
+#: 64 KiB each)
+BITMAP_CACHE_BLOCKS = 64
 
 class ReplayedView:
     """A dirty-log image opened read-only: the file as it would be after
@@ -86,6 +97,7 @@ class VhdxDriver(MappedDriver):
     create_opts = CREATE_OPTS
     zero_blocks = True
     can_check = True
+    supports_backing = True
     #: this (read-write) open replayed a log, as `check -r` reports
     log_replayed = False
 
@@ -120,8 +132,7 @@ class VhdxDriver(MappedDriver):
         bat_region, metadata_region = await self._read_regions()
         self.metadata = await self._read_metadata(metadata_region)
         meta = self.metadata
-        if meta.has_parent:
-            raise Unsupported("differencing VHDX images (with a parent) are not supported yet")
+        self.locator = await self._read_locator(metadata_region) if meta.has_parent else {}
         self.geometry = Geometry(meta.block_size, meta.logical_sector_size,
                                  meta.virtual_size, meta.has_parent)
         self.size = meta.virtual_size
@@ -129,6 +140,9 @@ class VhdxDriver(MappedDriver):
         self.bat_region, self.metadata_region = bat_region, metadata_region
         self.bat = await self._read_bat(bat_region)
         self.setup_mapping(meta.block_size)
+        if meta.has_parent:
+            self.present_unit = meta.logical_sector_size
+            self.bitmaps = DecodedCache(BITMAP_CACHE_BLOCKS)
 
     async def read_meta(self, offset: int, length: int) -> bytes:
         """File bytes of metadata: through the replayed log when there is one."""
@@ -207,7 +221,44 @@ class VhdxDriver(MappedDriver):
             if item.length and item.length <= 64 * 1024:
                 values[item_id] = await self.read_meta(region.offset + item.offset, item.length)
         self.metadata_items = items
+        self.metadata_values = values
         return decode_metadata(values)
+
+    async def _read_locator(self, region: Region) -> dict[str, str]:
+        raw = self.metadata_values.get(PARENT_LOCATOR)
+        if raw is None:
+            raise InvalidImage("a differencing image without a parent locator")
+        locator = parse_parent_locator(raw)
+        if parse_linkage(locator.get("parent_linkage", "")) is None:
+            raise InvalidImage("the parent locator has no valid parent_linkage GUID")
+        parent_filename(locator)        # (refuses a locator that names no path)
+        return locator
+
+    # -- the parent ------------------------------------------------------------------------
+
+    def child_refs(self) -> dict[str, ChildRef]:
+        if not self.metadata.has_parent:
+            return {}
+        return {"backing": ChildRef(parent_filename(self.locator), "vhdx")}
+
+    async def attach(self) -> None:
+        """2.6.2.6: the parent is the one whose data write GUID the child
+        recorded (parent_linkage, or parent_linkage2 after a merge)."""
+        backing = self.children.get("backing")
+        if backing is None or not self.metadata.has_parent:
+            return
+        parent = backing.driver
+        if not isinstance(parent, VhdxDriver):
+            raise InvalidImage(f"parent {backing.filename} of a differencing VHDX is not "
+                               "a VHDX image")
+        expected = {parse_linkage(self.locator.get(key, ""))
+                    for key in ("parent_linkage", "parent_linkage2")} - {None}
+        if parent.header.data_write_guid not in expected:
+            raise InvalidImage(
+                f"parent {backing.filename} has data write GUID "
+                f"{format_linkage(parent.header.data_write_guid)}, but "
+                f"{self.node.filename} was made from "
+                f"{self.locator.get('parent_linkage')} (the parent changed since)")
 
     async def _read_bat(self, region: Region) -> array.array[int]:
         geometry = self.geometry
@@ -260,6 +311,7 @@ class VhdxDriver(MappedDriver):
     # -- the mapped layer's hooks -------------------------------------------------------------
 
     def classify(self, block: int) -> tuple[MapKind, int]:
+        """A whole block's state (partially present ones: see `lookup`)."""
         entry = self.bat[self.geometry.payload_index(block)]
         state = entry_state(entry)
         if state == PAYLOAD_BLOCK_FULLY_PRESENT:
@@ -267,7 +319,7 @@ class VhdxDriver(MappedDriver):
         if state == PAYLOAD_BLOCK_NOT_PRESENT:
             return MapKind.UNALLOCATED, 0
         if state == PAYLOAD_BLOCK_PARTIALLY_PRESENT:
-            raise Unsupported("partially present blocks need the parent")
+            return MapKind.TRANSFORMED, entry_offset(entry)     # (a marker, never returned)
         # zero, and (as QEMU) undefined and unmapped blocks, which 2.5.1
         # lets read as anything
         return MapKind.ZERO, 0
@@ -276,6 +328,8 @@ class VhdxDriver(MappedDriver):
         block_size = self.block_size
         block, within = divmod(offset, block_size)
         kind, host = self.classify(block)
+        if kind is MapKind.TRANSFORMED:
+            return await self._partial_lookup(block, within, host, length)
         run = block_size - within
         while run < length and block + 1 < self.geometry.data_blocks:
             next_kind, next_host = self.classify(block + 1)
@@ -288,6 +342,39 @@ class VhdxDriver(MappedDriver):
         if kind is MapKind.DATA:
             return Mapping(run, kind, host + within)
         return Mapping(run, kind)
+
+    async def _partial_lookup(self, block: int, within: int, host: int,
+                              length: int) -> Mapping:
+        """A partially present block: the run of sectors from `within`
+        whose sector bitmap bits (2.5.2) are all set (data here) or all
+        clear (the parent's, though the block has host space)."""
+        sector = self.metadata.logical_sector_size
+        bits = int.from_bytes(await self._block_bitmap(block), "little") >> (within // sector)
+        present = bool(bits & 1)
+        same = bits ^ (bits + 1) if present else bits & -bits
+        sectors = same.bit_length() - 1 if same else self.block_size // sector
+        run = min(length, sectors * sector - within % sector,
+                  self.block_size - within)
+        kind = MapKind.DATA if present else MapKind.UNALLOCATED
+        return Mapping(run, kind, host + within)
+
+    def _bitmap_span(self, block: int) -> tuple[int, int]:
+        """Host offset and length of `block`'s bits in its chunk's sector
+        bitmap block (one bit per logical sector, least significant first)."""
+        geometry = self.geometry
+        chunk, index = divmod(block, geometry.chunk_ratio)
+        entry = self.bat[geometry.bitmap_index(chunk)]
+        if entry_state(entry) != SB_BLOCK_PRESENT:
+            raise CorruptImage(f"block {block} is partially present, but its sector bitmap "
+                               "block is not")
+        length = self.block_size // self.metadata.logical_sector_size // 8
+        return entry_offset(entry) + index * length, length
+
+    async def _block_bitmap(self, block: int) -> bytes:
+        async def read(block: Any) -> bytes:
+            offset, length = self._bitmap_span(block)
+            return await self.read_meta(offset, length)
+        return await self.bitmaps.get(block, read)
 
     async def block_status(self, offset: int, length: int) -> Extent:
         extent = await super().block_status(offset, length)
@@ -307,7 +394,73 @@ class VhdxDriver(MappedDriver):
 
     async def write(self, offset: int, data: bytes) -> None:
         await self._start_writing()
+        if self.metadata.has_parent:
+            await self._give_blocks_space(offset, len(data))
         await super().write(offset, data)
+
+    async def _give_blocks_space(self, offset: int, length: int) -> None:
+        """Differencing images: a block that is not present gets host space
+        and an empty sector bitmap (partially present, no sector yet), so
+        that writes fill it sector by sector and the rest still reads from
+        the parent, as Hyper-V does (no copy of the parent's block)."""
+        first, last = offset // self.block_size, (offset + length - 1) // self.block_size
+        if all(self._state(block) != PAYLOAD_BLOCK_NOT_PRESENT
+               for block in range(first, last + 1)):
+            return
+        async with self.lock:
+            geometry = self.geometry
+            changed: set[int] = set()
+            for block in range(first, last + 1):
+                if self._state(block) != PAYLOAD_BLOCK_NOT_PRESENT:
+                    continue
+                bitmap_index = geometry.bitmap_index(block // geometry.chunk_ratio)
+                if entry_state(self.bat[bitmap_index]) != SB_BLOCK_PRESENT:
+                    self.bat[bitmap_index] = make_entry(SB_BLOCK_PRESENT,
+                                                        await self.allocate(MiB))
+                    changed.add(bitmap_index)
+                index = geometry.payload_index(block)
+                self.bat[index] = make_entry(PAYLOAD_BLOCK_PARTIALLY_PRESENT,
+                                             await self.allocate(self.block_size))
+                changed.add(index)
+                self.bitmaps.forget(block)
+            await self._log_bat_entries(changed)
+
+    def _state(self, block: int) -> int:
+        return entry_state(self.bat[self.geometry.payload_index(block)])
+
+    async def mark_present(self, guest_offset: int, length: int) -> None:
+        """Set the sector bitmap bits of the sectors just written (through
+        the log, as the BAT); a block whose bits are all set becomes fully
+        present."""
+        block_size, sector = self.block_size, self.metadata.logical_sector_size
+        end = guest_offset + length
+        while guest_offset < end:
+            block, within = divmod(guest_offset, block_size)
+            count = min(end - guest_offset, block_size - within)
+            await self._set_bits(block, within // sector, count // sector)
+            guest_offset += count
+
+    async def _set_bits(self, block: int, first: int, count: int) -> None:
+        span_offset, span_length = self._bitmap_span(block)
+        start = span_offset - span_offset % LOG_SECTOR
+        end = align_up(span_offset + span_length, LOG_SECTOR)
+        old = await self.read_meta(start, end - start)
+        bits = int.from_bytes(old[span_offset - start:span_offset - start + span_length],
+                              "little") | ((1 << count) - 1) << first
+        new = bytearray(old)
+        new[span_offset - start:span_offset - start + span_length] = \
+            bits.to_bytes(span_length, "little")
+        sectors = [(start + at, bytes(new[at:at + LOG_SECTOR]))
+                   for at in range(0, len(new), LOG_SECTOR)
+                   if new[at:at + LOG_SECTOR] != old[at:at + LOG_SECTOR]]
+        if sectors:
+            await self._log_and_write(sectors)
+        self.bitmaps.forget(block)
+        if bits == (1 << span_length * 8) - 1:
+            index = self.geometry.payload_index(block)
+            self.bat[index] = make_entry(PAYLOAD_BLOCK_FULLY_PRESENT,
+                                         entry_offset(self.bat[index]))
+            await self._log_bat_entries({index})
 
     async def write_zeroes(self, offset: int, length: int, *, may_unmap: bool = False) -> None:
         await self._start_writing()
@@ -347,10 +500,14 @@ class VhdxDriver(MappedDriver):
             else:
                 self.bat[index] = make_entry(PAYLOAD_BLOCK_FULLY_PRESENT,
                                              host_offset + number * self.block_size)
-            changed.add(index * 8 // LOG_SECTOR)
-        sectors = [(self.bat_region.offset + sector * LOG_SECTOR, self._bat_sector(sector))
-                   for sector in sorted(changed)]
-        await self._log_and_write(sectors)
+            changed.add(index)
+        await self._log_bat_entries(changed)
+
+    async def _log_bat_entries(self, indexes: set[int]) -> None:
+        """The BAT sectors holding these entries, through the log."""
+        sectors = sorted({index // ENTRIES_PER_SECTOR for index in indexes})
+        await self._log_and_write([(self.bat_region.offset + sector * LOG_SECTOR,
+                                    self._bat_sector(sector)) for sector in sectors])
 
     def _bat_sector(self, sector: int) -> bytes:
         entries = self.bat[sector * ENTRIES_PER_SECTOR:(sector + 1) * ENTRIES_PER_SECTOR]
@@ -418,8 +575,31 @@ class VhdxDriver(MappedDriver):
     @classmethod
     async def create(cls, target: Any, size: int, options: dict[str, Any],
                      ctx: OpenContext) -> None:
-        pieces, length = new_image(size, options, lambda: uuid.uuid4().bytes_le)
+        parent = await cls._parent_of_new_image(os.fspath(target), options["backing_file"],
+                                                ctx) if options["backing_file"] else None
+        pieces, length = new_image(size, options, lambda: uuid.uuid4().bytes_le, parent)
         await create_image_file(target, ctx, pieces[0][1], length, pieces[1:])
+
+    @staticmethod
+    async def _parent_of_new_image(target: str, backing: str, ctx: OpenContext) -> Parent:
+        """What the locator of a new differencing image records: the
+        parent's path relative to the child's folder and its data write
+        GUID (read from the parent, which must be a VHDX)."""
+        from imgfs.graph import open_image  # (only creating a child needs the graph)
+        folder = os.path.dirname(os.path.abspath(target))
+        path = os.path.join(folder, backing)
+        node = await open_image(path, OpenContext(read_only=True, force_share=True,
+                                                  locking=ctx.locking), fmt="vhdx")
+        try:
+            driver = node.driver
+            if not isinstance(driver, VhdxDriver):
+                raise Unsupported("the parent of a VHDX image must be a VHDX image")
+            return Parent(os.path.relpath(os.path.abspath(path), folder),
+                          driver.header.data_write_guid,
+                          driver.metadata.logical_sector_size,
+                          driver.metadata.physical_sector_size)
+        finally:
+            await node.aclose()
 
     # -- information ----------------------------------------------------------------------------
 

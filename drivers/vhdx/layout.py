@@ -14,7 +14,7 @@ from dataclasses import dataclass
 from typing import Any, NamedTuple
 
 from imgfs.errors import CorruptImage, InvalidImage, Unsupported, UsageError
-from imgfs.options import Bool, Opt, Schema, Size, choice
+from imgfs.options import Bool, Opt, Schema, Size, Str, choice
 
 KiB, MiB, TiB = 1 << 10, 1 << 20, 1 << 40
 
@@ -382,7 +382,7 @@ DEFAULT_LOG_SIZE = 1 * MiB
 #: first payload block
 PAYLOAD_GAP = 4 * MiB
 CREATOR = "imgfs"
-METADATA_ITEM_FLAGS = {FILE_PARAMETERS: IS_REQUIRED}
+METADATA_ITEM_FLAGS = {FILE_PARAMETERS: IS_REQUIRED, PARENT_LOCATOR: IS_REQUIRED}
 
 
 def round_up(value: int, unit: int) -> int:
@@ -411,9 +411,11 @@ def create_block_size(requested: int, size: int) -> int:
     return block_size
 
 
-def metadata_region(geometry: Geometry, physical_sector_size: int, page83: bytes) -> bytes:
+def metadata_region(geometry: Geometry, physical_sector_size: int, page83: bytes,
+                    locator: bytes = b"") -> bytes:
     """The metadata table and its items, as qemu-img lays them out: the
-    items one after the other from 64 KiB."""
+    items one after the other from 64 KiB (a differencing image's parent
+    locator last)."""
     items = [
         (FILE_PARAMETERS, struct.pack("<II", geometry.block_size,
                                       HAS_PARENT if geometry.has_parent else 0)),
@@ -422,6 +424,8 @@ def metadata_region(geometry: Geometry, physical_sector_size: int, page83: bytes
         (LOGICAL_SECTOR_SIZE, struct.pack("<I", geometry.logical_sector_size)),
         (PHYSICAL_SECTOR_SIZE, struct.pack("<I", physical_sector_size)),
     ]
+    if locator:
+        items.append((PARENT_LOCATOR, locator))
     table = bytearray(METADATA_TABLE_SIZE)
     METADATA_HEADER.pack_into(table, 0, METADATA_SIGNATURE, 0, len(items))
     data = bytearray()
@@ -434,6 +438,16 @@ def metadata_region(geometry: Geometry, physical_sector_size: int, page83: bytes
     return bytes(table + data)
 
 
+@dataclass(frozen=True, slots=True)
+class Parent:
+    """What a new differencing image records of its parent."""
+
+    relative_path: str
+    data_write_guid: bytes
+    logical_sector_size: int
+    physical_sector_size: int
+
+
 def region_table(bat: Region, metadata: Region) -> bytes:
     table = bytearray(REGION_TABLE_SIZE)
     REGION_HEADER.pack_into(table, 0, REGION_SIGNATURE, 0, 2, 0)
@@ -444,27 +458,33 @@ def region_table(bat: Region, metadata: Region) -> bytes:
     return checksummed(table)
 
 
-def new_image(size: int, options: dict[str, Any], guids: Callable[[], bytes]) -> tuple[
-        list[tuple[int, bytes]], int]:
+def new_image(size: int, options: dict[str, Any], guids: Callable[[], bytes],
+              parent: Parent | None = None) -> tuple[list[tuple[int, bytes]], int]:
     """The (offset, bytes) pieces of a new image (the first at offset 0,
     then the BAT and the metadata), and the file's length: qemu-img's
     layout (log after the first MiB, then the BAT, then the metadata
-    region; a fixed image's blocks after a gap)."""
+    region; a fixed image's blocks after a gap).  A differencing image
+    (`parent`) takes its parent's sector sizes, and every block reads
+    through to the parent."""
     if size > MAX_VIRTUAL_SIZE:
         raise UsageError("Image size too large; max of 64TB")
-    size = round_up(size, 512)
+    logical, physical = (parent.logical_sector_size, parent.physical_sector_size) \
+        if parent else (512, 512)
+    size = round_up(size, logical)
     log_size = round_up(options["log_size"], MiB)
     if log_size < MiB:
         raise UsageError("Log size must be at least 1 MiB")
     block_size = create_block_size(options["block_size"], size)
-    geometry = Geometry(block_size, 512, size, False)
+    geometry = Geometry(block_size, logical, size, parent is not None)
     bat = Region(BAT_GUID, HEADER_AREA + log_size,
                  round_up(geometry.bat_entries * 8, MiB) or MiB, False)
     metadata = Region(METADATA_GUID, bat.end, MiB, False)
     payload_start = metadata.end + PAYLOAD_GAP
     fixed = options["subformat"] == "fixed"
+    if fixed and parent:
+        raise UsageError("a differencing VHDX image cannot be fixed")
     entries = fixed_bat(geometry, payload_start, options["block_state_zero"]) if fixed \
-        else dynamic_bat(geometry, options["block_state_zero"])
+        else dynamic_bat(geometry, options["block_state_zero"] and not parent)
     head = bytearray(REGION_TABLE_OFFSETS[1] + REGION_TABLE_SIZE)
     head[:len(SIGNATURE)] = SIGNATURE
     creator = CREATOR.encode("utf-16-le")
@@ -476,8 +496,11 @@ def new_image(size: int, options: dict[str, Any], guids: Callable[[], bytes]) ->
         head[offset:offset + HEADER_SIZE] = header.pack()
     for offset in REGION_TABLE_OFFSETS:
         head[offset:offset + REGION_TABLE_SIZE] = region_table(bat, metadata)
+    locator = build_parent_locator({
+        "parent_linkage": format_linkage(parent.data_write_guid),
+        "relative_path": parent.relative_path.replace("/", "\\")}) if parent else b""
     pieces = [(0, bytes(head)), (bat.offset, entries),
-              (metadata.offset, metadata_region(geometry, 512, guids()))]
+              (metadata.offset, metadata_region(geometry, physical, guids(), locator))]
     # (a fixed image's last block is cut at the virtual size, as qemu-img does)
     length = payload_start + (size if fixed else 0)
     return pieces, length
@@ -512,4 +535,88 @@ CREATE_OPTS = Schema(
         help="VHDX format type, can be either 'dynamic' or 'fixed'. Default is 'dynamic'."),
     Opt("block_state_zero", Bool, default=True,
         help="Force use of payload blocks of type 'ZERO'."),
+    Opt("backing_file", Str, help="parent image of a differencing image (a VHDX)"),
+    Opt("backing_fmt", choice("vhdx"), help="format of the parent (vhdx)"),
 )
+
+
+# -- parent locator (2.6.2.6) -------------------------------------------------------------------
+
+LOCATOR_TYPE = uuid.UUID("b04aefb7-d19e-4a81-b789-25b8e9445913")
+LOCATOR_HEADER = struct.Struct("<16sHH")
+LOCATOR_ENTRY = struct.Struct("<IIHH")
+#: the keys, in the order a parent is looked for (the last two name Windows
+#: volumes and drives: only their file name is tried, in the child's folder)
+PATH_KEYS = ("relative_path", "absolute_win32_path", "volume_path")
+
+
+def parse_parent_locator(raw: bytes) -> dict[str, str]:
+    """The locator's key/value pairs (UTF-16 strings inside the item)."""
+    if len(raw) < LOCATOR_HEADER.size:
+        raise InvalidImage(f"parent locator of {len(raw)} bytes is too short")
+    locator_type, _, count = LOCATOR_HEADER.unpack_from(raw)
+    if guid(locator_type) != LOCATOR_TYPE:
+        raise Unsupported(f"unknown parent locator type {guid(locator_type)}")
+    if LOCATOR_HEADER.size + count * LOCATOR_ENTRY.size > len(raw):
+        raise InvalidImage(f"parent locator has {count} entries, more than its "
+                           f"{len(raw)} bytes hold")
+    entries: dict[str, str] = {}
+    for index in range(count):
+        key_offset, value_offset, key_length, value_length = LOCATOR_ENTRY.unpack_from(
+            raw, LOCATOR_HEADER.size + index * LOCATOR_ENTRY.size)
+        key = locator_string(raw, key_offset, key_length)
+        if key in entries:
+            raise InvalidImage(f"parent locator key {key!r} appears twice")
+        entries[key] = locator_string(raw, value_offset, value_length)
+    return entries
+
+
+def locator_string(raw: bytes, offset: int, length: int) -> str:
+    if offset + length > len(raw) or length % 2:
+        raise InvalidImage(f"parent locator string at {offset} (+{length}) lies outside "
+                           "the locator or is not UTF-16")
+    try:
+        return raw[offset:offset + length].decode("utf-16-le")
+    except UnicodeDecodeError:
+        raise InvalidImage("parent locator string is not valid UTF-16") from None
+
+
+def build_parent_locator(entries: dict[str, str]) -> bytes:
+    table = bytearray(LOCATOR_HEADER.pack(LOCATOR_TYPE.bytes_le, 0, len(entries)))
+    strings = bytearray()
+    start = LOCATOR_HEADER.size + len(entries) * LOCATOR_ENTRY.size
+    for key, value in entries.items():
+        key_raw, value_raw = key.encode("utf-16-le"), value.encode("utf-16-le")
+        key_offset = start + len(strings)
+        strings += key_raw
+        value_offset = start + len(strings)
+        strings += value_raw
+        table += LOCATOR_ENTRY.pack(key_offset, value_offset, len(key_raw), len(value_raw))
+    return bytes(table + strings)
+
+
+def parse_linkage(text: str) -> bytes | None:
+    """A GUID as the locator writes it ("{...}"), in its on-disk form."""
+    try:
+        return uuid.UUID(text.strip("{}")).bytes_le
+    except ValueError:
+        return None
+
+
+def format_linkage(raw: bytes) -> str:
+    return "{" + str(guid(raw)) + "}"
+
+
+def parent_filename(entries: dict[str, str]) -> str:
+    """Where the parent is, relative to the child's folder unless absolute:
+    relative_path first; a Windows absolute or volume path only by its
+    file name."""
+    relative = entries.get("relative_path")
+    if relative:
+        return relative.replace("\\", "/")
+    for key in PATH_KEYS[1:]:
+        value = entries.get(key)
+        if value:
+            return value.replace("\\", "/").rsplit("/", 1)[-1]
+    raise InvalidImage("the parent locator names no parent path "
+                       f"(none of {', '.join(PATH_KEYS)})")
