@@ -24,7 +24,15 @@ from tests.conftest import (
     run,
     write_through_api,
 )
-from tests.drivers.test_vhdx import data_ranges, digest, out_of_order, qemu_create, sample
+from tests.drivers.test_vhdx import (
+    data_ranges,
+    digest,
+    independent_reads,
+    make_base,
+    out_of_order,
+    qemu_create,
+    sample,
+)
 
 KiB = 1024
 MiB = 1024 * KiB
@@ -107,3 +115,40 @@ def test_killed_daemon_leaves_a_log_qemu_replays(workdir: Path, mnt: Path) -> No
     for replayed in (image, ours):
         run("qemu-img", "check", replayed)
         assert qemu_raw(replayed, workdir / "after.raw")[:8 * MiB] == expected[:8 * MiB]
+
+
+def test_differencing_chain_mounts_read_write(workdir: Path, mnt: Path) -> None:
+    """A child on a qemu-img base mounted as one raw file: reads through to
+    the parent, writes land in the child (libvhdi agrees afterwards)."""
+    size = 4 * MiB
+    base = workdir / "base.vhdx"
+    expected = make_base(base, size)
+    child = workdir / "child.avhdx"
+    run(IMGFS, "create", "-q", "-f", "vhdx", "-b", "base.vhdx", "-o", "block_size=1M", child)
+    with mounted(child, mountpoint=mnt):
+        view = mnt / "child.raw"
+        assert view.read_bytes() == expected
+        pwrite_all(view, [(number * 100_003 + 7, random_bytes(9_001, number))
+                          for number in range(30)], expected)
+        assert view.read_bytes() == expected
+    assert independent_reads(child, [child, base], size) == [expected, expected]
+    assert qemu_raw(base, workdir / "base-after.raw") == (workdir / "base.raw").read_bytes()
+
+
+def test_killed_daemon_differencing_keeps_fsynced_writes(workdir: Path, mnt: Path) -> None:
+    """SIGKILL mid-write on a differencing image: the next read-write open
+    replays the log; every fsynced write is there for imgfs and libvhdi."""
+    size = 16 * MiB
+    base = workdir / "base.vhdx"
+    expected = make_base(base, size)
+    child = workdir / "child.vhdx"
+    run(IMGFS, "create", "-q", "-f", "vhdx", "-b", "base.vhdx", "-o", "block_size=1M", child)
+    with mounted(child, mountpoint=mnt):
+        view = mnt / "child.raw"
+        pwrite_all(view, [(number * 200_017 + 3, random_bytes(30_001, seed=number))
+                          for number in range(40)], expected)
+        kill_daemon_mid_writes(mnt, view, 8 * MiB, 8 * MiB)
+    write_through_api(child, [])
+    run(IMGFS, "convert", "-O", "raw", child, workdir / "after.raw")
+    assert (workdir / "after.raw").read_bytes()[:8 * MiB] == expected[:8 * MiB]
+    assert independent_reads(child, [child, base], size)[0][:8 * MiB] == expected[:8 * MiB]

@@ -60,6 +60,7 @@ from tests.conftest import (
     need,
     need_root_or_fuse,
     qemu_img_create_encrypted,
+    write_through_api,
 )
 
 KiB = 1024
@@ -255,6 +256,19 @@ def vhdx_regions(data: bytes) -> list[tuple[int, int]]:
     return regions
 
 
+def vhdx_child_regions(data: bytes) -> list[tuple[int, int]]:
+    """A differencing VHDX's regions, its parent locator and the BAT's
+    first sector bitmap entry and first bitmap bytes."""
+    regions = vhdx_regions(data)
+    metadata_offset = struct.unpack_from("<Q", data, 192 * KiB + 64)[0]
+    item = struct.unpack_from("<I", data, metadata_offset + 32 + 5 * 32 + 16)[0]
+    bat_offset = struct.unpack_from("<Q", data, 192 * KiB + 32)[0]
+    # 1 MiB blocks of 512-byte sectors: 4096 payload entries, then a bitmap entry
+    bitmap = struct.unpack_from("<Q", data, bat_offset + 8 * 4096)[0] & ~(MiB - 1)
+    regions += [(metadata_offset + item, 128), (bat_offset + 8 * 4096, 8), (bitmap, 512)]
+    return regions
+
+
 def vhdx_reseal(image: bytearray) -> None:
     """Recompute the CRC-32C of the headers, region tables and the log
     entry at the start of the log, so the damage behind them is reached."""
@@ -393,6 +407,12 @@ def samples(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Sample]:
     vhdx_with_log(vhdx, vhdx_log)
     built["vhdx-log"] = Sample("vhdx-log", "vhdx", vhdx_log,
                                vhdx_regions(vhdx_log.read_bytes()), magic_length=8)
+    vhdx_child = directory / "child.vhdx"
+    imgfs("create", "-q", "-f", "vhdx", "-b", vhdx.name, "-o", "block_size=1M", vhdx_child,
+          cwd=directory)
+    write_through_api(vhdx_child, [(MiB + 512, b"\x44" * 1000), (3 * MiB, b"\x55" * MiB)])
+    built["vhdx-diff"] = Sample("vhdx-diff", "vhdx", vhdx_child,
+                                vhdx_child_regions(vhdx_child.read_bytes()), magic_length=8)
 
     raw = directory / "disk.raw"
     raw.write_bytes(bytes(range(256)) * 1024)
@@ -687,7 +707,7 @@ async def exercise_writes(path: Path, secret: bool) -> None:
 FORMATS = ["qcow2-v2", "qcow2-backing", "qcow2-snapshots", "qcow2-compressed",
            "qcow2-extended-l2", "qcow2-bitmaps", "qcow2-zstd", "qcow2-data-file",
            "qcow2-luks", "qcow", "qcow-compressed", "qcow-backing", "qed", "qed-backing",
-           "luks1", "luks2", "vhdx", "vhdx-log"]
+           "luks1", "luks2", "vhdx", "vhdx-log", "vhdx-diff"]
 
 
 def test_valid_samples_read(samples: dict[str, Sample]) -> None:
@@ -1026,7 +1046,7 @@ def test_backing_file_names_a_fifo(tmp_path: Path) -> None:
 
 WRITABLE = ["qcow2-v2", "qcow2-backing", "qcow2-snapshots", "qcow2-compressed",
             "qcow2-extended-l2", "qcow2-bitmaps", "qcow", "qcow-compressed", "qcow-backing",
-            "qed", "qed-backing", "luks1", "vhdx", "vhdx-log"]
+            "qed", "qed-backing", "luks1", "vhdx", "vhdx-log", "vhdx-diff"]
 
 
 @pytest.mark.parametrize("name", WRITABLE)
