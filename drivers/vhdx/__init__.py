@@ -14,17 +14,27 @@ entry per payload block (state in the low 3 bits, the block's offset in
 MiB in the top 44), with one sector bitmap entry after every `chunk_ratio`
 payload entries.
 
-Supported: reading every payload state of images without a parent (not
-present: unallocated; zero, undefined, unmapped: zeros; fully present:
-data); log replay on a read-write open, and on a read-only open a view of
-the replayed contents that leaves the file untouched (QEMU refuses such an
-image).  Refused: differencing images (has-parent), unknown required
-regions or metadata items, and every header, region, metadata or BAT
-field out of range (one sentence each).
+Supported: reading every payload state (not present: unallocated; zero,
+undefined, unmapped: zeros; fully present: data; partially present: the
+sector bitmap says, per logical sector, child or parent); log replay on a
+read-write open, and on a read-only open a view of the replayed contents
+that leaves the file untouched (QEMU refuses such an image); writes whose
+BAT and sector bitmap changes go through the log (a crash leaves a log to
+replay, never a torn BAT); creating dynamic, fixed and differencing images
+with qemu-img's options and layout; `check` as qemu-img's (a log to
+replay is the one corruption, which a repair replays).  Differencing
+images (beyond QEMU): the parent is found through the parent locator and
+must carry the data write GUID the child recorded; a write to a block
+that is not present allocates it partially present, and whole sectors
+are then written merged with the parent's bytes (the mapped layer's
+partially present blocks).  Refused: unknown required regions or metadata
+items, and every header, region, metadata, BAT or log field out of range
+(one sentence each).  Not supported: resizing.
 
-Module map: `layout` (headers, regions, metadata, BAT geometry; pure,
-what probing imports), `log` (finding the entries to replay, building new
-ones) and `driver` (the BlockDriver on imgfs.mapped).
+Module map: `layout` (headers, regions, metadata, parent locator, BAT
+geometry; pure, what probing imports), `log` (finding the entries to
+replay, building new ones), `create` (new images as qemu-img lays them
+out) and `driver` (the BlockDriver on imgfs.mapped).
 """
 from typing import Any
 

@@ -1,5 +1,5 @@
-"""The VHDX driver: open (headers, log, regions, metadata, BAT), the mapped
-layer's hooks, info.
+"""The VHDX driver: open (headers, log, regions, metadata, BAT), the parent,
+the mapped layer's hooks, writes through the log, check, create, info.
 
 VHDX is a one-level block map on `imgfs.mapped`: the BAT is kept in memory
 (it is at most a few MiB for the largest disks) and checked whole at open,
@@ -22,8 +22,8 @@ from imgfs.node import OpenContext
 from imgfs.tablecache import DecodedCache
 
 from . import log as vlog
+from .create import CREATE_OPTS, Parent, new_image
 from .layout import (
-    CREATE_OPTS,
     HEADER_OFFSETS,
     HEADER_SIZE,
     METADATA_TABLE_SIZE,
@@ -39,7 +39,6 @@ from .layout import (
     Geometry,
     Metadata,
     MiB,
-    Parent,
     Region,
     check_block_offset,
     check_log_location,
@@ -51,7 +50,6 @@ from .layout import (
     entry_state,
     format_linkage,
     make_entry,
-    new_image,
     parent_filename,
     parse_linkage,
     parse_metadata_table,
@@ -93,7 +91,8 @@ class ReplayedView:
 class VhdxDriver(MappedDriver):
     name = "vhdx"
     kind = Kind.FORMAT
-    description = "Hyper-V VHDX (read, write, create; log replay, also read-only)"
+    description = ("Hyper-V VHDX (read, write, create, check; log replay, also read-only; "
+                   "differencing chains)")
     create_opts = CREATE_OPTS
     zero_blocks = True
     can_check = True
