@@ -907,9 +907,7 @@ def test_cli_one_line_vhdx(samples: dict[str, Sample], damage: str) -> None:
     sample = samples[name]
     target = sample.path.with_name("cli-" + sample.path.name)
     target.write_bytes(vhdx_damaged(sample, changes))
-    for command in ("info", "map"):
-        assert_one_line_refusal(imgfs(command, "-f", "vhdx", target, check=False,
-                                      timeout=30))
+    assert_one_line_refusal(imgfs("info", "-f", "vhdx", target, check=False, timeout=30))
 
 
 @pytest.mark.parametrize("torn", ["entry checksum", "data sector sequence",
