@@ -14,6 +14,8 @@ import sys
 import uuid
 from typing import Any
 
+import numpy
+
 from imgfs.block import ChildRef, Extent, Kind
 from imgfs.check import CheckResult
 from imgfs.errors import CorruptImage, InvalidImage, Unsupported
@@ -24,18 +26,22 @@ from imgfs.tablecache import DecodedCache
 from . import log as vlog
 from .create import CREATE_OPTS, Parent, new_image
 from .layout import (
+    HEADER_AREA,
     HEADER_OFFSETS,
     HEADER_SIZE,
     METADATA_TABLE_SIZE,
+    OFFSET_MASK,
     PARENT_LOCATOR,
     PAYLOAD_BLOCK_FULLY_PRESENT,
     PAYLOAD_BLOCK_NOT_PRESENT,
     PAYLOAD_BLOCK_PARTIALLY_PRESENT,
+    PAYLOAD_BLOCK_UNMAPPED,
     PAYLOAD_BLOCK_ZERO,
     REGION_TABLE_OFFSETS,
     REGION_TABLE_SIZE,
     SB_BLOCK_NOT_PRESENT,
     SB_BLOCK_PRESENT,
+    STATE_MASK,
     Geometry,
     Metadata,
     MiB,
@@ -65,6 +71,15 @@ ENTRIES_PER_SECTOR = LOG_SECTOR // 8
 #: sector bitmaps of partially present blocks kept in memory (at most
 #: 64 KiB each)
 BITMAP_CACHE_BLOCKS = 64
+
+def payload_entries(entries: Any, geometry: Geometry) -> Any:
+    """The payload entries of a BAT (a numpy array), without the sector
+    bitmap entry that follows every `chunk_ratio` of them."""
+    stride = geometry.chunk_ratio + 1
+    padded = numpy.zeros(-(-len(entries) // stride) * stride, dtype=numpy.uint64)
+    padded[:len(entries)] = entries
+    return padded.reshape(-1, stride)[:, :-1].ravel()[:geometry.data_blocks]
+
 
 class ReplayedView:
     """A dirty-log image opened read-only: the file as it would be after
@@ -281,31 +296,58 @@ class VhdxDriver(MappedDriver):
         return spans
 
     def _check_bat(self, bat: array.array[int]) -> None:
-        """Every entry (states, offsets) and no block used twice."""
+        """Every entry (states, offsets), and no two blocks overlapping (a
+        write to one guest block must never change another); vectorised,
+        as a BAT may have millions of entries."""
         geometry = self.geometry
         file_size = max(self.children["file"].size, self._view_size())
-        reserved = self.reserved_spans()
-        seen: set[int] = set()
-        for block in range(geometry.data_blocks):
-            entry = bat[geometry.payload_index(block)]
-            check_payload_entry(entry, block, geometry, file_size, reserved)
-            if entry_state(entry) >= PAYLOAD_BLOCK_FULLY_PRESENT:
-                self._claim(seen, entry_offset(entry), f"block {block}")
-        for chunk in range(geometry.bitmap_blocks if geometry.has_parent else 0):
-            entry = bat[geometry.bitmap_index(chunk)]
-            state = entry_state(entry)
-            if state == SB_BLOCK_PRESENT:
-                check_block_offset(entry_offset(entry), MiB, file_size, reserved,
-                                   f"sector bitmap {chunk}")
-                self._claim(seen, entry_offset(entry), f"sector bitmap {chunk}")
-            elif state != SB_BLOCK_NOT_PRESENT:
-                raise CorruptImage(f"sector bitmap {chunk} has the unknown BAT state {state}")
+        entries = numpy.frombuffer(bat, dtype=numpy.uint64)
+        payload = payload_entries(entries, geometry)
+        states = payload & STATE_MASK
+        known = (states <= PAYLOAD_BLOCK_UNMAPPED) | (states == PAYLOAD_BLOCK_FULLY_PRESENT)
+        if geometry.has_parent:
+            known |= states == PAYLOAD_BLOCK_PARTIALLY_PRESENT
+        unknown = numpy.flatnonzero(~known)
+        if unknown.size:
+            first = int(unknown[0])
+            check_payload_entry(int(payload[first]), first, geometry, file_size, [])
+        used = [(payload, geometry.block_size, "block")]
+        if geometry.has_parent:
+            bitmaps = entries[geometry.chunk_ratio::geometry.chunk_ratio + 1]
+            states = bitmaps & STATE_MASK
+            unknown = numpy.flatnonzero((states != SB_BLOCK_PRESENT) &
+                                        (states != SB_BLOCK_NOT_PRESENT))
+            if unknown.size:
+                raise CorruptImage(f"sector bitmap {int(unknown[0])} has the unknown BAT "
+                                   f"state {int(states[unknown[0]])}")
+            used.append((bitmaps, MiB, "sector bitmap"))
+        self._check_placement(used, file_size)
 
-    @staticmethod
-    def _claim(seen: set[int], offset: int, what: str) -> None:
-        if offset in seen:
-            raise CorruptImage(f"{what} at {offset:#x} shares its host space with another")
-        seen.add(offset)
+    def _check_placement(self, used: list[tuple[Any, int, str]], file_size: int) -> None:
+        """Present blocks start inside the file, clear of the header area,
+        the log, the regions and each other."""
+        reserved = self.reserved_spans()
+        starts, ends = [], []
+        for entries, length, what in used:
+            present = numpy.flatnonzero((entries & STATE_MASK) >= PAYLOAD_BLOCK_FULLY_PRESENT)
+            offsets = entries[present] & OFFSET_MASK
+            bad = (offsets < HEADER_AREA) | (offsets >= file_size)
+            for start, end in reserved:
+                bad |= (offsets < end) & (offsets + length > start)
+            if bad.any():
+                first = int(numpy.flatnonzero(bad)[0])
+                check_block_offset(int(offsets[first]), length, file_size, reserved,
+                                   f"{what} {int(present[first])}")
+            starts.append(offsets)
+            ends.append(offsets + length)
+        start_all, end_all = numpy.concatenate(starts), numpy.concatenate(ends)
+        order = numpy.argsort(start_all, kind="stable")
+        start_all, end_all = start_all[order], end_all[order]
+        clash = numpy.flatnonzero(start_all[1:] < end_all[:-1])
+        if clash.size:
+            at = int(clash[0])
+            raise CorruptImage(f"the blocks at {int(start_all[at]):#x} and "
+                               f"{int(start_all[at + 1]):#x} overlap")
 
     # -- the mapped layer's hooks -------------------------------------------------------------
 
