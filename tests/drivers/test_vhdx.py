@@ -31,8 +31,8 @@ from imgfs.drivers.vhdx.layout import (
     probe,
 )
 
-from tests.conftest import IMGFS, need, qemu_raw, random_bytes, write_through_api
-from tests.conftest import run as run_tool
+from tests.conftest import need, qemu_raw, random_bytes, write_through_api
+from tests.drivers.test_qed import run
 
 KiB = 1024
 MiB = 1024 * KiB
@@ -46,10 +46,6 @@ def _in_workdir(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
 
 
 # -- helpers ------------------------------------------------------------------------------
-
-def run(tool: str | Path, *args: str | Path, check: bool = True) -> Any:
-    return run_tool(IMGFS if tool == "imgfs" else tool, *args, check=check)
-
 
 def qemu_create(image: Path, size: int | str, *options: str) -> Path:
     run("qemu-img", "create", "-q", "-f", "vhdx",

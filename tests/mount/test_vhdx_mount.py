@@ -33,6 +33,7 @@ from tests.drivers.test_vhdx import (
     qemu_create,
     sample,
 )
+from tests.mount.test_qed_mount import exposed
 
 KiB = 1024
 MiB = 1024 * KiB
@@ -42,10 +43,6 @@ MiB = 1024 * KiB
 def _oracles(workdir: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     need("qemu-img", "qemu-io")
     monkeypatch.chdir(workdir)
-
-
-def exposed(mnt: Path, image: Path) -> Path:
-    return mnt / (image.name.rsplit(".", 1)[0] + ".raw")
 
 
 def test_out_of_order_image_reads_like_qemu(workdir: Path, mnt: Path) -> None:
