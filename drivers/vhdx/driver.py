@@ -140,13 +140,14 @@ class VhdxDriver(MappedDriver):
             headers[HEADER_OFFSETS[0]:HEADER_OFFSETS[0] + HEADER_SIZE],
             headers[HEADER_OFFSETS[1]:HEADER_OFFSETS[1] + HEADER_SIZE])
         check_log_location(self.header, file.size)
-        self.writable = not self.node.read_only and file.driver.writable
+        #: a log is replayed into the file only by a read-write open
+        self.replay_in_place = not self.node.read_only and file.driver.writable
         if self.header.has_log:
             await self._replay_log()
         bat_region, metadata_region = await self._read_regions()
         self.metadata = await self._read_metadata(metadata_region)
         meta = self.metadata
-        self.locator = await self._read_locator(metadata_region) if meta.has_parent else {}
+        self.locator = self._read_locator() if meta.has_parent else {}
         self.geometry = Geometry(meta.block_size, meta.logical_sector_size,
                                  meta.virtual_size, meta.has_parent)
         self.size = meta.virtual_size
@@ -182,7 +183,7 @@ class VhdxDriver(MappedDriver):
             return
         writes = vlog.replay_writes(sequence)
         size = vlog.replay_file_size(sequence, file.size)
-        if not self.writable:
+        if not self.replay_in_place:
             self.replayed = ReplayedView(file, writes, size)
             log.info("%s: reading through %d log entries (read-only: the file is left "
                      "as it is)", self.node.filename, len(sequence))
@@ -238,7 +239,7 @@ class VhdxDriver(MappedDriver):
         self.metadata_values = values
         return decode_metadata(values)
 
-    async def _read_locator(self, region: Region) -> dict[str, str]:
+    def _read_locator(self) -> dict[str, str]:
         raw = self.metadata_values.get(PARENT_LOCATOR)
         if raw is None:
             raise InvalidImage("a differencing image without a parent locator")

@@ -156,12 +156,12 @@ def sequence_ending_at(head: LogEntry, entries: dict[int, LogEntry],
     """The entries from `head`'s tail up to `head`, each right after the
     previous one in the ring and one sequence number higher; empty when
     the chain breaks before it reaches the tail."""
-    by_end = {(entry.offset + entry.length) % log_length: entry for entry in entries.values()}
+    by_end = {((entry.offset + entry.length) % log_length, entry.sequence_number): entry
+              for entry in entries.values()}
     chain = [head]
     while chain[-1].offset != head.tail:
-        previous = by_end.get(chain[-1].offset)
-        if previous is None or previous.sequence_number != chain[-1].sequence_number - 1 \
-                or len(chain) > len(entries):
+        previous = by_end.get((chain[-1].offset, chain[-1].sequence_number - 1))
+        if previous is None or len(chain) > len(entries):
             return []
         chain.append(previous)
     chain.reverse()
