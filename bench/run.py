@@ -265,6 +265,15 @@ CASES = {c.name: c for c in (
              "seq_read": None, "rand_read": None, "rand_write": None, "seq_write": None,
              "seq_write_new": None, "mount_latency": None,
          }),
+    # issue 15: a dynamic VHDX (qemu-img's default layout; new blocks are
+    # mapped through the log)
+    Case("vhdx", "vhdx", ("vhdx",), ("-O", "vhdx", "-o", "subformat=dynamic"),
+         create_args=("-f", "vhdx"), metrics={
+             "seq_read": Target(1.5), "rand_read": Target(0.8),
+             # converted from random data: every block is allocated
+             "rand_write": Target(0.8), "seq_write": None,
+             "seq_write_new": Target(1.0), "mount_latency": None,
+         }),
     # issue 17: an image on a web server, read with range requests
     Case("http", "raw", ("raw",), ("-O", "raw"), server="http", metrics={
         "seq_read": Target(1.5), "rand_read": Target(1.0), "mount_latency": None,

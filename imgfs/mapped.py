@@ -30,7 +30,7 @@ import array
 import bisect
 import enum
 import os
-from collections.abc import Awaitable, Callable, Hashable
+from collections.abc import Awaitable, Callable, Hashable, Sequence
 from typing import TYPE_CHECKING, Any, NamedTuple
 
 from .block import DATA, UNALLOCATED, ZERO, BlockDriver, Extent
@@ -68,15 +68,19 @@ def align_up(value: int, alignment: int) -> int:
 
 
 async def create_image_file(target: Any, ctx: OpenContext, head: bytes, length: int, *,
+                            more: Sequence[tuple[int, bytes]] = (),
                             preallocation: str = "off") -> None:
     """A format's `create`: a new protocol file of `length` bytes (zeros)
-    that starts with `head` (header, names, tables), made durable;
+    that starts with `head` (header, names, tables) and has the (offset,
+    bytes) of `more` further on (tables after a hole), made durable;
     `preallocation` (falloc, full) reserves its bytes on the host."""
     from .graph import create_protocol_file  # (only creating needs the graph)
     node = await create_protocol_file(os.fspath(target), ctx, size=0)
     try:
         await node.truncate(length, preallocation)
         await node.write(0, head)
+        for offset, data in more:
+            await node.write(offset, data)
         await node.flush()
     finally:
         await node.aclose()

@@ -63,6 +63,7 @@ from tests.conftest import (
     need,
     need_root_or_fuse,
     qemu_img_create_encrypted,
+    write_through_api,
 )
 from tests.drivers.test_parallels import NO_PARENT, ROOT_GUID, TOP_GUID, descriptor, hds_name
 from tests.probe_samples import SAMPLE_IMAGES
@@ -278,6 +279,68 @@ def vdi_samples(directory: Path) -> dict[str, Sample]:
 def parallels_regions(data: bytes) -> list[tuple[int, int]]:
     """The header and the first bytes of the catalog, which follows it."""
     return [(0, 64), (64, 256)]
+def vhdx_regions(data: bytes) -> list[tuple[int, int]]:
+    """Both headers, both region tables, the metadata table and its items,
+    the first BAT entries and the first log entry (VHDX is little-endian;
+    the checksummed ones are resealed by `vhdx_reseal` half of the time)."""
+    regions = [(64 * KiB, 80), (128 * KiB, 80), (192 * KiB, 80), (256 * KiB, 80)]
+    _, log_length, log_offset = struct.unpack_from("<HIQ", data, 64 * KiB + 66)
+    bat_offset, metadata_offset = (struct.unpack_from("<Q", data, 192 * KiB + 32 + 32 * i)[0]
+                                   for i in range(2))
+    regions += [(metadata_offset, 32 + 5 * 32), (metadata_offset + 64 * KiB, 40),
+                (bat_offset, 64), (log_offset, 64 + 2 * 32)]
+    return regions
+
+
+def vhdx_child_regions(data: bytes) -> list[tuple[int, int]]:
+    """A differencing VHDX's regions, its parent locator and the BAT's
+    first sector bitmap entry and first bitmap bytes."""
+    regions = vhdx_regions(data)
+    metadata_offset = struct.unpack_from("<Q", data, 192 * KiB + 64)[0]
+    item = struct.unpack_from("<I", data, metadata_offset + 32 + 5 * 32 + 16)[0]
+    bat_offset = struct.unpack_from("<Q", data, 192 * KiB + 32)[0]
+    # 1 MiB blocks of 512-byte sectors: 4096 payload entries, then a bitmap entry
+    bitmap = struct.unpack_from("<Q", data, bat_offset + 8 * 4096)[0] & ~(MiB - 1)
+    regions += [(metadata_offset + item, 128), (bat_offset + 8 * 4096, 8), (bitmap, 512)]
+    return regions
+
+
+def vhdx_reseal(image: bytearray) -> None:
+    """Recompute the CRC-32C of the headers, region tables and the log
+    entry at the start of the log, so the damage behind them is reached."""
+    from imgfs.drivers.vhdx.layout import checksummed
+    for offset, length in ((64 * KiB, 4 * KiB), (128 * KiB, 4 * KiB),
+                           (192 * KiB, 64 * KiB), (256 * KiB, 64 * KiB)):
+        image[offset:offset + length] = checksummed(image[offset:offset + length])
+    log_offset = struct.unpack_from("<Q", image, 64 * KiB + 72)[0]
+    if log_offset + 64 <= len(image) and image[log_offset:log_offset + 4] == b"loge":
+        length = struct.unpack_from("<I", image, log_offset + 8)[0]
+        if 0 < length <= 64 * KiB and log_offset + length <= len(image):
+            image[log_offset:log_offset + length] = checksummed(
+                image[log_offset:log_offset + length])
+
+
+def vhdx_with_log(clean: Path, target: Path) -> None:
+    """`clean` with one log entry (rewriting the first BAT sector so that
+    block 0 becomes a zero block) that a replay must apply."""
+    import uuid
+
+    from imgfs.drivers.vhdx.layout import Header
+    from imgfs.drivers.vhdx.log import build_entry
+    data = bytearray(clean.read_bytes())
+    log_guid = uuid.uuid4().bytes_le
+    for offset in (64 * KiB, 128 * KiB):
+        header = Header.unpack(bytes(data[offset:offset + 4 * KiB]))
+        data[offset:offset + 4 * KiB] = header._replace(log_guid=log_guid).pack()
+    log_offset = struct.unpack_from("<Q", data, 64 * KiB + 72)[0]
+    bat_offset = struct.unpack_from("<Q", data, 192 * KiB + 32)[0]
+    sector = bytearray(data[bat_offset:bat_offset + 4 * KiB])
+    sector[0:8] = struct.pack("<Q", 2)
+    entry = build_entry(sequence=5, tail=0, log_guid=log_guid,
+                        sectors=[(bat_offset, bytes(sector))],
+                        flushed_file_offset=len(data), last_file_offset=len(data))
+    data[log_offset:log_offset + len(entry)] = entry
+    target.write_bytes(data)
 
 
 #: LUKS1: the phdr (version, cipher, payload offset, key bytes, digest) and slots 0-1
@@ -397,6 +460,21 @@ def samples(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Sample]:
                              magic_length=6)
 
     built.update(vdi_samples(directory))
+    vhdx = directory / "plain.vhdx"
+    tool("qemu-img", "create", "-q", "-f", "vhdx", "-o", "block_size=1M", vhdx, "6M")
+    qemu_io(vhdx, "vhdx", "write -P 0x11 0 8k", "write -P 0x22 2M 4k", "write -P 0x33 5M 1k")
+    built["vhdx"] = Sample("vhdx", "vhdx", vhdx, vhdx_regions(vhdx.read_bytes()),
+                           magic_length=8)
+    vhdx_log = directory / "log.vhdx"
+    vhdx_with_log(vhdx, vhdx_log)
+    built["vhdx-log"] = Sample("vhdx-log", "vhdx", vhdx_log,
+                               vhdx_regions(vhdx_log.read_bytes()), magic_length=8)
+    vhdx_child = directory / "child.vhdx"
+    imgfs("create", "-q", "-f", "vhdx", "-b", vhdx.name, "-o", "block_size=1M", vhdx_child,
+          cwd=directory)
+    write_through_api(vhdx_child, [(MiB + 512, b"\x44" * 1000), (3 * MiB, b"\x55" * MiB)])
+    built["vhdx-diff"] = Sample("vhdx-diff", "vhdx", vhdx_child,
+                                vhdx_child_regions(vhdx_child.read_bytes()), magic_length=8)
 
     raw = directory / "disk.raw"
     raw.write_bytes(bytes(range(256)) * 1024)
@@ -692,7 +770,7 @@ FORMATS = ["qcow2-v2", "qcow2-backing", "qcow2-snapshots", "qcow2-compressed",
            "qcow2-extended-l2", "qcow2-bitmaps", "qcow2-zstd", "qcow2-data-file",
            "qcow2-luks", "qcow", "qcow-compressed", "qcow-backing", "qed", "qed-backing",
            "luks1", "luks2", "vdi", "vdi-static", "vdi-diff", "parallels", "parallels-v1",
-           "parallels-bundle"]
+           "parallels-bundle", "vhdx", "vhdx-log", "vhdx-diff"]
 
 
 def test_valid_samples_read(samples: dict[str, Sample]) -> None:
@@ -719,6 +797,8 @@ def test_damaged_metadata(samples: dict[str, Sample], name: str, data: st.DataOb
     image = data.draw(damage(sample))
     if sample.name == "luks2" and data.draw(st.booleans(), label="reseal"):
         luks2_reseal(image)
+    if sample.fmt == "vhdx" and data.draw(st.booleans(), label="reseal"):
+        vhdx_reseal(image)
     run_damaged(sample, image)
 
 
@@ -875,6 +955,91 @@ def test_cli_one_line_luks2_both_copies(samples: dict[str, Sample]) -> None:
     target.write_bytes(image)
     for command in ("info", "check"):
         assert_one_line_refusal(imgfs(command, target, check=False, timeout=30))
+
+
+#: VHDX damage, resealed so that the checksums hold: (sample, [(offset, bytes)]),
+#: offsets relative to the log ("log"), the BAT ("bat"), the metadata region
+#: ("meta") or the file ("file"), as qemu-img lays out a 6 MiB image
+VHDX_DAMAGE = {
+    "regions overlap": ("vhdx", [("file", 192 * KiB + 16 + 32 + 16, _le(8, 2 * MiB)),
+                                 ("file", 256 * KiB + 16 + 32 + 16, _le(8, 2 * MiB))]),
+    "region entry count": ("vhdx", [("file", 192 * KiB + 8, _le(4, 5000)),
+                                    ("file", 256 * KiB + 8, _le(4, 5000))]),
+    "log past EOF": ("vhdx", [("file", 64 * KiB + 72, _le(8, 1 << 40)),
+                              ("file", 128 * KiB + 72, _le(8, 1 << 40))]),
+    "BAT past EOF": ("vhdx", [("bat", 0, _le(8, 1 << 40 | 6))]),
+    "BAT over the metadata": ("vhdx", [("bat", 8, _le(8, 3 * MiB | 6))]),
+    "BAT over the log": ("vhdx", [("bat", 8, _le(8, 1 * MiB | 6))]),
+    "BAT block used twice": ("vhdx", [("bat", 16, None)]),
+    "BAT unknown state": ("vhdx", [("bat", 8, _le(8, 4))]),
+    "BAT partially present without parent": ("vhdx", [("bat", 0, b"\x07")]),
+    "metadata entry count": ("vhdx", [("meta", 10, _le(2, 0xFFFF))]),
+    "block size 3 MiB": ("vhdx", [("meta", 64 * KiB, _le(4, 3 * MiB))]),
+    "block size 512 MiB": ("vhdx", [("meta", 64 * KiB, _le(4, 512 * MiB))]),
+    "block size 0": ("vhdx", [("meta", 64 * KiB, _le(4, 0))]),
+    "logical sector size": ("vhdx", [("meta", 64 * KiB + 32, _le(4, 1000))]),
+    "virtual size": ("vhdx", [("meta", 64 * KiB + 8, _le(8, 1 << 63))]),
+    "log entry over the headers": ("vhdx-log", [("log", 64 + 16, _le(8, 64 * KiB))]),
+    "log needs a longer file": ("vhdx-log", [("log", 48, _le(8, 1 << 40))]),
+}
+
+
+def vhdx_damaged(sample: Sample, changes: list[tuple[str, int, bytes | None]]) -> bytearray:
+    image = bytearray(sample.data)
+    bases = {"file": 0, "log": struct.unpack_from("<Q", image, 64 * KiB + 72)[0],
+             "bat": struct.unpack_from("<Q", image, 192 * KiB + 32)[0],
+             "meta": struct.unpack_from("<Q", image, 192 * KiB + 64)[0]}
+    for base, offset, blob in changes:
+        if blob is None:        # (a copy of the first BAT entry)
+            blob = bytes(image[bases["bat"]:bases["bat"] + 8])
+        image[bases[base] + offset:bases[base] + offset + len(blob)] = blob
+    vhdx_reseal(image)
+    return image
+
+
+@pytest.mark.parametrize("damage", sorted(VHDX_DAMAGE))
+def test_cli_one_line_vhdx(samples: dict[str, Sample], damage: str) -> None:
+    name, changes = VHDX_DAMAGE[damage]
+    sample = samples[name]
+    target = sample.path.with_name("cli-" + sample.path.name)
+    target.write_bytes(vhdx_damaged(sample, changes))
+    assert_one_line_refusal(imgfs("info", "-f", "vhdx", target, check=False, timeout=30))
+
+
+@pytest.mark.parametrize("torn", ["entry checksum", "data sector sequence",
+                                  "descriptor sequence", "other log GUID"])
+def test_vhdx_torn_log_is_ignored(samples: dict[str, Sample], torn: str) -> None:
+    """A log entry that is not whole is never replayed (2.3.3): the image
+    reads as it did before the entry; the whole entry is replayed (read
+    only: block 0 reads as zeros, and the file is left alone)."""
+    sample = samples["vhdx-log"]
+    clean = imgfs("convert", "-O", "raw", samples["vhdx"].path,
+                  sample.path.with_name("clean.raw"))
+    assert clean.returncode == 0
+    before = sample.path.with_name("clean.raw").read_bytes()
+    replayed = sample.path.with_name("replayed.raw")
+    imgfs("convert", "-O", "raw", sample.path, replayed)
+    assert before[:8 * KiB] == b"\x11" * 8 * KiB
+    assert replayed.read_bytes() == bytes(8 * KiB) + before[8 * KiB:]
+    image = bytearray(sample.data)
+    log_offset = struct.unpack_from("<Q", image, 64 * KiB + 72)[0]
+    if torn == "entry checksum":
+        image[log_offset + 4 * KiB + 100] ^= 1
+    elif torn == "data sector sequence":
+        image[log_offset + 4 * KiB + 4] ^= 1
+        vhdx_reseal(image)
+    elif torn == "descriptor sequence":
+        image[log_offset + 64 + 24] ^= 1
+        vhdx_reseal(image)
+    else:
+        image[log_offset + 32] ^= 1
+        vhdx_reseal(image)
+    target = sample.path.with_name("torn.vhdx")
+    target.write_bytes(image)
+    out = sample.path.with_name("torn.raw")
+    imgfs("convert", "-O", "raw", target, out)
+    assert out.read_bytes() == before
+    assert target.read_bytes() == image
 
 
 def assert_one_line_refusal(result: subprocess.CompletedProcess[str]) -> None:
@@ -1126,7 +1291,7 @@ def test_backing_file_names_a_fifo(tmp_path: Path) -> None:
 WRITABLE = ["qcow2-v2", "qcow2-backing", "qcow2-snapshots", "qcow2-compressed",
             "qcow2-extended-l2", "qcow2-bitmaps", "qcow", "qcow-compressed", "qcow-backing",
             "qed", "qed-backing", "luks1", "vdi", "vdi-static", "vdi-diff", "parallels",
-            "parallels-v1"]
+            "parallels-v1", "vhdx", "vhdx-log", "vhdx-diff"]
 
 
 @pytest.mark.parametrize("name", WRITABLE)
@@ -1137,6 +1302,8 @@ def test_damaged_metadata_written(samples: dict[str, Sample], name: str,
     """Writes through a damaged image: refused or done, never a crash."""
     sample = samples[name]
     image = data.draw(damage(sample))
+    if sample.fmt == "vhdx" and data.draw(st.booleans(), label="reseal"):
+        vhdx_reseal(image)
     target = sample.path.with_name("written-" + sample.path.name)
     target.write_bytes(image)
     with guarded():
