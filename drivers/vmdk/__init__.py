@@ -1,0 +1,44 @@
+"""VMDK: VMware's virtual disk format.
+
+Spec: libyal/libvmdk ``documentation/VMWare Virtual Disk Format
+(VMDK).asciidoc`` and VMware's "Virtual Disk Format 5.0" technote; QEMU's
+behaviour (learned by running qemu-img and qemu-io, checked by
+tests/drivers/test_vmdk.py) wins where they differ.
+
+A disk is a descriptor (text: CID, parentCID, createType,
+parentFileNameHint, extent lines, the disk database) and extents placed
+end to end.  Sparse extents (header ``KDMV``, version 1..3) map 512-byte
+sectors through a grain directory and grain tables of 32-bit sector
+numbers; a stream-optimized extent holds deflated grains behind markers,
+its grain directory named in the header (QEMU) or in a footer at the end
+of the file (VMware: gdOffset = -1).  Version 2+ headers may mark a grain
+table entry 1 as a zeroed grain.  Flat extents are plain bytes at an
+offset of a file; ZERO extents read as zeros.
+
+Supported (read): monolithicSparse and streamOptimized (the descriptor
+embedded in the extent; the extent's own name inside it is not trusted, so
+a renamed file opens), standalone descriptors with FLAT, VMFS, SPARSE,
+VMFSSPARSE (COWD) and ZERO extents (monolithicFlat, twoGbMaxExtentSparse,
+twoGbMaxExtentFlat, ESX vmfs and vmfsSparse), extent files found relative
+to the descriptor, backing chains through parentFileNameHint (reads that
+reach a parent whose CID is not the parentCID fail, as in QEMU).
+Refused, in one line: seSparse extents, compressed grains without
+markers, headers whose fields are out of range.
+
+Module map: `layout` (headers, markers, geometry; pure, all that probing
+imports), `descriptor` (descriptor text), `driver` (the BlockDriver on
+imgfs.mapped).
+"""
+from typing import Any
+
+from .layout import probe
+
+
+def __getattr__(name: str) -> Any:
+    if name == "DRIVERS":
+        from .driver import VmdkDriver
+        return [VmdkDriver]
+    raise AttributeError(name)
+
+
+__all__ = ["DRIVERS", "probe"]

@@ -1,0 +1,325 @@
+"""The VMDK driver: descriptor and extents, the mapped layer's hooks, info.
+
+A VMDK disk is a list of extents placed end to end: sparse extents (a
+grain directory and grain tables: a `TwoLevelMap` each, in sectors),
+flat extents (bytes at an offset of a file) and zero extents.  The file
+the user names is either a sparse extent with its descriptor embedded
+(monolithicSparse, streamOptimized: the extent is the file itself, whatever
+name the descriptor gives it) or a descriptor whose extent files the core
+opens as children ``extent0``, ``extent1``, ... relative to it.
+"""
+from __future__ import annotations
+
+import bisect
+import zlib
+from dataclasses import dataclass
+from typing import Any
+
+from imgfs.block import ChildRef, Kind
+from imgfs.errors import CorruptImage, InvalidImage, Unsupported
+from imgfs.mapped import MapKind, MappedDriver, Mapping, TwoLevelMap
+from imgfs.node import Node, OpenContext
+from imgfs.signatures import is_vmdk_descriptor
+
+from .descriptor import (
+    FLAT_TYPES,
+    Descriptor,
+    ExtentLine,
+    check_standalone,
+    parse_descriptor,
+)
+from .layout import (
+    CODEC,
+    GD_AT_END,
+    GRAIN_MARKER,
+    GTE_ZEROED,
+    MAX_DESCRIPTOR_BYTES,
+    SECTOR,
+    SESPARSE_MAGIC,
+    SPARSE_HEADER,
+    VMDK3_MAGIC,
+    VMDK4_MAGIC,
+    CowdHeader,
+    Geometry,
+    SparseHeader,
+    check_cowd_header,
+    check_descriptor_range,
+    check_footer,
+    check_sparse_header,
+    footer_offset,
+)
+from .layout import probe as probe_head
+
+#: bytes of grain tables kept in memory per sparse extent
+GT_CACHE_BYTES = 2 * 1024 * 1024
+#: how much QEMU reads of the text after a COWD header
+COWD_TEXT_BYTES = 20 * SECTOR
+#: the mapped layer's block size when no extent is sparse
+FLAT_BLOCK_SIZE = 64 * 1024
+
+
+@dataclass(slots=True)
+class VmdkExtent:
+    """One extent of the disk, placed at guest byte `start`."""
+
+    index: int
+    start: int
+    size: int
+    kind: str                    # "flat", "zero", "sparse"
+    child: str                   # the child node holding it ("" for zero)
+    flat_offset: int = 0         # bytes into the file (flat)
+    type_name: str = ""          # as the descriptor spells it (FLAT, VMFS, ...)
+    geometry: Geometry | None = None
+    tables: TwoLevelMap | None = None
+    cowd: bool = False
+
+
+class VmdkDriver(MappedDriver):
+    name = "vmdk"
+    kind = Kind.FORMAT
+    supports_backing = True
+    description = ("VMware disk: monolithicSparse/Flat, twoGbMaxExtent*, streamOptimized "
+                   "(both layouts), ESX VMFS/COWD extents (read); seSparse refused")
+    read_only_format = True
+    zero_blocks = True
+    #: a flat extent file shorter than the extent reads as zeros past its end
+    past_eof_reads_zero = True
+
+    descriptor: Descriptor
+    extents: list[VmdkExtent]
+    #: the parent's CID matches ours (reads through to it are allowed)
+    parent_cid_ok: bool = True
+
+    @staticmethod
+    def probe(head: bytes, filename: str) -> int:
+        return probe_head(head, filename)
+
+    # -- opening -------------------------------------------------------------------------
+
+    async def open(self, options: dict[str, Any], ctx: OpenContext) -> None:
+        file = self.children["file"]
+        head = await file.read(0, min(file.size, SECTOR))
+        self.extents = []
+        self.single_file = head[:4] in (VMDK4_MAGIC, VMDK3_MAGIC)
+        if head[:4] == VMDK4_MAGIC:
+            await self._open_monolithic(file)
+        elif head[:4] == VMDK3_MAGIC:
+            # as QEMU: CID and parentCID from text in the sector after the header
+            text = await file.read(SECTOR, max(0, min(file.size - SECTOR, COWD_TEXT_BYTES)))
+            self.descriptor = parse_descriptor(text)
+            self.descriptor.extents = []
+            extent = VmdkExtent(0, 0, 0, "sparse", "file")
+            await self._open_sparse(extent)
+            extent.size = extent.geometry.capacity if extent.geometry else 0
+            self.extents.append(extent)
+        elif head.startswith(SESPARSE_MAGIC):
+            raise Unsupported("seSparse VMDK extents are not supported")
+        else:
+            await self._open_descriptor(file)
+        self.size = sum(extent.size for extent in self.extents)
+        self.starts = [extent.start for extent in self.extents]
+        if self.single_file:
+            self._setup_layer()
+
+    async def _open_monolithic(self, file: Node) -> None:
+        header = SparseHeader.unpack(await file.read(0, min(file.size, SPARSE_HEADER.size)))
+        offset, length = check_descriptor_range(header, file.size)
+        self.descriptor = parse_descriptor(await file.read(offset, length)) if length \
+            else Descriptor()
+        extent = VmdkExtent(0, 0, 0, "sparse", "file")
+        await self._open_sparse(extent)
+        extent.size = extent.geometry.capacity if extent.geometry else 0
+        self.extents.append(extent)
+
+    async def _open_descriptor(self, file: Node) -> None:
+        raw = await file.read(0, min(file.size, MAX_DESCRIPTOR_BYTES))
+        if not is_vmdk_descriptor(raw[:SECTOR * 2]):
+            raise InvalidImage("not a VMDK image (no sparse header, no descriptor)")
+        descriptor = parse_descriptor(raw)
+        check_standalone(descriptor)
+        self.descriptor = descriptor
+        start = 0
+        for index, line in enumerate(descriptor.extents):
+            self.extents.append(_extent_from_line(index, start, line))
+            start += line.size
+
+    def child_refs(self) -> dict[str, ChildRef]:
+        refs: dict[str, ChildRef] = {}
+        if not self.single_file:
+            for extent, line in zip(self.extents, self.descriptor.extents, strict=True):
+                if extent.child:
+                    refs[extent.child] = ChildRef(line.filename, read_only=False)
+        if self.descriptor.parent_hint:
+            refs["backing"] = ChildRef(self.descriptor.parent_hint)
+        return refs
+
+    async def attach(self) -> None:
+        if not self.single_file:
+            for extent in self.extents:
+                if extent.kind == "sparse":
+                    await self._open_sparse(extent)
+            self._setup_layer()
+        backing = self.children.get("backing")
+        if backing is not None and isinstance(backing.driver, VmdkDriver):
+            self.parent_cid_ok = backing.driver.descriptor.cid == self.descriptor.parent_cid
+
+    def _setup_layer(self) -> None:
+        grain_sizes = {extent.geometry.grain_size for extent in self.extents
+                       if extent.geometry is not None}
+        if len(grain_sizes) > 1:
+            raise Unsupported("VMDK sparse extents of different grain sizes are not "
+                              "supported")
+        self.setup_mapping(grain_sizes.pop() if grain_sizes else FLAT_BLOCK_SIZE)
+
+    async def _open_sparse(self, extent: VmdkExtent) -> None:
+        """Check a sparse extent's header and build its table map."""
+        file = self.children[extent.child]
+        head = await file.read(0, min(file.size, SPARSE_HEADER.size))
+        if head[:4] == VMDK3_MAGIC:
+            extent.cowd = True
+            geometry = check_cowd_header(CowdHeader.unpack(head), file.size)
+        elif head.startswith(SESPARSE_MAGIC):
+            raise Unsupported(f"{file.filename}: seSparse VMDK extents are not supported")
+        else:
+            geometry = check_sparse_header(await self._effective_header(file, head),
+                                           file.size)
+        if geometry.compressed and not geometry.markers:
+            raise Unsupported("compressed VMDK grains without markers are not supported")
+        gd = CODEC.decode(await file.read(geometry.gd_offset, geometry.gd_entries * CODEC.width))
+        extent.geometry = geometry
+        extent.tables = TwoLevelMap(
+            file=file, l1=gd, l1_offset=geometry.gd_offset, block_bits=geometry.grain_bits,
+            l2_bits=geometry.gt_bits, codec=CODEC,
+            classify=self._classifier(extent, file, geometry),
+            check_table=self._table_check(file, geometry), allocate=self.allocate,
+            cache_bytes=max(GT_CACHE_BYTES, geometry.gt_bytes), entry_unit=SECTOR)
+
+    async def _effective_header(self, file: Node, head: bytes) -> SparseHeader:
+        """The header, or for a stream whose directory is at its end, the
+        footer's copy (spec "Stream-optimized": footer marker, footer,
+        end-of-stream marker)."""
+        header = SparseHeader.unpack(head)
+        if header.gd_offset != GD_AT_END:
+            return header
+        at = footer_offset(file.size)
+        if at < 2 * SECTOR:
+            raise InvalidImage("streamOptimized VMDK too short for its footer")
+        tail = await file.read(at - SECTOR, 3 * SECTOR)
+        check_footer(tail[:SECTOR], tail[2 * SECTOR:])
+        footer = SparseHeader.unpack(tail[SECTOR:2 * SECTOR])
+        if footer.magic != VMDK4_MAGIC or footer.gd_offset == GD_AT_END:
+            raise InvalidImage("the footer of a streamOptimized VMDK has no grain directory")
+        return footer
+
+    @staticmethod
+    def _classifier(extent: VmdkExtent, file: Node, geometry: Geometry) -> Any:
+        compressed = geometry.compressed
+        zeroed = geometry.zeroed_grains
+
+        def classify(entry: int) -> tuple[MapKind, int]:
+            if entry == 0:
+                return MapKind.UNALLOCATED, 0
+            if entry == GTE_ZEROED and zeroed:
+                return MapKind.ZERO, 0
+            host_offset = entry * SECTOR
+            if host_offset >= file.size:
+                raise CorruptImage(f"grain at sector {entry} lies past the end of the "
+                                   f"{file.size}-byte extent file {file.filename}")
+            return (MapKind.TRANSFORMED if compressed else MapKind.DATA), host_offset
+        return classify
+
+    @staticmethod
+    def _table_check(file: Node, geometry: Geometry) -> Any:
+        def check_table(offset: int) -> None:
+            if offset < SECTOR or offset + geometry.gt_bytes > file.size:
+                raise CorruptImage(f"grain table at byte {offset:#x} lies outside the "
+                                   f"{file.size}-byte extent file {file.filename}")
+        return check_table
+
+    # -- the mapped layer's hooks -------------------------------------------------------
+
+    def _extent_at(self, offset: int) -> VmdkExtent:
+        return self.extents[bisect.bisect_right(self.starts, offset) - 1]
+
+    async def lookup(self, offset: int, length: int) -> Mapping:
+        extent = self._extent_at(offset)
+        within = offset - extent.start
+        length = min(length, extent.size - within)
+        if extent.kind == "zero":
+            return Mapping(length, MapKind.ZERO)
+        if extent.kind == "flat":
+            return Mapping(length, MapKind.DATA, extent.flat_offset + within,
+                           child=extent.child)
+        assert extent.tables is not None
+        mapping = await extent.tables.lookup(within, length)
+        if mapping.kind is MapKind.UNALLOCATED and not self.parent_cid_ok:
+            raise CorruptImage(f"parent CID {self.descriptor.parent_cid:08x} does not match "
+                               "the CID of the backing file")
+        if mapping.kind is MapKind.TRANSFORMED:
+            return mapping._replace(token=(extent.index, mapping.token))
+        return mapping._replace(child=extent.child)
+
+    async def decode_block(self, token: Any) -> bytes:
+        """A compressed grain: its marker (lba, size), then a zlib stream."""
+        index, entry = token
+        extent = self.extents[index]
+        file = self.children[extent.child]
+        grain_size = self.block_size
+        host_offset = entry * SECTOR
+        head = await file.read(host_offset, min(GRAIN_MARKER.size, file.size - host_offset))
+        if len(head) < GRAIN_MARKER.size:
+            raise CorruptImage(f"compressed grain at sector {entry} is cut short")
+        _, size = GRAIN_MARKER.unpack(head)
+        start = host_offset + GRAIN_MARKER.size
+        if size > 2 * grain_size + SECTOR or start + size > file.size:
+            raise CorruptImage(f"compressed grain at sector {entry}: size {size} is too "
+                               "large or runs past the end of the file")
+        try:
+            inflater = zlib.decompressobj()
+            grain = inflater.decompress(await file.read(start, size), grain_size)
+        except zlib.error as exc:
+            raise CorruptImage(f"compressed grain at sector {entry}: {exc}") from None
+        if len(grain) != grain_size:
+            raise CorruptImage(f"compressed grain at sector {entry} inflates to "
+                               f"{len(grain)} bytes, not {grain_size}")
+        return grain
+
+    # -- information ----------------------------------------------------------------------
+
+    def info(self) -> dict[str, Any]:
+        report: dict[str, Any] = {}
+        first = self.extents[0] if self.extents else None
+        if first is not None and first.geometry is not None:
+            report["cluster-size"] = first.geometry.grain_size
+        report.update({"cid": self.descriptor.cid,
+                       "parent-cid": self.descriptor.parent_cid,
+                       "create-type": self.descriptor.create_type,
+                       "extents": [self._extent_info(extent) for extent in self.extents]})
+        return report
+
+    def _extent_info(self, extent: VmdkExtent) -> dict[str, Any]:
+        entry: dict[str, Any] = {}
+        if extent.geometry is not None and extent.geometry.compressed:
+            entry["compressed"] = True
+        entry["virtual-size"] = extent.size
+        if extent.child:
+            entry["filename"] = self.children[extent.child].filename
+        if extent.geometry is not None:
+            entry["cluster-size"] = extent.geometry.grain_size
+        entry["format"] = "" if self.single_file else extent.type_name
+        return entry
+
+
+def _extent_from_line(index: int, start: int, line: ExtentLine) -> VmdkExtent:
+    if line.kind == "ZERO":
+        return VmdkExtent(index, start, line.size, "zero", "", type_name="ZERO")
+    if line.kind == "SESPARSE":
+        raise Unsupported(f"seSparse VMDK extent {line.filename} is not supported")
+    child = f"extent{index}"
+    if line.kind in FLAT_TYPES:
+        return VmdkExtent(index, start, line.size, "flat", child,
+                          flat_offset=line.offset * SECTOR, type_name=line.kind)
+    return VmdkExtent(index, start, line.size, "sparse", child, type_name=line.kind)
+
+
+DRIVERS = [VmdkDriver]
