@@ -22,6 +22,15 @@ VMFSSPARSE (COWD) and ZERO extents (monolithicFlat, twoGbMaxExtentSparse,
 twoGbMaxExtentFlat, ESX vmfs and vmfsSparse), extent files found relative
 to the descriptor, backing chains through parentFileNameHint (reads that
 reach a parent whose CID is not the parentCID fail, as in QEMU).
+Written: grains allocated at the end of their extent file (copy-on-write
+from the parent for partial grains), grain data first, then the grain
+table entry, then (for a new table, after a flush) the directory entry,
+each change repeated in the redundant tables; whole-grain zero writes
+become zeroed-grain entries where the header allows them; flat extents
+in place; the CID renewed at the first write, as QEMU does.  A descriptor
+opened read-write may only name extent files beside or below it.
+Writes into stream images (compressed grains) fail with EIO.
+
 Refused, in one line: seSparse extents, compressed grains without
 markers, headers whose fields are out of range.
 

@@ -11,13 +11,18 @@ opens as children ``extent0``, ``extent1``, ... relative to it.
 from __future__ import annotations
 
 import bisect
+import errno
+import functools
+import os
+import re
+import secrets
 import zlib
 from dataclasses import dataclass
 from typing import Any
 
 from imgfs.block import ChildRef, Kind
-from imgfs.errors import CorruptImage, InvalidImage, Unsupported
-from imgfs.mapped import MapKind, MappedDriver, Mapping, TwoLevelMap
+from imgfs.errors import CorruptImage, InvalidImage, ReadOnly, Unsupported
+from imgfs.mapped import MapKind, MappedDriver, Mapping, TwoLevelMap, align_up
 from imgfs.node import Node, OpenContext
 from imgfs.signatures import is_vmdk_descriptor
 
@@ -49,6 +54,7 @@ from .layout import (
     footer_offset,
 )
 from .layout import probe as probe_head
+from .tables import MirroredMap
 
 #: bytes of grain tables kept in memory per sparse extent
 GT_CACHE_BYTES = 2 * 1024 * 1024
@@ -72,15 +78,17 @@ class VmdkExtent:
     geometry: Geometry | None = None
     tables: TwoLevelMap | None = None
     cowd: bool = False
+    #: one past the last byte allocated in the extent's file (sparse)
+    file_end: int = 0
 
 
 class VmdkDriver(MappedDriver):
     name = "vmdk"
     kind = Kind.FORMAT
     supports_backing = True
-    description = ("VMware disk: monolithicSparse/Flat, twoGbMaxExtent*, streamOptimized "
-                   "(both layouts), ESX VMFS/COWD extents (read); seSparse refused")
-    read_only_format = True
+    description = ("VMware disk: monolithicSparse/Flat, twoGbMaxExtent* (read, write), "
+                   "streamOptimized (both layouts), ESX VMFS/COWD extents (read); "
+                   "seSparse refused")
     zero_blocks = True
     #: a flat extent file shorter than the extent reads as zeros past its end
     past_eof_reads_zero = True
@@ -89,6 +97,12 @@ class VmdkDriver(MappedDriver):
     extents: list[VmdkExtent]
     #: the parent's CID matches ours (reads through to it are allowed)
     parent_cid_ok: bool = True
+    #: (offset, bytes) of the descriptor text in the file child
+    descriptor_text: tuple[int, bytes] = (0, b"")
+    #: this open gave the image a new CID (QEMU does at the first write)
+    cid_updated: bool = False
+    #: an extent holds compressed grains (a stream: read only)
+    compressed: bool = False
 
     @staticmethod
     def probe(head: bytes, filename: str) -> int:
@@ -124,8 +138,9 @@ class VmdkDriver(MappedDriver):
     async def _open_monolithic(self, file: Node) -> None:
         header = SparseHeader.unpack(await file.read(0, min(file.size, SPARSE_HEADER.size)))
         offset, length = check_descriptor_range(header, file.size)
-        self.descriptor = parse_descriptor(await file.read(offset, length)) if length \
-            else Descriptor()
+        text = await file.read(offset, length) if length else b""
+        self.descriptor = parse_descriptor(text)
+        self.descriptor_text = (offset, text)
         extent = VmdkExtent(0, 0, 0, "sparse", "file")
         await self._open_sparse(extent)
         extent.size = extent.geometry.capacity if extent.geometry else 0
@@ -137,7 +152,10 @@ class VmdkDriver(MappedDriver):
             raise InvalidImage("not a VMDK image (no sparse header, no descriptor)")
         descriptor = parse_descriptor(raw)
         check_standalone(descriptor)
+        if not self.node.read_only:
+            check_extent_paths(descriptor)
         self.descriptor = descriptor
+        self.descriptor_text = (0, raw)
         start = 0
         for index, line in enumerate(descriptor.extents):
             self.extents.append(_extent_from_line(index, start, line))
@@ -170,6 +188,10 @@ class VmdkDriver(MappedDriver):
             raise Unsupported("VMDK sparse extents of different grain sizes are not "
                               "supported")
         self.setup_mapping(grain_sizes.pop() if grain_sizes else FLAT_BLOCK_SIZE)
+        sparse = [extent.geometry for extent in self.extents if extent.geometry is not None]
+        # zero writes become zeroed-grain entries only where every extent has them
+        self.zero_blocks = bool(sparse) and all(geometry.zeroed_grains for geometry in sparse)
+        self.compressed = any(geometry.compressed for geometry in sparse)
 
     async def _open_sparse(self, extent: VmdkExtent) -> None:
         """Check a sparse extent's header and build its table map."""
@@ -185,14 +207,22 @@ class VmdkDriver(MappedDriver):
                                            file.size)
         if geometry.compressed and not geometry.markers:
             raise Unsupported("compressed VMDK grains without markers are not supported")
-        gd = CODEC.decode(await file.read(geometry.gd_offset, geometry.gd_entries * CODEC.width))
+        gd_bytes = geometry.gd_entries * CODEC.width
+        gd = CODEC.decode(await file.read(geometry.gd_offset, gd_bytes))
         extent.geometry = geometry
-        extent.tables = TwoLevelMap(
+        extent.file_end = file.size
+        options: dict[str, Any] = dict(
             file=file, l1=gd, l1_offset=geometry.gd_offset, block_bits=geometry.grain_bits,
             l2_bits=geometry.gt_bits, codec=CODEC,
-            classify=self._classifier(extent, file, geometry),
-            check_table=self._table_check(file, geometry), allocate=self.allocate,
+            classify=self._classifier(file, geometry),
+            check_table=self._table_check(file, geometry),
+            allocate=functools.partial(self._allocate_in, extent),
             cache_bytes=max(GT_CACHE_BYTES, geometry.gt_bytes), entry_unit=SECTOR)
+        if geometry.rgd_offset:
+            rgd = CODEC.decode(await file.read(geometry.rgd_offset, gd_bytes))
+            extent.tables = MirroredMap(rgd=rgd, rgd_offset=geometry.rgd_offset, **options)
+        else:
+            extent.tables = TwoLevelMap(**options)
 
     async def _effective_header(self, file: Node, head: bytes) -> SparseHeader:
         """The header, or for a stream whose directory is at its end, the
@@ -212,7 +242,7 @@ class VmdkDriver(MappedDriver):
         return footer
 
     @staticmethod
-    def _classifier(extent: VmdkExtent, file: Node, geometry: Geometry) -> Any:
+    def _classifier(file: Node, geometry: Geometry) -> Any:
         compressed = geometry.compressed
         zeroed = geometry.zeroed_grains
 
@@ -222,9 +252,10 @@ class VmdkDriver(MappedDriver):
             if entry == GTE_ZEROED and zeroed:
                 return MapKind.ZERO, 0
             host_offset = entry * SECTOR
-            if host_offset >= file.size:
-                raise CorruptImage(f"grain at sector {entry} lies past the end of the "
-                                   f"{file.size}-byte extent file {file.filename}")
+            if not geometry.data_start <= host_offset < file.size:
+                raise CorruptImage(f"grain at sector {entry} lies inside the metadata or "
+                                   f"past the end of the {file.size}-byte extent file "
+                                   f"{file.filename}")
             return (MapKind.TRANSFORMED if compressed else MapKind.DATA), host_offset
         return classify
 
@@ -258,6 +289,75 @@ class VmdkDriver(MappedDriver):
         if mapping.kind is MapKind.TRANSFORMED:
             return mapping._replace(token=(extent.index, mapping.token))
         return mapping._replace(child=extent.child)
+
+    async def _allocate_in(self, extent: VmdkExtent, length: int) -> int:
+        """Space at the end of a sparse extent's file (sector aligned, as
+        QEMU allocates).  Called under `lock`."""
+        host_offset = align_up(extent.file_end, SECTOR)
+        await self.grow_file(host_offset + length, extent.child)
+        extent.file_end = host_offset + length
+        return host_offset
+
+    async def allocate_for(self, guest_offset: int, length: int) -> tuple[str, int]:
+        extent = self._extent_at(guest_offset)
+        if extent.kind != "sparse":
+            raise Unsupported(f"the {extent.type_name} extent at byte {extent.start} cannot "
+                              "be written")
+        return extent.child, await self._allocate_in(extent, length)
+
+    async def map_blocks(self, guest_offset: int, count: int, host_offset: int | None) -> None:
+        extent = self._extent_at(guest_offset)
+        assert extent.tables is not None and extent.geometry is not None
+        within = guest_offset - extent.start
+        if host_offset is None:
+            await extent.tables.map_run(within, count, GTE_ZEROED, 0)
+        else:
+            await extent.tables.map_run(within, count, host_offset // SECTOR,
+                                        extent.geometry.grain_size // SECTOR)
+
+    def check_in_place(self, host_offset: int, length: int) -> None:
+        """Nothing more to check: `lookup` refuses grains inside the metadata
+        or past the end of their file, and flat extents have no metadata."""
+
+    # -- writes ---------------------------------------------------------------------------
+
+    async def write(self, offset: int, data: bytes) -> None:
+        await self._before_write()
+        await super().write(offset, data)
+
+    async def write_zeroes(self, offset: int, length: int, *, may_unmap: bool = False) -> None:
+        await self._before_write()
+        await super().write_zeroes(offset, length, may_unmap=may_unmap)
+
+    async def _before_write(self) -> None:
+        """Refuse stream images; give the image a new CID at the first
+        write (as QEMU: an image made on top of this one sees the change)."""
+        if self.compressed:
+            raise Unsupported("writes into streamOptimized (compressed) VMDK images are not "
+                              "supported", errno_=errno.EIO)
+        if self.cid_updated:
+            return
+        async with self.lock:
+            if not self.cid_updated:
+                await self._write_cid(secrets.randbits(32))
+                self.cid_updated = True
+
+    async def _write_cid(self, cid: int) -> None:
+        offset, text = self.descriptor_text
+        if not text:
+            return
+        new_text, found = _CID_LINE.subn(f"CID={cid:08x}".encode(), text, count=1)
+        if not found:
+            return
+        if self.single_file:
+            new_text = new_text.ljust(len(text), b"\0")[:len(text)]
+        file = self.children["file"]
+        await file.write(offset, new_text)
+        if not self.single_file and len(new_text) < file.size:
+            await file.truncate(len(new_text))
+        await file.flush()
+        self.descriptor_text = (offset, new_text)
+        self.descriptor.cid = cid
 
     async def decode_block(self, token: Any) -> bytes:
         """A compressed grain: its marker (lba, size), then a zlib stream."""
@@ -308,6 +408,19 @@ class VmdkDriver(MappedDriver):
             entry["cluster-size"] = extent.geometry.grain_size
         entry["format"] = "" if self.single_file else extent.type_name
         return entry
+
+
+_CID_LINE = re.compile(rb"^[ \t]*CID[ \t]*=[ \t]*\"?[0-9a-fA-F]+\"?", re.MULTILINE)
+
+
+def check_extent_paths(descriptor: Descriptor) -> None:
+    """A descriptor opened for writing may name extents only beside or
+    below itself (not an absolute path, nothing through "..")."""
+    for line in descriptor.extents:
+        name = line.filename
+        if name and (os.path.isabs(name) or ".." in name.replace("\\", "/").split("/")):
+            raise ReadOnly(f"extent file {name!r} lies outside the descriptor's directory; "
+                           "open the image read-only")
 
 
 def _extent_from_line(index: int, start: int, line: ExtentLine) -> VmdkExtent:

@@ -120,6 +120,7 @@ class Geometry:
     gd_entries: int
     rgd_offset: int          # bytes, 0: none
     capacity: int            # bytes this extent maps
+    data_start: int          # bytes: grains start here (after the metadata)
     compressed: bool = False
     zeroed_grains: bool = False
     markers: bool = False
@@ -174,7 +175,10 @@ def check_sparse_header(header: SparseHeader, file_size: int) -> Geometry:
     if rgd_offset:
         check_table_range("redundant grain directory", rgd_offset,
                           gd_entries * CODEC.width, file_size)
-    return Geometry(grain_size, gtes, gd_offset, gd_entries, rgd_offset, capacity,
+    gd_end = max(gd_offset, rgd_offset) + gd_entries * CODEC.width
+    data_start = header.overhead * SECTOR if 0 < header.overhead * SECTOR <= file_size \
+        else gd_end
+    return Geometry(grain_size, gtes, gd_offset, gd_entries, rgd_offset, capacity, data_start,
                     compressed=compressed,
                     zeroed_grains=header.version >= 2 and
                     bool(header.flags & FLAG_ZEROED_GRAIN_GTE),
@@ -197,7 +201,7 @@ def check_cowd_header(header: CowdHeader, file_size: int) -> Geometry:
     gd_offset = header.gd_offset * SECTOR
     check_table_range("grain directory", gd_offset, needed * CODEC.width, file_size)
     return Geometry(grain_sectors * SECTOR, COWD_GTES_PER_GT, gd_offset, needed, 0,
-                    header.capacity * SECTOR)
+                    header.capacity * SECTOR, gd_offset + needed * CODEC.width)
 
 
 def check_table_range(what: str, offset: int, length: int, file_size: int) -> None:

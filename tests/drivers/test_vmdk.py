@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import bz2
 import json
+import random
 import struct
 from pathlib import Path
 
@@ -24,10 +25,10 @@ from imgfs.drivers.vmdk.layout import (
     probe,
 )
 
-from imgfs.errors import InvalidImage, Unsupported
+from imgfs.errors import InvalidImage, ReadOnly, Unsupported
 from imgfs.graph import open_image
 from imgfs.node import OpenContext
-from tests.conftest import imgfs, need
+from tests.conftest import imgfs, need, write_through_api
 from tests.drivers.test_qed import imgfs_raw, info_json, map_json, qemu_create, qemu_io, run
 
 KiB = 1024
@@ -219,6 +220,10 @@ def test_two_gb_extents_crossing_the_boundary(tmp_path: Path) -> None:
         assert data == expected
         assert trio.run(read_range, image, boundary + 3 * MiB, 512) == b"\x6b" * 512
         assert map_json("imgfs", image) == map_json("qemu-img", image)
+        write_through_api(image, [(boundary - 3000, b"\x77" * 10000)])
+        vmdk_io(image, f"read -P 0x77 {boundary - 3000} 10000",
+                f"read -P 0x5a {boundary + 7000} {65000 - 12000}")
+        check_clean(image)
 
 
 ESX_DESCRIPTOR = """# Disk DescriptorFile
@@ -310,3 +315,132 @@ def test_info_json_names_extents(tmp_path: Path) -> None:
     report = json.loads(imgfs("info", "--output=json", image).stdout)
     extents = report["format-specific"]["data"]["extents"]
     assert [extent["format"] for extent in extents] == ["FLAT"]
+
+
+# -- writes -----------------------------------------------------------------------------------
+
+def writes_out_of_order(size: int, seed: int = 5) -> list[tuple[int, bytes]]:
+    """Unaligned, grain-crossing and sector-sized writes, in no order."""
+    rng = random.Random(seed)
+    writes = [(3 * GRAIN + 100, bytes([0x11]) * (2 * GRAIN + 7)),
+              (GRAIN // 2, bytes([0x22]) * GRAIN), (size - GRAIN - 300, b"\x33" * (GRAIN + 300)),
+              (9 * GRAIN + 1, b"\x44" * 3), (0, b"\x55" * 512), (3 * GRAIN + 50, b"\x66" * 10)]
+    for _ in range(6):
+        offset = rng.randrange(0, size - 5000)
+        writes.append((offset, rng.randbytes(rng.randrange(1, 5000))))
+    return writes
+
+
+def apply_writes(expected: bytearray, writes: list[tuple[int, bytes]]) -> None:
+    for offset, data in writes:
+        expected[offset:offset + len(data)] = data
+
+
+def check_clean(image: Path) -> None:
+    result = run("qemu-img", "check", "--output=json", image, check=False)
+    assert result.returncode == 0, result.stdout + result.stderr
+    report = json.loads(result.stdout)
+    assert not report.get("corruptions") and not report.get("leaks"), report
+
+
+def compare_raw(expected: bytes, image: Path) -> None:
+    raw = image.parent / "expected.raw"
+    raw.write_bytes(expected)
+    run("qemu-img", "compare", "-q", "-f", "raw", "-F", "vmdk", raw, image)
+
+
+@pytest.mark.parametrize("subformat", SUBFORMATS)
+def test_writes_pass_qemu_check_and_compare(tmp_path: Path, subformat: str) -> None:
+    size = 20 * GRAIN + 512
+    image = vmdk_create(tmp_path / "w.vmdk", size, f"subformat={subformat}")
+    out_of_order(image, size)
+    expected = bytearray(qemu_raw(image))
+    writes = writes_out_of_order(size)
+    write_through_api(image, writes)
+    apply_writes(expected, writes)
+    check_clean(image)
+    compare_raw(bytes(expected), image)
+    assert imgfs_raw(image) == expected
+
+
+def test_zero_writes_become_zeroed_grains(tmp_path: Path) -> None:
+    """Whole grains over the parent's data become zeroed-grain entries."""
+    base = vmdk_create(tmp_path / "base.vmdk", 2 * MiB)
+    vmdk_io(base, "write -P 1 0 2M")
+    image = vmdk_create(tmp_path / "z.vmdk", None, "zeroed_grain=on",
+                        "backing_file=base.vmdk", "backing_fmt=vmdk")
+
+    async def zero() -> None:
+        node = await open_image(str(image), OpenContext(read_only=False))
+        try:
+            await node.write_zeroes(GRAIN, 4 * GRAIN)
+            await node.write_zeroes(10 * GRAIN + 5, 100)
+        finally:
+            await node.aclose()
+    trio.run(zero)
+    expected = bytearray(b"\1" * 2 * MiB)
+    expected[GRAIN:5 * GRAIN] = bytes(4 * GRAIN)
+    expected[10 * GRAIN + 5:10 * GRAIN + 105] = bytes(100)
+    check_clean(image)
+    compare_raw(bytes(expected), image)
+    zeroed = [entry for entry in json.loads(run("qemu-img", "map", "--output=json",
+                                                image).stdout)
+              if entry["zero"] and entry["present"] and not entry["data"]]
+    assert zeroed and zeroed[0]["start"] == GRAIN and zeroed[0]["length"] == 4 * GRAIN
+
+
+def test_writes_copy_on_write_from_the_parent(tmp_path: Path) -> None:
+    base = vmdk_create(tmp_path / "base.vmdk", 2 * MiB)
+    vmdk_io(base, "write -P 7 0 2M")
+    top = vmdk_create(tmp_path / "top.vmdk", None, "backing_file=base.vmdk",
+                      "backing_fmt=vmdk")
+    writes = [(GRAIN + 100, b"\x42" * 300), (5 * GRAIN - 10, b"\x43" * 20)]
+    write_through_api(top, writes)
+    expected = bytearray(b"\7" * 2 * MiB)
+    apply_writes(expected, writes)
+    check_clean(top)
+    compare_raw(bytes(expected), top)
+    # the parent is untouched, and its CID still matches
+    assert qemu_raw(base) == b"\7" * 2 * MiB
+
+
+def test_first_write_changes_the_cid(tmp_path: Path) -> None:
+    """As QEMU: an image made on a parent that was written since is refused."""
+    base = vmdk_create(tmp_path / "p.vmdk", MiB)
+    child = vmdk_create(tmp_path / "c.vmdk", None, "backing_file=p.vmdk", "backing_fmt=vmdk")
+    before = info_json("qemu-img", base)["format-specific"]["data"]["cid"]
+    write_through_api(base, [(0, b"x" * 512)])
+    assert info_json("qemu-img", base)["format-specific"]["data"]["cid"] != before
+    assert run("qemu-img", "convert", "-O", "raw", child, "q.raw", check=False).returncode
+
+
+def test_redundant_grain_directory_kept_in_step(tmp_path: Path) -> None:
+    """Both grain directories name tables with the same entries."""
+    image = vmdk_create(tmp_path / "r.vmdk", 4 * MiB)
+    write_through_api(image, [(GRAIN * 3, b"\x99" * 5000), (3 * MiB, b"\x98" * 70000)])
+    data = image.read_bytes()
+    head = SparseHeader.unpack(data[:512])
+    assert head.flags & 2 and head.rgd_offset
+    for gd_sector_a, gd_sector_b in [(head.gd_offset, head.rgd_offset)]:
+        gt_a = struct.unpack_from("<I", data, gd_sector_a * 512)[0] * 512
+        gt_b = struct.unpack_from("<I", data, gd_sector_b * 512)[0] * 512
+        assert gt_a != gt_b
+        assert data[gt_a:gt_a + 2048] == data[gt_b:gt_b + 2048]
+        assert any(data[gt_a:gt_a + 2048])
+
+
+def test_stream_writes_are_refused(tmp_path: Path) -> None:
+    image = esxi_sample(tmp_path)
+    with pytest.raises(Unsupported, match="streamOptimized"):
+        write_through_api(image, [(0, b"x" * 512)])
+
+
+def test_extent_outside_the_directory_is_read_only(tmp_path: Path) -> None:
+    (tmp_path / "f.vmdk").write_bytes(bytes(MiB))
+    (tmp_path / "sub").mkdir()
+    image = tmp_path / "sub" / "d.vmdk"
+    image.write_text('# Disk DescriptorFile\nversion=1\ncreateType="monolithicFlat"\n'
+                     'RW 2048 FLAT "../f.vmdk" 0\n')
+    assert imgfs_raw(image) == bytes(MiB)
+    with pytest.raises(ReadOnly, match="outside"):
+        write_through_api(image, [(0, b"x")])
