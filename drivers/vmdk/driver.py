@@ -21,12 +21,27 @@ from dataclasses import dataclass
 from typing import Any
 
 from imgfs.block import ChildRef, Kind
-from imgfs.errors import CorruptImage, InvalidImage, ReadOnly, Unsupported
-from imgfs.mapped import MapKind, MappedDriver, Mapping, TwoLevelMap, align_up
+from imgfs.errors import CorruptImage, InvalidImage, ReadOnly, Unsupported, UsageError
+from imgfs.mapped import (
+    MapKind,
+    MappedDriver,
+    Mapping,
+    TwoLevelMap,
+    align_up,
+    create_image_file,
+)
 from imgfs.node import Node, OpenContext
 from imgfs.signatures import is_vmdk_descriptor
 
+from .create import (
+    CREATE_OPTS,
+    check_create_options,
+    descriptor_text,
+    new_sparse_extent,
+    plan_extents,
+)
 from .descriptor import (
+    CID_NONE,
     FLAT_TYPES,
     Descriptor,
     ExtentLine,
@@ -90,6 +105,7 @@ class VmdkDriver(MappedDriver):
                    "streamOptimized (both layouts), ESX VMFS/COWD extents (read); "
                    "seSparse refused")
     zero_blocks = True
+    create_opts = CREATE_OPTS
     #: a flat extent file shorter than the extent reads as zeros past its end
     past_eof_reads_zero = True
 
@@ -346,7 +362,7 @@ class VmdkDriver(MappedDriver):
         offset, text = self.descriptor_text
         if not text:
             return
-        new_text, found = _CID_LINE.subn(f"CID={cid:08x}".encode(), text, count=1)
+        new_text, found = _CID_LINE.subn(f"CID={cid:x}".encode(), text, count=1)
         if not found:
             return
         if self.single_file:
@@ -383,6 +399,11 @@ class VmdkDriver(MappedDriver):
             raise CorruptImage(f"compressed grain at sector {entry} inflates to "
                                f"{len(grain)} bytes, not {grain_size}")
         return grain
+
+    @classmethod
+    async def create(cls, target: Any, size: int, options: dict[str, Any],
+                     ctx: OpenContext) -> None:
+        await create_vmdk(target, size, options, ctx)
 
     # -- information ----------------------------------------------------------------------
 
@@ -421,6 +442,53 @@ def check_extent_paths(descriptor: Descriptor) -> None:
         if name and (os.path.isabs(name) or ".." in name.replace("\\", "/").split("/")):
             raise ReadOnly(f"extent file {name!r} lies outside the descriptor's directory; "
                            "open the image read-only")
+
+
+async def create_vmdk(target: Any, size: int, options: dict[str, Any],
+                      ctx: OpenContext) -> None:
+    """A new disk as qemu-img makes it: extent files first, the file that
+    holds the descriptor last."""
+    check_create_options(options)
+    sectors = -(-size // SECTOR)
+    subformat = options["subformat"]
+    parent_cid, parent_hint = CID_NONE, ""
+    if options["backing_file"]:
+        parent_hint = options["backing_file"]
+        parent_cid = await _parent_cid(os.fspath(target), parent_hint, ctx)
+    target_name = os.fspath(target)
+    extents = plan_extents(target_name, sectors, subformat)
+    text = descriptor_text(cid=secrets.randbits(32), parent_cid=parent_cid,
+                           create_type=subformat, parent_hint=parent_hint, extents=extents,
+                           sectors=sectors, options=options)
+    if subformat in ("monolithicSparse", "streamOptimized"):
+        head, length = new_sparse_extent(sectors, text, zeroed_grain=options["zeroed_grain"],
+                                         stream=subformat == "streamOptimized")
+        await create_image_file(target, ctx, head, length)
+        return
+    directory = os.path.dirname(target_name)
+    for extent in extents:
+        if extent.sparse:
+            head, length = new_sparse_extent(extent.sectors, b"",
+                                             zeroed_grain=options["zeroed_grain"])
+        else:
+            head, length = b"", extent.sectors * SECTOR
+        await create_image_file(os.path.join(directory, extent.filename), ctx, head, length)
+    await create_image_file(target, ctx, text, len(text))
+
+
+async def _parent_cid(target: str, backing: str, ctx: OpenContext) -> int:
+    """The CID of the backing file, which must be a VMDK (as qemu-img)."""
+    from imgfs.graph import open_image  # (only creating opens another image)
+    if not os.path.isabs(backing) and "://" not in backing:
+        backing = os.path.join(os.path.dirname(target), backing)
+    node = await open_image(backing, OpenContext(read_only=True, force_share=True,
+                                                 locking=ctx.locking))
+    try:
+        if not isinstance(node.driver, VmdkDriver):
+            raise UsageError("backing_file must be a vmdk image")
+        return node.driver.descriptor.cid
+    finally:
+        await node.aclose()
 
 
 def _extent_from_line(index: int, start: int, line: ExtentLine) -> VmdkExtent:

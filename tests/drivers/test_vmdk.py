@@ -12,6 +12,7 @@ from __future__ import annotations
 import bz2
 import json
 import random
+import re
 import struct
 from pathlib import Path
 
@@ -444,3 +445,74 @@ def test_extent_outside_the_directory_is_read_only(tmp_path: Path) -> None:
     assert imgfs_raw(image) == bytes(MiB)
     with pytest.raises(ReadOnly, match="outside"):
         write_through_api(image, [(0, b"x")])
+
+
+# -- create and convert -------------------------------------------------------------------------
+
+def without_cids(data: bytes) -> bytes:
+    return re.sub(rb"\nCID=[0-9a-f]{1,8}\n", b"\nCID=x\n", data)
+
+
+def created_files(directory: Path) -> dict[str, bytes | int]:
+    """Each file's bytes, or its size when it is large (flat extents are GiB
+    of zeros)."""
+    return {path.name: without_cids(path.read_bytes()) if path.stat().st_size < MiB
+            else path.stat().st_size for path in sorted(directory.iterdir())}
+
+
+@pytest.mark.parametrize("options", [
+    "subformat=monolithicSparse", "subformat=monolithicSparse,zeroed_grain=on,compat6=on",
+    "subformat=monolithicFlat,adapter_type=lsilogic",
+    "subformat=twoGbMaxExtentSparse,adapter_type=buslogic,hwversion=7",
+    "subformat=twoGbMaxExtentFlat,adapter_type=legacyESX,toolsversion=123",
+    "subformat=streamOptimized"])
+def test_create_is_byte_equal_to_qemu_img(tmp_path: Path, options: str) -> None:
+    """2112 MiB: the split subformats get a second extent."""
+    ours, theirs = tmp_path / "ours", tmp_path / "theirs"
+    ours.mkdir()
+    theirs.mkdir()
+    imgfs("create", "-q", "-f", "vmdk", "-o", options, ours / "d.vmdk", "2112M")
+    run("qemu-img", "create", "-q", "-f", "vmdk", "-o", options, theirs / "d.vmdk", "2112M")
+    assert created_files(ours) == created_files(theirs)
+    assert info_json("imgfs", ours / "d.vmdk")["virtual-size"] == 2112 * MiB
+
+
+@pytest.mark.parametrize("options, message", [
+    ("compat6=on,hwversion=6", "compat6 cannot be enabled with hwversion set"),
+    ("subformat=monolithicFlat,zeroed_grain=on", "Flat image can't enable zeroed grain"),
+    ("subformat=twoGbMaxExtentFlat,backing_file=b.vmdk,backing_fmt=vmdk",
+     "Flat image can't have backing file"),
+    ("backing_file=b.vmdk,backing_fmt=raw", "backing_file must be a vmdk image"),
+    ("adapter_type=scsi", "scsi"), ("subformat=sparse", "sparse")])
+def test_create_refuses_as_qemu_img(tmp_path: Path, options: str, message: str) -> None:
+    vmdk_create(tmp_path / "b.vmdk", MiB)
+    theirs = run("qemu-img", "create", "-f", "vmdk", "-o", options, "q.vmdk", "1M", check=False)
+    assert theirs.returncode == 1 and message in theirs.stderr
+    ours = imgfs("create", "-f", "vmdk", "-o", options, "i.vmdk", "1M", check=False)
+    assert ours.returncode != 0 and message in ours.stderr
+    assert len(ours.stderr.strip().splitlines()) == 1
+
+
+def test_create_with_backing_file_names_its_cid(tmp_path: Path) -> None:
+    base = vmdk_create(tmp_path / "base.vmdk", 2 * MiB)
+    vmdk_io(base, "write -P 9 0 1M")
+    imgfs("create", "-q", "-f", "vmdk", "-b", "base.vmdk", "-F", "vmdk", "top.vmdk")
+    vmdk_io(tmp_path / "top.vmdk", "write -P 8 512k 4k")
+    assert qemu_raw(tmp_path / "top.vmdk") == imgfs_raw(tmp_path / "top.vmdk")
+    assert info_json("qemu-img", tmp_path / "top.vmdk")["backing-filename"] == "base.vmdk"
+    raw = base.with_suffix(".notvmdk")
+    raw.write_bytes(bytes(MiB))
+    result = imgfs("create", "-f", "vmdk", "-b", raw.name, "-F", "raw", "x.vmdk", check=False)
+    assert result.returncode != 0 and "vmdk image" in result.stderr
+
+
+@pytest.mark.parametrize("subformat", SUBFORMATS)
+def test_convert_to_vmdk(tmp_path: Path, subformat: str) -> None:
+    size = 20 * GRAIN + 512
+    source = vmdk_create(tmp_path / "src.vmdk", size)
+    out_of_order(source, size)
+    target = tmp_path / "out.vmdk"
+    imgfs("convert", "-O", "vmdk", "-o", f"subformat={subformat}", source, target)
+    check_clean(target)
+    run("qemu-img", "compare", "-q", "-f", "vmdk", "-F", "vmdk", source, target)
+    assert info_json("qemu-img", target)["format-specific"]["data"]["create-type"] == subformat
