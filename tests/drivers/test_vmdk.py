@@ -450,7 +450,13 @@ def test_extent_outside_the_directory_is_read_only(tmp_path: Path) -> None:
 # -- create and convert -------------------------------------------------------------------------
 
 def without_cids(data: bytes) -> bytes:
-    return re.sub(rb"\nCID=[0-9a-f]{1,8}\n", b"\nCID=x\n", data)
+    """The file with its random CID left out (in an embedded descriptor,
+    sectors 1..20, the text after it shifts: its padding is dropped)."""
+    def normal(text: bytes) -> bytes:
+        return re.sub(rb"\nCID=[0-9a-f]{1,8}\n", b"\nCID=x\n", text)
+    if data.startswith(b"KDMV"):
+        return data[:512] + normal(data[512:21 * 512].rstrip(b"\0")) + data[21 * 512:]
+    return normal(data)
 
 
 def created_files(directory: Path) -> dict[str, bytes | int]:
