@@ -69,6 +69,7 @@ from .layout import (
     footer_offset,
 )
 from .layout import probe as probe_head
+from .stream import StreamWriter, new_stream
 from .tables import MirroredMap
 
 #: bytes of grain tables kept in memory per sparse extent
@@ -117,8 +118,13 @@ class VmdkDriver(MappedDriver):
     descriptor_text: tuple[int, bytes] = (0, b"")
     #: this open gave the image a new CID (QEMU does at the first write)
     cid_updated: bool = False
-    #: an extent holds compressed grains (a stream: read only)
+    #: an extent holds compressed grains (a stream)
     compressed: bool = False
+    #: the header of a VMware-layout stream (directory at the end), which
+    #: imgfs appends to; None: not one
+    stream_header: SparseHeader | None = None
+    #: appends to that stream, once the first write came
+    stream: StreamWriter | None = None
 
     @staticmethod
     def probe(head: bytes, filename: str) -> int:
@@ -219,8 +225,11 @@ class VmdkDriver(MappedDriver):
         elif head.startswith(SESPARSE_MAGIC):
             raise Unsupported(f"{file.filename}: seSparse VMDK extents are not supported")
         else:
-            geometry = check_sparse_header(await self._effective_header(file, head),
-                                           file.size)
+            header = await self._effective_header(file, head)
+            geometry = check_sparse_header(header, file.size)
+            if self.single_file and geometry.compressed and \
+                    SparseHeader.unpack(head).gd_offset == GD_AT_END:
+                self.stream_header = header
         if geometry.compressed and not geometry.markers:
             raise Unsupported("compressed VMDK grains without markers are not supported")
         gd_bytes = geometry.gd_entries * CODEC.width
@@ -292,6 +301,8 @@ class VmdkDriver(MappedDriver):
         extent = self._extent_at(offset)
         within = offset - extent.start
         length = min(length, extent.size - within)
+        if self.stream is not None:
+            return self.stream.lookup(within, length)
         if extent.kind == "zero":
             return Mapping(length, MapKind.ZERO)
         if extent.kind == "flat":
@@ -339,7 +350,10 @@ class VmdkDriver(MappedDriver):
 
     async def write(self, offset: int, data: bytes) -> None:
         await self._before_write()
-        await super().write(offset, data)
+        if self.compressed:
+            await self._stream_write(offset, data)
+        else:
+            await super().write(offset, data)
 
     async def write_zeroes(self, offset: int, length: int, *, may_unmap: bool = False) -> None:
         await self._before_write()
@@ -348,9 +362,10 @@ class VmdkDriver(MappedDriver):
     async def _before_write(self) -> None:
         """Refuse stream images; give the image a new CID at the first
         write (as QEMU: an image made on top of this one sees the change)."""
-        if self.compressed:
-            raise Unsupported("writes into streamOptimized (compressed) VMDK images are not "
-                              "supported", errno_=errno.EIO)
+        if self.compressed and self.stream_header is None:
+            raise Unsupported("writes into streamOptimized VMDK images with their grain "
+                              "directory in the header are not supported",
+                              errno_=errno.EIO)
         if self.cid_updated:
             return
         async with self.lock:
@@ -375,8 +390,74 @@ class VmdkDriver(MappedDriver):
         self.descriptor_text = (offset, new_text)
         self.descriptor.cid = cid
 
+    # -- appending to a VMware-layout stream -----------------------------------------
+
+    async def _stream_write(self, offset: int, data: bytes) -> None:
+        view = memoryview(data)
+        done = 0
+        async with self.lock:
+            stream = await self._stream_writer()
+            while done < len(data):
+                done += await stream.write(offset + done, view[done:], self._old_grain)
+
+    async def _old_grain(self, index: int) -> bytes:
+        start = index * self.block_size
+        old = await self.node.read_unallocated(start, min(self.block_size, self.size - start))
+        return old.ljust(self.block_size, b"\0")
+
+    async def _stream_writer(self) -> StreamWriter:
+        """The writer, made at the first write: the grain tables in memory,
+        appends from the end of the last grain."""
+        if self.stream is not None:
+            return self.stream
+        extent = self.extents[0]
+        assert extent.tables is not None and extent.geometry is not None
+        assert self.stream_header is not None
+        file = self.children["file"]
+        tables = {}
+        end = extent.geometry.data_start
+        for index, gt_sector in enumerate(extent.tables.l1):
+            if not gt_sector:
+                continue
+            table = await extent.tables.l2_table(gt_sector * SECTOR)
+            tables[index] = table.entries[:]
+            for entry in table.entries:
+                if entry > GTE_ZEROED:
+                    end = max(end, await self._grain_end(file, entry))
+        self.stream = StreamWriter(file=file, header=self.stream_header,
+                                   grain_size=self.block_size,
+                                   gd_entries=extent.geometry.gd_entries, tables=tables,
+                                   end=end, keep_zero_grains=self.node.backing is not None)
+        return self.stream
+
+    @staticmethod
+    async def _grain_end(file: Node, entry: int) -> int:
+        head = await file.read(entry * SECTOR, min(GRAIN_MARKER.size,
+                                                   file.size - entry * SECTOR))
+        if len(head) < GRAIN_MARKER.size:
+            raise CorruptImage(f"compressed grain at sector {entry} is cut short")
+        size = GRAIN_MARKER.unpack(head)[1]
+        return align_up(entry * SECTOR + GRAIN_MARKER.size + size, SECTOR)
+
+    async def flush(self) -> None:
+        if self.stream is not None:
+            async with self.lock:
+                await self.stream.write_tail()
+
+    async def aclose(self) -> None:
+        await self.flush()
+
     async def decode_block(self, token: Any) -> bytes:
-        """A compressed grain: its marker (lba, size), then a zlib stream."""
+        """A compressed grain: its marker (lba, size), then a zlib stream
+        (or the grain a stream writer is filling)."""
+        if token[0] == "pending":
+            assert self.stream is not None
+            grain_index = token[1]
+            if self.stream.pending_index == grain_index:
+                return bytes(self.stream.pending)
+            token = (0, self.stream.entry(grain_index))
+            if not token[1]:
+                return bytes(self.block_size)
         index, entry = token
         extent = self.extents[index]
         file = self.children[extent.child]
@@ -460,9 +541,13 @@ async def create_vmdk(target: Any, size: int, options: dict[str, Any],
     text = descriptor_text(cid=secrets.randbits(32), parent_cid=parent_cid,
                            create_type=subformat, parent_hint=parent_hint, extents=extents,
                            sectors=sectors, options=options)
-    if subformat in ("monolithicSparse", "streamOptimized"):
-        head, length = new_sparse_extent(sectors, text, zeroed_grain=options["zeroed_grain"],
-                                         stream=subformat == "streamOptimized")
+    if subformat == "streamOptimized":
+        # the layout VMware writes (directory and footer at the end)
+        head = new_stream(sectors, text)
+        await create_image_file(target, ctx, head, len(head))
+        return
+    if subformat == "monolithicSparse":
+        head, length = new_sparse_extent(sectors, text, zeroed_grain=options["zeroed_grain"])
         await create_image_file(target, ctx, head, length)
         return
     directory = os.path.dirname(target_name)

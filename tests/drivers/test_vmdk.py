@@ -10,11 +10,13 @@ read from the ESXi sample or built from the spec in a few lines.
 from __future__ import annotations
 
 import bz2
+import importlib
 import json
 import random
 import re
 import struct
 from pathlib import Path
+from typing import Any
 
 import pytest
 import trio
@@ -29,7 +31,7 @@ from imgfs.drivers.vmdk.layout import (
 from imgfs.errors import InvalidImage, ReadOnly, Unsupported
 from imgfs.graph import open_image
 from imgfs.node import OpenContext
-from tests.conftest import imgfs, need, write_through_api
+from tests.conftest import REQUIRE_ORACLES, imgfs, need, write_through_api
 from tests.drivers.test_qed import imgfs_raw, info_json, map_json, qemu_create, qemu_io, run
 
 KiB = 1024
@@ -431,8 +433,9 @@ def test_redundant_grain_directory_kept_in_step(tmp_path: Path) -> None:
 
 
 def test_stream_writes_are_refused(tmp_path: Path) -> None:
+    """The ESXi sample: its last grain is written already."""
     image = esxi_sample(tmp_path)
-    with pytest.raises(Unsupported, match="streamOptimized"):
+    with pytest.raises(Unsupported, match="in order"):
         write_through_api(image, [(0, b"x" * 512)])
 
 
@@ -470,8 +473,7 @@ def created_files(directory: Path) -> dict[str, bytes | int]:
     "subformat=monolithicSparse", "subformat=monolithicSparse,zeroed_grain=on,compat6=on",
     "subformat=monolithicFlat,adapter_type=lsilogic",
     "subformat=twoGbMaxExtentSparse,adapter_type=buslogic,hwversion=7",
-    "subformat=twoGbMaxExtentFlat,adapter_type=legacyESX,toolsversion=123",
-    "subformat=streamOptimized"])
+    "subformat=twoGbMaxExtentFlat,adapter_type=legacyESX,toolsversion=123"])
 def test_create_is_byte_equal_to_qemu_img(tmp_path: Path, options: str) -> None:
     """2112 MiB: the split subformats get a second extent."""
     ours, theirs = tmp_path / "ours", tmp_path / "theirs"
@@ -512,7 +514,7 @@ def test_create_with_backing_file_names_its_cid(tmp_path: Path) -> None:
     assert result.returncode != 0 and "vmdk image" in result.stderr
 
 
-@pytest.mark.parametrize("subformat", SUBFORMATS)
+@pytest.mark.parametrize("subformat", SUBFORMATS + ("streamOptimized",))
 def test_convert_to_vmdk(tmp_path: Path, subformat: str) -> None:
     size = 20 * GRAIN + 512
     source = vmdk_create(tmp_path / "src.vmdk", size)
@@ -522,3 +524,65 @@ def test_convert_to_vmdk(tmp_path: Path, subformat: str) -> None:
     check_clean(target)
     run("qemu-img", "compare", "-q", "-f", "vmdk", "-F", "vmdk", source, target)
     assert info_json("qemu-img", target)["format-specific"]["data"]["create-type"] == subformat
+
+
+# -- VMware-style streams -------------------------------------------------------------------
+
+def dissect_vmdk() -> Any:
+    """dissect.hypervisor's VMDK reader (an oracle independent of QEMU)."""
+    try:
+        return importlib.import_module("dissect.hypervisor.disk.vmdk")
+    except ImportError:
+        if REQUIRE_ORACLES:
+            pytest.fail("oracle module not installed: dissect.hypervisor")
+        pytest.skip("oracle module not installed: dissect.hypervisor")
+
+
+def stream_header_of(image: Path) -> SparseHeader:
+    return SparseHeader.unpack(image.read_bytes()[:512])
+
+
+@pytest.mark.parametrize("options", ["", "hwversion=14,adapter_type=lsilogic"])
+def test_stream_output_is_vmware_layout_read_by_qemu_and_dissect(tmp_path: Path,
+                                                                 options: str) -> None:
+    size = 3 * MiB + 512 * KiB
+    source = vmdk_create(tmp_path / "src.vmdk", size)
+    out_of_order(source, size)
+    target = tmp_path / "stream.vmdk"
+    imgfs("convert", "-O", "vmdk", "-o", ",".join(filter(None, ["subformat=streamOptimized",
+                                                                options])), source, target)
+    header = stream_header_of(target)
+    assert header.version == 3 and header.gd_offset == (1 << 64) - 1
+    assert header.flags & (1 << 16) and header.flags & (1 << 17)
+    data = target.read_bytes()
+    assert data[-512:] == bytes(512)                       # end-of-stream marker
+    assert struct.unpack_from("<QII", data, len(data) - 1536)[2] == 3    # footer marker
+    check_clean(target)
+    run("qemu-img", "compare", "-q", "-f", "vmdk", "-F", "vmdk", source, target)
+    expected = qemu_raw(source)
+    with open(target, "rb") as handle:
+        disk = dissect_vmdk().VMDK(handle)
+        assert disk.size == size and disk.read(size) == expected
+    if options:
+        assert b'ddb.virtualHWVersion = "14"' in data and b'"lsilogic"' in data
+
+
+def test_stream_appends_in_order_and_refuses_going_back(tmp_path: Path) -> None:
+    image = tmp_path / "s.vmdk"
+    imgfs("create", "-q", "-f", "vmdk", "-o", "subformat=streamOptimized", image, "2M")
+    write_through_api(image, [(100, b"a" * 1000), (GRAIN + 5, b"b" * 70000)])
+    write_through_api(image, [(5 * GRAIN, b"c" * GRAIN)])       # a second open appends
+    expected = bytearray(2 * MiB)
+    apply_writes(expected, [(100, b"a" * 1000), (GRAIN + 5, b"b" * 70000),
+                            (5 * GRAIN, b"c" * GRAIN)])
+    check_clean(image)
+    compare_raw(bytes(expected), image)
+    with pytest.raises(Unsupported, match="in order"):
+        write_through_api(image, [(GRAIN, b"x")])
+    compare_raw(bytes(expected), image)
+
+
+def test_stream_with_directory_in_header_refuses_writes(tmp_path: Path) -> None:
+    image = vmdk_create(tmp_path / "q.vmdk", MiB, "subformat=streamOptimized")
+    with pytest.raises(Unsupported, match="streamOptimized"):
+        write_through_api(image, [(0, b"x" * 512)])

@@ -924,7 +924,8 @@ def test_backing_file_names_a_fifo(tmp_path: Path) -> None:
 
 WRITABLE = ["qcow2-v2", "qcow2-backing", "qcow2-snapshots", "qcow2-compressed",
             "qcow2-extended-l2", "qcow2-bitmaps", "qcow", "qcow-compressed", "qcow-backing",
-            "qed", "qed-backing", "luks1", "vmdk-sparse", "vmdk-stream", "vmdk-descriptor"]
+            "qed", "qed-backing", "luks1", "vmdk-sparse", "vmdk-stream", "vmdk-esxi",
+            "vmdk-descriptor"]
 
 
 @pytest.mark.parametrize("name", WRITABLE)
