@@ -21,6 +21,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from imgfs.block import ChildRef, Kind
+from imgfs.check import CheckResult
 from imgfs.errors import CorruptImage, InvalidImage, ReadOnly, Unsupported, UsageError
 from imgfs.mapped import (
     MapKind,
@@ -107,6 +108,7 @@ class VmdkDriver(MappedDriver):
                    "seSparse refused")
     zero_blocks = True
     create_opts = CREATE_OPTS
+    can_check = True
     #: a flat extent file shorter than the extent reads as zeros past its end
     past_eof_reads_zero = True
 
@@ -485,6 +487,43 @@ class VmdkDriver(MappedDriver):
     async def create(cls, target: Any, size: int, options: dict[str, Any],
                      ctx: OpenContext) -> None:
         await create_vmdk(target, size, options, ctx)
+
+    # -- check ----------------------------------------------------------------------------
+
+    async def check(self, repair: str | None = None) -> CheckResult:
+        """As qemu-img check: every grain must start inside its file; the
+        first that does not ends the check (QEMU has no repair for VMDK)."""
+        result = CheckResult()
+        try:
+            for extent in self.extents:
+                sector = await self._first_grain_past_eof(extent)
+                if sector is not None:
+                    result.messages.append(f"ERROR: cluster offset for sector {sector} "
+                                           "points after EOF")
+                    result.failure = "Check failed: Invalid argument"
+                    break
+        except CorruptImage as exc:
+            result.failure = f"Check failed: {exc}"
+        return result
+
+    async def _first_grain_past_eof(self, extent: VmdkExtent) -> int | None:
+        """The guest sector of the first grain of `extent` that starts past
+        the end of its file, if any."""
+        if extent.tables is None or extent.geometry is None:
+            return None
+        geometry = extent.geometry
+        file_size = self.children[extent.child].size
+        for l1_index, gt_sector in enumerate(extent.tables.l1):
+            if not gt_sector:
+                continue
+            table = await extent.tables.l2_table(gt_sector * SECTOR)
+            for index, entry in enumerate(table.entries):
+                if entry == 0 or (entry == GTE_ZEROED and geometry.zeroed_grains):
+                    continue
+                if entry * SECTOR >= file_size:
+                    grain = l1_index * geometry.gtes_per_gt + index
+                    return (extent.start + grain * geometry.grain_size) // SECTOR
+        return None
 
     # -- information ----------------------------------------------------------------------
 

@@ -32,7 +32,15 @@ from imgfs.errors import InvalidImage, ReadOnly, Unsupported
 from imgfs.graph import open_image
 from imgfs.node import OpenContext
 from tests.conftest import REQUIRE_ORACLES, imgfs, need, write_through_api
-from tests.drivers.test_qed import imgfs_raw, info_json, map_json, qemu_create, qemu_io, run
+from tests.drivers.test_qed import (
+    human_info,
+    imgfs_raw,
+    info_json,
+    map_json,
+    qemu_create,
+    qemu_io,
+    run,
+)
 
 KiB = 1024
 MiB = 1024 * KiB
@@ -586,3 +594,30 @@ def test_stream_with_directory_in_header_refuses_writes(tmp_path: Path) -> None:
     image = vmdk_create(tmp_path / "q.vmdk", MiB, "subformat=streamOptimized")
     with pytest.raises(Unsupported, match="streamOptimized"):
         write_through_api(image, [(0, b"x" * 512)])
+
+
+# -- check and human info ------------------------------------------------------------------------
+
+@pytest.mark.parametrize("subformat", SUBFORMATS + ("streamOptimized",))
+def test_check_and_human_info_as_qemu_img(tmp_path: Path, subformat: str) -> None:
+    image = vmdk_create(tmp_path / "c.vmdk", 2 * MiB, f"subformat={subformat}")
+    vmdk_io(image, "write -P 1 0 64k")
+    for args in (["check"], ["check", "--output=json"]):
+        ours, theirs = imgfs(*args, image, check=False), run("qemu-img", *args, image)
+        assert (ours.returncode, ours.stdout) == (0, theirs.stdout)
+    assert human_info("imgfs", image) == human_info("qemu-img", image)
+
+
+def test_check_reports_a_grain_past_eof_as_qemu_img(tmp_path: Path) -> None:
+    image = vmdk_create(tmp_path / "e.vmdk", 2 * MiB)
+    vmdk_io(image, "write 0 128k")
+    data = bytearray(image.read_bytes())
+    header = SparseHeader.unpack(bytes(data[:512]))
+    gt = struct.unpack_from("<I", data, header.gd_offset * 512)[0] * 512
+    struct.pack_into("<I", data, gt + 4, 1 << 28)
+    image.write_bytes(bytes(data))
+    ours, theirs = imgfs("check", image, check=False), run("qemu-img", "check", image,
+                                                           check=False)
+    assert ours.returncode == theirs.returncode == 1
+    assert ours.stderr.splitlines()[0] == theirs.stderr.splitlines()[0] == \
+        "ERROR: cluster offset for sector 128 points after EOF"
