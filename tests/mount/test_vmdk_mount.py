@@ -36,6 +36,7 @@ from tests.drivers.test_vmdk import (
     vmdk_create,
     vmdk_io,
 )
+from tests.mount.test_qed_mount import exposed
 
 MiB = 1024 * 1024
 
@@ -44,10 +45,6 @@ MiB = 1024 * 1024
 def _oracles(workdir: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     need("qemu-img", "qemu-io")
     monkeypatch.chdir(workdir)
-
-
-def exposed(mnt: Path, image: Path) -> Path:
-    return mnt / (image.name.rsplit(".", 1)[0] + ".raw")
 
 
 @pytest.mark.parametrize("subformat", ["monolithicSparse", "twoGbMaxExtentFlat",
