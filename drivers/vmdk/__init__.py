@@ -29,13 +29,22 @@ each change repeated in the redundant tables; whole-grain zero writes
 become zeroed-grain entries where the header allows them; flat extents
 in place; the CID renewed at the first write, as QEMU does.  A descriptor
 opened read-write may only name extent files beside or below it.
-Writes into stream images (compressed grains) fail with EIO.
+Streams in VMware's layout (directory and footer at the end) take appends
+in guest order (`stream`); writes into a stream whose directory is in its
+header (QEMU's layout), or to a grain a stream holds already, fail with EIO.
+
+Created (`create`): monolithicSparse, monolithicFlat and the twoGbMaxExtent
+subformats byte-equal to qemu-img's but for the random CID, with its
+options and refusals; streamOptimized in VMware's layout.  `check` reports
+what qemu-img check reports (a grain past the end of its file).
 
 Refused, in one line: seSparse extents, compressed grains without
 markers, headers whose fields are out of range.
 
 Module map: `layout` (headers, markers, geometry; pure, all that probing
-imports), `descriptor` (descriptor text), `driver` (the BlockDriver on
+imports), `descriptor` (descriptor text), `create` (new images, pure),
+`tables` (the redundant grain directory kept in step), `stream` (VMware's
+stream layout and its appending writer), `driver` (the BlockDriver on
 imgfs.mapped).
 """
 from typing import Any

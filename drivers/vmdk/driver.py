@@ -377,14 +377,18 @@ class VmdkDriver(MappedDriver):
 
     async def _write_cid(self, cid: int) -> None:
         offset, text = self.descriptor_text
-        if not text:
-            return
+        file = self.children["file"]
+        if not text or (not self.single_file and len(text) != file.size):
+            return          # (a descriptor longer than QEMU reads keeps its CID)
         new_text, found = _CID_LINE.subn(f"CID={cid:x}".encode(), text, count=1)
         if not found:
             return
         if self.single_file:
             new_text = new_text.ljust(len(text), b"\0")[:len(text)]
-        file = self.children["file"]
+        # (a longer text: grow first, the old one then ends in NULs, which the
+        # parser stops at; a shorter one: cut after, leaving a stray line end)
+        if not self.single_file and len(new_text) > file.size:
+            await file.truncate(len(new_text))
         await file.write(offset, new_text)
         if not self.single_file and len(new_text) < file.size:
             await file.truncate(len(new_text))

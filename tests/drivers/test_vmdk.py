@@ -621,3 +621,14 @@ def test_check_reports_a_grain_past_eof_as_qemu_img(tmp_path: Path) -> None:
     assert ours.returncode == theirs.returncode == 1
     assert ours.stderr.splitlines()[0] == theirs.stderr.splitlines()[0] == \
         "ERROR: cluster offset for sector 128 points after EOF"
+
+
+def test_first_write_rewrites_a_short_cid_in_a_descriptor_file(tmp_path: Path) -> None:
+    """A descriptor file grows or shrinks with its new CID, and still parses."""
+    (tmp_path / "f.vmdk").write_bytes(bytes(MiB))
+    image = tmp_path / "d.vmdk"
+    image.write_text('# Disk DescriptorFile\nversion=1\nCID=1\nparentCID=ffffffff\n'
+                     'createType="monolithicFlat"\nRW 2048 FLAT "f.vmdk" 0\n')
+    write_through_api(image, [(0, b"\x42" * 512)])
+    assert info_json("qemu-img", image)["format-specific"]["data"]["cid"] != 1
+    assert qemu_raw(image)[:513] == b"\x42" * 512 + b"\0"
