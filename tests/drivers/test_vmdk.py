@@ -632,3 +632,49 @@ def test_first_write_rewrites_a_short_cid_in_a_descriptor_file(tmp_path: Path) -
     write_through_api(image, [(0, b"\x42" * 512)])
     assert info_json("qemu-img", image)["format-specific"]["data"]["cid"] != 1
     assert qemu_raw(image)[:513] == b"\x42" * 512 + b"\0"
+
+
+# -- images from other writers ------------------------------------------------------------------
+
+SYSTEM_PYTHON = "/usr/bin/python3"
+
+
+def need_vmdkstream() -> None:
+    """Debian's python3-vmdkstream (a VMware-layout stream writer), run by
+    the system Python it is installed for."""
+    need(SYSTEM_PYTHON)
+    found = run(SYSTEM_PYTHON, "-c", "import VMDKstream", check=False).returncode == 0
+    if not found:
+        if REQUIRE_ORACLES:
+            pytest.fail("oracle module not installed: python3-vmdkstream")
+        pytest.skip("oracle module not installed: python3-vmdkstream")
+
+
+def test_vmdkstream_output_reads_like_qemu(tmp_path: Path) -> None:
+    need_vmdkstream()
+    raw = tmp_path / "in.raw"
+    data = bytearray(3 * MiB)
+    rng = random.Random(3)
+    for _ in range(20):
+        offset = rng.randrange(0, len(data) - 5000)
+        data[offset:offset + 5000] = rng.randbytes(5000)
+    raw.write_bytes(bytes(data))
+    image = tmp_path / "vs.vmdk"
+    run(SYSTEM_PYTHON, "-m", "VMDKstream", raw, image)
+    assert imgfs_raw(image) == bytes(data) == qemu_raw(image)
+    assert map_json("imgfs", image) == map_json("qemu-img", image)
+
+
+def test_bximage_vmware4_reads_and_writes_like_qemu(tmp_path: Path) -> None:
+    need("bximage")
+    image = tmp_path / "bx.vmdk"
+    run("bximage", "-func=create", "-hd=10M", "-imgmode=vmware4", "-q", image)
+    size = info_json("qemu-img", image)["virtual-size"]
+    out_of_order(image, size)
+    assert_reads_like_qemu(image)
+    expected = bytearray(qemu_raw(image))
+    writes = writes_out_of_order(size, seed=9)
+    write_through_api(image, writes)
+    apply_writes(expected, writes)
+    check_clean(image)
+    compare_raw(bytes(expected), image)
