@@ -30,8 +30,10 @@ become zeroed-grain entries where the header allows them; flat extents
 in place; the CID renewed at the first write, as QEMU does.  A descriptor
 opened read-write may only name extent files beside or below it.
 Streams in VMware's layout (directory and footer at the end) take appends
-in guest order (`stream`); writes into a stream whose directory is in its
-header (QEMU's layout), or to a grain a stream holds already, fail with EIO.
+in guest order (`stream`); streams in QEMU's layout (directory in the
+header) take whole grains in any order, as QEMU; a write to a grain a
+stream holds already, or of part of a grain into QEMU's layout, fails with
+EIO.
 
 Created (`create`): monolithicSparse, monolithicFlat and the twoGbMaxExtent
 subformats byte-equal to qemu-img's but for the random CID, with its

@@ -70,7 +70,7 @@ from .layout import (
     footer_offset,
 )
 from .layout import probe as probe_head
-from .stream import StreamWriter, new_stream
+from .stream import StreamWriter, grain_record, new_stream
 from .tables import MirroredMap
 
 #: bytes of grain tables kept in memory per sparse extent
@@ -352,8 +352,10 @@ class VmdkDriver(MappedDriver):
 
     async def write(self, offset: int, data: bytes) -> None:
         await self._before_write()
-        if self.compressed:
+        if self.stream_header is not None:
             await self._stream_write(offset, data)
+        elif self.compressed:
+            await self._append_grains(offset, data)
         else:
             await super().write(offset, data)
 
@@ -364,10 +366,6 @@ class VmdkDriver(MappedDriver):
     async def _before_write(self) -> None:
         """Refuse stream images; give the image a new CID at the first
         write (as QEMU: an image made on top of this one sees the change)."""
-        if self.compressed and self.stream_header is None:
-            raise Unsupported("writes into streamOptimized VMDK images with their grain "
-                              "directory in the header are not supported",
-                              errno_=errno.EIO)
         if self.cid_updated:
             return
         async with self.lock:
@@ -395,6 +393,30 @@ class VmdkDriver(MappedDriver):
         await file.flush()
         self.descriptor_text = (offset, new_text)
         self.descriptor.cid = cid
+
+    # -- appending to a QEMU-layout stream -------------------------------------------
+
+    async def _append_grains(self, offset: int, data: bytes) -> None:
+        """As QEMU: whole grains, each written once, compressed, at the end
+        of the file (a grain's worth of space each), then its table entry."""
+        grain_size = self.block_size
+        if offset % grain_size or (len(data) % grain_size and offset + len(data) != self.size):
+            raise Unsupported("streamOptimized VMDK images take only whole-grain writes",
+                              errno_=errno.EIO)
+        extent = self.extents[0]
+        assert extent.tables is not None
+        for start in range(0, len(data), grain_size):
+            grain = data[start:start + grain_size].ljust(grain_size, b"\0")
+            async with self.lock:
+                mapping = await self.lookup(offset + start, grain_size)
+                if mapping.kind is not MapKind.UNALLOCATED:
+                    raise Unsupported("could not write to allocated cluster for "
+                                      "streamOptimized", errno_=errno.EIO)
+                record = grain_record((offset + start) // SECTOR, grain)
+                host_offset = await self._allocate_in(extent, align_up(len(record),
+                                                                       grain_size))
+                await self.children["file"].write(host_offset, record)
+                await extent.tables.map_run(offset + start, 1, host_offset // SECTOR, 0)
 
     # -- appending to a VMware-layout stream -----------------------------------------
 

@@ -590,10 +590,23 @@ def test_stream_appends_in_order_and_refuses_going_back(tmp_path: Path) -> None:
     compare_raw(bytes(expected), image)
 
 
-def test_stream_with_directory_in_header_refuses_writes(tmp_path: Path) -> None:
+def test_qemu_layout_stream_takes_whole_grains_once_as_qemu(tmp_path: Path) -> None:
+    """QEMU's stream (directory in the header): whole grains in any order,
+    each once; a partial grain or a second write fails (EIO)."""
     image = vmdk_create(tmp_path / "q.vmdk", MiB, "subformat=streamOptimized")
-    with pytest.raises(Unsupported, match="streamOptimized"):
-        write_through_api(image, [(0, b"x" * 512)])
+    vmdk_io(image, f"write -P 1 {2 * GRAIN} {GRAIN}")
+    writes = [(5 * GRAIN, b"\x55" * 2 * GRAIN), (0, b"\x66" * GRAIN)]
+    write_through_api(image, writes)
+    expected = bytearray(MiB)
+    apply_writes(expected, [(2 * GRAIN, b"\1" * GRAIN), *writes])
+    check_clean(image)
+    compare_raw(bytes(expected), image)
+    for offset, length in [(0, GRAIN), (7 * GRAIN, 512)]:
+        with pytest.raises(Unsupported, match="streamOptimized"):
+            write_through_api(image, [(offset, b"x" * length)])
+    vmdk_io(image, f"write -P 7 {8 * GRAIN} {GRAIN}")      # QEMU appends after us
+    expected[8 * GRAIN:9 * GRAIN] = b"\7" * GRAIN
+    compare_raw(bytes(expected), image)
 
 
 # -- check and human info ------------------------------------------------------------------------
