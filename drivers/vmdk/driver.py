@@ -360,8 +360,28 @@ class VmdkDriver(MappedDriver):
             await super().write(offset, data)
 
     async def write_zeroes(self, offset: int, length: int, *, may_unmap: bool = False) -> None:
+        """As QEMU: with zeroed grains, whole grains become zeroed-grain
+        entries even where the image holds them (their old space leaks)."""
         await self._before_write()
-        await super().write_zeroes(offset, length, may_unmap=may_unmap)
+        if not self.zero_blocks or self.compressed:
+            await super().write_zeroes(offset, length, may_unmap=may_unmap)
+            return
+        end = offset + length
+        while offset < end:
+            extent = self._extent_at(offset)
+            piece_end = min(end, extent.start + extent.size)
+            first = align_up(offset, self.block_size)
+            last = piece_end - (piece_end - extent.start) % self.block_size
+            if extent.kind != "sparse" or first >= last:
+                await super().write_zeroes(offset, piece_end - offset, may_unmap=may_unmap)
+            else:
+                if offset < first:
+                    await super().write_zeroes(offset, first - offset, may_unmap=may_unmap)
+                async with self.lock:
+                    await self.map_blocks(first, (last - first) // self.block_size, None)
+                if last < piece_end:
+                    await super().write_zeroes(last, piece_end - last, may_unmap=may_unmap)
+            offset = piece_end
 
     async def _before_write(self) -> None:
         """Refuse stream images; give the image a new CID at the first

@@ -400,6 +400,27 @@ def test_zero_writes_become_zeroed_grains(tmp_path: Path) -> None:
     assert zeroed and zeroed[0]["start"] == GRAIN and zeroed[0]["length"] == 4 * GRAIN
 
 
+def test_zero_writes_over_held_grains_map_as_qemu(tmp_path: Path) -> None:
+    """With zeroed grains, QEMU turns whole grains it holds into zeroed
+    grains too: so does imgfs (the same map afterwards)."""
+    ours = vmdk_create(tmp_path / "ours.vmdk", 2 * MiB, "zeroed_grain=on")
+    vmdk_io(ours, "write -P 1 0 2M")
+    theirs = tmp_path / "theirs.vmdk"
+    theirs.write_bytes(ours.read_bytes())
+
+    async def zero() -> None:
+        node = await open_image(str(ours), OpenContext(read_only=False))
+        try:
+            await node.write_zeroes(GRAIN - 512, 4 * GRAIN + 1024)
+        finally:
+            await node.aclose()
+    trio.run(zero)
+    vmdk_io(theirs, f"write -z {GRAIN - 512} {4 * GRAIN + 1024}")
+    check_clean(ours)
+    run("qemu-img", "compare", "-q", "-f", "vmdk", "-F", "vmdk", ours, theirs)
+    assert map_json("imgfs", ours) == map_json("qemu-img", theirs)
+
+
 def test_writes_copy_on_write_from_the_parent(tmp_path: Path) -> None:
     base = vmdk_create(tmp_path / "base.vmdk", 2 * MiB)
     vmdk_io(base, "write -P 7 0 2M")
