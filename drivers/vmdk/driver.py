@@ -332,6 +332,9 @@ class VmdkDriver(MappedDriver):
         if extent.kind != "sparse":
             raise Unsupported(f"the {extent.type_name} extent at byte {extent.start} cannot "
                               "be written")
+        if extent.cowd:
+            # (its header's free-sector count would have to follow)
+            raise Unsupported("new grains in COWD (ESX sparse) extents are not supported")
         return extent.child, await self._allocate_in(extent, length)
 
     async def map_blocks(self, guest_offset: int, count: int, host_offset: int | None) -> None:

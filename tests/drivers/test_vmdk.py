@@ -319,6 +319,8 @@ def test_cowd_extent_reads_zeros_and_info(tmp_path: Path) -> None:
     image.write_bytes((head + b"CID=12345678\nparentCID=ffffffff\n").ljust(41 * 512, b"\0"))
     assert imgfs_raw(image) == qemu_raw(image)
     assert info_json("imgfs", image) == info_json("qemu-img", image)
+    with pytest.raises(Unsupported, match="COWD"):
+        write_through_api(image, [(0, b"x")])
 
 
 def test_info_json_names_extents(tmp_path: Path) -> None:
@@ -588,6 +590,7 @@ def test_stream_output_is_vmware_layout_read_by_qemu_and_dissect(tmp_path: Path,
     assert struct.unpack_from("<QII", data, len(data) - 1536)[2] == 3    # footer marker
     check_clean(target)
     run("qemu-img", "compare", "-q", "-f", "vmdk", "-F", "vmdk", source, target)
+    assert info_json("imgfs", target) == info_json("qemu-img", target)
     expected = qemu_raw(source)
     with open(target, "rb") as handle:
         disk = dissect_vmdk().VMDK(handle)
