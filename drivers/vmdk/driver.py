@@ -172,7 +172,7 @@ class VmdkDriver(MappedDriver):
 
     async def _open_descriptor(self, file: Node) -> None:
         raw = await file.read(0, min(file.size, MAX_DESCRIPTOR_BYTES))
-        if not is_vmdk_descriptor(raw[:SECTOR * 2]):
+        if not is_vmdk_descriptor(raw):
             raise InvalidImage("not a VMDK image (no sparse header, no descriptor)")
         descriptor = parse_descriptor(raw)
         check_standalone(descriptor)
