@@ -45,7 +45,8 @@ markers, headers whose fields are out of range.
 
 Module map: `layout` (headers, markers, geometry; pure, all that probing
 imports), `descriptor` (descriptor text), `create` (new images, pure),
-`tables` (the redundant grain directory kept in step), `stream` (VMware's
+`tables` (the redundant grain directory kept in step), `check` (qemu-img
+check's test), `stream` (VMware's
 stream layout and its appending writer), `driver` (the BlockDriver on
 imgfs.mapped).
 """

@@ -11,10 +11,11 @@ fields after the offset.
 """
 from __future__ import annotations
 
+import os
 import re
 from dataclasses import dataclass, field
 
-from imgfs.errors import InvalidImage, Unsupported
+from imgfs.errors import InvalidImage, ReadOnly, Unsupported
 
 from .layout import SECTOR
 
@@ -137,3 +138,13 @@ def check_standalone(descriptor: Descriptor) -> None:
     for extent in descriptor.extents:
         if extent.kind not in FLAT_TYPES + SPARSE_TYPES + ("ZERO",):
             raise Unsupported(f"VMDK extent type {extent.kind} is not supported")
+
+
+def check_extent_paths(descriptor: Descriptor) -> None:
+    """A descriptor opened for writing may name extents only beside or
+    below itself (not an absolute path, nothing through "..")."""
+    for line in descriptor.extents:
+        name = line.filename
+        if name and (os.path.isabs(name) or ".." in name.replace("\\", "/").split("/")):
+            raise ReadOnly(f"extent file {name!r} lies outside the descriptor's directory; "
+                           "open the image read-only")

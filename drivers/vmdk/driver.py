@@ -22,7 +22,7 @@ from typing import Any
 
 from imgfs.block import ChildRef, Kind
 from imgfs.check import CheckResult
-from imgfs.errors import CorruptImage, InvalidImage, ReadOnly, Unsupported, UsageError
+from imgfs.errors import CorruptImage, InvalidImage, Unsupported, UsageError
 from imgfs.mapped import (
     MapKind,
     MappedDriver,
@@ -34,6 +34,7 @@ from imgfs.mapped import (
 from imgfs.node import Node, OpenContext
 from imgfs.signatures import is_vmdk_descriptor
 
+from .check import check_extents
 from .create import (
     CREATE_OPTS,
     check_create_options,
@@ -46,6 +47,7 @@ from .descriptor import (
     FLAT_TYPES,
     Descriptor,
     ExtentLine,
+    check_extent_paths,
     check_standalone,
     parse_descriptor,
 )
@@ -540,39 +542,10 @@ class VmdkDriver(MappedDriver):
     # -- check ----------------------------------------------------------------------------
 
     async def check(self, repair: str | None = None) -> CheckResult:
-        """As qemu-img check: every grain must start inside its file; the
-        first that does not ends the check (QEMU has no repair for VMDK)."""
-        result = CheckResult()
-        try:
-            for extent in self.extents:
-                sector = await self._first_grain_past_eof(extent)
-                if sector is not None:
-                    result.messages.append(f"ERROR: cluster offset for sector {sector} "
-                                           "points after EOF")
-                    result.failure = "Check failed: Invalid argument"
-                    break
-        except CorruptImage as exc:
-            result.failure = f"Check failed: {exc}"
-        return result
-
-    async def _first_grain_past_eof(self, extent: VmdkExtent) -> int | None:
-        """The guest sector of the first grain of `extent` that starts past
-        the end of its file, if any."""
-        if extent.tables is None or extent.geometry is None:
-            return None
-        geometry = extent.geometry
-        file_size = self.children[extent.child].size
-        for l1_index, gt_sector in enumerate(extent.tables.l1):
-            if not gt_sector:
-                continue
-            table = await extent.tables.l2_table(gt_sector * SECTOR)
-            for index, entry in enumerate(table.entries):
-                if entry == 0 or (entry == GTE_ZEROED and geometry.zeroed_grains):
-                    continue
-                if entry * SECTOR >= file_size:
-                    grain = l1_index * geometry.gtes_per_gt + index
-                    return (extent.start + grain * geometry.grain_size) // SECTOR
-        return None
+        """As qemu-img check (QEMU has no repair for VMDK)."""
+        return await check_extents(
+            [(extent.start, extent.tables, extent.geometry, self.children[extent.child])
+             for extent in self.extents if extent.kind == "sparse"])
 
     # -- information ----------------------------------------------------------------------
 
@@ -601,16 +574,6 @@ class VmdkDriver(MappedDriver):
 
 
 _CID_LINE = re.compile(rb"^[ \t]*CID[ \t]*=[ \t]*\"?[0-9a-fA-F]+\"?", re.MULTILINE)
-
-
-def check_extent_paths(descriptor: Descriptor) -> None:
-    """A descriptor opened for writing may name extents only beside or
-    below itself (not an absolute path, nothing through "..")."""
-    for line in descriptor.extents:
-        name = line.filename
-        if name and (os.path.isabs(name) or ".." in name.replace("\\", "/").split("/")):
-            raise ReadOnly(f"extent file {name!r} lies outside the descriptor's directory; "
-                           "open the image read-only")
 
 
 async def create_vmdk(target: Any, size: int, options: dict[str, Any],
