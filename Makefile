@@ -22,6 +22,9 @@ APT_DEMO    := fdisk e2fsprogs util-linux mount
 APT_TEST    := qemu-utils qemu-system-common qemu-block-extra nbdkit fio \
                dosfstools mtools cryptsetup-bin 7zip openssh-server tgt \
                man-db groff-base xfsprogs btrfs-progs glusterfs-server nginx-light tinyproxy
+# VMDK: images from writers other than QEMU (bximage -imgmode=vmware4,
+# Debian's VMDKstream module) for tests/drivers/test_vmdk.py
+APT_TEST    += python3-vmdkstream
 
 .PHONY: help deps deps-test venv demo test test-fast install uninstall bench lint typecheck clean
 

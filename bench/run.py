@@ -274,6 +274,14 @@ CASES = {c.name: c for c in (
              "rand_write": Target(0.8), "seq_write": None,
              "seq_write_new": Target(1.0), "mount_latency": None,
          }),
+    # issue 14: VMDK's monolithicSparse (64 KiB grains)
+    Case("vmdk", "vmdk", ("vmdk",), ("-O", "vmdk"),
+         create_args=("-f", "vmdk"), metrics={
+             "seq_read": Target(1.5), "rand_read": Target(0.8),
+             # converted from random data: every grain is allocated
+             "rand_write": Target(0.8), "seq_write": None,
+             "seq_write_new": Target(1.0), "mount_latency": None,
+         }),
     # issue 17: an image on a web server, read with range requests
     Case("http", "raw", ("raw",), ("-O", "raw"), server="http", metrics={
         "seq_read": Target(1.5), "rand_read": Target(1.0), "mount_latency": None,

@@ -61,6 +61,8 @@ class Mapping(NamedTuple):
     kind: MapKind
     host_offset: int = 0
     token: Hashable = None
+    #: the child a DATA run lives in ("": `data_child`; VMDK: an extent file)
+    child: str = ""
 
 
 def align_up(value: int, alignment: int) -> int:
@@ -144,6 +146,12 @@ class MappedDriver(BlockDriver):
         await self.grow_file(host_offset + length)
         return host_offset
 
+    async def allocate_for(self, guest_offset: int, length: int) -> tuple[str, int]:
+        """(child, host offset) of space for new blocks from `guest_offset`:
+        `allocate` in `data_child` unless a format keeps several data files
+        (VMDK's extents).  Called under `lock`."""
+        return self.data_child, await self.allocate(length)
+
     async def decode_block(self, token: Any) -> bytes:
         """The `block_size` bytes of a transformed block."""
         raise Unsupported(f"{self.name}: no transformed blocks")
@@ -176,9 +184,9 @@ class MappedDriver(BlockDriver):
 
     # -- shared helpers ----------------------------------------------------------------
 
-    async def grow_file(self, end: int) -> None:
+    async def grow_file(self, end: int, child: str = "") -> None:
         """The file node refuses requests past its size: grow it first."""
-        file = self.children[self.data_child]
+        file = self.children[child or self.data_child]
         if end > file.size:
             await file.truncate(end)
         self.file_end = max(self.file_end, end)
@@ -189,7 +197,8 @@ class MappedDriver(BlockDriver):
         mapping = await self.lookup(offset, length)
         kind = mapping.kind
         if kind is MapKind.DATA:
-            available = self.children[self.data_child].size - mapping.host_offset
+            child = mapping.child or self.data_child
+            available = self.children[child].size - mapping.host_offset
             count = mapping.length
             if self.past_eof_reads_zero:
                 if available <= 0:
@@ -197,7 +206,7 @@ class MappedDriver(BlockDriver):
                 count = min(count, available)
             if self.encrypted:
                 return Extent(count, DATA, token=HostRun(mapping.host_offset))
-            return Extent(count, DATA, mapping.host_offset, self.data_child)
+            return Extent(count, DATA, mapping.host_offset, child)
         if kind is MapKind.TRANSFORMED:
             return Extent(mapping.length, DATA, token=mapping)
         if kind is MapKind.ZERO:
@@ -264,10 +273,10 @@ class MappedDriver(BlockDriver):
     async def _write_in_place(self, mapping: Mapping, data: memoryview) -> int:
         count = min(len(data), mapping.length)
         self.check_in_place(mapping.host_offset, count)
-        file = self.children[self.data_child]
+        file = self.children[mapping.child or self.data_child]
         if mapping.host_offset + count > file.size:
             async with self.lock:
-                await self.grow_file(mapping.host_offset + count)
+                await self.grow_file(mapping.host_offset + count, mapping.child)
         await file.write(mapping.host_offset, bytes(data[:count]))
         return count
 
@@ -293,8 +302,8 @@ class MappedDriver(BlockDriver):
         if offset > start or end < block_end:
             payload = await self._with_old_contents(start, block_end, offset, new, mapping)
         await self.prepare_metadata_change()
-        host_offset = await self.allocate(len(payload))
-        await self.children[self.data_child].write(host_offset, payload)
+        child, host_offset = await self.allocate_for(start, len(payload))
+        await self.children[child].write(host_offset, payload)
         await self.map_blocks(start, blocks, host_offset)
         if mapping.kind is MapKind.TRANSFORMED:
             self.decoded.forget(mapping.token)
@@ -349,7 +358,8 @@ class MappedDriver(BlockDriver):
             if mapping.kind is MapKind.DATA:
                 count = min(count, self.max_allocation)
                 self.check_in_place(mapping.host_offset, count)
-                await self.children[self.data_child].write(mapping.host_offset, bytes(count))
+                await self.children[mapping.child or self.data_child].write(
+                    mapping.host_offset, bytes(count))
                 return count
             await self.prepare_metadata_change()
             await self.map_blocks(offset, count // block_size, None)
@@ -370,13 +380,16 @@ class TwoLevelMap:
     entry, for any format laid out so.  L1 is kept in memory; L2 tables go
     through a `TableCache`; entries are written through (the data is
     already on disk), a new L2 table is written whole and flushed before
-    the L1 entry names it."""
+    the L1 entry names it.  Entries count host bytes in units of
+    `entry_unit` (1; VMDK: 512-byte sectors); `classify` turns an L2 entry
+    into a byte offset."""
 
     def __init__(self, *, file: Node, l1: array.array[int], l1_offset: int, block_bits: int,
                  l2_bits: int, codec: TableCodec, classify: Classifier,
                  check_table: Callable[[int], None], allocate: Allocator,
-                 cache_bytes: int = 4 * 1024 * 1024) -> None:
+                 cache_bytes: int = 4 * 1024 * 1024, entry_unit: int = 1) -> None:
         self.file = file
+        self.entry_unit = entry_unit
         self.l1 = l1
         self.l1_offset = l1_offset
         self.block_bits = block_bits
@@ -420,7 +433,7 @@ class TwoLevelMap:
         span_bits = self.block_bits + self.l2_bits
         l1_index = offset >> span_bits
         length = min(length, ((l1_index + 1) << span_bits) - offset)
-        l2_offset = self.l1[l1_index] if l1_index < len(self.l1) else 0
+        l2_offset = self.l1[l1_index] * self.entry_unit if l1_index < len(self.l1) else 0
         if not l2_offset:
             return Mapping(length, MapKind.UNALLOCATED)
         table = self.cache.get(l2_offset)
@@ -435,7 +448,7 @@ class TwoLevelMap:
         kind, host_offset = self.classify(first)
         if kind is MapKind.TRANSFORMED:
             return Mapping(min(length, block_size - within), kind, 0, first)
-        step = block_size if kind is MapKind.DATA else 0
+        step = block_size // self.entry_unit if kind is MapKind.DATA else 0
         run = 1
         while run < blocks and entries[index + run] == first + run * step:
             run += 1
@@ -452,7 +465,7 @@ class TwoLevelMap:
         if l1_index >= len(self.l1):
             raise CorruptImage(f"guest offset {guest_offset} lies beyond the L1 table")
         new_entries = array.array(self.codec.typecode, values)
-        l2_offset = self.l1[l1_index]
+        l2_offset = self.l1[l1_index] * self.entry_unit
         if l2_offset:
             table = await self.l2_table(l2_offset)
             table.entries[index:index + len(values)] = new_entries
@@ -465,18 +478,18 @@ class TwoLevelMap:
         l2_offset = await self.allocate(self.l2_bytes)
         await self.file.write(l2_offset, self.codec.encode(entries))
         await self.file.flush()         # the table is on disk before the L1 entry names it
-        self.l1[l1_index] = l2_offset
+        self.l1[l1_index] = l2_offset // self.entry_unit
         if self._table_offsets is not None:
             bisect.insort(self._table_offsets, l2_offset)
         await self.file.write(self.l1_offset + l1_index * self.codec.width,
-                              self.codec.encode([l2_offset]))
+                              self.codec.encode([l2_offset // self.entry_unit]))
         self.cache.changed(Table(l2_offset, entries))
 
     def overlaps_table(self, host_offset: int, length: int) -> bool:
         """Whether host bytes overlap an L2 table: a hostile entry aimed at
         one would make a data write rewrite the mapping itself."""
         if self._table_offsets is None:
-            self._table_offsets = sorted({entry for entry in self.l1 if entry})
+            self._table_offsets = sorted({entry * self.entry_unit for entry in self.l1 if entry})
         index = bisect.bisect_left(self._table_offsets, host_offset + length)
         return index > 0 and self._table_offsets[index - 1] + self.l2_bytes > host_offset
 

@@ -343,6 +343,26 @@ def vhdx_with_log(clean: Path, target: Path) -> None:
     target.write_bytes(data)
 
 
+def vmdk_regions(data: bytes) -> list[tuple[int, int]]:
+    """A sparse extent's header (or a stream's footer copy), its embedded
+    descriptor, both grain directories and the first grain table and
+    grain (VMDK's fields are little-endian sector numbers)."""
+    header_at = len(data) - 1024 if struct.unpack_from("<Q", data, 56)[0] == (1 << 64) - 1 \
+        else 0
+    descriptor = struct.unpack_from("<Q", data, 28)[0]
+    rgd, gd = struct.unpack_from("<QQ", data, header_at + 48)
+    regions = [(0, 79), (header_at, 79), (descriptor * 512, 256)]
+    for table in (gd, rgd):
+        if table and table * 512 < len(data):
+            regions.append((table * 512, 64))
+            gt = struct.unpack_from("<I", data, table * 512)[0]
+            if gt and gt * 512 < len(data):
+                regions.append((gt * 512, 256))
+                grain = struct.unpack_from("<I", data, gt * 512)[0]
+                regions.append((grain * 512, 16))
+    return regions
+
+
 #: LUKS1: the phdr (version, cipher, payload offset, key bytes, digest) and slots 0-1
 LUKS1_REGIONS = [(0, 208), (208, 96)]
 #: LUKS2: the binary header up to the checksum (the JSON gets its own strategy)
@@ -475,6 +495,26 @@ def samples(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Sample]:
     write_through_api(vhdx_child, [(MiB + 512, b"\x44" * 1000), (3 * MiB, b"\x55" * MiB)])
     built["vhdx-diff"] = Sample("vhdx-diff", "vhdx", vhdx_child,
                                 vhdx_child_regions(vhdx_child.read_bytes()), magic_length=8)
+    sparse = directory / "sparse.vmdk"
+    tool("qemu-img", "create", "-q", "-f", "vmdk", "-o", "zeroed_grain=on", sparse, "2M")
+    qemu_io(sparse, "vmdk", "write -P 0x11 0 8k", "write -z 64k 64k", "write -P 0x22 1M 4k")
+    built["vmdk-sparse"] = Sample("vmdk-sparse", "vmdk", sparse,
+                                  vmdk_regions(sparse.read_bytes()))
+    stream = directory / "stream.vmdk"
+    tool("qemu-img", "create", "-q", "-f", "vmdk", "-o", "subformat=streamOptimized", stream,
+         "2M")
+    qemu_io(stream, "vmdk", "write -P 0x11 0 64k", "write -P 0x22 1M 64k")
+    built["vmdk-stream"] = Sample("vmdk-stream", "vmdk", stream,
+                                  vmdk_regions(stream.read_bytes()))
+    esxi = directory / "esxi.vmdk"
+    esxi.write_bytes(bz2.decompress((SAMPLE_IMAGES / "iotest-version3.vmdk.bz2").read_bytes()))
+    built["vmdk-esxi"] = Sample("vmdk-esxi", "vmdk", esxi, vmdk_regions(esxi.read_bytes()))
+    two_gb = directory / "twogb.vmdk"
+    tool("qemu-img", "create", "-q", "-f", "vmdk", "-o", "subformat=twoGbMaxExtentSparse",
+         two_gb, "2M")
+    qemu_io(two_gb, "vmdk", "write -P 0x11 4k 8k")
+    built["vmdk-descriptor"] = Sample("vmdk-descriptor", "vmdk", two_gb, [(0, 400)],
+                                      magic_length=0)
 
     raw = directory / "disk.raw"
     raw.write_bytes(bytes(range(256)) * 1024)
@@ -770,7 +810,8 @@ FORMATS = ["qcow2-v2", "qcow2-backing", "qcow2-snapshots", "qcow2-compressed",
            "qcow2-extended-l2", "qcow2-bitmaps", "qcow2-zstd", "qcow2-data-file",
            "qcow2-luks", "qcow", "qcow-compressed", "qcow-backing", "qed", "qed-backing",
            "luks1", "luks2", "vdi", "vdi-static", "vdi-diff", "parallels", "parallels-v1",
-           "parallels-bundle", "vhdx", "vhdx-log", "vhdx-diff"]
+           "parallels-bundle", "vhdx", "vhdx-log", "vhdx-diff", "vmdk-sparse", "vmdk-stream",
+           "vmdk-esxi", "vmdk-descriptor"]
 
 
 def test_valid_samples_read(samples: dict[str, Sample]) -> None:
@@ -920,6 +961,11 @@ CLI_DAMAGE = {
     "parallels data inside catalog": ("parallels", [(48, _le(4, 1))]),
     "parallels format extension": ("parallels", [(56, _le(8, 1))]),
     "parallels-v1 huge catalog": ("parallels-v1", [(32, _le(4, 0x2000_0000))]),
+    "vmdk capacity": ("vmdk-sparse", [(12, _le(8, (1 << 64) - 1))]),
+    "vmdk grain size": ("vmdk-sparse", [(20, _le(8, 100))]),
+    "vmdk numGTEsPerGT": ("vmdk-sparse", [(44, _le(4, 0xFFFF_FFFF))]),
+    "vmdk GD past EOF": ("vmdk-sparse", [(56, _le(8, 1 << 40))]),
+    "vmdk version": ("vmdk-stream", [(4, _le(4, 9))]),
     "luks1 stripes": ("luks1", [(252, _be(4, 0xFFFF_FFFF))]),
     "luks1 payload offset": ("luks1", [(104, _be(4, 0xFFFF_FFFF))]),
 }
@@ -1291,7 +1337,8 @@ def test_backing_file_names_a_fifo(tmp_path: Path) -> None:
 WRITABLE = ["qcow2-v2", "qcow2-backing", "qcow2-snapshots", "qcow2-compressed",
             "qcow2-extended-l2", "qcow2-bitmaps", "qcow", "qcow-compressed", "qcow-backing",
             "qed", "qed-backing", "luks1", "vdi", "vdi-static", "vdi-diff", "parallels",
-            "parallels-v1", "vhdx", "vhdx-log", "vhdx-diff"]
+            "parallels-v1", "vhdx", "vhdx-log", "vhdx-diff", "vmdk-sparse", "vmdk-stream",
+            "vmdk-esxi", "vmdk-descriptor"]
 
 
 @pytest.mark.parametrize("name", WRITABLE)
@@ -1495,3 +1542,48 @@ def test_dmg_decompression_bombs(tmp_path: Path, kind: str) -> None:
         trio.run(read_bomb)
     result = imgfs("convert", "-O", "raw", target, tmp_path / "out.raw", check=False)
     assert_one_line_refusal(result)
+# -- VMDK descriptors and extents --------------------------------------------------------------
+
+def vmdk_descriptor(directory: Path, name: str, *lines: str) -> Path:
+    path = directory / name
+    path.write_text("# Disk DescriptorFile\nversion=1\nCID=12345678\nparentCID=ffffffff\n"
+                    + "\n".join(lines) + "\n")
+    return path
+
+
+def test_vmdk_grain_table_past_eof_is_one_line(samples: dict[str, Sample]) -> None:
+    """A grain directory entry naming a grain table past the end: reading
+    (convert) fails in one line, info still opens."""
+    sample = samples["vmdk-sparse"]
+    gd = struct.unpack_from("<Q", sample.data, 56)[0]
+    image = apply_edits(sample.data, [(gd * 512, _le(4, 1 << 30))], [])
+    target = sample.path.with_name("gt-" + sample.path.name)
+    target.write_bytes(image)
+    out = target.with_suffix(".raw")
+    assert_one_line_refusal(imgfs("convert", "-O", "raw", target, out, check=False,
+                                  timeout=30))
+
+
+@pytest.mark.parametrize("case", ["self-extent", "self-parent", "missing-extent",
+                                  "huge-sectors", "megabytes", "many-extents"])
+def test_vmdk_descriptor_damage_is_one_line(tmp_path: Path, case: str) -> None:
+    create = 'createType="monolithicFlat"'
+    if case == "self-extent":
+        image = vmdk_descriptor(tmp_path, "d.vmdk", 'createType="twoGbMaxExtentSparse"',
+                                'RW 2048 SPARSE "d.vmdk"')
+    elif case == "self-parent":
+        (tmp_path / "f.raw").write_bytes(bytes(MiB))
+        image = vmdk_descriptor(tmp_path, "d.vmdk", create, 'parentFileNameHint="d.vmdk"',
+                                'parentCID=12345678', 'RW 2048 FLAT "f.raw" 0')
+    elif case == "missing-extent":
+        image = vmdk_descriptor(tmp_path, "d.vmdk", create, 'RW 2048 FLAT "nothing.raw" 0')
+    elif case == "huge-sectors":
+        image = vmdk_descriptor(tmp_path, "d.vmdk", create,
+                                f'RW {1 << 70} FLAT "d.vmdk" 0')
+    elif case == "megabytes":
+        image = vmdk_descriptor(tmp_path, "d.vmdk", create,
+                                *(["# padding " + "x" * 1000] * 4000))
+    else:
+        image = vmdk_descriptor(tmp_path, "d.vmdk", create,
+                                *(['RW 1 FLAT "d.vmdk" 0'] * 70000))
+    assert_one_line_refusal(imgfs("info", image, check=False, timeout=30))

@@ -1,0 +1,56 @@
+"""The VMDK consistency check, as qemu-img check does it.
+
+QEMU checks that every grain a grain table names starts inside its extent
+file; the first that does not ends the check with "ERROR: cluster offset
+for sector N points after EOF" and a failed check.  It has no repair, and
+no counts of leaks or allocated grains for VMDK.
+"""
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
+from imgfs.check import CheckResult
+from imgfs.errors import CorruptImage
+
+from .layout import GTE_ZEROED, SECTOR, Geometry
+
+if TYPE_CHECKING:
+    from imgfs.mapped import TwoLevelMap
+    from imgfs.node import Node
+
+#: (guest start, table map, geometry, file) of each sparse extent
+SparseExtent = tuple[int, "TwoLevelMap | None", "Geometry | None", "Node"]
+
+
+async def check_extents(extents: list[SparseExtent]) -> CheckResult:
+    result = CheckResult()
+    try:
+        for start, tables, geometry, file in extents:
+            if tables is None or geometry is None:
+                continue
+            sector = await first_grain_past_eof(start, tables, geometry, file.size)
+            if sector is not None:
+                result.messages.append(f"ERROR: cluster offset for sector {sector} "
+                                       "points after EOF")
+                result.failure = "Check failed: Invalid argument"
+                break
+    except CorruptImage as exc:
+        result.failure = f"Check failed: {exc}"
+    return result
+
+
+async def first_grain_past_eof(start: int, tables: TwoLevelMap, geometry: Geometry,
+                               file_size: int) -> int | None:
+    """The guest sector of the first grain that starts past the end of its
+    file, if any."""
+    for l1_index, gt_sector in enumerate(tables.l1):
+        if not gt_sector:
+            continue
+        table = await tables.l2_table(gt_sector * SECTOR)
+        for index, entry in enumerate(table.entries):
+            if entry == 0 or (entry == GTE_ZEROED and geometry.zeroed_grains):
+                continue
+            if entry * SECTOR >= file_size:
+                grain = l1_index * geometry.gtes_per_gt + index
+                return (start + grain * geometry.grain_size) // SECTOR
+    return None

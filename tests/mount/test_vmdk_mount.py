@@ -1,0 +1,160 @@
+"""VMDK images through a real FUSE mount, with qemu-img / qemu-io as the oracle.
+
+Images of each subformat written out of order by qemu-io, a backing chain
+and VMware's own stream layout (the ESXi sample) read through `imgfs
+mount` as `qemu-img` reads them; writes through the mount pass `qemu-img
+check` and `compare`; a damaged grain is EIO for its request only; a
+stream refuses writes with EIO; a daemon killed mid-write leaves an image
+QEMU checks clean with every fsynced write in it.
+"""
+from __future__ import annotations
+
+import errno
+import os
+import struct
+from pathlib import Path
+
+import pytest
+from imgfs.drivers.vmdk.layout import SparseHeader
+
+from tests.conftest import (
+    is_mounted,
+    kill_daemon_mid_writes,
+    mounted,
+    need,
+    pwrite_all,
+    qemu_raw,
+    random_bytes,
+    run,
+)
+from tests.drivers.test_vmdk import (
+    GRAIN,
+    check_clean,
+    compare_raw,
+    esxi_sample,
+    out_of_order,
+    vmdk_create,
+    vmdk_io,
+)
+from tests.mount.test_qed_mount import exposed
+
+MiB = 1024 * 1024
+
+
+@pytest.fixture(autouse=True)
+def _oracles(workdir: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    need("qemu-img", "qemu-io")
+    monkeypatch.chdir(workdir)
+
+
+@pytest.mark.parametrize("subformat", ["monolithicSparse", "twoGbMaxExtentFlat",
+                                       "streamOptimized"])
+def test_subformat_reads_like_qemu(workdir: Path, mnt: Path, subformat: str) -> None:
+    size = 20 * GRAIN + 512
+    image = vmdk_create(workdir / "d.vmdk", size, f"subformat={subformat}")
+    if subformat == "streamOptimized":
+        vmdk_io(image, "write -P 1 0 64k", f"write -P 2 {3 * GRAIN} {2 * GRAIN}")
+    else:
+        out_of_order(image, size)
+    expected = qemu_raw(image, workdir / "expected.raw")
+    with mounted(image, mountpoint=mnt, options="ro"):
+        view = exposed(mnt, image)
+        assert view.stat().st_size == len(expected)
+        assert view.read_bytes() == expected
+        with open(view, "rb") as handle:
+            for offset, length in [(1, 100), (GRAIN - 3, 7), (len(expected) - 7, 7)]:
+                assert os.pread(handle.fileno(), length, offset) == \
+                    expected[offset:offset + length]
+
+
+def test_chain_reads_like_qemu(workdir: Path, mnt: Path) -> None:
+    base = vmdk_create(workdir / "base.vmdk", 2 * MiB)
+    vmdk_io(base, "write -P 1 0 2M")
+    top = vmdk_create(workdir / "top.vmdk", None, "backing_file=base.vmdk",
+                      "backing_fmt=vmdk")
+    vmdk_io(top, f"write -P 3 {5 * GRAIN - 3} 9")
+    expected = qemu_raw(top, workdir / "expected.raw")
+    with mounted(top, mountpoint=mnt, options="ro"):
+        assert exposed(mnt, top).read_bytes() == expected
+
+
+def test_esxi_stream_reads_like_qemu(workdir: Path, mnt: Path) -> None:
+    """The first 4 MiB of the 16 GiB sample (qemu-img dd cuts them out)."""
+    image = esxi_sample(workdir)
+    run("qemu-img", "dd", "-f", "vmdk", "-O", "raw", f"if={image}", "of=head.raw",
+        "bs=1M", "count=4")
+    expected = (workdir / "head.raw").read_bytes()
+    with mounted(image, mountpoint=mnt, options="ro"):
+        with open(exposed(mnt, image), "rb") as handle:
+            assert os.pread(handle.fileno(), len(expected), 0) == expected
+
+
+@pytest.mark.parametrize("subformat", ["monolithicSparse", "twoGbMaxExtentSparse",
+                                       "monolithicFlat"])
+def test_writes_through_the_mount_pass_qemu_check(workdir: Path, mnt: Path,
+                                                  subformat: str) -> None:
+    """Unaligned and grain-crossing writes over data, holes and a parent."""
+    (workdir / "base.raw").write_bytes(random_bytes(4 * MiB, seed=5))
+    run("qemu-img", "convert", "-f", "raw", "-O", "vmdk", "base.raw", "base.vmdk")
+    options = [f"subformat={subformat}"]
+    if subformat != "monolithicFlat":
+        options += ["backing_file=base.vmdk", "backing_fmt=vmdk"]
+    image = vmdk_create(workdir / "w.vmdk", 4 * MiB, *options)
+    vmdk_io(image, "write -P 0x61 8k 12k")
+    expected = bytearray(qemu_raw(image, workdir / "before.raw"))
+    writes = [(2 * MiB - 5, random_bytes(10, seed=1)), (5000, random_bytes(9000, seed=2)),
+              (64 * 1024 + 100, b"z" * 4096), (3 * MiB - 1, random_bytes(MiB - 3, seed=3)),
+              (1, bytes(3000))]
+    with mounted(image, mountpoint=mnt):
+        pwrite_all(exposed(mnt, image), writes, expected)
+        assert exposed(mnt, image).read_bytes() == bytes(expected)
+    check_clean(image)
+    compare_raw(bytes(expected), image)
+
+
+def test_damaged_grain_is_eio_and_the_mount_stays_up(workdir: Path, mnt: Path) -> None:
+    image = vmdk_create(workdir / "d.vmdk", 4 * MiB)
+    vmdk_io(image, "write -P 1 0 128k")
+    data = bytearray(image.read_bytes())
+    header = SparseHeader.unpack(bytes(data[:512]))
+    gt = struct.unpack_from("<I", data, header.gd_offset * 512)[0] * 512
+    struct.pack_into("<I", data, gt, 1 << 30)          # grain 0 past the end
+    image.write_bytes(bytes(data))
+    with mounted(image, mountpoint=mnt):
+        fd = os.open(exposed(mnt, image), os.O_RDWR)
+        try:
+            for action in (lambda: os.pread(fd, 4096, 0), lambda: os.pwrite(fd, b"x", 10)):
+                with pytest.raises(OSError) as info:
+                    action()
+                assert info.value.errno == errno.EIO
+            assert os.pread(fd, 4096, GRAIN) == b"\1" * 4096
+        finally:
+            os.close(fd)
+        assert is_mounted(mnt)
+
+
+def test_stream_write_through_the_mount_is_eio(workdir: Path, mnt: Path) -> None:
+    image = esxi_sample(workdir)
+    with mounted(image, mountpoint=mnt):
+        fd = os.open(exposed(mnt, image), os.O_RDWR)
+        try:
+            with pytest.raises(OSError) as info:
+                os.pwrite(fd, b"x" * 512, 0)
+            assert info.value.errno == errno.EIO
+        finally:
+            os.close(fd)
+        assert is_mounted(mnt)
+
+
+def test_sigkill_mid_writes_keeps_what_was_synced(workdir: Path, mnt: Path) -> None:
+    """The daemon killed while a writer is busy: qemu-img check finds no
+    corruption and every write fsync returned for is there."""
+    image = vmdk_create(workdir / "k.vmdk", 16 * MiB)
+    expected = bytearray(16 * MiB)
+    with mounted(image, mountpoint=mnt):
+        view = exposed(mnt, image)
+        pwrite_all(view, [(number * 200_017 + 3, random_bytes(30_001, seed=number))
+                          for number in range(40)], expected)
+        kill_daemon_mid_writes(mnt, view, 8 * MiB, 8 * MiB)
+    check_clean(image)
+    assert qemu_raw(image, workdir / "after.raw")[:8 * MiB] == expected[:8 * MiB]
