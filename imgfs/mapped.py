@@ -62,14 +62,19 @@ def align_up(value: int, alignment: int) -> int:
     return -(-value // alignment) * alignment
 
 
-async def create_image_file(target: Any, ctx: OpenContext, head: bytes, length: int) -> None:
+async def create_image_file(target: Any, ctx: OpenContext, head: bytes, length: int,
+                            tail: bytes = b"") -> None:
     """A format's `create`: a new protocol file of `length` bytes (zeros)
-    that starts with `head` (header, names, tables), made durable."""
+    that starts with `head` (header, names, tables) and ends with `tail`
+    (a VHD's footer), made durable."""
     from .graph import create_protocol_file  # (only creating needs the graph)
     node = await create_protocol_file(os.fspath(target), ctx, size=0)
     try:
         await node.truncate(length)
-        await node.write(0, head)
+        if head:
+            await node.write(0, head)
+        if tail:
+            await node.write(length - len(tail), tail)
         await node.flush()
     finally:
         await node.aclose()

@@ -1,0 +1,210 @@
+"""The VHD driver: open, the mapped layer's hooks, info, create.
+
+A fixed disk is one DATA run at host offset 0; a dynamic disk is a
+one-level block map (the BAT, kept in memory) on `imgfs.mapped`, which
+reads, writes in place, and fills new blocks with their old contents.
+"""
+from __future__ import annotations
+
+from typing import Any
+
+from imgfs.block import Kind
+from imgfs.errors import CorruptImage, InvalidImage, Unsupported
+from imgfs.mapped import MapKind, MappedDriver, Mapping, align_up, create_image_file
+from imgfs.node import OpenContext
+
+from .layout import (
+    BAT_CODEC,
+    COOKIE,
+    CREATE_OPTS,
+    DISK_DIFFERENCING,
+    DISK_FIXED,
+    DYNAMIC_HEADER,
+    FOOTER,
+    OPEN_OPTS,
+    SECTOR,
+    UNUSED_ENTRY,
+    DynamicHeader,
+    Footer,
+    Geometry,
+    check_data_offset,
+    check_dynamic_header,
+    check_footer,
+    check_size,
+    new_image,
+    virtual_size,
+)
+from .layout import probe as probe_head
+
+
+class VpcDriver(MappedDriver):
+    name = "vpc"
+    kind = Kind.FORMAT
+    description = "Virtual PC / Hyper-V VHD, fixed and dynamic (read, write, create)"
+    open_opts = OPEN_OPTS
+    create_opts = CREATE_OPTS
+    past_eof_reads_zero = True      # QEMU reads a block past the end of the file as zeros
+
+    footer: Footer
+    #: the footer's bytes as found (rewritten at the end when the file grows)
+    footer_raw: bytes
+    #: where the footer at the end starts: the end of the data
+    data_end: int
+    geometry: Geometry | None = None
+    #: (start, end) of the footer copy, dynamic header and BAT
+    metadata: tuple[tuple[int, int], ...] = ()
+
+    @staticmethod
+    def probe(head: bytes, filename: str) -> int:
+        return probe_head(head, filename)
+
+    # -- opening -------------------------------------------------------------------------
+
+    async def open(self, options: dict[str, Any], ctx: OpenContext) -> None:
+        file = self.children["file"]
+        head = await file.read(0, min(file.size, FOOTER.size))
+        if head[:len(COOKIE)] == COOKIE:
+            await self._open_dynamic(Footer.unpack(head), head, options)
+        else:
+            await self._open_fixed(options)
+
+    async def _open_fixed(self, options: dict[str, Any]) -> None:
+        """No footer copy at offset 0: a fixed disk, its footer at the end
+        (512 bytes, or 511 from Virtual PC before 2004)."""
+        file = self.children["file"]
+        for footer_size in (FOOTER.size, FOOTER.size - 1):
+            if file.size < footer_size:
+                break
+            raw = await file.read(file.size - footer_size, footer_size)
+            if raw.startswith(COOKIE):
+                break
+        else:
+            raise InvalidImage("not a VHD image (no 'conectix' footer at offset 0 or at "
+                               "the end of the file)")
+        footer = Footer.unpack(raw)
+        check_footer(footer, "the end of the file")
+        if footer.disk_type != DISK_FIXED:
+            raise InvalidImage(f"a VHD footer only at the end of the file must be a fixed "
+                               f"disk's (type {DISK_FIXED}), not type {footer.disk_type}")
+        self.footer, self.footer_raw = footer, raw
+        self.data_end = file.size - len(raw)
+        self.size = virtual_size(footer, options.get("force_size_calc"))
+        check_size(self.size)
+        self.setup_mapping(SECTOR)
+
+    async def _open_dynamic(self, footer: Footer, raw: bytes, options: dict[str, Any]) -> None:
+        file = self.children["file"]
+        check_footer(footer, "offset 0")
+        if footer.disk_type == DISK_FIXED:
+            raise InvalidImage("a fixed VHD has its footer only at the end of the file, "
+                               "but this one has a footer copy at offset 0")
+        if footer.disk_type == DISK_DIFFERENCING:
+            raise Unsupported("differencing VHD images (disk type 4) are not supported by "
+                              "this version")
+        check_data_offset(footer, file.size)
+        self.footer, self.footer_raw = footer, raw
+        self.size = virtual_size(footer, options.get("force_size_calc"))
+        check_size(self.size)
+        header = DynamicHeader.unpack(await file.read(footer.data_offset,
+                                                      DYNAMIC_HEADER.size))
+        geometry = check_dynamic_header(header, footer, self.size, file.size)
+        self.header, self.geometry = header, geometry
+        self.bat = BAT_CODEC.decode(await file.read(geometry.table_offset,
+                                                    geometry.bat_bytes))
+        self.metadata = ((0, FOOTER.size),
+                         (footer.data_offset, footer.data_offset + DYNAMIC_HEADER.size),
+                         (geometry.table_offset, geometry.table_offset + geometry.bat_bytes))
+        self.setup_mapping(geometry.block_size)
+        self.data_end = await self._find_data_end()
+        self.max_allocation = geometry.block_size   # blocks are not host-contiguous
+
+    async def _find_data_end(self) -> int:
+        """Where the next block goes: where the footer at the end starts, and
+        after every block and table the image has."""
+        file = self.children["file"]
+        end = align_up(file.size, SECTOR)
+        if file.size >= FOOTER.size and \
+                await file.read(file.size - FOOTER.size, len(COOKIE)) == COOKIE:
+            end = file.size - FOOTER.size
+        used = [entry for entry in self.bat if entry != UNUSED_ENTRY]
+        if used:
+            end = max(end, self._block_start(max(used)) + self.block_size)
+        return max(end, align_up(max(stop for _, stop in self.metadata), SECTOR))
+
+    # -- the mapped layer's hooks -------------------------------------------------------------
+
+    def _block_start(self, entry: int) -> int:
+        """Host offset of the data of the block whose bitmap starts at sector `entry`."""
+        assert self.geometry is not None
+        return entry * SECTOR + self.geometry.bitmap_size
+
+    def _overlaps_metadata(self, host_offset: int, length: int) -> bool:
+        return any(start < host_offset + length and host_offset < stop
+                   for start, stop in self.metadata)
+
+    async def lookup(self, offset: int, length: int) -> Mapping:
+        if self.geometry is None:
+            return Mapping(min(length, self.size - offset), MapKind.DATA, offset)
+        block_size = self.block_size
+        index = offset >> self.geometry.block_bits
+        within = offset & (block_size - 1)
+        entry = self.bat[index]
+        if entry == UNUSED_ENTRY:
+            blocks = -(-(within + length) // block_size)
+            run = 1
+            while run < blocks and self.bat[index + run] == UNUSED_ENTRY:
+                run += 1
+            return Mapping(min(length, run * block_size - within), MapKind.UNALLOCATED)
+        host_offset = self._block_start(entry)
+        if self._overlaps_metadata(entry * SECTOR, host_offset + block_size - entry * SECTOR):
+            raise CorruptImage(f"BAT entry {index} points at sector {entry:#x}, over the "
+                               "footer copy, the dynamic header or the BAT")
+        return Mapping(min(length, block_size - within), MapKind.DATA, host_offset + within)
+
+    def check_in_place(self, host_offset: int, length: int) -> None:
+        if host_offset + length > self.data_end or self._overlaps_metadata(host_offset, length):
+            raise CorruptImage(f"data at host offset {host_offset:#x} (+{length}) would "
+                               "overwrite the VHD's footer or metadata")
+
+    async def allocate(self, length: int) -> int:
+        """A new block where the footer at the end was: the footer moves past
+        it first (the dynamic disk's copy at offset 0 covers the moment in
+        between), then the bitmap marks every sector present."""
+        assert self.geometry is not None
+        file = self.children["file"]
+        bitmap_start = self.data_end
+        block_start = bitmap_start + self.geometry.bitmap_size
+        new_end = block_start + self.block_size
+        await self.grow_file(new_end + len(self.footer_raw))
+        await file.write(new_end, self.footer_raw)
+        await file.write(bitmap_start, b"\xff" * self.geometry.bitmap_size)
+        self.data_end = new_end
+        return block_start
+
+    async def map_blocks(self, guest_offset: int, count: int, host_offset: int | None) -> None:
+        assert self.geometry is not None and host_offset is not None
+        index = guest_offset >> self.geometry.block_bits
+        step = (self.geometry.bitmap_size + self.block_size) // SECTOR
+        entries = [(host_offset - self.geometry.bitmap_size) // SECTOR + number * step
+                   for number in range(count)]
+        self.bat[index:index + count] = BAT_CODEC.decode(BAT_CODEC.encode(entries))
+        await self.children["file"].write(self.geometry.table_offset + index * BAT_CODEC.width,
+                                          BAT_CODEC.encode(entries))
+
+    # -- information, creation -------------------------------------------------------------------
+
+    def info(self) -> dict[str, Any]:
+        if self.geometry is None:
+            return {}
+        return {"cluster-size": self.geometry.block_size}
+
+    @classmethod
+    async def create(cls, target: Any, size: int, options: dict[str, Any],
+                     ctx: OpenContext) -> None:
+        if options["backing_file"] or options["backing_fmt"]:
+            raise Unsupported("differencing VHD images are not supported by this version")
+        head, length, footer = new_image(size, options)
+        await create_image_file(target, ctx, head, length, footer)
+
+
+DRIVERS = [VpcDriver]
