@@ -43,7 +43,7 @@ class VpcDriver(MappedDriver):
     description = "Virtual PC / Hyper-V VHD, fixed and dynamic (read, write, create)"
     open_opts = OPEN_OPTS
     create_opts = CREATE_OPTS
-    past_eof_reads_zero = True      # QEMU reads a block past the end of the file as zeros
+    past_eof_reads_zero = True      # a fixed disk longer than its file reads zeros there (QEMU)
 
     footer: Footer
     #: the footer's bytes as found (rewritten at the end when the file grows)
@@ -128,7 +128,13 @@ class VpcDriver(MappedDriver):
             end = file.size - FOOTER.size
         used = [entry for entry in self.bat if entry != UNUSED_ENTRY]
         if used:
-            end = max(end, self._block_start(max(used)) + self.block_size)
+            last_block_end = self._block_start(max(used)) + self.block_size
+            if last_block_end > file.size:
+                # (QEMU refuses such an image the same way)
+                raise InvalidImage(f"a BAT entry puts a block at {last_block_end:#x}, past "
+                                   f"the end of the {file.size}-byte file (the image has "
+                                   "been truncated)")
+            end = max(end, last_block_end)
         return max(end, align_up(max(stop for _, stop in self.metadata), SECTOR))
 
     # -- the mapped layer's hooks -------------------------------------------------------------

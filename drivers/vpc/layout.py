@@ -49,6 +49,8 @@ DEFAULT_BLOCK_SIZE = 2 * 1024 * 1024
 MIN_BLOCK_SIZE, MAX_BLOCK_SIZE = SECTOR, 256 * 1024 * 1024
 #: BAT entries kept in memory at most (16 MiB of table)
 MAX_BAT_ENTRIES = 1 << 22
+#: QEMU refuses a larger max_table_entries, whatever the disk size
+MAX_TABLE_ENTRIES = (1 << 29) - 1
 #: the BAT: big-endian 32-bit sector numbers
 BAT_CODEC = TableCodec(4, big_endian=True)
 
@@ -258,6 +260,9 @@ def check_dynamic_header(header: DynamicHeader, footer: Footer, size: int,
     if block_size > MAX_BLOCK_SIZE:
         raise Unsupported(f"block size {block_size} is larger than imgfs supports "
                           f"({MAX_BLOCK_SIZE})")
+    if header.max_table_entries > MAX_TABLE_ENTRIES:
+        raise InvalidImage(f"max_table_entries {header.max_table_entries} is larger than "
+                           f"{MAX_TABLE_ENTRIES} (Max Table Entries too large)")
     if header.max_table_entries * block_size < size:
         raise InvalidImage(f"the BAT's {header.max_table_entries} entries of {block_size}-"
                            f"byte blocks cannot map the {size}-byte disk (Page table too "

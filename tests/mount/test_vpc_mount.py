@@ -7,13 +7,14 @@ identically in qemu-img (`qemu-img compare`).
 """
 from __future__ import annotations
 
+import errno
 import os
 from pathlib import Path
 
 import pytest
 
-from tests.conftest import mounted, need, qemu_raw
-from tests.drivers.test_vpc import info_json, out_of_order, qemu_create, sample
+from tests.conftest import is_mounted, mounted, need, qemu_raw
+from tests.drivers.test_vpc import info_json, out_of_order, patch, qemu_create, qemu_io, sample
 
 KiB = 1024
 MiB = 1024 * KiB
@@ -54,3 +55,23 @@ def test_hyperv_image_mounts_with_qemus_size(workdir: Path, mnt: Path) -> None:
         with open(view, "rb") as handle:
             assert os.pread(handle.fileno(), MiB, 0) == bytes(MiB)
             assert os.pread(handle.fileno(), 4096, size - 4096) == bytes(4096)
+
+
+def test_bat_entry_over_the_metadata_is_eio_and_the_mount_stays_up(
+        workdir: Path, mnt: Path) -> None:
+    """A BAT entry aimed at the footer copy (QEMU reads the metadata there
+    as data): that block's requests fail with EIO, the others read."""
+    image = qemu_create(workdir / "h.vhd", 5 * MiB)
+    qemu_io(image, "write -P 0x11 0 4k", "write -P 0x22 2M 4k")
+    patch(image, 1536, (0).to_bytes(4, "big"))        # block 0: sector 0
+    with mounted(image, mountpoint=mnt, options="ro"):
+        view = exposed(mnt, image)
+        fd = os.open(view, os.O_RDONLY)
+        try:
+            with pytest.raises(OSError) as info:
+                os.pread(fd, 4096, 0)
+            assert info.value.errno == errno.EIO
+            assert os.pread(fd, 4096, 2 * MiB) == b"\x22" * 4096
+        finally:
+            os.close(fd)
+        assert is_mounted(mnt)

@@ -242,6 +242,31 @@ def qed_regions(data: bytes) -> list[tuple[int, int]]:
     return regions
 
 
+def vpc_regions(data: bytes) -> list[tuple[int, int]]:
+    """The footer (its copy at 0 too), the dynamic header's fields and its
+    first parent locator, and the first BAT entries (VHD is big-endian)."""
+    regions = [(len(data) - 512, 85)]
+    if data[:8] == b"conectix":
+        header = struct.unpack_from(">Q", data, 16)[0]
+        table = struct.unpack_from(">Q", data, header + 16)[0]
+        regions += [(0, 85), (header, 40), (header + 576, 24), (table, 64)]
+    return regions
+
+
+def vpc_reseal(image: bytearray) -> None:
+    """Make the footers' and the dynamic header's checksums valid again after
+    an edit, so that the fields behind them are what is refused or used."""
+    def seal(start: int, length: int, field: int) -> None:
+        if 0 <= start and start + length <= len(image):
+            image[start + field:start + field + 4] = bytes(4)
+            total = ~sum(image[start:start + length]) & 0xFFFF_FFFF
+            image[start + field:start + field + 4] = total.to_bytes(4, "big")
+    seal(len(image) - 512, 512, 64)
+    if image[:8] == b"conectix":
+        seal(0, 512, 64)
+        seal(struct.unpack_from(">Q", image, 16)[0], 1024, 36)
+
+
 #: LUKS1: the phdr (version, cipher, payload offset, key bytes, digest) and slots 0-1
 LUKS1_REGIONS = [(0, 208), (208, 96)]
 #: LUKS2: the binary header up to the checksum (the JSON gets its own strategy)
@@ -323,6 +348,14 @@ def samples(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Sample]:
     qemu_io(qed_over, "qed", "write -P 0x33 4k 100k")
     built["qed-backing"] = Sample("qed-backing", "qed", qed_over,
                                   qed_regions(qed_over.read_bytes()))
+
+    for subformat in ("dynamic", "fixed"):
+        vhd = directory / f"{subformat}.vhd"
+        tool("qemu-img", "create", "-q", "-f", "vpc", "-o", f"subformat={subformat}", vhd,
+             "5M")
+        qemu_io(vhd, "vpc", "write -P 0x11 0 8k", "write -P 0x22 4M 4k")
+        built[f"vpc-{subformat}"] = Sample(f"vpc-{subformat}", "vpc", vhd,
+                                           vpc_regions(vhd.read_bytes()), magic_length=8)
 
     luks2 = directory / "two.luks"
     with open(luks2, "wb") as handle:
@@ -626,7 +659,7 @@ async def exercise_writes(path: Path, secret: bool) -> None:
 FORMATS = ["qcow2-v2", "qcow2-backing", "qcow2-snapshots", "qcow2-compressed",
            "qcow2-extended-l2", "qcow2-bitmaps", "qcow2-zstd", "qcow2-data-file",
            "qcow2-luks", "qcow", "qcow-compressed", "qcow-backing", "qed", "qed-backing",
-           "luks1", "luks2"]
+           "luks1", "luks2", "vpc-dynamic", "vpc-fixed"]
 
 
 def test_valid_samples_read(samples: dict[str, Sample]) -> None:
@@ -653,6 +686,8 @@ def test_damaged_metadata(samples: dict[str, Sample], name: str, data: st.DataOb
     image = data.draw(damage(sample))
     if sample.name == "luks2" and data.draw(st.booleans(), label="reseal"):
         luks2_reseal(image)
+    if sample.fmt == "vpc" and data.draw(st.booleans(), label="reseal"):
+        vpc_reseal(image)
     run_damaged(sample, image)
 
 
@@ -687,7 +722,7 @@ def test_raw_windows(samples: dict[str, Sample], offset: int, size: int | None) 
 
 
 MAGICS = [b"QFI\xfb\x00\x00\x00\x01", b"QFI\xfb\x00\x00\x00\x02", b"QFI\xfb\x00\x00\x00\x03",
-          b"LUKS\xba\xbe\x00\x01", b"LUKS\xba\xbe\x00\x02", b"QED\x00", b""]
+          b"LUKS\xba\xbe\x00\x01", b"LUKS\xba\xbe\x00\x02", b"QED\x00", b"conectix", b""]
 
 
 @SETTINGS
@@ -775,6 +810,51 @@ def test_cli_one_line_luks2_both_copies(samples: dict[str, Sample]) -> None:
     target = sample.path.with_name("cli-" + sample.path.name)
     target.write_bytes(image)
     for command in ("info", "check"):
+        assert_one_line_refusal(imgfs(command, target, check=False, timeout=30))
+
+
+#: (sample, [(offset, bytes)], reseal): VHD damage QEMU refuses too; negative
+#: offsets count from the end of the file (the footer); resealed damage has
+#: valid checksums, so that the field itself is what is refused
+VPC_HEADER, VPC_BAT = 512, 1536
+VPC_DAMAGE = {
+    "footer checksum": ("vpc-dynamic", [(48, _be(8, 1 << 40))], False),
+    "fixed footer checksum": ("vpc-fixed", [(-512 + 48, _be(8, 1 << 40))], False),
+    "fixed footer of a dynamic disk": ("vpc-fixed", [(-512 + 60, _be(4, 3))], True),
+    "unknown disk type": ("vpc-dynamic", [(60, _be(4, 9))], True),
+    "header offset": ("vpc-dynamic", [(16, _be(8, 1 << 40))], True),
+    "header cookie": ("vpc-dynamic", [(VPC_HEADER, b"cxsparsX")], True),
+    "block size 3": ("vpc-dynamic", [(VPC_HEADER + 32, _be(4, 3))], True),
+    "block size 256": ("vpc-dynamic", [(VPC_HEADER + 32, _be(4, 256))], True),
+    "block size 1 GiB": ("vpc-dynamic", [(VPC_HEADER + 32, _be(4, 1 << 30))], True),
+    "max table entries": ("vpc-dynamic", [(VPC_HEADER + 28, _be(4, 0x7FFF_FFFF))], True),
+    "page table too small": ("vpc-dynamic", [(VPC_HEADER + 28, _be(4, 1))], True),
+    "BAT past EOF": ("vpc-dynamic", [(VPC_HEADER + 16, _be(8, 1 << 40))], True),
+    "BAT over the footer copy": ("vpc-dynamic", [(VPC_HEADER + 16, _be(8, 0))], True),
+    "BAT entry past EOF": ("vpc-dynamic", [(VPC_BAT, _be(4, 1 << 30))], True),
+    "size past 2040 GiB": ("vpc-dynamic", [(28, b"win "), (48, _be(8, 2041 << 30))], True),
+}
+
+
+#: damage QEMU opens anyway: a disk type the spec does not define reads as
+#: a dynamic disk there
+VPC_QEMU_OPENS = {"unknown disk type"}
+
+
+@pytest.mark.parametrize("damage", sorted(VPC_DAMAGE))
+def test_vpc_cli_one_line_as_qemu(samples: dict[str, Sample], damage: str) -> None:
+    name, changes, reseal = VPC_DAMAGE[damage]
+    sample = samples[name]
+    size = len(sample.data)
+    image = apply_edits(sample.data, [(offset % size, blob) for offset, blob in changes], [])
+    if reseal:
+        vpc_reseal(image)
+    target = sample.path.with_name("cli-" + sample.path.name)
+    target.write_bytes(image)
+    qemu = subprocess.run(["qemu-img", "info", "-f", "vpc", target], capture_output=True,
+                          text=True, check=False)
+    assert qemu.returncode == (0 if damage in VPC_QEMU_OPENS else 1), qemu
+    for command in ("info", "map"):
         assert_one_line_refusal(imgfs(command, target, check=False, timeout=30))
 
 
@@ -876,7 +956,7 @@ def test_backing_file_names_a_fifo(tmp_path: Path) -> None:
 
 WRITABLE = ["qcow2-v2", "qcow2-backing", "qcow2-snapshots", "qcow2-compressed",
             "qcow2-extended-l2", "qcow2-bitmaps", "qcow", "qcow-compressed", "qcow-backing",
-            "qed", "qed-backing", "luks1"]
+            "qed", "qed-backing", "luks1", "vpc-dynamic", "vpc-fixed"]
 
 
 @pytest.mark.parametrize("name", WRITABLE)
@@ -887,6 +967,8 @@ def test_damaged_metadata_written(samples: dict[str, Sample], name: str,
     """Writes through a damaged image: refused or done, never a crash."""
     sample = samples[name]
     image = data.draw(damage(sample))
+    if sample.fmt == "vpc" and data.draw(st.booleans(), label="reseal"):
+        vpc_reseal(image)
     target = sample.path.with_name("written-" + sample.path.name)
     target.write_bytes(image)
     with guarded():
