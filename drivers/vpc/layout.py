@@ -194,7 +194,9 @@ def create_geometry(size: int, force_size: bool) -> tuple[tuple[int, int, int], 
     """((C, H, S), disk size) of a new image as qemu-img makes it: without
     force_size the size grows to the first CHS geometry that holds it;
     with it (or past what CHS can say) the geometry is the maximal one and
-    the size is the requested size in whole sectors."""
+    the size is the requested size in whole sectors (rounded up, as
+    qemu-img rounds every new image's size)."""
+    size = align_up(size, SECTOR)
     if force_size:
         geometry = (MAX_CYLINDERS, MAX_HEADS, MAX_SECTORS_PER_TRACK)
     else:

@@ -30,7 +30,7 @@ from imgfs.drivers.vpc.layout import (
 from imgfs.errors import InvalidImage
 from imgfs.graph import open_image
 from imgfs.node import OpenContext
-from tests.conftest import IMGFS, imgfs, need
+from tests.conftest import IMGFS, imgfs, need, random_bytes, write_through_api
 from tests.conftest import run as run_tool
 
 KiB = 1024
@@ -270,3 +270,144 @@ def test_force_size_calc_open_option(tmp_path: Path) -> None:
                            "file": {"driver": "file", "filename": str(image)}})
         assert info_json("imgfs", Path(f"json:{spec}"))["virtual-size"] == \
             info_json("qemu-img", Path(f"json:{spec}"))["virtual-size"]
+
+
+# -- writing, creating, converting ------------------------------------------------------------
+
+def apply(raw: bytearray, writes: list[tuple[int, bytes]]) -> bytes:
+    for offset, data in writes:
+        raw[offset:offset + len(data)] = data
+    return bytes(raw)
+
+
+def assert_footers_agree(image: Path) -> None:
+    """The footer at the end is intact (and, for a dynamic disk, equal to
+    its copy at offset 0)."""
+    data = image.read_bytes()
+    footer = Footer.unpack(data[-512:])
+    assert footer.cookie == b"conectix" and footer.valid_checksum()
+    if data[:8] == b"conectix":
+        assert data[:512] == data[-512:]
+
+
+@pytest.mark.parametrize("subformat", ["dynamic", "fixed"])
+def test_writes_read_back_in_qemu(tmp_path: Path, subformat: str) -> None:
+    """Allocating, in-place, unaligned and block-crossing writes, over data
+    qemu-io wrote and over unallocated blocks; then qemu-io writes more."""
+    image = qemu_create(tmp_path / "w.vhd", 9 * MiB, f"subformat={subformat}")
+    qemu_io(image, f"write -P 0x11 {BLOCK + 100} 5000")
+    size = info_json("qemu-img", image)["virtual-size"]
+    writes = [(BLOCK + 4000, random_bytes(10_000, seed=1)),       # over qemu's data
+              (3 * BLOCK - 700, random_bytes(1500, seed=2)),       # two new blocks
+              (5, random_bytes(100, seed=3)),
+              (size - 9, random_bytes(9, seed=4)),                 # the last, partial block
+              (2 * BLOCK, bytes(4096)),                            # zeros
+              (BLOCK // 2, random_bytes(BLOCK + 17, seed=5))]      # across blocks
+    expected = apply(bytearray(qemu_raw(image)), writes)
+    write_through_api(image, writes)
+    assert_footers_agree(image)
+    compare_raw(expected, image)
+    qemu_io(image, f"write -P 0x66 {4 * BLOCK - 3} 6", "write -P 0x67 0 512")
+    expected = apply(bytearray(expected), [(4 * BLOCK - 3, b"\x66" * 6), (0, b"\x67" * 512)])
+    assert imgfs_raw(image) == expected
+    assert map_json("imgfs", image) == map_json("qemu-img", image)
+
+
+def test_writes_to_the_native_tools_images(tmp_path: Path) -> None:
+    for name in ("hyperv2012r2-dynamic.vhd", "virtualpc-dynamic.vhd"):
+        image = sample(name, tmp_path)
+        size = info_json("qemu-img", image)["virtual-size"]
+        writes = [(0, random_bytes(69_632, seed=6)), (size - 4096, random_bytes(4096, seed=7))]
+        write_through_api(image, writes)
+        assert_footers_agree(image)
+        for offset, data in writes:
+            assert run_raw_range(image, offset, len(data)) == data
+
+
+def run_raw_range(image: Path, offset: int, length: int) -> bytes:
+    """Bytes of the disk as QEMU reads them, without converting all of it."""
+    out = image.parent / "range.raw"
+    spec = json.dumps({"driver": "raw", "offset": offset, "size": length,
+                       "file": {"driver": "vpc", "file": {"driver": "file",
+                                                          "filename": str(image)}}})
+    run("qemu-img", "convert", "-U", "-O", "raw", f"json:{spec}", out)
+    return out.read_bytes()
+
+
+CREATE_OPTIONS = [(), ("subformat=fixed",), ("force_size=on",),
+                  ("subformat=fixed", "force_size=on")]
+
+
+def parsed(options: tuple[str, ...]) -> dict[str, Any]:
+    return {"subformat": "fixed" if "subformat=fixed" in options else "dynamic",
+            "force_size": "force_size=on" in options}
+
+
+@pytest.mark.parametrize("options", CREATE_OPTIONS)
+def test_new_image_is_what_qemu_img_creates(tmp_path: Path, options: tuple[str, ...]) -> None:
+    """Same bytes as qemu-img's image but the timestamp, unique id and
+    checksums; sizes rounded up to a CHS geometry as qemu-img rounds them."""
+    for size in (MiB, 10 * MiB + 1, 100 * MiB - 512, 3 * 1024 * MiB + 12345):
+        if "subformat=fixed" in options and size > 200 * MiB:
+            continue
+        theirs = qemu_create(tmp_path / "theirs.vhd", size, *options)
+        head, length, footer = new_image(size, parsed(options))
+        ours = bytearray(length)
+        ours[:len(head)] = head
+        ours[-512:] = footer
+        assert without_identity(ours) == without_identity(theirs.read_bytes()), size
+        theirs.unlink()
+
+
+@pytest.mark.parametrize("options", CREATE_OPTIONS)
+def test_create_agrees_with_qemu_img(tmp_path: Path, options: tuple[str, ...]) -> None:
+    ours, theirs = tmp_path / "ours.vhd", tmp_path / "theirs.vhd"
+    run("imgfs", "create", "-q", "-f", "vpc",
+        *(["-o", ",".join(options)] if options else []), ours, str(10 * MiB + 1))
+    qemu_create(theirs, 10 * MiB + 1, *options)
+    assert_info_agrees(ours)
+    assert info_json("imgfs", ours)["virtual-size"] == \
+        info_json("qemu-img", theirs)["virtual-size"]
+    assert without_identity(ours.read_bytes()) == without_identity(theirs.read_bytes())
+
+
+def without_identity(data: bytes | bytearray) -> bytes:
+    """The image with every footer's timestamp, checksum and unique id blanked."""
+    image = bytearray(data)
+    for offset in footers(image):
+        image[offset + 24:offset + 28] = bytes(4)
+        image[offset + 64:offset + 84] = bytes(20)
+    if image[:8] == b"conectix":
+        image[512 + 36:512 + 40] = bytes(4)
+    return bytes(image)
+
+
+def test_create_refuses_what_qemu_refuses(tmp_path: Path) -> None:
+    for options in ("subformat=sparse", "force_size=maybe"):
+        result = run("imgfs", "create", "-q", "-f", "vpc", "-o", options,
+                     tmp_path / "x.vhd", "1M", check=False)
+        assert result.returncode != 0 and result.stderr.startswith("imgfs:")
+    result = run("imgfs", "create", "-q", "-f", "vpc", "-o", "force_size=on",
+                 tmp_path / "x.vhd", "2041G", check=False)
+    assert result.returncode != 0 and "2040 GiB" in result.stderr
+    assert run("qemu-img", "create", "-q", "-f", "vpc", "-o", "force_size=on",
+               tmp_path / "y.vhd", "2041G", check=False).returncode == 1
+
+
+@pytest.mark.parametrize("subformat", ["dynamic", "fixed"])
+def test_convert_to_vpc_and_back(tmp_path: Path, subformat: str) -> None:
+    raw = tmp_path / "src.raw"
+    data = bytearray(5 * MiB)
+    data[100:70_000] = random_bytes(69_900, seed=8)
+    data[3 * MiB:3 * MiB + 4096] = b"\x5a" * 4096
+    raw.write_bytes(data)
+    image = tmp_path / "c.vhd"
+    run("imgfs", "convert", "-f", "raw", "-O", "vpc", "-o", f"subformat={subformat}", raw,
+        image)
+    assert_footers_agree(image)
+    expected = qemu_raw(image)
+    assert expected[:len(data)] == bytes(data) and not any(expected[len(data):])
+    assert imgfs_raw(image) == expected
+    if subformat == "dynamic":      # blocks with no data were left out
+        assert map_json("imgfs", image) == map_json("qemu-img", image)
+        assert image.stat().st_size < 3 * BLOCK

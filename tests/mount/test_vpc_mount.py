@@ -3,7 +3,8 @@
 Dynamic and fixed images written out of order by qemu-io, and the images
 Hyper-V and Virtual PC made, read through `imgfs mount` exactly as `qemu-img
 convert -O raw` reads them; what is written through the mount reads back
-identically in qemu-img (`qemu-img compare`).
+identically in qemu-img (`qemu-img compare`); a BAT entry aimed at the
+metadata is EIO for that block's requests, and the mount stays up.
 """
 from __future__ import annotations
 
@@ -13,8 +14,16 @@ from pathlib import Path
 
 import pytest
 
-from tests.conftest import is_mounted, mounted, need, qemu_raw
-from tests.drivers.test_vpc import info_json, out_of_order, patch, qemu_create, qemu_io, sample
+from tests.conftest import is_mounted, mounted, need, qemu_raw, random_bytes
+from tests.drivers.test_vpc import (
+    compare_raw,
+    info_json,
+    out_of_order,
+    patch,
+    qemu_create,
+    qemu_io,
+    sample,
+)
 
 KiB = 1024
 MiB = 1024 * KiB
@@ -75,3 +84,22 @@ def test_bat_entry_over_the_metadata_is_eio_and_the_mount_stays_up(
         finally:
             os.close(fd)
         assert is_mounted(mnt)
+
+
+@pytest.mark.parametrize("subformat", ["dynamic", "fixed"])
+def test_writes_through_the_mount_read_back_in_qemu(workdir: Path, mnt: Path,
+                                                    subformat: str) -> None:
+    image = qemu_create(workdir / "w.vhd", 7 * MiB, f"subformat={subformat}")
+    qemu_io(image, "write -P 0x11 1M 8k")
+    expected = bytearray(qemu_raw(image, workdir / "before.raw", fmt="vpc"))
+    writes = [(MiB + 4096, random_bytes(8192, seed=11)), (2 * MiB - 100, random_bytes(300, 12)),
+              (len(expected) - 5, b"tail!"), (7, random_bytes(3 * MiB, seed=13))]
+    with mounted(image, mountpoint=mnt):
+        view = exposed(mnt, image)
+        with open(view, "r+b") as handle:
+            for offset, data in writes:
+                os.pwrite(handle.fileno(), data, offset)
+                expected[offset:offset + len(data)] = data
+            os.fsync(handle.fileno())
+        assert view.read_bytes() == expected
+    compare_raw(bytes(expected), image)
