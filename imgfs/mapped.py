@@ -41,7 +41,11 @@ if TYPE_CHECKING:
 
 
 class MapKind(enum.Enum):
-    UNALLOCATED = "unallocated"     # not in this layer: the backing node, or zeros
+    #: not in this layer: the backing node, or zeros.  With a non-zero
+    #: `host_offset`, the block is allocated but these bytes are not
+    #: present in it (a differencing image's sector bitmap has them clear):
+    #: a write goes in place at `host_offset`, then `mark_present`.
+    UNALLOCATED = "unallocated"
     ZERO = "zero"                   # reads as zeros, hides the backing node
     DATA = "data"                   # stored as is at host_offset
     TRANSFORMED = "transformed"     # one block, decoded by decode_block(token)
@@ -103,6 +107,9 @@ class MappedDriver(BlockDriver):
     encrypted: bool = False
     #: the child that holds guest data
     data_child: str = "file"
+    #: the unit in which a block can be partially present (a differencing
+    #: image's sector); 0: blocks are present whole
+    present_unit: int = 0
 
     block_size: int
     lock: MetadataLock
@@ -141,6 +148,12 @@ class MappedDriver(BlockDriver):
 
     async def decrypt(self, guest_offset: int, host_offset: int, raw: bytes) -> bytes:
         raise Unsupported(f"{self.name}: not encrypted")
+
+    async def mark_present(self, guest_offset: int, length: int) -> None:
+        """Record that the `present_unit`-aligned guest bytes of an allocated
+        block now hold data here (their data already written).  Called
+        under `lock`, for formats with `present_unit`."""
+        raise NotImplementedError
 
     async def prepare_metadata_change(self) -> None:
         """Called under `lock` before every change to the tables (QED sets
@@ -215,7 +228,30 @@ class MappedDriver(BlockDriver):
             mapping = await self.lookup(offset, len(data))   # another writer may have won
             if mapping.kind is MapKind.DATA:
                 return await self._write_in_place(mapping, data)
+            if mapping.kind is MapKind.UNALLOCATED and mapping.host_offset:
+                return await self._write_making_present(offset, data, mapping)
             return await self._allocating_write(offset, data, mapping)
+
+    async def _write_making_present(self, offset: int, data: memoryview,
+                                    mapping: Mapping) -> int:
+        """Bytes of an allocated block that are not present here: whole
+        `present_unit`s (the new bytes merged into the backing node's)
+        written in place, then marked present.  Lock held."""
+        count = min(len(data), mapping.length)
+        unit = self.present_unit
+        start = offset - offset % unit
+        end = min(align_up(offset + count, unit), self.size)
+        payload = bytes(data[:count])
+        if start < offset or offset + count < end:
+            merged = bytearray(await self.node.read_unallocated(start, end - start))
+            merged[offset - start:offset - start + count] = payload
+            payload = bytes(merged)
+        host_offset = mapping.host_offset - (offset - start)
+        self.check_in_place(host_offset, len(payload))
+        await self.children[self.data_child].write(host_offset, payload)
+        await self.prepare_metadata_change()
+        await self.mark_present(start, end - start)
+        return count
 
     async def _write_in_place(self, mapping: Mapping, data: memoryview) -> int:
         count = min(len(data), mapping.length)
