@@ -26,9 +26,24 @@ appended where the footer was: the footer first moves past it, then the
 block's bitmap and data are written, then its BAT entry), creating them
 (``subformat=dynamic|fixed``, ``force_size``, sizes rounded up to a CHS
 geometry as qemu-img does).  A fixed disk, whose only signature is its
-footer, is probed as VHD, not raw.  Refused: differencing disks (type 4),
-footers with a wrong checksum (as QEMU), block sizes beyond 256 MiB and
-BATs of more than 4M entries (memory), BAT entries aimed at the metadata.
+footer, is probed as VHD, not raw.
+
+Differencing disks (type 4; QEMU reads their parent's data as zeros): the
+parent is the first name that exists among the locators' (``W2ru``
+relative, ``MacX`` file URL, ``W2ku`` absolute: a Windows path's last
+component, beside the child) and the header's parent name, and must carry
+the unique id and timestamp the child's header records.  A block's sector
+bitmap (most significant bit first) says which sectors the child holds;
+the others read from the parent.  Writes copy a new block up whole (every
+bit set); into an allocated block's absent sectors they go in place, merged
+with the parent's bytes to whole sectors, then set the bits (the mapped
+layer's partially present blocks).  ``create -b PARENT`` writes W2ru, W2ku
+and MacX locators after the BAT.
+
+Refused: footers with a wrong checksum (as QEMU), block sizes beyond 256
+MiB and BATs of more than 4M entries (memory), BAT entries aimed at the
+metadata, unknown disk types, a parent that is missing, is not the one the
+child was made from, or is the child itself.
 
 Module map: `layout` (structures, sizes, geometry, new images; pure, all
 that probing imports) and `driver` (the BlockDriver on imgfs.mapped).

@@ -2,16 +2,22 @@
 
 A fixed disk is one DATA run at host offset 0; a dynamic disk is a
 one-level block map (the BAT, kept in memory) on `imgfs.mapped`, which
-reads, writes in place, and fills new blocks with their old contents.
+reads, writes in place, and fills new blocks with their old contents; a
+differencing disk adds the sector bitmaps (`present_unit` = a sector).
 """
 from __future__ import annotations
 
+import os
+import uuid
 from typing import Any
 
-from imgfs.block import Kind
-from imgfs.errors import CorruptImage, InvalidImage, Unsupported
+from imgfs.block import ChildRef, Kind
+from imgfs.errors import CorruptImage, InvalidImage, UsageError
+from imgfs.graph import open_image, resolve_relative
 from imgfs.mapped import MapKind, MappedDriver, Mapping, align_up, create_image_file
 from imgfs.node import OpenContext
+from imgfs.registry import protocol_for
+from imgfs.tablecache import DecodedCache
 
 from .layout import (
     BAT_CODEC,
@@ -21,26 +27,38 @@ from .layout import (
     DISK_FIXED,
     DYNAMIC_HEADER,
     FOOTER,
+    LOCATOR_PREFERENCE,
     OPEN_OPTS,
     SECTOR,
     UNUSED_ENTRY,
     DynamicHeader,
     Footer,
     Geometry,
+    bit_run,
     check_data_offset,
     check_dynamic_header,
     check_footer,
+    check_locator,
     check_size,
+    locator_names,
+    new_differencing_image,
     new_image,
+    parent_name,
+    set_bits,
     virtual_size,
 )
 from .layout import probe as probe_head
+
+#: sector bitmaps of a differencing disk kept in memory (one a block)
+BITMAPS_CACHED = 256
 
 
 class VpcDriver(MappedDriver):
     name = "vpc"
     kind = Kind.FORMAT
-    description = "Virtual PC / Hyper-V VHD, fixed and dynamic (read, write, create)"
+    description = ("Virtual PC / Hyper-V VHD, fixed, dynamic and differencing (read, write, "
+                   "create)")
+    supports_backing = True
     open_opts = OPEN_OPTS
     create_opts = CREATE_OPTS
     past_eof_reads_zero = True      # a fixed disk longer than its file reads zeros there (QEMU)
@@ -98,9 +116,6 @@ class VpcDriver(MappedDriver):
         if footer.disk_type == DISK_FIXED:
             raise InvalidImage("a fixed VHD has its footer only at the end of the file, "
                                "but this one has a footer copy at offset 0")
-        if footer.disk_type == DISK_DIFFERENCING:
-            raise Unsupported("differencing VHD images (disk type 4) are not supported by "
-                              "this version")
         check_data_offset(footer, file.size)
         self.footer, self.footer_raw = footer, raw
         self.size = virtual_size(footer, options.get("force_size_calc"))
@@ -114,9 +129,74 @@ class VpcDriver(MappedDriver):
         self.metadata = ((0, FOOTER.size),
                          (footer.data_offset, footer.data_offset + DYNAMIC_HEADER.size),
                          (geometry.table_offset, geometry.table_offset + geometry.bat_bytes))
+        if footer.disk_type == DISK_DIFFERENCING:
+            await self._open_differencing(header)
         self.setup_mapping(geometry.block_size)
         self.data_end = await self._find_data_end()
         self.max_allocation = geometry.block_size   # blocks are not host-contiguous
+
+    async def _open_differencing(self, header: DynamicHeader) -> None:
+        """The parent's candidate names from the locators; the sector
+        bitmaps decide, sector by sector, what this image holds."""
+        file = self.children["file"]
+        names: dict[bytes, list[str]] = {}
+        for locator in header.locators:
+            if locator.platform_code not in LOCATOR_PREFERENCE or not locator.data_length:
+                continue
+            check_locator(locator, file.size)
+            self.metadata += ((locator.data_offset,
+                               locator.data_offset + locator.data_length),)
+            data = await file.read(locator.data_offset, locator.data_length)
+            names.setdefault(locator.platform_code, []).extend(
+                locator_names(locator.platform_code, data))
+        self.parent_names = [name for code in LOCATOR_PREFERENCE
+                             for name in names.get(code, [])] + [parent_name(header)]
+        self.parent_names = [name for name in self.parent_names if name]
+        if not self.parent_names:
+            raise InvalidImage("differencing VHD without a parent locator or parent name")
+        self.present_unit = SECTOR
+        self.bitmaps = DecodedCache(BITMAPS_CACHED)
+
+    def _parent_filename(self) -> str:
+        """The first candidate name that exists (relative names resolved
+        against the child's directory).  None existing is one error naming
+        what was looked for; a name that is the child itself is refused."""
+        file = self.children["file"]
+        own = os.path.realpath(file.filename) if os.path.exists(file.filename) else None
+        looked_for = []
+        for name in self.parent_names:
+            location = resolve_relative(name, file)
+            if not isinstance(location, str) or protocol_for(location) is not None:
+                return name         # not a local file: the protocol will say
+            if os.path.exists(location):
+                if own is not None and os.path.realpath(location) == own:
+                    raise InvalidImage(f"the parent locator names the image itself ({name})")
+                return name
+            looked_for.append(location)
+        raise InvalidImage(f"parent of differencing VHD not found (looked for "
+                           f"{', '.join(dict.fromkeys(looked_for))})")
+
+    def child_refs(self) -> dict[str, ChildRef]:
+        if self.footer.disk_type != DISK_DIFFERENCING:
+            return {}
+        return {"backing": ChildRef(self._parent_filename(), "vpc")}
+
+    async def attach(self) -> None:
+        """A differencing disk's parent must be the disk it was made from."""
+        parent = self.children.get("backing")
+        if parent is None or self.footer.disk_type != DISK_DIFFERENCING:
+            return
+        driver = parent.driver
+        expected = (self.header.parent_unique_id, self.header.parent_timestamp)
+        found = None
+        if isinstance(driver, VpcDriver):
+            found = (driver.footer.unique_id, driver.footer.timestamp)
+        if found != expected:
+            raise InvalidImage(
+                f"parent {parent.filename} is not the disk {self.node.filename} was made "
+                f"from (expected unique id {uuid.UUID(bytes=expected[0])} and timestamp "
+                f"{expected[1]}, found "
+                + (f"{uuid.UUID(bytes=found[0])} and {found[1]})" if found else "no VHD)"))
 
     async def _find_data_end(self) -> int:
         """Where the next block goes: where the footer at the end starts, and
@@ -164,8 +244,32 @@ class VpcDriver(MappedDriver):
         host_offset = self._block_start(entry)
         if self._overlaps_metadata(entry * SECTOR, host_offset + block_size - entry * SECTOR):
             raise CorruptImage(f"BAT entry {index} points at sector {entry:#x}, over the "
-                               "footer copy, the dynamic header or the BAT")
-        return Mapping(min(length, block_size - within), MapKind.DATA, host_offset + within)
+                               "footer copy, the dynamic header, the BAT or a locator")
+        count = min(length, block_size - within)
+        if not self.present_unit:
+            return Mapping(count, MapKind.DATA, host_offset + within)
+        bitmap = await self.bitmaps.get(entry, self._read_bitmap)
+        first = within // SECTOR
+        present, sectors = bit_run(bitmap, first, -(-(within + count) // SECTOR))
+        count = min(count, (first + sectors) * SECTOR - within)
+        kind = MapKind.DATA if present else MapKind.UNALLOCATED
+        return Mapping(count, kind, host_offset + within)
+
+    async def _read_bitmap(self, entry: int) -> bytes:
+        assert self.geometry is not None
+        return await self.children["file"].read(entry * SECTOR, self.geometry.bitmap_size)
+
+    async def mark_present(self, guest_offset: int, length: int) -> None:
+        """Set the sectors' bits in their block's bitmap (their data is
+        written), and write the bytes that changed."""
+        assert self.geometry is not None
+        index = guest_offset >> self.geometry.block_bits
+        entry = self.bat[index]
+        bitmap = bytearray(await self.bitmaps.get(entry, self._read_bitmap))
+        within = guest_offset & (self.block_size - 1)
+        start, end = set_bits(bitmap, within // SECTOR, -(-length // SECTOR))
+        await self.children["file"].write(entry * SECTOR + start, bytes(bitmap[start:end]))
+        self.bitmaps.forget(entry)
 
     def check_in_place(self, host_offset: int, length: int) -> None:
         if host_offset + length > self.data_end or self._overlaps_metadata(host_offset, length):
@@ -207,10 +311,34 @@ class VpcDriver(MappedDriver):
     @classmethod
     async def create(cls, target: Any, size: int, options: dict[str, Any],
                      ctx: OpenContext) -> None:
-        if options["backing_file"] or options["backing_fmt"]:
-            raise Unsupported("differencing VHD images are not supported by this version")
-        head, length, footer = new_image(size, options)
+        if options["backing_file"]:
+            head, length, footer = await cls._differencing_image(target, size, options, ctx)
+        else:
+            head, length, footer = new_image(size, options)
         await create_image_file(target, ctx, head, length, footer)
+
+    @classmethod
+    async def _differencing_image(cls, target: Any, size: int, options: dict[str, Any],
+                                  ctx: OpenContext) -> tuple[bytes, int, bytes]:
+        """A new differencing disk over the VHD `backing_file` names (opened
+        through the core, relative to the new image's directory, for its
+        identity and size)."""
+        if options["backing_fmt"] not in (None, "vpc"):
+            raise UsageError("the parent of a differencing VHD must be a VHD (backing_fmt=vpc)")
+        child_path = os.fspath(target)
+        parent_path = os.path.join(os.path.dirname(os.path.abspath(child_path)),
+                                   options["backing_file"])
+        parent = await open_image(parent_path, OpenContext(read_only=True, force_share=True),
+                                  fmt="vpc")
+        try:
+            assert isinstance(parent.driver, VpcDriver)
+            footer, parent_size = parent.driver.footer, parent.size
+        finally:
+            await parent.aclose()
+        if size != parent_size:
+            raise UsageError(f"a differencing VHD has its parent's size ({parent_size} "
+                             f"bytes), not {size}")
+        return new_differencing_image(footer, parent_size, parent_path, child_path)
 
 
 DRIVERS = [VpcDriver]

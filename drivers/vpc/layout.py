@@ -5,8 +5,10 @@ See the package docstring for the layout.  Probing imports only this module
 """
 from __future__ import annotations
 
+import os
 import struct
 import time
+import urllib.parse
 import uuid
 from typing import Any, NamedTuple
 
@@ -354,4 +356,124 @@ def new_image(size: int, options: dict[str, Any]) -> tuple[bytes, int, bytes]:
     header = new_dynamic_header(disk_size, table_offset)
     bat = b"\xff" * align_up(header.max_table_entries * BAT_CODEC.width, SECTOR)
     head = footer.pack() + header.pack() + bat
+    return head, len(head) + FOOTER.size, footer.pack()
+
+
+# -- differencing disks (pure) -----------------------------------------------------------------
+
+#: parent locator platform codes (spec "Dynamic Disk Header Format"): Windows
+#: absolute and relative paths in UTF-16LE, a file URL in UTF-8
+PLATFORM_W2KU, PLATFORM_W2RU, PLATFORM_MACX = b"W2ku", b"W2ru", b"MacX"
+#: the order in which a parent is looked for: relative first
+LOCATOR_PREFERENCE = (PLATFORM_W2RU, PLATFORM_MACX, PLATFORM_W2KU)
+#: longest locator imgfs reads (a path; the spec's parent name holds 256 characters)
+MAX_LOCATOR_BYTES = 64 * 1024
+
+
+def sector_bit(bitmap: bytes, sector: int) -> bool:
+    """Whether a sector is present in this image: one bit a sector, the most
+    significant bit of a byte first (spec "Mapping a Disk Sector...")."""
+    return bool(bitmap[sector >> 3] & (0x80 >> (sector & 7)))
+
+
+def bit_run(bitmap: bytes, first: int, limit: int) -> tuple[bool, int]:
+    """(the bit of sector `first`, how many sectors from it, before `limit`,
+    share it).  Whole bytes are compared at C speed."""
+    value = sector_bit(bitmap, first)
+    sector = first + 1
+    while sector < limit and sector & 7:
+        if sector_bit(bitmap, sector) != value:
+            return value, sector - first
+        sector += 1
+    byte, byte_end = sector >> 3, limit >> 3
+    if byte < byte_end:
+        segment = bitmap[byte:byte_end]
+        sector = (byte + len(segment) - len(segment.lstrip(b"\xff" if value else b"\0"))) * 8
+    while sector < limit and sector_bit(bitmap, sector) == value:
+        sector += 1
+    return value, sector - first
+
+
+def set_bits(bitmap: bytearray, first: int, count: int) -> tuple[int, int]:
+    """Set the bits of sectors first..first+count; return the byte range changed."""
+    for sector in range(first, first + count):
+        bitmap[sector >> 3] |= 0x80 >> (sector & 7)
+    return first >> 3, ((first + count - 1) >> 3) + 1
+
+
+def locator_names(code: bytes, data: bytes) -> list[str]:
+    """File names a parent locator offers, to try relative to the child's
+    directory: a Windows absolute path offers its last component (a POSIX
+    absolute path, as imgfs writes it, itself first)."""
+    if code in (PLATFORM_W2KU, PLATFORM_W2RU):
+        text = data.decode("utf-16-le", errors="replace")
+    elif code == PLATFORM_MACX:
+        text = data.decode("utf-8", errors="replace")
+        text = text.removeprefix("file://").removeprefix("localhost")
+        text = urllib.parse.unquote(text)
+    else:
+        return []
+    text = text.rstrip("\0")
+    if not text:
+        return []
+    if text.startswith("/") and code != PLATFORM_W2RU:
+        return [text, text.rsplit("/", 1)[-1]]
+    windows = text.replace("\\", "/")
+    if code == PLATFORM_W2KU or (len(windows) > 1 and windows[1] == ":"):
+        return [windows.rsplit("/", 1)[-1]]
+    while windows.startswith("./"):
+        windows = windows[2:]
+    return [windows]
+
+
+def parent_name(header: DynamicHeader) -> str:
+    """The header's parent name (UTF-16BE), its last component."""
+    text = header.parent_name.decode("utf-16-be", errors="replace").split("\0", 1)[0]
+    return text.replace("\\", "/").rsplit("/", 1)[-1]
+
+
+def check_locator(locator: Locator, file_size: int) -> None:
+    end = locator.data_offset + locator.data_length
+    if locator.data_length > MAX_LOCATOR_BYTES or end > file_size or \
+            locator.data_offset < FOOTER.size:
+        raise InvalidImage(f"parent locator {locator.platform_code!r} at "
+                           f"{locator.data_offset:#x} (+{locator.data_length} bytes) lies "
+                           "outside the file or is too long")
+
+
+def new_locators(parent_path: str, child_path: str, start: int) -> tuple[bytes, bytes]:
+    """(the header's 8 locator entries, their data from `start`): W2ru (the
+    parent relative to the child's directory), W2ku (its absolute path,
+    as POSIX knows it) and MacX (its file URL), each in whole sectors."""
+    absolute = os.path.abspath(parent_path)
+    relative = os.path.relpath(absolute, os.path.dirname(os.path.abspath(child_path)))
+    payloads = [(PLATFORM_W2RU, (".\\" + relative.replace("/", "\\")).encode("utf-16-le")),
+                (PLATFORM_W2KU, absolute.encode("utf-16-le")),
+                (PLATFORM_MACX, ("file://" + urllib.parse.quote(absolute)).encode())]
+    entries, data = b"", b""
+    for code, payload in payloads:
+        space = align_up(len(payload), SECTOR)
+        # data space in bytes, as Windows writes it (the spec says sectors;
+        # readers go by the data length)
+        entries += LOCATOR.pack(code, space, len(payload), 0, start + len(data))
+        data += payload.ljust(space, b"\0")
+    return entries.ljust(LOCATOR.size * LOCATOR_COUNT, b"\0"), data
+
+
+def new_differencing_image(parent: Footer, parent_size: int, parent_path: str,
+                           child_path: str) -> tuple[bytes, int, bytes]:
+    """(head, file length, footer) of a differencing disk over `parent`: its
+    size and geometry, its identity (unique id, timestamp) in the header,
+    the locators after the BAT."""
+    geometry = (parent.cylinders, parent.heads, parent.sectors_per_track)
+    footer = new_footer(parent_size, geometry, DISK_DIFFERENCING, True, FOOTER.size)
+    table_offset = FOOTER.size + DYNAMIC_HEADER.size
+    entries = -(-parent_size // DEFAULT_BLOCK_SIZE)
+    bat = b"\xff" * align_up(entries * BAT_CODEC.width, SECTOR)
+    locators, locator_data = new_locators(parent_path, child_path, table_offset + len(bat))
+    name = os.path.abspath(parent_path).encode("utf-16-be")[:512]
+    header = new_dynamic_header(parent_size, table_offset, parent_unique_id=parent.unique_id,
+                                parent_timestamp=parent.timestamp,
+                                parent_name=name.ljust(512, b"\0"), locators_raw=locators)
+    head = footer.pack() + header.pack() + bat + locator_data
     return head, len(head) + FOOTER.size, footer.pack()
