@@ -464,16 +464,19 @@ def new_differencing_image(parent: Footer, parent_size: int, parent_path: str,
                            child_path: str) -> tuple[bytes, int, bytes]:
     """(head, file length, footer) of a differencing disk over `parent`: its
     size and geometry, its identity (unique id, timestamp) in the header,
-    the locators after the BAT."""
+    the locators between the header and the BAT (QEMU, which knows nothing
+    of locators, appends blocks after the BAT and would overwrite them
+    there)."""
     geometry = (parent.cylinders, parent.heads, parent.sectors_per_track)
     footer = new_footer(parent_size, geometry, DISK_DIFFERENCING, True, FOOTER.size)
-    table_offset = FOOTER.size + DYNAMIC_HEADER.size
+    locators_start = FOOTER.size + DYNAMIC_HEADER.size
+    locators, locator_data = new_locators(parent_path, child_path, locators_start)
+    table_offset = locators_start + len(locator_data)
     entries = -(-parent_size // DEFAULT_BLOCK_SIZE)
     bat = b"\xff" * align_up(entries * BAT_CODEC.width, SECTOR)
-    locators, locator_data = new_locators(parent_path, child_path, table_offset + len(bat))
     name = os.path.abspath(parent_path).encode("utf-16-be")[:512]
     header = new_dynamic_header(parent_size, table_offset, parent_unique_id=parent.unique_id,
                                 parent_timestamp=parent.timestamp,
                                 parent_name=name.ljust(512, b"\0"), locators_raw=locators)
-    head = footer.pack() + header.pack() + bat + locator_data
+    head = footer.pack() + header.pack() + locator_data + bat
     return head, len(head) + FOOTER.size, footer.pack()

@@ -249,7 +249,10 @@ def vpc_regions(data: bytes) -> list[tuple[int, int]]:
     if data[:8] == b"conectix":
         header = struct.unpack_from(">Q", data, 16)[0]
         table = struct.unpack_from(">Q", data, header + 16)[0]
-        regions += [(0, 85), (header, 40), (header + 576, 24), (table, 64)]
+        regions += [(0, 85), (header, 64), (header + 576, 48), (table, 64)]
+        first_locator = struct.unpack_from(">Q", data, header + 576 + 16)[0]
+        if first_locator:
+            regions.append((first_locator, 32))
     return regions
 
 
@@ -356,6 +359,11 @@ def samples(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Sample]:
         qemu_io(vhd, "vpc", "write -P 0x11 0 8k", "write -P 0x22 4M 4k")
         built[f"vpc-{subformat}"] = Sample(f"vpc-{subformat}", "vpc", vhd,
                                            vpc_regions(vhd.read_bytes()), magic_length=8)
+    child = directory / "child.vhd"
+    imgfs("create", "-q", "-f", "vpc", "-b", "dynamic.vhd", "-F", "vpc", child, cwd=directory)
+    qemu_io(child, "vpc", "write -P 0x33 4k 8k")    # QEMU writes whole blocks present
+    built["vpc-differencing"] = Sample("vpc-differencing", "vpc", child,
+                                       vpc_regions(child.read_bytes()), magic_length=8)
 
     luks2 = directory / "two.luks"
     with open(luks2, "wb") as handle:
@@ -659,7 +667,7 @@ async def exercise_writes(path: Path, secret: bool) -> None:
 FORMATS = ["qcow2-v2", "qcow2-backing", "qcow2-snapshots", "qcow2-compressed",
            "qcow2-extended-l2", "qcow2-bitmaps", "qcow2-zstd", "qcow2-data-file",
            "qcow2-luks", "qcow", "qcow-compressed", "qcow-backing", "qed", "qed-backing",
-           "luks1", "luks2", "vpc-dynamic", "vpc-fixed"]
+           "luks1", "luks2", "vpc-dynamic", "vpc-fixed", "vpc-differencing"]
 
 
 def test_valid_samples_read(samples: dict[str, Sample]) -> None:
@@ -956,7 +964,7 @@ def test_backing_file_names_a_fifo(tmp_path: Path) -> None:
 
 WRITABLE = ["qcow2-v2", "qcow2-backing", "qcow2-snapshots", "qcow2-compressed",
             "qcow2-extended-l2", "qcow2-bitmaps", "qcow", "qcow-compressed", "qcow-backing",
-            "qed", "qed-backing", "luks1", "vpc-dynamic", "vpc-fixed"]
+            "qed", "qed-backing", "luks1", "vpc-dynamic", "vpc-fixed", "vpc-differencing"]
 
 
 @pytest.mark.parametrize("name", WRITABLE)
