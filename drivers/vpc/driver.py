@@ -45,12 +45,20 @@ from .layout import (
     new_image,
     parent_name,
     set_bits,
+    vhd_time,
     virtual_size,
 )
 from .layout import probe as probe_head
 
 #: sector bitmaps of a differencing disk kept in memory (one a block)
 BITMAPS_CACHED = 256
+
+
+def file_timestamp(filename: str) -> int | None:
+    """A local file's modification time, in the VHD's seconds since 2000."""
+    if protocol_for(filename) is not None or not os.path.exists(filename):
+        return None
+    return vhd_time(os.stat(filename).st_mtime)
 
 
 class VpcDriver(MappedDriver):
@@ -182,21 +190,26 @@ class VpcDriver(MappedDriver):
         return {"backing": ChildRef(self._parent_filename(), "vpc")}
 
     async def attach(self) -> None:
-        """A differencing disk's parent must be the disk it was made from."""
+        """A differencing disk's parent must be the disk it was made from:
+        the unique id the child's header records, and its timestamp, which
+        the spec calls the parent's modification time (writers store the
+        parent file's or the parent footer's: either is accepted)."""
         parent = self.children.get("backing")
         if parent is None or self.footer.disk_type != DISK_DIFFERENCING:
             return
+        names = f"parent {parent.filename} of {self.node.filename}"
         driver = parent.driver
-        expected = (self.header.parent_unique_id, self.header.parent_timestamp)
-        found = None
-        if isinstance(driver, VpcDriver):
-            found = (driver.footer.unique_id, driver.footer.timestamp)
+        if not isinstance(driver, VpcDriver):
+            raise InvalidImage(f"{names} is not a VHD")
+        expected, found = self.header.parent_unique_id, driver.footer.unique_id
         if found != expected:
-            raise InvalidImage(
-                f"parent {parent.filename} is not the disk {self.node.filename} was made "
-                f"from (expected unique id {uuid.UUID(bytes=expected[0])} and timestamp "
-                f"{expected[1]}, found "
-                + (f"{uuid.UUID(bytes=found[0])} and {found[1]})" if found else "no VHD)"))
+            raise InvalidImage(f"{names} is not the disk the child was made from (unique id "
+                               f"{uuid.UUID(bytes=found)}, expected "
+                               f"{uuid.UUID(bytes=expected)})")
+        stamps = {driver.footer.timestamp, file_timestamp(driver.children["file"].filename)}
+        if self.header.parent_timestamp not in stamps:
+            raise InvalidImage(f"{names} changed after the child was made from it (its "
+                               f"timestamp is not {self.header.parent_timestamp})")
 
     async def _find_data_end(self) -> int:
         """Where the next block goes: where the footer at the end starts, and
@@ -338,7 +351,9 @@ class VpcDriver(MappedDriver):
         if size != parent_size:
             raise UsageError(f"a differencing VHD has its parent's size ({parent_size} "
                              f"bytes), not {size}")
-        return new_differencing_image(footer, parent_size, parent_path, child_path)
+        timestamp = file_timestamp(parent_path)
+        return new_differencing_image(footer, parent_size, parent_path, child_path,
+                                      footer.timestamp if timestamp is None else timestamp)
 
 
 DRIVERS = [VpcDriver]

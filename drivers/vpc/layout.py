@@ -319,12 +319,17 @@ CREATE_OPTS = Schema(
 )
 
 
+def vhd_time(seconds: float) -> int:
+    """Seconds since 2000-01-01 UTC, as the footer and header store times."""
+    return max(int(seconds) - EPOCH_2000, 0) & 0xFFFF_FFFF
+
+
 def new_footer(disk_size: int, geometry: tuple[int, int, int], disk_type: int,
                force_size: bool, data_offset: int) -> Footer:
     """A footer as qemu-img writes it ("qem2" marks a forced size)."""
     cylinders, heads, sectors = geometry
     return Footer(COOKIE, FEATURE_RESERVED, FORMAT_VERSION, data_offset,
-                  max(int(time.time()) - EPOCH_2000, 0) & 0xFFFF_FFFF,
+                  vhd_time(time.time()),
                   b"qem2" if force_size else b"qemu", 0x0005_0003, b"Wi2k",
                   disk_size, disk_size, cylinders, heads, sectors, disk_type, 0,
                   uuid.uuid4().bytes, 0, bytes(427))
@@ -461,9 +466,11 @@ def new_locators(parent_path: str, child_path: str, start: int) -> tuple[bytes, 
 
 
 def new_differencing_image(parent: Footer, parent_size: int, parent_path: str,
-                           child_path: str) -> tuple[bytes, int, bytes]:
+                           child_path: str, parent_timestamp: int
+                           ) -> tuple[bytes, int, bytes]:
     """(head, file length, footer) of a differencing disk over `parent`: its
-    size and geometry, its identity (unique id, timestamp) in the header,
+    size and geometry, its identity (unique id; the parent's modification
+    time, `parent_timestamp`) in the header,
     the locators between the header and the BAT (QEMU, which knows nothing
     of locators, appends blocks after the BAT and would overwrite them
     there)."""
@@ -476,7 +483,7 @@ def new_differencing_image(parent: Footer, parent_size: int, parent_path: str,
     bat = b"\xff" * align_up(entries * BAT_CODEC.width, SECTOR)
     name = os.path.abspath(parent_path).encode("utf-16-be")[:512]
     header = new_dynamic_header(parent_size, table_offset, parent_unique_id=parent.unique_id,
-                                parent_timestamp=parent.timestamp,
+                                parent_timestamp=parent_timestamp,
                                 parent_name=name.ljust(512, b"\0"), locators_raw=locators)
     head = footer.pack() + header.pack() + locator_data + bat
     return head, len(head) + FOOTER.size, footer.pack()

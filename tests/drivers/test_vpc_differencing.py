@@ -252,3 +252,24 @@ def test_locators_that_loop_are_refused(tmp_path: Path) -> None:
     for name, other in (("a.vhd", "b.vhd"), ("b.vhd", "a.vhd")):
         rewrite_locators(tmp_path / name, [(b"W2ru", other.encode("utf-16-le"))])
     assert_one_line(imgfs("info", tmp_path / "a.vhd", check=False, timeout=60), "a loop")
+
+
+def test_parent_timestamp_is_its_file_or_footer_time(tmp_path: Path) -> None:
+    """create records the parent file's modification time; the parent
+    footer's timestamp is accepted too; a parent changed since (written,
+    so its file time moved) is one line naming both files."""
+    base, expected = base_image(tmp_path)
+    # (a file time other than the footer's creation time, in the same second)
+    os.utime(base, (base.stat().st_atime, base.stat().st_mtime + 3600))
+    child = child_of(base, "child.vhd")
+    data = bytearray(child.read_bytes())
+    header = DynamicHeader.unpack(data[512:1536])
+    assert header.parent_timestamp == int(base.stat().st_mtime) - 946684800
+    footer_time = struct.unpack_from(">I", base.read_bytes(), 24)[0]
+    data[512:1536] = header._replace(parent_timestamp=footer_time).pack()
+    child.write_bytes(data)
+    assert imgfs_raw(child) == bytes(expected)
+    data[512:1536] = header.pack()
+    child.write_bytes(data)
+    os.utime(base, (base.stat().st_atime, base.stat().st_mtime + 60))
+    assert_one_line(imgfs("info", child, check=False), "child.vhd", "base.vhd", "changed")
