@@ -77,7 +77,7 @@ class VpcDriver(MappedDriver):
     #: where the footer at the end starts: the end of the data
     data_end: int
     geometry: Geometry | None = None
-    #: (start, end) of the footer copy, dynamic header and BAT
+    #: (start, end) of the footer copy, dynamic header, BAT and parent locators
     metadata: tuple[tuple[int, int], ...] = ()
 
     @staticmethod
@@ -98,12 +98,12 @@ class VpcDriver(MappedDriver):
         """No footer copy at offset 0: a fixed disk, its footer at the end
         (512 bytes, or 511 from Virtual PC before 2004)."""
         file = self.children["file"]
+        raw = b""
         for footer_size in (FOOTER.size, FOOTER.size - 1):
-            if file.size < footer_size:
-                break
-            raw = await file.read(file.size - footer_size, footer_size)
-            if raw.startswith(COOKIE):
-                break
+            if file.size >= footer_size:
+                raw = await file.read(file.size - footer_size, footer_size)
+                if raw.startswith(COOKIE):
+                    break
         else:
             raise InvalidImage("not a VHD image (no 'conectix' footer at offset 0 or at "
                                "the end of the file)")

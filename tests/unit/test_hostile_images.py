@@ -667,7 +667,7 @@ async def exercise_writes(path: Path, secret: bool) -> None:
 FORMATS = ["qcow2-v2", "qcow2-backing", "qcow2-snapshots", "qcow2-compressed",
            "qcow2-extended-l2", "qcow2-bitmaps", "qcow2-zstd", "qcow2-data-file",
            "qcow2-luks", "qcow", "qcow-compressed", "qcow-backing", "qed", "qed-backing",
-           "luks1", "luks2", "vpc-dynamic", "vpc-fixed", "vpc-differencing"]
+           "luks1", "luks2"]
 
 
 def test_valid_samples_read(samples: dict[str, Sample]) -> None:
@@ -694,9 +694,39 @@ def test_damaged_metadata(samples: dict[str, Sample], name: str, data: st.DataOb
     image = data.draw(damage(sample))
     if sample.name == "luks2" and data.draw(st.booleans(), label="reseal"):
         luks2_reseal(image)
-    if sample.fmt == "vpc" and data.draw(st.booleans(), label="reseal"):
+    run_damaged(sample, image)
+
+
+VPC_SAMPLES = ["vpc-dynamic", "vpc-fixed", "vpc-differencing"]
+
+
+@pytest.mark.parametrize("name", VPC_SAMPLES)
+@SETTINGS
+@given(data=st.data())
+def test_damaged_vpc_metadata(samples: dict[str, Sample], name: str,
+                              data: st.DataObject) -> None:
+    """VHD: the checksums resealed half the time, so that the fields behind
+    them are reached."""
+    sample = samples[name]
+    image = data.draw(damage(sample))
+    if data.draw(st.booleans(), label="reseal"):
         vpc_reseal(image)
     run_damaged(sample, image)
+
+
+@pytest.mark.parametrize("name", VPC_SAMPLES)
+@settings(SETTINGS, max_examples=max(10, EXAMPLES // 3))
+@given(data=st.data())
+def test_damaged_vpc_metadata_written(samples: dict[str, Sample], name: str,
+                                      data: st.DataObject) -> None:
+    sample = samples[name]
+    image = data.draw(damage(sample))
+    if data.draw(st.booleans(), label="reseal"):
+        vpc_reseal(image)
+    target = sample.path.with_name("written-" + sample.path.name)
+    target.write_bytes(image)
+    with guarded():
+        trio.run(exercise_writes, target, sample.secret)
 
 
 @SETTINGS
@@ -964,7 +994,7 @@ def test_backing_file_names_a_fifo(tmp_path: Path) -> None:
 
 WRITABLE = ["qcow2-v2", "qcow2-backing", "qcow2-snapshots", "qcow2-compressed",
             "qcow2-extended-l2", "qcow2-bitmaps", "qcow", "qcow-compressed", "qcow-backing",
-            "qed", "qed-backing", "luks1", "vpc-dynamic", "vpc-fixed", "vpc-differencing"]
+            "qed", "qed-backing", "luks1"]
 
 
 @pytest.mark.parametrize("name", WRITABLE)
@@ -975,8 +1005,6 @@ def test_damaged_metadata_written(samples: dict[str, Sample], name: str,
     """Writes through a damaged image: refused or done, never a crash."""
     sample = samples[name]
     image = data.draw(damage(sample))
-    if sample.fmt == "vpc" and data.draw(st.booleans(), label="reseal"):
-        vpc_reseal(image)
     target = sample.path.with_name("written-" + sample.path.name)
     target.write_bytes(image)
     with guarded():
