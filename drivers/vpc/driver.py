@@ -336,6 +336,9 @@ class VpcDriver(MappedDriver):
         """A new differencing disk over the VHD `backing_file` names (opened
         through the core, relative to the new image's directory, for its
         identity and size)."""
+        if options["subformat"] == "fixed" or options["force_size"]:
+            raise UsageError("a differencing VHD is neither fixed nor sized apart from its "
+                             "parent (subformat=fixed and force_size do not apply)")
         if options["backing_fmt"] not in (None, "vpc"):
             raise UsageError("the parent of a differencing VHD must be a VHD (backing_fmt=vpc)")
         child_path = os.fspath(target)

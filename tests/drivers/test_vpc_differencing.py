@@ -219,6 +219,9 @@ def test_create_refuses_another_size_or_parent_format(tmp_path: Path) -> None:
     result = imgfs("create", "-q", "-f", "vpc", "-b", "base.vhd", "-F", "vpc", "c.vhd", "1G",
                    check=False)
     assert result.returncode != 0 and "size" in result.stderr
+    result = imgfs("create", "-q", "-f", "vpc", "-o", "subformat=fixed", "-b", "base.vhd",
+                   "-F", "vpc", "c.vhd", check=False)
+    assert result.returncode != 0 and "differencing" in result.stderr
     qemu_create_raw = tmp_path / "raw.img"
     qemu_create_raw.write_bytes(bytes(MiB))
     result = imgfs("create", "-q", "-f", "vpc", "-b", "raw.img", "-F", "raw", "c.vhd",
