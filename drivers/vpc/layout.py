@@ -311,7 +311,7 @@ OPEN_OPTS = Schema(
 
 CREATE_OPTS = Schema(
     Opt("subformat", choice("dynamic", "fixed"), default="dynamic",
-        help="type of virtual hard disk: dynamic (default) or fixed"),
+        help="type of virtual hard disk: dynamic or fixed"),
     Opt("force_size", Bool, default=False,
         help="use the size asked for, not the nearest CHS geometry's"),
     Opt("backing_file", Str, help="file name of a parent image (a differencing VHD)"),
