@@ -7,6 +7,7 @@ differencing disk adds the sector bitmaps (`present_unit` = a sector).
 """
 from __future__ import annotations
 
+import array
 import os
 import uuid
 from typing import Any
@@ -17,7 +18,7 @@ from imgfs.graph import open_image, resolve_relative
 from imgfs.mapped import MapKind, MappedDriver, Mapping, align_up, create_image_file
 from imgfs.node import OpenContext
 from imgfs.registry import protocol_for
-from imgfs.tablecache import DecodedCache
+from imgfs.tablecache import Table, TableCache
 
 from .layout import (
     BAT_CODEC,
@@ -50,7 +51,8 @@ from .layout import (
 )
 from .layout import probe as probe_head
 
-#: sector bitmaps of a differencing disk kept in memory (one a block)
+#: sector bitmaps of a differencing disk kept in memory (one a block, each
+#: cached as big-endian 32-bit words: the BAT's codec gives the bytes back)
 BITMAPS_CACHED = 256
 
 
@@ -163,7 +165,7 @@ class VpcDriver(MappedDriver):
         if not self.parent_names:
             raise InvalidImage("differencing VHD without a parent locator or parent name")
         self.present_unit = SECTOR
-        self.bitmaps = DecodedCache(BITMAPS_CACHED)
+        self.bitmaps = TableCache(BITMAPS_CACHED)
 
     def _parent_filename(self) -> str:
         """The first candidate name that exists (relative names resolved
@@ -261,28 +263,39 @@ class VpcDriver(MappedDriver):
         count = min(length, block_size - within)
         if not self.present_unit:
             return Mapping(count, MapKind.DATA, host_offset + within)
-        bitmap = await self.bitmaps.get(entry, self._read_bitmap)
+        bitmap = BAT_CODEC.encode((await self._bitmap(entry)).entries)
         first = within // SECTOR
         present, sectors = bit_run(bitmap, first, -(-(within + count) // SECTOR))
         count = min(count, (first + sectors) * SECTOR - within)
         kind = MapKind.DATA if present else MapKind.UNALLOCATED
         return Mapping(count, kind, host_offset + within)
 
-    async def _read_bitmap(self, entry: int) -> bytes:
+    async def _bitmap(self, entry: int) -> Table:
+        """The sector bitmap of the block at sector `entry`, through a
+        `TableCache` (as 32-bit words), so that a read that raced a change
+        of it is done again instead of caching the old bits."""
+        table = self.bitmaps.get(entry * SECTOR)
+        if table is None:
+            table = await self.bitmaps.load(entry * SECTOR, self._read_bitmap)
+        return table
+
+    async def _read_bitmap(self, host_offset: int) -> array.array[int]:
         assert self.geometry is not None
-        return await self.children["file"].read(entry * SECTOR, self.geometry.bitmap_size)
+        return BAT_CODEC.decode(await self.children["file"].read(host_offset,
+                                                                 self.geometry.bitmap_size))
 
     async def mark_present(self, guest_offset: int, length: int) -> None:
         """Set the sectors' bits in their block's bitmap (their data is
         written), and write the bytes that changed."""
         assert self.geometry is not None
-        index = guest_offset >> self.geometry.block_bits
-        entry = self.bat[index]
-        bitmap = bytearray(await self.bitmaps.get(entry, self._read_bitmap))
+        entry = self.bat[guest_offset >> self.geometry.block_bits]
+        table = await self._bitmap(entry)
+        bitmap = bytearray(BAT_CODEC.encode(table.entries))
         within = guest_offset & (self.block_size - 1)
         start, end = set_bits(bitmap, within // SECTOR, -(-length // SECTOR))
         await self.children["file"].write(entry * SECTOR + start, bytes(bitmap[start:end]))
-        self.bitmaps.forget(entry)
+        table.entries = BAT_CODEC.decode(bytes(bitmap))
+        self.bitmaps.changed(table)
 
     def check_in_place(self, host_offset: int, length: int) -> None:
         if host_offset + length > self.data_end or self._overlaps_metadata(host_offset, length):
