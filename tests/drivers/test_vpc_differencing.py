@@ -13,7 +13,15 @@ from pathlib import Path
 import pytest
 from imgfs.drivers.vpc.layout import LOCATOR, LOCATOR_COUNT, DynamicHeader
 
-from tests.conftest import REQUIRE_ORACLES, imgfs, mounted, need, random_bytes, write_through_api
+from tests.conftest import (
+    REQUIRE_ORACLES,
+    imgfs,
+    mounted,
+    need,
+    pwrite_all,
+    random_bytes,
+    write_through_api,
+)
 from tests.drivers.test_vpc import BLOCK, MiB, apply, qemu_create, qemu_io, qemu_raw
 
 try:
@@ -238,11 +246,7 @@ def test_chain_read_and_written_through_a_mount(tmp_path: Path, mnt: Path) -> No
     with mounted(top, mountpoint=mnt):
         view = mnt / "top.raw"
         assert view.read_bytes() == want
-        with open(view, "r+b") as handle:
-            for offset, data in TOP_WRITES:
-                os.pwrite(handle.fileno(), data, offset)
-                want[offset:offset + len(data)] = data
-            os.fsync(handle.fileno())
+        pwrite_all(view, TOP_WRITES, want)
         assert view.read_bytes() == want
     assert libvhdi_raw([top, mid, base]) == bytes(want)
 

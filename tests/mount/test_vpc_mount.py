@@ -105,11 +105,7 @@ def test_writes_through_the_mount_read_back_in_qemu(workdir: Path, mnt: Path,
               (len(expected) - 5, b"tail!"), (7, random_bytes(3 * MiB, seed=13))]
     with mounted(image, mountpoint=mnt):
         view = exposed(mnt, image)
-        with open(view, "r+b") as handle:
-            for offset, data in writes:
-                os.pwrite(handle.fileno(), data, offset)
-                expected[offset:offset + len(data)] = data
-            os.fsync(handle.fileno())
+        pwrite_all(view, writes, expected)
         assert view.read_bytes() == expected
     compare_raw(bytes(expected), image)
 
