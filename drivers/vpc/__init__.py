@@ -32,9 +32,11 @@ Differencing disks (type 4; QEMU reads their parent's data as zeros): the
 parent is the first name that exists among the locators' (``W2ru``
 relative, ``MacX`` file URL, ``W2ku`` absolute: a Windows path's last
 component, beside the child) and the header's parent name, and must carry
-the unique id the child's header records, with the parent file's
-modification time or the parent footer's timestamp as the header's parent
-timestamp (writers store either; create writes the file's).  A block's sector
+the unique id the child's header records, with the parent footer's
+timestamp or the parent file's modification time as the header's parent
+timestamp (writers store either; create writes the footer's, which writes
+to the parent, a commit's included, leave as it is).  ``commit`` empties
+the child (make_empty: BAT cleared, file cut back).  A block's sector
 bitmap (most significant bit first) says which sectors the child holds;
 the others read from the parent.  Writes copy a new block up whole (every
 bit set); into an allocated block's absent sectors they go in place, merged

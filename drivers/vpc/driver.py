@@ -13,7 +13,7 @@ import uuid
 from typing import Any
 
 from imgfs.block import ChildRef, Kind
-from imgfs.errors import CorruptImage, InvalidImage, UsageError
+from imgfs.errors import CorruptImage, InvalidImage, Unsupported, UsageError
 from imgfs.graph import open_image, resolve_relative
 from imgfs.mapped import MapKind, MappedDriver, Mapping, align_up, create_image_file
 from imgfs.node import OpenContext
@@ -195,7 +195,8 @@ class VpcDriver(MappedDriver):
         """A differencing disk's parent must be the disk it was made from:
         the unique id the child's header records, and its timestamp, which
         the spec calls the parent's modification time (writers store the
-        parent file's or the parent footer's: either is accepted)."""
+        parent footer's, as imgfs does, or the parent file's: either is
+        accepted)."""
         parent = self.children.get("backing")
         if parent is None or self.footer.disk_type != DISK_DIFFERENCING:
             return
@@ -327,6 +328,24 @@ class VpcDriver(MappedDriver):
         await self.children["file"].write(self.geometry.table_offset + index * BAT_CODEC.width,
                                           BAT_CODEC.encode(entries))
 
+    async def make_empty(self) -> None:
+        """Every BAT entry unused and the file cut back to its metadata and
+        footer: the whole disk then reads from the parent (what `commit`
+        leaves in the top image).  The BAT is durable before the blocks go."""
+        if self.geometry is None:
+            raise Unsupported("a fixed VHD cannot be emptied")
+        file = self.children["file"]
+        async with self.lock:
+            await file.write(self.geometry.table_offset, b"\xff" * self.geometry.bat_bytes)
+            await file.flush()
+            self.bat = BAT_CODEC.decode(b"\xff" * self.geometry.bat_bytes)
+            end = align_up(max(stop for _, stop in self.metadata), SECTOR)
+            await file.truncate(end + len(self.footer_raw))
+            await file.write(end, self.footer_raw)
+            self.data_end, self.file_end = end, end + len(self.footer_raw)
+            if self.present_unit:
+                self.bitmaps.clear()
+
     # -- information, creation -------------------------------------------------------------------
 
     def info(self) -> dict[str, Any]:
@@ -367,9 +386,10 @@ class VpcDriver(MappedDriver):
         if size != parent_size:
             raise UsageError(f"a differencing VHD has its parent's size ({parent_size} "
                              f"bytes), not {size}")
-        timestamp = file_timestamp(parent_path)
+        # the footer's timestamp, not the file's time: neither QEMU nor imgfs
+        # changes it when they write the parent (commit does), or a copy does
         return new_differencing_image(footer, parent_size, parent_path, child_path,
-                                      footer.timestamp if timestamp is None else timestamp)
+                                      footer.timestamp)
 
 
 DRIVERS = [VpcDriver]

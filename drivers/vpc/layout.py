@@ -469,8 +469,8 @@ def new_differencing_image(parent: Footer, parent_size: int, parent_path: str,
                            child_path: str, parent_timestamp: int
                            ) -> tuple[bytes, int, bytes]:
     """(head, file length, footer) of a differencing disk over `parent`: its
-    size and geometry, its identity (unique id; the parent's modification
-    time, `parent_timestamp`) in the header,
+    size and geometry, its identity (unique id, `parent_timestamp`) in the
+    header,
     the locators between the header and the BAT (QEMU, which knows nothing
     of locators, appends blocks after the BAT and would overwrite them
     there)."""
