@@ -361,6 +361,32 @@ def vmdk_regions(data: bytes) -> list[tuple[int, int]]:
                 grain = struct.unpack_from("<I", data, gt * 512)[0]
                 regions.append((grain * 512, 16))
     return regions
+def vpc_regions(data: bytes) -> list[tuple[int, int]]:
+    """The footer (its copy at 0 too), the dynamic header's fields and its
+    first parent locator, and the first BAT entries (VHD is big-endian)."""
+    regions = [(len(data) - 512, 85)]
+    if data[:8] == b"conectix":
+        header = struct.unpack_from(">Q", data, 16)[0]
+        table = struct.unpack_from(">Q", data, header + 16)[0]
+        regions += [(0, 85), (header, 64), (header + 576, 48), (table, 64)]
+        first_locator = struct.unpack_from(">Q", data, header + 576 + 16)[0]
+        if first_locator:
+            regions.append((first_locator, 32))
+    return regions
+
+
+def vpc_reseal(image: bytearray) -> None:
+    """Make the footers' and the dynamic header's checksums valid again after
+    an edit, so that the fields behind them are what is refused or used."""
+    def seal(start: int, length: int, field: int) -> None:
+        if 0 <= start and start + length <= len(image):
+            image[start + field:start + field + 4] = bytes(4)
+            total = ~sum(image[start:start + length]) & 0xFFFF_FFFF
+            image[start + field:start + field + 4] = total.to_bytes(4, "big")
+    seal(len(image) - 512, 512, 64)
+    if image[:8] == b"conectix":
+        seal(0, 512, 64)
+        seal(struct.unpack_from(">Q", image, 16)[0], 1024, 36)
 
 
 #: LUKS1: the phdr (version, cipher, payload offset, key bytes, digest) and slots 0-1
@@ -469,6 +495,18 @@ def samples(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Sample]:
                               [(ROOT_GUID, NO_PARENT), (TOP_GUID, ROOT_GUID)]))
     built["parallels-bundle"] = Sample("parallels-bundle", "parallels", xml,
                                        [(0, len(xml.read_bytes()))], magic_length=0)
+    for subformat in ("dynamic", "fixed"):
+        vhd = directory / f"{subformat}.vhd"
+        tool("qemu-img", "create", "-q", "-f", "vpc", "-o", f"subformat={subformat}", vhd,
+             "5M")
+        qemu_io(vhd, "vpc", "write -P 0x11 0 8k", "write -P 0x22 4M 4k")
+        built[f"vpc-{subformat}"] = Sample(f"vpc-{subformat}", "vpc", vhd,
+                                           vpc_regions(vhd.read_bytes()), magic_length=8)
+    child = directory / "child.vhd"
+    imgfs("create", "-q", "-f", "vpc", "-b", "dynamic.vhd", "-F", "vpc", child, cwd=directory)
+    qemu_io(child, "vpc", "write -P 0x33 4k 8k")    # QEMU writes whole blocks present
+    built["vpc-differencing"] = Sample("vpc-differencing", "vpc", child,
+                                       vpc_regions(child.read_bytes()), magic_length=8)
 
     luks2 = directory / "two.luks"
     with open(luks2, "wb") as handle:
@@ -843,6 +881,38 @@ def test_damaged_metadata(samples: dict[str, Sample], name: str, data: st.DataOb
     run_damaged(sample, image)
 
 
+VPC_SAMPLES = ["vpc-dynamic", "vpc-fixed", "vpc-differencing"]
+
+
+@pytest.mark.parametrize("name", VPC_SAMPLES)
+@SETTINGS
+@given(data=st.data())
+def test_damaged_vpc_metadata(samples: dict[str, Sample], name: str,
+                              data: st.DataObject) -> None:
+    """VHD: the checksums resealed half the time, so that the fields behind
+    them are reached."""
+    sample = samples[name]
+    image = data.draw(damage(sample))
+    if data.draw(st.booleans(), label="reseal"):
+        vpc_reseal(image)
+    run_damaged(sample, image)
+
+
+@pytest.mark.parametrize("name", VPC_SAMPLES)
+@settings(SETTINGS, max_examples=max(10, EXAMPLES // 3))
+@given(data=st.data())
+def test_damaged_vpc_metadata_written(samples: dict[str, Sample], name: str,
+                                      data: st.DataObject) -> None:
+    sample = samples[name]
+    image = data.draw(damage(sample))
+    if data.draw(st.booleans(), label="reseal"):
+        vpc_reseal(image)
+    target = sample.path.with_name("written-" + sample.path.name)
+    target.write_bytes(image)
+    with guarded():
+        trio.run(exercise_writes, target, sample.secret)
+
+
 @SETTINGS
 @given(data=st.data())
 def test_damaged_luks2_json(samples: dict[str, Sample], data: st.DataObject) -> None:
@@ -875,7 +945,7 @@ def test_raw_windows(samples: dict[str, Sample], offset: int, size: int | None) 
 
 MAGICS = [b"QFI\xfb\x00\x00\x00\x01", b"QFI\xfb\x00\x00\x00\x02", b"QFI\xfb\x00\x00\x00\x03",
           b"LUKS\xba\xbe\x00\x01", b"LUKS\xba\xbe\x00\x02", b"QED\x00",
-          b"WithoutFreeSpace\x02\0\0\0", b"WithouFreSpacExt\x02\0\0\0", b""]
+          b"WithoutFreeSpace\x02\0\0\0", b"WithouFreSpacExt\x02\0\0\0", b"conectix", b""]
 
 
 @SETTINGS
@@ -1086,6 +1156,49 @@ def test_vhdx_torn_log_is_ignored(samples: dict[str, Sample], torn: str) -> None
     imgfs("convert", "-O", "raw", target, out)
     assert out.read_bytes() == before
     assert target.read_bytes() == image
+#: (sample, [(offset, bytes)], reseal): VHD damage QEMU refuses too; negative
+#: offsets count from the end of the file (the footer); resealed damage has
+#: valid checksums, so that the field itself is what is refused
+VPC_HEADER, VPC_BAT = 512, 1536
+VPC_DAMAGE = {
+    "footer checksum": ("vpc-dynamic", [(48, _be(8, 1 << 40))], False),
+    "fixed footer checksum": ("vpc-fixed", [(-512 + 48, _be(8, 1 << 40))], False),
+    "fixed footer of a dynamic disk": ("vpc-fixed", [(-512 + 60, _be(4, 3))], True),
+    "unknown disk type": ("vpc-dynamic", [(60, _be(4, 9))], True),
+    "header offset": ("vpc-dynamic", [(16, _be(8, 1 << 40))], True),
+    "header cookie": ("vpc-dynamic", [(VPC_HEADER, b"cxsparsX")], True),
+    "block size 3": ("vpc-dynamic", [(VPC_HEADER + 32, _be(4, 3))], True),
+    "block size 256": ("vpc-dynamic", [(VPC_HEADER + 32, _be(4, 256))], True),
+    "block size 1 GiB": ("vpc-dynamic", [(VPC_HEADER + 32, _be(4, 1 << 30))], True),
+    "max table entries": ("vpc-dynamic", [(VPC_HEADER + 28, _be(4, 0x7FFF_FFFF))], True),
+    "page table too small": ("vpc-dynamic", [(VPC_HEADER + 28, _be(4, 1))], True),
+    "BAT past EOF": ("vpc-dynamic", [(VPC_HEADER + 16, _be(8, 1 << 40))], True),
+    "BAT over the footer copy": ("vpc-dynamic", [(VPC_HEADER + 16, _be(8, 0))], True),
+    "BAT entry past EOF": ("vpc-dynamic", [(VPC_BAT, _be(4, 1 << 30))], True),
+    "size past 2040 GiB": ("vpc-dynamic", [(28, b"win "), (48, _be(8, 2041 << 30))], True),
+}
+
+
+#: damage QEMU opens anyway: a disk type the spec does not define reads as
+#: a dynamic disk there
+VPC_QEMU_OPENS = {"unknown disk type"}
+
+
+@pytest.mark.parametrize("damage", sorted(VPC_DAMAGE))
+def test_vpc_cli_one_line_as_qemu(samples: dict[str, Sample], damage: str) -> None:
+    name, changes, reseal = VPC_DAMAGE[damage]
+    sample = samples[name]
+    size = len(sample.data)
+    image = apply_edits(sample.data, [(offset % size, blob) for offset, blob in changes], [])
+    if reseal:
+        vpc_reseal(image)
+    target = sample.path.with_name("cli-" + sample.path.name)
+    target.write_bytes(image)
+    qemu = subprocess.run(["qemu-img", "info", "-f", "vpc", target], capture_output=True,
+                          text=True, check=False)
+    assert qemu.returncode == (0 if damage in VPC_QEMU_OPENS else 1), qemu
+    for command in ("info", "map"):
+        assert_one_line_refusal(imgfs(command, target, check=False, timeout=30))
 
 
 def assert_one_line_refusal(result: subprocess.CompletedProcess[str]) -> None:
