@@ -150,7 +150,8 @@ class _Walk:
             # as QEMU, the table is read where the entry says, whatever that is
             entries = await read_l2(self.meta, l2_offset)
             self.next_contiguous = 0        # as QEMU: fragmentation is per L2 table
-            self.l2_table(entries, active=active)
+            if any(entries):    # (a table of zeros, as past the end of the file, holds nothing)
+                self.l2_table(entries, active=active)
 
     def l2_table(self, entries: Sequence[int], *, active: bool) -> None:
         words = 2 if self.meta.geometry.extended_l2 else 1
@@ -417,6 +418,8 @@ async def _check_copied_flags(meta: Qcow2Metadata, report: CheckReport) -> None:
             report.messages.append(f"ERROR OFLAG_COPIED L2 cluster: l1_index={l1_index} "
                                    f"l1_entry={entry:x} refcount={refcount}")
         entries = await read_l2(meta, l2_offset)
+        if not any(entries):
+            continue            # (nothing to check: a table past the end of the file)
         for l2_entry in entries[::words]:
             if cluster_type(meta, l2_entry) is not ClusterType.NORMAL:
                 continue

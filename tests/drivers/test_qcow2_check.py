@@ -20,7 +20,7 @@ from pathlib import Path
 import pytest
 
 from imgfs import cli
-from tests.conftest import need, run
+from tests.conftest import imgfs, need, run
 
 CLUSTER = 4096
 COPIED = 1 << 63
@@ -422,3 +422,21 @@ def test_dirty_image_is_clean_after_repair(bases, tmp_path, capsys) -> None:
     code, _ = imgfs_check(capsys, "-r", "all", image)
     assert code == 0
     assert qemu_check(image)[0] == 0
+
+
+def test_l1_entries_past_the_end_of_the_file_are_checked_quickly(tmp_path) -> None:
+    """Two hundred L1 entries naming 2 MiB L2 tables past the end of the
+    file (each reads as 262144 zero entries): the same report as qemu-img,
+    in a second or so, not the half minute walking every zero took."""
+    need("qemu-img")
+    image = tmp_path / "big.qcow2"
+    run("qemu-img", "create", "-q", "-f", "qcow2", "-o", "cluster_size=2M", image, "100T")
+    raw = bytearray(image.read_bytes())
+    l1_size, l1_offset = struct.unpack_from(">IQ", raw, 36)
+    for index in range(l1_size):
+        struct.pack_into(">Q", raw, l1_offset + 8 * index, (1 << 40) + (index << 21))
+    image.write_bytes(raw)
+    theirs = run("qemu-img", "check", image, check=False)
+    ours = imgfs("check", image, check=False, timeout=15)
+    assert (ours.returncode, sorted(ours.stdout.splitlines() + ours.stderr.splitlines())) == \
+        (theirs.returncode, sorted(theirs.stdout.splitlines() + theirs.stderr.splitlines()))
