@@ -15,7 +15,7 @@ from collections.abc import Mapping
 from typing import Any
 
 from .block import BlockDriver, ChildRef, Kind
-from .errors import CorruptImage, ImgfsError, PermissionDenied, Unsupported, UsageError
+from .errors import CorruptImage, ImgfsError, NotFound, PermissionDenied, Unsupported, UsageError
 from .node import Node, OpenContext
 from .registry import directory_image, get_driver, probe_format, protocol_for
 from .signatures import HEAD_BYTES, TAIL_BYTES
@@ -204,6 +204,16 @@ async def _run_open(node: Node, options: dict[str, Any], ctx: OpenContext) -> No
         raise
 
 
+async def _open_child(name: str, spec: Mapping[str, Any], parent: Node, ctx: OpenContext,
+                      *, read_only: bool, depth: int) -> Node:
+    """A child the image names; a missing one is said to be the image's."""
+    try:
+        return await open_tree(spec, ctx, read_only=read_only, depth=depth)
+    except NotFound as exc:
+        exc.args = (f"{exc} (the {name} file of {parent.filename})",)
+        raise
+
+
 async def open_format(cls: type[BlockDriver], file_node: Node, tree: Mapping[str, Any],
                       ctx: OpenContext, *, read_only: bool, probed: bool = False,
                       depth: int = 0) -> Node:
@@ -227,8 +237,9 @@ async def open_format(cls: type[BlockDriver], file_node: Node, tree: Mapping[str
                     # QEMU's backing.encrypt.key-secret=ID: options for the
                     # file the image names, not a replacement for it
                     child_spec = with_options(child_spec, tree[name])
-            driver.children[name] = await open_tree(
-                child_spec, ctx, read_only=ref.read_only or read_only, depth=depth + 1)
+            driver.children[name] = await _open_child(name, child_spec, node, ctx,
+                                                      read_only=ref.read_only or read_only,
+                                                      depth=depth + 1)
         await driver.attach()
     except ImgfsError as exc:
         exc.path = exc.path or node.filename

@@ -490,6 +490,17 @@ def test_parent_changed_since_is_refused(tmp_path: Path) -> None:
     assert len(result.stderr.splitlines()) == 1
 
 
+def test_missing_parent_is_one_line_naming_both(tmp_path: Path) -> None:
+    base = tmp_path / "base.vhdx"
+    make_base(base, 2 * MiB)
+    child = tmp_path / "child.vhdx"
+    run("imgfs", "create", "-q", "-f", "vhdx", "-b", "base.vhdx", child)
+    base.unlink()
+    result = run("imgfs", "info", child, check=False)
+    assert result.returncode == 1 and len(result.stderr.splitlines()) == 1
+    assert "base.vhdx" in result.stderr and "child.vhdx" in result.stderr
+
+
 def test_parent_locator_naming_the_child_itself_is_refused(tmp_path: Path) -> None:
     base = tmp_path / "base.vhdx"
     make_base(base, 2 * MiB)
