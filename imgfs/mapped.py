@@ -298,12 +298,21 @@ class MappedDriver(BlockDriver):
             return count            # zeros over what reads as zeros: nothing to do
         block_end = align_up(end, block_size)
         blocks = (block_end - start) // block_size
+        partial = offset > start or end < block_end
+        zeros_around = partial and self._reads_zeros(mapping)
         payload = new
-        if offset > start or end < block_end:
+        if partial and not zeros_around:
             payload = await self._with_old_contents(start, block_end, offset, new, mapping)
         await self.prepare_metadata_change()
-        child, host_offset = await self.allocate_for(start, len(payload))
-        await self.children[child].write(host_offset, payload)
+        sizes = {name: node.size for name, node in self.children.items()}
+        child, host_offset = await self.allocate_for(start, block_end - start)
+        if zeros_around and host_offset >= sizes[child]:
+            # space the file grew by reads as zeros: write the new bytes alone
+            await self.children[child].write(host_offset + offset - start, payload)
+        else:
+            if zeros_around:    # reused space may hold old bytes: write the zeros too
+                payload = await self._with_old_contents(start, block_end, offset, new, mapping)
+            await self.children[child].write(host_offset, payload)
         await self.map_blocks(start, blocks, host_offset)
         if mapping.kind is MapKind.TRANSFORMED:
             self.decoded.forget(mapping.token)
