@@ -488,17 +488,24 @@ class TwoLevelMap:
         await self.file.write(l2_offset, self.codec.encode(entries))
         await self.file.flush()         # the table is on disk before the L1 entry names it
         self.l1[l1_index] = l2_offset // self.entry_unit
-        if self._table_offsets is not None:
-            bisect.insort(self._table_offsets, l2_offset)
+        self.tables_changed()
         await self.file.write(self.l1_offset + l1_index * self.codec.width,
                               self.codec.encode([l2_offset // self.entry_unit]))
         self.cache.changed(Table(l2_offset, entries))
+
+    def table_offsets(self) -> set[int]:
+        """The host offsets of the L2 tables (a subclass adds copies it keeps)."""
+        return {entry * self.entry_unit for entry in self.l1 if entry}
+
+    def tables_changed(self) -> None:
+        """A table was added: `overlaps_table` looks again."""
+        self._table_offsets = None
 
     def overlaps_table(self, host_offset: int, length: int) -> bool:
         """Whether host bytes overlap an L2 table: a hostile entry aimed at
         one would make a data write rewrite the mapping itself."""
         if self._table_offsets is None:
-            self._table_offsets = sorted({entry * self.entry_unit for entry in self.l1 if entry})
+            self._table_offsets = sorted(self.table_offsets())
         index = bisect.bisect_left(self._table_offsets, host_offset + length)
         return index > 0 and self._table_offsets[index - 1] + self.l2_bytes > host_offset
 

@@ -319,6 +319,11 @@ class VmdkDriver(MappedDriver):
                                "the CID of the backing file")
         if mapping.kind is MapKind.TRANSFORMED:
             return mapping._replace(token=(extent.index, mapping.token))
+        if mapping.kind is MapKind.DATA and \
+                extent.tables.overlaps_table(mapping.host_offset, mapping.length):
+            # (a write there would rewrite the mapping itself)
+            raise CorruptImage(f"grain at byte {mapping.host_offset:#x} of extent {extent.index} "
+                               "overlaps a grain table")
         return mapping._replace(child=extent.child)
 
     async def _allocate_in(self, extent: VmdkExtent, length: int) -> int:
@@ -350,8 +355,9 @@ class VmdkDriver(MappedDriver):
                                         extent.geometry.grain_size // SECTOR)
 
     def check_in_place(self, host_offset: int, length: int) -> None:
-        """Nothing more to check: `lookup` refuses grains inside the metadata
-        or past the end of their file, and flat extents have no metadata."""
+        """Nothing more to check: `lookup` refuses grains inside the metadata,
+        over a grain table or past the end of their file, and flat extents
+        have no metadata."""
 
     # -- writes ---------------------------------------------------------------------------
 

@@ -24,6 +24,9 @@ class MirroredMap(TwoLevelMap):
         self.rgd = rgd
         self.rgd_offset = rgd_offset
 
+    def table_offsets(self) -> set[int]:
+        return super().table_offsets() | {entry * self.entry_unit for entry in self.rgd if entry}
+
     async def set_entries(self, guest_offset: int, values: list[int]) -> None:
         await super().set_entries(guest_offset, values)
         l1_index = self.l1_index(guest_offset)
@@ -41,5 +44,6 @@ class MirroredMap(TwoLevelMap):
         await self.file.write(redundant, self.codec.encode(table.entries))
         await self.file.flush()
         self.rgd[l1_index] = redundant // self.entry_unit
+        self.tables_changed()
         await self.file.write(self.rgd_offset + l1_index * width,
                               self.codec.encode([redundant // self.entry_unit]))

@@ -28,7 +28,7 @@ from imgfs.drivers.vmdk.layout import (
     probe,
 )
 
-from imgfs.errors import InvalidImage, ReadOnly, Unsupported
+from imgfs.errors import CorruptImage, InvalidImage, ReadOnly, Unsupported
 from imgfs.graph import open_image
 from imgfs.node import OpenContext
 from tests.conftest import REQUIRE_ORACLES, imgfs, need, write_through_api
@@ -715,3 +715,27 @@ def test_bximage_vmware4_reads_and_writes_like_qemu(tmp_path: Path) -> None:
     apply_writes(expected, writes)
     check_clean(image)
     compare_raw(bytes(expected), image)
+
+
+def test_grain_over_a_grain_table_is_refused_not_written(tmp_path: Path) -> None:
+    """A hostile grain table placed after the metadata area, one of whose
+    entries names the table's own sector: reading or writing that grain is
+    refused (a write would rewrite the mapping itself), and the table is
+    left as it was."""
+    image = tmp_path / "gt.vmdk"
+    qemu_create(image, 4 * MiB, fmt="vmdk")
+    qemu_io(image, "write -P 0x11 0 64k", fmt="vmdk")
+    raw = bytearray(image.read_bytes())
+    gtes, _rgd, gd = struct.unpack_from("<IQQ", raw, 44)
+    table_sector = struct.unpack_from("<I", raw, gd * 512)[0]
+    table = bytearray(raw[table_sector * 512:table_sector * 512 + gtes * 4])
+    moved = len(raw) // 512                       # appended, past the data area's start
+    struct.pack_into("<I", table, 4, moved)       # grain 1 -> the table itself
+    raw += table.ljust(-(-len(table) // 512) * 512, b"\0")
+    struct.pack_into("<I", raw, gd * 512, moved)
+    image.write_bytes(raw)
+    with pytest.raises(CorruptImage, match="overlaps a grain table"):
+        write_through_api(image, [(GRAIN + 100, b"\xee" * 512)])
+    assert image.read_bytes()[moved * 512:] == bytes(table.ljust(len(raw) - moved * 512, b"\0"))
+    refused = imgfs("convert", "-O", "raw", image, tmp_path / "out.raw", check=False)
+    assert refused.returncode == 1 and "overlaps a grain table" in refused.stderr
