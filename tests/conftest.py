@@ -7,6 +7,7 @@ without the oracles.
 from __future__ import annotations
 
 import contextlib
+import errno
 import functools
 import hashlib
 import os
@@ -196,6 +197,29 @@ def mounted(*sources: str | os.PathLike[str], mountpoint: Path,
         yield mountpoint
     finally:
         unmount(mountpoint)
+
+
+def exposed(mnt: Path, image: Path) -> Path:
+    """The raw view of `image` inside a directory mountpoint."""
+    return mnt / (image.name.rsplit(".", 1)[0] + ".raw")
+
+
+def assert_damage_is_eio_and_mount_stays_up(image: Path, mnt: Path, intact: int,
+                                            expected: bytes) -> None:
+    """`image` mounted with its first block damaged: a read and a write
+    there fail with EIO, 4 KiB at `intact` still read `expected`, and the
+    mount stays up."""
+    with mounted(image, mountpoint=mnt):
+        fd = os.open(exposed(mnt, image), os.O_RDWR)
+        try:
+            for action in (lambda: os.pread(fd, 4096, 0), lambda: os.pwrite(fd, b"x", 10)):
+                with pytest.raises(OSError) as info:
+                    action()
+                assert info.value.errno == errno.EIO
+            assert os.pread(fd, 4096, intact) == expected
+        finally:
+            os.close(fd)
+        assert is_mounted(mnt)
 
 
 @pytest.fixture

@@ -11,9 +11,7 @@ open read-only only, and a check repairs.
 """
 from __future__ import annotations
 
-import errno
 import json
-import os
 import struct
 from pathlib import Path
 
@@ -21,8 +19,9 @@ import pytest
 from imgfs.drivers.parallels.layout import INUSE_OPEN
 
 from tests.conftest import (
+    assert_damage_is_eio_and_mount_stays_up,
+    exposed,
     imgfs,
-    is_mounted,
     kill_daemon_mid_writes,
     mounted,
     need,
@@ -49,7 +48,7 @@ from tests.drivers.test_parallels import (
     sample,
     to_sector_entries,
 )
-from tests.mount.test_qed_mount import assert_reads_like_qemu, exposed
+from tests.mount.test_qed_mount import assert_reads_like_qemu
 
 KiB = 1024
 MiB = 1024 * KiB
@@ -100,17 +99,7 @@ def test_damaged_entry_is_eio_and_the_mount_stays_up(workdir: Path, mnt: Path) -
     qemu_io(image, "write -P 1 0 128k")
     to_sector_entries(image)
     patch(image, 64, struct.pack("<I", 1))          # cluster 0 -> inside the catalog
-    with mounted(image, mountpoint=mnt):
-        fd = os.open(exposed(mnt, image), os.O_RDWR)
-        try:
-            for action in (lambda: os.pread(fd, 4096, 0), lambda: os.pwrite(fd, b"x", 10)):
-                with pytest.raises(OSError) as info:
-                    action()
-                assert info.value.errno == errno.EIO
-            assert os.pread(fd, 4096, 65536) == b"\1" * 4096
-        finally:
-            os.close(fd)
-        assert is_mounted(mnt)
+    assert_damage_is_eio_and_mount_stays_up(image, mnt, 65536, b"\1" * 4096)
 
 
 def test_sigkill_mid_writes_leaves_the_image_in_use(workdir: Path, mnt: Path) -> None:

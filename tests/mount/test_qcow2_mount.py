@@ -24,6 +24,7 @@ import pytest
 
 from tests.conftest import (
     daemon_pids,
+    exposed,
     imgfs,
     is_mounted,
     mounted,
@@ -64,10 +65,6 @@ def out_of_order_writes(image: Path, cluster: int, size: int) -> None:
             f"write -c -P 0x66 {12 * cluster} {2 * cluster}",
             f"write -P 0x55 {10 * cluster + 17} {cluster}")
 
-
-def exposed(mnt: Path, image: Path) -> Path:
-    """The raw view of `image` inside a directory mountpoint."""
-    return mnt / (image.name.rsplit(".", 1)[0] + ".raw")
 
 
 def assert_reads_like_qemu(image: Path, mnt: Path, workdir: Path, *,

@@ -9,7 +9,6 @@ kept.
 """
 from __future__ import annotations
 
-import errno
 import json
 import os
 import shutil
@@ -19,7 +18,8 @@ from pathlib import Path
 import pytest
 
 from tests.conftest import (
-    is_mounted,
+    assert_damage_is_eio_and_mount_stays_up,
+    exposed,
     kill_daemon_mid_writes,
     mounted,
     need,
@@ -40,9 +40,6 @@ def _oracles(workdir: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     need("qemu-img", "qemu-io")
     monkeypatch.chdir(workdir)
 
-
-def exposed(mnt: Path, image: Path) -> Path:
-    return mnt / (image.name.rsplit(".", 1)[0] + ".raw")
 
 
 def assert_reads_like_qemu(image: Path, mnt: Path, workdir: Path) -> bytes:
@@ -112,17 +109,7 @@ def test_damaged_entry_is_eio_and_the_mount_stays_up(workdir: Path, mnt: Path) -
     image = qemu_create(workdir / "d.qed", 4 * MiB)
     qemu_io(image, "write -P 1 0 128k")
     patch(image, first_l2(image), struct.pack("<Q", 1 << 40))
-    with mounted(image, mountpoint=mnt):
-        fd = os.open(exposed(mnt, image), os.O_RDWR)
-        try:
-            for action in (lambda: os.pread(fd, 4096, 0), lambda: os.pwrite(fd, b"x", 10)):
-                with pytest.raises(OSError) as info:
-                    action()
-                assert info.value.errno == errno.EIO
-            assert os.pread(fd, 4096, 65536) == b"\1" * 4096
-        finally:
-            os.close(fd)
-        assert is_mounted(mnt)
+    assert_damage_is_eio_and_mount_stays_up(image, mnt, 65536, b"\1" * 4096)
 
 
 @pytest.mark.parametrize("options", [("cluster_size=4k", "table_size=2"), ()])

@@ -12,7 +12,6 @@ open makes `qemu-img check` clean.
 """
 from __future__ import annotations
 
-import errno
 import json
 import os
 import struct
@@ -22,6 +21,8 @@ import pytest
 
 from tests.conftest import (
     IMGFS,
+    assert_damage_is_eio_and_mount_stays_up,
+    exposed,
     is_mounted,
     kill_daemon_mid_writes,
     mounted,
@@ -53,9 +54,6 @@ def _oracles(workdir: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     need("qemu-img", "qemu-io")
     monkeypatch.chdir(workdir)
 
-
-def exposed(mnt: Path, image: Path) -> Path:
-    return mnt / (image.name.rsplit(".", 1)[0] + ".raw")
 
 
 @pytest.mark.parametrize("static", ["off", "on"])
@@ -129,17 +127,7 @@ def test_damaged_entry_is_eio_and_the_mount_stays_up(workdir: Path, mnt: Path) -
     image = qemu_create(workdir / "d.vdi", 4 * MiB)
     qemu_io(image, "write -P 1 0 1M", "write -P 2 1M 1M")
     patch(image, header_of(image).offset_bmap, struct.pack("<I", 1000))
-    with mounted(image, mountpoint=mnt):
-        fd = os.open(exposed(mnt, image), os.O_RDWR)
-        try:
-            for action in (lambda: os.pread(fd, 4096, 0), lambda: os.pwrite(fd, b"x", 10)):
-                with pytest.raises(OSError) as info:
-                    action()
-                assert info.value.errno == errno.EIO
-            assert os.pread(fd, 4096, MiB) == b"\2" * 4096
-        finally:
-            os.close(fd)
-        assert is_mounted(mnt)
+    assert_damage_is_eio_and_mount_stays_up(image, mnt, MiB, b"\2" * 4096)
 
 
 def test_sigkill_mid_writes_keeps_what_was_synced(workdir: Path, mnt: Path) -> None:

@@ -15,6 +15,7 @@ import pytest
 
 from tests.conftest import (
     IMGFS,
+    exposed,
     kill_daemon_mid_writes,
     mounted,
     need,
@@ -33,7 +34,6 @@ from tests.drivers.test_vhdx import (
     qemu_create,
     sample,
 )
-from tests.mount.test_qed_mount import exposed
 
 KiB = 1024
 MiB = 1024 * KiB

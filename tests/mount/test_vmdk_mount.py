@@ -18,6 +18,8 @@ import pytest
 from imgfs.drivers.vmdk.layout import SparseHeader
 
 from tests.conftest import (
+    assert_damage_is_eio_and_mount_stays_up,
+    exposed,
     is_mounted,
     kill_daemon_mid_writes,
     mounted,
@@ -36,7 +38,6 @@ from tests.drivers.test_vmdk import (
     vmdk_create,
     vmdk_io,
 )
-from tests.mount.test_qed_mount import exposed
 
 MiB = 1024 * 1024
 
@@ -120,17 +121,7 @@ def test_damaged_grain_is_eio_and_the_mount_stays_up(workdir: Path, mnt: Path) -
     gt = struct.unpack_from("<I", data, header.gd_offset * 512)[0] * 512
     struct.pack_into("<I", data, gt, 1 << 30)          # grain 0 past the end
     image.write_bytes(bytes(data))
-    with mounted(image, mountpoint=mnt):
-        fd = os.open(exposed(mnt, image), os.O_RDWR)
-        try:
-            for action in (lambda: os.pread(fd, 4096, 0), lambda: os.pwrite(fd, b"x", 10)):
-                with pytest.raises(OSError) as info:
-                    action()
-                assert info.value.errno == errno.EIO
-            assert os.pread(fd, 4096, GRAIN) == b"\1" * 4096
-        finally:
-            os.close(fd)
-        assert is_mounted(mnt)
+    assert_damage_is_eio_and_mount_stays_up(image, mnt, GRAIN, b"\1" * 4096)
 
 
 def test_stream_write_through_the_mount_is_eio(workdir: Path, mnt: Path) -> None:

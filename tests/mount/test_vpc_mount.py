@@ -15,6 +15,7 @@ from pathlib import Path
 import pytest
 
 from tests.conftest import (
+    exposed,
     is_mounted,
     kill_daemon_mid_writes,
     mounted,
@@ -43,9 +44,6 @@ def _oracles(workdir: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     need("qemu-img", "qemu-io")
     monkeypatch.chdir(workdir)
 
-
-def exposed(mnt: Path, image: Path) -> Path:
-    return mnt / (image.name.rsplit(".", 1)[0] + ".raw")
 
 
 @pytest.mark.parametrize("subformat", ["dynamic", "fixed"])
