@@ -32,8 +32,10 @@ from imgfs.drivers.vdi.layout import (
 from imgfs.errors import InvalidImage, Unsupported
 from imgfs.graph import open_image
 from imgfs.node import OpenContext
-from tests.conftest import IMGFS, imgfs, need, random_bytes, write_through_api
-from tests.conftest import run as run_tool
+from tests.conftest import imgfs, need, random_bytes, write_through_api
+from tests.drivers.test_qed import qemu_create as qed_qemu_create
+from tests.drivers.test_qed import qemu_io as qed_qemu_io
+from tests.drivers.test_qed import run
 
 KiB = 1024
 MiB = 1024 * KiB
@@ -49,22 +51,12 @@ def _in_workdir(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
 
 # -- helpers ------------------------------------------------------------------------------
 
-def run(tool: str | Path, *args: str | Path, check: bool = True) -> Any:
-    return run_tool(IMGFS if tool == "imgfs" else tool, *args, check=check)
-
-
 def qemu_create(image: Path, size: int | str, *options: str) -> Path:
-    run("qemu-img", "create", "-q", "-f", "vdi",
-        *(["-o", ",".join(options)] if options else []), image, str(size))
-    return image
+    return qed_qemu_create(image, size, *options, fmt="vdi")
 
 
 def qemu_io(image: Path, *commands: str) -> None:
-    args: list[str] = []
-    for command in commands:
-        args += ["-c", command]
-    output = run("qemu-io", "-f", "vdi", *args, image).stdout
-    assert "error" not in output.lower() and "failed" not in output.lower(), output
+    qed_qemu_io(image, *commands, fmt="vdi")
 
 
 def out_of_order(image: Path, size: int) -> None:

@@ -30,8 +30,10 @@ from imgfs.drivers.vpc.layout import (
 from imgfs.errors import InvalidImage
 from imgfs.graph import open_image
 from imgfs.node import OpenContext
-from tests.conftest import IMGFS, imgfs, need, random_bytes, write_through_api
-from tests.conftest import run as run_tool
+from tests.conftest import imgfs, need, random_bytes, write_through_api
+from tests.drivers.test_qed import qemu_create as qed_qemu_create
+from tests.drivers.test_qed import qemu_io as qed_qemu_io
+from tests.drivers.test_qed import run
 
 KiB = 1024
 MiB = 1024 * KiB
@@ -47,23 +49,12 @@ def _in_workdir(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
 
 # -- helpers ------------------------------------------------------------------------------
 
-def run(tool: str | Path, *args: str | Path, check: bool = True) -> Any:
-    """A tool by name; "imgfs" is the one beside this Python."""
-    return run_tool(IMGFS if tool == "imgfs" else tool, *args, check=check)
-
-
 def qemu_create(image: Path, size: int | str, *options: str) -> Path:
-    run("qemu-img", "create", "-q", "-f", "vpc",
-        *(["-o", ",".join(options)] if options else []), image, str(size))
-    return image
+    return qed_qemu_create(image, size, *options, fmt="vpc")
 
 
 def qemu_io(image: Path, *commands: str) -> None:
-    args: list[str] = []
-    for command in commands:
-        args += ["-c", command]
-    output = run("qemu-io", "-f", "vpc", *args, image).stdout
-    assert "error" not in output.lower() and "failed" not in output.lower(), output
+    qed_qemu_io(image, *commands, fmt="vpc")
 
 
 def out_of_order(image: Path, size: int, block: int = BLOCK) -> None:
