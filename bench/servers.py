@@ -95,7 +95,7 @@ def _free_tgtd_control_port() -> str:
 @contextlib.contextmanager
 def serve_iscsi(workdir: Path) -> Iterator[IscsiServer]:
     """tgtd on 127.0.0.1 and a free port."""
-    from tests.conftest import connectable, free_port
+    from tests.conftest import connectable, free_port, stop_process
     port = free_port()
     control = _free_tgtd_control_port()
     with open(workdir / "tgtd.log", "ab") as log:
@@ -109,12 +109,7 @@ def serve_iscsi(workdir: Path) -> Iterator[IscsiServer]:
             time.sleep(0.02)
         yield IscsiServer(control, port)
     finally:
-        proc.terminate()
-        try:
-            proc.wait(5)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
+        stop_process(proc)
         for leftover in (f"socket.{control}", f"socket.{control}.lock"):
             (TGTD_CONTROL_DIR / leftover).unlink(missing_ok=True)
 

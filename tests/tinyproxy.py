@@ -12,7 +12,7 @@ import subprocess
 import time
 from pathlib import Path
 
-from tests.conftest import connectable, free_port, need
+from tests.conftest import connectable, free_port, need, stop_process
 
 CONFIG = """\
 Port {port}
@@ -59,15 +59,8 @@ class Tinyproxy:
 
     def stop(self) -> None:
         proc, self.proc = self.proc, None
-        if proc is None:
-            return
-        if proc.poll() is None:
-            proc.terminate()
-            try:
-                proc.wait(10)
-            except subprocess.TimeoutExpired:
-                proc.kill()
-                proc.wait()
+        if proc is not None:
+            stop_process(proc)
 
     def requests(self) -> str:
         """What the proxy logged so far."""
