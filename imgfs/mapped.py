@@ -429,7 +429,12 @@ class TwoLevelMap:
 
     async def _read_table(self, offset: int) -> array.array[int]:
         self.check_table(offset)
-        return self.codec.decode(await self.file.read(offset, self.l2_bytes))
+        return self.decode_table(await self.file.read(offset, self.l2_bytes))
+
+    def decode_table(self, raw: bytes) -> array.array[int]:
+        """An L2 table's entries as `classify` takes them: the codec's
+        integers (a subclass may translate a format's packed entries)."""
+        return self.codec.decode(raw)
 
     async def l2_table(self, l2_offset: int) -> Table:
         return await self.cache.load(l2_offset, self._read_table)
