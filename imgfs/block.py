@@ -129,8 +129,11 @@ class BlockDriver(abc.ABC):
 
     name: ClassVar[str]
     kind: ClassVar[Kind]
-    #: True when the format or protocol can only be read
-    read_only_format: ClassVar[bool] = False
+    #: True when the format or protocol can only be read (a driver may also
+    #: set it when it opens an image of a variant it only reads)
+    read_only_format: bool = False
+    #: what a read-write open refuses, when not "<format> images"
+    read_only_what: str = ""
     supports_backing: ClassVar[bool] = False
     open_opts: ClassVar[Schema] = Schema()
     #: None: this driver cannot create images

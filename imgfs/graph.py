@@ -75,7 +75,8 @@ def _decide_read_only(node: Node, ctx: OpenContext) -> None:
                 not unwritable[0].driver.read_only_by_default:
             log.warning("%s: write-protected, opening read-only", unwritable[0].filename)
     if not read_only and node.driver.read_only_format:
-        raise Unsupported(f"{node.format_name} images can only be opened read-only (use -o ro)",
+        what = node.driver.read_only_what or f"{node.format_name} images"
+        raise Unsupported(f"{what} can only be opened read-only (use -o ro)",
                           path=node.filename)
     if not read_only and unwritable:
         leaf = unwritable[0]
