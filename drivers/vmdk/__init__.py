@@ -21,7 +21,9 @@ a renamed file opens), standalone descriptors with FLAT, VMFS, SPARSE,
 VMFSSPARSE (COWD) and ZERO extents (monolithicFlat, twoGbMaxExtentSparse,
 twoGbMaxExtentFlat, ESX vmfs and vmfsSparse), extent files found relative
 to the descriptor, backing chains through parentFileNameHint (reads that
-reach a parent whose CID is not the parentCID fail, as in QEMU).
+reach a parent whose CID is not the parentCID fail, as in QEMU);
+seSparse extents (ESXi snapshot deltas, named by a descriptor) read-only,
+as QEMU reads them (`sesparse`): a disk with one opens read-only.
 Written: grains allocated at the end of their extent file (copy-on-write
 from the parent for partial grains), grain data first, then the grain
 table entry, then (for a new table, after a flush) the directory entry,
@@ -40,13 +42,14 @@ subformats byte-equal to qemu-img's but for the random CID, with its
 options and refusals; streamOptimized in VMware's layout.  `check` reports
 what qemu-img check reports (a grain past the end of its file).
 
-Refused, in one line: seSparse extents, compressed grains without
-markers, headers whose fields are out of range.
+Refused, in one line: a seSparse extent opened without its descriptor,
+writes into seSparse disks, compressed grains without markers, headers
+whose fields are out of range.
 
 Module map: `layout` (headers, markers, geometry; pure, all that probing
 imports), `descriptor` (descriptor text), `create` (new images, pure),
-`tables` (the redundant grain directory kept in step), `check` (qemu-img
-check's test), `stream` (VMware's
+`tables` (the redundant grain directory kept in step), `sesparse` (its
+headers and typed entries), `check` (qemu-img check's test), `stream` (VMware's
 stream layout and its appending writer), `driver` (the BlockDriver on
 imgfs.mapped).
 """

@@ -58,7 +58,6 @@ from .layout import (
     GTE_ZEROED,
     MAX_DESCRIPTOR_BYTES,
     SECTOR,
-    SESPARSE_MAGIC,
     SPARSE_HEADER,
     VMDK3_MAGIC,
     VMDK4_MAGIC,
@@ -72,6 +71,20 @@ from .layout import (
     footer_offset,
 )
 from .layout import probe as probe_head
+from .sesparse import CODEC as SESPARSE_CODEC
+from .sesparse import (
+    ConstHeader,
+    SeSparseMap,
+    VolatileHeader,
+    check_header,
+    check_volatile_header,
+    classifier,
+    directory_sectors,
+    header_geometry,
+    is_sesparse,
+    table_check,
+    volatile_header_offset,
+)
 from .stream import StreamWriter, grain_record, new_stream
 from .tables import MirroredMap
 
@@ -97,6 +110,8 @@ class VmdkExtent:
     geometry: Geometry | None = None
     tables: TwoLevelMap | None = None
     cowd: bool = False
+    #: a seSparse extent (read-only; its header's capacity is its size)
+    sesparse: bool = False
     #: one past the last byte allocated in the extent's file (sparse)
     file_end: int = 0
 
@@ -106,8 +121,8 @@ class VmdkDriver(MappedDriver):
     kind = Kind.FORMAT
     supports_backing = True
     description = ("VMware disk: monolithicSparse/Flat, twoGbMaxExtent* (read, write), "
-                   "streamOptimized (both layouts), ESX VMFS/COWD extents (read); "
-                   "seSparse refused")
+                   "streamOptimized (both layouts), ESX VMFS/COWD extents (read), "
+                   "seSparse (read-only)")
     zero_blocks = True
     create_opts = CREATE_OPTS
     can_check = True
@@ -152,12 +167,13 @@ class VmdkDriver(MappedDriver):
             await self._open_sparse(extent)
             extent.size = extent.geometry.capacity if extent.geometry else 0
             self.extents.append(extent)
-        elif head.startswith(SESPARSE_MAGIC):
-            raise Unsupported("seSparse VMDK extents are not supported")
+        elif is_sesparse(head):
+            # (it has no descriptor: neither its parent nor its CIDs are known)
+            raise Unsupported("a seSparse VMDK extent opens only through the descriptor "
+                              "that names it")
         else:
             await self._open_descriptor(file)
-        self.size = sum(extent.size for extent in self.extents)
-        self.starts = [extent.start for extent in self.extents]
+        self._place_extents()
         if self.single_file:
             self._setup_layer()
 
@@ -194,7 +210,8 @@ class VmdkDriver(MappedDriver):
                 if extent.child:
                     refs[extent.child] = ChildRef(line.filename, read_only=False)
         if self.descriptor.parent_hint:
-            refs["backing"] = ChildRef(self.descriptor.parent_hint)
+            # (QEMU opens a VMDK's parent as a VMDK, and says so in info)
+            refs["backing"] = ChildRef(self.descriptor.parent_hint, "vmdk")
         return refs
 
     async def attach(self) -> None:
@@ -202,10 +219,21 @@ class VmdkDriver(MappedDriver):
             for extent in self.extents:
                 if extent.kind == "sparse":
                     await self._open_sparse(extent)
+            self._place_extents()
             self._setup_layer()
         backing = self.children.get("backing")
         if backing is not None and isinstance(backing.driver, VmdkDriver):
             self.parent_cid_ok = backing.driver.descriptor.cid == self.descriptor.parent_cid
+
+    def _place_extents(self) -> None:
+        """Extents end to end (a seSparse extent is as long as its header
+        says, whatever its descriptor line says, as in QEMU)."""
+        start = 0
+        for extent in self.extents:
+            extent.start = start
+            start += extent.size
+        self.size = start
+        self.starts = [extent.start for extent in self.extents]
 
     def _setup_layer(self) -> None:
         grain_sizes = {extent.geometry.grain_size for extent in self.extents
@@ -223,11 +251,15 @@ class VmdkDriver(MappedDriver):
         """Check a sparse extent's header and build its table map."""
         file = self.children[extent.child]
         head = await file.read(0, min(file.size, SPARSE_HEADER.size))
+        if (extent.type_name == "SESPARSE") != is_sesparse(head):
+            raise InvalidImage(f"{file.filename}: the descriptor's extent type "
+                               f"{extent.type_name} does not match the extent's header")
+        if extent.type_name == "SESPARSE":
+            await self._open_sesparse(extent, file, head)
+            return
         if head[:4] == VMDK3_MAGIC:
             extent.cowd = True
             geometry = check_cowd_header(CowdHeader.unpack(head), file.size)
-        elif head.startswith(SESPARSE_MAGIC):
-            raise Unsupported(f"{file.filename}: seSparse VMDK extents are not supported")
         else:
             header = await self._effective_header(file, head)
             geometry = check_sparse_header(header, file.size)
@@ -252,6 +284,30 @@ class VmdkDriver(MappedDriver):
             extent.tables = MirroredMap(rgd=rgd, rgd_offset=geometry.rgd_offset, **options)
         else:
             extent.tables = TwoLevelMap(**options)
+
+    async def _open_sesparse(self, extent: VmdkExtent, file: Node, head: bytes) -> None:
+        """A seSparse extent: checked as QEMU checks it, its tables
+        translated as they are read; the disk becomes read-only."""
+        header = ConstHeader.unpack(head)
+        check_header(header)
+        at = volatile_header_offset(header, file.size)
+        check_volatile_header(VolatileHeader.unpack(await file.read(at, SECTOR)))
+        geometry = header_geometry(header, file.size)
+        raw = await file.read(geometry.gd_offset, geometry.gd_entries * SESPARSE_CODEC.width)
+        extent.geometry = geometry
+        extent.sesparse = True
+        extent.size = geometry.capacity
+        extent.file_end = file.size
+        extent.tables = SeSparseMap(
+            grains_offset=header.grains_offset, file=file,
+            l1=directory_sectors(raw, header), l1_offset=geometry.gd_offset,
+            block_bits=geometry.grain_bits, l2_bits=geometry.gt_bits, codec=SESPARSE_CODEC,
+            classify=classifier(file, geometry), check_table=table_check(file),
+            allocate=functools.partial(self._allocate_in, extent),
+            cache_bytes=GT_CACHE_BYTES, entry_unit=SECTOR)
+        # as QEMU: "No write support for seSparse images"
+        self.read_only_format = True
+        self.read_only_what = "VMDK images with seSparse extents"
 
     async def _effective_header(self, file: Node, head: bytes) -> SparseHeader:
         """The header, or for a stream whose directory is at its end, the
@@ -636,8 +692,6 @@ async def _parent_cid(target: str, backing: str, ctx: OpenContext) -> int:
 def _extent_from_line(index: int, start: int, line: ExtentLine) -> VmdkExtent:
     if line.kind == "ZERO":
         return VmdkExtent(index, start, line.size, "zero", "", type_name="ZERO")
-    if line.kind == "SESPARSE":
-        raise Unsupported(f"seSparse VMDK extent {line.filename} is not supported")
     child = f"extent{index}"
     if line.kind in FLAT_TYPES:
         return VmdkExtent(index, start, line.size, "flat", child,

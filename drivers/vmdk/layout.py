@@ -19,7 +19,6 @@ from imgfs.tablecache import TableCodec
 SECTOR = 512
 VMDK4_MAGIC = b"KDMV"
 VMDK3_MAGIC = b"COWD"
-SESPARSE_MAGIC = struct.pack("<Q", 0xCAFEBABE)
 #: "Sparse extent header" flags
 FLAG_VALID_NEWLINE = 1 << 0
 FLAG_REDUNDANT_GT = 1 << 1

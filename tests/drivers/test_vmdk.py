@@ -306,13 +306,6 @@ def test_parent_cid_mismatch_is_one_clear_error(tmp_path: Path) -> None:
     assert "parent CID" in result.stderr and len(result.stderr.strip().splitlines()) == 1
 
 
-def test_sesparse_is_refused_in_one_line(tmp_path: Path) -> None:
-    image = tmp_path / "se.vmdk"
-    image.write_bytes(struct.pack("<QQQQQ", 0xCAFEBABE, 0x200000001, 8192, 8, 64)
-                      .ljust(4096, b"\0"))
-    assert "seSparse" in refusal(image)
-
-
 def test_cowd_extent_reads_zeros_and_info(tmp_path: Path) -> None:
     image = tmp_path / "delta.vmdk"
     head = struct.pack("<4sIIIIIII", b"COWD", 1, 3, 8192, 16, 40, 1, 5).ljust(512, b"\0")
