@@ -5,11 +5,14 @@ and VMware's own stream layout (the ESXi sample) read through `imgfs
 mount` as `qemu-img` reads them; writes through the mount pass `qemu-img
 check` and `compare`; a damaged grain is EIO for its request only; a
 stream refuses writes with EIO; a daemon killed mid-write leaves an image
-QEMU checks clean with every fsynced write in it.
+QEMU checks clean with every fsynced write in it.  A seSparse snapshot
+(built by tests/sesparse_images.py) mounts read-only and reads as QEMU
+reads it.
 """
 from __future__ import annotations
 
 import errno
+import json
 import os
 import struct
 from pathlib import Path
@@ -20,10 +23,12 @@ from imgfs.drivers.vmdk.layout import SparseHeader
 from tests.conftest import (
     assert_damage_is_eio_and_mount_stays_up,
     exposed,
+    imgfs,
     is_mounted,
     kill_daemon_mid_writes,
     mounted,
     need,
+    pread_errno,
     pwrite_all,
     qemu_raw,
     random_bytes,
@@ -38,6 +43,7 @@ from tests.drivers.test_vmdk import (
     vmdk_create,
     vmdk_io,
 )
+from tests.sesparse_images import GT_SPAN_SECTORS, UNMAPPED, ZERO, SeSparse, sesparse_disk
 
 MiB = 1024 * 1024
 
@@ -149,3 +155,60 @@ def test_sigkill_mid_writes_keeps_what_was_synced(workdir: Path, mnt: Path) -> N
         kill_daemon_mid_writes(mnt, view, 8 * MiB, 8 * MiB)
     check_clean(image)
     assert qemu_raw(image, workdir / "after.raw")[:8 * MiB] == expected[:8 * MiB]
+
+
+# -- seSparse (read-only) ------------------------------------------------------------------
+
+def sesparse_over_base(workdir: Path) -> tuple[Path, SeSparse]:
+    """A seSparse snapshot (tests/sesparse_images.py) of a qemu-img parent."""
+    base = vmdk_create(workdir / "base.vmdk", 2 * GT_SPAN_SECTORS * 512)
+    vmdk_io(base, "write -P 0x55 0 128k", f"write -P 0x66 {16 * MiB - 6144} 20k")
+    cid = json.loads(run("qemu-img", "info", "--output=json", base).stdout)[
+        "format-specific"]["data"]["cid"]
+    extent = SeSparse(2 * GT_SPAN_SECTORS, {0: b"\x01" * 4096, 3: ZERO, 5: UNMAPPED,
+                                            4095: b"\x02" * 100, 4096: b"\x03" * 4096},
+                      clusters={4096: 5000})
+    return sesparse_disk(workdir, extent, name="snap", parent="base.vmdk",
+                         parent_cid=cid), extent
+
+
+def test_sesparse_mounts_read_only_and_reads_like_qemu(workdir: Path, mnt: Path) -> None:
+    image, extent = sesparse_over_base(workdir)
+    expected = qemu_raw(image, workdir / "expected.raw")
+    assert expected == extent.expected(qemu_raw(workdir / "base.vmdk", workdir / "b.raw"))
+    before = (workdir / "snap-sesparse.vmdk").read_bytes()
+    with mounted(image, mountpoint=mnt):
+        with open("/proc/self/mountinfo") as table:
+            options = next(line.split()[5] for line in table
+                           if line.split()[4] == os.path.realpath(mnt))
+        assert "ro" in options.split(",")
+        view = exposed(mnt, image)
+        assert view.read_bytes() == expected
+        with open(view, "rb") as handle:
+            for offset, length in [(1, 100), (4095 * 4096 - 3, 4200), (len(expected) - 7, 7)]:
+                assert os.pread(handle.fileno(), length, offset) == \
+                    expected[offset:offset + length]
+        with pytest.raises(OSError) as caught:
+            os.open(view, os.O_WRONLY)
+        assert caught.value.errno in (errno.EROFS, errno.EACCES)
+    assert (workdir / "snap-sesparse.vmdk").read_bytes() == before
+
+
+def test_sesparse_rw_mount_is_refused_in_one_line(workdir: Path, mnt: Path) -> None:
+    image, _ = sesparse_over_base(workdir)
+    result = imgfs("mount", "-o", "rw", image.name, mnt, check=False, cwd=workdir)
+    assert (result.returncode, result.stderr) == (
+        1, f"imgfs: {image.name}: VMDK images with seSparse extents can only be opened "
+           "read-only (use -o ro)\n")
+    assert not is_mounted(mnt)
+
+
+def test_sesparse_bad_entry_is_eio_and_the_mount_stays_up(workdir: Path, mnt: Path) -> None:
+    image, extent = sesparse_over_base(workdir)
+    extent.grains[7] = 4 << 60                  # an entry of no known type
+    extent.write(workdir / "snap-sesparse.vmdk")
+    with mounted(image, mountpoint=mnt):
+        assert pread_errno(exposed(mnt, image), 7 * 4096, 4096, direct=True) == errno.EIO
+        with open(exposed(mnt, image), "rb") as handle:
+            assert os.pread(handle.fileno(), 4096, 0) == b"\x01" * 4096
+        assert is_mounted(mnt)
