@@ -1700,3 +1700,88 @@ def test_vmdk_descriptor_damage_is_one_line(tmp_path: Path, case: str) -> None:
         image = vmdk_descriptor(tmp_path, "d.vmdk", create,
                                 *(['RW 1 FLAT "d.vmdk" 0'] * 70000))
     assert_one_line_refusal(imgfs("info", image, check=False, timeout=30))
+
+
+# -- VMDK seSparse extents -------------------------------------------------------------------
+# (built from the layout by tests/sesparse_images.py, named by a descriptor;
+# only the extent is damaged)
+
+@pytest.fixture(scope="module")
+def sesparse_sample(tmp_path_factory: pytest.TempPathFactory) -> Sample:
+    from tests.sesparse_images import GT_SPAN_SECTORS, UNMAPPED, ZERO, SeSparse, descriptor
+    directory = tmp_path_factory.mktemp("hostile-sesparse")
+    extent = SeSparse(2 * GT_SPAN_SECTORS, {0: b"\x11" * 4096, 1: ZERO, 2: UNMAPPED,
+                                            4096: b"\x22" * 4096, 4097: b"\x33" * 10},
+                      clusters={4096: 4100})
+    path = directory / "se-sesparse.vmdk"
+    layout = extent.write(path)
+    descriptor(directory / "damaged-se.vmdk", [(extent.capacity, "damaged-se-sesparse.vmdk")])
+    gd = layout["grain_directory_offset"] * 512
+    tables = layout["grain_tables_offset"] * 512
+    # both headers; the directory; the first entries of both tables
+    return Sample("vmdk-sesparse", "vmdk", path,
+                  [(8, 26 * 8), (512, 32), (gd, 16), (tables, 64), (tables + 32768, 64)],
+                  magic_length=8)
+
+
+def damaged_sesparse(sample: Sample, image: bytes | bytearray) -> Path:
+    """The damaged extent beside its descriptor; the descriptor's path."""
+    sample.path.with_name("damaged-" + sample.path.name).write_bytes(image)
+    return sample.path.with_name("damaged-se.vmdk")
+
+
+@SETTINGS
+@given(data=st.data())
+def test_damaged_sesparse(sesparse_sample: Sample, data: st.DataObject) -> None:
+    image = damaged_sesparse(sesparse_sample, data.draw(damage(sesparse_sample)))
+    with guarded():
+        trio.run(exercise, image, "vmdk", False)
+
+
+def test_valid_sesparse_sample_reads(sesparse_sample: Sample) -> None:
+    image = damaged_sesparse(sesparse_sample, sesparse_sample.data)
+    with guarded():
+        trio.run(exercise, image, "vmdk", False)
+    assert imgfs("info", image).returncode == 0
+
+
+#: (constant header field's index or (volatile, byte offset), value, what the
+#: line says, whether qemu-img 7.2 refuses it too)
+SESPARSE_CLI_DAMAGE = {
+    "grain size 16": (3, 16, "grain size", True),
+    "grain size 2^63": (3, 1 << 63, "grain size", True),
+    "grain table size 128": (4, 128, "grain table size", True),
+    "version": (1, 0x300000001, "version", True),
+    "flags": (5, 1, "flags", True),
+    "reserved": (7, 1, "reserved", True),
+    "volatile header past EOF": (10, 1 << 40, "volatile header", False),
+    "volatile header inside the journal": (10, 3, "volatile header magic", True),
+    "capacity 2^63 sectors": (2, 1 << 63, "capacity", False),
+    "directory of 2^40 sectors": (17, 1 << 40, "too large", False),
+    "directory of 2^19+1 sectors": (17, (1 << 19) + 1, "too large", True),
+    "directory too small": (17, 0, "does not map", False),
+    "directory past EOF": (16, 1 << 40, "grain directory", False),
+    "grain tables past EOF": (18, 1 << 40, "grain tables", False),
+    "grains past EOF": (24, 1 << 50, "grains offset", False),
+    "grains in the header": (24, 1, "grains offset", False),
+    "replay journal": ((512 + 24), 1, "journal", True),
+    "volatile magic": ((512 + 0), 0xCAFEBABE, "volatile header magic", True),
+}
+
+
+@pytest.mark.parametrize("case", sorted(SESPARSE_CLI_DAMAGE))
+def test_sesparse_header_damage_is_one_line(sesparse_sample: Sample, case: str) -> None:
+    """Refused at open, in one line, within the memory cap; qemu-img refuses
+    the fields it checks (where it reads zeros past the end, imgfs refuses)."""
+    where, value, says, qemu_refuses = SESPARSE_CLI_DAMAGE[case]
+    offset = where if where >= 512 else where * 8
+    image = damaged_sesparse(sesparse_sample, apply_edits(sesparse_sample.data,
+                                                          [(offset, _le(8, value))], []))
+    with guarded():
+        trio.run(exercise, image, "vmdk", False)
+    result = imgfs("info", image, check=False, timeout=30)
+    assert_one_line_refusal(result)
+    assert says in result.stderr
+    if qemu_refuses:
+        qemu = subprocess.run(["qemu-img", "info", image], capture_output=True, check=False)
+        assert qemu.returncode == 1, qemu
