@@ -189,7 +189,7 @@ class FileDriver(BlockDriver):
             self.size = info.st_size
         else:
             raise Unsupported("not a regular file or block device")
-        self.can_resize = not self.is_device
+        self.can_resize = self.can_write_past_end = not self.is_device
         if self.is_device:
             sector = self._device_sector_size()
             self.sector_size = sector if sector in (512, 1024, 2048, 4096) else 512
@@ -276,6 +276,10 @@ class FileDriver(BlockDriver):
             written += os.pwrite(self.fd, data[written:], offset + written)
         if self.write_behind:
             self.write_behind.wrote(written)
+
+    async def write_past_end(self, offset: int, data: bytes) -> None:
+        await self.write(offset, data)
+        self.size = max(self.size, offset + len(data))
 
     async def write_zeroes(self, offset: int, length: int, *, may_unmap: bool = False) -> None:
         mode = (FALLOC_FL_PUNCH_HOLE | FALLOC_FL_KEEP_SIZE) if may_unmap else FALLOC_FL_ZERO_RANGE

@@ -165,6 +165,9 @@ class BlockDriver(abc.ABC):
     sector_size: int = 512
     #: True when the driver can shrink or grow (`truncate`)
     can_resize: bool = False
+    #: True when `write_past_end` works: a write that grows the node, its
+    #: bytes and its new size appearing together (a plain file's pwrite)
+    can_write_past_end: bool = False
     #: False when this source cannot be written (a read-only NBD export, a
     #: file without write permission): opened read-only unless rw was asked
     writable: bool = True
@@ -289,6 +292,11 @@ class BlockDriver(abc.ABC):
     async def write_compressed(self, offset: int, data: bytes) -> None:
         """Write whole clusters compressed (when `can_write_compressed`)."""
         raise Unsupported(f"{self.name} images cannot hold compressed data")
+
+    async def write_past_end(self, offset: int, data: bytes) -> None:
+        """Write `data`, growing the node to its end (when
+        `can_write_past_end`)."""
+        raise Unsupported(f"{self.name} cannot grow by a write")
 
     # -- checks and internal snapshots -----------------------------------------------
 

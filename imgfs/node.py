@@ -336,6 +336,22 @@ class Node:
             with self._driver_errors:
                 await self.driver.discard(start, end - start)
 
+    async def write_growing(self, offset: int, data: bytes) -> None:
+        """Write `data` at `offset`, the node growing to its end if it is
+        shorter: in one step where the driver can (a file whose end must
+        always hold valid metadata, VMDK's stream footer, is never seen
+        grown but not yet written), else a truncate first."""
+        self._check_writable()
+        end = offset + len(data)
+        if end <= self.driver.size:
+            await self.write(offset, data)
+        elif self.driver.can_write_past_end and self.driver.request_alignment == 1:
+            with self._driver_errors:
+                await self.driver.write_past_end(offset, data)
+        else:
+            await self.truncate(end)
+            await self.write(offset, data)
+
     async def write_compressed(self, offset: int, data: bytes) -> None:
         """Whole clusters, stored compressed (convert -c)."""
         self._check_writable()
