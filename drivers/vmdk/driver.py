@@ -56,7 +56,9 @@ from .layout import (
     GD_AT_END,
     GRAIN_MARKER,
     GTE_ZEROED,
+    MARKER_GD,
     MAX_DESCRIPTOR_BYTES,
+    METADATA_MARKER,
     SECTOR,
     SPARSE_HEADER,
     VMDK3_MAGIC,
@@ -522,28 +524,45 @@ class VmdkDriver(MappedDriver):
 
     async def _stream_writer(self) -> StreamWriter:
         """The writer, made at the first write: the grain tables in memory,
-        appends from the end of the last grain."""
+        new data after everything the live directory names."""
         if self.stream is not None:
             return self.stream
         extent = self.extents[0]
         assert extent.tables is not None and extent.geometry is not None
         assert self.stream_header is not None
         file = self.children["file"]
-        tables = {}
-        end = extent.geometry.data_start
+        geometry = extent.geometry
+        tables, table_sectors = {}, {}
+        free_start = max(geometry.data_start, geometry.gd_offset +
+                         align_up(geometry.gd_entries * CODEC.width, SECTOR))
         for index, gt_sector in enumerate(extent.tables.l1):
             if not gt_sector:
                 continue
             table = await extent.tables.l2_table(gt_sector * SECTOR)
             tables[index] = table.entries[:]
+            table_sectors[index] = gt_sector
+            free_start = max(free_start, gt_sector * SECTOR + geometry.gt_bytes)
             for entry in table.entries:
                 if entry > GTE_ZEROED:
-                    end = max(end, await self._grain_end(file, entry))
+                    free_start = max(free_start, await self._grain_end(file, entry))
         self.stream = StreamWriter(file=file, header=self.stream_header,
                                    grain_size=self.block_size,
-                                   gd_entries=extent.geometry.gd_entries, tables=tables,
-                                   end=end, keep_zero_grains=self.node.backing is not None)
+                                   gd_entries=geometry.gd_entries, tables=tables,
+                                   table_sectors=table_sectors,
+                                   gd_sector=geometry.gd_offset // SECTOR,
+                                   gd_marker=await self._gd_marker(file, geometry.gd_offset),
+                                   free_start=free_start,
+                                   keep_zero_grains=self.node.backing is not None)
         return self.stream
+
+    @staticmethod
+    async def _gd_marker(file: Node, gd_offset: int) -> int | None:
+        """Where the GD marker before the directory is (None: not one)."""
+        at = gd_offset - SECTOR
+        if at < SECTOR:
+            return None
+        _, size, kind = METADATA_MARKER.unpack_from(await file.read(at, METADATA_MARKER.size))
+        return at if size == 0 and kind == MARKER_GD else None
 
     @staticmethod
     async def _grain_end(file: Node, entry: int) -> int:
@@ -561,16 +580,19 @@ class VmdkDriver(MappedDriver):
 
     async def aclose(self) -> None:
         await self.flush()
+        if self.stream is not None:
+            async with self.lock:
+                await self.stream.give_back_slack()
 
     async def decode_block(self, token: Any) -> bytes:
         """A compressed grain: its marker (lba, size), then a zlib stream
         (or the grain a stream writer is filling)."""
         if token[0] == "pending":
             assert self.stream is not None
-            grain_index = token[1]
-            if self.stream.pending_index == grain_index:
-                return bytes(self.stream.pending)
-            token = (0, self.stream.entry(grain_index))
+            grain = self.stream.unwritten_grain(token[1])
+            if grain is not None:
+                return grain
+            token = (0, self.stream.entry(token[1]))
             if not token[1]:
                 return bytes(self.block_size)
         index, entry = token

@@ -15,6 +15,7 @@ import json
 import random
 import re
 import struct
+import zlib
 from pathlib import Path
 from typing import Any
 
@@ -31,7 +32,7 @@ from imgfs.drivers.vmdk.layout import (
 from imgfs.errors import CorruptImage, InvalidImage, ReadOnly, Unsupported
 from imgfs.graph import open_image
 from imgfs.node import OpenContext
-from tests.conftest import REQUIRE_ORACLES, imgfs, need, write_through_api
+from tests.conftest import REQUIRE_ORACLES, imgfs, need, random_bytes, write_through_api
 from tests.drivers.test_qed import (
     human_info,
     imgfs_raw,
@@ -585,6 +586,7 @@ def test_stream_output_is_vmware_layout_read_by_qemu_and_dissect(tmp_path: Path,
     run("qemu-img", "compare", "-q", "-f", "vmdk", "-F", "vmdk", source, target)
     assert info_json("imgfs", target) == info_json("qemu-img", target)
     expected = qemu_raw(source)
+    assert streamed(data, size) == expected
     with open(target, "rb") as handle:
         disk = dissect_vmdk().VMDK(handle)
         assert disk.size == size and disk.read(size) == expected
@@ -605,6 +607,116 @@ def test_stream_appends_in_order_and_refuses_going_back(tmp_path: Path) -> None:
     with pytest.raises(Unsupported, match="in order"):
         write_through_api(image, [(GRAIN, b"x")])
     compare_raw(bytes(expected), image)
+
+
+def test_stream_appends_are_readable_at_every_step(tmp_path: Path,
+                                                  monkeypatch: pytest.MonkeyPatch) -> None:
+    """Every write and cut imgfs makes to a VMware-layout stream, replayed
+    one at a time (a crash after each): qemu-img checks each state clean and
+    reads the old data with a prefix, in write order, of the new grains.
+    Small batches and slack make several commits, growths and a give-back."""
+    from imgfs.drivers import file as file_driver
+    from imgfs.drivers.vmdk import stream as stream_module
+    image = tmp_path / "s.vmdk"
+    imgfs("create", "-q", "-f", "vmdk", "-o", "subformat=streamOptimized", image, "4M")
+    write_through_api(image, [(0, random_bytes(100 * KiB, seed=1))])
+    before = image.read_bytes()
+    old_content = qemu_raw(image, "old.raw")
+    operations: list[tuple[int, bytes | None]] = []
+    real_write, real_truncate = file_driver.FileDriver.write, file_driver.FileDriver.truncate
+
+    async def write(self: Any, offset: int, data: bytes) -> None:
+        operations.append((offset, bytes(data)))     # (write_past_end comes here too)
+        await real_write(self, offset, data)
+
+    async def truncate(self: Any, size: int, preallocation: str = "off") -> None:
+        operations.append((size, None))
+        await real_truncate(self, size, preallocation)
+
+    monkeypatch.setattr(file_driver.FileDriver, "write", write)
+    monkeypatch.setattr(file_driver.FileDriver, "truncate", truncate)
+    monkeypatch.setattr(stream_module, "BATCH_BYTES", 100 * KiB)
+    monkeypatch.setattr(stream_module, "SLACK_BYTES", 160 * KiB)
+    writes = [(2 * GRAIN + 5, random_bytes(5 * GRAIN, seed=2)),
+              (MiB, random_bytes(3 * GRAIN, seed=3)), (3 * MiB - 7, random_bytes(9, seed=4))]
+    write_through_api(image, writes)
+    monkeypatch.undo()
+    new_content = bytearray(old_content)
+    apply_writes(new_content, writes)
+    changed = [index for index in range(len(new_content) // GRAIN)
+               if new_content[index * GRAIN:(index + 1) * GRAIN] !=
+               old_content[index * GRAIN:(index + 1) * GRAIN]]
+    allowed = []
+    for count in range(len(changed) + 1):
+        state = bytearray(old_content)
+        for index in changed[:count]:
+            state[index * GRAIN:(index + 1) * GRAIN] = new_content[index * GRAIN:
+                                                                   (index + 1) * GRAIN]
+        allowed.append(bytes(state))
+    crashed = bytearray(before)
+    assert len(operations) > 10
+    for offset, data in operations:
+        if data is None:
+            crashed = crashed[:offset].ljust(offset, b"\0")
+        else:
+            crashed[len(crashed):offset + len(data)] = bytes(max(0, offset + len(data) -
+                                                                 len(crashed)))
+            crashed[offset:offset + len(data)] = data
+        (tmp_path / "crash.vmdk").write_bytes(crashed)
+        check_clean(tmp_path / "crash.vmdk")
+        assert qemu_raw(tmp_path / "crash.vmdk", "crash.raw") in allowed
+    assert qemu_raw(image, "final.raw") == bytes(new_content)
+    data = image.read_bytes()
+    assert struct.unpack_from("<QII", data, len(data) - 1536)[2] == 3
+    footer = SparseHeader.unpack(data[-1024:-512])
+    # the slack given back: the footer block follows the one-sector directory
+    assert len(data) - 1536 - (footer.gd_offset + 1) * 512 < 4 * KiB
+    assert streamed(data, len(new_content)) == bytes(new_content)
+
+
+def test_stream_grain_continued_after_a_flush(tmp_path: Path) -> None:
+    """A flush in the middle of a grain commits what it holds; the rest of
+    the grain may still be written (the grain is committed again)."""
+    image = tmp_path / "s.vmdk"
+    imgfs("create", "-q", "-f", "vmdk", "-o", "subformat=streamOptimized", image, "1M")
+    pieces = [(100, b"a" * 1000), (5000, b"b" * 3000), (GRAIN - 10, b"c" * 20)]
+
+    async def main() -> None:
+        node = await open_image(str(image), OpenContext(read_only=False))
+        try:
+            for offset, data in pieces:
+                await node.write(offset, data)
+                await node.flush()
+                assert await node.read(offset, len(data)) == data
+        finally:
+            await node.aclose()
+    trio.run(main)
+    expected = bytearray(MiB)
+    apply_writes(expected, pieces)
+    check_clean(image)
+    compare_raw(bytes(expected), image)
+    assert streamed(image.read_bytes(), MiB) == bytes(expected)
+
+
+def streamed(data: bytes, size: int) -> bytes:
+    """The disk a streaming reader sees: markers read in order from the
+    overhead (grains placed at their lba, metadata skipped by its count)
+    to the end-of-stream marker, which must be the last sector."""
+    disk = bytearray(size)
+    position = SparseHeader.unpack(data[:512]).overhead * 512
+    while True:
+        count, length = struct.unpack_from("<QI", data, position)
+        if length:
+            grain = zlib.decompress(data[position + 12:position + 12 + length])
+            disk[count * 512:count * 512 + len(grain)] = grain
+            position += -(-(12 + length) // 512) * 512
+            continue
+        kind = struct.unpack_from("<I", data, position + 12)[0]
+        if kind == 0 and count == 0:
+            break
+        position += 512 + count * 512
+    assert position == len(data) - 512
+    return bytes(disk[:size])
 
 
 def test_qemu_layout_stream_takes_whole_grains_once_as_qemu(tmp_path: Path) -> None:

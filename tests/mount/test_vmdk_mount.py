@@ -5,16 +5,20 @@ and VMware's own stream layout (the ESXi sample) read through `imgfs
 mount` as `qemu-img` reads them; writes through the mount pass `qemu-img
 check` and `compare`; a damaged grain is EIO for its request only; a
 stream refuses writes with EIO; a daemon killed mid-write leaves an image
-QEMU checks clean with every fsynced write in it.  A seSparse snapshot
+QEMU checks clean with every fsynced write in it, a stream too (appends
+never cut its footer off).  A seSparse snapshot
 (built by tests/sesparse_images.py) mounts read-only and reads as QEMU
 reads it.
 """
 from __future__ import annotations
 
+import contextlib
 import errno
 import json
 import os
+import signal
 import struct
+import threading
 from pathlib import Path
 
 import pytest
@@ -22,6 +26,7 @@ from imgfs.drivers.vmdk.layout import SparseHeader
 
 from tests.conftest import (
     assert_damage_is_eio_and_mount_stays_up,
+    daemon_pids,
     exposed,
     imgfs,
     is_mounted,
@@ -212,3 +217,47 @@ def test_sesparse_bad_entry_is_eio_and_the_mount_stays_up(workdir: Path, mnt: Pa
         with open(exposed(mnt, image), "rb") as handle:
             assert os.pread(handle.fileno(), 4096, 0) == b"\x01" * 4096
         assert is_mounted(mnt)
+
+
+def test_stream_sigkill_mid_appends_keeps_what_was_synced(workdir: Path, mnt: Path) -> None:
+    """A VMware-layout stream written in order through the mount, synced
+    every few writes, the daemon killed while the writer is busy: qemu-img
+    opens and checks the image, and every synced byte is in it."""
+    image = workdir / "s.vmdk"
+    imgfs("create", "-q", "-f", "vmdk", "-o", "subformat=streamOptimized", image, "64M")
+    expected = bytearray(64 * MiB)
+    synced = [0]
+    stop = threading.Event()
+
+    def append_until_gone(view: Path) -> None:
+        fd = os.open(view, os.O_WRONLY)
+        offset, number = 0, 0
+        try:
+            while not stop.is_set() and offset + 50_000 <= len(expected):
+                data = random_bytes(50_000, seed=number)
+                os.pwrite(fd, data, offset)
+                expected[offset:offset + len(data)] = data
+                offset, number = offset + len(data), number + 1
+                if number % 8 == 0:
+                    os.fsync(fd)
+                    synced[0] = offset
+        except OSError:
+            pass                       # ENOTCONN once the daemon is killed
+        finally:
+            with contextlib.suppress(OSError):
+                os.close(fd)
+
+    with mounted(image, mountpoint=mnt):
+        writer = threading.Thread(target=append_until_gone, args=(exposed(mnt, image),))
+        writer.start()
+        try:
+            while synced[0] < 3 * 400_000 and writer.is_alive():
+                stop.wait(0.01)
+            for pid in daemon_pids(mnt):
+                os.kill(pid, signal.SIGKILL)
+        finally:
+            stop.set()
+            writer.join()
+    assert synced[0] >= 3 * 400_000
+    check_clean(image)
+    assert qemu_raw(image, workdir / "after.raw")[:synced[0]] == expected[:synced[0]]
