@@ -20,9 +20,10 @@ crash at any point leaves a stream QEMU reads, holding everything up to
 the last commit.  When the free space is too small, the file first grows
 by a slack of zeros, by one write of the footer block past its end (on a
 plain file the new size and the block appear together; elsewhere the
-node is grown first, the one moment the end is not a footer).  The GD marker counts the free space after the directory, so
-streaming readers skip it; closing the image gives the slack back (the
-footer block copied behind the directory, then the file cut there).
+node is grown first, the one moment the end is not a footer).  The GD
+marker counts the free space after the directory, so streaming readers
+skip it; closing the image gives the slack back (the footer block copied
+behind the directory, then the file cut there).
 Grain tables and directories a commit replaces stay in the file,
 unreferenced, behind their metadata markers.
 """
