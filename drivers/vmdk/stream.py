@@ -65,6 +65,12 @@ def metadata_marker(num_sectors: int, kind: int) -> bytes:
     return METADATA_MARKER.pack(num_sectors, 0, kind).ljust(SECTOR, b"\0")
 
 
+def footer_block(header: SparseHeader, gd_sector: int) -> bytes:
+    """Footer marker, the header naming the directory, end of stream."""
+    return metadata_marker(1, MARKER_FOOTER) + header._replace(gd_offset=gd_sector).pack() + \
+        bytes(SECTOR)
+
+
 def grain_record(lba: int, grain: bytes) -> bytes:
     """A compressed grain: marker, deflate stream, padding to a sector."""
     packed = zlib.compress(grain)
@@ -96,9 +102,7 @@ def stream_tail(header: SparseHeader, start: int, tables: dict[int, array.array[
     parts.append(metadata_marker(gd_bytes // SECTOR, MARKER_GD))
     gd_sector = position // SECTOR + 1
     parts.append(CODEC.encode(directory).ljust(gd_bytes, b"\0"))
-    parts.append(metadata_marker(1, MARKER_FOOTER))
-    parts.append(header._replace(gd_offset=gd_sector).pack())
-    parts.append(bytes(SECTOR))                  # end of stream: numSectors 0, type EOS
+    parts.append(footer_block(header, gd_sector))
     return b"".join(parts)
 
 
@@ -122,11 +126,6 @@ SLACK_BYTES = 4 * BATCH_BYTES
 #: write (a killed process never leaves half of it)
 PAGE = 4096
 FOOTER_BLOCK = 3 * SECTOR
-
-
-def footer_block(header: SparseHeader, gd_sector: int) -> bytes:
-    return metadata_marker(1, MARKER_FOOTER) + header._replace(gd_offset=gd_sector).pack() + \
-        bytes(SECTOR)
 
 
 def block_position(offset: int) -> int:
