@@ -32,6 +32,14 @@ class UsageError(ImgfsError):
     errno = errno.EINVAL
 
 
+class OptionRefused(ImgfsError):
+    """An option value or combination the format refuses when creating, as
+    qemu-img create refuses it (exit 1; a malformed command line is a
+    UsageError, exit 2)."""
+
+    errno = errno.EINVAL
+
+
 class InvalidImage(ImgfsError):
     """Not this format, or a header field out of range."""
 

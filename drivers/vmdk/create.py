@@ -13,10 +13,11 @@ qemu-img's, byte for byte (tests/drivers/test_vmdk.py compares them).
 from __future__ import annotations
 
 import os
+from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
 
-from imgfs.errors import UsageError
+from imgfs.errors import OptionRefused, UsageError
 from imgfs.mapped import align_up
 from imgfs.options import Bool, Opt, Schema, Str, choice
 
@@ -44,7 +45,19 @@ SPLIT_SECTORS = (2 << 30) // SECTOR
 DEFAULT_TOOLS_VERSION = "2147483647"
 NEWLINE_CHARS = b"\n \r\n"
 
-CREATE_OPTS = Schema(
+class RefusingSchema(Schema):
+    """Create options whose bad names and values qemu-img refuses with
+    exit 1 (OptionRefused), not as a malformed command line."""
+
+    def parse(self, given: Mapping[str, Any], what: str = "", *,
+              sloppy: bool = False) -> dict[str, Any]:
+        try:
+            return super().parse(given, what, sloppy=sloppy)
+        except UsageError as exc:
+            raise OptionRefused(str(exc)) from None
+
+
+CREATE_OPTS = RefusingSchema(
     Opt("adapter_type", choice(*ADAPTER_TYPES), default="ide",
         help="virtual adapter type: ide, lsilogic, buslogic or legacyESX"),
     Opt("backing_file", Str, help="file name of a base image"),
@@ -62,18 +75,17 @@ CREATE_OPTS = Schema(
 
 
 def check_create_options(options: dict[str, Any]) -> None:
-    """qemu-img's refusals, with its words."""
+    """qemu-img's refusals, with its words and its exit status (1); a
+    backing_fmt without a backing_file is ignored, as qemu-img does."""
     flat = options["subformat"] in ("monolithicFlat", "twoGbMaxExtentFlat")
     if options["compat6"] and options["hwversion"]:
-        raise UsageError("compat6 cannot be enabled with hwversion set")
+        raise OptionRefused("compat6 cannot be enabled with hwversion set")
     if options["backing_fmt"] and options["backing_fmt"] != "vmdk":
-        raise UsageError("backing_file must be a vmdk image")
-    if options["backing_fmt"] and not options["backing_file"]:
-        raise UsageError("backing_fmt requires backing_file")
+        raise OptionRefused("backing_file must be a vmdk image")
     if flat and options["backing_file"]:
-        raise UsageError("Flat image can't have backing file")
+        raise OptionRefused("Flat image can't have backing file")
     if flat and options["zeroed_grain"]:
-        raise UsageError("Flat image can't enable zeroed grain")
+        raise OptionRefused("Flat image can't enable zeroed grain")
 
 
 @dataclass(frozen=True, slots=True)
@@ -154,7 +166,7 @@ def new_sparse_extent(sectors: int, descriptor: bytes, *, zeroed_grain: bool = F
         flags |= FLAG_COMPRESSED | FLAG_MARKERS
         version = 3
     if len(descriptor) > DESCRIPTOR_SECTORS * SECTOR:
-        raise UsageError(f"VMDK descriptor of {len(descriptor)} bytes does not fit in "
+        raise OptionRefused(f"VMDK descriptor of {len(descriptor)} bytes does not fit in "
                          f"{DESCRIPTOR_SECTORS} sectors (backing file name too long?)")
     header = SparseHeader(VMDK4_MAGIC, version, flags, sectors, GRAIN_SECTORS, 1,
                           DESCRIPTOR_SECTORS, GTES_PER_GT, rgd_offset, gd_offset, overhead, 0,

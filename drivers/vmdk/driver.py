@@ -22,7 +22,7 @@ from typing import Any
 
 from imgfs.block import ChildRef, Kind
 from imgfs.check import CheckResult
-from imgfs.errors import CorruptImage, InvalidImage, Unsupported, UsageError
+from imgfs.errors import CorruptImage, InvalidImage, OptionRefused, Unsupported
 from imgfs.mapped import (
     MapKind,
     MappedDriver,
@@ -705,7 +705,7 @@ async def _parent_cid(target: str, backing: str, ctx: OpenContext) -> int:
                                                  locking=ctx.locking))
     try:
         if not isinstance(node.driver, VmdkDriver):
-            raise UsageError("backing_file must be a vmdk image")
+            raise OptionRefused("backing_file must be a vmdk image")
         return node.driver.descriptor.cid
     finally:
         await node.aclose()

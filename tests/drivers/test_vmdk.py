@@ -516,14 +516,29 @@ def test_create_is_byte_equal_to_qemu_img(tmp_path: Path, options: str) -> None:
     ("subformat=twoGbMaxExtentFlat,backing_file=b.vmdk,backing_fmt=vmdk",
      "Flat image can't have backing file"),
     ("backing_file=b.vmdk,backing_fmt=raw", "backing_file must be a vmdk image"),
-    ("adapter_type=scsi", "scsi"), ("subformat=sparse", "sparse")])
+    ("backing_fmt=raw", "backing_file must be a vmdk image"),
+    ("adapter_type=scsi", "scsi"), ("subformat=sparse", "sparse"),
+    ("compat6=maybe", "compat6"), ("zeroed_grain=x", "zeroed_grain"), ("foo=1", "foo")])
 def test_create_refuses_as_qemu_img(tmp_path: Path, options: str, message: str) -> None:
+    """One line and exit status 1, as qemu-img create; nothing is made."""
     vmdk_create(tmp_path / "b.vmdk", MiB)
     theirs = run("qemu-img", "create", "-f", "vmdk", "-o", options, "q.vmdk", "1M", check=False)
     assert theirs.returncode == 1 and message in theirs.stderr
     ours = imgfs("create", "-f", "vmdk", "-o", options, "i.vmdk", "1M", check=False)
-    assert ours.returncode != 0 and message in ours.stderr
+    assert ours.returncode == 1 and message in ours.stderr
     assert len(ours.stderr.strip().splitlines()) == 1
+    assert not (tmp_path / "i.vmdk").exists()
+    converted = imgfs("convert", "-O", "vmdk", "-o", options, "b.vmdk", "c.vmdk", check=False)
+    assert converted.returncode == 1 and message in converted.stderr
+
+
+def test_create_accepts_what_qemu_img_accepts(tmp_path: Path) -> None:
+    """A backing format without a backing file is ignored, as qemu-img does."""
+    for tool in ("qemu-img", "imgfs"):
+        (tmp_path / tool).mkdir()
+        run(tool, "create", "-q", "-f", "vmdk", "-o", "backing_fmt=vmdk,hwversion=abc",
+            tmp_path / tool / "d.vmdk", "1M")
+    assert created_files(tmp_path / "imgfs") == created_files(tmp_path / "qemu-img")
 
 
 def test_create_with_backing_file_names_its_cid(tmp_path: Path) -> None:
