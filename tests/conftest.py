@@ -345,15 +345,32 @@ def slot_openings(monkeypatch: pytest.MonkeyPatch) -> list[bytes]:
     return opened
 
 
+def kill_daemon_while_writing(mountpoint: Path, write: Callable[[threading.Event], None],
+                              ready: Callable[[], bool]) -> None:
+    """SIGKILL the daemon serving `mountpoint` once `ready()` says so, while a
+    thread runs `write(stop)` (it returns once `stop` is set or its writes
+    fail)."""
+    stop = threading.Event()
+    writer = threading.Thread(target=write, args=(stop,))
+    writer.start()
+    try:
+        while not ready() and writer.is_alive():
+            stop.wait(0.01)
+        for pid in daemon_pids(mountpoint):
+            os.kill(pid, signal.SIGKILL)
+    finally:
+        stop.set()
+        writer.join()
+
+
 def kill_daemon_mid_writes(mountpoint: Path, view: Path, start: int, length: int,
                            *, writes_first: int = 20) -> None:
     """SIGKILL the daemon serving `mountpoint` while a thread keeps writing
     50 kB pieces (unsynced) to `view` between `start` and `start + length`;
     at least `writes_first` of them are done before the kill."""
-    stop = threading.Event()
     written: list[int] = []
 
-    def write_until_gone() -> None:
+    def write_until_gone(stop: threading.Event) -> None:
         fd = os.open(view, os.O_WRONLY)
         try:
             while not stop.is_set():
@@ -367,16 +384,8 @@ def kill_daemon_mid_writes(mountpoint: Path, view: Path, start: int, length: int
             with contextlib.suppress(OSError):
                 os.close(fd)
 
-    writer = threading.Thread(target=write_until_gone)
-    writer.start()
-    try:
-        while len(written) < writes_first and writer.is_alive():
-            stop.wait(0.01)
-        for pid in daemon_pids(mountpoint):
-            os.kill(pid, signal.SIGKILL)
-    finally:
-        stop.set()
-        writer.join()
+    kill_daemon_while_writing(mountpoint, write_until_gone,
+                              lambda: len(written) >= writes_first)
     assert len(written) >= writes_first
 
 

@@ -16,7 +16,6 @@ import contextlib
 import errno
 import json
 import os
-import signal
 import struct
 import threading
 from pathlib import Path
@@ -26,11 +25,11 @@ from imgfs.drivers.vmdk.layout import SparseHeader
 
 from tests.conftest import (
     assert_damage_is_eio_and_mount_stays_up,
-    daemon_pids,
     exposed,
     imgfs,
     is_mounted,
     kill_daemon_mid_writes,
+    kill_daemon_while_writing,
     mounted,
     need,
     pread_errno,
@@ -227,10 +226,9 @@ def test_stream_sigkill_mid_appends_keeps_what_was_synced(workdir: Path, mnt: Pa
     imgfs("create", "-q", "-f", "vmdk", "-o", "subformat=streamOptimized", image, "64M")
     expected = bytearray(64 * MiB)
     synced = [0]
-    stop = threading.Event()
 
-    def append_until_gone(view: Path) -> None:
-        fd = os.open(view, os.O_WRONLY)
+    def append_until_gone(stop: threading.Event) -> None:
+        fd = os.open(exposed(mnt, image), os.O_WRONLY)
         offset, number = 0, 0
         try:
             while not stop.is_set() and offset + 50_000 <= len(expected):
@@ -248,16 +246,7 @@ def test_stream_sigkill_mid_appends_keeps_what_was_synced(workdir: Path, mnt: Pa
                 os.close(fd)
 
     with mounted(image, mountpoint=mnt):
-        writer = threading.Thread(target=append_until_gone, args=(exposed(mnt, image),))
-        writer.start()
-        try:
-            while synced[0] < 3 * 400_000 and writer.is_alive():
-                stop.wait(0.01)
-            for pid in daemon_pids(mnt):
-                os.kill(pid, signal.SIGKILL)
-        finally:
-            stop.set()
-            writer.join()
+        kill_daemon_while_writing(mnt, append_until_gone, lambda: synced[0] >= 3 * 400_000)
     assert synced[0] >= 3 * 400_000
     check_clean(image)
     assert qemu_raw(image, workdir / "after.raw")[:synced[0]] == expected[:synced[0]]
