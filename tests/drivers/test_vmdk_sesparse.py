@@ -135,6 +135,19 @@ def test_sesparse_over_a_parent_reads_like_qemu(tmp_path: Path) -> None:
     assert_reads_like_qemu(image, extent.expected(qemu_raw(base, "base.raw")))
 
 
+def test_chain_of_snapshots_reads_like_qemu(tmp_path: Path) -> None:
+    """base (qemu-img) <- seSparse snapshot <- seSparse snapshot."""
+    base, cid = base_image(tmp_path)
+    first = mixed_extent()
+    middle = sesparse_disk(tmp_path, first, name="snap1", parent="base.vmdk", parent_cid=cid,
+                           cid=0xABCD0001)
+    second = SeSparse(CAPACITY, {1: ZERO, 2: pattern(20), 4097: UNMAPPED, 8193: pattern(21)})
+    top = sesparse_disk(tmp_path, second, name="snap2", parent=middle.name,
+                        parent_cid=0xABCD0001, cid=0xABCD0002)
+    expected = second.expected(first.expected(qemu_raw(base, "base.raw")))
+    assert_reads_like_qemu(top, expected)
+
+
 def test_parent_cid_mismatch_fails_reads_as_qemu(tmp_path: Path) -> None:
     base_image(tmp_path)
     image = sesparse_disk(tmp_path, mixed_extent(), name="snap", parent="base.vmdk",
