@@ -687,6 +687,8 @@ def test_stream_appends_are_readable_at_every_step(tmp_path: Path,
     # the slack given back: the footer block follows the one-sector directory
     assert len(data) - 1536 - (footer.gd_offset + 1) * 512 < 4 * KiB
     assert streamed(data, len(new_content)) == bytes(new_content)
+    with open(image, "rb") as handle:
+        assert dissect_vmdk().VMDK(handle).read(len(new_content)) == bytes(new_content)
 
 
 def test_stream_grain_continued_after_a_flush(tmp_path: Path) -> None:
