@@ -56,9 +56,7 @@ from .layout import (
     GD_AT_END,
     GRAIN_MARKER,
     GTE_ZEROED,
-    MARKER_GD,
     MAX_DESCRIPTOR_BYTES,
-    METADATA_MARKER,
     SECTOR,
     SPARSE_HEADER,
     VMDK3_MAGIC,
@@ -73,21 +71,9 @@ from .layout import (
     footer_offset,
 )
 from .layout import probe as probe_head
-from .sesparse import CODEC as SESPARSE_CODEC
-from .sesparse import (
-    ConstHeader,
-    SeSparseMap,
-    VolatileHeader,
-    check_header,
-    check_volatile_header,
-    classifier,
-    directory_sectors,
-    header_geometry,
-    is_sesparse,
-    table_check,
-    volatile_header_offset,
-)
-from .stream import StreamWriter, grain_record, new_stream
+from .sesparse import is_sesparse
+from .sesparse import open_extent as open_sesparse
+from .stream import StreamWriter, grain_record, new_stream, open_writer
 from .tables import MirroredMap
 
 #: bytes of grain tables kept in memory per sparse extent
@@ -290,23 +276,12 @@ class VmdkDriver(MappedDriver):
     async def _open_sesparse(self, extent: VmdkExtent, file: Node, head: bytes) -> None:
         """A seSparse extent: checked as QEMU checks it, its tables
         translated as they are read; the disk becomes read-only."""
-        header = ConstHeader.unpack(head)
-        check_header(header)
-        at = volatile_header_offset(header, file.size)
-        check_volatile_header(VolatileHeader.unpack(await file.read(at, SECTOR)))
-        geometry = header_geometry(header, file.size)
-        raw = await file.read(geometry.gd_offset, geometry.gd_entries * SESPARSE_CODEC.width)
-        extent.geometry = geometry
+        extent.geometry, extent.tables = await open_sesparse(
+            file, head, cache_bytes=GT_CACHE_BYTES,
+            allocate=functools.partial(self._allocate_in, extent))
         extent.sesparse = True
-        extent.size = geometry.capacity
+        extent.size = extent.geometry.capacity
         extent.file_end = file.size
-        extent.tables = SeSparseMap(
-            grains_offset=header.grains_offset, file=file,
-            l1=directory_sectors(raw, header), l1_offset=geometry.gd_offset,
-            block_bits=geometry.grain_bits, l2_bits=geometry.gt_bits, codec=SESPARSE_CODEC,
-            classify=classifier(file, geometry), check_table=table_check(file),
-            allocate=functools.partial(self._allocate_in, extent),
-            cache_bytes=GT_CACHE_BYTES, entry_unit=SECTOR)
         # as QEMU: "No write support for seSparse images"
         self.read_only_format = True
         self.read_only_what = "VMDK images with seSparse extents"
@@ -523,55 +498,16 @@ class VmdkDriver(MappedDriver):
         return old.ljust(self.block_size, b"\0")
 
     async def _stream_writer(self) -> StreamWriter:
-        """The writer, made at the first write: the grain tables in memory,
-        new data after everything the live directory names."""
-        if self.stream is not None:
-            return self.stream
-        extent = self.extents[0]
-        assert extent.tables is not None and extent.geometry is not None
-        assert self.stream_header is not None
-        file = self.children["file"]
-        geometry = extent.geometry
-        tables, table_sectors = {}, {}
-        free_start = max(geometry.data_start, geometry.gd_offset +
-                         align_up(geometry.gd_entries * CODEC.width, SECTOR))
-        for index, gt_sector in enumerate(extent.tables.l1):
-            if not gt_sector:
-                continue
-            table = await extent.tables.l2_table(gt_sector * SECTOR)
-            tables[index] = table.entries[:]
-            table_sectors[index] = gt_sector
-            free_start = max(free_start, gt_sector * SECTOR + geometry.gt_bytes)
-            for entry in table.entries:
-                if entry > GTE_ZEROED:
-                    free_start = max(free_start, await self._grain_end(file, entry))
-        self.stream = StreamWriter(file=file, header=self.stream_header,
-                                   grain_size=self.block_size,
-                                   gd_entries=geometry.gd_entries, tables=tables,
-                                   table_sectors=table_sectors,
-                                   gd_sector=geometry.gd_offset // SECTOR,
-                                   gd_marker=await self._gd_marker(file, geometry.gd_offset),
-                                   free_start=free_start,
-                                   keep_zero_grains=self.node.backing is not None)
+        """The writer, made at the first write."""
+        if self.stream is None:
+            extent = self.extents[0]
+            assert extent.tables is not None and extent.geometry is not None
+            assert self.stream_header is not None
+            self.stream = await open_writer(
+                file=self.children["file"], header=self.stream_header,
+                tables=extent.tables, geometry=extent.geometry,
+                keep_zero_grains=self.node.backing is not None)
         return self.stream
-
-    @staticmethod
-    async def _gd_marker(file: Node, gd_offset: int) -> int | None:
-        """Where the GD marker before the directory is (None: not one)."""
-        at = gd_offset - SECTOR
-        if at < SECTOR:
-            return None
-        _, size, kind = METADATA_MARKER.unpack_from(await file.read(at, METADATA_MARKER.size))
-        return at if size == 0 and kind == MARKER_GD else None
-
-    @staticmethod
-    async def _grain_end(file: Node, entry: int) -> int:
-        head = await file.read(entry * SECTOR, min(GRAIN_MARKER.size,
-                                                   file.size - entry * SECTOR))
-        if len(head) < GRAIN_MARKER.size:
-            raise CorruptImage(f"compressed grain at sector {entry} is cut short")
-        size = GRAIN_MARKER.unpack(head)[1]
-        return align_up(entry * SECTOR + GRAIN_MARKER.size + size, SECTOR)
 
     async def flush(self) -> None:
         if self.stream is not None:

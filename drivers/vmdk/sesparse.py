@@ -294,3 +294,22 @@ def table_check(file: Any) -> Any:
             raise CorruptImage(f"grain table at byte {offset:#x} lies outside the "
                                f"{file.size}-byte seSparse extent {file.filename}")
     return check_table
+
+
+async def open_extent(file: Any, head: bytes, *, cache_bytes: int,
+                      allocate: Any) -> tuple[Geometry, SeSparseMap]:
+    """A seSparse extent's geometry and table map: its headers checked as
+    QEMU checks them, its directory read and translated."""
+    header = ConstHeader.unpack(head)
+    check_header(header)
+    at = volatile_header_offset(header, file.size)
+    check_volatile_header(VolatileHeader.unpack(await file.read(at, SECTOR)))
+    geometry = header_geometry(header, file.size)
+    raw = await file.read(geometry.gd_offset, geometry.gd_entries * CODEC.width)
+    tables = SeSparseMap(
+        grains_offset=header.grains_offset, file=file, l1=directory_sectors(raw, header),
+        l1_offset=geometry.gd_offset, block_bits=geometry.grain_bits,
+        l2_bits=geometry.gt_bits, codec=CODEC, classify=classifier(file, geometry),
+        check_table=table_check(file), allocate=allocate, cache_bytes=cache_bytes,
+        entry_unit=SECTOR)
+    return geometry, tables

@@ -34,8 +34,8 @@ import errno
 import zlib
 from typing import Any
 
-from imgfs.errors import Unsupported
-from imgfs.mapped import MapKind, Mapping, align_up
+from imgfs.errors import CorruptImage, Unsupported
+from imgfs.mapped import MapKind, Mapping, TwoLevelMap, align_up
 
 from .layout import (
     CODEC,
@@ -45,12 +45,14 @@ from .layout import (
     FLAG_VALID_NEWLINE,
     GD_AT_END,
     GRAIN_MARKER,
+    GTE_ZEROED,
     MARKER_FOOTER,
     MARKER_GD,
     MARKER_GT,
     METADATA_MARKER,
     SECTOR,
     VMDK4_MAGIC,
+    Geometry,
     SparseHeader,
 )
 
@@ -328,3 +330,45 @@ class StreamWriter:
         await self.file.flush()
         await self.file.truncate(block_at + FOOTER_BLOCK)
         await self.file.flush()
+
+
+async def open_writer(*, file: Any, header: SparseHeader, tables: TwoLevelMap,
+                      geometry: Geometry, keep_zero_grains: bool) -> StreamWriter:
+    """A writer for an open stream: its grain tables in memory, new data
+    after everything the live directory names."""
+    grain_tables, table_sectors = {}, {}
+    free_start = max(geometry.data_start, geometry.gd_offset +
+                     align_up(geometry.gd_entries * CODEC.width, SECTOR))
+    for index, gt_sector in enumerate(tables.l1):
+        if not gt_sector:
+            continue
+        table = await tables.l2_table(gt_sector * SECTOR)
+        grain_tables[index] = table.entries[:]
+        table_sectors[index] = gt_sector
+        free_start = max(free_start, gt_sector * SECTOR + geometry.gt_bytes)
+        for entry in table.entries:
+            if entry > GTE_ZEROED:
+                free_start = max(free_start, await grain_end(file, entry))
+    return StreamWriter(file=file, header=header, grain_size=geometry.grain_size,
+                        gd_entries=geometry.gd_entries, tables=grain_tables,
+                        table_sectors=table_sectors, gd_sector=geometry.gd_offset // SECTOR,
+                        gd_marker=await gd_marker_at(file, geometry.gd_offset),
+                        free_start=free_start, keep_zero_grains=keep_zero_grains)
+
+
+async def gd_marker_at(file: Any, gd_offset: int) -> int | None:
+    """Where the GD marker before the directory is (None: not one)."""
+    at = gd_offset - SECTOR
+    if at < SECTOR:
+        return None
+    _, size, kind = METADATA_MARKER.unpack_from(await file.read(at, METADATA_MARKER.size))
+    return at if size == 0 and kind == MARKER_GD else None
+
+
+async def grain_end(file: Any, entry: int) -> int:
+    """One past the sector-padded end of the compressed grain at `entry`."""
+    head = await file.read(entry * SECTOR, min(GRAIN_MARKER.size, file.size - entry * SECTOR))
+    if len(head) < GRAIN_MARKER.size:
+        raise CorruptImage(f"compressed grain at sector {entry} is cut short")
+    size = GRAIN_MARKER.unpack(head)[1]
+    return align_up(entry * SECTOR + GRAIN_MARKER.size + size, SECTOR)
