@@ -197,7 +197,13 @@ def test_writes_are_refused_as_qemu(tmp_path: Path) -> None:
     assert "No write support for seSparse" in qemu.stderr
     with pytest.raises(Unsupported, match="can only be opened read-only"):
         write_through_api(image, [(0, b"x" * 512)])
-    for command in (["resize", image, "64M"], ["commit", image], ["amend", "-o", "x=1", image]):
+    for command in (["resize", image, "64M"], ["check", "-r", "all", image]):
+        theirs = run("qemu-img", *command, check=False)
+        assert theirs.returncode == 1 and "No write support" in theirs.stderr
+        ours = imgfs(*command, check=False)
+        assert ours.returncode == 1 and len(ours.stderr.strip().splitlines()) == 1
+        assert "can only be opened read-only" in ours.stderr
+    for command in (["commit", image], ["amend", "-o", "x=1", image]):
         result = imgfs(*command, check=False)
         assert result.returncode == 1 and len(result.stderr.strip().splitlines()) == 1
     assert (tmp_path / "disk-sesparse.vmdk").read_bytes() == before
