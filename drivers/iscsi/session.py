@@ -100,6 +100,8 @@ class LoginFailed(Exception):
 class Session(Pipeline):
     """A logged-in session to one LUN; `name` is its URL without secrets."""
 
+    transmit_never_waits = True
+
     def __init__(self, target: Target) -> None:
         super().__init__(target.url())
         self.target = target
