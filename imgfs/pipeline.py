@@ -21,6 +21,7 @@ from __future__ import annotations
 import abc
 import itertools
 from contextlib import nullcontext
+from typing import ClassVar
 
 import trio
 
@@ -53,6 +54,11 @@ class Request:
 
 class Pipeline(abc.ABC):
     """Requests matched to replies by id on one connection."""
+
+    #: True when `transmit` returns without ever waiting (a library that
+    #: queues requests and writes them itself): requests then need no turn
+    #: at the stream and no shield from cancellation, and cost neither
+    transmit_never_waits: ClassVar[bool] = False
 
     def __init__(self, name: str, *, reply_timeout: float | None = None,
                  id_limit: int = 1 << 32) -> None:
@@ -109,10 +115,13 @@ class Pipeline(abc.ABC):
         self._pending[request_id] = request
         self.peak_in_flight = max(self.peak_in_flight, len(self._pending))
         try:
-            async with self._send_lock:
-                self.check_usable()
-                with trio.CancelScope(shield=True):
-                    await self.transmit(*buffers)
+            if self.transmit_never_waits:
+                await self.transmit(*buffers)
+            else:
+                async with self._send_lock:
+                    self.check_usable()
+                    with trio.CancelScope(shield=True):
+                        await self.transmit(*buffers)
         except Lost as exc:
             self.fail(f"connection to the server lost ({exc})")
         except BaseException:

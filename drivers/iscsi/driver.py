@@ -38,9 +38,9 @@ from .session import LoginFailed, Session, buffer_address, unmap_list
 #: largest READ/WRITE when the LUN reports no limit (libiscsi splits it
 #: into PDUs of the negotiated MaxBurstLength itself)
 DEFAULT_MAX_TRANSFER = 8 * MiB
-#: writes are split into commands of this size, sent together (the
+#: reads and writes are split into commands of this size, sent together (the
 #: MaxBurstLength tgt and most targets offer: one R2T per command)
-WRITE_PIECE = 256 * 1024
+PIECE = 256 * 1024
 #: READ(10)'s transfer length is 16 bits
 READ10_MAX_BLOCKS = 0xFFFF
 #: UNMAP and WRITE SAME lengths are 32-bit block counts; keep each command modest
@@ -218,26 +218,34 @@ class IscsiDriver(BlockDriver):
             await self.session.close()
 
     async def read(self, offset: int, length: int) -> bytes:
+        """READs of at most PIECE each, all queued at once, received in
+        place: the target reads the later pieces from its disk while the
+        earlier ones travel."""
         buffer = bytearray(length)
         address, storage = buffer_address(buffer)
-        vec = ScsiIovec(address, length)
-        lba, lib = offset // self.block_size, binding.lib()
+        lib = binding.lib()
         queue = lib.iscsi_read10_iov_task if self.use_read10 else lib.iscsi_read16_iov_task
-        await self._session().run("read", queue, lba, length, self.block_size, 0, 0, 0, 0, 0,
-                                  after=(vec, 1), keep=(storage, vec))
+        session, commands = self._session(), []
+        for start in range(0, length, PIECE):
+            vec = ScsiIovec(address + start, min(PIECE, length - start))
+            commands.append(await session.submit(
+                "read", queue, (offset + start) // self.block_size, vec.iov_len,
+                self.block_size, 0, 0, 0, 0, 0, after=(vec, 1), keep=(storage, vec)))
+        for command in commands:
+            await session.wait(command)
         # Received in place: a bytearray serves every caller as bytes would.
         return cast(bytes, buffer)
 
     async def write(self, offset: int, data: bytes) -> None:
-        """WRITE(16)s of at most WRITE_PIECE each, all queued at once: each
+        """WRITE(16)s of at most PIECE each, all queued at once: each
         waits for the target's R2Ts on its own, so their round trips overlap."""
         session = self._session()
         if not self.writable:
             raise ReadOnly(f"{session.name}: {self.read_only_reason}")
         queue, (address, storage) = binding.lib().iscsi_write16_iov_task, buffer_address(data)
         commands = []
-        for start in range(0, len(data), WRITE_PIECE):
-            vec = ScsiIovec(address + start, min(WRITE_PIECE, len(data) - start))
+        for start in range(0, len(data), PIECE):
+            vec = ScsiIovec(address + start, min(PIECE, len(data) - start))
             commands.append(await session.submit(
                 "write", queue, (offset + start) // self.block_size, None, vec.iov_len,
                 self.block_size, 0, 0, self.fua, 0, 0, after=(vec, 1), keep=(storage, vec)))

@@ -7,8 +7,10 @@ replies and calls each command's completion callback.  The session is an
 drivers share): the tasks waiting for commands take turns as its reader,
 whose `receive` polls ``iscsi_get_fd`` for ``iscsi_which_events`` with
 `trio.lowlevel.wait_readable` / `wait_writable` and services the socket.
-libiscsi sends the bytes itself, so "transmitting" a command only wakes a
-reader sleeping on a readable socket, so that the command goes out at once.
+libiscsi sends the bytes itself: "transmitting" a command services the
+socket for output right away once logged in (no task switch before the
+command leaves), and wakes a reader sleeping on a readable socket only when
+the socket did not take it all.
 Every libiscsi call happens on the trio thread.
 
 libiscsi reconnects by itself when the connection drops, and replays the
@@ -20,6 +22,7 @@ from __future__ import annotations
 
 import contextlib
 import ctypes
+import enum
 import errno
 import os
 import select
@@ -78,12 +81,26 @@ class Command(Request):
         self.keep = keep
 
 
+class Wake(enum.Enum):
+    """Why a reader sleeping on the socket woke up."""
+
+    READABLE = "readable"
+    #: readable or writable (a reader that also waited to send)
+    SOCKET = "socket"
+    #: a command was queued that the socket did not take at once
+    COMMAND = "command"
+    #: libiscsi's timeouts and reconnects are due
+    TIMER = "timer"
+
+
 class LoginFailed(Exception):
     """The connection or the login failed (message: libiscsi's reason)."""
 
 
 class Session(Pipeline):
     """A logged-in session to one LUN; `name` is its URL without secrets."""
+
+    transmit_never_waits = True
 
     def __init__(self, target: Target) -> None:
         super().__init__(target.url())
@@ -106,6 +123,8 @@ class Session(Pipeline):
         #: every command libiscsi holds, by id, until its callback: what keeps
         #: the buffers it points into alive, whatever becomes of the waiter
         self._queued: dict[int, Command] = {}
+        #: the login succeeded: commands may be sent the moment they are queued
+        self._sending_at_once = False
 
     # -- login --------------------------------------------------------------------
 
@@ -144,6 +163,7 @@ class Session(Pipeline):
                 raise LoginFailed(f"cannot connect to {target.portal}: {self._socket_error}")
             raise LoginFailed(self.error_text())
         lib.iscsi_set_noautoreconnect(ctx, 0)
+        self._sending_at_once = True
 
     def error_text(self) -> str:
         """libiscsi's last error, one line, without any secret."""
@@ -181,8 +201,15 @@ class Session(Pipeline):
         return command
 
     async def transmit(self, *buffers: bytes | bytearray | memoryview) -> None:
-        """libiscsi sends queued commands itself: wake a reader sleeping on
-        a readable socket so that it services the new one now."""
+        """libiscsi sends queued commands itself, inside iscsi_service: once
+        logged in, let it send now (a command waits for no reader's turn);
+        what the socket did not take, and any command during the login
+        (when POLLOUT means "connected"), wakes a reader sleeping on a
+        readable socket so that it waits for the socket to be writable."""
+        if self._sending_at_once and self._lib.iscsi_which_events(self._ctx) & select.POLLOUT:
+            self._service(select.POLLOUT)
+            if not self._lib.iscsi_which_events(self._ctx) & select.POLLOUT:
+                return
         if self._wait_scope is not None:
             self._wait_scope.cancel()
 
@@ -248,10 +275,16 @@ class Session(Pipeline):
             if self._busy >= BUSY_TURNS:
                 self._busy = 0
                 await trio.lowlevel.checkpoint()
-        else:
-            self._busy = 0
-            if await self._sleep_on(fd, events):
-                self._service(0)
+            return
+        self._busy = 0
+        woken_by = await self._sleep_on(fd, events)
+        if woken_by is Wake.TIMER:
+            self._service(0)
+        elif woken_by is Wake.READABLE and self._sending_at_once:
+            # A reply is there: no second look at the socket before reading
+            # it (a hang-up also reads as readable, and libiscsi's read then
+            # sees it).
+            self._service(select.POLLIN)
 
     def _ready(self, fd: int, events: int) -> int:
         """The events among `events` that `fd` has now (a poll that never waits)."""
@@ -261,19 +294,20 @@ class Session(Pipeline):
         ready = self._poller.poll(0)
         return ready[0][1] if ready else 0
 
-    async def _sleep_on(self, fd: int, events: int) -> bool:
-        """Until the socket is ready or a command is queued; True when it is
-        time to let libiscsi check its timers instead."""
+    async def _sleep_on(self, fd: int, events: int) -> Wake:
+        """Until the socket is ready, a command is queued or libiscsi's
+        timers are due; says which."""
         with trio.CancelScope(deadline=trio.current_time() + SERVICE_INTERVAL) as scope:
             self._wait_scope = scope
             try:
                 if events & select.POLLOUT:
                     await _readable_or_writable(fd)
-                else:
-                    await trio.lowlevel.wait_readable(fd)
+                    return Wake.SOCKET
+                await trio.lowlevel.wait_readable(fd)
+                return Wake.READABLE
             finally:
                 self._wait_scope = None
-        return scope.cancelled_caught and trio.current_time() >= scope.deadline
+        return Wake.TIMER if trio.current_time() >= scope.deadline else Wake.COMMAND
 
     def _service(self, revents: int) -> None:
         failed = self._lib.iscsi_service(self._ctx, revents) < 0

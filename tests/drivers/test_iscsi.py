@@ -220,6 +220,9 @@ def test_luns_read_as_qemu_reads_them(lab: Lab, tmp_path: Path, lun: int, attr: 
             assert node.driver.request_alignment == block
             # an unaligned read is widened by the core
             assert bytes(await node.read(block - 3, 10)) == expected[block - 3:block + 7]
+            # a long read travels as several commands at once, the last one short
+            length = MiB + 3 * block
+            assert bytes(await node.read(block, length)) == expected[block:block + length]
         finally:
             await node.aclose()
     trio.run(alignment)
