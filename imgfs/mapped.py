@@ -33,6 +33,8 @@ import os
 from collections.abc import Awaitable, Callable, Hashable, Sequence
 from typing import TYPE_CHECKING, Any, NamedTuple
 
+import trio
+
 from .block import DATA, UNALLOCATED, ZERO, BlockDriver, Extent
 from .errors import CorruptImage, ReadOnly, Unsupported
 from .tablecache import DecodedCache, MetadataLock, Table, TableCache, TableCodec
@@ -67,6 +69,20 @@ class Mapping(NamedTuple):
 
 def align_up(value: int, alignment: int) -> int:
     return -(-value // alignment) * alignment
+
+
+#: a transformed block larger than this is decoded on a worker thread:
+#: inflating it on the trio thread would hold up every other request
+DECODE_INLINE_LIMIT = 1 << 20
+
+
+async def run_decoder(size: int, decoder: Callable[..., bytes], *args: Any) -> bytes:
+    """``decoder(*args)``, which produces a block of `size` bytes; on a
+    worker thread when the block is large (zlib, bz2 and C decoders called
+    through ctypes let go of the GIL while they work)."""
+    if size <= DECODE_INLINE_LIMIT:
+        return decoder(*args)
+    return await trio.to_thread.run_sync(decoder, *args)
 
 
 async def create_image_file(target: Any, ctx: OpenContext, head: bytes, length: int, *,

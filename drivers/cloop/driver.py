@@ -10,7 +10,7 @@ from __future__ import annotations
 from typing import Any
 
 from imgfs.block import Kind
-from imgfs.mapped import MapKind, MappedDriver, Mapping
+from imgfs.mapped import MapKind, MappedDriver, Mapping, run_decoder
 from imgfs.node import OpenContext
 
 from .layout import (
@@ -67,7 +67,7 @@ class CloopDriver(MappedDriver):
         # there): a stream that ends in the file still inflates
         end = min(end, file.size)
         chunk = await file.read(start, end - start) if end > start else b""
-        return inflate_block(chunk, self.block_size, index)
+        return await run_decoder(self.block_size, inflate_block, chunk, self.block_size, index)
 
 
 DRIVERS = [CloopDriver]

@@ -12,7 +12,7 @@ from typing import Any
 
 from imgfs.block import Kind
 from imgfs.errors import CorruptImage
-from imgfs.mapped import MapKind, MappedDriver, Mapping
+from imgfs.mapped import MapKind, MappedDriver, Mapping, run_decoder
 from imgfs.node import OpenContext
 
 from .codecs import DECODERS
@@ -115,7 +115,8 @@ class DmgDriver(MappedDriver):
         chunk = self.chunks.chunk(token)
         stored = await self.children["file"].read(chunk.file_offset, chunk.stored_length)
         try:
-            return DECODERS[chunk.kind](stored, chunk.sectors * SECTOR)
+            size = chunk.sectors * SECTOR
+            return await run_decoder(size, DECODERS[chunk.kind], stored, size)
         except CorruptImage as exc:
             raise CorruptImage(f"UDIF chunk at sector {chunk.first_sector}: {exc}") from None
 
