@@ -8,14 +8,23 @@ decision is made once for the whole graph before any lock is taken.
 """
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import logging
 import os
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
 from typing import Any
 
 from .block import BlockDriver, ChildRef, Kind
-from .errors import CorruptImage, ImgfsError, NotFound, PermissionDenied, Unsupported, UsageError
+from .errors import (
+    CorruptImage,
+    ImgfsError,
+    NotFound,
+    OptionRefused,
+    PermissionDenied,
+    Unsupported,
+    UsageError,
+)
 from .node import Node, OpenContext
 from .registry import directory_image, get_driver, probe_format, protocol_for
 from .signatures import HEAD_BYTES, TAIL_BYTES
@@ -314,7 +323,8 @@ async def create_image(filename: str, fmt: str, size: int | None,
     cls = get_driver(fmt)
     if cls.create_opts is None:
         raise Unsupported(f"format '{fmt}' does not support image creation")
-    parsed = cls.create_opts.parse(options, what=fmt)
+    with refused_as_qemu_img_refuses():
+        parsed = cls.create_opts.parse(options, what=fmt)
     backing = parsed.get("backing_file")
     if size is None and not backing:
         raise UsageError("image size required")
@@ -324,8 +334,20 @@ async def create_image(filename: str, fmt: str, size: int | None,
     if size is None:
         raise UsageError("-u needs an explicit SIZE (the backing file is not opened)")
     parsed["size"] = size
-    await cls.create(filename, size, parsed, ctx)
+    with refused_as_qemu_img_refuses():
+        await cls.create(filename, size, parsed, ctx)
     return parsed
+
+
+@contextlib.contextmanager
+def refused_as_qemu_img_refuses() -> Iterator[None]:
+    """An option name, value or combination a format refuses when creating
+    is OptionRefused (exit 1, as qemu-img create and convert exit), not a
+    malformed command line (UsageError, exit 2)."""
+    try:
+        yield
+    except UsageError as exc:
+        raise OptionRefused(str(exc)) from None
 
 
 async def _backing_size(filename: str, backing: str, backing_fmt: str | None,

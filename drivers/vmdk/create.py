@@ -13,11 +13,10 @@ qemu-img's, byte for byte (tests/drivers/test_vmdk.py compares them).
 from __future__ import annotations
 
 import os
-from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
 
-from imgfs.errors import OptionRefused, UsageError
+from imgfs.errors import OptionRefused
 from imgfs.mapped import align_up
 from imgfs.options import Bool, Opt, Schema, Str, choice
 
@@ -45,19 +44,7 @@ SPLIT_SECTORS = (2 << 30) // SECTOR
 DEFAULT_TOOLS_VERSION = "2147483647"
 NEWLINE_CHARS = b"\n \r\n"
 
-class RefusingSchema(Schema):
-    """Create options whose bad names and values qemu-img refuses with
-    exit 1 (OptionRefused), not as a malformed command line."""
-
-    def parse(self, given: Mapping[str, Any], what: str = "", *,
-              sloppy: bool = False) -> dict[str, Any]:
-        try:
-            return super().parse(given, what, sloppy=sloppy)
-        except UsageError as exc:
-            raise OptionRefused(str(exc)) from None
-
-
-CREATE_OPTS = RefusingSchema(
+CREATE_OPTS = Schema(
     Opt("adapter_type", choice(*ADAPTER_TYPES), default="ide",
         help="virtual adapter type: ide, lsilogic, buslogic or legacyESX"),
     Opt("backing_file", Str, help="file name of a base image"),

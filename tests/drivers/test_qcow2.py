@@ -20,7 +20,7 @@ import trio
 
 from imgfs.block import Status
 from imgfs.check import render_human, render_json
-from imgfs.errors import CorruptImage, ImgfsError, ReadOnly, Unsupported, UsageError
+from imgfs.errors import CorruptImage, ImgfsError, OptionRefused, ReadOnly, Unsupported
 from imgfs.graph import create_image, open_image
 from imgfs.node import OpenContext
 from imgfs.options import parse_size
@@ -597,13 +597,13 @@ def test_created_image_with_backing(tmp_path):
 
 
 @pytest.mark.parametrize("options, error", [
-    ({"compat": "0.10", "lazy_refcounts": "on"}, UsageError),
-    ({"compat": "0.10", "extended_l2": "on"}, UsageError),
-    ({"extended_l2": "on", "cluster_size": "4k"}, UsageError),
-    ({"data_file_raw": "on"}, UsageError),
-    ({"cluster_size": "1000"}, UsageError),
-    ({"refcount_bits": "3"}, UsageError),
-    ({"encrypt.format": "luks"}, UsageError),     # no secret given
+    ({"compat": "0.10", "lazy_refcounts": "on"}, OptionRefused),
+    ({"compat": "0.10", "extended_l2": "on"}, OptionRefused),
+    ({"extended_l2": "on", "cluster_size": "4k"}, OptionRefused),
+    ({"data_file_raw": "on"}, OptionRefused),
+    ({"cluster_size": "1000"}, OptionRefused),
+    ({"refcount_bits": "3"}, OptionRefused),
+    ({"encrypt.format": "luks"}, OptionRefused),     # no secret given
     ({"encryption": "on"}, Unsupported),
 ])
 def test_create_refusals(tmp_path, options, error):

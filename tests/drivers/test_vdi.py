@@ -471,12 +471,12 @@ def test_uuid_loops_and_self_links_are_one_line(tmp_path: Path) -> None:
 def test_create_differencing_refusals(tmp_path: Path) -> None:
     base = qemu_create(tmp_path / "base.vdi", 2 * MiB)
     result = imgfs("create", "-f", "vdi", "-b", base, tmp_path / "c.vdi", "4M", check=False)
-    assert result.returncode == 2 and "its parent's size" in result.stderr
+    assert result.returncode == 1 and "its parent's size" in result.stderr
     run("qemu-img", "create", "-q", "-f", "qcow2", tmp_path / "q.qcow2", "2M")
-    for fmt, status in [(("-F", "qcow2"), 2), ((), 1)]:
+    for fmt in (("-F", "qcow2"), ()):
         result = imgfs("create", "-f", "vdi", "-b", tmp_path / "q.qcow2", *fmt,
                        tmp_path / "c.vdi", check=False)
-        assert result.returncode == status and result.stderr.count("\n") == 1
+        assert result.returncode == 1 and result.stderr.count("\n") == 1
     other = tmp_path / "other"
     other.mkdir()
     result = imgfs("create", "-f", "vdi", "-b", "../base.vdi", other / "c.vdi")
