@@ -10,11 +10,9 @@ EIO for the one request that meets the damage.
 """
 from __future__ import annotations
 
-import contextlib
 import errno
 import json
 import os
-import signal
 import struct
 import subprocess
 import threading
@@ -23,10 +21,10 @@ from pathlib import Path
 import pytest
 
 from tests.conftest import (
-    daemon_pids,
     exposed,
     imgfs,
     is_mounted,
+    kill_daemon_mid_writes,
     mounted,
     need,
     need_root,
@@ -564,7 +562,6 @@ def test_sigkill_mid_writes_leaves_no_corruption(workdir: Path, mnt: Path,
     in the image."""
     image = qemu_create(workdir / "k.qcow2", "16M", *options)
     expected = bytearray(16 * MiB)
-    stop = threading.Event()
     with mounted(image, mountpoint=mnt):
         view = exposed(mnt, image)
         fd = os.open(view, os.O_WRONLY)
@@ -576,35 +573,10 @@ def test_sigkill_mid_writes_leaves_no_corruption(workdir: Path, mnt: Path,
             os.fsync(fd)
         finally:
             os.close(fd)
-        written: list[int] = []
-        writer = threading.Thread(target=_write_until_gone, args=(view, stop, written))
-        writer.start()
-        try:
-            while len(written) < 20 and writer.is_alive():
-                stop.wait(0.01)
-            for pid in daemon_pids(mnt):
-                os.kill(pid, signal.SIGKILL)
-        finally:
-            stop.set()
-            writer.join()
-        assert len(written) >= 20
+        kill_daemon_mid_writes(mnt, view, 8 * MiB, 8 * MiB, writes_first=20)
     result = run("qemu-img", "check", "--output=json", image, check=False)
     report = json.loads(result.stdout)
     assert result.returncode in (0, 3) and not report.get("corruptions"), report
     assert qemu_raw(image, workdir / "after.raw")[:8 * MiB] == expected[:8 * MiB]
 
 
-def _write_until_gone(view: Path, stop: threading.Event, written: list[int]) -> None:
-    """Unsynced writes to the second 8 MiB until the daemon is gone."""
-    fd = os.open(view, os.O_WRONLY)
-    try:
-        while not stop.is_set():
-            number = len(written) + 1
-            os.pwrite(fd, random_bytes(50_000, seed=1000 + number),
-                      8 * MiB + (number * 123_457) % (8 * MiB - 50_000))
-            written.append(number)
-    except OSError:
-        pass                       # ENOTCONN once the daemon is killed
-    finally:
-        with contextlib.suppress(OSError):
-            os.close(fd)
