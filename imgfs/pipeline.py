@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import abc
 import itertools
-from contextlib import nullcontext
 from typing import ClassVar
 
 import trio
@@ -169,13 +168,11 @@ class Pipeline(abc.ABC):
     async def _lead(self, request: Request) -> None:
         self._reader = request
         try:
-            while not request.done:
-                timeout = (trio.fail_after(self.reply_timeout) if self.reply_timeout
-                           else nullcontext())
-                with timeout:
+            if self.reply_timeout is None:
+                while not request.done:
                     await self.receive()
-        except trio.TooSlowError:
-            self.fail(f"no reply from the server in {self.reply_timeout:g} s")
+            else:
+                await self._receive_until_done(request, self.reply_timeout)
         except Lost as exc:
             self.fail(f"connection to the server lost ({exc})")
         except ProtocolError as exc:
@@ -186,6 +183,17 @@ class Pipeline(abc.ABC):
             self.fail(f"internal error, disconnected: {exc!r}")
         finally:
             self._reader = None
+
+    async def _receive_until_done(self, request: Request, reply_timeout: float) -> None:
+        """Receive until `request` is done, each receive within `reply_timeout`
+        (one cancel scope whose deadline moves on: a scope per receive would
+        cost more than many a reply)."""
+        with trio.CancelScope() as scope:
+            while not request.done:
+                scope.deadline = trio.current_time() + reply_timeout
+                await self.receive()
+        if scope.cancelled_caught and not request.done:
+            self.fail(f"no reply from the server in {reply_timeout:g} s")
 
     # -- replies --------------------------------------------------------------------
 
