@@ -1,7 +1,7 @@
 """HTTP/1.1 range requests over a small pool of persistent connections.
 
-h11 speaks the protocol and does no I/O; trio streams carry it (a
-`trio.SocketStream`, which sets TCP_NODELAY, and for https a
+`wire` writes the requests and parses the answers; trio streams carry
+them (a `trio.SocketStream`, which sets TCP_NODELAY, and for https a
 `trio.SSLStream` over it).  Each request runs on a connection of its own
 from the pool, so several are in flight at once; a connection goes back to
 the pool only once its answer was read completely.
@@ -19,9 +19,8 @@ import os
 import ssl
 from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass, field
-from typing import Any, TypeVar, cast
+from typing import TypeVar
 
-import h11
 import trio
 
 from imgfs import __version__
@@ -38,11 +37,14 @@ from imgfs.options import KiB
 
 from .proxy import choose_proxy, open_tunnel, request_target
 from .url import Url, content_range
+from .wire import BadAnswer, Response, chunk_size, parse_head, request_head
 
-#: bytes asked of the socket at once
-RECEIVE_SIZE = 256 * KiB
-#: the longest status line plus headers accepted
-MAX_HEADER_BYTES = 64 * KiB
+#: bytes a connection's buffer holds (a large body bypasses it)
+RECEIVE_SIZE = 64 * KiB
+#: the longest status line plus headers accepted (less than RECEIVE_SIZE)
+MAX_HEADER_BYTES = 60 * KiB
+#: the longest chunk size line accepted (the size and its extensions)
+MAX_CHUNK_LINE = 4 * KiB
 #: redirects followed before giving up (curl's limit is larger; loops are the usual cause)
 MAX_REDIRECTS = 10
 REDIRECTS = frozenset({301, 302, 303, 307, 308})
@@ -58,6 +60,10 @@ NETWORK_ERRORS = (OSError, trio.BrokenResourceError, trio.ClosedResourceError)
 
 class Lost(Exception):
     """The connection failed or broke the protocol (message: why)."""
+
+
+class Overflow(Lost):
+    """The answer's body is longer than what it is read into."""
 
 
 @dataclass
@@ -105,32 +111,9 @@ def ssl_reason(exc: BaseException) -> str | None:
     return None
 
 
-def header(response: h11.Response, name: bytes) -> str | None:
-    """The last value of header `name` (lower case), if any."""
-    value = None
-    for key, item in response.headers:
-        if key == name:
-            value = item.decode("latin-1")
-    return value
-
-
-def content_length(response: h11.Response) -> int | None:
-    """The body's length, when Content-Length alone frames it."""
-    if header(response, b"transfer-encoding") is not None:
-        return None
-    value = header(response, b"content-length")
-    return int(value) if value is not None and value.isdigit() else None
-
-
-def keeps_alive(response: h11.Response) -> bool:
-    """Whether the server keeps the connection open after this answer (RFC 9112 9.3)."""
-    connection = (header(response, b"connection") or "").lower()
-    return response.http_version == b"1.1" and "close" not in connection
-
-
-def status_error(url: Url, response: h11.Response) -> ImgfsError:
+def status_error(url: Url, response: Response) -> ImgfsError:
     """The error an unexpected status means."""
-    status = response.status_code
+    status = response.status
     message = f"{url.display}: HTTP {status} {printable(response.reason)}".rstrip()
     if status == 407:
         return PermissionDenied(message + " (proxy authentication failed or needed)")
@@ -143,134 +126,191 @@ def status_error(url: Url, response: h11.Response) -> ImgfsError:
     return ImgfsError(message)
 
 
-class Connection:
-    """One HTTP/1.1 connection: a trio stream and h11's state for it."""
+class Transport:
+    """A trio stream (`trio.SSLStream` for https), received into buffers."""
 
     def __init__(self, stream: trio.abc.Stream) -> None:
         self.stream = stream
-        self.protocol = h11.Connection(h11.CLIENT, max_incomplete_event_size=MAX_HEADER_BYTES)
+
+    async def send_all(self, data: bytes) -> None:
+        await self.stream.send_all(data)
+
+    async def receive_into(self, view: memoryview) -> int:
+        """Receive into `view`; how many bytes came (0: the server closed)."""
+        if isinstance(self.stream, trio.SocketStream):
+            return await self.stream.socket.recv_into(view)
+        data = await self.stream.receive_some(len(view))
+        view[:len(data)] = data
+        return len(data)
+
+    async def aclose(self) -> None:
+        await trio.aclose_forcefully(self.stream)
+
+
+class Connection:
+    """One HTTP/1.1 connection: its transport and what was received from
+    it but not read yet (``buffer[start:end]``)."""
+
+    def __init__(self, transport: Transport) -> None:
+        self.transport = transport
+        self.buffer = bytearray(RECEIVE_SIZE)
+        self.received = memoryview(self.buffer)
+        self.start = self.end = 0
         #: the server sent something since the current request went out
         self.heard_back = False
-        #: the last body bypassed h11, which must then start afresh
-        self.bypassed_body = False
-        self.keep_alive = False
+        #: the current answer was read whole and leaves the connection usable
+        self.reusable = False
 
-    async def send(self, request: h11.Request) -> None:
+    async def send(self, request: bytes) -> None:
+        self.heard_back = self.reusable = False
         try:
-            data = self.protocol.send(request) + self.protocol.send(h11.EndOfMessage())
-        except h11.LocalProtocolError as exc:
-            raise Lost(f"cannot send the request: {exc}") from None
-        self.heard_back = False
-        try:
-            await self.stream.send_all(data)
+            await self.transport.send_all(request)
         except NETWORK_ERRORS as exc:
             raise Lost(socket_reason(exc)) from None
 
-    def _poll(self) -> Any:
-        """h11's next event, or NEED_DATA."""
-        try:
-            event = self.protocol.next_event()
-        except h11.RemoteProtocolError as exc:
-            raise Lost(f"not a valid HTTP answer: {exc}") from None
-        if isinstance(event, h11.ConnectionClosed):
-            raise Lost("the server closed the connection")
-        if event is h11.PAUSED:
-            raise Lost("the server answered more than was asked")
-        return event
-
-    async def _feed(self) -> None:
-        """Give h11 what the server sent next."""
-        try:
-            data = await self.stream.receive_some(RECEIVE_SIZE)
-        except NETWORK_ERRORS as exc:
-            raise Lost(ssl_reason(exc) or socket_reason(exc)) from None
-        self.heard_back = self.heard_back or bool(data)
-        self.protocol.receive_data(bytes(data) if isinstance(data, bytearray) else data)
-
-    async def next_event(self) -> h11.Event:
-        while (event := self._poll()) is h11.NEED_DATA:
-            await self._feed()
-        return cast(h11.Event, event)
-
-    async def response(self) -> h11.Response:
-        while True:
-            event = await self.next_event()
-            if isinstance(event, h11.Response):
-                return event
-            if not isinstance(event, h11.InformationalResponse):
-                raise Lost(f"unexpected {type(event).__name__} before the status line")
-
-    async def body_into(self, response: h11.Response, view: memoryview) -> int:
-        """Receive the body into `view`; how many bytes it had.
-
-        What h11 holds of the body already comes through h11; when the body
-        is exactly `view` long, the rest is received straight into `view`
-        (through h11 every byte would be copied twice more), and the
-        connection's next request starts with a fresh h11 state."""
-        filled = 0
-        direct = len(view) if content_length(response) == len(view) else None
-        while True:
-            event = self._poll()
-            if event is h11.NEED_DATA:
-                if direct is not None:
-                    break
-                await self._feed()
-            elif isinstance(event, h11.Data):
-                count = len(event.data)
-                if filled + count > len(view):
-                    raise Lost("the server sent more than the range asked for")
-                view[filled:filled + count] = event.data
-                filled += count
-            elif isinstance(event, h11.EndOfMessage):
-                return filled
-            else:
-                raise Lost(f"unexpected {type(event).__name__} in a body")
-        while filled < len(view):
-            filled += await self._receive_into(view[filled:])
-        self.bypassed_body = True
-        self.keep_alive = keeps_alive(response)
-        return filled
-
-    async def _receive_into(self, view: memoryview) -> int:
-        try:
-            if isinstance(self.stream, trio.SocketStream):
-                count = await self.stream.socket.recv_into(view)
-            else:
-                data = await self.stream.receive_some(len(view))
-                count = len(data)
-                view[:count] = data
-        except NETWORK_ERRORS as exc:
-            raise Lost(ssl_reason(exc) or socket_reason(exc)) from None
-        if count == 0:
-            raise Lost("the server closed the connection in the middle of a body")
-        self.heard_back = True
+    async def _receive(self) -> int:
+        """Receive more into the buffer (moving what it holds to its start
+        when its end is reached); how many bytes came (0: none fit, or the
+        server closed)."""
+        if self.end == len(self.buffer) and self.start:
+            held = self.end - self.start
+            self.buffer[:held] = self.received[self.start:self.end]
+            self.start, self.end = 0, held
+        count = await self._receive_into(self.received[self.end:])
+        self.end += count
         return count
 
-    async def skip_body(self) -> None:
+    async def _receive_into(self, view: memoryview) -> int:
+        if not view:
+            return 0
+        try:
+            count = await self.transport.receive_into(view)
+        except NETWORK_ERRORS as exc:
+            raise Lost(ssl_reason(exc) or socket_reason(exc)) from None
+        self.heard_back = self.heard_back or count > 0
+        return count
+
+    async def _line(self, limit: int) -> str:
+        """The next CRLF-terminated line (without its CRLF), at most `limit` bytes."""
+        scanned = self.start
+        while (found := self.buffer.find(b"\r\n", scanned, self.end)) < 0:
+            if self.end - self.start > limit + 1:
+                raise Lost(f"not a valid HTTP answer: a line longer than {limit} bytes")
+            scanned = max(self.start, self.end - 1)
+            if not await self._receive():
+                raise Lost("the server closed the connection in the middle of a body")
+        line = self.buffer[self.start:found].decode("latin-1")
+        self.start = found + 2
+        return line
+
+    async def response(self) -> Response:
+        """The next final answer's head (1xx answers skipped)."""
+        while True:
+            response = await self._head()
+            if response.status == 101:
+                raise Lost("the server switched protocols")
+            if response.status >= 200:
+                return response
+
+    async def _head(self) -> Response:
+        scanned = self.start
+        while (found := self.buffer.find(b"\r\n\r\n", scanned, self.end)) < 0:
+            if self.end - self.start >= MAX_HEADER_BYTES:
+                raise Lost(f"not a valid HTTP answer: a head longer than {MAX_HEADER_BYTES} "
+                           "bytes")
+            scanned = max(self.start, self.end - 3)
+            if not await self._receive():
+                raise Lost("the server closed the connection" if self.end == self.start
+                           else "the server closed the connection in the middle of a head")
+        head = self.buffer[self.start:found].decode("latin-1")
+        self.start = found + 4
+        try:
+            return parse_head(head)
+        except BadAnswer as exc:
+            raise Lost(f"not a valid HTTP answer: {exc}") from None
+
+    async def body_into(self, response: Response, view: memoryview) -> int:
+        """Receive the body into `view`; how many bytes it had (more than
+        `view` holds is an error)."""
+        if response.chunked:
+            filled = await self._chunked_into(view)
+        elif response.length is None:
+            filled = await self._rest_into(view)
+        elif response.length > len(view):
+            raise Overflow("the server sent more than the range asked for")
+        else:
+            filled = await self._exactly_into(view[:response.length])
+        self.reusable = response.keep_alive and (response.chunked or
+                                                 response.length is not None)
+        return filled
+
+    async def _exactly_into(self, view: memoryview) -> int:
+        """Fill `view`: from the buffer first, then straight from the
+        connection (a large body is not copied through the buffer)."""
+        buffered = min(self.end - self.start, len(view))
+        view[:buffered] = self.received[self.start:self.start + buffered]
+        self.start += buffered
+        filled = buffered
+        while filled < len(view):
+            count = await self._receive_into(view[filled:])
+            if not count:
+                raise Lost("the server closed the connection in the middle of a body")
+            filled += count
+        return len(view)
+
+    async def _chunked_into(self, view: memoryview) -> int:
+        filled = 0
+        while size := self._chunk_size(await self._line(MAX_CHUNK_LINE)):
+            if filled + size > len(view):
+                raise Overflow("the server sent more than the range asked for")
+            filled += await self._exactly_into(view[filled:filled + size])
+            if await self._line(0):
+                raise Lost("not a valid HTTP answer: a chunk longer than its size")
+        trailers = 0
+        while line := await self._line(MAX_HEADER_BYTES):
+            trailers += len(line)
+            if trailers > MAX_HEADER_BYTES:
+                raise Lost(f"not a valid HTTP answer: trailers longer than {MAX_HEADER_BYTES} "
+                           "bytes")
+        return filled
+
+    @staticmethod
+    def _chunk_size(line: str) -> int:
+        try:
+            return chunk_size(line)
+        except BadAnswer as exc:
+            raise Lost(f"not a valid HTTP answer: {exc}") from None
+
+    async def _rest_into(self, view: memoryview) -> int:
+        """A body that ends when the server closes the connection."""
+        filled = await self._exactly_into(view[:min(len(view), self.end - self.start)])
+        while count := await self._receive_into(view[filled:]):
+            filled += count
+        if filled == len(view) and await self._receive():
+            raise Overflow("the server sent more than the range asked for")
+        return filled
+
+    async def skip_body(self, response: Response) -> None:
         """Read a short body to keep the connection; a long one is not read
         (the connection is then closed instead of reused)."""
-        skipped = 0
-        while skipped <= MAX_SKIPPED_BODY:
-            event = await self.next_event()
-            if isinstance(event, h11.EndOfMessage):
-                return
-            if isinstance(event, h11.Data):
-                skipped += len(event.data)
+        if response.length is None and not response.chunked \
+                or (response.length or 0) > MAX_SKIPPED_BODY:
+            return
+        try:
+            await self.body_into(response, memoryview(bytearray(MAX_SKIPPED_BODY)))
+        except Overflow:
+            self.reusable = False
 
     def reuse(self) -> bool:
-        """Ready the connection for its next request, if it can have one."""
-        if self.bypassed_body:
-            self.bypassed_body = False
-            self.protocol = h11.Connection(h11.CLIENT,
-                                           max_incomplete_event_size=MAX_HEADER_BYTES)
-            return self.keep_alive
-        if self.protocol.our_state is h11.DONE and self.protocol.their_state is h11.DONE:
-            self.protocol.start_next_cycle()
-            return True
-        return False
+        """Ready the connection for its next request, if it can have one:
+        its answer was read whole and nothing followed it."""
+        if not self.reusable or self.start != self.end:
+            return False
+        self.start = self.end = 0
+        return True
 
     async def close(self) -> None:
-        await trio.aclose_forcefully(self.stream)
+        await self.transport.aclose()
 
 
 class Pool:
@@ -309,10 +349,10 @@ class Pool:
             raise Unreachable(f"cannot connect to {self.url.display}{through}: {reason}") \
                 from None
         self.reconnect.succeeded()
-        return Connection(stream)
+        return Connection(Transport(stream))
 
-    async def exchange(self, request: h11.Request,
-                       answer: Callable[[Connection, h11.Response], Awaitable[T]]) -> T:
+    async def exchange(self, request: bytes,
+                       answer: Callable[[Connection, Response], Awaitable[T]]) -> T:
         """Send `request` and let `answer` read the response.
 
         A kept-alive connection that the server closed before answering is
@@ -366,8 +406,8 @@ class Validators:
     last_modified: str | None
 
     @classmethod
-    def of(cls, response: h11.Response) -> Validators:
-        return cls(header(response, b"etag"), header(response, b"last-modified"))
+    def of(cls, response: Response) -> Validators:
+        return cls(response.header("etag"), response.header("last-modified"))
 
     def moved(self, now: Validators) -> str | None:
         """How `now` shows a different version than this one, if it does."""
@@ -398,17 +438,27 @@ class HttpFile:
         self.validators = Validators(None, None)
         #: set once an answer showed another version of the file
         self.changed: str | None = None
+        #: the request line and fields of every request but its Range
+        self.request_head = b""
+        self._aim(url)
 
-    def _request(self, first: int, last: int) -> h11.Request:
-        headers = [("Host", self.url.authority), ("User-Agent", USER_AGENT),
-                   ("Accept-Encoding", "identity"), ("Range", f"bytes={first}-{last}")]
-        if self.url.origin == self.credentials_origin:
-            headers += self.settings.credentials
+    def _request(self, first: int, last: int) -> bytes:
+        return self.request_head + b"Range: bytes=%d-%d\r\n\r\n" % (first, last)
+
+    def _aim(self, url: Url) -> None:
+        """Send every later request to `url` (the pool already reaches its origin)."""
+        self.url = url
+        fields = [("Host", url.authority), ("User-Agent", USER_AGENT),
+                  ("Accept-Encoding", "identity")]
+        if url.origin == self.credentials_origin:
+            fields += self.settings.credentials
         proxy = self.pool.proxy
-        if proxy is not None and self.url.scheme == "http":
-            headers += proxy.headers()
-        return h11.Request(method="GET", target=request_target(self.url, proxy),
-                           headers=headers)
+        if proxy is not None and url.scheme == "http":
+            fields += proxy.headers()
+        try:
+            self.request_head = request_head("GET", request_target(url, proxy), fields)
+        except ValueError as exc:
+            raise ImgfsError(f"{url.display}: {exc}") from None
 
     # -- opening ----------------------------------------------------------------
 
@@ -429,19 +479,19 @@ class HttpFile:
         if target.origin != self.url.origin:
             await self.pool.aclose()
             self.pool = Pool(target, self.settings, self.reconnect)
-        self.url = target
+        self._aim(target)
 
-    async def _probe_answer(self, conn: Connection, response: h11.Response) -> str | None:
+    async def _probe_answer(self, conn: Connection, response: Response) -> str | None:
         """The redirect's Location, or None once the size and validators are known."""
-        status = response.status_code
+        status = response.status
         if status in REDIRECTS:
-            location = header(response, b"location")
+            location = response.header("location")
             if not location:
                 raise ImgfsError(f"{self.url.display}: HTTP {status} without a Location")
-            await conn.skip_body()
+            await conn.skip_body(response)
             return location
-        if status == 200 and content_length(response) == 0:
-            await conn.skip_body()          # an empty file: nothing to range over
+        if status == 200 and response.length == 0:
+            await conn.skip_body(response)  # an empty file: nothing to range over
             self.validators = Validators.of(response)
             return None
         if status == 200:
@@ -455,16 +505,16 @@ class HttpFile:
         if status == 206 and first != 0:
             raise ImgfsError(f"{self.url.display}: asked for byte 0, got byte {first}")
         await (conn.body_into(response, memoryview(bytearray(1))) if status == 206
-               else conn.skip_body())
+               else conn.skip_body(response))
         self.size = total
         self.validators = Validators.of(response)
         return None
 
-    def _content_range(self, response: h11.Response) -> tuple[int | None, int | None,
-                                                                int | None]:
-        value = header(response, b"content-range")
+    def _content_range(self, response: Response) -> tuple[int | None, int | None,
+                                                             int | None]:
+        value = response.header("content-range")
         if value is None:
-            raise ImgfsError(f"{self.url.display}: HTTP {response.status_code} "
+            raise ImgfsError(f"{self.url.display}: HTTP {response.status} "
                              "without a Content-Range")
         try:
             return content_range(value)
@@ -478,7 +528,7 @@ class HttpFile:
         self.check_unchanged()
         buffer = bytearray(length)
 
-        async def answer(conn: Connection, response: h11.Response) -> None:
+        async def answer(conn: Connection, response: Response) -> None:
             self._check_answer(response, offset, length)
             received = await conn.body_into(response, memoryview(buffer))
             if received != length:
@@ -492,8 +542,8 @@ class HttpFile:
             raise ImgfsError(f"{self.url.display}: the file changed on the server "
                              f"({self.changed}); remount to read the new version")
 
-    def _check_answer(self, response: h11.Response, offset: int, length: int) -> None:
-        status = response.status_code
+    def _check_answer(self, response: Response, offset: int, length: int) -> None:
+        status = response.status
         if status == 416:
             self.changed = "a range inside the file is now past its end"
         elif status != 206:
