@@ -16,6 +16,7 @@ from __future__ import annotations
 import base64
 import functools
 import os
+import socket
 import ssl
 from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass, field
@@ -126,7 +127,7 @@ def status_error(url: Url, response: Response) -> ImgfsError:
     return ImgfsError(message)
 
 
-class Transport:
+class StreamTransport:
     """A trio stream (`trio.SSLStream` for https), received into buffers."""
 
     def __init__(self, stream: trio.abc.Stream) -> None:
@@ -137,14 +138,52 @@ class Transport:
 
     async def receive_into(self, view: memoryview) -> int:
         """Receive into `view`; how many bytes came (0: the server closed)."""
-        if isinstance(self.stream, trio.SocketStream):
-            return await self.stream.socket.recv_into(view)
         data = await self.stream.receive_some(len(view))
         view[:len(data)] = data
         return len(data)
 
     async def aclose(self) -> None:
         await trio.aclose_forcefully(self.stream)
+
+
+class SocketTransport:
+    """A TCP socket of our own (http), called directly and waited on only
+    when it would block: trio's socket methods add a trip through the
+    scheduler to every call.  The answer to a request that just went out
+    cannot be there yet, so its first receive waits before it tries."""
+
+    def __init__(self, stream: trio.SocketStream) -> None:
+        # the socket trio connected (happy eyeballs, TCP_NODELAY set), now ours
+        self.socket = socket.socket(fileno=stream.socket.detach())
+        self.socket.setblocking(False)
+        self.answer_due = False
+
+    async def send_all(self, data: bytes) -> None:
+        view = memoryview(data)
+        while view:
+            try:
+                view = view[self.socket.send(view):]
+            except BlockingIOError:
+                await trio.lowlevel.wait_writable(self.socket)
+        self.answer_due = True
+
+    async def receive_into(self, view: memoryview) -> int:
+        """Receive into `view`; how many bytes came (0: the server closed)."""
+        if self.answer_due:
+            self.answer_due = False
+            await trio.lowlevel.wait_readable(self.socket)
+        while True:
+            try:
+                return self.socket.recv_into(view)
+            except BlockingIOError:
+                await trio.lowlevel.wait_readable(self.socket)
+
+    async def aclose(self) -> None:
+        trio.lowlevel.notify_closing(self.socket)
+        self.socket.close()
+
+
+Transport = StreamTransport | SocketTransport
 
 
 class Connection:
@@ -349,7 +388,9 @@ class Pool:
             raise Unreachable(f"cannot connect to {self.url.display}{through}: {reason}") \
                 from None
         self.reconnect.succeeded()
-        return Connection(Transport(stream))
+        if isinstance(stream, trio.SocketStream):
+            return Connection(SocketTransport(stream))
+        return Connection(StreamTransport(stream))
 
     async def exchange(self, request: bytes,
                        answer: Callable[[Connection, Response], Awaitable[T]]) -> T:
