@@ -399,14 +399,19 @@ class Pool:
         A kept-alive connection that the server closed before answering is
         dropped and the request sent again; other failures raise
         Unreachable, and every attempt is bounded by the timeout."""
-        async with self.slots:
+        try:
+            self.slots.acquire_nowait()     # (acquire() yields even when a slot is free)
+        except trio.WouldBlock:
+            await self.slots.acquire()
+        try:
             in_flight = self.settings.pool_size - self.slots.value
             self.peak_in_flight = max(self.peak_in_flight, in_flight)
             while True:
                 conn = self.idle.pop() if self.idle else None
                 reused = conn is not None
                 try:
-                    with trio.fail_after(self.settings.timeout):
+                    with trio.CancelScope(deadline=trio.current_time()
+                                          + self.settings.timeout) as attempt:
                         if conn is None:
                             conn = await self.connect()
                         await conn.send(request)
@@ -417,22 +422,25 @@ class Pool:
                     if reused and not conn.heard_back:
                         continue            # closed while idle: try another
                     raise Unreachable(f"{self.url.display}: connection lost ({exc})") from None
-                except trio.TooSlowError:
+                except BaseException:
+                    if conn is not None:
+                        await conn.close()
+                    raise
+                if attempt.cancelled_caught:
                     if conn is None:
                         self.reconnect.failed("timed out")
                     else:
                         await conn.close()
                     raise Unreachable(f"{self.url.display}: no answer within "
-                                      f"{self.settings.timeout:g} s") from None
-                except BaseException:
-                    if conn is not None:
-                        await conn.close()
-                    raise
+                                      f"{self.settings.timeout:g} s")
+                assert conn is not None
                 if conn.reuse():
                     self.idle.append(conn)
                 else:
                     await conn.close()
                 return result
+        finally:
+            self.slots.release()
 
     async def aclose(self) -> None:
         while self.idle:
