@@ -20,7 +20,7 @@ import socket
 import ssl
 from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass, field
-from typing import TypeVar
+from typing import NamedTuple, TypeVar
 
 import trio
 
@@ -447,8 +447,7 @@ class Pool:
             await self.idle.pop().close()
 
 
-@dataclass(frozen=True)
-class Validators:
+class Validators(NamedTuple):
     """What identifies one version of the file (RFC 9110 8.8)."""
 
     etag: str | None
@@ -598,7 +597,9 @@ class HttpFile:
         elif status != 206:
             raise status_error(self.url, response)
         else:
-            self.changed = self.validators.moved(Validators.of(response))
+            now = Validators.of(response)
+            if now != self.validators:
+                self.changed = self.validators.moved(now)
             first, last, total = self._content_range(response)
             if self.changed is None and total != self.size:
                 self.changed = f"its size {self.size} became {total}"

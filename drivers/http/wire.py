@@ -20,12 +20,20 @@ from imgfs.netio import printable
 
 from .url import CONTROL
 
+#: a field value's characters: visible, SP, HT and obs-text (RFC 9110 5.5)
+_VALUE = r"[\t\x20-\x7e\x80-\xff]*"
 #: a status line: the version, the code and the (optional) reason phrase
-STATUS_LINE = re.compile(r"HTTP/1\.([01]) ([0-9]{3})(?: (.*))?", re.DOTALL)
-#: a field name (RFC 9110 5.1: a token)
+_STATUS = rf"HTTP/1\.([01]) ([0-9]{{3}})(?: ({_VALUE}))?"
+#: a field line (its name a token, RFC 9110 5.1) and an obsolete line fold
+_FIELD = rf"[!#$%&'*+.^_`|~0-9A-Za-z-]+:{_VALUE}"
+_FOLD = rf"[ \t]{_VALUE}"
+STATUS_LINE = re.compile(_STATUS)
+FIELD_LINE = re.compile(f"{_FIELD}|{_FOLD}")
+#: a whole head, checked in one pass (the common case: a valid one)
+HEAD = re.compile(rf"{_STATUS}(?:\r\n(?:{_FIELD}|{_FOLD}))*")
 TOKEN = re.compile(r"[!#$%&'*+.^_`|~0-9A-Za-z-]+")
-#: what may not appear in a head: controls but HT, and CR or LF outside a CRLF
-FORBIDDEN = re.compile(r"[\x00-\x08\x0b\x0c\x0e-\x1f\x7f]|\r(?!\n)|(?<!\r)\n")
+#: what may not appear in a head line or a chunk line: controls but HT
+FORBIDDEN = re.compile(r"[\x00-\x08\x0a-\x1f\x7f]")
 #: a chunk's size: hexadecimal digits (RFC 9112 7.1), extensions ignored
 CHUNK_SIZE = re.compile(r"([0-9A-Fa-f]{1,15})[ \t]*(?:;.*)?", re.DOTALL)
 #: the most digits of a Content-Length (beyond any file's size)
@@ -77,38 +85,47 @@ def request_head(method: str, target: str, fields: Iterable[tuple[str, str]]) ->
 def parse_head(head: str) -> Response:
     """The status line and fields of `head` (latin-1 text up to, not
     including, the empty line)."""
-    bad = FORBIDDEN.search(head)
-    if bad is not None:
-        raise BadAnswer(f"control character {ord(bad.group()[0]):#04x} in the head")
-    status_line, *lines = head.split("\r\n")
-    match = STATUS_LINE.fullmatch(status_line)
+    match = HEAD.fullmatch(head)
     if match is None:
-        raise BadAnswer(f"bad status line '{printable(status_line)[:100]}'")
+        raise BadAnswer(what_is_wrong(head.split("\r\n")))
     minor, code, reason = match.groups()
     status = int(code)
-    headers = parse_fields(lines)
+    headers = parse_fields(head.split("\r\n")[1:])
     length, chunked = framing(status, headers)
     return Response("1." + minor, status, reason or "", headers, length, chunked)
 
 
+def what_is_wrong(lines: list[str]) -> str:
+    """Why the head made of `lines` is not a valid one."""
+    for number, line in enumerate(lines):
+        bad = FORBIDDEN.search(line)
+        if bad is not None:
+            return f"control character {ord(bad.group()):#04x} in the head"
+        if number == 0 and not STATUS_LINE.fullmatch(line):
+            return f"bad status line '{printable(line)[:100]}'"
+        if number > 0 and not FIELD_LINE.fullmatch(line):
+            return f"bad field line '{printable(line)[:100]}'"
+    return "bad head"
+
+
 def parse_fields(lines: list[str]) -> dict[str, str]:
-    """Field lines -> {lower-case name: value}; an obsolete line fold
-    (a line starting with white space) continues the value before it with
-    a space (RFC 9112 5.2)."""
+    """Field lines (each a valid one, see HEAD) -> {lower-case name:
+    value}; an obsolete line fold (a line starting with white space)
+    continues the value before it with a space (RFC 9112 5.2)."""
     headers: dict[str, str] = {}
     name = ""
     for line in lines:
-        if line[:1] in (" ", "\t"):
+        if line[0] in " \t":
             if not name:
                 raise BadAnswer("a folded line before any field")
             headers[name] = (headers[name] + " " + line.strip(" \t")).rstrip(" ")
             continue
-        raw_name, colon, value = line.partition(":")
-        if not colon or not TOKEN.fullmatch(raw_name):
-            raise BadAnswer(f"bad field line '{printable(line)[:100]}'")
-        name = raw_name.lower()
+        name, _, value = line.partition(":")
+        name = name.lower()
         value = value.strip(" \t")
-        headers[name] = f"{headers[name]}, {value}" if name in headers else value
+        if name in headers:
+            value = headers[name] + ", " + value
+        headers[name] = value
     return headers
 
 
@@ -131,6 +148,8 @@ def framing(status: int, headers: dict[str, str]) -> tuple[int | None, bool]:
 
 def content_length(value: str) -> int:
     """A Content-Length: one decimal number (repeated as the same number at most)."""
+    if value.isdigit() and value.isascii() and len(value) <= MAX_LENGTH_DIGITS:
+        return int(value)
     numbers = {item.strip(" \t") for item in value.split(",")}
     if len(numbers) != 1:
         raise BadAnswer(f"conflicting Content-Length '{printable(value)[:100]}'")
