@@ -325,7 +325,7 @@ class Connection:
         filled = await self._exactly_into(view[:min(len(view), self.end - self.start)])
         while count := await self._receive_into(view[filled:]):
             filled += count
-        if filled == len(view) and await self._receive():
+        if filled == len(view) and (self.end > self.start or await self._receive()):
             raise Overflow("the server sent more than the range asked for")
         return filled
 

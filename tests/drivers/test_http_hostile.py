@@ -39,6 +39,12 @@ def partial(first: int, last: int, *fields: str, body: bytes | None = None) -> b
     return ("\r\n".join(lines) + "\r\n\r\n").encode("latin-1") + body
 
 
+def until_close(first: int, last: int, body: bytes) -> bytes:
+    """An HTTP/1.0 206 answer for first..last whose body ends at the close."""
+    return b"HTTP/1.0 206 OK\r\nContent-Range: bytes %d-%d/%d\r\nETag: \"v1\"\r\n\r\n%s" % (
+        first, last, len(DATA), body)
+
+
 def chunked(body: bytes, size: int) -> bytes:
     chunks = [body[at:at + size] for at in range(0, len(body), size)]
     return b"".join(b"%x;ext=1\r\n%s\r\n" % (len(chunk), chunk) for chunk in chunks) + \
@@ -158,7 +164,10 @@ def read_all(url: str, reads: list[tuple[int, int]], timeout: int = 5) -> list[b
     lambda first, last: (b"HTTP/1.1 206 OK\r\n" + b"X: y\r\n" * 20000, False),
     lambda first, last: (b"\x00\x01garbage\r\n\r\n", False),
     lambda first, last: (b"HTTP/1.1 500 Oops\r\nContent-Length: 0\r\n\r\n", False),
-], ids=["truncated", "longer", "bad-length", "oversized-head", "garbage", "error-status"])
+    lambda first, last: (until_close(first, last, DATA[first:last + 2]), True),
+    lambda first, last: (until_close(first, last, DATA[first:last]), True),
+], ids=["truncated", "longer", "bad-length", "oversized-head", "garbage", "error-status",
+        "longer-until-close", "shorter-until-close"])
 def test_bad_answer_to_a_read_is_eio_and_the_next_read_works(bad: Callable[[int, int],
                                                                                Answer]) -> None:
     def script(first: int, last: int, number: int) -> Answer:
