@@ -204,3 +204,14 @@ def test_a_server_that_stalls_in_a_head_is_bounded_by_the_timeout() -> None:
         started = time.monotonic()
         assert read_all(url, [(0, 4096)], timeout=1) == [5]
         assert time.monotonic() - started < 5
+
+
+def test_a_connection_closed_while_idle_is_replaced_without_an_error() -> None:
+    """A server that closes every connection after one answer without
+    saying so (as at a keep-alive timeout): each next request finds its
+    connection closed before any answer, and is sent again on a new one."""
+    def script(first: int, last: int, number: int) -> Answer:
+        return partial(first, last), True
+    reads = [(offset, 4096) for offset in range(0, 40960, 4096)]
+    with scripted(script) as url:
+        assert read_all(url, reads) == [DATA[offset:offset + 4096] for offset, _ in reads]
