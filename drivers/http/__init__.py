@@ -5,9 +5,11 @@
   parsed, bodies framed, strictly and within bounds (pure).  Our own, not
   h11: with one small range per request, h11's per-event machinery was
   the largest CPU cost of a read (figures: bench/README.md);
-* client.py: a pool of persistent connections over trio's sockets and
-  SSLStream, redirects, the size and the file's version (ETag /
-  Last-Modified);
+* connection.py: one connection: a socket of our own (http) or trio's
+  SSLStream (https), a receive buffer, answers read into the caller's
+  buffer;
+* client.py: a pool of persistent connections, redirects, the size and
+  the file's version (ETag / Last-Modified);
 * readahead.py: the read-ahead cache of `readahead`-sized windows;
 * driver.py: the two drivers and QEMU's curl options.
 """
