@@ -2,7 +2,8 @@
 needs it: the request head it sends, and the status line, header fields
 and body framing of the answers it reads.
 
-Strict and bounded: anything but ``HTTP/1.0`` or ``HTTP/1.1``, a field line
+Strict and bounded: anything but ``HTTP/1.0`` or ``HTTP/1.1``, a line not
+ended by CRLF (a bare LF is refused, as RFC 9112 2.2 allows), a field line
 that is not ``token ":" value``, a control character, a Content-Length that
 is not one decimal number, a transfer coding other than ``chunked``, or
 both framings at once is refused (`BadAnswer`) rather than guessed at; the
