@@ -138,13 +138,8 @@ class Pool:
         A kept-alive connection that the server closed before answering is
         dropped and the request sent again; other failures raise
         Unreachable, and every attempt is bounded by the timeout."""
+        await self._take_slot()
         try:
-            self.slots.acquire_nowait()     # (acquire() yields even when a slot is free)
-        except trio.WouldBlock:
-            await self.slots.acquire()
-        try:
-            in_flight = self.settings.pool_size - self.slots.value
-            self.peak_in_flight = max(self.peak_in_flight, in_flight)
             while True:
                 conn = self.idle.pop() if self.idle else None
                 reused = conn is not None
@@ -166,12 +161,7 @@ class Pool:
                         await conn.close()
                     raise
                 if attempt.cancelled_caught:
-                    if conn is None:
-                        self.reconnect.failed("timed out")
-                    else:
-                        await conn.close()
-                    raise Unreachable(f"{self.url.display}: no answer within "
-                                      f"{self.settings.timeout:g} s")
+                    raise await self._timed_out(conn)
                 assert conn is not None
                 if conn.reuse():
                     self.idle.append(conn)
@@ -180,6 +170,22 @@ class Pool:
                 return result
         finally:
             self.slots.release()
+
+    async def _take_slot(self) -> None:
+        try:
+            self.slots.acquire_nowait()     # (acquire() yields even when a slot is free)
+        except trio.WouldBlock:
+            await self.slots.acquire()
+        in_flight = self.settings.pool_size - self.slots.value
+        self.peak_in_flight = max(self.peak_in_flight, in_flight)
+
+    async def _timed_out(self, conn: Connection | None) -> Unreachable:
+        """The error for an attempt that took too long (its connection closed)."""
+        if conn is None:
+            self.reconnect.failed("timed out")
+        else:
+            await conn.close()
+        return Unreachable(f"{self.url.display}: no answer within {self.settings.timeout:g} s")
 
     async def aclose(self) -> None:
         while self.idle:
