@@ -33,7 +33,14 @@ from imgfs.errors import (
 )
 from imgfs.netio import Reconnect, printable, socket_reason
 
-from .connection import NETWORK_ERRORS, Connection, Lost, ssl_reason
+from .connection import (
+    NETWORK_ERRORS,
+    Connection,
+    Lost,
+    SocketTransport,
+    StreamTransport,
+    ssl_reason,
+)
 from .proxy import choose_proxy, open_tunnel, request_target
 from .url import Url, content_range
 from .wire import Response, request_head
@@ -106,6 +113,10 @@ class Pool:
                                   settings.proxy_password)
         #: most requests that were in flight at once (for tests and stats)
         self.peak_in_flight = 0
+        #: connections with a request on them -> when it must be done
+        self.busy: dict[Connection, float] = {}
+        #: the scope of the task that ends requests at their deadline
+        self.watchdog: trio.CancelScope | None = None
 
     async def connect(self) -> Connection:
         why_not = self.reconnect.check()
@@ -115,13 +126,8 @@ class Pool:
         host, port = (self.url.host, self.url.port) if proxy is None else \
             (proxy.host, proxy.port)
         try:
-            stream: trio.abc.Stream = await trio.open_tcp_stream(host, port)
-            if proxy is not None and self.url.scheme == "https":
-                await open_tunnel(stream, proxy, self.url)
-            if self.url.scheme == "https":
-                stream = trio.SSLStream(stream, self.settings.ssl_context,
-                                        server_hostname=self.url.host, https_compatible=True)
-                await stream.do_handshake()
+            tcp = await trio.open_tcp_stream(host, port)
+            tls = await self._tls(tcp) if self.url.scheme == "https" else None
         except NETWORK_ERRORS as exc:
             reason = ssl_reason(exc) or socket_reason(exc)
             self.reconnect.failed(reason)
@@ -129,7 +135,16 @@ class Pool:
             raise Unreachable(f"cannot connect to {self.url.display}{through}: {reason}") \
                 from None
         self.reconnect.succeeded()
-        return Connection.over(stream)
+        return Connection(SocketTransport(tcp) if tls is None else StreamTransport(tls, tcp))
+
+    async def _tls(self, tcp: trio.SocketStream) -> trio.SSLStream[trio.SocketStream]:
+        """TLS on `tcp` (through the proxy's tunnel if there is one)."""
+        if self.proxy is not None:
+            await open_tunnel(tcp, self.proxy, self.url)
+        tls = trio.SSLStream(tcp, self.settings.ssl_context, server_hostname=self.url.host,
+                             https_compatible=True)
+        await tls.do_handshake()
+        return tls
 
     async def exchange(self, request: bytes,
                        answer: Callable[[Connection, Response], Awaitable[T]]) -> T:
@@ -143,16 +158,16 @@ class Pool:
             while True:
                 conn = self.idle.pop() if self.idle else None
                 reused = conn is not None
+                deadline = trio.current_time() + self.settings.timeout
                 try:
-                    with trio.CancelScope(deadline=trio.current_time()
-                                          + self.settings.timeout) as attempt:
-                        if conn is None:
-                            conn = await self.connect()
-                        await conn.send(request)
-                        result = await answer(conn, await conn.response())
+                    if conn is None:
+                        conn = await self._connect_by(deadline)
+                    result = await self._attempt(conn, deadline, request, answer)
                 except Lost as exc:
                     assert conn is not None
                     await conn.close()
+                    if conn.expired:
+                        raise self._timed_out() from None
                     if reused and not conn.heard_back:
                         continue            # closed while idle: try another
                     raise Unreachable(f"{self.url.display}: connection lost ({exc})") from None
@@ -160,9 +175,6 @@ class Pool:
                     if conn is not None:
                         await conn.close()
                     raise
-                if attempt.cancelled_caught:
-                    raise await self._timed_out(conn)
-                assert conn is not None
                 if conn.reuse():
                     self.idle.append(conn)
                 else:
@@ -170,6 +182,57 @@ class Pool:
                 return result
         finally:
             self.slots.release()
+
+    async def _attempt(self, conn: Connection, deadline: float, request: bytes,
+                       answer: Callable[[Connection, Response], Awaitable[T]]) -> T:
+        """One request on `conn`, which the watchdog ends at `deadline`."""
+        self._start_watchdog()
+        self.busy[conn] = deadline
+        try:
+            await conn.send(request)
+            return await answer(conn, await conn.response())
+        finally:
+            del self.busy[conn]
+
+    async def _connect_by(self, deadline: float) -> Connection:
+        with trio.move_on_at(deadline):
+            return await self.connect()
+        self.reconnect.failed("timed out")
+        raise self._timed_out()
+
+    def _timed_out(self) -> Unreachable:
+        return Unreachable(f"{self.url.display}: no answer within {self.settings.timeout:g} s")
+
+    def _start_watchdog(self) -> None:
+        if self.watchdog is None:
+            self.watchdog = trio.CancelScope()
+            trio.lowlevel.spawn_system_task(self._watch, self.watchdog,
+                                            name=f"http timeouts: {self.url.display}")
+
+    async def _watch(self, scope: trio.CancelScope) -> None:
+        """Expire every request past its deadline (its connection is
+        closed under it, so it fails at once, as a timeout).
+
+        A cancel scope around each request was one of the largest costs of
+        a small read (bench/README.md); one task per pool (a trio system
+        task: a pool has no nursery) instead sleeps until the oldest
+        request's deadline.  Every deadline lies `timeout` after
+        its request started, so a request that starts while this task
+        sleeps has its deadline after the task wakes."""
+        try:
+            with scope:
+                while True:
+                    now = trio.current_time()
+                    pending = []
+                    for conn, deadline in list(self.busy.items()):
+                        if deadline > now:
+                            pending.append(deadline)
+                        elif not conn.expired:
+                            conn.expire()
+                    await trio.sleep_until(min(pending, default=now + self.settings.timeout))
+        finally:
+            if self.watchdog is scope:
+                self.watchdog = None        # (a later trio.run starts another)
 
     async def _take_slot(self) -> None:
         try:
@@ -179,15 +242,9 @@ class Pool:
         in_flight = self.settings.pool_size - self.slots.value
         self.peak_in_flight = max(self.peak_in_flight, in_flight)
 
-    async def _timed_out(self, conn: Connection | None) -> Unreachable:
-        """The error for an attempt that took too long (its connection closed)."""
-        if conn is None:
-            self.reconnect.failed("timed out")
-        else:
-            await conn.close()
-        return Unreachable(f"{self.url.display}: no answer within {self.settings.timeout:g} s")
-
     async def aclose(self) -> None:
+        if self.watchdog is not None:
+            self.watchdog.cancel()
         while self.idle:
             await self.idle.pop().close()
 

@@ -53,10 +53,12 @@ def ssl_reason(exc: BaseException) -> str | None:
 
 
 class StreamTransport:
-    """A trio stream (`trio.SSLStream` for https), received into buffers."""
+    """TLS (https): a `trio.SSLStream` over the TCP stream `tcp`."""
 
-    def __init__(self, stream: trio.abc.Stream) -> None:
+    def __init__(self, stream: trio.SSLStream[trio.SocketStream],
+                 tcp: trio.SocketStream) -> None:
         self.stream = stream
+        self.tcp = tcp
 
     async def send_all(self, data: bytes) -> None:
         await self.stream.send_all(data)
@@ -66,6 +68,10 @@ class StreamTransport:
         data = await self.stream.receive_some(len(view))
         view[:len(data)] = data
         return len(data)
+
+    def abort(self) -> None:
+        """Close the socket under whoever uses it (they fail at once)."""
+        self.tcp.socket.close()
 
     async def aclose(self) -> None:
         await trio.aclose_forcefully(self.stream)
@@ -103,9 +109,14 @@ class SocketTransport:
             except BlockingIOError:
                 await trio.lowlevel.wait_readable(self.socket)
 
+    def abort(self) -> None:
+        """Close the socket under whoever uses it (they fail at once)."""
+        if self.socket.fileno() >= 0:
+            trio.lowlevel.notify_closing(self.socket)
+            self.socket.close()
+
     async def aclose(self) -> None:
-        trio.lowlevel.notify_closing(self.socket)
-        self.socket.close()
+        self.abort()
 
 
 Transport = StreamTransport | SocketTransport
@@ -124,14 +135,13 @@ class Connection:
         self.heard_back = False
         #: the current answer was read whole and leaves the connection usable
         self.reusable = False
+        #: its request took too long and the connection was closed under it
+        self.expired = False
 
-    @classmethod
-    def over(cls, stream: trio.abc.Stream) -> Connection:
-        """A connection on `stream`, just connected (and for https, its TLS
-        handshake done)."""
-        if isinstance(stream, trio.SocketStream):
-            return cls(SocketTransport(stream))
-        return cls(StreamTransport(stream))
+    def expire(self) -> None:
+        """End the request on this connection: it took too long."""
+        self.expired = True
+        self.transport.abort()
 
     async def send(self, request: bytes) -> None:
         self.heard_back = self.reusable = False
@@ -276,7 +286,7 @@ class Connection:
     def reuse(self) -> bool:
         """Ready the connection for its next request, if it can have one:
         its answer was read whole and nothing followed it."""
-        if not self.reusable or self.start != self.end:
+        if not self.reusable or self.start != self.end or self.expired:
             return False
         self.start = self.end = 0
         return True

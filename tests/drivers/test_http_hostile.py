@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import re
 import socket
+import ssl
 import threading
 import time
 from collections.abc import Callable, Iterator
@@ -20,6 +21,7 @@ from imgfs.graph import open_image
 from imgfs.node import OpenContext
 from tests.conftest import random_bytes
 from tests.drivers.test_http import refused, run_trio
+from tests.nginx import make_certificate
 
 DATA = random_bytes(64 * 1024, seed=3)
 RANGE = re.compile(rb"\r\nRange: bytes=(\d+)-(\d+)\r\n", re.IGNORECASE)
@@ -52,9 +54,10 @@ def chunked(body: bytes, size: int) -> bytes:
 
 
 @contextmanager
-def scripted(script: Script) -> Iterator[str]:
+def scripted(script: Script, tls: ssl.SSLContext | None = None) -> Iterator[str]:
     """A server whose answer to the n-th request (counted from 0 over all
-    connections) for bytes first..last is script(first, last, n); yields its URL."""
+    connections) for bytes first..last is script(first, last, n), over
+    TLS with `tls`; yields its URL."""
     listener = socket.socket()
     listener.bind(("127.0.0.1", 0))
     listener.listen()
@@ -65,6 +68,8 @@ def scripted(script: Script) -> Iterator[str]:
 
     def serve(conn: socket.socket) -> None:
         with conn, suppress(OSError):        # the client may hang up at any time
+            if tls is not None:
+                conn = tls.wrap_socket(conn, server_side=True)
             received = b""
             while not stop.is_set():
                 while b"\r\n\r\n" not in received:
@@ -95,7 +100,8 @@ def scripted(script: Script) -> Iterator[str]:
     acceptor = threading.Thread(target=accept, daemon=True)
     acceptor.start()
     try:
-        yield f"http://127.0.0.1:{listener.getsockname()[1]}/disk.raw"
+        scheme = "http" if tls is None else "https"
+        yield f"{scheme}://127.0.0.1:{listener.getsockname()[1]}/disk.raw"
     finally:
         stop.set()
         acceptor.join()
@@ -140,10 +146,14 @@ def test_bad_first_answer_is_refused_in_one_line(answer: bytes, reason: str) -> 
 
 
 def read_all(url: str, reads: list[tuple[int, int]], timeout: int = 5) -> list[bytes | int]:
-    """Each read's bytes, or the errno it failed with (readahead off)."""
+    """Each read's bytes, or the errno it failed with (readahead off;
+    a self-signed certificate accepted)."""
+    options = {"file.readahead": "0", "file.timeout": str(timeout)}
+    if url.startswith("https:"):
+        options["file.sslverify"] = "off"
+
     async def body() -> list[bytes | int]:
-        node = await open_image(url, OpenContext(read_only=True), fmt="raw",
-                                options={"file.readahead": "0", "file.timeout": str(timeout)})
+        node = await open_image(url, OpenContext(read_only=True), fmt="raw", options=options)
         results: list[bytes | int] = []
         try:
             for offset, length in reads:
@@ -195,15 +205,27 @@ def test_chunked_and_close_delimited_bodies_and_interim_answers() -> None:
                                         for offset, length in reads]
 
 
-def test_a_server_that_stalls_in_a_head_is_bounded_by_the_timeout() -> None:
+@pytest.fixture(scope="module")
+def tls(tmp_path_factory: pytest.TempPathFactory) -> ssl.SSLContext:
+    cert, key = make_certificate(tmp_path_factory.mktemp("tls"))
+    context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    context.load_cert_chain(cert, key)
+    return context
+
+
+@pytest.mark.parametrize("cut", [20, -100], ids=["in-head", "in-body"])
+@pytest.mark.parametrize("https", [False, True], ids=["http", "https"])
+def test_a_server_that_stalls_is_bounded_by_the_timeout(cut: int, https: bool,
+                                                        tls: ssl.SSLContext) -> None:
+    """The read whose answer stops short (the connection left open) fails
+    (EIO) after `timeout`; the next one works."""
     def script(first: int, last: int, number: int) -> Answer:
-        if number == 0:
-            return partial(first, last), False
-        return b"HTTP/1.1 206 OK\r\nX: aaaa", False   # and never ends its head
-    with scripted(script) as url:
+        answer = partial(first, last)
+        return (answer[:cut], False) if number == 1 else (answer, False)
+    with scripted(script, tls if https else None) as url:
         started = time.monotonic()
-        assert read_all(url, [(0, 4096)], timeout=1) == [5]
-        assert time.monotonic() - started < 5
+        assert read_all(url, [(0, 4096), (4096, 4096)], timeout=1) == [5, DATA[4096:8192]]
+        assert 1 <= time.monotonic() - started < 5
 
 
 def test_a_connection_closed_while_idle_is_replaced_without_an_error() -> None:
