@@ -1,14 +1,15 @@
 """HTTP/1.1 range requests over a small pool of persistent connections.
 
 `wire` writes the requests and parses the answers, `connection` carries
-them.  Each request runs on a connection of its own
-from the pool, so several are in flight at once; a connection goes back to
-the pool only once its answer was read completely.
+them.  Each request runs on a connection of its own from the pool, so
+several are in flight at once; a connection goes back to the pool only
+once its answer was read completely.
 
 Failures: an idle connection the server closed (keep-alive timeout) is
 replaced at once and the request sent again; any other loss fails the
 request (EIO) and the next request connects anew, paced by
-`imgfs.netio.Reconnect`.  Every request is bounded by the `timeout`.
+`imgfs.netio.Reconnect`.  Every request is bounded by the `timeout`
+(a watchdog task per pool closes a connection whose request outlived it).
 """
 from __future__ import annotations
 
@@ -53,6 +54,8 @@ POOL_SIZE = 4
 USER_AGENT = f"imgfs/{__version__}"
 
 T = TypeVar("T")
+
+
 @dataclass
 class Settings:
     """How to talk to the server: the driver's options, resolved."""
