@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import socket
 import ssl
+from contextlib import suppress
 
 import trio
 
@@ -139,9 +140,12 @@ class Connection:
         self.expired = False
 
     def expire(self) -> None:
-        """End the request on this connection: it took too long."""
+        """End the request on this connection: it took too long.  (Called
+        by the pool's watchdog task, which must not fail: a close that
+        fails leaves the request to its own failure.)"""
         self.expired = True
-        self.transport.abort()
+        with suppress(OSError):
+            self.transport.abort()
 
     async def send(self, request: bytes) -> None:
         self.heard_back = self.reusable = False
