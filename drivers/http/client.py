@@ -1,15 +1,15 @@
 """HTTP/1.1 range requests over a small pool of persistent connections.
 
-h11 speaks the protocol and does no I/O; trio streams carry it (a
-`trio.SocketStream`, which sets TCP_NODELAY, and for https a
-`trio.SSLStream` over it).  Each request runs on a connection of its own
-from the pool, so several are in flight at once; a connection goes back to
-the pool only once its answer was read completely.
+`wire` writes the requests and parses the answers, `connection` carries
+them.  Each request runs on a connection of its own from the pool, so
+several are in flight at once; a connection goes back to the pool only
+once its answer was read completely.
 
 Failures: an idle connection the server closed (keep-alive timeout) is
 replaced at once and the request sent again; any other loss fails the
 request (EIO) and the next request connects anew, paced by
-`imgfs.netio.Reconnect`.  Every request is bounded by the `timeout`.
+`imgfs.netio.Reconnect`.  Every request is bounded by the `timeout`
+(a watchdog task per pool closes a connection whose request outlived it).
 """
 from __future__ import annotations
 
@@ -19,9 +19,8 @@ import os
 import ssl
 from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass, field
-from typing import Any, TypeVar, cast
+from typing import NamedTuple, TypeVar
 
-import h11
 import trio
 
 from imgfs import __version__
@@ -34,30 +33,27 @@ from imgfs.errors import (
     UsageError,
 )
 from imgfs.netio import Reconnect, printable, socket_reason
-from imgfs.options import KiB
 
+from .connection import (
+    NETWORK_ERRORS,
+    Connection,
+    Lost,
+    SocketTransport,
+    StreamTransport,
+    ssl_reason,
+)
 from .proxy import choose_proxy, open_tunnel, request_target
 from .url import Url, content_range
+from .wire import Response, request_head
 
-#: bytes asked of the socket at once
-RECEIVE_SIZE = 256 * KiB
-#: the longest status line plus headers accepted
-MAX_HEADER_BYTES = 64 * KiB
 #: redirects followed before giving up (curl's limit is larger; loops are the usual cause)
 MAX_REDIRECTS = 10
 REDIRECTS = frozenset({301, 302, 303, 307, 308})
-#: a redirect's or an error's body is read (to keep the connection) up to this
-MAX_SKIPPED_BODY = 64 * KiB
 #: connections (and so requests in flight) per server
 POOL_SIZE = 4
 USER_AGENT = f"imgfs/{__version__}"
 
 T = TypeVar("T")
-NETWORK_ERRORS = (OSError, trio.BrokenResourceError, trio.ClosedResourceError)
-
-
-class Lost(Exception):
-    """The connection failed or broke the protocol (message: why)."""
 
 
 @dataclass
@@ -92,45 +88,9 @@ def basic_auth(username: str, password: bytes) -> tuple[str, str]:
     return ("Authorization", f"Basic {token}")
 
 
-def ssl_reason(exc: BaseException) -> str | None:
-    """Why a TLS handshake failed, if `exc` (or what caused it) says so."""
-    seen: BaseException | None = exc
-    while seen is not None:
-        if isinstance(seen, ssl.SSLCertVerificationError):
-            return (f"certificate verification failed ({seen.verify_message}); "
-                    "sslverify=off skips the check")
-        if isinstance(seen, ssl.SSLError):
-            return f"TLS handshake failed ({seen.reason or seen})"
-        seen = seen.__cause__ or seen.__context__
-    return None
-
-
-def header(response: h11.Response, name: bytes) -> str | None:
-    """The last value of header `name` (lower case), if any."""
-    value = None
-    for key, item in response.headers:
-        if key == name:
-            value = item.decode("latin-1")
-    return value
-
-
-def content_length(response: h11.Response) -> int | None:
-    """The body's length, when Content-Length alone frames it."""
-    if header(response, b"transfer-encoding") is not None:
-        return None
-    value = header(response, b"content-length")
-    return int(value) if value is not None and value.isdigit() else None
-
-
-def keeps_alive(response: h11.Response) -> bool:
-    """Whether the server keeps the connection open after this answer (RFC 9112 9.3)."""
-    connection = (header(response, b"connection") or "").lower()
-    return response.http_version == b"1.1" and "close" not in connection
-
-
-def status_error(url: Url, response: h11.Response) -> ImgfsError:
+def status_error(url: Url, response: Response) -> ImgfsError:
     """The error an unexpected status means."""
-    status = response.status_code
+    status = response.status
     message = f"{url.display}: HTTP {status} {printable(response.reason)}".rstrip()
     if status == 407:
         return PermissionDenied(message + " (proxy authentication failed or needed)")
@@ -141,136 +101,6 @@ def status_error(url: Url, response: h11.Response) -> ImgfsError:
     if status in (404, 410):
         return NotFound(message)
     return ImgfsError(message)
-
-
-class Connection:
-    """One HTTP/1.1 connection: a trio stream and h11's state for it."""
-
-    def __init__(self, stream: trio.abc.Stream) -> None:
-        self.stream = stream
-        self.protocol = h11.Connection(h11.CLIENT, max_incomplete_event_size=MAX_HEADER_BYTES)
-        #: the server sent something since the current request went out
-        self.heard_back = False
-        #: the last body bypassed h11, which must then start afresh
-        self.bypassed_body = False
-        self.keep_alive = False
-
-    async def send(self, request: h11.Request) -> None:
-        try:
-            data = self.protocol.send(request) + self.protocol.send(h11.EndOfMessage())
-        except h11.LocalProtocolError as exc:
-            raise Lost(f"cannot send the request: {exc}") from None
-        self.heard_back = False
-        try:
-            await self.stream.send_all(data)
-        except NETWORK_ERRORS as exc:
-            raise Lost(socket_reason(exc)) from None
-
-    def _poll(self) -> Any:
-        """h11's next event, or NEED_DATA."""
-        try:
-            event = self.protocol.next_event()
-        except h11.RemoteProtocolError as exc:
-            raise Lost(f"not a valid HTTP answer: {exc}") from None
-        if isinstance(event, h11.ConnectionClosed):
-            raise Lost("the server closed the connection")
-        if event is h11.PAUSED:
-            raise Lost("the server answered more than was asked")
-        return event
-
-    async def _feed(self) -> None:
-        """Give h11 what the server sent next."""
-        try:
-            data = await self.stream.receive_some(RECEIVE_SIZE)
-        except NETWORK_ERRORS as exc:
-            raise Lost(ssl_reason(exc) or socket_reason(exc)) from None
-        self.heard_back = self.heard_back or bool(data)
-        self.protocol.receive_data(bytes(data) if isinstance(data, bytearray) else data)
-
-    async def next_event(self) -> h11.Event:
-        while (event := self._poll()) is h11.NEED_DATA:
-            await self._feed()
-        return cast(h11.Event, event)
-
-    async def response(self) -> h11.Response:
-        while True:
-            event = await self.next_event()
-            if isinstance(event, h11.Response):
-                return event
-            if not isinstance(event, h11.InformationalResponse):
-                raise Lost(f"unexpected {type(event).__name__} before the status line")
-
-    async def body_into(self, response: h11.Response, view: memoryview) -> int:
-        """Receive the body into `view`; how many bytes it had.
-
-        What h11 holds of the body already comes through h11; when the body
-        is exactly `view` long, the rest is received straight into `view`
-        (through h11 every byte would be copied twice more), and the
-        connection's next request starts with a fresh h11 state."""
-        filled = 0
-        direct = len(view) if content_length(response) == len(view) else None
-        while True:
-            event = self._poll()
-            if event is h11.NEED_DATA:
-                if direct is not None:
-                    break
-                await self._feed()
-            elif isinstance(event, h11.Data):
-                count = len(event.data)
-                if filled + count > len(view):
-                    raise Lost("the server sent more than the range asked for")
-                view[filled:filled + count] = event.data
-                filled += count
-            elif isinstance(event, h11.EndOfMessage):
-                return filled
-            else:
-                raise Lost(f"unexpected {type(event).__name__} in a body")
-        while filled < len(view):
-            filled += await self._receive_into(view[filled:])
-        self.bypassed_body = True
-        self.keep_alive = keeps_alive(response)
-        return filled
-
-    async def _receive_into(self, view: memoryview) -> int:
-        try:
-            if isinstance(self.stream, trio.SocketStream):
-                count = await self.stream.socket.recv_into(view)
-            else:
-                data = await self.stream.receive_some(len(view))
-                count = len(data)
-                view[:count] = data
-        except NETWORK_ERRORS as exc:
-            raise Lost(ssl_reason(exc) or socket_reason(exc)) from None
-        if count == 0:
-            raise Lost("the server closed the connection in the middle of a body")
-        self.heard_back = True
-        return count
-
-    async def skip_body(self) -> None:
-        """Read a short body to keep the connection; a long one is not read
-        (the connection is then closed instead of reused)."""
-        skipped = 0
-        while skipped <= MAX_SKIPPED_BODY:
-            event = await self.next_event()
-            if isinstance(event, h11.EndOfMessage):
-                return
-            if isinstance(event, h11.Data):
-                skipped += len(event.data)
-
-    def reuse(self) -> bool:
-        """Ready the connection for its next request, if it can have one."""
-        if self.bypassed_body:
-            self.bypassed_body = False
-            self.protocol = h11.Connection(h11.CLIENT,
-                                           max_incomplete_event_size=MAX_HEADER_BYTES)
-            return self.keep_alive
-        if self.protocol.our_state is h11.DONE and self.protocol.their_state is h11.DONE:
-            self.protocol.start_next_cycle()
-            return True
-        return False
-
-    async def close(self) -> None:
-        await trio.aclose_forcefully(self.stream)
 
 
 class Pool:
@@ -286,6 +116,10 @@ class Pool:
                                   settings.proxy_password)
         #: most requests that were in flight at once (for tests and stats)
         self.peak_in_flight = 0
+        #: connections with a request on them -> when it must be done
+        self.busy: dict[Connection, float] = {}
+        #: the scope of the task that ends requests at their deadline
+        self.watchdog: trio.CancelScope | None = None
 
     async def connect(self) -> Connection:
         why_not = self.reconnect.check()
@@ -295,13 +129,8 @@ class Pool:
         host, port = (self.url.host, self.url.port) if proxy is None else \
             (proxy.host, proxy.port)
         try:
-            stream: trio.abc.Stream = await trio.open_tcp_stream(host, port)
-            if proxy is not None and self.url.scheme == "https":
-                await open_tunnel(stream, proxy, self.url)
-            if self.url.scheme == "https":
-                stream = trio.SSLStream(stream, self.settings.ssl_context,
-                                        server_hostname=self.url.host, https_compatible=True)
-                await stream.do_handshake()
+            tcp = await trio.open_tcp_stream(host, port)
+            tls = await self._tls(tcp) if self.url.scheme == "https" else None
         except NETWORK_ERRORS as exc:
             reason = ssl_reason(exc) or socket_reason(exc)
             self.reconnect.failed(reason)
@@ -309,40 +138,42 @@ class Pool:
             raise Unreachable(f"cannot connect to {self.url.display}{through}: {reason}") \
                 from None
         self.reconnect.succeeded()
-        return Connection(stream)
+        return Connection(SocketTransport(tcp) if tls is None else StreamTransport(tls, tcp))
 
-    async def exchange(self, request: h11.Request,
-                       answer: Callable[[Connection, h11.Response], Awaitable[T]]) -> T:
+    async def _tls(self, tcp: trio.SocketStream) -> trio.SSLStream[trio.SocketStream]:
+        """TLS on `tcp` (through the proxy's tunnel if there is one)."""
+        if self.proxy is not None:
+            await open_tunnel(tcp, self.proxy, self.url)
+        tls = trio.SSLStream(tcp, self.settings.ssl_context, server_hostname=self.url.host,
+                             https_compatible=True)
+        await tls.do_handshake()
+        return tls
+
+    async def exchange(self, request: bytes,
+                       answer: Callable[[Connection, Response], Awaitable[T]]) -> T:
         """Send `request` and let `answer` read the response.
 
         A kept-alive connection that the server closed before answering is
         dropped and the request sent again; other failures raise
         Unreachable, and every attempt is bounded by the timeout."""
-        async with self.slots:
-            in_flight = self.settings.pool_size - self.slots.value
-            self.peak_in_flight = max(self.peak_in_flight, in_flight)
+        await self._take_slot()
+        try:
             while True:
                 conn = self.idle.pop() if self.idle else None
                 reused = conn is not None
+                deadline = trio.current_time() + self.settings.timeout
                 try:
-                    with trio.fail_after(self.settings.timeout):
-                        if conn is None:
-                            conn = await self.connect()
-                        await conn.send(request)
-                        result = await answer(conn, await conn.response())
+                    if conn is None:
+                        conn = await self._connect_by(deadline)
+                    result = await self._attempt(conn, deadline, request, answer)
                 except Lost as exc:
                     assert conn is not None
                     await conn.close()
+                    if conn.expired:
+                        raise self._timed_out() from None
                     if reused and not conn.heard_back:
                         continue            # closed while idle: try another
                     raise Unreachable(f"{self.url.display}: connection lost ({exc})") from None
-                except trio.TooSlowError:
-                    if conn is None:
-                        self.reconnect.failed("timed out")
-                    else:
-                        await conn.close()
-                    raise Unreachable(f"{self.url.display}: no answer within "
-                                      f"{self.settings.timeout:g} s") from None
                 except BaseException:
                     if conn is not None:
                         await conn.close()
@@ -352,22 +183,84 @@ class Pool:
                 else:
                     await conn.close()
                 return result
+        finally:
+            self.slots.release()
+
+    async def _attempt(self, conn: Connection, deadline: float, request: bytes,
+                       answer: Callable[[Connection, Response], Awaitable[T]]) -> T:
+        """One request on `conn`, which the watchdog ends at `deadline`."""
+        self._start_watchdog()
+        self.busy[conn] = deadline
+        try:
+            await conn.send(request)
+            return await answer(conn, await conn.response())
+        finally:
+            del self.busy[conn]
+
+    async def _connect_by(self, deadline: float) -> Connection:
+        with trio.move_on_at(deadline):
+            return await self.connect()
+        self.reconnect.failed("timed out")
+        raise self._timed_out()
+
+    def _timed_out(self) -> Unreachable:
+        return Unreachable(f"{self.url.display}: no answer within {self.settings.timeout:g} s")
+
+    def _start_watchdog(self) -> None:
+        if self.watchdog is None:
+            self.watchdog = trio.CancelScope()
+            trio.lowlevel.spawn_system_task(self._watch, self.watchdog,
+                                            name=f"http timeouts: {self.url.display}")
+
+    async def _watch(self, scope: trio.CancelScope) -> None:
+        """Expire every request past its deadline (its connection is
+        closed under it, so it fails at once, as a timeout).
+
+        A cancel scope around each request was one of the largest costs of
+        a small read (bench/README.md); one task per pool (a trio system
+        task: a pool has no nursery) instead sleeps until the oldest
+        request's deadline.  Every deadline lies `timeout` after
+        its request started, so a request that starts while this task
+        sleeps has its deadline after the task wakes."""
+        try:
+            with scope:
+                while True:
+                    now = trio.current_time()
+                    pending = []
+                    for conn, deadline in list(self.busy.items()):
+                        if deadline > now:
+                            pending.append(deadline)
+                        elif not conn.expired:
+                            conn.expire()
+                    await trio.sleep_until(min(pending, default=now + self.settings.timeout))
+        finally:
+            if self.watchdog is scope:
+                self.watchdog = None        # (a later trio.run starts another)
+
+    async def _take_slot(self) -> None:
+        try:
+            self.slots.acquire_nowait()     # (acquire() yields even when a slot is free)
+        except trio.WouldBlock:
+            await self.slots.acquire()
+        in_flight = self.settings.pool_size - self.slots.value
+        self.peak_in_flight = max(self.peak_in_flight, in_flight)
 
     async def aclose(self) -> None:
+        if self.watchdog is not None:
+            self.watchdog.cancel()
         while self.idle:
             await self.idle.pop().close()
 
 
-@dataclass(frozen=True)
-class Validators:
+class Validators(NamedTuple):
     """What identifies one version of the file (RFC 9110 8.8)."""
 
     etag: str | None
     last_modified: str | None
 
     @classmethod
-    def of(cls, response: h11.Response) -> Validators:
-        return cls(header(response, b"etag"), header(response, b"last-modified"))
+    def of(cls, response: Response) -> Validators:
+        return cls(response.header("etag"), response.header("last-modified"))
 
     def moved(self, now: Validators) -> str | None:
         """How `now` shows a different version than this one, if it does."""
@@ -398,17 +291,27 @@ class HttpFile:
         self.validators = Validators(None, None)
         #: set once an answer showed another version of the file
         self.changed: str | None = None
+        #: the request line and fields of every request but its Range
+        self.request_head = b""
+        self._aim(url)
 
-    def _request(self, first: int, last: int) -> h11.Request:
-        headers = [("Host", self.url.authority), ("User-Agent", USER_AGENT),
-                   ("Accept-Encoding", "identity"), ("Range", f"bytes={first}-{last}")]
-        if self.url.origin == self.credentials_origin:
-            headers += self.settings.credentials
+    def _request(self, first: int, last: int) -> bytes:
+        return self.request_head + b"Range: bytes=%d-%d\r\n\r\n" % (first, last)
+
+    def _aim(self, url: Url) -> None:
+        """Send every later request to `url` (the pool already reaches its origin)."""
+        self.url = url
+        fields = [("Host", url.authority), ("User-Agent", USER_AGENT),
+                  ("Accept-Encoding", "identity")]
+        if url.origin == self.credentials_origin:
+            fields += self.settings.credentials
         proxy = self.pool.proxy
-        if proxy is not None and self.url.scheme == "http":
-            headers += proxy.headers()
-        return h11.Request(method="GET", target=request_target(self.url, proxy),
-                           headers=headers)
+        if proxy is not None and url.scheme == "http":
+            fields += proxy.headers()
+        try:
+            self.request_head = request_head("GET", request_target(url, proxy), fields)
+        except ValueError as exc:
+            raise ImgfsError(f"{url.display}: {exc}") from None
 
     # -- opening ----------------------------------------------------------------
 
@@ -429,19 +332,19 @@ class HttpFile:
         if target.origin != self.url.origin:
             await self.pool.aclose()
             self.pool = Pool(target, self.settings, self.reconnect)
-        self.url = target
+        self._aim(target)
 
-    async def _probe_answer(self, conn: Connection, response: h11.Response) -> str | None:
+    async def _probe_answer(self, conn: Connection, response: Response) -> str | None:
         """The redirect's Location, or None once the size and validators are known."""
-        status = response.status_code
+        status = response.status
         if status in REDIRECTS:
-            location = header(response, b"location")
+            location = response.header("location")
             if not location:
                 raise ImgfsError(f"{self.url.display}: HTTP {status} without a Location")
-            await conn.skip_body()
+            await conn.skip_body(response)
             return location
-        if status == 200 and content_length(response) == 0:
-            await conn.skip_body()          # an empty file: nothing to range over
+        if status == 200 and response.length == 0:
+            await conn.skip_body(response)  # an empty file: nothing to range over
             self.validators = Validators.of(response)
             return None
         if status == 200:
@@ -455,16 +358,16 @@ class HttpFile:
         if status == 206 and first != 0:
             raise ImgfsError(f"{self.url.display}: asked for byte 0, got byte {first}")
         await (conn.body_into(response, memoryview(bytearray(1))) if status == 206
-               else conn.skip_body())
+               else conn.skip_body(response))
         self.size = total
         self.validators = Validators.of(response)
         return None
 
-    def _content_range(self, response: h11.Response) -> tuple[int | None, int | None,
-                                                                int | None]:
-        value = header(response, b"content-range")
+    def _content_range(self, response: Response) -> tuple[int | None, int | None,
+                                                             int | None]:
+        value = response.header("content-range")
         if value is None:
-            raise ImgfsError(f"{self.url.display}: HTTP {response.status_code} "
+            raise ImgfsError(f"{self.url.display}: HTTP {response.status} "
                              "without a Content-Range")
         try:
             return content_range(value)
@@ -478,7 +381,7 @@ class HttpFile:
         self.check_unchanged()
         buffer = bytearray(length)
 
-        async def answer(conn: Connection, response: h11.Response) -> None:
+        async def answer(conn: Connection, response: Response) -> None:
             self._check_answer(response, offset, length)
             received = await conn.body_into(response, memoryview(buffer))
             if received != length:
@@ -492,14 +395,16 @@ class HttpFile:
             raise ImgfsError(f"{self.url.display}: the file changed on the server "
                              f"({self.changed}); remount to read the new version")
 
-    def _check_answer(self, response: h11.Response, offset: int, length: int) -> None:
-        status = response.status_code
+    def _check_answer(self, response: Response, offset: int, length: int) -> None:
+        status = response.status
         if status == 416:
             self.changed = "a range inside the file is now past its end"
         elif status != 206:
             raise status_error(self.url, response)
         else:
-            self.changed = self.validators.moved(Validators.of(response))
+            now = Validators.of(response)
+            if now != self.validators:
+                self.changed = self.validators.moved(now)
             first, last, total = self._content_range(response)
             if self.changed is None and total != self.size:
                 self.changed = f"its size {self.size} became {total}"

@@ -79,7 +79,8 @@ class ReadAhead:
         self.small_ends[offset + length] = None
         while len(self.small_ends) > SMALL_READERS:
             self.small_ends.popitem(last=False)
-        cached = all(index in self.windows for index in range(first, last + 1))
+        cached = first in self.windows and all(index in self.windows
+                                               for index in range(first + 1, last + 1))
         if not (sequential or cached):
             # a random read: a whole window would cost more than it saves
             return cast(bytes, await self.fetch(offset, length))

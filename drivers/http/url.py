@@ -18,6 +18,8 @@ DEFAULT_PORTS = {"http": 80, "https": 443}
 UNSAFE = re.compile(r"[\x00-\x20\x7f]")
 #: what may not appear in a header value
 CONTROL = re.compile(r"[\x00-\x1f\x7f]")
+#: a Content-Range (RFC 9110 14.4)
+CONTENT_RANGE = re.compile(r"\s*bytes\s+(?:(\d+)-(\d+)|\*)\s*/\s*(\d+|\*)\s*", re.I | re.ASCII)
 #: the password part of a URL's userinfo, for messages about unparsable URLs
 _USERINFO_PASSWORD = re.compile(r"(//[^/@:]*):[^/@]*@")
 
@@ -95,7 +97,7 @@ def parse_url(text: str) -> Url:
 def content_range(value: str) -> tuple[int | None, int | None, int | None]:
     """``bytes FIRST-LAST/TOTAL`` (RFC 9110 14.4) -> (first, last, total);
     ``bytes */TOTAL`` gives (None, None, total) and an unknown total None."""
-    match = re.fullmatch(r"\s*bytes\s+(?:(\d+)-(\d+)|\*)\s*/\s*(\d+|\*)\s*", value, re.I)
+    match = CONTENT_RANGE.fullmatch(value)
     if not match:
         raise ValueError(f"malformed Content-Range '{printable(value)[:200]}'")
     first, last, total = match.groups()

@@ -1,11 +1,13 @@
 """http(s) sources through a real mount, against a real nginx: contents as
-QEMU's curl driver reads them, a file replaced on the server, and a server
-that dies mid-read and comes back."""
+QEMU's curl driver reads them, a file replaced on the server, a server
+that dies mid-read and comes back, and one that stalls mid-answer."""
 from __future__ import annotations
 
 import errno
+import json
 import os
 import subprocess
+import threading
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -22,9 +24,12 @@ from tests.conftest import (
     unmount,
 )
 from tests.drivers.test_http import make_chain, need_nginx, qemu_convert
+from tests.drivers.test_http_hostile import Answer, partial, scripted
 from tests.nginx import PASSWORD, Nginx
 
 MiB = 1 << 20
+#: where the stalling server stops in the middle of an answer
+STALLED = 40960
 
 
 @pytest.fixture
@@ -123,3 +128,26 @@ def test_password_secret_never_in_ps_or_messages(nginx: Nginx, mnt: Path) -> Non
     assert result.stderr == (f"imgfs: {url}: HTTP 401 Unauthorized (authentication failed "
                              "or needed)\n")
     assert not is_mounted(mnt)
+
+
+def test_a_read_the_server_stalls_is_eio_after_the_timeout(mnt: Path) -> None:
+    """A server that stops in the middle of an answer: that read fails
+    (EIO) after `timeout`, the mount stays up, the next read works."""
+    stall = threading.Event()
+
+    def script(first: int, last: int, number: int) -> Answer:
+        if stall.is_set() and first <= STALLED <= last:
+            stall.clear()
+            return partial(first, last)[:-100], False
+        return partial(first, last), False
+    with scripted(script) as url:
+        source = json.dumps({"driver": "http", "url": url, "timeout": 1, "readahead": 0})
+        with mounted(f"json:{source}", mountpoint=mnt):
+            view = next(mnt.iterdir())
+            stall.set()
+            started = time.monotonic()
+            assert pread_errno(view, STALLED, 4096, direct=True) == errno.EIO
+            assert 1 <= time.monotonic() - started < 5
+            assert pread_errno(view, STALLED, 4096, direct=True) == 0
+            assert is_mounted(mnt)
+    assert not daemon_pids(mnt)

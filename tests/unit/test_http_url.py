@@ -3,11 +3,11 @@ from __future__ import annotations
 
 import base64
 
-import h11
 import pytest
 from imgfs.drivers.http.client import Validators, basic_auth
 from imgfs.drivers.http.readahead import contiguous_runs
 from imgfs.drivers.http.url import content_range, parse_url, redact
+from imgfs.drivers.http.wire import Response, parse_head
 
 from imgfs.errors import ImgfsError, UsageError
 
@@ -55,8 +55,10 @@ def test_content_range() -> None:
 
 
 def test_validators_notice_a_new_version() -> None:
-    def response(*headers: tuple[str, str]) -> h11.Response:
-        return h11.Response(status_code=206, headers=list(headers))
+    def response(*headers: tuple[str, str]) -> Response:
+        lines = ["HTTP/1.1 206 Partial Content", "Content-Length: 1",
+                 *(f"{name}: {value}" for name, value in headers)]
+        return parse_head("\r\n".join(lines))
     first = Validators.of(response(("ETag", '"a"'), ("Last-Modified", "Mon")))
     assert first.moved(Validators.of(response(("ETag", '"a"'), ("Last-Modified", "Mon")))) is None
     assert first.moved(Validators.of(response(("ETag", '"b"')))) == 'ETag "a" became "b"'
