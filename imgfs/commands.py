@@ -86,10 +86,11 @@ def make_context(args: argparse.Namespace, *, read_only: bool | None) -> Any:
 
 
 async def _open(args: argparse.Namespace, filename: str, *, read_only: bool | None,
-                no_io: bool = False, check: bool = False) -> Any:
+                no_io: bool = False, no_backing: bool = False, check: bool = False) -> Any:
     from .graph import open_image
     ctx = make_context(args, read_only=read_only)
     ctx.no_io = no_io
+    ctx.no_backing = no_backing
     ctx.check = check
     return await open_image(filename, ctx, fmt=getattr(args, "fmt", None))
 
@@ -368,8 +369,10 @@ def cmd_info(args: argparse.Namespace) -> int:
     from .source import without_secrets
 
     async def gather() -> Any:
-        # As qemu-img info, describe without reading data: no passphrase needed
-        node = await _open(args, args.filename, read_only=True, no_io=True)
+        # As qemu-img info, describe without reading data (no passphrase
+        # needed) and, but for --backing-chain, without the backing file
+        node = await _open(args, args.filename, read_only=True, no_io=True,
+                           no_backing=not args.backing_chain)
         try:
             if args.backing_chain:
                 return chain_info(node, without_secrets(args.filename))

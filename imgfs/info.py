@@ -6,6 +6,7 @@ import os
 import time
 from typing import Any
 
+from .graph import child_location_name
 from .node import Node
 
 #: keys a driver's info() may set at the top level of the report; any other
@@ -32,8 +33,9 @@ def image_info(node: Node, filename: str) -> dict[str, Any]:
         report["backing-filename"] = backing.filename
         if backing.fmt:
             report["backing-filename-format"] = backing.fmt
-        if node.backing is not None:
-            report["full-backing-filename"] = node.backing.filename
+        full = child_location_name(node, "backing")
+        if full is not None:
+            report["full-backing-filename"] = full
     if node.driver.reports_dirty_flag:
         report.setdefault("dirty-flag", False)
     return qemu_order(report)
