@@ -467,16 +467,24 @@ def cmd_snapshot(args: argparse.Namespace) -> int:
     async def run() -> None:
         node = await _open(args, args.filename, read_only=bool(args.list))
         try:
+            # the format's snapshots, or (raw over RBD) its protocol's
+            found = node.snapshot_holder()
+            holder = found[0] if found is not None else None
             if args.list:
-                snapshots = node.internal_snapshots()
+                # as qemu-img: a format without snapshots lists none
+                snapshots = holder.internal_snapshots() if holder is not None else []
                 if snapshots:
                     print(render_snapshot_table([snap.info() for snap in snapshots]))
-            elif args.create:
-                await node.create_snapshot(args.create)
+                return
+            if holder is None:
+                raise Unsupported(f"{node.format_name} images have no internal snapshots",
+                                  path=args.filename)
+            if args.create:
+                await holder.create_snapshot(args.create)
             elif args.apply:
-                await node.apply_snapshot(args.apply)
+                await holder.apply_snapshot(args.apply)
             elif args.delete:
-                await node.delete_snapshot(args.delete)
+                await holder.delete_snapshot(args.delete)
         finally:
             await node.aclose()
     run_trio(run)

@@ -1,0 +1,93 @@
+"""Corners where imgfs's qemu-img-style tools answer as qemu-img 7.2 does.
+
+Each case runs the same command line through qemu-img and imgfs, in the
+same directory on the same images, and compares the exit status and the
+output (stdout; stderr is only required to be one imgfs line).
+"""
+from __future__ import annotations
+
+import subprocess
+from pathlib import Path
+
+import pytest
+
+from tests.conftest import imgfs, need, run
+
+MiB = 1024 * 1024
+
+
+@pytest.fixture(autouse=True)
+def _in_workdir(workdir: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Relative names resolve alike for both tools."""
+    need("qemu-img")
+    monkeypatch.chdir(workdir)
+
+
+def both(*args: str) -> tuple[subprocess.CompletedProcess[str], subprocess.CompletedProcess[str]]:
+    return run("qemu-img", *args, check=False), imgfs(*args, check=False)
+
+
+def assert_same(*args: str, status: int) -> None:
+    """qemu-img ARGS and imgfs ARGS: exit `status`, the same stdout, and a
+    failure is one imgfs line."""
+    theirs, ours = both(*args)
+    assert (theirs.returncode, ours.returncode) == (status, status), (theirs, ours)
+    assert ours.stdout == theirs.stdout
+    if status:
+        lines = ours.stderr.splitlines()
+        assert len(lines) == 1 and lines[0].startswith("imgfs: "), ours.stderr
+
+
+# -- snapshot on formats without internal snapshots ------------------------------------
+
+
+@pytest.mark.parametrize("fmt", ["raw", "qcow", "vmdk", "vpc", "vdi", "qed"])
+def test_snapshot_on_a_format_without_snapshots(fmt: str) -> None:
+    """-l lists nothing and succeeds; -c, -a, -d fail with exit 1."""
+    image = f"t.{fmt}"
+    run("qemu-img", "create", "-q", "-f", fmt, image, "1M")
+    assert_same("snapshot", "-l", image, status=0)
+    for action in ("-c", "-a", "-d"):
+        assert_same("snapshot", "-f", fmt, action, "s1", image, status=1)
+    assert "no internal snapshots" in imgfs("snapshot", "-c", "s1", image, check=False).stderr
+
+
+# -- a backing file that cannot be opened ----------------------------------------------
+
+
+@pytest.fixture
+def missing_backing() -> str:
+    run("qemu-img", "create", "-q", "-f", "qcow2", "-b", "nonexist.qcow2", "-F", "qcow2", "-u",
+        "m.qcow2", "1M")
+    return "m.qcow2"
+
+
+@pytest.mark.parametrize("output", ["human", "json"])
+def test_info_without_the_backing_file(missing_backing: str, tmp_path: Path,
+                                       output: str) -> None:
+    assert_same("info", f"--output={output}", missing_backing, status=0)
+    # named from elsewhere, the full backing name is resolved as qemu-img does
+    assert_same("info", f"--output={output}", str(tmp_path / missing_backing), status=0)
+
+
+@pytest.mark.parametrize("command", [
+    ["info", "--backing-chain"], ["info", "--backing-chain", "--output=json"], ["check"],
+    ["map"], ["map", "--output=json"], ["measure", "-O", "qcow2"], ["convert", "-O", "raw"]])
+def test_tools_that_need_the_backing_file_refuse(missing_backing: str,
+                                                 command: list[str]) -> None:
+    target = ["out.raw"] if command[0] == "convert" else []
+    assert_same(*command, missing_backing, *target, status=1)
+    assert "nonexist.qcow2" in imgfs(*command, missing_backing, *target, check=False).stderr
+
+
+def test_compare_without_the_backing_file_is_an_error(missing_backing: str) -> None:
+    assert_same("compare", missing_backing, missing_backing, status=2)
+
+
+def test_info_of_a_chain_that_loops(tmp_path: Path) -> None:
+    """Plain info describes the top image; --backing-chain refuses the loop."""
+    run("qemu-img", "create", "-q", "-f", "qcow2", "a.qcow2", "1M")
+    run("qemu-img", "create", "-q", "-f", "qcow2", "-b", "a.qcow2", "-F", "qcow2", "b.qcow2")
+    run("qemu-img", "rebase", "-u", "-b", "b.qcow2", "-F", "qcow2", "a.qcow2")
+    assert_same("info", "a.qcow2", status=0)
+    assert_same("info", "--backing-chain", "a.qcow2", status=1)
