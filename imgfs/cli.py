@@ -32,6 +32,12 @@ def _add_object(parser: argparse.ArgumentParser) -> None:
                         help="define a secret (QEMU syntax: data=, file=, format=base64)")
 
 
+def _add_image_opts(parser: argparse.ArgumentParser, what: str = "FILE") -> None:
+    parser.add_argument("--image-opts", action="store_true",
+                        help=f"{what} is an option string, as for mount -o "
+                             "(driver=qcow2,file.filename=vm.qcow2); excludes -f")
+
+
 def build_parser() -> ArgumentParser:
     parser = ArgumentParser(prog=PROG, description="Disk images as flat raw files, "
                             "and qemu-img-style tools.")
@@ -75,6 +81,7 @@ def build_parser() -> ArgumentParser:
     info.add_argument("-U", "--force-share", action="store_true",
                       help="open FILE even if another process has it locked")
     _add_object(info)
+    _add_image_opts(info)
     info.add_argument("filename", metavar="FILE", help="the image")
 
     check = commands.add_parser("check", help="check an image for consistency")
@@ -87,6 +94,7 @@ def build_parser() -> ArgumentParser:
                        help="open FILE even if another process has it locked")
     check.add_argument("-q", dest="quiet", action="store_true", help="print nothing")
     _add_object(check)
+    _add_image_opts(check)
     check.add_argument("filename", metavar="FILE", help="the image")
 
     convert = commands.add_parser("convert", help="copy an image into another format")
@@ -107,6 +115,7 @@ def build_parser() -> ArgumentParser:
                          help="open SRC even if another process has it locked")
     convert.add_argument("-q", dest="quiet", action="store_true", help="print nothing")
     _add_object(convert)
+    _add_image_opts(convert, "SRC")
     convert.add_argument("source", metavar="SRC", help="the image to copy")
     convert.add_argument("target", metavar="DST", help="the new image")
 
@@ -120,6 +129,7 @@ def build_parser() -> ArgumentParser:
     snapshot.add_argument("-f", dest="fmt", metavar="FMT", help="format of FILE (default: probe)")
     snapshot.add_argument("-U", "--force-share", action="store_true",
                           help="open FILE even if another process has it locked")
+    _add_image_opts(snapshot)
     snapshot.add_argument("filename", metavar="FILE", help="the image")
 
     resize = commands.add_parser("resize", help="grow or shrink an image")
@@ -129,6 +139,7 @@ def build_parser() -> ArgumentParser:
     resize.add_argument("--preallocation", default="off",
                         choices=("off", "metadata", "falloc", "full"),
                         help="how to allocate the added space (default off)")
+    _add_image_opts(resize)
     resize.add_argument("filename", metavar="FILE", help="the image")
     resize.add_argument("size", metavar="[+|-]SIZE",
                         help="new size, or a size to add (+) or remove (-)")
@@ -140,6 +151,7 @@ def build_parser() -> ArgumentParser:
     mapping.add_argument("-U", "--force-share", action="store_true",
                          help="open FILE even if another process has it locked")
     _add_object(mapping)
+    _add_image_opts(mapping)
     mapping.add_argument("filename", metavar="FILE", help="the image")
 
     _add_tool_parsers(commands)
@@ -165,6 +177,7 @@ def _add_tool_parsers(commands: Any) -> None:
     compare.add_argument("-U", "--force-share", action="store_true",
                          help="open the images even if another process has them locked")
     _add_object(compare)
+    _add_image_opts(compare, "FILE1 and FILE2")
     compare.add_argument("filename", metavar="FILE1", help="the first image")
     compare.add_argument("filename2", metavar="FILE2", help="the second image")
 
@@ -177,6 +190,7 @@ def _add_tool_parsers(commands: Any) -> None:
     commit.add_argument("-p", dest="progress", action="store_true", help="show progress")
     commit.add_argument("-q", dest="quiet", action="store_true", help="print nothing")
     _add_object(commit)
+    _add_image_opts(commit)
     commit.add_argument("filename", metavar="FILE",
                         help="the image whose data goes into its backing file")
 
@@ -193,6 +207,7 @@ def _add_tool_parsers(commands: Any) -> None:
     rebase.add_argument("-U", "--force-share", action="store_true",
                         help="open the backing files even if they are locked")
     _add_object(rebase)
+    _add_image_opts(rebase)
     rebase.add_argument("filename", metavar="FILE", help="the image to rebase")
 
     measure = commands.add_parser("measure", help="how large an image of a format would be")
@@ -207,6 +222,7 @@ def _add_tool_parsers(commands: Any) -> None:
     measure.add_argument("-U", "--force-share", action="store_true",
                          help="open FILE even if another process has it locked")
     _add_object(measure)
+    _add_image_opts(measure)
     measure.add_argument("filename", nargs="?", metavar="FILE",
                          help="measure a copy of FILE (as imgfs convert would make it)")
 
@@ -217,6 +233,7 @@ def _add_tool_parsers(commands: Any) -> None:
     amend.add_argument("-p", dest="progress", action="store_true", help="show progress")
     amend.add_argument("-q", dest="quiet", action="store_true", help="print nothing")
     _add_object(amend)
+    _add_image_opts(amend)
     amend.add_argument("filename", metavar="FILE", help="the image to change")
 
 

@@ -85,6 +85,18 @@ def make_context(args: argparse.Namespace, *, read_only: bool | None) -> Any:
                        interactive=sys.stdin.isatty())
 
 
+def image_source(args: argparse.Namespace, filename: str) -> str | dict[str, Any]:
+    """An image the user named on the command line: a filename, URL or
+    json: source, or with --image-opts the tree its option string spells."""
+    if not getattr(args, "image_opts", False):
+        return filename
+    from .source import parse_image_opts
+    if getattr(args, "fmt", None) or getattr(args, "fmt2", None):
+        raise UsageError("--image-opts and -f/-F are mutually exclusive "
+                         "(give the format as driver=)")
+    return parse_image_opts(filename)
+
+
 async def _open(args: argparse.Namespace, filename: str, *, read_only: bool | None,
                 no_io: bool = False, no_backing: bool = False, check: bool = False) -> Any:
     from .graph import open_image
@@ -92,7 +104,7 @@ async def _open(args: argparse.Namespace, filename: str, *, read_only: bool | No
     ctx.no_io = no_io
     ctx.no_backing = no_backing
     ctx.check = check
-    return await open_image(filename, ctx, fmt=getattr(args, "fmt", None))
+    return await open_image(image_source(args, filename), ctx, fmt=getattr(args, "fmt", None))
 
 
 # -- mount ------------------------------------------------------------------------------
@@ -366,7 +378,6 @@ def _formatting_line(filename: str, fmt: str, parsed: dict[str, Any]) -> str:
 
 def cmd_info(args: argparse.Namespace) -> int:
     from .info import chain_info, image_info, render_human, render_json
-    from .source import without_secrets
 
     async def gather() -> Any:
         # As qemu-img info, describe without reading data (no passphrase
@@ -374,9 +385,10 @@ def cmd_info(args: argparse.Namespace) -> int:
         node = await _open(args, args.filename, read_only=True, no_io=True,
                            no_backing=not args.backing_chain)
         try:
+            name = shown_name(args.filename, node, tree=args.image_opts)
             if args.backing_chain:
-                return chain_info(node, without_secrets(args.filename))
-            return image_info(node, without_secrets(args.filename))
+                return chain_info(node, name)
+            return image_info(node, name)
         finally:
             await node.aclose()
     report = run_trio(gather)
@@ -387,6 +399,18 @@ def cmd_info(args: argparse.Namespace) -> int:
     else:
         print(render_human(report))
     return 0
+
+
+def shown_name(typed: str, node: Any, *, tree: bool) -> str:
+    """What qemu-img calls an image: the name typed, but for a source that
+    spells a tree (--image-opts, json:) over a local file, that file."""
+    from .source import without_secrets
+    leaf = node
+    while leaf.file is not None:
+        leaf = leaf.file
+    if (tree or typed.startswith("json:")) and leaf.format_name == "file":
+        return str(leaf.filename)
+    return without_secrets(typed)
 
 
 def cmd_map(args: argparse.Namespace) -> int:
@@ -432,6 +456,7 @@ async def allocation_map(node: Any) -> list[dict[str, Any]]:
 
 def cmd_check(args: argparse.Namespace) -> int:
     from .check import NOT_SUPPORTED, render_human, render_json
+    from .source import without_secrets
 
     async def run() -> int:
         node = await _open(args, args.filename, read_only=args.repair is None, check=True)
@@ -449,7 +474,7 @@ def cmd_check(args: argparse.Namespace) -> int:
         if result.failure is not None:
             raise CorruptImage(result.failure, path=args.filename)
         if args.output == "json":
-            print(render_json(result, node.filename, fmt))
+            print(render_json(result, without_secrets(args.filename), fmt))
         elif not args.quiet:
             print(render_human(result))
         return result.exit_code
@@ -602,7 +627,13 @@ def tool_opener(args: argparse.Namespace) -> Any:
         from .source import parse_source
         ctx = make_context(args, read_only=read_only)
         ctx.force_share = ctx.force_share or read_only
-        given = filename if isinstance(filename, dict) else parse_source(filename)
+        if isinstance(filename, dict):
+            given = filename
+        elif filename == args.filename:     # the image typed, not one it names
+            typed = image_source(args, filename)
+            given = parse_source(typed) if isinstance(typed, str) else typed
+        else:
+            given = parse_source(filename)
         tree = {**given, **(options or {})}
         return await open_image(tree, ctx, fmt=fmt)
     return open_node

@@ -21,9 +21,9 @@ BACKING_GRANULE = 64 * 1024
 
 
 async def convert(args: argparse.Namespace, options: dict[str, Any], sparse: int) -> None:
-    from .commands import make_context
+    from .commands import image_source, make_context
     src_ctx = make_context(args, read_only=True)
-    source = await open_image(args.source, src_ctx, fmt=args.fmt)
+    source = await open_image(image_source(args, args.source), src_ctx, fmt=args.fmt)
     try:
         await create_image(args.target, args.out_fmt, source.size, options,
                            OpenContext(read_only=False, secrets=src_ctx.secrets))

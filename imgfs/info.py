@@ -38,6 +38,9 @@ def image_info(node: Node, filename: str) -> dict[str, Any]:
             report["full-backing-filename"] = full
     if node.driver.reports_dirty_flag:
         report.setdefault("dirty-flag", False)
+    if report.get("snapshots"):
+        report["snapshots"] = [in_order(snapshot, QEMU_SNAPSHOT_ORDER)
+                               for snapshot in report["snapshots"]]
     return qemu_order(report)
 
 
@@ -47,6 +50,17 @@ def image_info(node: Node, filename: str) -> dict[str, Any]:
 QEMU_TOP_ORDER = ("backing-filename-format", "snapshots", "virtual-size", "filename",
                   "cluster-size", "format", "actual-size", "format-specific",
                   "full-backing-filename", "encrypted", "backing-filename")
+
+
+#: the order of a snapshot's keys in qemu-img info --output=json
+QEMU_SNAPSHOT_ORDER = ("icount", "vm-clock-nsec", "name", "date-sec", "date-nsec",
+                       "vm-clock-sec", "id", "vm-state-size")
+
+
+def in_order(entry: dict[str, Any], order: tuple[str, ...]) -> dict[str, Any]:
+    """`entry` with the keys of `order` first, in that order."""
+    rank = {key: index for index, key in enumerate(order)}
+    return dict(sorted(entry.items(), key=lambda item: rank.get(item[0], len(rank))))
 
 
 def qemu_order(report: dict[str, Any]) -> dict[str, Any]:

@@ -16,7 +16,7 @@ from collections.abc import Mapping
 from typing import Any
 
 from .errors import UsageError
-from .options import merge_trees, nest_dotted
+from .options import merge_trees, nest_dotted, split_opt_string
 from .registry import get_driver, protocol_for
 
 #: private key remembering the text a protocol tree came from (for messages)
@@ -52,6 +52,17 @@ def parse_json_source(text: str) -> dict[str, Any]:
     if not isinstance(tree, dict):
         raise UsageError("a json: source must be an object")
     return normalize_tree(tree)
+
+
+def parse_image_opts(text: str) -> dict[str, Any]:
+    """The tree an ``--image-opts`` FILE spells out as one option string,
+    in mount -o's syntax (``driver=qcow2,file.filename=vm.qcow2``: dotted
+    keys nest, ``,,`` is a comma)."""
+    tree = normalize_tree(split_opt_string(text))
+    if "driver" not in tree and "file" not in tree:
+        raise UsageError(f"'{text}': --image-opts needs driver= or file.filename= "
+                         "(driver=qcow2,file.filename=vm.qcow2)")
+    return tree
 
 
 def normalize_tree(tree: Mapping[str, Any]) -> dict[str, Any]:

@@ -6,6 +6,7 @@ output (stdout; stderr is only required to be one imgfs line).
 """
 from __future__ import annotations
 
+import json
 import subprocess
 from pathlib import Path
 
@@ -91,3 +92,62 @@ def test_info_of_a_chain_that_loops(tmp_path: Path) -> None:
     run("qemu-img", "rebase", "-u", "-b", "b.qcow2", "-F", "qcow2", "a.qcow2")
     assert_same("info", "a.qcow2", status=0)
     assert_same("info", "--backing-chain", "a.qcow2", status=1)
+
+
+# -- --image-opts ------------------------------------------------------------------------
+
+
+@pytest.fixture
+def opts_image() -> str:
+    """A qcow2 image with data and a snapshot, named by an option string."""
+    need("qemu-io")
+    run("qemu-img", "create", "-q", "-f", "qcow2", "a,b.qcow2", "4M")
+    run("qemu-io", "-c", "write -P 1 0 64k", "-c", "write -P 2 1M 4k", "a,b.qcow2")
+    run("qemu-img", "snapshot", "-c", "first", "a,b.qcow2")
+    return "driver=qcow2,file.filename=a,,b.qcow2"
+
+
+@pytest.mark.parametrize("command", [
+    ["info"], ["info", "--output=json"], ["check"], ["check", "--output=json"],
+    ["measure", "-O", "qcow2"], ["snapshot", "-l"]])
+def test_image_opts_as_qemu_img(opts_image: str, command: list[str]) -> None:
+    assert_same(*command, "--image-opts", opts_image, status=0)
+
+
+def test_image_opts_probe_compare_and_map(opts_image: str) -> None:
+    assert_same("info", "--image-opts", "file.filename=a,,b.qcow2", status=0)
+    assert_same("compare", "--image-opts", opts_image, "file.filename=a,,b.qcow2", status=0)
+    assert imgfs("map", "--image-opts", opts_image).stdout == imgfs("map", "a,b.qcow2").stdout
+    # a string that names no image: an error for qemu-img, a usage error
+    # (exit 2, as an invalid json: source) for imgfs
+    theirs, ours = both("info", "--image-opts", "filename=a,,b.qcow2")
+    assert (theirs.returncode, ours.returncode) == (1, 2)
+    assert ours.stderr.count("\n") == 1 and "driver=" in ours.stderr
+
+
+def test_image_opts_convert_and_write_tools(opts_image: str) -> None:
+    run("qemu-img", "convert", "--image-opts", "-O", "raw", opts_image, "theirs.raw")
+    imgfs("convert", "--image-opts", "-O", "raw", opts_image, "ours.raw")
+    assert Path("ours.raw").read_bytes() == Path("theirs.raw").read_bytes()
+    run("qemu-img", "create", "-q", "-f", "qcow2", "-b", "a,b.qcow2", "-F", "qcow2", "top.qcow2")
+    run("qemu-io", "-c", "write -P 9 2M 64k", "top.qcow2")
+    top = "driver=qcow2,file.filename=top.qcow2"
+    imgfs("resize", "--image-opts", top, "8M")
+    imgfs("amend", "--image-opts", "-o", "lazy_refcounts=on", top)
+    imgfs("snapshot", "--image-opts", "-c", "second", top)
+    imgfs("commit", "--image-opts", top)
+    report = json.loads(run("qemu-img", "info", "--output=json", "top.qcow2").stdout)
+    assert report["virtual-size"] == 8 * MiB
+    assert report["format-specific"]["data"]["lazy-refcounts"] is True
+    assert [snap["name"] for snap in report["snapshots"]] == ["second"]
+    assert run("qemu-io", "-c", "read -P 9 2M 64k", "a,b.qcow2").returncode == 0
+    run("qemu-img", "check", "top.qcow2")
+    run("qemu-img", "check", "a,b.qcow2")
+
+
+def test_image_opts_excludes_a_format(opts_image: str) -> None:
+    """qemu-img refuses -f with --image-opts (exit 1); for imgfs that is a
+    usage error (exit 2, as every usage error)."""
+    theirs, ours = both("info", "-f", "qcow2", "--image-opts", opts_image)
+    assert (theirs.returncode, ours.returncode) == (1, 2)
+    assert "mutually exclusive" in ours.stderr

@@ -263,7 +263,8 @@ def test_locators_that_loop_are_refused(tmp_path: Path) -> None:
         child_of(base, name)
     for name, other in (("a.vhd", "b.vhd"), ("b.vhd", "a.vhd")):
         rewrite_locators(tmp_path / name, [(b"W2ru", other.encode("utf-16-le"))])
-    assert_one_line(imgfs("info", "--backing-chain", tmp_path / "a.vhd", check=False, timeout=60), "a loop")
+    assert_one_line(imgfs("info", "--backing-chain", tmp_path / "a.vhd", check=False,
+                          timeout=60), "a loop")
 
 
 def test_parent_timestamp_is_its_footer_or_file_time(tmp_path: Path) -> None:
@@ -283,8 +284,8 @@ def test_parent_timestamp_is_its_footer_or_file_time(tmp_path: Path) -> None:
         if readable:
             assert imgfs_raw(child) == bytes(expected)
         else:
-            assert_one_line(imgfs("info", "--backing-chain", child, check=False), "child.vhd", "base.vhd",
-                            "changed")
+            assert_one_line(imgfs("info", "--backing-chain", child, check=False),
+                            "child.vhd", "base.vhd", "changed")
 
 
 def test_commit_moves_the_child_into_its_parent(tmp_path: Path) -> None:
