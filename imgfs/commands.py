@@ -117,27 +117,19 @@ def cmd_mount(args: argparse.Namespace) -> int:
                          foreground=args.foreground, debug=args.debug)
 
 
-def absolute_source(source: str) -> str:
-    """Plain paths (and a fat: directory) made absolute: the daemon runs in /."""
-    from .registry import get_driver, protocol_for
-    if source.startswith("json:"):
-        return source
-    protocol = protocol_for(source)
-    if protocol is None:
-        return os.path.abspath(source)
-    return get_driver(protocol).absolute_filename(source)
-
-
 def mount_sources(sources: list[str], mountpoint: str, option_strings: list[str], *,
                   objects: list[str], foreground: bool, debug: bool, sloppy: bool = False,
                   fake: bool = False, verbose: bool = False, rw_is_default: bool = False) -> int:
     from .mount import check_mountpoint, export_names, parse_mount_options
+    from .source import absolute_source, paths_as_typed
     opts = parse_mount_options(option_strings, sloppy=sloppy, rw_is_default=rw_is_default)
     opts.secrets = parse_objects(objects)
     given = {absolute_source(source): source for source in sources}
     sources = [absolute_source(source) for source in sources]
     if opts.overlay is not None:
         overlay_options(opts, list(given.values()), sources)
+    for source in list(given.values()):
+        given.update(paths_as_typed(source))
     mountpoint = os.path.abspath(mountpoint)
     check_mountpoint(mountpoint, sources, opts)
     export_names(sources, opts)
