@@ -27,7 +27,12 @@ def parse_source(text: str) -> dict[str, Any]:
     """An option tree for a SOURCE as typed by a user: a protocol leaf under
     a format to be probed, or the tree a ``json:`` source spells out."""
     if text.startswith("json:"):
-        return parse_json_source(text[5:])
+        tree = parse_json_source(text[5:])
+        if "driver" not in tree and "file" not in tree:
+            # as QEMU: a tree must say what it is, or hold the file to probe
+            raise UsageError('a json: source needs "driver" or "file" '
+                             '(json:{"file":{"filename":"vm.qcow2"}} probes its format)')
+        return tree
     return {"file": protocol_tree(text)}
 
 

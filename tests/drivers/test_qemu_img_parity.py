@@ -151,3 +151,23 @@ def test_image_opts_excludes_a_format(opts_image: str) -> None:
     theirs, ours = both("info", "-f", "qcow2", "--image-opts", opts_image)
     assert (theirs.returncode, ours.returncode) == (1, 2)
     assert "mutually exclusive" in ours.stderr
+
+
+# -- json: sources -------------------------------------------------------------------------
+
+
+def test_json_source_that_names_no_image_is_refused() -> None:
+    """json:{"filename":...} is neither a format nor a file to probe: qemu-img
+    refuses it (exit 1), imgfs too, as a usage error (exit 2); imgfs
+    used to open it as a bare protocol node, format "file"."""
+    run("qemu-img", "create", "-q", "-f", "qcow2", "t.qcow2", "1M")
+    theirs, ours = both("info", 'json:{"filename":"t.qcow2"}')
+    assert (theirs.returncode, ours.returncode) == (1, 2)
+    assert ours.stderr.count("\n") == 1 and '"driver" or "file"' in ours.stderr
+    for tree in ('{"file":{"filename":"t.qcow2"}}', '{"driver":"qcow2","file.filename":"t.qcow2"}'):
+        assert_same("info", f"json:{tree}", status=0)
+    # (qemu-img rounds the file's size up to 512 bytes; imgfs does not)
+    report = json.loads(imgfs("info", "--output=json",
+                              'json:{"driver":"file","filename":"t.qcow2"}').stdout)
+    assert (report["format"], report["filename"]) == ("file", "t.qcow2")
+    assert_same("check", "--output=json", 'json:{"file":{"filename":"t.qcow2"}}', status=0)
