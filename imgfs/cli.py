@@ -129,6 +129,9 @@ def build_parser() -> ArgumentParser:
     snapshot.add_argument("-f", dest="fmt", metavar="FMT", help="format of FILE (default: probe)")
     snapshot.add_argument("-U", "--force-share", action="store_true",
                           help="open FILE even if another process has it locked")
+    snapshot.add_argument("-q", dest="quiet", action="store_true",
+                          help="print nothing but the list (as qemu-img)")
+    _add_object(snapshot)
     _add_image_opts(snapshot)
     snapshot.add_argument("filename", metavar="FILE", help="the image")
 
@@ -139,6 +142,9 @@ def build_parser() -> ArgumentParser:
     resize.add_argument("--preallocation", default="off",
                         choices=("off", "metadata", "falloc", "full"),
                         help="how to allocate the added space (default off)")
+    resize.add_argument("-q", dest="quiet", action="store_true",
+                        help="do not print 'Image resized.'")
+    _add_object(resize)
     _add_image_opts(resize)
     resize.add_argument("filename", metavar="FILE", help="the image")
     resize.add_argument("size", metavar="[+|-]SIZE",
@@ -148,6 +154,10 @@ def build_parser() -> ArgumentParser:
     mapping.add_argument("-f", dest="fmt", metavar="FMT", help="format of FILE (default: probe)")
     mapping.add_argument("--output", choices=("human", "json"), default="human",
                          help="output format")
+    mapping.add_argument("--start-offset", metavar="OFFSET", default="0",
+                         help="map from this offset on (k/M/G/T suffixes)")
+    mapping.add_argument("--max-length", metavar="LENGTH",
+                         help="map at most this many bytes (k/M/G/T suffixes)")
     mapping.add_argument("-U", "--force-share", action="store_true",
                          help="open FILE even if another process has it locked")
     _add_object(mapping)

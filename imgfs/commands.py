@@ -406,13 +406,21 @@ def shown_name(typed: str, node: Any, *, tree: bool) -> str:
 
 
 def cmd_map(args: argparse.Namespace) -> int:
+    start = parse_size(args.start_offset)
+    max_length = parse_size(args.max_length) if args.max_length is not None else None
+
     async def gather() -> list[dict[str, Any]]:
         node = await _open(args, args.filename, read_only=True)
         try:
-            return await allocation_map(node)
+            end = node.size if max_length is None else min(node.size, start + max_length)
+            return await allocation_map(node, start, end)
         finally:
             await node.aclose()
     entries = run_trio(gather)
+    if args.output == "json" and not entries:
+        # what qemu-img prints for an empty range
+        entries = [{"start": start, "length": 0, "depth": 0, "present": False,
+                    "zero": False, "data": False}]
     if args.output == "json":
         print("[" + ",\n".join(json.dumps(entry) for entry in entries) + "]")
     else:
@@ -423,13 +431,16 @@ def cmd_map(args: argparse.Namespace) -> int:
     return 0
 
 
-async def allocation_map(node: Any) -> list[dict[str, Any]]:
-    """qemu-img map's entries: runs of (depth, data, zero) through the chain."""
+async def allocation_map(node: Any, start: int = 0, end: int | None = None
+                         ) -> list[dict[str, Any]]:
+    """qemu-img map's entries: runs of (depth, data, zero) through the
+    chain, from `start` to `end` (the end of the image by default)."""
     from .block import Status
     entries: list[dict[str, Any]] = []
-    offset = 0
-    while offset < node.size:
-        length, status, depth = await node.block_status_above(offset, node.size - offset)
+    offset = start
+    end = node.size if end is None else end
+    while offset < end:
+        length, status, depth = await node.block_status_above(offset, end - offset)
         entry = {"start": offset, "length": length, "depth": depth,
                  "present": bool(status & Status.ALLOCATED),
                  "zero": bool(status & Status.ZERO) or not status & Status.ALLOCATED,
@@ -527,7 +538,8 @@ def cmd_resize(args: argparse.Namespace) -> int:
         finally:
             await node.aclose()
     run_trio(run)
-    print("Image resized.")
+    if not args.quiet:
+        print("Image resized.")
     return 0
 
 

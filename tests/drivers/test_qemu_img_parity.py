@@ -171,3 +171,40 @@ def test_json_source_that_names_no_image_is_refused() -> None:
                               'json:{"driver":"file","filename":"t.qcow2"}').stdout)
     assert (report["format"], report["filename"]) == ("file", "t.qcow2")
     assert_same("check", "--output=json", 'json:{"file":{"filename":"t.qcow2"}}', status=0)
+
+
+# -- flags qemu-img has ----------------------------------------------------------------------
+
+
+def map_entries(*args: str) -> tuple[list[dict], list[dict]]:
+    """map --output=json of both tools, without qemu-img's host offsets
+    (imgfs map has none: see imgfs(1))."""
+    theirs, ours = both("map", "--output=json", *args)
+    assert (theirs.returncode, ours.returncode) == (0, 0), (theirs, ours)
+    return ([{k: v for k, v in entry.items() if k != "offset"}
+             for entry in json.loads(theirs.stdout)], json.loads(ours.stdout))
+
+
+@pytest.mark.parametrize("window", [
+    ["--start-offset=1M", "--max-length=1100k"], ["--start-offset=1000"], ["--max-length=3"],
+    ["--max-length=0"], ["--start-offset=5M"], ["--start-offset=2M", "--max-length=64M"]])
+def test_map_window(window: list[str]) -> None:
+    need("qemu-io")
+    run("qemu-img", "create", "-q", "-f", "qcow2", "d.qcow2", "4M")
+    run("qemu-io", "-c", "write -P 1 0 64k", "-c", "write -z 1M 64k", "-c", "write -P 2 2M 128k",
+        "d.qcow2")
+    theirs, ours = map_entries(*window, "d.qcow2")
+    assert ours == theirs
+
+
+def test_resize_and_snapshot_quiet() -> None:
+    for name in ("theirs.qcow2", "ours.qcow2"):
+        run("qemu-img", "create", "-q", "-f", "qcow2", name, "1M")
+    theirs = run("qemu-img", "resize", "-q", "theirs.qcow2", "2M")
+    ours = imgfs("resize", "-q", "ours.qcow2", "2M")
+    assert ours.stdout == theirs.stdout == ""
+    run("qemu-img", "snapshot", "-c", "one", "theirs.qcow2")
+    imgfs("snapshot", "-q", "-c", "one", "ours.qcow2")
+    listed = [imgfs("snapshot", "-q", "-l", name).stdout.splitlines()[2].split()[:2]
+              for name in ("theirs.qcow2", "ours.qcow2")]
+    assert listed[0] == listed[1] == ["1", "one"]
