@@ -120,9 +120,10 @@ def build_parser() -> ArgumentParser:
     convert.add_argument("target", metavar="DST", help="the new image")
 
     snapshot = commands.add_parser("snapshot", help="internal snapshots")
-    action = snapshot.add_mutually_exclusive_group(required=True)
+    action = snapshot.add_mutually_exclusive_group()
     action.add_argument("-c", dest="create", metavar="TAG", help="create snapshot TAG")
-    action.add_argument("-l", dest="list", action="store_true", help="list the snapshots")
+    action.add_argument("-l", dest="list", action="store_true",
+                        help="list the snapshots")
     action.add_argument("-a", dest="apply", metavar="TAG",
                         help="revert the disk to snapshot TAG")
     action.add_argument("-d", dest="delete", metavar="TAG", help="delete snapshot TAG")
@@ -287,7 +288,7 @@ def reuse_large_buffers() -> None:
 
 def _protect_negative_size(args: list[str]) -> list[str]:
     """``imgfs resize FILE -1G``: a size is not an option (as qemu-img)."""
-    if "resize" not in args:
+    if "resize" not in args or "--" in args:
         return args
     for index, arg in enumerate(args):
         if index > args.index("resize") and re.fullmatch(r"-\d[\d.]*[kKmMgGtT]?", arg):

@@ -492,8 +492,11 @@ def cmd_check(args: argparse.Namespace) -> int:
 def cmd_snapshot(args: argparse.Namespace) -> int:
     from .info import render_snapshot_table
 
+    # no action: qemu-img opens the image and does nothing
+    changes = bool(args.create or args.apply or args.delete)
+
     async def run() -> None:
-        node = await _open(args, args.filename, read_only=bool(args.list))
+        node = await _open(args, args.filename, read_only=not changes)
         try:
             # the format's snapshots, or (raw over RBD) its protocol's
             found = node.snapshot_holder()
@@ -503,6 +506,8 @@ def cmd_snapshot(args: argparse.Namespace) -> int:
                 snapshots = holder.internal_snapshots() if holder is not None else []
                 if snapshots:
                     print(render_snapshot_table([snap.info() for snap in snapshots]))
+                return
+            if not changes:
                 return
             if holder is None:
                 raise Unsupported(f"{node.format_name} images have no internal snapshots",
@@ -531,7 +536,7 @@ def cmd_resize(args: argparse.Namespace) -> int:
                 node.size - amount if relative == "-" else amount
             if new_size < 0:
                 raise UsageError("the new size would be negative")
-            if new_size < node.size and not args.shrink and node.format_name != "raw":
+            if new_size < node.size and not args.shrink:
                 raise UsageError("use --shrink to shrink an image (data past the new end is lost)")
             await node.truncate(new_size, args.preallocation)
             await node.flush()

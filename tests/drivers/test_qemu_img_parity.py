@@ -208,3 +208,27 @@ def test_resize_and_snapshot_quiet() -> None:
     listed = [imgfs("snapshot", "-q", "-l", name).stdout.splitlines()[2].split()[:2]
               for name in ("theirs.qcow2", "ours.qcow2")]
     assert listed[0] == listed[1] == ["1", "one"]
+
+
+def test_snapshot_without_an_action_opens_and_does_nothing() -> None:
+    run("qemu-img", "create", "-q", "-f", "qcow2", "t.qcow2", "1M")
+    run("qemu-img", "snapshot", "-c", "one", "t.qcow2")
+    before = Path("t.qcow2").read_bytes()
+    assert_same("snapshot", "t.qcow2", status=0)
+    assert Path("t.qcow2").read_bytes() == before
+    assert_same("snapshot", "none.qcow2", status=1)
+
+
+def test_resize_shrinks_raw_only_with_shrink() -> None:
+    """qemu-img 7.2 refuses to shrink a raw image without --shrink (exit 1;
+    imgfs: a usage error, 2), also with a "--" before the size."""
+    for name in ("theirs.raw", "ours.raw"):
+        run("qemu-img", "create", "-q", "-f", "raw", name, "2M")
+    for args in (["-1M"], ["--", "-1M"], ["1M"]):
+        theirs = run("qemu-img", "resize", "-f", "raw", "theirs.raw", *args, check=False)
+        ours = imgfs("resize", "-f", "raw", "ours.raw", *args, check=False)
+        assert (theirs.returncode, ours.returncode) == (1, 2), (args, ours.stderr)
+        assert "--shrink" in ours.stderr
+    run("qemu-img", "resize", "--shrink", "-f", "raw", "theirs.raw", "--", "-1M")
+    imgfs("resize", "--shrink", "-f", "raw", "ours.raw", "--", "-1M")
+    assert Path("theirs.raw").stat().st_size == Path("ours.raw").stat().st_size == MiB
