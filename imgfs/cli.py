@@ -38,6 +38,21 @@ def _add_image_opts(parser: argparse.ArgumentParser, what: str = "FILE") -> None
                              "(driver=qcow2,file.filename=vm.qcow2); excludes -f")
 
 
+#: qemu-img's cache modes (-t, -T)
+CACHE_MODES = ("none", "writeback", "writethrough", "directsync", "unsafe")
+
+
+def _add_cache(parser: argparse.ArgumentParser, *, target: bool, source: bool) -> None:
+    """qemu-img's -t (images written) and -T (images only read)."""
+    if target:
+        parser.add_argument("-t", dest="cache", choices=CACHE_MODES, metavar="CACHE",
+                            help="cache mode of the image written: none or directsync "
+                                 "bypass the page cache (O_DIRECT); default writeback")
+    if source:
+        parser.add_argument("-T", dest="src_cache", choices=CACHE_MODES, metavar="SRC_CACHE",
+                            help="cache mode of the images read (as -t)")
+
+
 def build_parser() -> ArgumentParser:
     parser = ArgumentParser(prog=PROG, description="Disk images as flat raw files, "
                             "and qemu-img-style tools.")
@@ -94,6 +109,7 @@ def build_parser() -> ArgumentParser:
                        help="open FILE even if another process has it locked")
     check.add_argument("-q", dest="quiet", action="store_true", help="print nothing")
     _add_object(check)
+    _add_cache(check, target=False, source=True)
     _add_image_opts(check)
     check.add_argument("filename", metavar="FILE", help="the image")
 
@@ -115,6 +131,7 @@ def build_parser() -> ArgumentParser:
                          help="open SRC even if another process has it locked")
     convert.add_argument("-q", dest="quiet", action="store_true", help="print nothing")
     _add_object(convert)
+    _add_cache(convert, target=True, source=True)
     _add_image_opts(convert, "SRC")
     convert.add_argument("source", metavar="SRC", help="the image to copy")
     convert.add_argument("target", metavar="DST", help="the new image")
@@ -188,6 +205,7 @@ def _add_tool_parsers(commands: Any) -> None:
     compare.add_argument("-U", "--force-share", action="store_true",
                          help="open the images even if another process has them locked")
     _add_object(compare)
+    _add_cache(compare, target=False, source=True)
     _add_image_opts(compare, "FILE1 and FILE2")
     compare.add_argument("filename", metavar="FILE1", help="the first image")
     compare.add_argument("filename2", metavar="FILE2", help="the second image")
@@ -201,6 +219,7 @@ def _add_tool_parsers(commands: Any) -> None:
     commit.add_argument("-p", dest="progress", action="store_true", help="show progress")
     commit.add_argument("-q", dest="quiet", action="store_true", help="print nothing")
     _add_object(commit)
+    _add_cache(commit, target=True, source=False)
     _add_image_opts(commit)
     commit.add_argument("filename", metavar="FILE",
                         help="the image whose data goes into its backing file")
@@ -218,6 +237,7 @@ def _add_tool_parsers(commands: Any) -> None:
     rebase.add_argument("-U", "--force-share", action="store_true",
                         help="open the backing files even if they are locked")
     _add_object(rebase)
+    _add_cache(rebase, target=True, source=True)
     _add_image_opts(rebase)
     rebase.add_argument("filename", metavar="FILE", help="the image to rebase")
 
@@ -244,6 +264,7 @@ def _add_tool_parsers(commands: Any) -> None:
     amend.add_argument("-p", dest="progress", action="store_true", help="show progress")
     amend.add_argument("-q", dest="quiet", action="store_true", help="print nothing")
     _add_object(amend)
+    _add_cache(amend, target=True, source=False)
     _add_image_opts(amend)
     amend.add_argument("filename", metavar="FILE", help="the image to change")
 

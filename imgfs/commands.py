@@ -77,9 +77,20 @@ def run_trio(async_fn: Any, *args: Any) -> Any:
     return trio.run(async_fn, *args)
 
 
+def cache_mode(args: argparse.Namespace, *, read_only: bool | None) -> str:
+    """The OpenContext cache for qemu-img's -t (images written) or -T
+    (images only read, where the command has it): none and directsync
+    open with O_DIRECT, the others use the page cache (every tool flushes
+    what it wrote before it ends)."""
+    given = args.src_cache if read_only and hasattr(args, "src_cache") else \
+        getattr(args, "cache", None)
+    return {"none": "none", "directsync": "none",
+            "writethrough": "writethrough"}.get(given or "", "writeback")
+
+
 def make_context(args: argparse.Namespace, *, read_only: bool | None) -> Any:
     from .node import OpenContext
-    return OpenContext(read_only=read_only,
+    return OpenContext(read_only=read_only, cache=cache_mode(args, read_only=read_only),
                        force_share=bool(getattr(args, "force_share", False)),
                        secrets=parse_objects(getattr(args, "object", []) or []),
                        interactive=sys.stdin.isatty())

@@ -232,3 +232,28 @@ def test_resize_shrinks_raw_only_with_shrink() -> None:
     run("qemu-img", "resize", "--shrink", "-f", "raw", "theirs.raw", "--", "-1M")
     imgfs("resize", "--shrink", "-f", "raw", "ours.raw", "--", "-1M")
     assert Path("theirs.raw").stat().st_size == Path("ours.raw").stat().st_size == MiB
+
+
+def test_cache_modes_are_accepted_and_honoured() -> None:
+    """-t/-T none (O_DIRECT) through every tool that has them, as qemu-img."""
+    need("qemu-io")
+    run("qemu-img", "create", "-q", "-f", "qcow2", "base.qcow2", "4M")
+    run("qemu-io", "-c", "write -P 1 0 64k", "-c", "write -P 2 1000k 4k", "base.qcow2")
+    run("qemu-img", "create", "-q", "-f", "qcow2", "-b", "base.qcow2", "-F", "qcow2", "top.qcow2")
+    run("qemu-io", "-c", "write -P 3 2M 64k", "top.qcow2")
+    run("qemu-img", "convert", "-t", "none", "-T", "none", "-O", "qcow2", "top.qcow2",
+        "theirs.qcow2")
+    imgfs("convert", "-t", "none", "-T", "none", "-O", "qcow2", "top.qcow2", "ours.qcow2")
+    run("qemu-img", "compare", "theirs.qcow2", "ours.qcow2")
+    assert_same("check", "-T", "none", "ours.qcow2", status=0)
+    assert_same("compare", "-T", "directsync", "theirs.qcow2", "ours.qcow2", status=0)
+    imgfs("amend", "-t", "none", "-o", "lazy_refcounts=on", "top.qcow2")
+    imgfs("rebase", "-t", "none", "-T", "none", "-b", "", "top.qcow2")
+    run("qemu-img", "compare", "top.qcow2", "theirs.qcow2")
+    run("qemu-img", "create", "-q", "-f", "qcow2", "-b", "ours.qcow2", "-F", "qcow2", "o2.qcow2")
+    run("qemu-io", "-c", "write -P 4 3M 64k", "o2.qcow2")
+    imgfs("commit", "-t", "none", "o2.qcow2")
+    run("qemu-io", "-c", "read -P 4 3M 64k", "ours.qcow2")
+    run("qemu-img", "check", "ours.qcow2")
+    theirs, ours = both("check", "-T", "bogus", "ours.qcow2")
+    assert (theirs.returncode, ours.returncode) == (1, 2)
