@@ -145,6 +145,7 @@ class FileDriver(BlockDriver):
     name = "file"
     kind = Kind.PROTOCOL
     description = "regular files (and host devices) on this machine"
+    path_opts = frozenset({"filename"})
     open_opts = Schema(
         Opt("filename", Str, help="path of the file"),
         Opt("locking", choice("auto", "on", "off"), help="image locking (QEMU-compatible)"),

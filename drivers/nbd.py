@@ -879,6 +879,7 @@ class NbdDriver(BlockDriver):
     name = "nbd"
     kind = Kind.PROTOCOL
     description = "Network Block Device exports (nbd://, nbd+unix://, nbd:HOST:PORT)"
+    path_opts = frozenset({"server.path", "path"})      # unix sockets
     async_io = True
     open_opts = Schema(
         Opt("server", parse_server,

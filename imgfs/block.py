@@ -146,6 +146,10 @@ class BlockDriver(abc.ABC):
     #: on the command line, as QEMU's ``-iscsi`` group): the core hands them
     #: down to this leaf under the format, unless the format knows the name
     leaf_opts: ClassVar[frozenset[str]] = frozenset()
+    #: options whose value is a path on this host (dotted for a nested one:
+    #: ``server.path``): a mount makes relative ones absolute, as
+    #: `absolute_filename` does a filename, before its daemon moves to /
+    path_opts: ClassVar[frozenset[str]] = frozenset()
 
     # Set by the core before `open` is awaited.
     node: Node

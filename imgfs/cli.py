@@ -32,6 +32,27 @@ def _add_object(parser: argparse.ArgumentParser) -> None:
                         help="define a secret (QEMU syntax: data=, file=, format=base64)")
 
 
+def _add_image_opts(parser: argparse.ArgumentParser, what: str = "FILE") -> None:
+    parser.add_argument("--image-opts", action="store_true",
+                        help=f"{what} is an option string, as for mount -o "
+                             "(driver=qcow2,file.filename=vm.qcow2); excludes -f")
+
+
+#: qemu-img's cache modes (-t, -T)
+CACHE_MODES = ("none", "writeback", "writethrough", "directsync", "unsafe")
+
+
+def _add_cache(parser: argparse.ArgumentParser, *, target: bool, source: bool) -> None:
+    """qemu-img's -t (images written) and -T (images only read)."""
+    if target:
+        parser.add_argument("-t", dest="cache", choices=CACHE_MODES, metavar="CACHE",
+                            help="cache mode of the image written: none or directsync "
+                                 "bypass the page cache (O_DIRECT); default writeback")
+    if source:
+        parser.add_argument("-T", dest="src_cache", choices=CACHE_MODES, metavar="SRC_CACHE",
+                            help="cache mode of the images read (as -t)")
+
+
 def build_parser() -> ArgumentParser:
     parser = ArgumentParser(prog=PROG, description="Disk images as flat raw files, "
                             "and qemu-img-style tools.")
@@ -75,6 +96,7 @@ def build_parser() -> ArgumentParser:
     info.add_argument("-U", "--force-share", action="store_true",
                       help="open FILE even if another process has it locked")
     _add_object(info)
+    _add_image_opts(info)
     info.add_argument("filename", metavar="FILE", help="the image")
 
     check = commands.add_parser("check", help="check an image for consistency")
@@ -87,6 +109,8 @@ def build_parser() -> ArgumentParser:
                        help="open FILE even if another process has it locked")
     check.add_argument("-q", dest="quiet", action="store_true", help="print nothing")
     _add_object(check)
+    _add_cache(check, target=False, source=True)
+    _add_image_opts(check)
     check.add_argument("filename", metavar="FILE", help="the image")
 
     convert = commands.add_parser("convert", help="copy an image into another format")
@@ -107,19 +131,26 @@ def build_parser() -> ArgumentParser:
                          help="open SRC even if another process has it locked")
     convert.add_argument("-q", dest="quiet", action="store_true", help="print nothing")
     _add_object(convert)
+    _add_cache(convert, target=True, source=True)
+    _add_image_opts(convert, "SRC")
     convert.add_argument("source", metavar="SRC", help="the image to copy")
     convert.add_argument("target", metavar="DST", help="the new image")
 
     snapshot = commands.add_parser("snapshot", help="internal snapshots")
-    action = snapshot.add_mutually_exclusive_group(required=True)
+    action = snapshot.add_mutually_exclusive_group()
     action.add_argument("-c", dest="create", metavar="TAG", help="create snapshot TAG")
-    action.add_argument("-l", dest="list", action="store_true", help="list the snapshots")
+    action.add_argument("-l", dest="list", action="store_true",
+                        help="list the snapshots")
     action.add_argument("-a", dest="apply", metavar="TAG",
                         help="revert the disk to snapshot TAG")
     action.add_argument("-d", dest="delete", metavar="TAG", help="delete snapshot TAG")
     snapshot.add_argument("-f", dest="fmt", metavar="FMT", help="format of FILE (default: probe)")
     snapshot.add_argument("-U", "--force-share", action="store_true",
                           help="open FILE even if another process has it locked")
+    snapshot.add_argument("-q", dest="quiet", action="store_true",
+                          help="print nothing but the list (as qemu-img)")
+    _add_object(snapshot)
+    _add_image_opts(snapshot)
     snapshot.add_argument("filename", metavar="FILE", help="the image")
 
     resize = commands.add_parser("resize", help="grow or shrink an image")
@@ -129,6 +160,10 @@ def build_parser() -> ArgumentParser:
     resize.add_argument("--preallocation", default="off",
                         choices=("off", "metadata", "falloc", "full"),
                         help="how to allocate the added space (default off)")
+    resize.add_argument("-q", dest="quiet", action="store_true",
+                        help="do not print 'Image resized.'")
+    _add_object(resize)
+    _add_image_opts(resize)
     resize.add_argument("filename", metavar="FILE", help="the image")
     resize.add_argument("size", metavar="[+|-]SIZE",
                         help="new size, or a size to add (+) or remove (-)")
@@ -137,9 +172,14 @@ def build_parser() -> ArgumentParser:
     mapping.add_argument("-f", dest="fmt", metavar="FMT", help="format of FILE (default: probe)")
     mapping.add_argument("--output", choices=("human", "json"), default="human",
                          help="output format")
+    mapping.add_argument("--start-offset", metavar="OFFSET", default="0",
+                         help="map from this offset on (k/M/G/T suffixes)")
+    mapping.add_argument("--max-length", metavar="LENGTH",
+                         help="map at most this many bytes (k/M/G/T suffixes)")
     mapping.add_argument("-U", "--force-share", action="store_true",
                          help="open FILE even if another process has it locked")
     _add_object(mapping)
+    _add_image_opts(mapping)
     mapping.add_argument("filename", metavar="FILE", help="the image")
 
     _add_tool_parsers(commands)
@@ -165,6 +205,8 @@ def _add_tool_parsers(commands: Any) -> None:
     compare.add_argument("-U", "--force-share", action="store_true",
                          help="open the images even if another process has them locked")
     _add_object(compare)
+    _add_cache(compare, target=False, source=True)
+    _add_image_opts(compare, "FILE1 and FILE2")
     compare.add_argument("filename", metavar="FILE1", help="the first image")
     compare.add_argument("filename2", metavar="FILE2", help="the second image")
 
@@ -177,6 +219,8 @@ def _add_tool_parsers(commands: Any) -> None:
     commit.add_argument("-p", dest="progress", action="store_true", help="show progress")
     commit.add_argument("-q", dest="quiet", action="store_true", help="print nothing")
     _add_object(commit)
+    _add_cache(commit, target=True, source=False)
+    _add_image_opts(commit)
     commit.add_argument("filename", metavar="FILE",
                         help="the image whose data goes into its backing file")
 
@@ -193,6 +237,8 @@ def _add_tool_parsers(commands: Any) -> None:
     rebase.add_argument("-U", "--force-share", action="store_true",
                         help="open the backing files even if they are locked")
     _add_object(rebase)
+    _add_cache(rebase, target=True, source=True)
+    _add_image_opts(rebase)
     rebase.add_argument("filename", metavar="FILE", help="the image to rebase")
 
     measure = commands.add_parser("measure", help="how large an image of a format would be")
@@ -207,6 +253,7 @@ def _add_tool_parsers(commands: Any) -> None:
     measure.add_argument("-U", "--force-share", action="store_true",
                          help="open FILE even if another process has it locked")
     _add_object(measure)
+    _add_image_opts(measure)
     measure.add_argument("filename", nargs="?", metavar="FILE",
                          help="measure a copy of FILE (as imgfs convert would make it)")
 
@@ -217,6 +264,8 @@ def _add_tool_parsers(commands: Any) -> None:
     amend.add_argument("-p", dest="progress", action="store_true", help="show progress")
     amend.add_argument("-q", dest="quiet", action="store_true", help="print nothing")
     _add_object(amend)
+    _add_cache(amend, target=True, source=False)
+    _add_image_opts(amend)
     amend.add_argument("filename", metavar="FILE", help="the image to change")
 
 
@@ -260,7 +309,7 @@ def reuse_large_buffers() -> None:
 
 def _protect_negative_size(args: list[str]) -> list[str]:
     """``imgfs resize FILE -1G``: a size is not an option (as qemu-img)."""
-    if "resize" not in args:
+    if "resize" not in args or "--" in args:
         return args
     for index, arg in enumerate(args):
         if index > args.index("resize") and re.fullmatch(r"-\d[\d.]*[kKmMgGtT]?", arg):

@@ -77,21 +77,45 @@ def run_trio(async_fn: Any, *args: Any) -> Any:
     return trio.run(async_fn, *args)
 
 
+def cache_mode(args: argparse.Namespace, *, read_only: bool | None) -> str:
+    """The OpenContext cache for qemu-img's -t (images written) or -T
+    (images only read, where the command has it): none and directsync
+    open with O_DIRECT, the others use the page cache (every tool flushes
+    what it wrote before it ends)."""
+    given = args.src_cache if read_only and hasattr(args, "src_cache") else \
+        getattr(args, "cache", None)
+    return {"none": "none", "directsync": "none",
+            "writethrough": "writethrough"}.get(given or "", "writeback")
+
+
 def make_context(args: argparse.Namespace, *, read_only: bool | None) -> Any:
     from .node import OpenContext
-    return OpenContext(read_only=read_only,
+    return OpenContext(read_only=read_only, cache=cache_mode(args, read_only=read_only),
                        force_share=bool(getattr(args, "force_share", False)),
                        secrets=parse_objects(getattr(args, "object", []) or []),
                        interactive=sys.stdin.isatty())
 
 
+def image_source(args: argparse.Namespace, filename: str) -> str | dict[str, Any]:
+    """An image the user named on the command line: a filename, URL or
+    json: source, or with --image-opts the tree its option string spells."""
+    if not getattr(args, "image_opts", False):
+        return filename
+    from .source import parse_image_opts
+    if getattr(args, "fmt", None) or getattr(args, "fmt2", None):
+        raise UsageError("--image-opts and -f/-F are mutually exclusive "
+                         "(give the format as driver=)")
+    return parse_image_opts(filename)
+
+
 async def _open(args: argparse.Namespace, filename: str, *, read_only: bool | None,
-                no_io: bool = False, check: bool = False) -> Any:
+                no_io: bool = False, no_backing: bool = False, check: bool = False) -> Any:
     from .graph import open_image
     ctx = make_context(args, read_only=read_only)
     ctx.no_io = no_io
+    ctx.no_backing = no_backing
     ctx.check = check
-    return await open_image(filename, ctx, fmt=getattr(args, "fmt", None))
+    return await open_image(image_source(args, filename), ctx, fmt=getattr(args, "fmt", None))
 
 
 # -- mount ------------------------------------------------------------------------------
@@ -104,27 +128,19 @@ def cmd_mount(args: argparse.Namespace) -> int:
                          foreground=args.foreground, debug=args.debug)
 
 
-def absolute_source(source: str) -> str:
-    """Plain paths (and a fat: directory) made absolute: the daemon runs in /."""
-    from .registry import get_driver, protocol_for
-    if source.startswith("json:"):
-        return source
-    protocol = protocol_for(source)
-    if protocol is None:
-        return os.path.abspath(source)
-    return get_driver(protocol).absolute_filename(source)
-
-
 def mount_sources(sources: list[str], mountpoint: str, option_strings: list[str], *,
                   objects: list[str], foreground: bool, debug: bool, sloppy: bool = False,
                   fake: bool = False, verbose: bool = False, rw_is_default: bool = False) -> int:
     from .mount import check_mountpoint, export_names, parse_mount_options
+    from .source import absolute_source, paths_as_typed
     opts = parse_mount_options(option_strings, sloppy=sloppy, rw_is_default=rw_is_default)
     opts.secrets = parse_objects(objects)
     given = {absolute_source(source): source for source in sources}
     sources = [absolute_source(source) for source in sources]
     if opts.overlay is not None:
         overlay_options(opts, list(given.values()), sources)
+    for source in list(given.values()):
+        given.update(paths_as_typed(source))
     mountpoint = os.path.abspath(mountpoint)
     check_mountpoint(mountpoint, sources, opts)
     export_names(sources, opts)
@@ -365,15 +381,17 @@ def _formatting_line(filename: str, fmt: str, parsed: dict[str, Any]) -> str:
 
 def cmd_info(args: argparse.Namespace) -> int:
     from .info import chain_info, image_info, render_human, render_json
-    from .source import without_secrets
 
     async def gather() -> Any:
-        # As qemu-img info, describe without reading data: no passphrase needed
-        node = await _open(args, args.filename, read_only=True, no_io=True)
+        # As qemu-img info, describe without reading data (no passphrase
+        # needed) and, but for --backing-chain, without the backing file
+        node = await _open(args, args.filename, read_only=True, no_io=True,
+                           no_backing=not args.backing_chain)
         try:
+            name = shown_name(args.filename, node, tree=args.image_opts)
             if args.backing_chain:
-                return chain_info(node, without_secrets(args.filename))
-            return image_info(node, without_secrets(args.filename))
+                return chain_info(node, name)
+            return image_info(node, name)
         finally:
             await node.aclose()
     report = run_trio(gather)
@@ -386,14 +404,34 @@ def cmd_info(args: argparse.Namespace) -> int:
     return 0
 
 
+def shown_name(typed: str, node: Any, *, tree: bool) -> str:
+    """What qemu-img calls an image: the name typed, but for a source that
+    spells a tree (--image-opts, json:) over a local file, that file."""
+    from .source import without_secrets
+    leaf = node
+    while leaf.file is not None:
+        leaf = leaf.file
+    if (tree or typed.startswith("json:")) and leaf.format_name == "file":
+        return str(leaf.filename)
+    return without_secrets(typed)
+
+
 def cmd_map(args: argparse.Namespace) -> int:
+    start = parse_size(args.start_offset)
+    max_length = parse_size(args.max_length) if args.max_length is not None else None
+
     async def gather() -> list[dict[str, Any]]:
         node = await _open(args, args.filename, read_only=True)
         try:
-            return await allocation_map(node)
+            end = node.size if max_length is None else min(node.size, start + max_length)
+            return await allocation_map(node, start, end)
         finally:
             await node.aclose()
     entries = run_trio(gather)
+    if args.output == "json" and not entries:
+        # what qemu-img prints for an empty range
+        entries = [{"start": start, "length": 0, "depth": 0, "present": False,
+                    "zero": False, "data": False}]
     if args.output == "json":
         print("[" + ",\n".join(json.dumps(entry) for entry in entries) + "]")
     else:
@@ -404,13 +442,16 @@ def cmd_map(args: argparse.Namespace) -> int:
     return 0
 
 
-async def allocation_map(node: Any) -> list[dict[str, Any]]:
-    """qemu-img map's entries: runs of (depth, data, zero) through the chain."""
+async def allocation_map(node: Any, start: int = 0, end: int | None = None
+                         ) -> list[dict[str, Any]]:
+    """qemu-img map's entries: runs of (depth, data, zero) through the
+    chain, from `start` to `end` (the end of the image by default)."""
     from .block import Status
     entries: list[dict[str, Any]] = []
-    offset = 0
-    while offset < node.size:
-        length, status, depth = await node.block_status_above(offset, node.size - offset)
+    offset = start
+    end = node.size if end is None else end
+    while offset < end:
+        length, status, depth = await node.block_status_above(offset, end - offset)
         entry = {"start": offset, "length": length, "depth": depth,
                  "present": bool(status & Status.ALLOCATED),
                  "zero": bool(status & Status.ZERO) or not status & Status.ALLOCATED,
@@ -429,6 +470,7 @@ async def allocation_map(node: Any) -> list[dict[str, Any]]:
 
 def cmd_check(args: argparse.Namespace) -> int:
     from .check import NOT_SUPPORTED, render_human, render_json
+    from .source import without_secrets
 
     async def run() -> int:
         node = await _open(args, args.filename, read_only=args.repair is None, check=True)
@@ -446,7 +488,7 @@ def cmd_check(args: argparse.Namespace) -> int:
         if result.failure is not None:
             raise CorruptImage(result.failure, path=args.filename)
         if args.output == "json":
-            print(render_json(result, node.filename, fmt))
+            print(render_json(result, without_secrets(args.filename), fmt))
         elif not args.quiet:
             print(render_human(result))
         return result.exit_code
@@ -461,19 +503,32 @@ def cmd_check(args: argparse.Namespace) -> int:
 def cmd_snapshot(args: argparse.Namespace) -> int:
     from .info import render_snapshot_table
 
+    # no action: qemu-img opens the image and does nothing
+    changes = bool(args.create or args.apply or args.delete)
+
     async def run() -> None:
-        node = await _open(args, args.filename, read_only=bool(args.list))
+        node = await _open(args, args.filename, read_only=not changes)
         try:
+            # the format's snapshots, or (raw over RBD) its protocol's
+            found = node.snapshot_holder()
+            holder = found[0] if found is not None else None
             if args.list:
-                snapshots = node.internal_snapshots()
+                # as qemu-img: a format without snapshots lists none
+                snapshots = holder.internal_snapshots() if holder is not None else []
                 if snapshots:
                     print(render_snapshot_table([snap.info() for snap in snapshots]))
-            elif args.create:
-                await node.create_snapshot(args.create)
+                return
+            if not changes:
+                return
+            if holder is None:
+                raise Unsupported(f"{node.format_name} images have no internal snapshots",
+                                  path=args.filename)
+            if args.create:
+                await holder.create_snapshot(args.create)
             elif args.apply:
-                await node.apply_snapshot(args.apply)
+                await holder.apply_snapshot(args.apply)
             elif args.delete:
-                await node.delete_snapshot(args.delete)
+                await holder.delete_snapshot(args.delete)
         finally:
             await node.aclose()
     run_trio(run)
@@ -492,14 +547,15 @@ def cmd_resize(args: argparse.Namespace) -> int:
                 node.size - amount if relative == "-" else amount
             if new_size < 0:
                 raise UsageError("the new size would be negative")
-            if new_size < node.size and not args.shrink and node.format_name != "raw":
+            if new_size < node.size and not args.shrink:
                 raise UsageError("use --shrink to shrink an image (data past the new end is lost)")
             await node.truncate(new_size, args.preallocation)
             await node.flush()
         finally:
             await node.aclose()
     run_trio(run)
-    print("Image resized.")
+    if not args.quiet:
+        print("Image resized.")
     return 0
 
 
@@ -591,7 +647,13 @@ def tool_opener(args: argparse.Namespace) -> Any:
         from .source import parse_source
         ctx = make_context(args, read_only=read_only)
         ctx.force_share = ctx.force_share or read_only
-        given = filename if isinstance(filename, dict) else parse_source(filename)
+        if isinstance(filename, dict):
+            given = filename
+        elif filename == args.filename:     # the image typed, not one it names
+            typed = image_source(args, filename)
+            given = parse_source(typed) if isinstance(typed, str) else typed
+        else:
+            given = parse_source(filename)
         tree = {**given, **(options or {})}
         return await open_image(tree, ctx, fmt=fmt)
     return open_node

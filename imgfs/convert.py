@@ -21,17 +21,19 @@ BACKING_GRANULE = 64 * 1024
 
 
 async def convert(args: argparse.Namespace, options: dict[str, Any], sparse: int) -> None:
-    from .commands import make_context
+    from .commands import cache_mode, image_source, make_context
     src_ctx = make_context(args, read_only=True)
-    source = await open_image(args.source, src_ctx, fmt=args.fmt)
+    source = await open_image(image_source(args, args.source), src_ctx, fmt=args.fmt)
+    cache = cache_mode(args, read_only=False)
     try:
         await create_image(args.target, args.out_fmt, source.size, options,
-                           OpenContext(read_only=False, secrets=src_ctx.secrets))
+                           OpenContext(read_only=False, secrets=src_ctx.secrets, cache=cache))
         # The new image opens with the secret it was created with (-o key-secret).
         key_secret = options.get("key-secret") or options.get("encrypt.key-secret")
         target = await open_image(args.target, OpenContext(read_only=False,
                                                            secrets=src_ctx.secrets,
-                                                           key_secret=key_secret),
+                                                           key_secret=key_secret,
+                                                           cache=cache),
                                   fmt=args.out_fmt)
         try:
             # Skipping zeros assumes a new image reads as zeros; an encrypted

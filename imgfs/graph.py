@@ -242,6 +242,8 @@ async def open_format(cls: type[BlockDriver], file_node: Node, tree: Mapping[str
             else:
                 if ref.locate is not None:
                     ref = dataclasses.replace(ref, filename=await ref.locate())
+                if name == "backing" and ctx.no_backing:
+                    continue
                 child_spec = ref_tree(ref, file_node, leaf=name != "backing")
                 if name in tree:
                     # QEMU's backing.encrypt.key-secret=ID: options for the
@@ -294,6 +296,21 @@ def resolve_relative(name: str, file_node: Node) -> str | dict[str, Any]:
     if protocol_for(base) is not None or base.startswith("json:"):
         return name
     return os.path.join(os.path.dirname(base), name)
+
+
+def child_location_name(node: Node, name: str) -> str | None:
+    """The file the child `name` that an image names would be opened from
+    (qemu-img info's full-backing-filename), whether it is open or not."""
+    child = node.children.get(name)
+    if child is not None:
+        return child.filename
+    ref = node.driver.child_refs().get(name)
+    if ref is None or node.file is None:
+        return None
+    location = resolve_relative(ref.filename, node.file)
+    if isinstance(location, dict):
+        return str(location.get("filename") or location.get(SOURCE_KEY) or ref.filename)
+    return location
 
 
 def ref_tree(ref: ChildRef, file_node: Node, *, leaf: bool) -> dict[str, Any]:

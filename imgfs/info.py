@@ -6,6 +6,7 @@ import os
 import time
 from typing import Any
 
+from .graph import child_location_name
 from .node import Node
 
 #: keys a driver's info() may set at the top level of the report; any other
@@ -32,10 +33,14 @@ def image_info(node: Node, filename: str) -> dict[str, Any]:
         report["backing-filename"] = backing.filename
         if backing.fmt:
             report["backing-filename-format"] = backing.fmt
-        if node.backing is not None:
-            report["full-backing-filename"] = node.backing.filename
+        full = child_location_name(node, "backing")
+        if full is not None:
+            report["full-backing-filename"] = full
     if node.driver.reports_dirty_flag:
         report.setdefault("dirty-flag", False)
+    if report.get("snapshots"):
+        report["snapshots"] = [in_order(snapshot, QEMU_SNAPSHOT_ORDER)
+                               for snapshot in report["snapshots"]]
     return qemu_order(report)
 
 
@@ -45,6 +50,17 @@ def image_info(node: Node, filename: str) -> dict[str, Any]:
 QEMU_TOP_ORDER = ("backing-filename-format", "snapshots", "virtual-size", "filename",
                   "cluster-size", "format", "actual-size", "format-specific",
                   "full-backing-filename", "encrypted", "backing-filename")
+
+
+#: the order of a snapshot's keys in qemu-img info --output=json
+QEMU_SNAPSHOT_ORDER = ("icount", "vm-clock-nsec", "name", "date-sec", "date-nsec",
+                       "vm-clock-sec", "id", "vm-state-size")
+
+
+def in_order(entry: dict[str, Any], order: tuple[str, ...]) -> dict[str, Any]:
+    """`entry` with the keys of `order` first, in that order."""
+    rank = {key: index for index, key in enumerate(order)}
+    return dict(sorted(entry.items(), key=lambda item: rank.get(item[0], len(rank))))
 
 
 def qemu_order(report: dict[str, Any]) -> dict[str, Any]:

@@ -49,6 +49,10 @@ class OpenContext:
     #: opened only to be described (imgfs info), as qemu-img's BDRV_O_NO_IO:
     #: encrypted formats read their headers but ask for no passphrase
     no_io: bool = False
+    #: the backing file an image names is not opened (qemu-img info, as
+    #: QEMU's BDRV_O_NO_BACKING): the image is described even when its
+    #: backing file is missing, damaged, locked or loops back to it
+    no_backing: bool = False
     #: mount -s: options no driver knows are ignored (with a warning), not refused
     sloppy: bool = False
     #: opened for `imgfs check`, as qemu-img's BDRV_O_CHECK: a read-only

@@ -16,7 +16,7 @@ from collections.abc import Mapping
 from typing import Any
 
 from .errors import UsageError
-from .options import merge_trees, nest_dotted
+from .options import merge_trees, nest_dotted, split_opt_string
 from .registry import get_driver, protocol_for
 
 #: private key remembering the text a protocol tree came from (for messages)
@@ -27,7 +27,12 @@ def parse_source(text: str) -> dict[str, Any]:
     """An option tree for a SOURCE as typed by a user: a protocol leaf under
     a format to be probed, or the tree a ``json:`` source spells out."""
     if text.startswith("json:"):
-        return parse_json_source(text[5:])
+        tree = parse_json_source(text[5:])
+        if "driver" not in tree and "file" not in tree:
+            # as QEMU: a tree must say what it is, or hold the file to probe
+            raise UsageError('a json: source needs "driver" or "file" '
+                             '(json:{"file":{"filename":"vm.qcow2"}} probes its format)')
+        return tree
     return {"file": protocol_tree(text)}
 
 
@@ -52,6 +57,17 @@ def parse_json_source(text: str) -> dict[str, Any]:
     if not isinstance(tree, dict):
         raise UsageError("a json: source must be an object")
     return normalize_tree(tree)
+
+
+def parse_image_opts(text: str) -> dict[str, Any]:
+    """The tree an ``--image-opts`` FILE spells out as one option string,
+    in mount -o's syntax (``driver=qcow2,file.filename=vm.qcow2``: dotted
+    keys nest, ``,,`` is a comma)."""
+    tree = normalize_tree(split_opt_string(text))
+    if "driver" not in tree and "file" not in tree:
+        raise UsageError(f"'{text}': --image-opts needs driver= or file.filename= "
+                         "(driver=qcow2,file.filename=vm.qcow2)")
+    return tree
 
 
 def normalize_tree(tree: Mapping[str, Any]) -> dict[str, Any]:
@@ -81,6 +97,76 @@ def child_tree(value: Any, *, leaf: bool) -> dict[str, Any]:
 def with_options(tree: Mapping[str, Any], flat: Mapping[str, Any]) -> dict[str, Any]:
     """Merge user ``-o`` driver options (dotted keys allowed) into a tree."""
     return merge_trees(tree, nest_dotted(flat))
+
+
+def absolute_source(source: str) -> str:
+    """SOURCE with every local path in it made absolute (the mount's daemon
+    runs in /): a plain path, a protocol's (a fat: directory), and those in
+    a json: tree (see `absolute_tree`)."""
+    if source.startswith("json:"):
+        tree = parse_json_source(source[5:])
+        absolute = absolute_tree(tree)
+        return source if absolute == tree else "json:" + json.dumps(absolute)
+    protocol = protocol_for(source)
+    if protocol is None:
+        return os.path.abspath(source)
+    return get_driver(protocol).absolute_filename(source)
+
+
+#: the keys of a tree that hold child nodes
+CHILD_KEYS = frozenset({"file", "backing", "data-file"})
+
+
+def absolute_tree(tree: Mapping[str, Any]) -> dict[str, Any]:
+    """A (nested) tree with its local paths made absolute: a driver's
+    `path_opts`, the filename of a leaf whose driver is left to guess, and
+    children given as filename strings."""
+    driver = tree.get("driver")
+    path_opts = get_driver(driver).path_opts if isinstance(driver, str) else frozenset()
+    if driver is None and isinstance(tree.get("filename"), str):
+        path_opts = frozenset({"filename"})
+    result: dict[str, Any] = {}
+    for key, value in tree.items():
+        if key in CHILD_KEYS and isinstance(value, str) and not value.startswith("json:"):
+            value = absolute_source(value)
+        elif isinstance(value, dict):
+            value = absolute_tree(value)
+        result[key] = value
+    for name in path_opts:
+        _make_absolute(result, name.split("."), plain=driver is not None)
+    return result
+
+
+def paths_as_typed(source: str) -> dict[str, str]:
+    """{absolute path: path as typed} for the paths `absolute_source` makes
+    absolute inside a json: SOURCE (so that messages name them as typed)."""
+    if not source.startswith("json:"):
+        return {}
+    typed = parse_json_source(source[5:])
+    return _changed_strings(typed, absolute_tree(typed))
+
+
+def _changed_strings(before: Mapping[str, Any], after: Mapping[str, Any]) -> dict[str, str]:
+    pairs: dict[str, str] = {}
+    for key, value in after.items():
+        old = before.get(key)
+        if isinstance(value, dict) and isinstance(old, dict):
+            pairs.update(_changed_strings(old, value))
+        elif isinstance(value, str) and isinstance(old, str) and value != old:
+            pairs[value] = old
+    return pairs
+
+
+def _make_absolute(tree: dict[str, Any], keys: list[str], *, plain: bool) -> None:
+    """The path at `keys` (a dotted option name, split) made absolute; a
+    `plain` path has no protocol prefix (a driver's own option)."""
+    for key in keys[:-1]:
+        tree = tree.get(key)            # type: ignore[assignment]
+        if not isinstance(tree, dict):
+            return
+    value = tree.get(keys[-1])
+    if isinstance(value, str) and value:
+        tree[keys[-1]] = os.path.abspath(value) if plain else absolute_source(value)
 
 
 def display_name(source: str) -> str:

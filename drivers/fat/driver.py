@@ -85,6 +85,7 @@ class FatDriver(BlockDriver):
     name = "fat"
     kind = Kind.PROTOCOL
     description = "a host directory as a virtual FAT disk (rw: writes go back to it)"
+    path_opts = frozenset({"dir"})
     open_opts = Schema(
         Opt("dir", Str, help="the host directory to present"),
         Opt("floppy", Bool, default=False,

@@ -59,6 +59,7 @@ class RbdDriver(LibraryDriver):
     name = "rbd"
     kind = Kind.PROTOCOL
     read_only_message = "the RBD image is open read-only"
+    path_opts = frozenset({"conf"})
     description = "images in Ceph RBD pools (rbd:POOL/IMAGE[@SNAP]), through librbd"
     can_resize = True
     has_internal_snapshots = True

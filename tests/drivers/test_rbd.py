@@ -112,6 +112,18 @@ def test_snapshot_opens_read_only_and_resize(ceph: CephCluster, mnt: Path,
         "size"] == 8 * MiB
 
 
+def test_snapshot_list_as_qemu_img(ceph: CephCluster, tmp_path: Path) -> None:
+    """An RBD image's snapshots are its protocol's (raw on top): imgfs
+    snapshot -l lists them as qemu-img does."""
+    _import(ceph, tmp_path, "listed", random_bytes(MiB, seed=4))
+    assert imgfs("snapshot", "-l", ceph.url("listed")).stdout == ""
+    ceph.rbd("snap", "create", f"{POOL}/listed@first")
+    theirs = run("qemu-img", "snapshot", "-l", ceph.url("listed")).stdout.splitlines()
+    ours = imgfs("snapshot", "-l", ceph.url("listed")).stdout.splitlines()
+    assert ours[:2] == theirs[:2] and len(ours) == len(theirs) == 3
+    assert ours[2].split()[:2] == theirs[2].split()[:2]
+
+
 @pytest.mark.parametrize("suffix, message", [
     ("rbd:rbd/nosuch:conf=CONF", "no image rbd:rbd/nosuch"),
     ("rbd:nopool/x:conf=CONF", "no pool 'nopool'"),

@@ -484,7 +484,7 @@ def test_parent_changed_since_is_refused(tmp_path: Path) -> None:
     child = tmp_path / "child.vhdx"
     run("imgfs", "create", "-q", "-f", "vhdx", "-b", "base.vhdx", child)
     qemu_io(base, "write -P 0x77 0 512")          # a new data write GUID
-    result = run("imgfs", "info", child, check=False)
+    result = run("imgfs", "info", "--backing-chain", child, check=False)
     assert result.returncode == 1
     assert "base.vhdx" in result.stderr and "child.vhdx" in result.stderr
     assert len(result.stderr.splitlines()) == 1
@@ -496,7 +496,7 @@ def test_missing_parent_is_one_line_naming_both(tmp_path: Path) -> None:
     child = tmp_path / "child.vhdx"
     run("imgfs", "create", "-q", "-f", "vhdx", "-b", "base.vhdx", child)
     base.unlink()
-    result = run("imgfs", "info", child, check=False)
+    result = run("imgfs", "info", "--backing-chain", child, check=False)
     assert result.returncode == 1 and len(result.stderr.splitlines()) == 1
     assert "base.vhdx" in result.stderr and "child.vhdx" in result.stderr
 
@@ -510,7 +510,7 @@ def test_parent_locator_naming_the_child_itself_is_refused(tmp_path: Path) -> No
     at = data.find("base.vhdx".encode("utf-16-le"))
     data[at:at + 18] = "self.vhdx".encode("utf-16-le")
     child.write_bytes(data)
-    result = run("imgfs", "info", child, check=False)
+    result = run("imgfs", "info", "--backing-chain", child, check=False)
     assert result.returncode == 1 and len(result.stderr.splitlines()) == 1
 
 

@@ -118,7 +118,7 @@ def test_export_names(source: str, name: str) -> None:
 ])
 def test_sources_made_absolute_by_their_drivers(source: str, absolute: str,
                                                  tmp_path, monkeypatch) -> None:
-    from imgfs.commands import absolute_source
+    from imgfs.source import absolute_source
     monkeypatch.chdir(tmp_path)
     assert absolute_source(source) == absolute.replace("{cwd}", str(tmp_path))
 

@@ -1,0 +1,259 @@
+"""Corners where imgfs's qemu-img-style tools answer as qemu-img 7.2 does.
+
+Each case runs the same command line through qemu-img and imgfs, in the
+same directory on the same images, and compares the exit status and the
+output (stdout; stderr is only required to be one imgfs line).
+"""
+from __future__ import annotations
+
+import json
+import subprocess
+from pathlib import Path
+
+import pytest
+
+from tests.conftest import imgfs, need, run
+
+MiB = 1024 * 1024
+
+
+@pytest.fixture(autouse=True)
+def _in_workdir(workdir: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Relative names resolve alike for both tools."""
+    need("qemu-img")
+    monkeypatch.chdir(workdir)
+
+
+def both(*args: str) -> tuple[subprocess.CompletedProcess[str], subprocess.CompletedProcess[str]]:
+    return run("qemu-img", *args, check=False), imgfs(*args, check=False)
+
+
+def assert_same(*args: str, status: int) -> None:
+    """qemu-img ARGS and imgfs ARGS: exit `status`, the same stdout, and a
+    failure is one imgfs line."""
+    theirs, ours = both(*args)
+    assert (theirs.returncode, ours.returncode) == (status, status), (theirs, ours)
+    assert ours.stdout == theirs.stdout
+    if status:
+        lines = ours.stderr.splitlines()
+        assert len(lines) == 1 and lines[0].startswith("imgfs: "), ours.stderr
+
+
+# -- snapshot on formats without internal snapshots ------------------------------------
+
+
+@pytest.mark.parametrize("fmt", ["raw", "qcow", "vmdk", "vpc", "vdi", "qed"])
+def test_snapshot_on_a_format_without_snapshots(fmt: str) -> None:
+    """-l lists nothing and succeeds; -c, -a, -d fail with exit 1."""
+    image = f"t.{fmt}"
+    run("qemu-img", "create", "-q", "-f", fmt, image, "1M")
+    assert_same("snapshot", "-l", image, status=0)
+    for action in ("-c", "-a", "-d"):
+        assert_same("snapshot", "-f", fmt, action, "s1", image, status=1)
+    assert "no internal snapshots" in imgfs("snapshot", "-c", "s1", image, check=False).stderr
+
+
+# -- a backing file that cannot be opened ----------------------------------------------
+
+
+@pytest.fixture
+def missing_backing() -> str:
+    run("qemu-img", "create", "-q", "-f", "qcow2", "-b", "nonexist.qcow2", "-F", "qcow2", "-u",
+        "m.qcow2", "1M")
+    return "m.qcow2"
+
+
+@pytest.mark.parametrize("output", ["human", "json"])
+def test_info_without_the_backing_file(missing_backing: str, tmp_path: Path,
+                                       output: str) -> None:
+    assert_same("info", f"--output={output}", missing_backing, status=0)
+    # named from elsewhere, the full backing name is resolved as qemu-img does
+    assert_same("info", f"--output={output}", str(tmp_path / missing_backing), status=0)
+
+
+@pytest.mark.parametrize("command", [
+    ["info", "--backing-chain"], ["info", "--backing-chain", "--output=json"], ["check"],
+    ["map"], ["map", "--output=json"], ["measure", "-O", "qcow2"], ["convert", "-O", "raw"]])
+def test_tools_that_need_the_backing_file_refuse(missing_backing: str,
+                                                 command: list[str]) -> None:
+    target = ["out.raw"] if command[0] == "convert" else []
+    assert_same(*command, missing_backing, *target, status=1)
+    assert "nonexist.qcow2" in imgfs(*command, missing_backing, *target, check=False).stderr
+
+
+def test_compare_without_the_backing_file_is_an_error(missing_backing: str) -> None:
+    assert_same("compare", missing_backing, missing_backing, status=2)
+
+
+def test_info_of_a_chain_that_loops(tmp_path: Path) -> None:
+    """Plain info describes the top image; --backing-chain refuses the loop."""
+    run("qemu-img", "create", "-q", "-f", "qcow2", "a.qcow2", "1M")
+    run("qemu-img", "create", "-q", "-f", "qcow2", "-b", "a.qcow2", "-F", "qcow2", "b.qcow2")
+    run("qemu-img", "rebase", "-u", "-b", "b.qcow2", "-F", "qcow2", "a.qcow2")
+    assert_same("info", "a.qcow2", status=0)
+    assert_same("info", "--backing-chain", "a.qcow2", status=1)
+
+
+# -- --image-opts ------------------------------------------------------------------------
+
+
+@pytest.fixture
+def opts_image() -> str:
+    """A qcow2 image with data and a snapshot, named by an option string."""
+    need("qemu-io")
+    run("qemu-img", "create", "-q", "-f", "qcow2", "a,b.qcow2", "4M")
+    run("qemu-io", "-c", "write -P 1 0 64k", "-c", "write -P 2 1M 4k", "a,b.qcow2")
+    run("qemu-img", "snapshot", "-c", "first", "a,b.qcow2")
+    return "driver=qcow2,file.filename=a,,b.qcow2"
+
+
+@pytest.mark.parametrize("command", [
+    ["info"], ["info", "--output=json"], ["check"], ["check", "--output=json"],
+    ["measure", "-O", "qcow2"], ["snapshot", "-l"]])
+def test_image_opts_as_qemu_img(opts_image: str, command: list[str]) -> None:
+    assert_same(*command, "--image-opts", opts_image, status=0)
+
+
+def test_image_opts_probe_compare_and_map(opts_image: str) -> None:
+    assert_same("info", "--image-opts", "file.filename=a,,b.qcow2", status=0)
+    assert_same("compare", "--image-opts", opts_image, "file.filename=a,,b.qcow2", status=0)
+    assert imgfs("map", "--image-opts", opts_image).stdout == imgfs("map", "a,b.qcow2").stdout
+    # a string that names no image: an error for qemu-img, a usage error
+    # (exit 2, as an invalid json: source) for imgfs
+    theirs, ours = both("info", "--image-opts", "filename=a,,b.qcow2")
+    assert (theirs.returncode, ours.returncode) == (1, 2)
+    assert ours.stderr.count("\n") == 1 and "driver=" in ours.stderr
+
+
+def test_image_opts_convert_and_write_tools(opts_image: str) -> None:
+    run("qemu-img", "convert", "--image-opts", "-O", "raw", opts_image, "theirs.raw")
+    imgfs("convert", "--image-opts", "-O", "raw", opts_image, "ours.raw")
+    assert Path("ours.raw").read_bytes() == Path("theirs.raw").read_bytes()
+    run("qemu-img", "create", "-q", "-f", "qcow2", "-b", "a,b.qcow2", "-F", "qcow2", "top.qcow2")
+    run("qemu-io", "-c", "write -P 9 2M 64k", "top.qcow2")
+    top = "driver=qcow2,file.filename=top.qcow2"
+    imgfs("resize", "--image-opts", top, "8M")
+    imgfs("amend", "--image-opts", "-o", "lazy_refcounts=on", top)
+    imgfs("snapshot", "--image-opts", "-c", "second", top)
+    imgfs("commit", "--image-opts", top)
+    report = json.loads(run("qemu-img", "info", "--output=json", "top.qcow2").stdout)
+    assert report["virtual-size"] == 8 * MiB
+    assert report["format-specific"]["data"]["lazy-refcounts"] is True
+    assert [snap["name"] for snap in report["snapshots"]] == ["second"]
+    assert run("qemu-io", "-c", "read -P 9 2M 64k", "a,b.qcow2").returncode == 0
+    run("qemu-img", "check", "top.qcow2")
+    run("qemu-img", "check", "a,b.qcow2")
+
+
+def test_image_opts_excludes_a_format(opts_image: str) -> None:
+    """qemu-img refuses -f with --image-opts (exit 1); for imgfs that is a
+    usage error (exit 2, as every usage error)."""
+    theirs, ours = both("info", "-f", "qcow2", "--image-opts", opts_image)
+    assert (theirs.returncode, ours.returncode) == (1, 2)
+    assert "mutually exclusive" in ours.stderr
+
+
+# -- json: sources -------------------------------------------------------------------------
+
+
+def test_json_source_that_names_no_image_is_refused() -> None:
+    """json:{"filename":...} is neither a format nor a file to probe: qemu-img
+    refuses it (exit 1), imgfs too, as a usage error (exit 2); imgfs
+    used to open it as a bare protocol node, format "file"."""
+    run("qemu-img", "create", "-q", "-f", "qcow2", "t.qcow2", "1M")
+    theirs, ours = both("info", 'json:{"filename":"t.qcow2"}')
+    assert (theirs.returncode, ours.returncode) == (1, 2)
+    assert ours.stderr.count("\n") == 1 and '"driver" or "file"' in ours.stderr
+    for tree in ('{"file":{"filename":"t.qcow2"}}', '{"driver":"qcow2","file.filename":"t.qcow2"}'):
+        assert_same("info", f"json:{tree}", status=0)
+    # (qemu-img rounds the file's size up to 512 bytes; imgfs does not)
+    report = json.loads(imgfs("info", "--output=json",
+                              'json:{"driver":"file","filename":"t.qcow2"}').stdout)
+    assert (report["format"], report["filename"]) == ("file", "t.qcow2")
+    assert_same("check", "--output=json", 'json:{"file":{"filename":"t.qcow2"}}', status=0)
+
+
+# -- flags qemu-img has ----------------------------------------------------------------------
+
+
+def map_entries(*args: str) -> tuple[list[dict], list[dict]]:
+    """map --output=json of both tools, without qemu-img's host offsets
+    (imgfs map has none: see imgfs(1))."""
+    theirs, ours = both("map", "--output=json", *args)
+    assert (theirs.returncode, ours.returncode) == (0, 0), (theirs, ours)
+    return ([{k: v for k, v in entry.items() if k != "offset"}
+             for entry in json.loads(theirs.stdout)], json.loads(ours.stdout))
+
+
+@pytest.mark.parametrize("window", [
+    ["--start-offset=1M", "--max-length=1100k"], ["--start-offset=1000"], ["--max-length=3"],
+    ["--max-length=0"], ["--start-offset=5M"], ["--start-offset=2M", "--max-length=64M"]])
+def test_map_window(window: list[str]) -> None:
+    need("qemu-io")
+    run("qemu-img", "create", "-q", "-f", "qcow2", "d.qcow2", "4M")
+    run("qemu-io", "-c", "write -P 1 0 64k", "-c", "write -z 1M 64k", "-c", "write -P 2 2M 128k",
+        "d.qcow2")
+    theirs, ours = map_entries(*window, "d.qcow2")
+    assert ours == theirs
+
+
+def test_resize_and_snapshot_quiet() -> None:
+    for name in ("theirs.qcow2", "ours.qcow2"):
+        run("qemu-img", "create", "-q", "-f", "qcow2", name, "1M")
+    theirs = run("qemu-img", "resize", "-q", "theirs.qcow2", "2M")
+    ours = imgfs("resize", "-q", "ours.qcow2", "2M")
+    assert ours.stdout == theirs.stdout == ""
+    run("qemu-img", "snapshot", "-c", "one", "theirs.qcow2")
+    imgfs("snapshot", "-q", "-c", "one", "ours.qcow2")
+    listed = [imgfs("snapshot", "-q", "-l", name).stdout.splitlines()[2].split()[:2]
+              for name in ("theirs.qcow2", "ours.qcow2")]
+    assert listed[0] == listed[1] == ["1", "one"]
+
+
+def test_snapshot_without_an_action_opens_and_does_nothing() -> None:
+    run("qemu-img", "create", "-q", "-f", "qcow2", "t.qcow2", "1M")
+    run("qemu-img", "snapshot", "-c", "one", "t.qcow2")
+    before = Path("t.qcow2").read_bytes()
+    assert_same("snapshot", "t.qcow2", status=0)
+    assert Path("t.qcow2").read_bytes() == before
+    assert_same("snapshot", "none.qcow2", status=1)
+
+
+def test_resize_shrinks_raw_only_with_shrink() -> None:
+    """qemu-img 7.2 refuses to shrink a raw image without --shrink (exit 1;
+    imgfs: a usage error, 2), also with a "--" before the size."""
+    for name in ("theirs.raw", "ours.raw"):
+        run("qemu-img", "create", "-q", "-f", "raw", name, "2M")
+    for args in (["-1M"], ["--", "-1M"], ["1M"]):
+        theirs = run("qemu-img", "resize", "-f", "raw", "theirs.raw", *args, check=False)
+        ours = imgfs("resize", "-f", "raw", "ours.raw", *args, check=False)
+        assert (theirs.returncode, ours.returncode) == (1, 2), (args, ours.stderr)
+        assert "--shrink" in ours.stderr
+    run("qemu-img", "resize", "--shrink", "-f", "raw", "theirs.raw", "--", "-1M")
+    imgfs("resize", "--shrink", "-f", "raw", "ours.raw", "--", "-1M")
+    assert Path("theirs.raw").stat().st_size == Path("ours.raw").stat().st_size == MiB
+
+
+def test_cache_modes_are_accepted_and_honoured() -> None:
+    """-t/-T none (O_DIRECT) through every tool that has them, as qemu-img."""
+    need("qemu-io")
+    run("qemu-img", "create", "-q", "-f", "qcow2", "base.qcow2", "4M")
+    run("qemu-io", "-c", "write -P 1 0 64k", "-c", "write -P 2 1000k 4k", "base.qcow2")
+    run("qemu-img", "create", "-q", "-f", "qcow2", "-b", "base.qcow2", "-F", "qcow2", "top.qcow2")
+    run("qemu-io", "-c", "write -P 3 2M 64k", "top.qcow2")
+    run("qemu-img", "convert", "-t", "none", "-T", "none", "-O", "qcow2", "top.qcow2",
+        "theirs.qcow2")
+    imgfs("convert", "-t", "none", "-T", "none", "-O", "qcow2", "top.qcow2", "ours.qcow2")
+    run("qemu-img", "compare", "theirs.qcow2", "ours.qcow2")
+    assert_same("check", "-T", "none", "ours.qcow2", status=0)
+    assert_same("compare", "-T", "directsync", "theirs.qcow2", "ours.qcow2", status=0)
+    imgfs("amend", "-t", "none", "-o", "lazy_refcounts=on", "top.qcow2")
+    imgfs("rebase", "-t", "none", "-T", "none", "-b", "", "top.qcow2")
+    run("qemu-img", "compare", "top.qcow2", "theirs.qcow2")
+    run("qemu-img", "create", "-q", "-f", "qcow2", "-b", "ours.qcow2", "-F", "qcow2", "o2.qcow2")
+    run("qemu-io", "-c", "write -P 4 3M 64k", "o2.qcow2")
+    imgfs("commit", "-t", "none", "o2.qcow2")
+    run("qemu-io", "-c", "read -P 4 3M 64k", "ours.qcow2")
+    run("qemu-img", "check", "ours.qcow2")
+    theirs, ours = both("check", "-T", "bogus", "ours.qcow2")
+    assert (theirs.returncode, ours.returncode) == (1, 2)
