@@ -2,20 +2,27 @@
 ``*_async`` calls, librbd's aio completions), awaited from trio, and
 `LibraryDriver`, the I/O of a protocol driver built on such a library.
 
-The library calls a callback on one of its threads with a key the request
-was started with; `ForeignCompletions.complete` hands the result to the
-trio task waiting for it through the run's token, so many requests are in
-flight at once without a thread per request.  Buffers the library reads
-or fills stay referenced until it has completed the request, even when the
-waiting task was cancelled.
+A request is started with a key.  The library's completions arrive as
+`CompletionEvents`: a descriptor that becomes readable once requests have
+finished, and the finished requests, collected on the trio thread.  librbd
+does both itself (an eventfd it signals, completions handed over when
+polled), so no Python runs on its threads; for a library that can only call
+back (libgfapi), `QueuedCompletions` queues what the callback reports and
+signals an eventfd.  The tasks that wait take turns polling the descriptor,
+so nothing needs a nursery; the others sleep until the poller reschedules
+them.  Many requests are in flight at once without a thread per request.
+Buffers the library reads or fills stay referenced until it has completed
+the request, even when the waiting task was cancelled.
 """
 from __future__ import annotations
 
+import collections
+import ctypes
 import errno
 import itertools
 import os
-from collections.abc import Awaitable, Callable
-from dataclasses import dataclass
+import threading
+from collections.abc import Awaitable, Callable, Iterable
 from typing import Any, ClassVar, Protocol, TypeVar, cast
 
 import trio
@@ -25,23 +32,74 @@ from .errors import ReadOnly, Unreachable
 
 T = TypeVar("T")
 
+#: (key, result, errno) of a finished request; errno when result < 0
+Finished = tuple[int, int, int]
 
-@dataclass
-class _Pending:
-    token: trio.lowlevel.TrioToken
-    done: trio.Event
-    #: what the library may still touch (buffers) until it completes
-    keep: Any
-    result: int = 0
-    error: int = 0
+
+class CompletionEvents(Protocol):
+    """A library's completion notification: a descriptor that becomes
+    readable when requests have finished, and the finished requests."""
+
+    def fileno(self) -> int: ...
+
+    def collect(self) -> Iterable[Finished]:
+        """Every request finished since the last call; never blocks."""
+        ...
+
+
+class QueuedCompletions:
+    """`CompletionEvents` for a library that reports completions through a
+    callback on its own threads: `report` queues them and signals an
+    eventfd.  Lives as long as the library may call back (the process)."""
+
+    def __init__(self) -> None:
+        self._fd = os.eventfd(0, os.EFD_NONBLOCK | os.EFD_CLOEXEC)
+        self._finished: collections.deque[Finished] = collections.deque()
+
+    def fileno(self) -> int:
+        return self._fd
+
+    def report(self, key: int, result: int, error: int) -> None:
+        """On the library's thread, from its callback: never raises."""
+        keep_thread_state()
+        self._finished.append((key, result, error))
+        os.eventfd_write(self._fd, 1)
+
+    def collect(self) -> list[Finished]:
+        try:
+            os.eventfd_read(self._fd)
+        except BlockingIOError:
+            pass
+        finished = []
+        while self._finished:
+            finished.append(self._finished.popleft())
+        return finished
+
+
+class _Request:
+    __slots__ = ("task", "keep", "parked", "done", "result", "error")
+
+    def __init__(self, task: trio.lowlevel.Task | None, keep: Any) -> None:
+        #: the waiting task; None once it gave up (cancelled)
+        self.task = task
+        #: what the library may still touch (buffers) until it completes
+        self.keep = keep
+        #: the task sleeps until rescheduled
+        self.parked = False
+        self.done = False
+        self.result = 0
+        self.error = 0
 
 
 class ForeignCompletions:
-    """The requests under way in one library handle."""
+    """The requests under way whose completions `events` reports."""
 
-    def __init__(self) -> None:
-        self._pending: dict[int, _Pending] = {}
+    def __init__(self, events: CompletionEvents) -> None:
+        self.events = events
+        self._pending: dict[int, _Request] = {}
         self._keys = itertools.count(1)
+        #: a waiting task is polling `events`
+        self._polling = False
 
     @property
     def in_flight(self) -> int:
@@ -52,35 +110,83 @@ class ForeignCompletions:
         library refuses it) and wait for its completion.  Returns the
         library's non-negative result; a negative one raises OSError."""
         key = next(self._keys)
-        pending = _Pending(trio.lowlevel.current_trio_token(), trio.Event(), keep)
-        self._pending[key] = pending
+        request = _Request(trio.lowlevel.current_task(), keep)
+        self._pending[key] = request
         try:
             start(key)
         except BaseException:
             del self._pending[key]
             raise
-        await pending.done.wait()
-        if pending.result < 0:
-            raise OSError(pending.error, os.strerror(pending.error))
-        return pending.result
+        while not request.done:
+            if self._polling:
+                # woken when done, or to poll in turn
+                await _park(request)
+            else:
+                await self._poll()
+        if request.result < 0:
+            raise OSError(request.error, os.strerror(request.error))
+        return request.result
 
-    def complete(self, key: int, result: int, error: int) -> None:
-        """Called on the library's thread: never raises (the library
-        could not handle it)."""
-        pending = self._pending.get(key)
-        if pending is None:
-            return
+    async def _poll(self) -> None:
+        self._polling = True
         try:
-            pending.token.run_sync_soon(self._finish, key, result, error)
-        except trio.RunFinishedError:
-            # the run is over (an abandoned request finishing at exit)
-            self._pending.pop(key, None)
+            await trio.lowlevel.wait_readable(self.events.fileno())
+            self.collect()
+        finally:
+            self._polling = False
+            self._hand_over()
 
-    def _finish(self, key: int, result: int, error: int) -> None:
-        pending = self._pending.pop(key, None)
-        if pending is not None:
-            pending.result, pending.error = result, error
-            pending.done.set()
+    def collect(self) -> None:
+        """Finish the requests the library reports finished (those whose
+        task gave up are only forgotten, their buffers released)."""
+        for key, result, error in self.events.collect():
+            request = self._pending.pop(key, None)
+            if request is not None:
+                request.result, request.error, request.done = result, error, True
+                _wake(request)
+
+    def _hand_over(self) -> None:
+        """Wake one task still waiting, to poll in turn."""
+        for waiting in self._pending.values():
+            if waiting.parked:
+                _wake(waiting)
+                return
+
+
+def _wake(request: _Request) -> None:
+    if request.parked and request.task is not None:
+        request.parked = False
+        trio.lowlevel.reschedule(request.task)
+
+
+async def _park(request: _Request) -> None:
+    def abort(_: Any) -> trio.lowlevel.Abort:
+        # given up: the buffers stay with the request until the library
+        # completes it
+        request.parked, request.task = False, None
+        return trio.lowlevel.Abort.SUCCEEDED
+
+    request.parked = True
+    await trio.lowlevel.wait_task_rescheduled(abort)
+
+
+class _Pinned(threading.local):
+    done = False
+
+
+_PINNED = _Pinned()
+_PyGILState_Ensure = ctypes.pythonapi.PyGILState_Ensure
+_PyGILState_Ensure.restype = ctypes.c_int
+
+
+def keep_thread_state() -> None:
+    """Called from a ctypes callback on a thread Python did not create:
+    keep that thread's Python state for the life of the thread.  ctypes
+    otherwise creates one (and maps its frame stack) before every callback
+    and frees it after; a library calls back on a few long-lived threads."""
+    if not _PINNED.done:
+        _PINNED.done = True
+        _PyGILState_Ensure()      # never released: the thread keeps its state
 
 
 async def blocking_call(timeout: float, call: Callable[..., T], *arguments: Any) -> T:

@@ -8,7 +8,8 @@ nothing needs building.  The PyPI ``gfapi`` binding fails on Python >= 3.10
 and on Gluster >= 6 signatures.
 
 Data requests use the asynchronous calls: libgfapi completes them on its
-own threads and `ForeignCompletions` wakes the trio task that waits.
+own threads: the callback queues the result and `ForeignCompletions`
+hands it to the trio task that waits.
 """
 from __future__ import annotations
 
@@ -20,7 +21,7 @@ from collections.abc import Callable
 from typing import Any
 
 from imgfs.errors import Unsupported
-from imgfs.foreign_io import ForeignCompletions
+from imgfs.foreign_io import ForeignCompletions, QueuedCompletions
 
 LIBRARY = "libgfapi.so.0"
 
@@ -71,12 +72,13 @@ def _failed(what: str) -> OSError:
     return OSError(error, f"{what}: {os.strerror(error)}")
 
 
-#: every asynchronous request of the process, whatever its file
-_COMPLETIONS = ForeignCompletions()
+#: what the callback reports, for every asynchronous request of the process
+_FINISHED = QueuedCompletions()
+_COMPLETIONS = ForeignCompletions(_FINISHED)
 
 
 def _on_complete(fd: Any, result: int, prestat: Any, poststat: Any, key: Any) -> None:
-    _COMPLETIONS.complete(int(key or 0), result, ctypes.get_errno())
+    _FINISHED.report(key or 0, result, ctypes.get_errno())
 
 
 #: kept for the life of the process: libgfapi may call it at any time

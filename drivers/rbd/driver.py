@@ -144,6 +144,8 @@ class RbdDriver(LibraryDriver):
         try:
             if image is not None:
                 await blocking_call(self.timeout, image.close)
+                # not before: librbd may signal it until closed
+                image.events.close()
         finally:
             if cluster is not None:
                 await blocking_call(self.timeout, cluster.close)
