@@ -20,9 +20,12 @@ import collections
 import ctypes
 import errno
 import itertools
+import math
 import os
+import select
 import threading
-from collections.abc import Awaitable, Callable, Iterable
+import time
+from collections.abc import Callable, Iterable
 from typing import Any, ClassVar, Protocol, TypeVar, cast
 
 import trio
@@ -77,22 +80,36 @@ class QueuedCompletions:
 
 
 class _Request:
-    __slots__ = ("task", "keep", "parked", "done", "result", "error")
+    __slots__ = ("task", "keep", "deadline", "parked", "done", "timed_out",
+                 "result", "error")
 
-    def __init__(self, task: trio.lowlevel.Task | None, keep: Any) -> None:
-        #: the waiting task; None once it gave up (cancelled)
+    def __init__(self, task: trio.lowlevel.Task | None, keep: Any,
+                 deadline: float) -> None:
+        #: the waiting task; None once it gave up (cancelled, timed out)
         self.task = task
         #: what the library may still touch (buffers) until it completes
         self.keep = keep
+        #: time.monotonic() after which the waiting task gives up
+        self.deadline = deadline
         #: the task sleeps until rescheduled
         self.parked = False
         self.done = False
+        self.timed_out = False
         self.result = 0
         self.error = 0
 
 
+#: seconds between two checks for requests past their deadline (while a
+#: task waits): how late a timeout may fire
+TICK = 0.25
+
+
 class ForeignCompletions:
-    """The requests under way whose completions `events` reports."""
+    """The requests under way whose completions `events` reports.
+
+    A request's timeout is no cancel scope of its own (one per request
+    costs more than the rest of the wait): the polling task also wakes on
+    a periodic timer, and gives up the requests past their deadline."""
 
     def __init__(self, events: CompletionEvents) -> None:
         self.events = events
@@ -100,17 +117,24 @@ class ForeignCompletions:
         self._keys = itertools.count(1)
         #: a waiting task is polling `events`
         self._polling = False
+        self._ticker, self._next_tick = _ticker(TICK)
+        # what the polling task waits on: the library's events or a tick
+        self._wakeups = select.epoll()
+        self._wakeups.register(events.fileno(), select.EPOLLIN)
+        self._wakeups.register(self._ticker, select.EPOLLIN)
 
     @property
     def in_flight(self) -> int:
         return len(self._pending)
 
-    async def run(self, start: Callable[[int], None], keep: Any = None) -> int:
+    async def run(self, start: Callable[[int], None], keep: Any = None,
+                  timeout: float = math.inf) -> int:
         """Start a request with ``start(key)`` (which raises OSError when the
         library refuses it) and wait for its completion.  Returns the
-        library's non-negative result; a negative one raises OSError."""
+        library's non-negative result; a negative one raises OSError.
+        Without an answer within `timeout` seconds: Unreachable (EIO)."""
         key = next(self._keys)
-        request = _Request(trio.lowlevel.current_task(), keep)
+        request = _Request(trio.lowlevel.current_task(), keep, time.monotonic() + timeout)
         self._pending[key] = request
         try:
             start(key)
@@ -123,6 +147,8 @@ class ForeignCompletions:
                 await _park(request)
             else:
                 await self._poll()
+        if request.timed_out:
+            raise Unreachable(f"no answer within {timeout:g} s")
         if request.result < 0:
             raise OSError(request.error, os.strerror(request.error))
         return request.result
@@ -130,8 +156,11 @@ class ForeignCompletions:
     async def _poll(self) -> None:
         self._polling = True
         try:
-            await trio.lowlevel.wait_readable(self.events.fileno())
+            await trio.lowlevel.wait_readable(self._wakeups.fileno())
             self.collect()
+            now = time.monotonic()
+            if now >= self._next_tick:
+                self._tick(now)
         finally:
             self._polling = False
             self._hand_over()
@@ -141,9 +170,30 @@ class ForeignCompletions:
         task gave up are only forgotten, their buffers released)."""
         for key, result, error in self.events.collect():
             request = self._pending.pop(key, None)
-            if request is not None:
+            if request is not None and not request.done:
                 request.result, request.error, request.done = result, error, True
                 _wake(request)
+
+    def _tick(self, now: float) -> None:
+        """The timer expired (by the clock it shares with time.monotonic,
+        so it needs reading only then): read it, and give up late
+        requests."""
+        try:
+            os.read(self._ticker, 8)
+        except BlockingIOError:
+            return      # a hair early: the next wake-up reads it
+        self._next_tick += (int((now - self._next_tick) / TICK) + 1) * TICK
+        self._give_up_late(now)
+
+    def _give_up_late(self, now: float) -> None:
+        """The tasks of requests past their deadline stop waiting; the
+        requests stay (with their buffers) until the library completes
+        them."""
+        for request in self._pending.values():
+            if not request.done and request.deadline <= now:
+                request.done = request.timed_out = True
+                _wake(request)
+                request.task = None
 
     def _hand_over(self) -> None:
         """Wake one task still waiting, to poll in turn."""
@@ -151,6 +201,13 @@ class ForeignCompletions:
             if waiting.parked:
                 _wake(waiting)
                 return
+
+    def close(self) -> None:
+        """On the trio thread, once the library reports nothing more."""
+        if not self._wakeups.closed:
+            trio.lowlevel.notify_closing(self._wakeups.fileno())
+            self._wakeups.close()
+            os.close(self._ticker)
 
 
 def _wake(request: _Request) -> None:
@@ -168,6 +225,41 @@ async def _park(request: _Request) -> None:
 
     request.parked = True
     await trio.lowlevel.wait_task_rescheduled(abort)
+
+
+class _Timespec(ctypes.Structure):
+    _fields_ = [("tv_sec", ctypes.c_long), ("tv_nsec", ctypes.c_long)]
+
+
+class _Itimerspec(ctypes.Structure):
+    _fields_ = [("it_interval", _Timespec), ("it_value", _Timespec)]
+
+
+_LIBC = ctypes.CDLL(None, use_errno=True)
+
+
+#: timerfd_settime's flag: it_value is a time of the clock, not a delay
+TFD_TIMER_ABSTIME = 1
+
+
+def _timespec(seconds: float) -> _Timespec:
+    return _Timespec(int(seconds), int(seconds % 1 * 1e9))
+
+
+def _ticker(period: float) -> tuple[int, float]:
+    """A non-blocking timerfd that expires every `period` seconds, and its
+    first expiry as time.monotonic() tells it (os has timerfd only from
+    Python 3.13)."""
+    fd = _LIBC.timerfd_create(time.CLOCK_MONOTONIC, os.O_NONBLOCK | os.O_CLOEXEC)
+    if fd < 0:
+        raise OSError(ctypes.get_errno(), "timerfd_create")
+    first = time.monotonic() + period
+    spec = _Itimerspec(_timespec(period), _timespec(first))
+    if _LIBC.timerfd_settime(fd, TFD_TIMER_ABSTIME, ctypes.byref(spec), None) < 0:
+        error = ctypes.get_errno()
+        os.close(fd)
+        raise OSError(error, "timerfd_settime")
+    return fd, first
 
 
 class _Pinned(threading.local):
@@ -198,17 +290,12 @@ async def blocking_call(timeout: float, call: Callable[..., T], *arguments: Any)
     raise Unreachable(f"no answer within {timeout} s")
 
 
-async def within(timeout: float, request: Awaitable[T]) -> T:
-    """An asynchronous request that gives up (Unreachable, EIO) after
-    `timeout` seconds; its buffers stay with `ForeignCompletions`."""
-    with trio.move_on_after(timeout):
-        return await request
-    raise Unreachable(f"no answer within {timeout} s")
-
-
 class LibraryHandle(Protocol):
     """What a library's open image or file answers (gluster's glfs_fd,
-    librbd's image), every call one asynchronous request."""
+    librbd's image), every call one asynchronous request that fails with
+    Unreachable (EIO) after `timeout` seconds without an answer."""
+
+    timeout: float
 
     async def read(self, offset: int, length: int) -> bytearray: ...
     async def write(self, offset: int, data: bytes) -> None: ...
@@ -224,7 +311,8 @@ NOT_SUPPORTED = (errno.EOPNOTSUPP, errno.ENOSYS)
 class LibraryDriver(BlockDriver):
     """A protocol driver whose data requests go to a C library's
     asynchronous calls (many in flight at once), each failing with
-    Unreachable (EIO) after `timeout` seconds without an answer."""
+    Unreachable (EIO) after `timeout` seconds without an answer (the
+    driver gives its handle the timeout)."""
 
     async_io = True
     timeout: float = 30
@@ -237,26 +325,26 @@ class LibraryDriver(BlockDriver):
 
     async def read(self, offset: int, length: int) -> bytes:
         # a bytearray serves every caller as bytes would (see the nbd driver)
-        return cast(bytes, await within(self.timeout, self.handle().read(offset, length)))
+        return cast(bytes, await self.handle().read(offset, length))
 
     async def write(self, offset: int, data: bytes) -> None:
         if not self.writable:
             raise ReadOnly(self.read_only_message)
-        await within(self.timeout, self.handle().write(offset, data))
+        await self.handle().write(offset, data)
 
     async def flush(self) -> None:
-        await within(self.timeout, self.handle().flush())
+        await self.handle().flush()
 
     async def discard(self, offset: int, length: int) -> None:
         try:
-            await within(self.timeout, self.handle().discard(offset, length))
+            await self.handle().discard(offset, length)
         except OSError as exc:
             if exc.errno not in NOT_SUPPORTED:
                 raise
 
     async def write_zeroes(self, offset: int, length: int, *, may_unmap: bool = False) -> None:
         try:
-            await within(self.timeout, self.handle().write_zeroes(offset, length))
+            await self.handle().write_zeroes(offset, length)
         except OSError as exc:
             if exc.errno not in NOT_SUPPORTED:
                 raise

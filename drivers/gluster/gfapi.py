@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import ctypes
 import functools
+import math
 import os
 import threading
 from collections.abc import Callable
@@ -138,6 +139,9 @@ class Volume:
 class File:
     """An open file of a volume (glfs_fd_t)."""
 
+    #: seconds a request may wait for an answer (then Unreachable)
+    timeout: float = math.inf
+
     def __init__(self, fd: int) -> None:
         self.fd = fd
 
@@ -151,7 +155,8 @@ class File:
         buffer = bytearray(length)
         view = (ctypes.c_char * length).from_buffer(buffer)
         done = await _COMPLETIONS.run(
-            self._async("read", library().glfs_pread_async, view, length, offset, 0), view)
+            self._async("read", library().glfs_pread_async, view, length, offset, 0), view,
+            self.timeout)
         if done != length:
             raise OSError(5, f"short read at offset {offset}: {done} of {length} bytes")
         return buffer
@@ -161,22 +166,23 @@ class File:
             if not isinstance(data, bytes) else ctypes.c_char_p(data)
         done = await _COMPLETIONS.run(
             self._async("write", library().glfs_pwrite_async, buffer, len(data), offset, 0),
-            (buffer, data))
+            (buffer, data), self.timeout)
         if done != len(data):
             raise OSError(5, f"short write at offset {offset}: {done} of {len(data)} bytes")
 
     async def flush(self) -> None:
         """fsync of the file."""
-        await _COMPLETIONS.run(self._async("fsync", library().glfs_fsync_async))
+        await _COMPLETIONS.run(self._async("fsync", library().glfs_fsync_async),
+                               timeout=self.timeout)
 
     async def discard(self, offset: int, length: int) -> None:
         await _COMPLETIONS.run(self._async("discard", library().glfs_discard_async,
-                                           offset, length))
+                                           offset, length), timeout=self.timeout)
 
     async def write_zeroes(self, offset: int, length: int) -> None:
         """glfs_zerofill."""
         await _COMPLETIONS.run(self._async("zerofill", library().glfs_zerofill_async,
-                                           offset, length))
+                                           offset, length), timeout=self.timeout)
 
     def truncate(self, size: int) -> None:
         if library().glfs_ftruncate(self.fd, size, None, None):

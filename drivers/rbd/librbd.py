@@ -16,11 +16,10 @@ from __future__ import annotations
 
 import ctypes
 import functools
+import math
 import os
 from collections.abc import Callable
 from typing import Any
-
-import trio
 
 from imgfs.errors import Unsupported
 from imgfs.foreign_io import ForeignCompletions
@@ -165,10 +164,17 @@ class Cluster:
 class Image:
     """An open RBD image (rbd_image_t)."""
 
+    #: seconds a request may wait for an answer (then Unreachable)
+    timeout: float = math.inf
+
     def __init__(self, handle: _P) -> None:
         self.handle = handle
         self.events = _Events(handle)
-        self.completions = ForeignCompletions(self.events)
+        try:
+            self.completions = ForeignCompletions(self.events)
+        except BaseException:
+            self.events.close()
+            raise
 
     def size(self) -> int:
         size = _U64(0)
@@ -195,8 +201,13 @@ class Image:
 
     def close(self) -> None:
         """Blocking: librbd finishes the requests in flight first.  Then
-        (on the trio thread) `events.close()`."""
+        (on the trio thread) `close_events()`."""
         rbd().rbd_close(self.handle)
+
+    def close_events(self) -> None:
+        """Once closed (librbd signals nothing more), on the trio thread."""
+        self.completions.close()
+        self.events.close()
 
     async def _aio(self, start: Callable[[_P], int], keep: Any = None) -> int:
         def begin(key: int) -> None:
@@ -207,7 +218,7 @@ class Image:
             if result < 0:
                 rbd().rbd_aio_release(completion)
                 check(result, "rbd aio")
-        return await self.completions.run(begin, keep)
+        return await self.completions.run(begin, keep, self.timeout)
 
     async def read(self, offset: int, length: int) -> bytearray:
         buffer = bytearray(length)
@@ -273,8 +284,7 @@ class _Events:
 
     def close(self) -> None:
         """Once rbd_close returned (nothing signals the descriptor any
-        more), on the trio thread."""
+        more)."""
         if self.fd >= 0:
-            trio.lowlevel.notify_closing(self.fd)
             os.close(self.fd)
             self.fd = -1
