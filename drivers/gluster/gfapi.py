@@ -38,8 +38,6 @@ _PROTOTYPES: dict[str, tuple[Any, list[Any]]] = {
     "glfs_set_volfile_server": (ctypes.c_int, [_P, ctypes.c_char_p, ctypes.c_char_p,
                                                ctypes.c_int]),
     "glfs_set_logging": (ctypes.c_int, [_P, ctypes.c_char_p, ctypes.c_int]),
-    "glfs_set_xlator_option": (ctypes.c_int, [_P, ctypes.c_char_p, ctypes.c_char_p,
-                                              ctypes.c_char_p]),
     "glfs_init": (ctypes.c_int, [_P]),
     "glfs_fini": (ctypes.c_int, [_P]),
     "glfs_open": (_P, [_P, ctypes.c_char_p, ctypes.c_int]),
@@ -107,10 +105,6 @@ class Volume:
             if lib.glfs_set_volfile_server(handle, transport.encode(), host.encode(), port):
                 raise _failed("glfs_set_volfile_server")
         lib.glfs_set_logging(handle, logfile.encode(), debug)
-        # the client's io-threads translator would hand every request to
-        # one of its threads (a thread wake per request) only to send it
-        # from there: requests start on the calling thread instead
-        lib.glfs_set_xlator_option(handle, b"*-io-threads", b"pass-through", b"true")
         if lib.glfs_init(handle):
             error = _failed("glfs_init")
             cls(handle).release()
