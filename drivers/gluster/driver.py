@@ -22,7 +22,7 @@ from imgfs.errors import (
     UsageError,
     from_oserror,
 )
-from imgfs.foreign_io import LibraryDriver, blocking_call, within
+from imgfs.foreign_io import LibraryDriver, blocking_call
 from imgfs.node import OpenContext
 from imgfs.options import Int, Opt, Schema, Str, in_range
 
@@ -85,6 +85,7 @@ class GlusterDriver(LibraryDriver):
         self.volume = await self._blocking(_connect, target, options)
         file, self.writable = await self._blocking(
             _open_file, self.volume, target, not ctx.read_only)
+        file.timeout = self.timeout
         self.file = file
         self.size = await self._blocking(file.seek, 0, os.SEEK_END)
         self.max_transfer = MAX_TRANSFER
@@ -147,8 +148,9 @@ class GlusterDriver(LibraryDriver):
             driver.file = await driver._blocking(
                 driver.volume.create, location.path,
                 os.O_RDWR | os.O_CREAT | os.O_TRUNC)
+            driver.file.timeout = driver.timeout
             await driver._blocking(driver.file.truncate, size)
-            await within(driver.timeout, driver.file.flush())
+            await driver.file.flush()
         finally:
             await driver.aclose()
 

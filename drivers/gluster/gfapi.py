@@ -8,19 +8,21 @@ nothing needs building.  The PyPI ``gfapi`` binding fails on Python >= 3.10
 and on Gluster >= 6 signatures.
 
 Data requests use the asynchronous calls: libgfapi completes them on its
-own threads and `ForeignCompletions` wakes the trio task that waits.
+own threads: the callback queues the result and `ForeignCompletions`
+hands it to the trio task that waits.
 """
 from __future__ import annotations
 
 import ctypes
 import functools
+import math
 import os
 import threading
 from collections.abc import Callable
 from typing import Any
 
 from imgfs.errors import Unsupported
-from imgfs.foreign_io import ForeignCompletions
+from imgfs.foreign_io import ForeignCompletions, QueuedCompletions
 
 LIBRARY = "libgfapi.so.0"
 
@@ -71,12 +73,13 @@ def _failed(what: str) -> OSError:
     return OSError(error, f"{what}: {os.strerror(error)}")
 
 
-#: every asynchronous request of the process, whatever its file
-_COMPLETIONS = ForeignCompletions()
+#: what the callback reports, for every asynchronous request of the process
+_FINISHED = QueuedCompletions()
+_COMPLETIONS = ForeignCompletions(_FINISHED)
 
 
 def _on_complete(fd: Any, result: int, prestat: Any, poststat: Any, key: Any) -> None:
-    _COMPLETIONS.complete(int(key or 0), result, ctypes.get_errno())
+    _FINISHED.report(key or 0, result, ctypes.get_errno())
 
 
 #: kept for the life of the process: libgfapi may call it at any time
@@ -130,6 +133,9 @@ class Volume:
 class File:
     """An open file of a volume (glfs_fd_t)."""
 
+    #: seconds a request may wait for an answer (then Unreachable)
+    timeout: float = math.inf
+
     def __init__(self, fd: int) -> None:
         self.fd = fd
 
@@ -143,7 +149,8 @@ class File:
         buffer = bytearray(length)
         view = (ctypes.c_char * length).from_buffer(buffer)
         done = await _COMPLETIONS.run(
-            self._async("read", library().glfs_pread_async, view, length, offset, 0), view)
+            self._async("read", library().glfs_pread_async, view, length, offset, 0), view,
+            self.timeout)
         if done != length:
             raise OSError(5, f"short read at offset {offset}: {done} of {length} bytes")
         return buffer
@@ -153,22 +160,23 @@ class File:
             if not isinstance(data, bytes) else ctypes.c_char_p(data)
         done = await _COMPLETIONS.run(
             self._async("write", library().glfs_pwrite_async, buffer, len(data), offset, 0),
-            (buffer, data))
+            (buffer, data), self.timeout)
         if done != len(data):
             raise OSError(5, f"short write at offset {offset}: {done} of {len(data)} bytes")
 
     async def flush(self) -> None:
         """fsync of the file."""
-        await _COMPLETIONS.run(self._async("fsync", library().glfs_fsync_async))
+        await _COMPLETIONS.run(self._async("fsync", library().glfs_fsync_async),
+                               timeout=self.timeout)
 
     async def discard(self, offset: int, length: int) -> None:
         await _COMPLETIONS.run(self._async("discard", library().glfs_discard_async,
-                                           offset, length))
+                                           offset, length), timeout=self.timeout)
 
     async def write_zeroes(self, offset: int, length: int) -> None:
         """glfs_zerofill."""
         await _COMPLETIONS.run(self._async("zerofill", library().glfs_zerofill_async,
-                                           offset, length))
+                                           offset, length), timeout=self.timeout)
 
     def truncate(self, size: int) -> None:
         if library().glfs_ftruncate(self.fd, size, None, None):

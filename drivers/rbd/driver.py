@@ -106,6 +106,7 @@ class RbdDriver(LibraryDriver):
                                              options["image"], snapshot, read_only)
         except OSError as exc:
             raise _refused(options, exc, "image") from None
+        self.image.timeout = self.timeout
         self.size = await blocking_call(self.timeout, self.image.size)
         self.snapshots = [RbdSnapshot(name, size) for name, size in
                           await blocking_call(self.timeout, self.image.snapshots)]
@@ -145,6 +146,8 @@ class RbdDriver(LibraryDriver):
         try:
             if image is not None:
                 await blocking_call(self.timeout, image.close)
+                # not before: librbd may signal until closed
+                image.close_events()
         finally:
             if cluster is not None:
                 await blocking_call(self.timeout, cluster.close)

@@ -5,14 +5,18 @@ API: ceph/ceph ``src/include/rados/librados.h`` and
 libraries load only when an rbd source is opened and nothing needs
 building; Debian's python3-rbd works only for the system interpreter.
 
-Data requests are librbd's aio calls: each gets a completion whose callback
-runs on a librbd thread, and `ForeignCompletions` (shared with the gluster
-driver) wakes the trio task that waits.  Failures are negative errnos.
+Data requests are librbd's aio calls with completions that have no
+callback: librbd signals the image's eventfd (``rbd_set_image_notification``)
+and hands the finished completions over in ``rbd_poll_io_events``, polled
+on the trio thread by `ForeignCompletions` (shared with the gluster
+driver), so no Python runs on librbd's threads.  Failures are negative
+errnos.
 """
 from __future__ import annotations
 
 import ctypes
 import functools
+import math
 import os
 from collections.abc import Callable
 from typing import Any
@@ -22,8 +26,6 @@ from imgfs.foreign_io import ForeignCompletions
 
 _P = ctypes.c_void_p
 _U64 = ctypes.c_uint64
-#: void (*rbd_callback_t)(rbd_completion_t cb, void *arg)
-Callback = ctypes.CFUNCTYPE(None, _P, _P)
 
 
 class SnapInfo(ctypes.Structure):
@@ -54,8 +56,12 @@ _RBD: dict[str, tuple[Any, list[Any]]] = {
     "rbd_snap_list": (ctypes.c_int, [_P, ctypes.POINTER(SnapInfo),
                                      ctypes.POINTER(ctypes.c_int)]),
     "rbd_snap_list_end": (None, [ctypes.POINTER(SnapInfo)]),
-    "rbd_aio_create_completion": (ctypes.c_int, [_P, Callback, ctypes.POINTER(_P)]),
+    # the callback is always NULL: completions are polled
+    "rbd_aio_create_completion": (ctypes.c_int, [_P, _P, ctypes.POINTER(_P)]),
     "rbd_aio_get_return_value": (ctypes.c_ssize_t, [_P]),
+    "rbd_aio_get_arg": (_P, [_P]),
+    "rbd_set_image_notification": (ctypes.c_int, [_P, ctypes.c_int, ctypes.c_int]),
+    "rbd_poll_io_events": (ctypes.c_int, [_P, ctypes.POINTER(_P), ctypes.c_int]),
     "rbd_aio_release": (None, [_P]),
     "rbd_aio_read": (ctypes.c_int, [_P, _U64, ctypes.c_size_t, _P, _P]),
     "rbd_aio_write": (ctypes.c_int, [_P, _U64, ctypes.c_size_t, _P, _P]),
@@ -95,21 +101,10 @@ def check(result: int, what: str) -> int:
     return result
 
 
-#: every aio request of the process
-_COMPLETIONS = ForeignCompletions()
-
-
-def _on_complete(completion: Any, key: Any) -> None:
-    result = rbd().rbd_aio_get_return_value(completion)
-    rbd().rbd_aio_release(completion)
-    if result < 0:
-        _COMPLETIONS.complete(int(key or 0), -1, -result)
-    else:
-        _COMPLETIONS.complete(int(key or 0), result, 0)
-
-
-#: kept for the life of the process: librbd may call it at any time
-_CALLBACK = Callback(_on_complete)
+#: rbd_set_image_notification's type for an eventfd (librbd.h)
+EVENT_TYPE_EVENTFD = 2
+#: completions taken from librbd per rbd_poll_io_events call
+POLL_BATCH = 32
 
 
 class Cluster:
@@ -150,7 +145,11 @@ class Cluster:
         call = rbd().rbd_open_read_only if read_only else rbd().rbd_open
         check(call(self.ioctx, image.encode(), ctypes.byref(handle),
                    snapshot.encode() if snapshot else None), f"opening image '{image}'")
-        return Image(handle)
+        try:
+            return Image(handle)
+        except BaseException:
+            rbd().rbd_close(handle)
+            raise
 
     def create(self, image: str, size: int) -> None:
         order = ctypes.c_int(0)
@@ -165,8 +164,17 @@ class Cluster:
 class Image:
     """An open RBD image (rbd_image_t)."""
 
+    #: seconds a request may wait for an answer (then Unreachable)
+    timeout: float = math.inf
+
     def __init__(self, handle: _P) -> None:
         self.handle = handle
+        self.events = _Events(handle)
+        try:
+            self.completions = ForeignCompletions(self.events)
+        except BaseException:
+            self.events.close()
+            raise
 
     def size(self) -> int:
         size = _U64(0)
@@ -192,19 +200,25 @@ class Image:
             rbd().rbd_snap_list_end(infos)
 
     def close(self) -> None:
+        """Blocking: librbd finishes the requests in flight first.  Then
+        (on the trio thread) `close_events()`."""
         rbd().rbd_close(self.handle)
+
+    def close_events(self) -> None:
+        """Once closed (librbd signals nothing more), on the trio thread."""
+        self.completions.close()
+        self.events.close()
 
     async def _aio(self, start: Callable[[_P], int], keep: Any = None) -> int:
         def begin(key: int) -> None:
             completion = _P()
-            check(rbd().rbd_aio_create_completion(_P(key), _CALLBACK,
-                                                  ctypes.byref(completion)),
+            check(rbd().rbd_aio_create_completion(key, None, ctypes.byref(completion)),
                   "rbd_aio_create_completion")
             result = start(completion)
             if result < 0:
                 rbd().rbd_aio_release(completion)
                 check(result, "rbd aio")
-        return await _COMPLETIONS.run(begin, keep)
+        return await self.completions.run(begin, keep, self.timeout)
 
     async def read(self, offset: int, length: int) -> bytearray:
         buffer = bytearray(length)
@@ -231,3 +245,46 @@ class Image:
     async def write_zeroes(self, offset: int, length: int) -> None:
         await self._aio(lambda completion: rbd().rbd_aio_write_zeroes(
             self.handle, offset, length, completion, 0, 0))
+
+
+class _Events:
+    """The image's completion notification: an eventfd librbd signals, and
+    the completions it hands over (`CompletionEvents`)."""
+
+    def __init__(self, image: _P) -> None:
+        self.image = image
+        self.fd = os.eventfd(0, os.EFD_NONBLOCK | os.EFD_CLOEXEC)
+        self.batch = (_P * POLL_BATCH)()
+        try:
+            check(rbd().rbd_set_image_notification(image, self.fd, EVENT_TYPE_EVENTFD),
+                  "rbd_set_image_notification")
+        except OSError:
+            os.close(self.fd)
+            raise
+
+    def fileno(self) -> int:
+        return self.fd
+
+    def collect(self) -> list[tuple[int, int, int]]:
+        try:
+            os.eventfd_read(self.fd)
+        except BlockingIOError:
+            pass
+        finished = []
+        lib = rbd()
+        while True:
+            count = lib.rbd_poll_io_events(self.image, self.batch, POLL_BATCH)
+            for completion in self.batch[:max(count, 0)]:
+                result = lib.rbd_aio_get_return_value(completion)
+                key = lib.rbd_aio_get_arg(completion) or 0
+                lib.rbd_aio_release(completion)
+                finished.append((key, -1, -result) if result < 0 else (key, result, 0))
+            if count < POLL_BATCH:
+                return finished
+
+    def close(self) -> None:
+        """Once rbd_close returned (nothing signals the descriptor any
+        more)."""
+        if self.fd >= 0:
+            os.close(self.fd)
+            self.fd = -1
