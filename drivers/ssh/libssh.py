@@ -262,24 +262,31 @@ class ChannelClosed(trio.BrokenResourceError):
 
 
 class Channel:
-    """The session's channel as a byte stream for trio (non-blocking libssh)."""
+    """The session's channel as a byte stream for trio (non-blocking libssh).
 
-    def __init__(self, session: Session, receive_size: int) -> None:
+    `stall_timeout`: how long a write may wait for the server to take more
+    data (its channel window) before the connection counts as lost."""
+
+    def __init__(self, session: Session, receive_size: int, stall_timeout: float) -> None:
         self.session = session
         self.lib = session.lib
         self.handle = session.handle
         self.channel = session.channel
         self.fd = self.lib.ssh_get_fd(self.handle)
+        self.stall_timeout = stall_timeout
         self.closed = False
         self._buffer = ctypes.create_string_buffer(receive_size)
         self._address = ctypes.addressof(self._buffer)
         self._receive_size = receive_size
-        # libssh counts what it takes from the socket: how `receive_some`
-        # knows the socket is drained (it reads at most 4 KiB per call)
+        #: what a waiting writer took off the channel, for the next receive
+        self._inbox = bytearray()
+        # libssh counts what it takes from the socket: how `_drain` knows
+        # the socket is empty (libssh reads at most 4 KiB per call)
         self._socket = Counter()
         self.lib.ssh_set_counters(self.handle, ctypes.byref(self._socket), None)
-        #: the task sleeping on the socket, and the event the others wait on
+        #: the cancel scope of the task sleeping on the socket, if any
         self._watch: trio.CancelScope | None = None
+        #: set (and replaced) when libssh ran, for the tasks not watching
         self._progress = trio.Event()
         self._waiting = 0
 
@@ -292,11 +299,9 @@ class Channel:
 
     # -- sending --------------------------------------------------------------------
 
-    async def send_all(self, data: bytes | bytearray | memoryview) -> None:
+    async def send_all(self, data: bytes) -> None:
         """Queue all of `data` on the channel; libssh sends what the socket takes."""
         self._check_open()
-        if not isinstance(data, bytes):
-            data = bytes(data)
         written = self.lib.ssh_channel_write(self.channel, data, len(data))
         self._progressed()
         if written == len(data):
@@ -304,18 +309,32 @@ class Channel:
         whole = ctypes.c_char_p(data)           # no copy: points into `data`
         address = ctypes.cast(whole, ctypes.c_void_p).value or 0
         offset = 0
-        while True:
-            if written < 0:
-                raise self._failed("sending")
-            offset += written
-            if offset == len(data):
-                return
-            # the server's window is full: wait for it to grow
-            await self._sleep(self.lib.ssh_get_status(self.handle))
-            self._check_open()
-            written = self.lib.ssh_channel_write(self.channel, address + offset,
-                                                 len(data) - offset)
+        with trio.move_on_after(self.stall_timeout) as stall:
+            while True:
+                if written < 0:
+                    raise self._failed("sending")
+                offset += written
+                if offset == len(data):
+                    return
+                await self._wait_for_window()
+                written = self.lib.ssh_channel_write(self.channel, address + offset,
+                                                     len(data) - offset)
+                self._progressed()
+        if stall.cancelled_caught:
+            raise ChannelClosed(f"the server took no data for {self.stall_timeout:g} s")
+
+    async def _wait_for_window(self) -> None:
+        """The server's window is full.  It grows as the server consumes
+        requests, which it does only while it can send replies, within our
+        window, which libssh grows only as replies are read: so read them
+        (into the inbox) before sleeping."""
+        count = self._drain(self._receive_size)
+        if count > 0:
+            with memoryview(self._buffer) as view:
+                self._inbox += view[:count]
             self._progressed()
+        await self._sleep(self.lib.ssh_get_status(self.handle))
+        self._check_open()
 
     # -- receiving ------------------------------------------------------------------
 
@@ -324,6 +343,11 @@ class Channel:
         count, 0 at the channel's end."""
         while True:
             self._check_open()
+            if self._inbox:
+                count = len(self._inbox)
+                target += self._inbox
+                self._inbox.clear()
+                return count
             count = self._drain(self._receive_size)
             if count > 0:
                 with memoryview(self._buffer) as view:
@@ -364,7 +388,7 @@ class Channel:
     async def _sleep(self, status: int) -> None:
         """Until the socket is ready for libssh (readable, or writable while
         libssh holds unsent output: `status` is ssh_get_status's), or another
-        task called libssh."""
+        task called libssh.  One task at a time watches the socket."""
         if self._watch is not None:
             self._waiting += 1
             try:
@@ -372,18 +396,20 @@ class Channel:
             finally:
                 self._waiting -= 1
             return
-        with trio.CancelScope() as self._watch:
-            try:
+        try:
+            with trio.CancelScope() as self._watch:
                 if status & SSH_WRITE_PENDING:
                     await self._wait_either()
                 else:
                     await trio.lowlevel.wait_readable(self.fd)
-            except (trio.ClosedResourceError, OSError) as exc:
-                self.closed = True
-                raise ChannelClosed(f"the socket closed: {exc}") from None
-            finally:
-                self._watch = None
-        self._progressed()
+        except (trio.ClosedResourceError, OSError) as exc:
+            self.closed = True
+            raise ChannelClosed(f"the socket closed: {exc}") from None
+        finally:
+            self._watch = None
+            # whoever waited on the watcher looks again (it may have left
+            # because it was cancelled)
+            self._progressed()
 
     async def _wait_either(self) -> None:
         async def wait(waiter: Callable[[int], Any], nursery: trio.Nursery) -> None:

@@ -216,7 +216,7 @@ class SshConnection:
         """Connect and initialise SFTP, within `timeout` seconds; raise one
         ImgfsError saying why not."""
         ssh = await open_in_thread(target, timeout)
-        channel = Channel(ssh, RECEIVE_CHUNK)
+        channel = Channel(ssh, RECEIVE_CHUNK, stall_timeout=reply_timeout)
         session = SftpSession(channel, target.url(), reply_timeout=reply_timeout)
         conn = cls(ssh, channel, session)
         try:
