@@ -215,12 +215,13 @@ class SshConnection:
     async def start(cls, target: Target, *, timeout: float, reply_timeout: float) -> SshConnection:
         """Connect and initialise SFTP, within `timeout` seconds; raise one
         ImgfsError saying why not."""
+        deadline = trio.current_time() + timeout
         ssh = await open_in_thread(target, timeout)
         channel = Channel(ssh, RECEIVE_CHUNK, stall_timeout=reply_timeout)
         session = SftpSession(channel, target.url(), reply_timeout=reply_timeout)
         conn = cls(ssh, channel, session)
         try:
-            with trio.fail_after(timeout):
+            with trio.fail_at(deadline):
                 await session.initialise()
         except trio.TooSlowError:
             await conn.stop()
