@@ -102,6 +102,7 @@ _PROTOTYPES: dict[str, tuple[Any, list[Any]]] = {
     "ssh_channel_request_subsystem": (_int, [_p, _str]),
     "ssh_channel_write": (_int, [_p, _p, _u32]),
     "ssh_channel_read_nonblocking": (_int, [_p, _p, _u32, _int]),
+    "ssh_channel_window_size": (_u32, [_p]),
     "ssh_set_counters": (None, [_p, _p, _p]),
 }
 
@@ -327,13 +328,18 @@ class Channel:
         """The server's window is full.  It grows as the server consumes
         requests, which it does only while it can send replies, within our
         window, which libssh grows only as replies are read: so read them
-        (into the inbox) before sleeping."""
+        (into the inbox) before sleeping.  (During a key re-exchange libssh
+        takes nothing with the window open: this then polls until it ends.)"""
         count = self._drain(self._receive_size)
         if count > 0:
             with memoryview(self._buffer) as view:
                 self._inbox += view[:count]
             self._progressed()
-        await self._sleep(self.lib.ssh_get_status(self.handle))
+        if self.lib.ssh_channel_window_size(self.channel) == 0:
+            # (reading may have taken in the server's window adjustment)
+            await self._sleep(self.lib.ssh_get_status(self.handle))
+        else:
+            await trio.lowlevel.checkpoint()
         self._check_open()
 
     # -- receiving ------------------------------------------------------------------
