@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import base64
 import ctypes
-import ctypes.util
 import functools
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -418,8 +417,13 @@ class Channel:
             self._progressed()
 
     async def _wait_either(self) -> None:
+        """Until the socket is readable or writable (or closed: the caller
+        then finds the channel closed)."""
         async def wait(waiter: Callable[[int], Any], nursery: trio.Nursery) -> None:
-            await waiter(self.fd)
+            try:
+                await waiter(self.fd)
+            except trio.ClosedResourceError:
+                pass
             nursery.cancel_scope.cancel()
         async with trio.open_nursery() as nursery:
             nursery.start_soon(wait, trio.lowlevel.wait_readable, nursery)
