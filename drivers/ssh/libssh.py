@@ -65,6 +65,10 @@ SSH_PUBLICKEY_HASH_SHA256 = 2
 # ssh_get_status() bit: output libssh could not send yet
 SSH_WRITE_PENDING = 0x08
 
+#: the most libssh reads from the socket at once (MAX_BUF_SIZE in its
+#: src/priv.h): a read that took less found the socket empty
+SOCKET_READ_SIZE = 4096
+
 #: the library's soname (Debian package libssh-4)
 LIBRARY = "libssh.so.4"
 
@@ -372,9 +376,12 @@ class Channel:
         while total < size:
             before = self._socket.in_bytes
             count = read(self.channel, self._address + total, size - total, 0)
+            taken = self._socket.in_bytes - before
             if count > 0:
                 total += count
-            elif count < 0 or self._socket.in_bytes == before:
+                if 0 < taken < SOCKET_READ_SIZE:
+                    break       # that read emptied the socket
+            elif count < 0 or not taken:
                 self._progressed()
                 return total or count
         self._progressed()
