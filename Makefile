@@ -12,15 +12,17 @@ SBINDIR   ?= /sbin
 PYTEST_ARGS ?=
 
 # Run time: FUSE, and what pyfuse3 and our LUKS extension (libssl-dev) need
-# to build; openssh-client for ssh:// sources, libgfapi0 for gluster://.
+# to build; libssh-4 for ssh:// sources (the ssh driver's SSH library, loaded
+# with ctypes), libgfapi0 for gluster://.
 # Test oracles: the real tools every test compares against
 # (qemu-img/qemu-io/qemu-nbd, qemu-storage-daemon, nbdkit, cryptsetup,
-# dosfstools, mtools, 7-Zip, sshd, tgtd, glusterd, nginx, fio).
+# dosfstools, mtools, 7-Zip, sshd with ssh-agent and ssh-keygen, tgtd,
+# glusterd, nginx, fio).
 APT_RUNTIME := fuse3 libfuse3-dev pkg-config gcc python3-dev python3-venv libssl-dev \
-               openssh-client libgfapi0
+               libssh-4 libgfapi0
 APT_DEMO    := fdisk e2fsprogs util-linux mount
 APT_TEST    := qemu-utils qemu-system-common qemu-block-extra nbdkit fio \
-               dosfstools mtools cryptsetup-bin 7zip openssh-server tgt \
+               dosfstools mtools cryptsetup-bin 7zip openssh-server openssh-client tgt \
                man-db groff-base xfsprogs btrfs-progs glusterfs-server nginx-light tinyproxy
 # VMDK: images from writers other than QEMU (bximage -imgmode=vmware4,
 # Debian's VMDKstream module) for tests/drivers/test_vmdk.py

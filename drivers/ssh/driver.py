@@ -1,15 +1,15 @@
 """The ``ssh`` protocol driver: a file on any machine one can ssh into.
 
 Syntax and options: see `target` (QEMU's ``ssh`` driver's).  Transport and
-login: OpenSSH's ``ssh`` (see `transport`); SFTP v3 spoken by imgfs over
-its pipes (`sftp`), with requests pipelined.
+login: libssh in this process (see `transport`, `libssh`); SFTP v3 spoken
+by imgfs on its channel (`sftp`), with requests pipelined.
 
 Read and write; resizing (fsetstat); flush is ``fsync@openssh.com`` when
 the server offers it, otherwise QEMU's warning, once.  ``imgfs create``
 makes the file (mode 0644).
 
 When the connection is lost, the requests in flight fail with EIO; a later
-request reconnects (new ssh process, the file reopened, its size checked),
+request reconnects (a new SSH session, the file reopened, its size checked),
 no sooner than a backoff delay after the last failed attempt, and after
 `RECONNECT_DELAYS` failures in a row the source fails with EIO for good.
 The mount stays up throughout.

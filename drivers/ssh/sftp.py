@@ -11,7 +11,7 @@ from __future__ import annotations
 import errno
 import struct
 from dataclasses import dataclass
-from typing import cast
+from typing import Protocol, cast
 
 import trio
 
@@ -68,7 +68,7 @@ DEFAULT_TRANSFER = 32 * 1024
 MAX_TRANSFER = 4 << 20
 #: largest packet accepted from the server (a DATA reply plus headers)
 MAX_PACKET = MAX_TRANSFER + 1024
-#: how much the reader asks of the stream at once
+#: how much the reader takes from the channel at once
 RECEIVE_CHUNK = 1 << 20
 
 STATUS_NAMES = {
@@ -219,36 +219,46 @@ class _Call(Request):
         self.body: bytes | memoryview = b""
 
 
-class SftpSession(Pipeline):
-    """An SFTP v3 client on `send_stream` / `receive_stream` (an ssh's pipes)."""
+class ByteChannel(Protocol):
+    """An ordered, reliable byte channel to the SFTP server (`libssh.Channel`)."""
 
-    def __init__(self, send_stream: trio.abc.SendStream, receive_stream: trio.abc.ReceiveStream,
-                 name: str, *, reply_timeout: float | None = None) -> None:
+    async def send_all(self, data: bytes) -> None: ...
+
+    async def receive_into(self, target: bytearray) -> int: ...
+
+    def close(self) -> None: ...
+
+
+class SftpSession(Pipeline):
+    """An SFTP v3 client on a `ByteChannel` (an SSH channel running "sftp")."""
+
+    def __init__(self, channel: ByteChannel, name: str, *,
+                 reply_timeout: float | None = None) -> None:
         super().__init__(name, reply_timeout=reply_timeout)
-        self.send_stream = send_stream
-        self.receive_stream = receive_stream
+        self.channel = channel
         self.extensions: dict[str, bytes] = {}
         self.limits = Limits()
         self._buffer = bytearray()
 
-    # -- the stream -----------------------------------------------------------------
+    # -- the channel ----------------------------------------------------------------
 
     async def transmit(self, *buffers: bytes | bytearray | memoryview) -> None:
+        # one message, one channel write (a write request's header and data
+        # would otherwise go as two SSH packets)
+        data = buffers[0] if len(buffers) == 1 and isinstance(buffers[0], bytes) else (
+            b"".join(buffers))
         try:
-            for buffer in buffers:
-                if len(buffer):
-                    await self.send_stream.send_all(buffer)
+            await self.channel.send_all(data)
         except (trio.BrokenResourceError, trio.ClosedResourceError, OSError) as exc:
-            raise Lost(str(exc) or "the ssh process closed its input") from None
+            raise Lost(str(exc) or "the connection closed") from None
 
     async def _receive_some(self) -> None:
         try:
-            data = await self.receive_stream.receive_some(RECEIVE_CHUNK)
+            count = await self.channel.receive_into(self._buffer)
         except (trio.BrokenResourceError, trio.ClosedResourceError, OSError) as exc:
-            raise Lost(str(exc) or "the ssh process closed its output") from None
-        if not data:
-            raise Lost("the ssh connection closed")
-        self._buffer += data
+            raise Lost(str(exc) or "the connection closed") from None
+        if not count:
+            raise Lost("the server closed the SFTP channel")
 
     def _next_packet(self) -> tuple[int, memoryview] | None:
         """The next complete packet in the buffer (type, body after the type)."""
@@ -280,15 +290,8 @@ class SftpSession(Pipeline):
             self.complete(request_id)
 
     def hang_up(self) -> None:
-        # Closing our ends lets the ssh process see EOF and exit; the owner
-        # of the process reaps it.
-        for stream in (self.send_stream, self.receive_stream):
-            close = getattr(stream, "close", None)      # FdStream's synchronous close
-            if close is not None:
-                try:
-                    close()
-                except (OSError, trio.ClosedResourceError):
-                    pass
+        # The owner of the connection frees it; the channel just stops.
+        self.channel.close()
 
     # -- handshake ----------------------------------------------------------------------
 

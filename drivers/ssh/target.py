@@ -33,7 +33,7 @@ class HostKeyCheck:
     digest: str = ""
 
     def expected(self) -> str:
-        """ALGO:HEX for the hostkey helper."""
+        """ALGO:HEX, as the user gave it (for messages)."""
         return f"{self.hash_type}:{self.digest}"
 
 

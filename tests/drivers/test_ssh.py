@@ -131,6 +131,39 @@ def test_writes_reach_the_file_and_fsync_is_sent(sshd: Sshd, tmp_path: Path) -> 
     assert "fsync" in sshd.sftp_log()
 
 
+def test_many_writes_and_reads_in_flight_past_the_channel_window(sshd: Sshd,
+                                                                   tmp_path: Path) -> None:
+    """More data in flight than the server's channel window (OpenSSH: 2 MiB)
+    with reads mixed in: libssh's channel stops writes short and one task
+    at a time sleeps on the socket, so nothing may stall or interleave."""
+    image = tmp_path / "disk.raw"
+    expected = bytearray(random_file(image, 32 * MiB))
+    writes = {offset: os.urandom(MiB) for offset in range(0, 16 * MiB, MiB)}
+    read_back: dict[int, bytes] = {}
+
+    async def body() -> None:
+        node = await open_image(sshd.url(image), OpenContext(read_only=False), fmt="raw")
+        try:
+            async def write(offset: int) -> None:
+                await node.write(offset, writes[offset])
+
+            async def read(offset: int) -> None:
+                read_back[offset] = await node.read(offset, 2 * MiB)
+            async with trio.open_nursery() as nursery:
+                for offset in writes:
+                    nursery.start_soon(write, offset)
+                for offset in range(16 * MiB, 32 * MiB, 2 * MiB):
+                    nursery.start_soon(read, offset)
+            await node.flush()
+        finally:
+            await node.aclose()
+    run_trio(body, timeout=30)
+    for offset, data in writes.items():
+        expected[offset:offset + MiB] = data
+    assert all(data == expected[offset:offset + 2 * MiB] for offset, data in read_back.items())
+    assert image.read_bytes() == expected
+
+
 def test_no_fsync_on_the_server_warns_once(sshd_without_fsync: Sshd, tmp_path: Path,
                                            caplog: pytest.LogCaptureFixture) -> None:
     image = tmp_path / "disk.raw"

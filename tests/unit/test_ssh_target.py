@@ -1,8 +1,9 @@
-"""The ssh driver's pure parts: URL and option parsing, the ssh command
-line, the host key helper's fingerprints, SFTP field parsing."""
+"""The ssh driver's parts that need no server: URL and option parsing, the
+libssh session's configuration, fingerprints, SFTP field parsing."""
 from __future__ import annotations
 
 import base64
+import ctypes
 import hashlib
 import shutil
 import struct
@@ -10,7 +11,7 @@ import subprocess
 from pathlib import Path
 
 import pytest
-from imgfs.drivers.ssh import helper, sftp, transport
+from imgfs.drivers.ssh import libssh, sftp, transport
 from imgfs.drivers.ssh.target import (
     HostKeyCheck,
     Target,
@@ -96,47 +97,42 @@ def test_host_key_checks() -> None:
             parse_host_key_check(bad)
 
 
-# -- the ssh command line ------------------------------------------------------------------
+# -- the libssh session's configuration ------------------------------------------------------
 
 
-def test_ssh_argv_never_prompts_and_ends_with_the_host() -> None:
-    target = Target("vm1", "/d", 2200, "bob", HostKeyCheck("none"))
-    argv = transport.ssh_argv(target, 10, tuning=[], home=None)
-    assert argv[:2] == ["ssh", "-T"] and argv[-3:] == ["--", "vm1", "sftp"]
-    assert "BatchMode=yes" in argv and "StrictHostKeyChecking=no" in argv
-    assert "UserKnownHostsFile=/dev/null" in argv
-    assert argv[argv.index("-p") + 1] == "2200" and argv[argv.index("-l") + 1] == "bob"
+def configured(target: Target, home: Path) -> dict[str, object]:
+    """What libssh will use for `target` (no connection is made)."""
+    ssh = libssh.Session()
+    try:
+        transport.configure(ssh, target, 5, str(home))
+        return {"host": ssh.get_string(libssh.SSH_OPTIONS_HOST), "port": ssh.get_port(),
+                "user": ssh.get_string(libssh.SSH_OPTIONS_USER),
+                "known_hosts": ssh.get_string(libssh.SSH_OPTIONS_KNOWNHOSTS)}
+    finally:
+        ssh.free()
 
 
-def test_host_key_options_per_mode(tmp_path: Path) -> None:
-    known = transport.host_key_options(HostKeyCheck(), str(tmp_path))
-    assert "StrictHostKeyChecking=yes" in known
-    assert f'UserKnownHostsFile="{tmp_path}/.ssh/known_hosts" ' \
-           f'"{tmp_path}/.ssh/known_hosts2"' in known
-    assert not any(option.startswith("UserKnownHostsFile")
-                   for option in transport.host_key_options(HostKeyCheck(), None))
-    hashed = transport.host_key_options(HostKeyCheck("hash", "sha1", "ab" * 20), None)
-    assert "UserKnownHostsFile=/dev/null" in hashed
-    command = next(option for option in hashed if option.startswith("KnownHostsCommand="))
-    assert command.endswith(f"hostkey sha1:{'ab' * 20} %H %t %K")
+def test_config_aliases_apply_and_the_url_wins(tmp_path: Path) -> None:
+    ssh_dir = tmp_path / ".ssh"
+    ssh_dir.mkdir()
+    (ssh_dir / "config").write_text("Host vm-alias\n  HostName 192.0.2.7\n  Port 2022\n"
+                                    "  User bob\n")
+    assert configured(Target("vm-alias", "/d"), tmp_path) == {
+        "host": "192.0.2.7", "port": 2022, "user": "bob",
+        "known_hosts": f"{ssh_dir}/known_hosts"}
+    # a port or user given in the URL or options beats the configuration's
+    given = configured(Target("vm-alias", "/d", 2200, "carol"), tmp_path)
+    assert (given["host"], given["port"], given["user"]) == ("192.0.2.7", 2200, "carol")
+    other = configured(Target("vm2", "/d"), tmp_path)
+    assert (other["host"], other["port"]) == ("vm2", 22)
 
 
-def test_tuning_respects_a_configured_proxy_and_the_allowed_ciphers(
-        monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr(transport, "cpu_has_aes", lambda: True)
-    default = {"ciphers": "chacha20-poly1305@openssh.com,aes128-ctr,aes128-gcm@openssh.com"}
-    tuned = transport.tuned_options(default, 5)
-    assert "ProxyUseFdpass=yes" in tuned
-    assert ("Ciphers=aes128-gcm@openssh.com,chacha20-poly1305@openssh.com,aes128-ctr"
-            in tuned)
-    proxied = transport.tuned_options({"proxyjump": "bastion", "ciphers": "aes128-ctr"}, 5)
-    assert proxied == []
+def test_counter_struct_matches_libssh_h() -> None:
+    # struct ssh_counter_struct: four uint64_t
+    assert ctypes.sizeof(libssh.Counter) == 32
 
 
-# -- the host key helper -----------------------------------------------------------------------
-
-
-def test_fingerprints_as_qemu_and_ssh_keygen_print_them(tmp_path: Path) -> None:
+def test_fingerprints_as_ssh_keygen_prints_them(tmp_path: Path) -> None:
     if shutil.which("ssh-keygen") is None:
         pytest.skip("ssh-keygen not installed")
     key = tmp_path / "key"
@@ -144,23 +140,10 @@ def test_fingerprints_as_qemu_and_ssh_keygen_print_them(tmp_path: Path) -> None:
     blob = base64.b64decode(key.with_suffix(".pub").read_text().split()[1])
     keygen = subprocess.run(["ssh-keygen", "-l", "-f", str(key.with_suffix(".pub"))],
                             check=True, capture_output=True, text=True).stdout.split()[1]
-    assert helper.openssh_fingerprint(blob) == keygen
-    md5 = subprocess.run(["ssh-keygen", "-l", "-E", "md5", "-f", str(key.with_suffix(".pub"))],
-                         check=True, capture_output=True, text=True).stdout.split()[1]
-    assert "MD5:" + helper.fingerprint("md5", blob) == md5
-
-
-def test_hostkey_helper_accepts_only_the_matching_key(capsys: pytest.CaptureFixture) -> None:
-    key = base64.b64encode(b"\0\0\0\x0bssh-ed25519" + b"k" * 36).decode()
-    digest = hashlib.sha256(base64.b64decode(key)).hexdigest()
-    assert helper.main(["hostkey", f"sha256:{digest}", "vm1", "ssh-ed25519", key]) == 0
-    out, err = capsys.readouterr()
-    assert out == f"vm1 ssh-ed25519 {key}\n" and helper.FINGERPRINT_TAG in err
-    helper.main(["hostkey", f"sha256:{'0' * 64}", "vm1", "ssh-ed25519", key])
-    out, err = capsys.readouterr()
-    assert out == "" and f"mismatch sha256:{digest}" in err
-    helper.main(["hostkey", "-", "vm1", "NONE", "x"])
-    assert capsys.readouterr() == ("", "")
+    host_key = libssh.HostKey("ssh-ed25519", *(hashlib.new(name, blob).digest()
+                                               for name in ("sha256", "sha1", "md5")))
+    assert host_key.openssh_fingerprint() == keygen
+    assert host_key.digest("md5") == hashlib.md5(blob).digest()
 
 
 # -- SFTP fields -------------------------------------------------------------------------

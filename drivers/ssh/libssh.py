@@ -1,0 +1,447 @@
+"""A thin ctypes binding of libssh (Debian's libssh-4), the SSH library
+QEMU's ssh driver uses: only what the ssh driver needs.
+
+`Session` makes the connection: everything until the SFTP subsystem runs
+(TCP connection, key exchange, host key check, login) is libssh's blocking
+API, run by the driver in a worker thread with libssh's own timeout.  The
+session is then switched to non-blocking mode and `Channel` carries
+imgfs's own SFTP (`sftp.SftpSession`) on it from trio: it sleeps on the
+session's socket, and before sleeping it looks at what libssh holds
+already (a reply decrypted by an earlier call, output not yet flushed).
+Only one task at a time sleeps on the socket; the others wait until it, or
+any libssh call, has made progress.
+
+Header: /usr/include/libssh/libssh.h (libssh-dev); every constant below
+carries its name there.
+"""
+from __future__ import annotations
+
+import base64
+import ctypes
+import functools
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+import trio
+
+# -- libssh.h constants ---------------------------------------------------------------
+
+SSH_OK = 0
+SSH_EOF = -127
+
+# enum ssh_options_e
+SSH_OPTIONS_HOST = 0
+SSH_OPTIONS_PORT = 1
+SSH_OPTIONS_USER = 4
+SSH_OPTIONS_SSH_DIR = 5
+SSH_OPTIONS_KNOWNHOSTS = 8
+SSH_OPTIONS_TIMEOUT = 9
+SSH_OPTIONS_LOG_VERBOSITY = 13
+SSH_OPTIONS_CIPHERS_C_S = 15
+SSH_OPTIONS_CIPHERS_S_C = 16
+SSH_OPTIONS_NODELAY = 36
+
+SSH_LOG_NOLOG = 0
+
+# enum ssh_auth_e
+SSH_AUTH_SUCCESS = 0
+SSH_AUTH_DENIED = 1
+SSH_AUTH_PARTIAL = 2
+
+# enum ssh_known_hosts_e
+SSH_KNOWN_HOSTS_ERROR = -2
+SSH_KNOWN_HOSTS_NOT_FOUND = -1
+SSH_KNOWN_HOSTS_UNKNOWN = 0
+SSH_KNOWN_HOSTS_OK = 1
+SSH_KNOWN_HOSTS_CHANGED = 2
+SSH_KNOWN_HOSTS_OTHER = 3
+
+# enum ssh_publickey_hash_type
+SSH_PUBLICKEY_HASH_SHA1 = 0
+SSH_PUBLICKEY_HASH_MD5 = 1
+SSH_PUBLICKEY_HASH_SHA256 = 2
+
+# ssh_get_status() bit: output libssh could not send yet
+SSH_WRITE_PENDING = 0x08
+
+#: the most libssh reads from the socket at once (MAX_BUF_SIZE in its
+#: src/priv.h): a read that took less found the socket empty
+SOCKET_READ_SIZE = 4096
+
+#: the library's soname (Debian package libssh-4)
+LIBRARY = "libssh.so.4"
+
+_p = ctypes.c_void_p
+_int = ctypes.c_int
+_str = ctypes.c_char_p
+_u32 = ctypes.c_uint32
+_PROTOTYPES: dict[str, tuple[Any, list[Any]]] = {
+    "ssh_new": (_p, []),
+    "ssh_free": (None, [_p]),
+    "ssh_options_set": (_int, [_p, _int, _p]),
+    "ssh_options_parse_config": (_int, [_p, _str]),
+    "ssh_connect": (_int, [_p]),
+    "ssh_options_get": (_int, [_p, _int, ctypes.POINTER(_p)]),
+    "ssh_options_get_port": (_int, [_p, ctypes.POINTER(ctypes.c_uint)]),
+    "ssh_string_free_char": (None, [_p]),
+    "ssh_silent_disconnect": (None, [_p]),
+    "ssh_get_error": (_str, [_p]),
+    "ssh_get_fd": (_int, [_p]),
+    "ssh_set_blocking": (None, [_p, _int]),
+    "ssh_get_status": (_int, [_p]),
+    "ssh_get_server_publickey": (_int, [_p, ctypes.POINTER(_p)]),
+    "ssh_get_publickey_hash": (_int, [_p, _int, ctypes.POINTER(ctypes.POINTER(ctypes.c_ubyte)),
+                                      ctypes.POINTER(ctypes.c_size_t)]),
+    "ssh_clean_pubkey_hash": (None, [ctypes.POINTER(ctypes.POINTER(ctypes.c_ubyte))]),
+    "ssh_key_type": (_int, [_p]),
+    "ssh_key_type_to_char": (_str, [_int]),
+    "ssh_key_free": (None, [_p]),
+    "ssh_session_is_known_server": (_int, [_p]),
+    "ssh_userauth_publickey_auto": (_int, [_p, _str, _str]),
+    "ssh_channel_new": (_p, [_p]),
+    "ssh_channel_free": (None, [_p]),
+    "ssh_channel_open_session": (_int, [_p]),
+    "ssh_channel_request_subsystem": (_int, [_p, _str]),
+    "ssh_channel_write": (_int, [_p, _p, _u32]),
+    "ssh_channel_read_nonblocking": (_int, [_p, _p, _u32, _int]),
+    "ssh_channel_window_size": (_u32, [_p]),
+    "ssh_set_counters": (None, [_p, _p, _p]),
+}
+
+
+class Counter(ctypes.Structure):
+    """struct ssh_counter_struct: bytes and packets through the socket."""
+
+    _fields_ = [("in_bytes", ctypes.c_uint64), ("out_bytes", ctypes.c_uint64),
+                ("in_packets", ctypes.c_uint64), ("out_packets", ctypes.c_uint64)]
+
+
+class LibsshMissing(Exception):
+    """libssh cannot be loaded (message: why)."""
+
+
+@functools.cache
+def library() -> Any:
+    """libssh with the prototypes above declared (loaded once)."""
+    try:
+        lib = ctypes.CDLL(LIBRARY)
+    except OSError as exc:
+        raise LibsshMissing(f"cannot load {LIBRARY} (install libssh-4): {exc}") from None
+    for name, (restype, argtypes) in _PROTOTYPES.items():
+        function = getattr(lib, name)
+        function.restype = restype
+        function.argtypes = argtypes
+    return lib
+
+
+class SshFailure(Exception):
+    """A libssh call failed; the message is libssh's own (or ours)."""
+
+
+@dataclass(frozen=True)
+class HostKey:
+    """The server's host key: its type name and digests."""
+
+    type_name: str
+    sha256: bytes
+    sha1: bytes
+    md5: bytes
+
+    def digest(self, hash_type: str) -> bytes:
+        return {"sha256": self.sha256, "sha1": self.sha1, "md5": self.md5}[hash_type]
+
+    def openssh_fingerprint(self) -> str:
+        """``SHA256:base64``, as ssh-keygen -l and ssh print it."""
+        return "SHA256:" + base64.b64encode(self.sha256).decode().rstrip("=")
+
+
+class Session:
+    """An ssh_session and its one channel.  Blocking methods are for a
+    worker thread; after `go_nonblocking` only `Channel` uses it, from trio."""
+
+    def __init__(self) -> None:
+        self.lib = library()
+        self.handle = self.lib.ssh_new()
+        if not self.handle:
+            raise SshFailure("ssh_new failed")
+        self.channel: int | None = None
+
+    def error(self) -> str:
+        said = self.lib.ssh_get_error(self.handle)
+        return said.decode("utf-8", "replace").strip() if said else "unknown libssh error"
+
+    def check(self, result: int, what: str) -> None:
+        if result != SSH_OK:
+            raise SshFailure(f"{what}: {self.error()}")
+
+    def set_string(self, option: int, value: str) -> None:
+        self.check(self.lib.ssh_options_set(self.handle, option, value.encode()),
+                   f"option {option}")
+
+    def set_int(self, option: int, value: int, ctype: Callable[[int], Any] = ctypes.c_int) -> None:
+        cell = ctype(value)
+        self.check(self.lib.ssh_options_set(self.handle, option, ctypes.byref(cell)),
+                   f"option {option}")
+
+    def get_string(self, option: int) -> str | None:
+        value = ctypes.c_void_p()
+        if self.lib.ssh_options_get(self.handle, option, ctypes.byref(value)) != SSH_OK:
+            return None
+        if not value.value:
+            return None
+        try:
+            return ctypes.string_at(value.value).decode("utf-8", "replace")
+        finally:
+            self.lib.ssh_string_free_char(value)
+
+    def get_port(self) -> int:
+        port = ctypes.c_uint()
+        self.check(self.lib.ssh_options_get_port(self.handle, ctypes.byref(port)), "port")
+        return port.value
+
+    def parse_config(self, path: str) -> None:
+        """Options from an ssh_config(5) file, for the host set already."""
+        self.check(self.lib.ssh_options_parse_config(self.handle, path.encode()),
+                   f"configuration {path}")
+
+    def connect(self) -> None:
+        self.check(self.lib.ssh_connect(self.handle), "connect")
+
+    def host_key(self) -> HostKey:
+        key = ctypes.c_void_p()
+        self.check(self.lib.ssh_get_server_publickey(self.handle, ctypes.byref(key)),
+                   "server host key")
+        try:
+            type_name = self.lib.ssh_key_type_to_char(self.lib.ssh_key_type(key)) or b"?"
+            digests = [self._hash(key, kind) for kind in
+                       (SSH_PUBLICKEY_HASH_SHA256, SSH_PUBLICKEY_HASH_SHA1, SSH_PUBLICKEY_HASH_MD5)]
+        finally:
+            self.lib.ssh_key_free(key)
+        return HostKey(type_name.decode(), *digests)
+
+    def _hash(self, key: ctypes.c_void_p, kind: int) -> bytes:
+        digest = ctypes.POINTER(ctypes.c_ubyte)()
+        length = ctypes.c_size_t()
+        if self.lib.ssh_get_publickey_hash(key, kind, ctypes.byref(digest),
+                                           ctypes.byref(length)) != SSH_OK:
+            raise SshFailure("cannot hash the server's host key")
+        try:
+            return ctypes.string_at(digest, length.value)
+        finally:
+            self.lib.ssh_clean_pubkey_hash(ctypes.byref(digest))
+
+    def known_host_state(self) -> int:
+        return int(self.lib.ssh_session_is_known_server(self.handle))
+
+    def authenticate(self) -> int:
+        """Public key login: ssh-agent, then the identity files."""
+        return int(self.lib.ssh_userauth_publickey_auto(self.handle, None, None))
+
+    def open_subsystem(self, name: str) -> None:
+        channel = self.lib.ssh_channel_new(self.handle)
+        if not channel:
+            raise SshFailure(f"channel: {self.error()}")
+        self.channel = channel
+        self.check(self.lib.ssh_channel_open_session(channel), "session channel")
+        self.check(self.lib.ssh_channel_request_subsystem(channel, name.encode()),
+                   f"{name} subsystem")
+
+    def go_nonblocking(self) -> None:
+        self.lib.ssh_set_blocking(self.handle, 0)
+
+    def free(self) -> None:
+        """Drop the connection without a goodbye, and every resource."""
+        if self.channel is not None:
+            self.lib.ssh_channel_free(self.channel)
+            self.channel = None
+        if self.handle:
+            self.lib.ssh_silent_disconnect(self.handle)
+            self.lib.ssh_free(self.handle)
+            self.handle = None
+
+
+class ChannelClosed(trio.BrokenResourceError):
+    """The channel or the connection under it failed (message: why)."""
+
+
+class Channel:
+    """The session's channel as a byte stream for trio (non-blocking libssh).
+
+    `stall_timeout`: how long a write may wait for the server to take more
+    data (its channel window) before the connection counts as lost."""
+
+    def __init__(self, session: Session, receive_size: int, stall_timeout: float) -> None:
+        self.session = session
+        self.lib = session.lib
+        self.handle = session.handle
+        self.channel = session.channel
+        self.fd = self.lib.ssh_get_fd(self.handle)
+        self.stall_timeout = stall_timeout
+        self.closed = False
+        self._buffer = ctypes.create_string_buffer(receive_size)
+        self._address = ctypes.addressof(self._buffer)
+        self._receive_size = receive_size
+        #: what a waiting writer took off the channel, for the next receive
+        self._inbox = bytearray()
+        # libssh counts what it takes from the socket: how `_drain` knows
+        # the socket is empty (libssh reads at most 4 KiB per call)
+        self._socket = Counter()
+        self.lib.ssh_set_counters(self.handle, ctypes.byref(self._socket), None)
+        #: the cancel scope of the task sleeping on the socket, if any
+        self._watch: trio.CancelScope | None = None
+        #: set (and replaced) when libssh ran, for the tasks not watching
+        self._progress = trio.Event()
+        self._waiting = 0
+
+    def _failed(self, what: str) -> ChannelClosed:
+        return ChannelClosed(f"{what}: {self.session.error()}")
+
+    def _check_open(self) -> None:
+        if self.closed:
+            raise ChannelClosed("the connection is closed")
+
+    # -- sending --------------------------------------------------------------------
+
+    async def send_all(self, data: bytes) -> None:
+        """Queue all of `data` on the channel; libssh sends what the socket takes."""
+        self._check_open()
+        written = self.lib.ssh_channel_write(self.channel, data, len(data))
+        self._progressed()
+        if written == len(data):
+            return
+        whole = ctypes.c_char_p(data)           # no copy: points into `data`
+        address = ctypes.cast(whole, ctypes.c_void_p).value or 0
+        offset = 0
+        with trio.move_on_after(self.stall_timeout) as stall:
+            while True:
+                if written < 0:
+                    raise self._failed("sending")
+                offset += written
+                if offset == len(data):
+                    return
+                await self._wait_for_window()
+                written = self.lib.ssh_channel_write(self.channel, address + offset,
+                                                     len(data) - offset)
+                self._progressed()
+        if stall.cancelled_caught:
+            raise ChannelClosed(f"the server took no data for {self.stall_timeout:g} s")
+
+    async def _wait_for_window(self) -> None:
+        """The server's window is full.  It grows as the server consumes
+        requests, which it does only while it can send replies, within our
+        window, which libssh grows only as replies are read: so read them
+        (into the inbox) before sleeping.  (During a key re-exchange libssh
+        takes nothing with the window open: this then polls until it ends.)"""
+        count = self._drain(self._receive_size)
+        if count > 0:
+            with memoryview(self._buffer) as view:
+                self._inbox += view[:count]
+            self._progressed()
+        if self.lib.ssh_channel_window_size(self.channel) == 0:
+            # (reading may have taken in the server's window adjustment)
+            await self._sleep(self.lib.ssh_get_status(self.handle))
+        else:
+            await trio.lowlevel.checkpoint()
+        self._check_open()
+
+    # -- receiving ------------------------------------------------------------------
+
+    async def receive_into(self, target: bytearray) -> int:
+        """Append what the channel has (at least a byte) to `target`: the
+        count, 0 at the channel's end."""
+        while True:
+            self._check_open()
+            if self._inbox:
+                count = len(self._inbox)
+                target += self._inbox
+                self._inbox.clear()
+                return count
+            count = self._drain(self._receive_size)
+            if count > 0:
+                with memoryview(self._buffer) as view:
+                    target += view[:count]
+                return count
+            if count == SSH_EOF:
+                return 0
+            if count < 0:
+                raise self._failed("receiving")
+            await self._sleep(self.lib.ssh_get_status(self.handle))
+
+    def _drain(self, size: int) -> int:
+        """Take up to `size` bytes into the buffer while libssh has them or
+        still finds more in the socket: the count, or a libssh error code."""
+        read = self.lib.ssh_channel_read_nonblocking
+        total = 0
+        while total < size:
+            before = self._socket.in_bytes
+            count = read(self.channel, self._address + total, size - total, 0)
+            taken = self._socket.in_bytes - before
+            if count > 0:
+                total += count
+                if 0 < taken < SOCKET_READ_SIZE:
+                    break       # that read emptied the socket
+            elif count < 0 or not taken:
+                self._progressed()
+                return total or count
+        self._progressed()
+        return total
+
+    # -- waiting on the socket --------------------------------------------------------
+
+    def _progressed(self) -> None:
+        """A libssh call ran: it may have taken in what a sleeper waits for."""
+        if self._watch is not None:
+            self._watch.cancel()
+        if self._waiting:
+            self._progress.set()
+            self._progress = trio.Event()
+
+    async def _sleep(self, status: int) -> None:
+        """Until the socket is ready for libssh (readable, or writable while
+        libssh holds unsent output: `status` is ssh_get_status's), or another
+        task called libssh.  One task at a time watches the socket."""
+        if self._watch is not None:
+            self._waiting += 1
+            try:
+                await self._progress.wait()
+            finally:
+                self._waiting -= 1
+            return
+        try:
+            with trio.CancelScope() as self._watch:
+                if status & SSH_WRITE_PENDING:
+                    await self._wait_either()
+                else:
+                    await trio.lowlevel.wait_readable(self.fd)
+        except (trio.ClosedResourceError, OSError) as exc:
+            self.closed = True
+            raise ChannelClosed(f"the socket closed: {exc}") from None
+        finally:
+            self._watch = None
+            # whoever waited on the watcher looks again (it may have left
+            # because it was cancelled)
+            self._progressed()
+
+    async def _wait_either(self) -> None:
+        """Until the socket is readable or writable (or closed: the caller
+        then finds the channel closed)."""
+        async def wait(waiter: Callable[[int], Any], nursery: trio.Nursery) -> None:
+            try:
+                await waiter(self.fd)
+            except trio.ClosedResourceError:
+                pass
+            nursery.cancel_scope.cancel()
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(wait, trio.lowlevel.wait_readable, nursery)
+            nursery.start_soon(wait, trio.lowlevel.wait_writable, nursery)
+
+    def close(self) -> None:
+        """Stop using the channel: wakes every sleeper with an error."""
+        if self.closed:
+            return
+        self.closed = True
+        # before libssh closes the socket, trio must forget it
+        if self.fd >= 0:
+            trio.lowlevel.notify_closing(self.fd)
+        self._progress.set()
