@@ -72,6 +72,26 @@ def test_raw_image_read_and_written_through_a_mount(ceph: CephCluster, mnt: Path
     assert out.read_bytes() == expected
 
 
+def test_fsynced_writes_reach_the_cluster_while_mounted(ceph: CephCluster, mnt: Path,
+                                                       tmp_path: Path) -> None:
+    """librbd's cache is write-back from the first write (imgfs passes every
+    fsync on as a flush, so it does not wait for one): what was fsynced is in
+    the cluster for another client at once, the mount still up."""
+    expected = bytearray(4 * MiB)
+    _import(ceph, tmp_path, "wb", bytes(expected))
+    with mounted(ceph.url("wb"), mountpoint=mnt):
+        fd = os.open(mnt / "wb.raw", os.O_WRONLY)
+        try:
+            for number, offset in enumerate((MiB, 3 * MiB - 7)):
+                data = random_bytes(MiB // 2, seed=40 + number)
+                os.pwrite(fd, data, offset)
+                expected[offset:offset + len(data)] = data
+                os.fsync(fd)
+                assert _export(ceph, tmp_path, "wb") == expected
+        finally:
+            os.close(fd)
+
+
 def test_qcow2_created_on_rbd_and_written_through_a_mount(ceph: CephCluster, mnt: Path,
                                                           tmp_path: Path) -> None:
     url = ceph.url("vm")
