@@ -126,8 +126,8 @@ class Cluster:
         try:
             # librbd's cache stays write-through until the first flush, for
             # guests that never flush; imgfs flushes whenever its file is
-            # fsynced, as the rbd tool does, which sets the same.  Set
-            # before the configuration is read, so a user's setting wins.
+            # fsynced, as the rbd tool does, which sets the same.  An
+            # option in the filename, set below, overrides it.
             check(lib.rados_conf_set(handle, b"rbd_cache_writethrough_until_flush", b"false"),
                   "Ceph option 'rbd_cache_writethrough_until_flush'")
             check(lib.rados_conf_read_file(handle, conf.encode() if conf else None),
