@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import errno
 import os
+from collections.abc import Callable
 from typing import Any, cast
 
 from imgfs.block import DATA, ZERO, BlockDriver, Extent, Kind
@@ -218,37 +219,37 @@ class IscsiDriver(BlockDriver):
             await self.session.close()
 
     async def read(self, offset: int, length: int) -> bytes:
-        """READs of at most PIECE each, all queued at once, received in
-        place: the target reads the later pieces from its disk while the
-        earlier ones travel."""
-        buffer = bytearray(length)
-        address, storage = buffer_address(buffer)
-        lib = binding.lib()
+        """READs received in place, in pieces in flight together: the
+        target reads the later pieces from its disk while the earlier ones
+        travel."""
+        lib, buffer = binding.lib(), bytearray(length)
         queue = lib.iscsi_read10_iov_task if self.use_read10 else lib.iscsi_read16_iov_task
-        session, commands = self._session(), []
-        for start in range(0, length, PIECE):
-            vec = ScsiIovec(address + start, min(PIECE, length - start))
-            commands.append(await session.submit(
-                "read", queue, (offset + start) // self.block_size, vec.iov_len,
-                self.block_size, 0, 0, 0, 0, 0, after=(vec, 1), keep=(storage, vec)))
-        for command in commands:
-            await session.wait(command)
+        await self._in_pieces("read", queue, offset, buffer, lambda lba, size: (
+            lba, size, self.block_size, 0, 0, 0, 0, 0))
         # Received in place: a bytearray serves every caller as bytes would.
         return cast(bytes, buffer)
 
     async def write(self, offset: int, data: bytes) -> None:
-        """WRITE(16)s of at most PIECE each, all queued at once: each
-        waits for the target's R2Ts on its own, so their round trips overlap."""
-        session = self._session()
+        """WRITE(16)s in pieces in flight together: each waits for the
+        target's R2Ts on its own, so their round trips overlap."""
         if not self.writable:
-            raise ReadOnly(f"{session.name}: {self.read_only_reason}")
-        queue, (address, storage) = binding.lib().iscsi_write16_iov_task, buffer_address(data)
+            raise ReadOnly(f"{self._session().name}: {self.read_only_reason}")
+        await self._in_pieces("write", binding.lib().iscsi_write16_iov_task, offset, data,
+                              lambda lba, size: (lba, None, size, self.block_size, 0, 0,
+                                                 self.fua, 0, 0))
+
+    async def _in_pieces(self, what: str, queue: Any, offset: int, buffer: Any,
+                         arguments: Callable[[int, int], tuple[Any, ...]]) -> None:
+        """One command per PIECE of `buffer` (guest bytes from `offset`),
+        ``queue``'s arguments after the LUN given by ``arguments(lba,
+        size)``; all queued at once, then waited for."""
+        session, (address, storage) = self._session(), buffer_address(buffer)
         commands = []
-        for start in range(0, len(data), PIECE):
-            vec = ScsiIovec(address + start, min(PIECE, len(data) - start))
+        for start in range(0, len(buffer), PIECE):
+            vec = ScsiIovec(address + start, min(PIECE, len(buffer) - start))
             commands.append(await session.submit(
-                "write", queue, (offset + start) // self.block_size, None, vec.iov_len,
-                self.block_size, 0, 0, self.fua, 0, 0, after=(vec, 1), keep=(storage, vec)))
+                what, queue, *arguments((offset + start) // self.block_size, vec.iov_len),
+                after=(vec, 1), keep=(storage, vec)))
         for command in commands:
             await session.wait(command)
 

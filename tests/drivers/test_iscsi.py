@@ -492,7 +492,9 @@ def test_cdrom_is_read_only(lab: Lab, mnt: Path) -> None:
 
 
 WRITES = [(1, b"a" * 5), (511, b"b" * 2), (4095, b"c" * 70000), (1000000, b"d" * 131079),
-          (3 * MiB - 7, b"e" * 9)]
+          (3 * MiB - 7, b"e" * 9),
+          # several commands in flight, the last one short
+          (2 * MiB + 512, bytes(range(256)) * 2403)]
 
 
 @pytest.mark.parametrize("block", [512, 4096])
