@@ -25,6 +25,10 @@ only (the mount daemon is a fork of it, so it inherits the patches):
 * strict_limit=0|1, max_ratio=N, max_bytes=N, min_bytes=N   the mount's
                    dirty-page limits (FUSE's own default is strict_limit=1,
                    max_ratio=1)
+* floor=PROTO      bench/floors/PROTO.py's install(): small reads of that
+                   protocol's driver go through a bare loop over its client
+                   library instead of imgfs's request path, to measure the
+                   best a Python FUSE daemon could do (bench/floors/README)
 
 Nothing in imgfs is edited; an unknown switch is an error.
 """
@@ -90,7 +94,19 @@ def patch_write_behind(value: str) -> None:
     file.WRITE_BEHIND_BYTES = int(value) << 20
 
 
-PATCHES = {"write_behind": patch_write_behind, "direct_io": patch_direct_io,
+def patch_floor(value: str) -> None:
+    import importlib.util
+    path = os.path.join(os.path.dirname(os.path.abspath(__file__)), "floors", f"{value}.py")
+    if not os.path.exists(path):
+        raise SystemExit(f"variant: floor={value}: no {path}")
+    spec = importlib.util.spec_from_file_location(f"floor_{value}", path)
+    assert spec is not None and spec.loader is not None
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    module.install()
+
+
+PATCHES = {"floor": patch_floor, "write_behind": patch_write_behind, "direct_io": patch_direct_io,
            "reuse_buffers": patch_reuse_buffers,
            "max_tasks": patch_max_tasks, "writeback": patch_writeback,
            "read_ahead_kb": patch_bdi("read_ahead_kb"),
