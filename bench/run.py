@@ -12,6 +12,9 @@ numbers of a ratio are taken seconds apart on the same machine state:
 * seq_read     MB/s, 1 MiB reads, one pass over the whole raw view per fio
                run, repeated until the runtime is used (see seq_read_job)
 * rand_read    IOPS, 4 KiB random reads, time-based
+* rand_read_16   the same by 16 readers at once, O_DIRECT (network cases,
+               no target: what a guest or several programs reading at once
+               see, where queue depth 1 shows one request's round trip)
 * rand_write   IOPS, 4 KiB random writes, time-based, ends with an fsync
 * seq_write    MB/s, 1 MiB writes, time-based, ends with an fsync
 * seq_write_new  MB/s, 1 MiB writes filling a freshly created empty image
@@ -127,6 +130,7 @@ class Metric:
 METRICS = {m.name: m for m in (
     Metric("seq_read", "sequential read 1M", "MB/s"),
     Metric("rand_read", "4k random read", "IOPS"),
+    Metric("rand_read_16", "4k random read x16", "IOPS"),
     Metric("rand_write", "4k random write", "IOPS"),
     Metric("seq_write", "sequential write 1M", "MB/s"),
     Metric("seq_write_new", "seq write, new image", "MB/s"),
@@ -225,7 +229,7 @@ LUKS_TARGETS: dict[str, Target | None] = {
 
 NETWORK_TARGETS: dict[str, Target | None] = {
     "seq_read": Target(1.5), "rand_read": Target(1.0), "seq_write": Target(1.0),
-    "mount_latency": None,
+    "mount_latency": None, "rand_read_16": None,
 }
 
 def write_udif(source: Path, image: Path) -> None:
@@ -633,6 +637,14 @@ def rand_read_job(path: Path, settings: Settings) -> tuple[float, dict]:
     return job["read"]["iops"], {"ios": job["read"]["total_ios"]}
 
 
+def rand_read_16_job(path: Path, settings: Settings) -> tuple[float, dict]:
+    # O_DIRECT: sixteen random maps over one file would otherwise hit
+    # pages another reader brought into the FUSE page cache.
+    job = fio(path, "rand_read_16", rw="randread", bs="4k", numjobs=16, direct=1,
+              randrepeat=0, group_reporting=1, time_based=1, runtime=settings.runtime)
+    return job["read"]["iops"], {"ios": job["read"]["total_ios"]}
+
+
 def rand_write_job(path: Path, settings: Settings) -> tuple[float, dict]:
     job = fio(path, "rand_write", rw="randwrite", bs="4k", end_fsync=1,
               time_based=1, runtime=settings.runtime)
@@ -658,6 +670,7 @@ def seq_write_new_job(path: Path, settings: Settings) -> tuple[float, dict]:
 IO_JOBS: dict[str, Callable[[Path, Settings], tuple[float, dict]]] = {
     "seq_read": seq_read_job,
     "rand_read": rand_read_job,
+    "rand_read_16": rand_read_16_job,
     "rand_write": rand_write_job,
     "seq_write": seq_write_job,
     "seq_write_new": seq_write_new_job,
