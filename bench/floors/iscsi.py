@@ -16,7 +16,6 @@ import select
 from typing import Any
 
 import trio
-
 from imgfs.drivers.iscsi import binding
 from imgfs.drivers.iscsi.driver import IscsiDriver
 
