@@ -579,12 +579,35 @@ def cmd_resize(args: argparse.Namespace) -> int:
 
 def cmd_convert(args: argparse.Namespace) -> int:
     from .convert import convert
+    refuse_convert_combinations(args)
     options = merged_options(args.options)
     if args.backing:
         options["backing_file"] = args.backing
+        if args.backing_fmt:
+            options["backing_fmt"] = args.backing_fmt
+    if not args.target_image_opts:
+        args.out_fmt = args.out_fmt or "raw"
     sparse = parse_size(args.sparse) if args.sparse not in ("0",) else 0
     run_trio(convert, args, options, sparse)
     return 0
+
+
+def refuse_convert_combinations(args: argparse.Namespace) -> None:
+    """What qemu-img convert refuses with exit 1, in its words."""
+    if not 1 <= args.workers <= 16:
+        raise ImgfsError("Invalid number of coroutines. Allowed number of coroutines is "
+                         "between 1 and 16")
+    if args.backing_fmt and not args.backing:
+        raise ImgfsError("Backing format cannot be used without backing file")
+    if not args.skip_create:
+        for flag, given in (("--target-is-zero", args.target_is_zero),
+                            ("--target-image-opts", args.target_image_opts)):
+            if given:
+                raise ImgfsError(f"{flag} requires use of -n flag")
+    elif args.options:
+        raise ImgfsError("-o has no effect when skipping image creation")
+    if args.target_image_opts and args.out_fmt:
+        raise ImgfsError("--image-opts and --format are mutually exclusive")
 
 
 # -- formats ----------------------------------------------------------------------------

@@ -238,6 +238,69 @@ def test_map_offsets_as_qemu_img(name: str) -> None:
     assert ours == theirs
 
 
+# -- convert into an existing image (-n) and its companions ----------------------------
+
+
+@pytest.fixture
+def convert_source() -> str:
+    need("qemu-io")
+    return written("qcow2", "src.qcow2", "write -P 1 0 64k", "write -P 2 1M 128k",
+                   "write -z 2M 64k")
+
+
+def noise(name: str, size: int) -> str:
+    Path(name).write_bytes(bytes(range(256)) * (size // 256))
+    return name
+
+
+@pytest.mark.parametrize("extra", [[], ["--target-is-zero"], ["-m", "1"], ["-m", "16", "-W"],
+                                   ["-S", "0"]])
+def test_convert_into_an_existing_image(convert_source: str, extra: list[str]) -> None:
+    """-n writes the source over what the target held (zeros where the
+    source reads as zeros, unless --target-is-zero says they are there),
+    leaves the target's size and what lies past the source's end."""
+    for tool, target in (("qemu-img", "theirs.raw"), ("imgfs", "ours.raw")):
+        noise(target, 8 * MiB)
+        command = run if tool == "qemu-img" else imgfs
+        command(*(["qemu-img"] if tool == "qemu-img" else []), "convert", "-n", *extra,
+                "-O", "raw", convert_source, target)
+    assert Path("ours.raw").read_bytes() == Path("theirs.raw").read_bytes()
+
+
+def test_convert_into_image_opts(convert_source: str) -> None:
+    run("qemu-img", "create", "-q", "-f", "qcow2", "ours.qcow2", "4M")
+    imgfs("convert", "-n", "--target-image-opts", convert_source,
+          "driver=qcow2,file.filename=ours.qcow2")
+    assert run("qemu-img", "compare", convert_source, "ours.qcow2").returncode == 0
+
+
+@pytest.mark.parametrize("args", [
+    ["-n", "-O", "raw", "src.qcow2", "small.raw"],
+    ["--target-is-zero", "-O", "raw", "src.qcow2", "new.raw"],
+    ["--target-image-opts", "src.qcow2", "driver=raw,file.filename=new.raw"],
+    ["-n", "--target-image-opts", "-O", "raw", "src.qcow2", "driver=raw,file.filename=big.raw"],
+    ["-n", "-o", "cluster_size=4k", "-O", "qcow2", "src.qcow2", "big.raw"],
+    ["-n", "-O", "raw", "src.qcow2", "missing.raw"],
+    ["-m", "0", "src.qcow2", "new.raw"], ["-m", "17", "src.qcow2", "new.raw"],
+    ["-F", "qcow2", "-O", "qcow2", "src.qcow2", "new.qcow2"]])
+def test_convert_refusals(convert_source: str, args: list[str]) -> None:
+    noise("small.raw", MiB)
+    noise("big.raw", 8 * MiB)
+    assert_same("convert", *args, status=1)
+    assert not Path("new.raw").exists() and not Path("new.qcow2").exists()
+
+
+def test_convert_backing_format(convert_source: str) -> None:
+    """-B with -F: the new image names its backing file's format."""
+    run("qemu-img", "create", "-q", "-f", "qcow2", "base.qcow2", "4M")
+    imgfs("convert", "-B", "base.qcow2", "-F", "qcow2", "-O", "qcow2", convert_source,
+          "top.qcow2")
+    info = json.loads(run("qemu-img", "info", "--output=json", "top.qcow2").stdout)
+    assert (info["backing-filename"], info["backing-filename-format"]) == \
+        ("base.qcow2", "qcow2")
+    assert run("qemu-img", "compare", convert_source, "top.qcow2").returncode == 0
+
+
 def test_resize_and_snapshot_quiet() -> None:
     for name in ("theirs.qcow2", "ours.qcow2"):
         run("qemu-img", "create", "-q", "-f", "qcow2", name, "1M")
