@@ -301,6 +301,26 @@ def test_convert_backing_format(convert_source: str) -> None:
     assert run("qemu-img", "compare", convert_source, "top.qcow2").returncode == 0
 
 
+@pytest.mark.parametrize("fmt", ["raw", "qcow2", "luks", "vdi", "qed"])
+def test_create_rounds_the_size_up_to_whole_sectors(fmt: str) -> None:
+    """create SIZE=1000: an image of 1024 bytes (a raw file of 1024),
+    after the same "Formatting ... size=1000" line."""
+    luks = ["--object", "secret,id=s,data=x", "-o", "key-secret=s,iter-time=10"] \
+        if fmt == "luks" else []
+    sizes = []
+    for tool, name in (("qemu-img", "theirs"), ("imgfs", "ours")):
+        command = run if tool == "qemu-img" else imgfs
+        line = command(*(["qemu-img"] if tool == "qemu-img" else []), "create", "-f", fmt,
+                       *luks, f"{name}.{fmt}", "1000").stdout
+        assert "size=1000" in line
+        info = run("qemu-img", "info", "--output=json", "--object", "secret,id=s,data=x",
+                   "--image-opts", f"driver={fmt},file.filename={name}.{fmt}" +
+                   (",key-secret=s" if luks else "")).stdout
+        sizes.append((json.loads(info)["virtual-size"],
+                      Path(f"{name}.{fmt}").stat().st_size if fmt == "raw" else None))
+    assert sizes[0] == sizes[1] == (1024, 1024 if fmt == "raw" else None)
+
+
 def test_resize_and_snapshot_quiet() -> None:
     for name in ("theirs.qcow2", "ours.qcow2"):
         run("qemu-img", "create", "-q", "-f", "qcow2", name, "1M")
