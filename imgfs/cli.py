@@ -123,6 +123,9 @@ def build_parser() -> ArgumentParser:
                          help="DST gets this backing file and holds only what differs from it")
     convert.add_argument("-F", dest="backing_fmt", metavar="BACKING_FMT",
                          help="format of BACKING (default: probe)")
+    convert.add_argument("-l", dest="snapshot", metavar="SNAPSHOT",
+                         help="copy this internal snapshot of SRC: ID_OR_NAME, or "
+                              "snapshot.id=ID and/or snapshot.name=NAME")
     convert.add_argument("-n", dest="skip_create", action="store_true",
                          help="DST exists: write into it instead of creating it")
     convert.add_argument("--target-image-opts", action="store_true",

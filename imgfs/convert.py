@@ -27,6 +27,8 @@ async def convert(args: argparse.Namespace, options: dict[str, Any], sparse: int
     from .commands import cache_mode, image_source, make_context
     src_ctx = make_context(args, read_only=True)
     source = await open_image(image_source(args, args.source), src_ctx, fmt=args.fmt)
+    if args.snapshot is not None:
+        source = await open_snapshot(args, source, src_ctx)
     cache = cache_mode(args, read_only=False)
     try:
         if not args.skip_create:
@@ -57,6 +59,42 @@ async def convert(args: argparse.Namespace, options: dict[str, Any], sparse: int
             await target.aclose()
     finally:
         await source.aclose()
+
+
+async def open_snapshot(args: argparse.Namespace, image: Node, ctx: OpenContext) -> Node:
+    """``-l``: the internal snapshot of `image` that ID_OR_NAME, or
+    snapshot.id= and/or snapshot.name=, name (read-only), in its place."""
+    from .commands import image_source
+    wanted = snapshot_selector(args.snapshot)
+    found = image.snapshot_holder()
+    try:
+        if found is None:
+            raise ImgfsError(f"Failed to load snapshot: {image.format_name} images have no "
+                             "internal snapshots")
+        holder, prefix = found
+        for snapshot in holder.internal_snapshots():
+            if all(value in (snapshot.id, snapshot.name) if key == "either"
+                   else getattr(snapshot, key) == value for key, value in wanted.items()):
+                return await open_image(image_source(args, args.source), ctx,
+                                        fmt=image.format_name,
+                                        options={f"{prefix}snapshot": snapshot.id})
+        raise ImgfsError("Failed to load snapshot: Can't find snapshot")
+    finally:
+        await image.aclose()
+
+
+def snapshot_selector(text: str) -> dict[str, str]:
+    """-l's argument: {"id": .., "name": ..} from snapshot.id=/snapshot.name=,
+    or {"either": text} for a bare ID or name."""
+    if not text.startswith("snapshot.") or "=" not in text:
+        return {"either": text}
+    wanted = {}
+    for item in text.split(","):
+        key, _, value = item.partition("=")
+        if key not in ("snapshot.id", "snapshot.name"):
+            raise ImgfsError(f"Invalid parameter '{key}'")
+        wanted[key.removeprefix("snapshot.")] = value
+    return wanted
 
 
 def target_source(args: argparse.Namespace) -> str | dict[str, Any]:

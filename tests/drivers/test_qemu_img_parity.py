@@ -301,6 +301,30 @@ def test_convert_backing_format(convert_source: str) -> None:
     assert run("qemu-img", "compare", convert_source, "top.qcow2").returncode == 0
 
 
+@pytest.fixture
+def snapshotted() -> str:
+    """sn.qcow2: 0x01 in snapshot 1 ("first"), 0x02 in the live image."""
+    need("qemu-io")
+    written("qcow2", "sn.qcow2", "write -P 1 0 64k")
+    run("qemu-img", "snapshot", "-c", "first", "sn.qcow2")
+    run("qemu-io", "-c", "write -P 2 0 64k", "sn.qcow2")
+    return "sn.qcow2"
+
+
+@pytest.mark.parametrize("selector", ["first", "1", "snapshot.name=first", "snapshot.id=1",
+                                      "snapshot.id=1,snapshot.name=first"])
+def test_convert_a_snapshot(snapshotted: str, selector: str) -> None:
+    imgfs("convert", "-l", selector, "-O", "raw", snapshotted, "ours.raw")
+    run("qemu-img", "convert", "-l", selector, "-O", "raw", snapshotted, "theirs.raw")
+    assert Path("ours.raw").read_bytes() == Path("theirs.raw").read_bytes()
+    assert Path("ours.raw").read_bytes()[:1] == b"\x01"
+
+
+@pytest.mark.parametrize("selector", ["zz", "snapshot.id=1,snapshot.name=zz", "snapshot.foo=1"])
+def test_convert_a_missing_snapshot(snapshotted: str, selector: str) -> None:
+    assert_same("convert", "-l", selector, "-O", "raw", snapshotted, "out.raw", status=1)
+
+
 @pytest.mark.parametrize("fmt", ["raw", "qcow2", "luks", "vdi", "qed"])
 def test_create_rounds_the_size_up_to_whole_sectors(fmt: str) -> None:
     """create SIZE=1000: an image of 1024 bytes (a raw file of 1024),
