@@ -17,6 +17,7 @@ carries its name there.
 from __future__ import annotations
 
 import base64
+import collections
 import ctypes
 import functools
 from collections.abc import Callable
@@ -268,22 +269,23 @@ class ChannelClosed(trio.BrokenResourceError):
 class Channel:
     """The session's channel as a byte stream for trio (non-blocking libssh).
 
-    `stall_timeout`: how long a write may wait for the server to take more
-    data (its channel window) before the connection counts as lost."""
+    Sending never waits: what the server's channel window cannot take yet
+    waits in an outbox, in order, and goes out as the window grows, which
+    the task receiving sees (a server that never grows it never answers
+    either: the receiver's timeout covers both)."""
 
-    def __init__(self, session: Session, receive_size: int, stall_timeout: float) -> None:
+    def __init__(self, session: Session, receive_size: int) -> None:
         self.session = session
         self.lib = session.lib
         self.handle = session.handle
         self.channel = session.channel
         self.fd = self.lib.ssh_get_fd(self.handle)
-        self.stall_timeout = stall_timeout
         self.closed = False
         self._buffer = ctypes.create_string_buffer(receive_size)
         self._address = ctypes.addressof(self._buffer)
         self._receive_size = receive_size
-        #: what a waiting writer took off the channel, for the next receive
-        self._inbox = bytearray()
+        #: messages (or their ends) the channel's window could not take yet
+        self._outbox: collections.deque[bytes] = collections.deque()
         # libssh counts what it takes from the socket: how `_drain` knows
         # the socket is empty (libssh reads at most 4 KiB per call)
         self._socket = Counter()
@@ -303,61 +305,46 @@ class Channel:
 
     # -- sending --------------------------------------------------------------------
 
-    async def send_all(self, data: bytes) -> None:
-        """Queue all of `data` on the channel; libssh sends what the socket takes."""
+    def send(self, data: bytes) -> None:
+        """Queue all of `data` on the channel, without waiting: libssh sends
+        what the socket takes, the outbox keeps what the window cannot."""
         self._check_open()
+        if self._outbox:
+            self._outbox.append(data)
+            self._flush()
+            return
         written = self.lib.ssh_channel_write(self.channel, data, len(data))
         self._progressed()
-        if written == len(data):
-            return
-        whole = ctypes.c_char_p(data)           # no copy: points into `data`
-        address = ctypes.cast(whole, ctypes.c_void_p).value or 0
-        offset = 0
-        with trio.move_on_after(self.stall_timeout) as stall:
-            while True:
-                if written < 0:
-                    raise self._failed("sending")
-                offset += written
-                if offset == len(data):
-                    return
-                await self._wait_for_window()
-                written = self.lib.ssh_channel_write(self.channel, address + offset,
-                                                     len(data) - offset)
-                self._progressed()
-        if stall.cancelled_caught:
-            raise ChannelClosed(f"the server took no data for {self.stall_timeout:g} s")
+        if written != len(data):
+            if written < 0:
+                raise self._failed("sending")
+            self._outbox.append(bytes(data[written:]))
 
-    async def _wait_for_window(self) -> None:
-        """The server's window is full.  It grows as the server consumes
-        requests, which it does only while it can send replies, within our
-        window, which libssh grows only as replies are read: so read them
-        (into the inbox) before sleeping.  (During a key re-exchange libssh
-        takes nothing with the window open: this then polls until it ends.)"""
-        count = self._drain(self._receive_size)
-        if count > 0:
-            with memoryview(self._buffer) as view:
-                self._inbox += view[:count]
+    def _flush(self) -> None:
+        """Write what the outbox holds, as far as the window lets."""
+        outbox, write = self._outbox, self.lib.ssh_channel_write
+        while outbox:
+            data = outbox[0]
+            written = write(self.channel, data, len(data))
             self._progressed()
-        if self.lib.ssh_channel_window_size(self.channel) == 0:
-            # (reading may have taken in the server's window adjustment)
-            await self._sleep(self.lib.ssh_get_status(self.handle))
-        else:
-            await trio.lowlevel.checkpoint()
-        self._check_open()
+            if written < 0:
+                raise self._failed("sending")
+            if written < len(data):
+                outbox[0] = data[written:]
+                return
+            outbox.popleft()
 
     # -- receiving ------------------------------------------------------------------
 
     async def receive_into(self, target: bytearray) -> int:
         """Append what the channel has (at least a byte) to `target`: the
-        count, 0 at the channel's end."""
+        count, 0 at the channel's end.  Meanwhile the outbox goes out as
+        the server's window adjustments come in."""
         while True:
             self._check_open()
-            if self._inbox:
-                count = len(self._inbox)
-                target += self._inbox
-                self._inbox.clear()
-                return count
             count = self._drain(self._receive_size)
+            if self._outbox and count >= 0:
+                self._flush()       # the drain may have taken in a window adjustment
             if count > 0:
                 with memoryview(self._buffer) as view:
                     target += view[:count]

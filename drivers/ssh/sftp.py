@@ -234,7 +234,8 @@ class _Call(Request):
 class ByteChannel(Protocol):
     """An ordered, reliable byte channel to the SFTP server (`libssh.Channel`)."""
 
-    async def send_all(self, data: bytes) -> None: ...
+    def send(self, data: bytes) -> None:
+        """Queue all of `data`, in order, without waiting (or raise)."""
 
     async def receive_into(self, target: bytearray) -> int: ...
 
@@ -243,6 +244,9 @@ class ByteChannel(Protocol):
 
 class SftpSession(Pipeline):
     """An SFTP v3 client on a `ByteChannel` (an SSH channel running "sftp")."""
+
+    # the channel queues what it cannot send yet: no send lock, no shield
+    transmit_never_waits = True
 
     def __init__(self, channel: ByteChannel, name: str, *,
                  reply_timeout: float | None = None) -> None:
@@ -260,7 +264,7 @@ class SftpSession(Pipeline):
         data = buffers[0] if len(buffers) == 1 and isinstance(buffers[0], bytes) else (
             b"".join(buffers))
         try:
-            await self.channel.send_all(data)
+            self.channel.send(data)
         except (trio.BrokenResourceError, trio.ClosedResourceError, OSError) as exc:
             raise Lost(str(exc) or "the connection closed") from None
 

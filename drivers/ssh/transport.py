@@ -217,7 +217,7 @@ class SshConnection:
         ImgfsError saying why not."""
         deadline = trio.current_time() + timeout
         ssh = await open_in_thread(target, timeout)
-        channel = Channel(ssh, RECEIVE_CHUNK, stall_timeout=reply_timeout)
+        channel = Channel(ssh, RECEIVE_CHUNK)
         session = SftpSession(channel, target.url(), reply_timeout=reply_timeout)
         conn = cls(ssh, channel, session)
         try:
