@@ -3,10 +3,12 @@
 The driver's own libssh session, channel and SFTP handle, already open;
 each small read is one SSH_FXP_READ written to the channel and its reply
 read back with the fewest libssh calls Python can make, sleeping on the
-session's socket with trio in between: no pipeline, no request objects,
-no timeouts.  IMGFS_FLOOR_WAIT=poll sleeps with a blocking poll(2) on the
-trio thread instead (it stalls every other request meanwhile: depth 1
-only), =spin with poll(0) in a loop (a core busy for the whole round trip).
+session's socket with trio in between (not after a full 4 KiB socket
+read by libssh: the rest of the packet is there already, as the driver's
+receive knows too): no pipeline, no request objects, no timeouts.
+IMGFS_FLOOR_WAIT=poll sleeps with a blocking poll(2) on the trio thread
+instead (it stalls every other request meanwhile: depth 1 only), =spin
+with poll(0) in a loop (a core busy for the whole round trip).
 
 The floor shares the channel with imgfs's SFTP session, so it runs only
 while that session has nothing in flight (otherwise the read goes through
@@ -23,6 +25,7 @@ from typing import Any
 
 import trio
 from imgfs.drivers.ssh.driver import SshDriver
+from imgfs.drivers.ssh.libssh import SOCKET_READ_SIZE
 from imgfs.drivers.ssh.sftp import SSH_FXP_DATA, SSH_FXP_READ
 
 SMALL = 64 << 10
@@ -69,13 +72,16 @@ class Floor:
             raise OSError("floor: the channel took less than the whole request")
         want = REPLY_HEAD.size + length
         got = 0
-        read = lib.ssh_channel_read_nonblocking
+        read, counter = lib.ssh_channel_read_nonblocking, channel.socket_counter
         while got < want:
+            before = counter.in_bytes
             count = read(chan, address + got, want - got, 0)
             if count > 0:
                 got += count
             elif count < 0:
                 raise OSError(f"floor: libssh read failed ({count})")
+            elif counter.in_bytes - before == SOCKET_READ_SIZE:
+                continue        # a full socket read of part of a packet: the rest is there
             elif self.wait == "trio":
                 await trio.lowlevel.wait_readable(fd)
             else:

@@ -286,10 +286,11 @@ class Channel:
         self._receive_size = receive_size
         #: messages (or their ends) the channel's window could not take yet
         self._outbox: collections.deque[bytes] = collections.deque()
-        # libssh counts what it takes from the socket: how `_drain` knows
-        # the socket is empty (libssh reads at most 4 KiB per call)
-        self._socket = Counter()
-        self.lib.ssh_set_counters(self.handle, ctypes.byref(self._socket), None)
+        #: what libssh has taken from the socket and sent to it, counted by
+        #: libssh itself (read it, never replace it): how `_drain` knows the
+        #: socket is empty (libssh reads at most SOCKET_READ_SIZE per call)
+        self.socket_counter = Counter()
+        self.lib.ssh_set_counters(self.handle, ctypes.byref(self.socket_counter), None)
         #: the cancel scope of the task sleeping on the socket, if any
         self._watch: trio.CancelScope | None = None
         #: set (and replaced) when libssh ran, for the tasks not watching
@@ -358,12 +359,12 @@ class Channel:
     def _drain(self, size: int) -> int:
         """Take up to `size` bytes into the buffer while libssh has them or
         still finds more in the socket: the count, or a libssh error code."""
-        read = self.lib.ssh_channel_read_nonblocking
+        read, counter = self.lib.ssh_channel_read_nonblocking, self.socket_counter
         total = 0
         while total < size:
-            before = self._socket.in_bytes
+            before = counter.in_bytes
             count = read(self.channel, self._address + total, size - total, 0)
-            taken = self._socket.in_bytes - before
+            taken = counter.in_bytes - before
             if count > 0:
                 total += count
                 if 0 < taken < SOCKET_READ_SIZE:
