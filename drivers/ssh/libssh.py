@@ -8,8 +8,9 @@ session is then switched to non-blocking mode and `Channel` carries
 imgfs's own SFTP (`sftp.SftpSession`) on it from trio: it sleeps on the
 session's socket, and before sleeping it looks at what libssh holds
 already (a reply decrypted by an earlier call, output not yet flushed).
-Only one task at a time sleeps on the socket; the others wait until it, or
-any libssh call, has made progress.
+One task at a time receives and sleeps on the socket (the SFTP session's
+reader); any libssh call by another task wakes it to look again.  Sending
+never waits (what the channel window cannot take yet is queued).
 
 Header: /usr/include/libssh/libssh.h (libssh-dev); every constant below
 carries its name there.
@@ -20,6 +21,7 @@ import base64
 import collections
 import ctypes
 import functools
+import math
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
@@ -271,16 +273,21 @@ class Channel:
 
     Sending never waits: what the server's channel window cannot take yet
     waits in an outbox, in order, and goes out as the window grows, which
-    the task receiving sees (a server that never grows it never answers
-    either: the receiver's timeout covers both)."""
+    the task receiving sees.  One task at a time receives (the SFTP
+    session's reader); `reply_timeout`: how long it may wait without
+    anything from the server before the connection counts as lost (a
+    server that never grows the window never answers either: this covers
+    both)."""
 
-    def __init__(self, session: Session, receive_size: int) -> None:
+    def __init__(self, session: Session, receive_size: int,
+                 reply_timeout: float | None = None) -> None:
         self.session = session
         self.lib = session.lib
         self.handle = session.handle
         self.channel = session.channel
         self.fd = self.lib.ssh_get_fd(self.handle)
         self.closed = False
+        self.reply_timeout = reply_timeout
         self._buffer = ctypes.create_string_buffer(receive_size)
         self._address = ctypes.addressof(self._buffer)
         self._receive_size = receive_size
@@ -293,9 +300,6 @@ class Channel:
         self.lib.ssh_set_counters(self.handle, ctypes.byref(self.socket_counter), None)
         #: the cancel scope of the task sleeping on the socket, if any
         self._watch: trio.CancelScope | None = None
-        #: set (and replaced) when libssh ran, for the tasks not watching
-        self._progress = trio.Event()
-        self._waiting = 0
 
     def _failed(self, what: str) -> ChannelClosed:
         return ChannelClosed(f"{what}: {self.session.error()}")
@@ -341,6 +345,8 @@ class Channel:
         """Append what the channel has (at least a byte) to `target`: the
         count, 0 at the channel's end.  Meanwhile the outbox goes out as
         the server's window adjustments come in."""
+        deadline = (math.inf if self.reply_timeout is None
+                    else trio.current_time() + self.reply_timeout)
         while True:
             self._check_open()
             count = self._drain(self._receive_size)
@@ -354,7 +360,7 @@ class Channel:
                 return 0
             if count < 0:
                 raise self._failed("receiving")
-            await self._sleep(self.lib.ssh_get_status(self.handle))
+            await self._sleep(self.lib.ssh_get_status(self.handle), deadline)
 
     def _drain(self, size: int) -> int:
         """Take up to `size` bytes into the buffer while libssh has them or
@@ -378,26 +384,20 @@ class Channel:
     # -- waiting on the socket --------------------------------------------------------
 
     def _progressed(self) -> None:
-        """A libssh call ran: it may have taken in what a sleeper waits for."""
+        """A libssh call ran: it may have taken in what the receiver sleeping
+        on the socket waits for, so that one looks again."""
         if self._watch is not None:
             self._watch.cancel()
-        if self._waiting:
-            self._progress.set()
-            self._progress = trio.Event()
 
-    async def _sleep(self, status: int) -> None:
+    async def _sleep(self, status: int, deadline: float) -> None:
         """Until the socket is ready for libssh (readable, or writable while
         libssh holds unsent output: `status` is ssh_get_status's), or another
-        task called libssh.  One task at a time watches the socket."""
-        if self._watch is not None:
-            self._waiting += 1
-            try:
-                await self._progress.wait()
-            finally:
-                self._waiting -= 1
-            return
+        task called libssh; ChannelClosed at `deadline`.  (One scope for
+        both: it is most of what a sleep costs.)"""
+        assert self._watch is None, "two tasks receiving at once"
+        watch = self._watch = trio.CancelScope(deadline=deadline)
         try:
-            with trio.CancelScope() as self._watch:
+            with watch:
                 if status & SSH_WRITE_PENDING:
                     await self._wait_either()
                 else:
@@ -407,9 +407,8 @@ class Channel:
             raise ChannelClosed(f"the socket closed: {exc}") from None
         finally:
             self._watch = None
-            # whoever waited on the watcher looks again (it may have left
-            # because it was cancelled)
-            self._progressed()
+        if watch.cancelled_caught and trio.current_time() >= deadline:
+            raise ChannelClosed(f"no reply from the server in {self.reply_timeout:g} s")
 
     async def _wait_either(self) -> None:
         """Until the socket is readable or writable (or closed: the caller
@@ -432,4 +431,3 @@ class Channel:
         # before libssh closes the socket, trio must forget it
         if self.fd >= 0:
             trio.lowlevel.notify_closing(self.fd)
-        self._progress.set()
