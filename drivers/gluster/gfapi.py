@@ -22,7 +22,7 @@ from collections.abc import Callable
 from typing import Any
 
 from imgfs.errors import Unsupported
-from imgfs.foreign_io import ForeignCompletions, QueuedCompletions
+from imgfs.foreign_io import ForeignCompletions, QueuedCompletions, read_buffer
 
 LIBRARY = "libgfapi.so.0"
 
@@ -146,7 +146,7 @@ class File:
         return start
 
     async def read(self, offset: int, length: int) -> bytearray:
-        buffer = bytearray(length)
+        buffer = read_buffer(length)
         view = (ctypes.c_char * length).from_buffer(buffer)
         done = await _COMPLETIONS.run(
             self._async("read", library().glfs_pread_async, view, length, offset, 0), view,
