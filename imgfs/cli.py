@@ -115,12 +115,27 @@ def build_parser() -> ArgumentParser:
 
     convert = commands.add_parser("convert", help="copy an image into another format")
     convert.add_argument("-f", dest="fmt", metavar="FMT", help="format of SRC (default: probe)")
-    convert.add_argument("-O", dest="out_fmt", default="raw", metavar="FMT",
+    convert.add_argument("-O", dest="out_fmt", metavar="FMT",
                          help="format of DST (default raw)")
     convert.add_argument("-o", dest="options", action="append", default=[], metavar="OPTS",
                          help="options of DST's format, as for create")
     convert.add_argument("-B", dest="backing", metavar="BACKING",
                          help="DST gets this backing file and holds only what differs from it")
+    convert.add_argument("-F", dest="backing_fmt", metavar="BACKING_FMT",
+                         help="format of BACKING (default: probe)")
+    convert.add_argument("-l", dest="snapshot", metavar="SNAPSHOT",
+                         help="copy this internal snapshot of SRC: ID_OR_NAME, or "
+                              "snapshot.id=ID and/or snapshot.name=NAME")
+    convert.add_argument("-n", dest="skip_create", action="store_true",
+                         help="DST exists: write into it instead of creating it")
+    convert.add_argument("--target-image-opts", action="store_true",
+                         help="DST is an option string, as for mount -o (with -n)")
+    convert.add_argument("--target-is-zero", action="store_true",
+                         help="DST (with -n) reads as zeros: leave zero ranges unwritten")
+    convert.add_argument("-m", dest="workers", type=int, default=8, metavar="N",
+                         help="chunks copied at once, 1 to 16 (default 8)")
+    convert.add_argument("-W", dest="out_of_order", action="store_true",
+                         help="write chunks as they come, not in the order of their offsets")
     convert.add_argument("-c", dest="compress", action="store_true",
                          help="compress the data (qcow2, qcow)")
     convert.add_argument("-p", dest="progress", action="store_true", help="show progress")

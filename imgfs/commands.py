@@ -424,7 +424,7 @@ def cmd_map(args: argparse.Namespace) -> int:
         node = await _open(args, args.filename, read_only=True)
         try:
             end = node.size if max_length is None else min(node.size, start + max_length)
-            return await allocation_map(node, start, end)
+            return await allocation_map(node, start, end, offsets=args.output == "json")
         finally:
             await node.aclose()
     entries = run_trio(gather)
@@ -442,27 +442,42 @@ def cmd_map(args: argparse.Namespace) -> int:
     return 0
 
 
-async def allocation_map(node: Any, start: int = 0, end: int | None = None
-                         ) -> list[dict[str, Any]]:
+async def allocation_map(node: Any, start: int = 0, end: int | None = None, *,
+                         offsets: bool = True) -> list[dict[str, Any]]:
     """qemu-img map's entries: runs of (depth, data, zero) through the
-    chain, from `start` to `end` (the end of the image by default)."""
+    chain, from `start` to `end` (the end of the image by default), with
+    the offset in the file where a run's bytes lie as they read (unless
+    not `offsets`: then runs of one status join whatever their place)."""
     from .block import Status
     entries: list[dict[str, Any]] = []
     offset = start
     end = node.size if end is None else end
     while offset < end:
-        length, status, depth = await node.block_status_above(offset, end - offset)
-        entry = {"start": offset, "length": length, "depth": depth,
+        mapping = await node.map_above(offset, end - offset)
+        status = mapping.status
+        entry = {"start": offset, "length": mapping.length, "depth": mapping.depth,
                  "present": bool(status & Status.ALLOCATED),
                  "zero": bool(status & Status.ZERO) or not status & Status.ALLOCATED,
                  "data": bool(status & Status.DATA)}
-        last = entries[-1] if entries else None
-        if last and all(last[k] == entry[k] for k in ("depth", "present", "zero", "data")):
-            last["length"] += length
+        if offsets and mapping.host_offset is not None:
+            entry["offset"] = mapping.host_offset
+        if entries and continues(entries[-1], entry):
+            entries[-1]["length"] += mapping.length
         else:
             entries.append(entry)
-        offset += length
+        offset += mapping.length
     return entries
+
+
+def continues(last: dict[str, Any], entry: dict[str, Any]) -> bool:
+    """`entry` extends `last` in one line of the map: the same status at
+    the same depth, and (as qemu-img joins them) its bytes right after
+    last's in the file, or neither with a place in a file."""
+    if any(last[key] != entry[key] for key in ("depth", "present", "zero", "data")):
+        return False
+    if "offset" in last and "offset" in entry:
+        return bool(entry["offset"] == last["offset"] + last["length"])
+    return "offset" not in last and "offset" not in entry
 
 
 # -- check / snapshot / resize ---------------------------------------------------------
@@ -564,12 +579,35 @@ def cmd_resize(args: argparse.Namespace) -> int:
 
 def cmd_convert(args: argparse.Namespace) -> int:
     from .convert import convert
+    refuse_convert_combinations(args)
     options = merged_options(args.options)
     if args.backing:
         options["backing_file"] = args.backing
+        if args.backing_fmt:
+            options["backing_fmt"] = args.backing_fmt
+    if not args.target_image_opts:
+        args.out_fmt = args.out_fmt or "raw"
     sparse = parse_size(args.sparse) if args.sparse not in ("0",) else 0
     run_trio(convert, args, options, sparse)
     return 0
+
+
+def refuse_convert_combinations(args: argparse.Namespace) -> None:
+    """What qemu-img convert refuses with exit 1, in its words."""
+    if not 1 <= args.workers <= 16:
+        raise ImgfsError("Invalid number of coroutines. Allowed number of coroutines is "
+                         "between 1 and 16")
+    if args.backing_fmt and not args.backing:
+        raise ImgfsError("Backing format cannot be used without backing file")
+    if not args.skip_create:
+        for flag, given in (("--target-is-zero", args.target_is_zero),
+                            ("--target-image-opts", args.target_image_opts)):
+            if given:
+                raise ImgfsError(f"{flag} requires use of -n flag")
+    elif args.options:
+        raise ImgfsError("-o has no effect when skipping image creation")
+    if args.target_image_opts and args.out_fmt:
+        raise ImgfsError("--image-opts and --format are mutually exclusive")
 
 
 # -- formats ----------------------------------------------------------------------------

@@ -262,6 +262,25 @@ def _ticker(period: float) -> tuple[int, float]:
     return fd, first
 
 
+_NEW_BYTEARRAY = ctypes.pythonapi.PyByteArray_FromStringAndSize
+_NEW_BYTEARRAY.restype = ctypes.py_object
+_NEW_BYTEARRAY.argtypes = [ctypes.c_void_p, ctypes.c_ssize_t]
+
+#: from this length on, `read_buffer` skips zero-filling (below it, Python's
+#: own bytearray costs less than the call)
+UNFILLED_FROM = 64 << 10
+
+
+def read_buffer(length: int) -> bytearray:
+    """A buffer for the library to read into.  A large one is left as
+    malloc gives it rather than zero-filled first, which costs as much CPU
+    as the daemon's own copy of the data: a read must fill every byte, and
+    one that does not is an error whose buffer is never returned."""
+    if length < UNFILLED_FROM:
+        return bytearray(length)
+    return cast(bytearray, _NEW_BYTEARRAY(None, length))
+
+
 class _Pinned(threading.local):
     done = False
 

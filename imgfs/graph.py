@@ -38,6 +38,8 @@ CORE_KEYS = frozenset({"driver", "file", "backing", "data-file", "node-name",
                        SOURCE_KEY})
 #: a backing chain deeper than this is treated as a loop
 MAX_CHAIN_DEPTH = 64
+#: image sizes are whole sectors of this many bytes, as in QEMU
+SECTOR = 512
 
 
 async def open_image(source: str | Mapping[str, Any], ctx: OpenContext, *,
@@ -352,7 +354,9 @@ async def create_image(filename: str, fmt: str, size: int | None,
         raise UsageError("-u needs an explicit SIZE (the backing file is not opened)")
     parsed["size"] = size
     with refused_as_qemu_img_refuses():
-        await cls.create(filename, size, parsed, ctx)
+        # As qemu-img: the summary says the size asked for, the image holds
+        # whole 512-byte sectors.
+        await cls.create(filename, -(-size // SECTOR) * SECTOR, parsed, ctx)
     return parsed
 
 

@@ -68,6 +68,20 @@ class OpenContext:
 DRIVER_FAULTS = (OSError, struct.error, ValueError)
 
 
+@dataclass(frozen=True, slots=True)
+class ChainStatus:
+    """One run of an image through its backing chain (`Node.map_above`)."""
+
+    length: int
+    status: Status
+    #: the layer that holds the run (0: the image itself)
+    depth: int
+    #: the node whose bytes at `host_offset` are the run's, untransformed
+    #: (a protocol node: the file, the device...), when there is one
+    host: Node | None = None
+    host_offset: int | None = None
+
+
 class DriverErrors:
     """``with node._driver_errors:`` around every driver call: a fault a
     driver let escape (DRIVER_FAULTS) becomes an ImgfsError naming the node's
@@ -425,18 +439,41 @@ class Node:
         layer (status NONE); past the end of a short backing file, the layer
         above it (status ZERO without ALLOCATED: it reads as zeros).
         """
+        length, status, depth, _ = await self._status_above(offset, length)
+        return length, status, depth
+
+    async def map_above(self, offset: int, length: int) -> ChainStatus:
+        """block_status_above, and where the bytes of the layer that holds
+        the range lie untransformed, as qemu-img map's "offset" says."""
+        length, status, depth, held = await self._status_above(offset, length)
+        if held is None:
+            return ChainStatus(length, status, depth)
+        node, extent = held
+        if extent.host_offset is None:
+            return ChainStatus(length, status, depth)
+        host, position = node.children[extent.child], extent.host_offset
+        while True:
+            inner = await host.block_status(position, length)
+            length = min(length, inner.length)
+            if inner.host_offset is None:
+                return ChainStatus(length, status, depth, host, position)
+            host, position = host.children[inner.child], inner.host_offset
+
+    async def _status_above(self, offset: int, length: int
+                            ) -> tuple[int, Status, int, tuple[Node, Extent] | None]:
+        """(length, status, depth, the holding layer and its extent or None)."""
         node = self
         depth = 0
         while True:
             extent = await node.block_status(offset, length)
             length = extent.length
             if extent.status & Status.ALLOCATED:
-                return length, extent.status, depth
+                return length, extent.status, depth, (node, extent)
             backing = node.backing
             if backing is None:
-                return length, Status.NONE, depth
+                return length, Status.NONE, depth, None
             if offset >= backing.size:
-                return length, Status.ZERO, depth
+                return length, Status.ZERO, depth, None
             length = min(length, backing.size - offset)
             node, depth = backing, depth + 1
 

@@ -13,6 +13,8 @@ import os
 from collections.abc import Callable
 from typing import Any, TypeVar
 
+import trio
+
 from imgfs.block import DATA, ZERO, Extent, Kind
 from imgfs.errors import (
     ImgfsError,
@@ -37,6 +39,12 @@ DEFAULT_TIMEOUT = 30
 DEFAULT_DEBUG = 4
 #: largest request handed to the library at once
 MAX_TRANSFER = 1 << 20
+#: reads longer than this go to the library one at a time: with a second
+#: one in flight libgfapi maps fresh buffer pools for them (its pool keeps
+#: only two buffers of 1 MiB) and unmaps them after, a page fault per
+#: 4 KiB: twice the CPU per MiB, and no faster (bench/README.md)
+LARGE_READ = 256 << 10
+LARGE_READS_IN_FLIGHT = 1
 
 
 class GlusterDriver(LibraryDriver):
@@ -65,6 +73,7 @@ class GlusterDriver(LibraryDriver):
 
     volume: gfapi.Volume | None = None
     file: gfapi.File | None = None
+    _large_reads: trio.Semaphore
     source = "gluster"
     timeout = DEFAULT_TIMEOUT
 
@@ -89,6 +98,7 @@ class GlusterDriver(LibraryDriver):
         self.file = file
         self.size = await self._blocking(file.seek, 0, os.SEEK_END)
         self.max_transfer = MAX_TRANSFER
+        self._large_reads = trio.Semaphore(LARGE_READS_IN_FLIGHT)
         self.read_only_reason = "the file cannot be written on the volume; use -o ro"
 
     async def aclose(self) -> None:
@@ -102,6 +112,15 @@ class GlusterDriver(LibraryDriver):
 
     async def _blocking(self, call: Callable[..., T], *arguments: Any) -> T:
         return await blocking_call(self.timeout, call, *arguments)
+
+    async def read(self, offset: int, length: int) -> bytes:
+        if length <= LARGE_READ:
+            return await super().read(offset, length)
+        # the wait for a turn counts in the request's timeout
+        with trio.move_on_after(self.timeout):
+            async with self._large_reads:
+                return await super().read(offset, length)
+        raise Unreachable(f"no answer within {self.timeout:g} s")
 
     def handle(self) -> gfapi.File:
         if self.file is None:

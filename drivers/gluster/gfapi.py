@@ -22,7 +22,7 @@ from collections.abc import Callable
 from typing import Any
 
 from imgfs.errors import Unsupported
-from imgfs.foreign_io import ForeignCompletions, QueuedCompletions
+from imgfs.foreign_io import ForeignCompletions, QueuedCompletions, read_buffer
 
 LIBRARY = "libgfapi.so.0"
 
@@ -138,6 +138,8 @@ class File:
 
     def __init__(self, fd: int) -> None:
         self.fd = fd
+        # looked up once: reads are the requests that come one at a time
+        self._pread_async = library().glfs_pread_async
 
     def _async(self, what: str, call: Callable[..., int], *arguments: Any) -> Callable[[int], None]:
         def start(key: int) -> None:
@@ -146,11 +148,14 @@ class File:
         return start
 
     async def read(self, offset: int, length: int) -> bytearray:
-        buffer = bytearray(length)
+        buffer = read_buffer(length)
         view = (ctypes.c_char * length).from_buffer(buffer)
-        done = await _COMPLETIONS.run(
-            self._async("read", library().glfs_pread_async, view, length, offset, 0), view,
-            self.timeout)
+        fd, pread_async = self.fd, self._pread_async
+
+        def start(key: int) -> None:
+            if pread_async(fd, view, length, offset, 0, _CALLBACK, key):
+                raise _failed("read")
+        done = await _COMPLETIONS.run(start, view, self.timeout)
         if done != length:
             raise OSError(5, f"short read at offset {offset}: {done} of {length} bytes")
         return buffer

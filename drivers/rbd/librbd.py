@@ -22,7 +22,7 @@ from collections.abc import Callable
 from typing import Any
 
 from imgfs.errors import Unsupported
-from imgfs.foreign_io import ForeignCompletions
+from imgfs.foreign_io import ForeignCompletions, read_buffer
 
 _P = ctypes.c_void_p
 _U64 = ctypes.c_uint64
@@ -227,7 +227,7 @@ class Image:
         return await self.completions.run(begin, keep, self.timeout)
 
     async def read(self, offset: int, length: int) -> bytearray:
-        buffer = bytearray(length)
+        buffer = read_buffer(length)
         view = (ctypes.c_char * length).from_buffer(buffer)
         done = await self._aio(lambda completion: rbd().rbd_aio_read(
             self.handle, offset, length, view, completion), view)

@@ -164,10 +164,15 @@ class SshDriver(BlockDriver):
 
     # -- the connection, kept up ----------------------------------------------------
 
-    async def _session(self) -> SftpSession:
+    def _live_session(self) -> SftpSession | None:
+        """The session when the connection is up (no await: reads ask first)."""
         conn = self.conn
-        if conn is not None and conn.session.broken is None:
-            return conn.session
+        return conn.session if conn is not None and conn.session.broken is None else None
+
+    async def _session(self) -> SftpSession:
+        session = self._live_session()
+        if session is not None:
+            return session
         async with self._reconnect_lock:
             conn = self.conn
             if conn is not None and conn.session.broken is None:
@@ -217,7 +222,9 @@ class SshDriver(BlockDriver):
     # -- I/O ----------------------------------------------------------------------
 
     async def read(self, offset: int, length: int) -> bytes:
-        session = await self._session()
+        session = self._live_session()
+        if session is None:
+            session = await self._session()
         # Received in place: a bytearray serves every caller as bytes would.
         return cast(bytes, await session.read(self.handle, offset, length))
 

@@ -8,8 +8,9 @@ session is then switched to non-blocking mode and `Channel` carries
 imgfs's own SFTP (`sftp.SftpSession`) on it from trio: it sleeps on the
 session's socket, and before sleeping it looks at what libssh holds
 already (a reply decrypted by an earlier call, output not yet flushed).
-Only one task at a time sleeps on the socket; the others wait until it, or
-any libssh call, has made progress.
+One task at a time receives and sleeps on the socket (the SFTP session's
+reader); any libssh call by another task wakes it to look again.  Sending
+never waits (what the channel window cannot take yet is queued).
 
 Header: /usr/include/libssh/libssh.h (libssh-dev); every constant below
 carries its name there.
@@ -17,8 +18,10 @@ carries its name there.
 from __future__ import annotations
 
 import base64
+import collections
 import ctypes
 import functools
+import math
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
@@ -268,31 +271,35 @@ class ChannelClosed(trio.BrokenResourceError):
 class Channel:
     """The session's channel as a byte stream for trio (non-blocking libssh).
 
-    `stall_timeout`: how long a write may wait for the server to take more
-    data (its channel window) before the connection counts as lost."""
+    Sending never waits: what the server's channel window cannot take yet
+    waits in an outbox, in order, and goes out as the window grows, which
+    the task receiving sees.  One task at a time receives (the SFTP
+    session's reader); `reply_timeout`: how long it may wait without
+    anything from the server before the connection counts as lost (a
+    server that never grows the window never answers either: this covers
+    both)."""
 
-    def __init__(self, session: Session, receive_size: int, stall_timeout: float) -> None:
+    def __init__(self, session: Session, receive_size: int,
+                 reply_timeout: float | None = None) -> None:
         self.session = session
         self.lib = session.lib
         self.handle = session.handle
         self.channel = session.channel
         self.fd = self.lib.ssh_get_fd(self.handle)
-        self.stall_timeout = stall_timeout
         self.closed = False
+        self.reply_timeout = reply_timeout
         self._buffer = ctypes.create_string_buffer(receive_size)
         self._address = ctypes.addressof(self._buffer)
         self._receive_size = receive_size
-        #: what a waiting writer took off the channel, for the next receive
-        self._inbox = bytearray()
-        # libssh counts what it takes from the socket: how `_drain` knows
-        # the socket is empty (libssh reads at most 4 KiB per call)
-        self._socket = Counter()
-        self.lib.ssh_set_counters(self.handle, ctypes.byref(self._socket), None)
+        #: messages (or their ends) the channel's window could not take yet
+        self._outbox: collections.deque[bytes] = collections.deque()
+        #: what libssh has taken from the socket and sent to it, counted by
+        #: libssh itself (read it, never replace it): how `_drain` knows the
+        #: socket is empty (libssh reads at most SOCKET_READ_SIZE per call)
+        self.socket_counter = Counter()
+        self.lib.ssh_set_counters(self.handle, ctypes.byref(self.socket_counter), None)
         #: the cancel scope of the task sleeping on the socket, if any
         self._watch: trio.CancelScope | None = None
-        #: set (and replaced) when libssh ran, for the tasks not watching
-        self._progress = trio.Event()
-        self._waiting = 0
 
     def _failed(self, what: str) -> ChannelClosed:
         return ChannelClosed(f"{what}: {self.session.error()}")
@@ -303,61 +310,48 @@ class Channel:
 
     # -- sending --------------------------------------------------------------------
 
-    async def send_all(self, data: bytes) -> None:
-        """Queue all of `data` on the channel; libssh sends what the socket takes."""
+    def send(self, data: bytes) -> None:
+        """Queue all of `data` on the channel, without waiting: libssh sends
+        what the socket takes, the outbox keeps what the window cannot."""
         self._check_open()
+        if self._outbox:
+            self._outbox.append(data)
+            self._flush()
+            return
         written = self.lib.ssh_channel_write(self.channel, data, len(data))
         self._progressed()
-        if written == len(data):
-            return
-        whole = ctypes.c_char_p(data)           # no copy: points into `data`
-        address = ctypes.cast(whole, ctypes.c_void_p).value or 0
-        offset = 0
-        with trio.move_on_after(self.stall_timeout) as stall:
-            while True:
-                if written < 0:
-                    raise self._failed("sending")
-                offset += written
-                if offset == len(data):
-                    return
-                await self._wait_for_window()
-                written = self.lib.ssh_channel_write(self.channel, address + offset,
-                                                     len(data) - offset)
-                self._progressed()
-        if stall.cancelled_caught:
-            raise ChannelClosed(f"the server took no data for {self.stall_timeout:g} s")
+        if written != len(data):
+            if written < 0:
+                raise self._failed("sending")
+            self._outbox.append(bytes(data[written:]))
 
-    async def _wait_for_window(self) -> None:
-        """The server's window is full.  It grows as the server consumes
-        requests, which it does only while it can send replies, within our
-        window, which libssh grows only as replies are read: so read them
-        (into the inbox) before sleeping.  (During a key re-exchange libssh
-        takes nothing with the window open: this then polls until it ends.)"""
-        count = self._drain(self._receive_size)
-        if count > 0:
-            with memoryview(self._buffer) as view:
-                self._inbox += view[:count]
+    def _flush(self) -> None:
+        """Write what the outbox holds, as far as the window lets."""
+        outbox, write = self._outbox, self.lib.ssh_channel_write
+        while outbox:
+            data = outbox[0]
+            written = write(self.channel, data, len(data))
             self._progressed()
-        if self.lib.ssh_channel_window_size(self.channel) == 0:
-            # (reading may have taken in the server's window adjustment)
-            await self._sleep(self.lib.ssh_get_status(self.handle))
-        else:
-            await trio.lowlevel.checkpoint()
-        self._check_open()
+            if written < 0:
+                raise self._failed("sending")
+            if written < len(data):
+                outbox[0] = data[written:]
+                return
+            outbox.popleft()
 
     # -- receiving ------------------------------------------------------------------
 
     async def receive_into(self, target: bytearray) -> int:
         """Append what the channel has (at least a byte) to `target`: the
-        count, 0 at the channel's end."""
+        count, 0 at the channel's end.  Meanwhile the outbox goes out as
+        the server's window adjustments come in."""
+        deadline = (math.inf if self.reply_timeout is None
+                    else trio.current_time() + self.reply_timeout)
         while True:
             self._check_open()
-            if self._inbox:
-                count = len(self._inbox)
-                target += self._inbox
-                self._inbox.clear()
-                return count
             count = self._drain(self._receive_size)
+            if self._outbox and count >= 0:
+                self._flush()       # the drain may have taken in a window adjustment
             if count > 0:
                 with memoryview(self._buffer) as view:
                     target += view[:count]
@@ -366,17 +360,17 @@ class Channel:
                 return 0
             if count < 0:
                 raise self._failed("receiving")
-            await self._sleep(self.lib.ssh_get_status(self.handle))
+            await self._sleep(self.lib.ssh_get_status(self.handle), deadline)
 
     def _drain(self, size: int) -> int:
         """Take up to `size` bytes into the buffer while libssh has them or
         still finds more in the socket: the count, or a libssh error code."""
-        read = self.lib.ssh_channel_read_nonblocking
+        read, counter = self.lib.ssh_channel_read_nonblocking, self.socket_counter
         total = 0
         while total < size:
-            before = self._socket.in_bytes
+            before = counter.in_bytes
             count = read(self.channel, self._address + total, size - total, 0)
-            taken = self._socket.in_bytes - before
+            taken = counter.in_bytes - before
             if count > 0:
                 total += count
                 if 0 < taken < SOCKET_READ_SIZE:
@@ -390,26 +384,20 @@ class Channel:
     # -- waiting on the socket --------------------------------------------------------
 
     def _progressed(self) -> None:
-        """A libssh call ran: it may have taken in what a sleeper waits for."""
+        """A libssh call ran: it may have taken in what the receiver sleeping
+        on the socket waits for, so that one looks again."""
         if self._watch is not None:
             self._watch.cancel()
-        if self._waiting:
-            self._progress.set()
-            self._progress = trio.Event()
 
-    async def _sleep(self, status: int) -> None:
+    async def _sleep(self, status: int, deadline: float) -> None:
         """Until the socket is ready for libssh (readable, or writable while
         libssh holds unsent output: `status` is ssh_get_status's), or another
-        task called libssh.  One task at a time watches the socket."""
-        if self._watch is not None:
-            self._waiting += 1
-            try:
-                await self._progress.wait()
-            finally:
-                self._waiting -= 1
-            return
+        task called libssh; ChannelClosed at `deadline`.  (One scope for
+        both: it is most of what a sleep costs.)"""
+        assert self._watch is None, "two tasks receiving at once"
+        watch = self._watch = trio.CancelScope(deadline=deadline)
         try:
-            with trio.CancelScope() as self._watch:
+            with watch:
                 if status & SSH_WRITE_PENDING:
                     await self._wait_either()
                 else:
@@ -419,9 +407,8 @@ class Channel:
             raise ChannelClosed(f"the socket closed: {exc}") from None
         finally:
             self._watch = None
-            # whoever waited on the watcher looks again (it may have left
-            # because it was cancelled)
-            self._progressed()
+        if watch.cancelled_caught and trio.current_time() >= deadline:
+            raise ChannelClosed(f"no reply from the server in {self.reply_timeout:g} s")
 
     async def _wait_either(self) -> None:
         """Until the socket is readable or writable (or closed: the caller
@@ -444,4 +431,3 @@ class Channel:
         # before libssh closes the socket, trio must forget it
         if self.fd >= 0:
             trio.lowlevel.notify_closing(self.fd)
-        self._progress.set()

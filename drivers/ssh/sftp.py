@@ -9,6 +9,7 @@ read, write, fsetstat (the size), fsync, close.  Requests are pipelined
 from __future__ import annotations
 
 import errno
+import functools
 import struct
 from dataclasses import dataclass
 from typing import Protocol, cast
@@ -84,8 +85,6 @@ U32 = struct.Struct(">I")
 U64 = struct.Struct(">Q")
 #: packet header: length (after itself), type, request id
 HEADER = struct.Struct(">IBI")
-#: READ after the handle: offset, length
-READ_ARGS = struct.Struct(">QI")
 #: STATUS payload head: error code
 STATUS_CODE = U32
 #: limits@openssh.com reply: max packet, max read, max write, max open handles
@@ -99,6 +98,19 @@ def sftp_string(data: bytes) -> bytes:
 def packet(kind: int, request_id: int, *fields: bytes) -> bytes:
     body = b"".join(fields)
     return HEADER.pack(len(body) + 5, kind, request_id) + body
+
+
+@functools.cache
+def read_packer(handle_length: int) -> struct.Struct:
+    """SSH_FXP_READ whole: length, type, id, handle (length and bytes),
+    offset, count."""
+    return struct.Struct(f">IBII{handle_length}sQI")
+
+
+def read_packet(request_id: int, handle: bytes, offset: int, count: int) -> bytes:
+    packer = read_packer(len(handle))
+    return packer.pack(packer.size - 4, SSH_FXP_READ, request_id, len(handle), handle, offset,
+                       count)
 
 
 def size_attrs(size: int | None = None, permissions: int | None = None) -> bytes:
@@ -222,7 +234,8 @@ class _Call(Request):
 class ByteChannel(Protocol):
     """An ordered, reliable byte channel to the SFTP server (`libssh.Channel`)."""
 
-    async def send_all(self, data: bytes) -> None: ...
+    def send(self, data: bytes) -> None:
+        """Queue all of `data`, in order, without waiting (or raise)."""
 
     async def receive_into(self, target: bytearray) -> int: ...
 
@@ -231,6 +244,9 @@ class ByteChannel(Protocol):
 
 class SftpSession(Pipeline):
     """An SFTP v3 client on a `ByteChannel` (an SSH channel running "sftp")."""
+
+    # the channel queues what it cannot send yet: no send lock, no shield
+    transmit_never_waits = True
 
     def __init__(self, channel: ByteChannel, name: str, *,
                  reply_timeout: float | None = None) -> None:
@@ -248,7 +264,7 @@ class SftpSession(Pipeline):
         data = buffers[0] if len(buffers) == 1 and isinstance(buffers[0], bytes) else (
             b"".join(buffers))
         try:
-            await self.channel.send_all(data)
+            self.channel.send(data)
         except (trio.BrokenResourceError, trio.ClosedResourceError, OSError) as exc:
             raise Lost(str(exc) or "the connection closed") from None
 
@@ -373,26 +389,38 @@ class SftpSession(Pipeline):
     async def read(self, handle: bytes, offset: int, length: int) -> bytearray:
         """`length` bytes at `offset`, in pipelined pieces of the server's
         read limit; past the end of the file reads as zeros."""
-        handle_field = sftp_string(handle)
+        result = bytearray(length)
+        if length <= self.limits.read:
+            # one piece: the common case, with the fewest steps
+            request_id = self.new_id()
+            call = _Call("read")
+            await self.send(request_id, call, read_packet(request_id, handle, offset, length))
+            await self.wait(call)
+            await self._fill(handle, offset, result, 0, length, call)
+            return result
         calls = []
         step = self.limits.read
         for start in range(0, length, step):
             request_id = self.new_id()
             call = _Call("read")
-            calls.append((start, min(step, length - start), call))
-            await self.send(request_id, call, packet(
-                SSH_FXP_READ, request_id, handle_field,
-                READ_ARGS.pack(offset + start, min(step, length - start))))
-        result = bytearray(length)
+            count = min(step, length - start)
+            calls.append((start, count, call))
+            await self.send(request_id, call, read_packet(request_id, handle, offset + start,
+                                                          count))
         for start, count, call in calls:
             await self.wait(call)
-            await self._fill(handle_field, offset, result, start, count, call)
+            await self._fill(handle, offset, result, start, count, call)
         return result
 
-    async def _fill(self, handle_field: bytes, offset: int, result: bytearray, start: int,
+    async def _fill(self, handle: bytes, offset: int, result: bytearray, start: int,
                     count: int, call: _Call) -> None:
         """Put a READ reply in place; a short one is followed up until EOF."""
         while count:
+            body = call.body
+            if (call.kind == SSH_FXP_DATA and len(body) == 4 + count
+                    and U32.unpack_from(body)[0] == count):
+                result[start:start + count] = body[4:]     # all that was asked for
+                return
             if call.kind == SSH_FXP_STATUS:
                 code, message = self._status(call)
                 if code == SSH_FX_EOF:
@@ -404,8 +432,10 @@ class SftpSession(Pipeline):
             result[start:start + len(data)] = data
             start, count = start + len(data), count - len(data)
             if count:
-                call = await self._call(SSH_FXP_READ, "read", handle_field,
-                                        READ_ARGS.pack(offset + start, count))
+                request_id = self.new_id()
+                call = _Call("read")
+                await self.exchange(request_id, call,
+                                    read_packet(request_id, handle, offset + start, count))
 
     async def write(self, handle: bytes, offset: int, data: bytes) -> None:
         """Write `data` at `offset` in pipelined pieces of the write limit."""

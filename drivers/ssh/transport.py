@@ -217,8 +217,10 @@ class SshConnection:
         ImgfsError saying why not."""
         deadline = trio.current_time() + timeout
         ssh = await open_in_thread(target, timeout)
-        channel = Channel(ssh, RECEIVE_CHUNK, stall_timeout=reply_timeout)
-        session = SftpSession(channel, target.url(), reply_timeout=reply_timeout)
+        # the channel times replies out: its cancel scope for sleeping on
+        # the socket does it at no cost (the session would need a second)
+        channel = Channel(ssh, RECEIVE_CHUNK, reply_timeout=reply_timeout)
+        session = SftpSession(channel, target.url())
         conn = cls(ssh, channel, session)
         try:
             with trio.fail_at(deadline):

@@ -205,17 +205,26 @@ def test_map_agrees_with_qemu(tmp_path: Path, name: str) -> None:
     assert offset == len(expected)
 
 
-def test_map_shows_zero_chunks(tmp_path: Path) -> None:
+def test_map_shows_zero_chunks_and_where_raw_chunks_lie(tmp_path: Path) -> None:
     """QEMU's dmg driver has no block status (all data); imgfs reports
-    zero-fill and ignore chunks as zeros, which convert and SEEK_HOLE use."""
+    zero-fill and ignore chunks as zeros, which convert and SEEK_HOLE use,
+    and gives the offset in the file of chunks stored uncompressed."""
     image = mixed_image(tmp_path)
     data = {"depth": 0, "present": True, "zero": False, "data": True}
     zero = {"depth": 0, "present": True, "zero": True, "data": False}
-    zero_start = MiB + 8 * KiB
-    assert imgfs_json("map", "--output", "json", image) == [
-        {"start": 0, "length": zero_start, **data},
-        {"start": zero_start, "length": 305 * 512, **zero},
-        {"start": zero_start + 305 * 512, "length": 103 * 512, **data}]
+    entries = imgfs_json("map", "--output", "json", image)
+    assert isinstance(entries, list)
+    offsets = [entry.pop("offset", None) for entry in entries]
+    assert entries == [
+        {"start": 0, "length": MiB, **data},
+        {"start": MiB, "length": 8 * KiB, **data},
+        {"start": MiB + 8 * KiB, "length": 305 * 512, **zero},
+        {"start": MiB + 8 * KiB + 305 * 512, "length": 100 * 512, **data},
+        {"start": MiB + 8 * KiB + 405 * 512, "length": 3 * 512, **data}]
+    assert [offset is not None for offset in offsets] == [False, True, False, False, True]
+    stored = image.read_bytes()
+    assert stored[offsets[1]:offsets[1] + 8 * KiB] == pattern(4 * KiB, 2) + pattern(4 * KiB, 3)
+    assert stored[offsets[4]:offsets[4] + 1536] == pattern(1536, 6)
 
 
 def test_resource_fork_and_trailer_sector_count(tmp_path: Path) -> None:

@@ -8,6 +8,8 @@ from __future__ import annotations
 
 import json
 import subprocess
+from collections.abc import Callable
+from functools import partial
 from pathlib import Path
 
 import pytest
@@ -177,12 +179,10 @@ def test_json_source_that_names_no_image_is_refused() -> None:
 
 
 def map_entries(*args: str) -> tuple[list[dict], list[dict]]:
-    """map --output=json of both tools, without qemu-img's host offsets
-    (imgfs map has none: see imgfs(1))."""
+    """map --output=json of both tools, host offsets included."""
     theirs, ours = both("map", "--output=json", *args)
     assert (theirs.returncode, ours.returncode) == (0, 0), (theirs, ours)
-    return ([{k: v for k, v in entry.items() if k != "offset"}
-             for entry in json.loads(theirs.stdout)], json.loads(ours.stdout))
+    return json.loads(theirs.stdout), json.loads(ours.stdout)
 
 
 @pytest.mark.parametrize("window", [
@@ -195,6 +195,154 @@ def test_map_window(window: list[str]) -> None:
         "d.qcow2")
     theirs, ours = map_entries(*window, "d.qcow2")
     assert ours == theirs
+
+
+def written(fmt: str, image: str, *commands: str, options: tuple[str, ...] = (),
+            size: str = "4M") -> str:
+    """`image` created by qemu-img and written by qemu-io's `commands`."""
+    run("qemu-img", "create", "-q", "-f", fmt, *options, image, size)
+    run("qemu-io", "-f", fmt, *[part for command in commands for part in ("-c", command)],
+        image)
+    return image
+
+
+def qcow2_over_backing() -> str:
+    written("qcow2", "base.qcow2", "write -P 1 0 1M", "write -P 2 2M 64k")
+    return written("qcow2", "m.qcow2", "write -P 3 512k 64k", "write -z 2M 32k",
+                   options=("-b", "base.qcow2", "-F", "qcow2"))
+
+
+#: images written by QEMU whose maps give offsets in a file
+MAPPED_IMAGES: dict[str, Callable[[], str]] = {
+    "raw with holes": lambda: written("raw", "m.raw", "write -P 1 1M 64k"),
+    "qcow2 over a backing file": qcow2_over_backing,
+    "compressed qcow2": lambda: written("qcow2", "m.qcow2", "write -P 1 0 128k",
+                                        "write -c -P 2 1M 64k"),
+    "qcow2 with a data file": lambda: written("qcow2", "m.qcow2", "write -P 5 64k 64k",
+                                              options=("-o", "data_file=d.raw")),
+    **{f"{fmt} written out of order": partial(
+        written, fmt, f"m.{fmt}", "write -P 1 2M 64k", "write -P 2 0 64k",
+        "write -P 3 64k 64k", options=options)
+       for fmt, options in (("qed", ()), ("vdi", ()), ("qcow", ()), ("parallels", ()),
+                            ("vmdk", ("-o", "subformat=twoGbMaxExtentSparse")))},
+}
+
+
+@pytest.mark.parametrize("name", sorted(MAPPED_IMAGES))
+def test_map_offsets_as_qemu_img(name: str) -> None:
+    """Each range's offset in the file, and ranges joined where their
+    bytes follow each other there, as qemu-img map prints them."""
+    need("qemu-io")
+    theirs, ours = map_entries(MAPPED_IMAGES[name]())
+    assert any("offset" in entry for entry in theirs)
+    assert ours == theirs
+
+
+# -- convert into an existing image (-n) and its companions ----------------------------
+
+
+@pytest.fixture
+def convert_source() -> str:
+    need("qemu-io")
+    return written("qcow2", "src.qcow2", "write -P 1 0 64k", "write -P 2 1M 128k",
+                   "write -z 2M 64k")
+
+
+def noise(name: str, size: int) -> str:
+    Path(name).write_bytes(bytes(range(256)) * (size // 256))
+    return name
+
+
+@pytest.mark.parametrize("extra", [[], ["--target-is-zero"], ["-m", "1"], ["-m", "16", "-W"],
+                                   ["-S", "0"]])
+def test_convert_into_an_existing_image(convert_source: str, extra: list[str]) -> None:
+    """-n writes the source over what the target held (zeros where the
+    source reads as zeros, unless --target-is-zero says they are there),
+    leaves the target's size and what lies past the source's end."""
+    for tool, target in (("qemu-img", "theirs.raw"), ("imgfs", "ours.raw")):
+        noise(target, 8 * MiB)
+        command = run if tool == "qemu-img" else imgfs
+        command(*(["qemu-img"] if tool == "qemu-img" else []), "convert", "-n", *extra,
+                "-O", "raw", convert_source, target)
+    assert Path("ours.raw").read_bytes() == Path("theirs.raw").read_bytes()
+
+
+def test_convert_into_image_opts(convert_source: str) -> None:
+    run("qemu-img", "create", "-q", "-f", "qcow2", "ours.qcow2", "4M")
+    imgfs("convert", "-n", "--target-image-opts", convert_source,
+          "driver=qcow2,file.filename=ours.qcow2")
+    assert run("qemu-img", "compare", convert_source, "ours.qcow2").returncode == 0
+
+
+@pytest.mark.parametrize("args", [
+    ["-n", "-O", "raw", "src.qcow2", "small.raw"],
+    ["--target-is-zero", "-O", "raw", "src.qcow2", "new.raw"],
+    ["--target-image-opts", "src.qcow2", "driver=raw,file.filename=new.raw"],
+    ["-n", "--target-image-opts", "-O", "raw", "src.qcow2", "driver=raw,file.filename=big.raw"],
+    ["-n", "-o", "cluster_size=4k", "-O", "qcow2", "src.qcow2", "big.raw"],
+    ["-n", "-O", "raw", "src.qcow2", "missing.raw"],
+    ["-m", "0", "src.qcow2", "new.raw"], ["-m", "17", "src.qcow2", "new.raw"],
+    ["-F", "qcow2", "-O", "qcow2", "src.qcow2", "new.qcow2"]])
+def test_convert_refusals(convert_source: str, args: list[str]) -> None:
+    noise("small.raw", MiB)
+    noise("big.raw", 8 * MiB)
+    assert_same("convert", *args, status=1)
+    assert not Path("new.raw").exists() and not Path("new.qcow2").exists()
+
+
+def test_convert_backing_format(convert_source: str) -> None:
+    """-B with -F: the new image names its backing file's format."""
+    run("qemu-img", "create", "-q", "-f", "qcow2", "base.qcow2", "4M")
+    imgfs("convert", "-B", "base.qcow2", "-F", "qcow2", "-O", "qcow2", convert_source,
+          "top.qcow2")
+    info = json.loads(run("qemu-img", "info", "--output=json", "top.qcow2").stdout)
+    assert (info["backing-filename"], info["backing-filename-format"]) == \
+        ("base.qcow2", "qcow2")
+    assert run("qemu-img", "compare", convert_source, "top.qcow2").returncode == 0
+
+
+@pytest.fixture
+def snapshotted() -> str:
+    """sn.qcow2: 0x01 in snapshot 1 ("first"), 0x02 in the live image."""
+    need("qemu-io")
+    written("qcow2", "sn.qcow2", "write -P 1 0 64k")
+    run("qemu-img", "snapshot", "-c", "first", "sn.qcow2")
+    run("qemu-io", "-c", "write -P 2 0 64k", "sn.qcow2")
+    return "sn.qcow2"
+
+
+@pytest.mark.parametrize("selector", ["first", "1", "snapshot.name=first", "snapshot.id=1",
+                                      "snapshot.id=1,snapshot.name=first"])
+def test_convert_a_snapshot(snapshotted: str, selector: str) -> None:
+    imgfs("convert", "-l", selector, "-O", "raw", snapshotted, "ours.raw")
+    run("qemu-img", "convert", "-l", selector, "-O", "raw", snapshotted, "theirs.raw")
+    assert Path("ours.raw").read_bytes() == Path("theirs.raw").read_bytes()
+    assert Path("ours.raw").read_bytes()[:1] == b"\x01"
+
+
+@pytest.mark.parametrize("selector", ["zz", "snapshot.id=1,snapshot.name=zz", "snapshot.foo=1"])
+def test_convert_a_missing_snapshot(snapshotted: str, selector: str) -> None:
+    assert_same("convert", "-l", selector, "-O", "raw", snapshotted, "out.raw", status=1)
+
+
+@pytest.mark.parametrize("fmt", ["raw", "qcow2", "luks", "vdi", "qed"])
+def test_create_rounds_the_size_up_to_whole_sectors(fmt: str) -> None:
+    """create SIZE=1000: an image of 1024 bytes (a raw file of 1024),
+    after the same "Formatting ... size=1000" line."""
+    luks = ["--object", "secret,id=s,data=x", "-o", "key-secret=s,iter-time=10"] \
+        if fmt == "luks" else []
+    sizes = []
+    for tool, name in (("qemu-img", "theirs"), ("imgfs", "ours")):
+        command = run if tool == "qemu-img" else imgfs
+        line = command(*(["qemu-img"] if tool == "qemu-img" else []), "create", "-f", fmt,
+                       *luks, f"{name}.{fmt}", "1000").stdout
+        assert "size=1000" in line
+        info = run("qemu-img", "info", "--output=json", "--object", "secret,id=s,data=x",
+                   "--image-opts", f"driver={fmt},file.filename={name}.{fmt}" +
+                   (",key-secret=s" if luks else "")).stdout
+        sizes.append((json.loads(info)["virtual-size"],
+                      Path(f"{name}.{fmt}").stat().st_size if fmt == "raw" else None))
+    assert sizes[0] == sizes[1] == (1024, 1024 if fmt == "raw" else None)
 
 
 def test_resize_and_snapshot_quiet() -> None:

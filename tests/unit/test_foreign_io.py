@@ -4,6 +4,7 @@ completes requests in any order: no server needed.  The real libraries
 test_rbd.py."""
 from __future__ import annotations
 
+import ctypes
 import errno
 import os
 import random
@@ -14,7 +15,13 @@ import pytest
 import trio
 
 from imgfs.errors import Unreachable
-from imgfs.foreign_io import TICK, ForeignCompletions, QueuedCompletions
+from imgfs.foreign_io import (
+    TICK,
+    UNFILLED_FROM,
+    ForeignCompletions,
+    QueuedCompletions,
+    read_buffer,
+)
 
 
 class FakeLibrary:
@@ -153,3 +160,16 @@ def test_close_releases_the_descriptors() -> None:
         assert len(os.listdir("/proc/self/fd")) == before
 
     trio.run(main)
+
+
+def test_read_buffer_is_a_writable_bytearray_of_the_length_asked() -> None:
+    """Large buffers skip the zero-fill but are ordinary bytearrays the
+    library can fill through ctypes and callers can slice and join."""
+    for length in (0, 1, 4096, UNFILLED_FROM - 1, UNFILLED_FROM, 1 << 20):
+        buffer = read_buffer(length)
+        assert type(buffer) is bytearray and len(buffer) == length
+        if length:
+            view = (ctypes.c_char * length).from_buffer(buffer)
+            ctypes.memset(view, 0x5A, length)
+            assert bytes(buffer[:1]) == b"Z" and buffer.count(0x5A) == length
+    assert read_buffer(4096) == bytes(4096)     # small ones are zeros

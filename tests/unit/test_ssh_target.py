@@ -152,6 +152,7 @@ def test_fingerprints_as_ssh_keygen_prints_them(tmp_path: Path) -> None:
 def test_sftp_packets_and_fields() -> None:
     packet = sftp.packet(sftp.SSH_FXP_READ, 7, sftp.sftp_string(b"h"), struct.pack(">QI", 9, 4))
     assert packet == struct.pack(">IBI", 22, 5, 7) + b"\0\0\0\x01h" + struct.pack(">QI", 9, 4)
+    assert sftp.read_packet(7, b"h", 9, 4) == packet
     attrs = (struct.pack(">IQ", sftp.SSH_FILEXFER_ATTR_SIZE | sftp.SSH_FILEXFER_ATTR_EXTENDED
                          | sftp.SSH_FILEXFER_ATTR_PERMISSIONS, 12345) + struct.pack(">I", 0o644)
              + struct.pack(">I", 1) + sftp.sftp_string(b"a") + sftp.sftp_string(b"b"))
