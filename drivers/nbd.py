@@ -881,6 +881,7 @@ class NbdDriver(BlockDriver):
     description = "Network Block Device exports (nbd://, nbd+unix://, nbd:HOST:PORT)"
     path_opts = frozenset({"server.path", "path"})      # unix sockets
     async_io = True
+    busy_poll = True
     open_opts = Schema(
         Opt("server", parse_server,
             help="server address: type=inet with host and port, or type=unix with path"),

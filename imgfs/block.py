@@ -164,6 +164,10 @@ class BlockDriver(abc.ABC):
     #: requests gain from being in flight at once; local files and generated
     #: disks answer with blocking calls on the trio thread instead
     async_io: ClassVar[bool] = False
+    #: True when the driver's answers arrive on file descriptors trio
+    #: watches, with no Python on the library's threads, so that keeping
+    #: trio's loop awake around requests (imgfs.spin) shortens them
+    busy_poll: ClassVar[bool] = False
     #: the disk's logical sector size, the unit of its partition table: 512
     #: unless a host device says otherwise (set by `open`)
     sector_size: int = 512

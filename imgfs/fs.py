@@ -33,6 +33,7 @@ import trio
 from .errors import ImgfsError
 from .node import Node
 from .partitions import Table, read_table
+from .spin import Awake
 
 log = logging.getLogger("imgfs.fs")
 T = TypeVar("T")
@@ -181,6 +182,9 @@ class ImageFS(pyfuse3.Operations):
         #: --debug: log every read, write and fsync (checked once here so the
         #: hot path pays one attribute test)
         self.trace = log.isEnabledFor(logging.DEBUG)
+        #: around every read and write; the mount runs it
+        #: when its sources gain from busy polling (BlockDriver.busy_poll)
+        self.awake = Awake()
 
     async def refresh(self, *, dynamic_only: bool = False) -> None:
         """List every source's files again (a partition table may have
@@ -374,7 +378,8 @@ class ImageFS(pyfuse3.Operations):
         end = min(off + size, export.size)
         if off >= end:
             return b""
-        return await node.read(export.offset + off, end - off)
+        with self.awake:
+            return await node.read(export.offset + off, end - off)
 
     @fuse_errors
     async def write(self, fh: int, off: int, buf: bytes) -> int:
@@ -384,11 +389,12 @@ class ImageFS(pyfuse3.Operations):
         node = export.node
         if self.trace:
             log.debug("write %s %d+%d", export.name, off, len(buf))
-        if off + len(buf) > export.size:
-            buf = await self._write_past_end(export, off, buf)
-        await node.write(export.offset + off, buf)
-        if export.writethrough:
-            await node.flush()
+        with self.awake:
+            if off + len(buf) > export.size:
+                buf = await self._write_past_end(export, off, buf)
+            await node.write(export.offset + off, buf)
+            if export.writethrough:
+                await node.flush()
         export.mtime_ns = time.time_ns()
         return len(buf)
 

@@ -305,6 +305,8 @@ async def _mount(sources: list[str], mountpoint: str, opts: MountOptions, nodes:
         raise ImgfsError(f"cannot mount on {mountpoint} ({exc})") from None
     try:
         nursery.start_soon(_run_session, session_done, worker_tasks(nodes))
+        if any(leaf.driver.busy_poll for leaf in leaves(nodes)):
+            nursery.start_soon(operations.awake.run)
         with trio.fail_after(30):
             await operations.initialized.wait()
     except BaseException:
@@ -325,12 +327,18 @@ def worker_tasks(nodes: list[Any]) -> int:
     reads (bench/README.md).  A network source keeps
     many requests in flight.
     """
-    def leaves(node: Any) -> list[Any]:
-        children = list(node.children.values())
-        return [leaf for child in children for leaf in leaves(child)] if children else [node]
-    if any(leaf.driver.async_io for node in nodes for leaf in leaves(node)):
+    if any(leaf.driver.async_io for leaf in leaves(nodes)):
         return 64
     return 1
+
+
+def leaves(nodes: list[Any]) -> list[Any]:
+    """The protocol nodes under `nodes`."""
+    found = []
+    for node in nodes:
+        children = list(node.children.values())
+        found.extend(leaves(children) if children else [node])
+    return found
 
 
 async def _run_session(session_done: Any, max_tasks: int) -> None:

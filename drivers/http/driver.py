@@ -55,6 +55,7 @@ class HttpDriver(BlockDriver):
     prefixes = ("http:",)
     description = "files on a web server, read with HTTP range requests (read-only)"
     async_io = True
+    busy_poll = True
     read_only_format = True
     writable = False
     read_only_by_default = True

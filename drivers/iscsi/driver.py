@@ -57,6 +57,7 @@ class IscsiDriver(BlockDriver):
     kind = Kind.PROTOCOL
     description = "iSCSI LUNs through libiscsi (iscsi://[USER[%PASSWORD]@]HOST[:PORT]/IQN/LUN)"
     async_io = True
+    busy_poll = True
     open_opts = Schema(
         Opt("transport", Str, help="tcp (iser is not supported)"),
         Opt("portal", Str, help="HOST[:PORT] of the target (port 3260 by default)"),

@@ -62,6 +62,8 @@ class RbdDriver(LibraryDriver):
     path_opts = frozenset({"conf"})
     description = "images in Ceph RBD pools (rbd:POOL/IMAGE[@SNAP]), through librbd"
     can_resize = True
+    #: librbd signals completions on an eventfd trio watches, no Python on its threads
+    busy_poll = True
     has_internal_snapshots = True
     open_opts = Schema(
         Opt("pool", Str, help="the pool"),

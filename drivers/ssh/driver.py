@@ -77,6 +77,7 @@ class SshDriver(BlockDriver):
     prefixes = ("ssh:",)
     description = "files on SSH servers, over SFTP (ssh://[USER@]HOST[:PORT]/PATH)"
     async_io = True
+    busy_poll = True
     open_opts = Schema(
         Opt("server", parse_server, help="server address: host and port"),
         Opt("host", Str, help="legacy: server host name"),

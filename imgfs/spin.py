@@ -1,0 +1,85 @@
+"""Busy polling: trio's loop kept awake for a moment around requests.
+
+A server on the same machine or a fast network answers a small request in
+about the time it takes to put the daemon's thread to sleep and wake it
+again, and at one request in flight those wake-ups (for the answer, then
+for the client's next request on /dev/fuse) are most of what a request
+costs (bench/README.md, "floors").  While `Awake` runs, trio's loop keeps
+a task runnable, so it asks epoll about every file descriptor (sockets,
+eventfds, /dev/fuse) without ever sleeping, and whatever is ready is
+handled at once.
+
+How long the loop stays awake after a request began or ended adapts, as
+QEMU's adaptive polling of its event loops does (poll-max-ns): the window
+grows while the next event comes soon after the loop went to sleep, and
+shrinks to nothing while events come later than MAX_WINDOW, so an idle
+mount or a slow server costs no busy CPU.  MAX_WINDOW is long because an
+answer comes sooner while the loop is awake (on a virtual machine a
+sleeping CPU wakes slowly too): a server that answers in 400 us to a
+sleeping daemon may answer in 200 to a polling one.
+
+Only sources whose answers arrive on file descriptors trio watches, with
+no Python on the library's own threads, gain from it (BlockDriver.busy_poll):
+a thread that needs the GIL to deliver an answer would wait for the
+polling thread instead.
+"""
+from __future__ import annotations
+
+import time
+
+import trio
+
+#: the longest the loop stays awake after an event (ns)
+MAX_WINDOW = 1_000_000
+#: the first window after events that all found the loop asleep (ns)
+FIRST_WINDOW = 8_000
+
+
+class Awake:
+    """``with awake:`` around each request; `run` in a nursery.
+
+    Two windows adapt apart: while requests are in flight the next event
+    is a server's answer, while none is it is the client's next request,
+    and either may be quick while the other is slow."""
+
+    def __init__(self) -> None:
+        self.in_flight = 0
+        #: ns the loop stays awake after the last event: [idle, busy]
+        self.windows = [FIRST_WINDOW, FIRST_WINDOW]
+        self._last = 0
+        self._asleep: trio.Event | None = None
+
+    def __enter__(self) -> None:
+        self.in_flight += 1
+        self._event()
+
+    def __exit__(self, *_: object) -> None:
+        self.in_flight -= 1
+        self._event()
+
+    def _event(self) -> None:
+        self._last = time.perf_counter_ns()
+        if self._asleep is not None:
+            self._asleep.set()
+
+    async def run(self) -> None:
+        while True:
+            self._asleep = asleep = trio.Event()
+            busy, slept_at = self.in_flight > 0, time.perf_counter_ns()
+            await asleep.wait()
+            self._asleep = None
+            self._adapt(busy, self._last - slept_at)
+            while time.perf_counter_ns() - self._last < self.windows[self.in_flight > 0]:
+                await trio.lowlevel.checkpoint()
+
+    def _adapt(self, busy: bool, slept: int) -> None:
+        """After sleeping `slept` ns until the next event: stay awake longer
+        next time if staying awake would have caught it, else shorter."""
+        window = self.windows[busy]
+        if slept <= MAX_WINDOW:
+            window = min(MAX_WINDOW, max(FIRST_WINDOW, 2 * window))
+        else:
+            window //= 2
+            if window < FIRST_WINDOW:
+                window = 0
+        self.windows[busy] = window
