@@ -378,7 +378,7 @@ class ImageFS(pyfuse3.Operations):
         end = min(off + size, export.size)
         if off >= end:
             return b""
-        with self.awake:
+        with self.awake.around(export.offset + off, end - off):
             return await node.read(export.offset + off, end - off)
 
     @fuse_errors
@@ -389,7 +389,7 @@ class ImageFS(pyfuse3.Operations):
         node = export.node
         if self.trace:
             log.debug("write %s %d+%d", export.name, off, len(buf))
-        with self.awake:
+        with self.awake.around(export.offset + off, len(buf)):
             if off + len(buf) > export.size:
                 buf = await self._write_past_end(export, off, buf)
             await node.write(export.offset + off, buf)

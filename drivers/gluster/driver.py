@@ -53,8 +53,9 @@ class GlusterDriver(LibraryDriver):
     read_only_message = "the file is read-only on the volume"
     description = "files on GlusterFS volumes (gluster://, gluster+unix://), through libgfapi"
     can_resize = True
-    # (no busy_poll: libgfapi calls back into Python on its own thread, which
-    # would wait for the GIL held by the polling trio thread)
+    #: with the callback in C; one in Python would wait on libgfapi's
+    #: thread for the GIL that the polling trio thread holds
+    busy_poll = gfapi.CALLBACK_IN_C
     open_opts = Schema(
         Opt("volume", Str, help="the volume's name"),
         Opt("path", Str, help="the image's path in the volume"),

@@ -8,8 +8,9 @@ nothing needs building.  The PyPI ``gfapi`` binding fails on Python >= 3.10
 and on Gluster >= 6 signatures.
 
 Data requests use the asynchronous calls: libgfapi completes them on its
-own threads: the callback queues the result and `ForeignCompletions`
-hands it to the trio task that waits.
+own threads: the callback (in C, _completions.c, where it could be built)
+queues the result and `ForeignCompletions` hands it to the trio task that
+waits.
 """
 from __future__ import annotations
 
@@ -19,10 +20,10 @@ import math
 import os
 import threading
 from collections.abc import Callable
-from typing import Any
+from typing import Any, cast
 
 from imgfs.errors import Unsupported
-from imgfs.foreign_io import ForeignCompletions, QueuedCompletions, read_buffer
+from imgfs.foreign_io import CompletionEvents, ForeignCompletions, QueuedCompletions, read_buffer
 
 LIBRARY = "libgfapi.so.0"
 
@@ -73,17 +74,29 @@ def _failed(what: str) -> OSError:
     return OSError(error, f"{what}: {os.strerror(error)}")
 
 
-#: what the callback reports, for every asynchronous request of the process
-_FINISHED = QueuedCompletions()
+def _python_callback() -> tuple[CompletionEvents, Any]:
+    """Without the compiled module: a callback in Python, which takes the
+    GIL on libgfapi's thread for every completion."""
+    finished = QueuedCompletions()
+
+    def on_complete(fd: Any, result: int, prestat: Any, poststat: Any, key: Any) -> None:
+        finished.report(key or 0, result, ctypes.get_errno())
+    return finished, IoCallback(on_complete)
+
+
+try:
+    from . import _completions
+    #: what the callback reports, for every asynchronous request of the
+    #: process, and the callback (kept for the life of the process:
+    #: libgfapi may call it at any time)
+    _FINISHED, _CALLBACK = cast(CompletionEvents, _completions), \
+        IoCallback(_completions.callback())
+    #: no Python runs on libgfapi's threads (GlusterDriver.busy_poll)
+    CALLBACK_IN_C = True
+except ImportError:                 # built without a C compiler
+    _FINISHED, _CALLBACK = _python_callback()
+    CALLBACK_IN_C = False
 _COMPLETIONS = ForeignCompletions(_FINISHED)
-
-
-def _on_complete(fd: Any, result: int, prestat: Any, poststat: Any, key: Any) -> None:
-    _FINISHED.report(key or 0, result, ctypes.get_errno())
-
-
-#: kept for the life of the process: libgfapi may call it at any time
-_CALLBACK = IoCallback(_on_complete)
 
 
 class Volume:

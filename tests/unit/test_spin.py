@@ -66,3 +66,11 @@ def test_in_flight_counts_requests_also_when_they_fail() -> None:
     except OSError:
         pass
     assert awake.in_flight == 0
+
+
+def test_large_requests_and_their_tails_are_not_polled() -> None:
+    awake = Awake()
+    assert awake.around(0, 4096) is awake
+    assert awake.around(0, 1048560) is not awake
+    assert awake.around(1048560, 16) is not awake        # the tail the kernel cut off
+    assert awake.around(1048576 + 8192, 4096) is awake
