@@ -76,9 +76,8 @@ class ChainStatus:
     status: Status
     #: the layer that holds the run (0: the image itself)
     depth: int
-    #: the node whose bytes at `host_offset` are the run's, untransformed
-    #: (a protocol node: the file, the device...), when there is one
-    host: Node | None = None
+    #: where the run's bytes lie untransformed in a protocol node (the
+    #: file, the device...), when they do
     host_offset: int | None = None
 
 
@@ -456,7 +455,7 @@ class Node:
             inner = await host.block_status(position, length)
             length = min(length, inner.length)
             if inner.host_offset is None:
-                return ChainStatus(length, status, depth, host, position)
+                return ChainStatus(length, status, depth, position)
             host, position = host.children[inner.child], inner.host_offset
 
     async def _status_above(self, offset: int, length: int

@@ -46,7 +46,8 @@ _UNPOLLED = contextlib.nullcontext()
 
 
 class Awake:
-    """``with awake.around(length):`` around each request; `run` in a nursery.
+    """``with awake.around(offset, length):`` around each request; `run`
+    in a nursery (until it runs, requests are not tracked at all).
 
     Two windows adapt apart: while requests are in flight the next event
     is a server's answer, while none is it is the client's next request,
@@ -60,6 +61,7 @@ class Awake:
         #: where the last large request ended
         self._large_end = -1
         self._asleep: trio.Event | None = None
+        self._running = False
 
     def around(self, offset: int, length: int) -> contextlib.AbstractContextManager[Any]:
         """What to wrap a request of `length` bytes at `offset` in.
@@ -68,6 +70,8 @@ class Awake:
         kernel cut off it (a 1 MiB write from a buffer that does not start
         on a page spans 257 pages, one more than a FUSE request carries:
         1048560 bytes, then 16), part of a stream, not polled either."""
+        if not self._running:
+            return _UNPOLLED
         if length > SMALL_REQUEST:
             self._large_end = offset + length
             return _UNPOLLED
@@ -87,6 +91,7 @@ class Awake:
             self._asleep.set()
 
     async def run(self) -> None:
+        self._running = True
         while True:
             self._asleep = asleep = trio.Event()
             busy, slept_at = self.in_flight > 0, time.perf_counter_ns()

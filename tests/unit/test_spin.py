@@ -70,7 +70,16 @@ def test_in_flight_counts_requests_also_when_they_fail() -> None:
 
 def test_large_requests_and_their_tails_are_not_polled() -> None:
     awake = Awake()
-    assert awake.around(0, 4096) is awake
-    assert awake.around(0, 1048560) is not awake
-    assert awake.around(1048560, 16) is not awake        # the tail the kernel cut off
-    assert awake.around(1048576 + 8192, 4096) is awake
+    assert awake.around(0, 4096) is not awake            # not running: nothing tracked
+
+    async def main() -> None:
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(awake.run)
+            await trio.sleep(0.01)
+            assert awake.around(0, 4096) is awake
+            assert awake.around(0, 1048560) is not awake
+            assert awake.around(1048560, 16) is not awake    # the tail the kernel cut off
+            assert awake.around(1048576 + 8192, 4096) is awake
+            nursery.cancel_scope.cancel()
+
+    trio.run(main)
