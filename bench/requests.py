@@ -1,7 +1,7 @@
 #!/usr/bin/env python3
 """Per-request cost of one imgfs source, in process: no FUSE, no fio.
 
-    bench/requests.py SOURCE [--requests N] [--depth D] [--size 4k]
+    bench/requests.py SOURCE [--requests N] [--depth D] [--size 4k] [--poll]
     bench/requests.py SOURCE --sequential read|write [--mib M] [--size 1M]
 
 Opens SOURCE (any URL or file imgfs takes) as raw through imgfs's block
@@ -10,6 +10,9 @@ graph, then times requests straight into the top node: random reads of
 end with a flush).  Prints requests per second (or MB/s), wall time per
 request and the process's CPU time per request or per MiB (process_time:
 the library threads of a protocol driver count, child processes do not).
+`--poll` keeps trio's loop awake around each random read as a mount of a
+network source does (imgfs/spin.py's Awake, which readers' ReplySpin
+follows).
 
 Why: at queue depth 1 the daemon's CPU per request decides a random-read
 ratio against qemu-storage-daemon, and the CPU figure survives other load
@@ -29,6 +32,7 @@ import trio
 from imgfs.graph import open_image
 from imgfs.node import OpenContext
 from imgfs.options import parse_size
+from imgfs.spin import Awake
 
 
 async def random_reads(node: Any, args: argparse.Namespace) -> str:
@@ -37,17 +41,22 @@ async def random_reads(node: Any, args: argparse.Namespace) -> str:
                for _ in range(args.requests)]
     for offset in offsets[:200]:            # connections warm, tables cached
         await node.read(offset, args.size)
-    todo = iter(offsets)
+    todo, awake = iter(offsets), Awake()
 
     async def worker() -> None:
         for offset in todo:
-            await node.read(offset, args.size)
+            with awake.around(offset, args.size):
+                await node.read(offset, args.size)
 
-    wall, cpu = time.perf_counter(), time.process_time()
-    async with trio.open_nursery() as nursery:
-        for _ in range(args.depth):
-            nursery.start_soon(worker)
-    wall, cpu = time.perf_counter() - wall, time.process_time() - cpu
+    async with trio.open_nursery() as polling:
+        if args.poll:
+            polling.start_soon(awake.run)
+        wall, cpu = time.perf_counter(), time.process_time()
+        async with trio.open_nursery() as nursery:
+            for _ in range(args.depth):
+                nursery.start_soon(worker)
+        wall, cpu = time.perf_counter() - wall, time.process_time() - cpu
+        polling.cancel_scope.cancel()
     count = args.requests
     return (f"random reads of {args.size} B at depth {args.depth}: {count / wall:.0f}/s, "
             f"{wall / count * 1e6:.1f} us wall and {cpu / count * 1e6:.1f} us CPU per request")
@@ -91,6 +100,8 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     parser.add_argument("--sequential", choices=("read", "write"))
     parser.add_argument("--mib", type=int, default=1024)
     parser.add_argument("--size", type=parse_size, default=None)
+    parser.add_argument("--poll", action="store_true",
+                        help="keep the loop awake around random reads, as a mount does")
     args = parser.parse_args(argv)
     if args.size is None:
         args.size = (1 << 20) if args.sequential else 4096

@@ -32,6 +32,7 @@ import trio
 
 from .block import BlockDriver
 from .errors import ReadOnly, Unreachable
+from .spin import ReplySpin
 
 T = TypeVar("T")
 
@@ -109,11 +110,16 @@ class ForeignCompletions:
 
     A request's timeout is no cancel scope of its own (one per request
     costs more than the rest of the wait): the polling task also wakes on
-    a periodic timer, and gives up the requests past their deadline."""
+    a periodic timer, and gives up the requests past their deadline.
 
-    def __init__(self, events: CompletionEvents) -> None:
+    `spin`: the polling task may spin before it sleeps (`ReplySpin`); only
+    for a library that runs no Python on its threads (the spinning task
+    holds the interpreter)."""
+
+    def __init__(self, events: CompletionEvents, *, spin: bool = False) -> None:
         self.events = events
         self._pending: dict[int, _Request] = {}
+        self._spin = ReplySpin() if spin else None
         self._keys = itertools.count(1)
         #: a waiting task is polling `events`
         self._polling = False
@@ -156,7 +162,7 @@ class ForeignCompletions:
     async def _poll(self) -> None:
         self._polling = True
         try:
-            await trio.lowlevel.wait_readable(self._wakeups.fileno())
+            await self._wait()
             self.collect()
             now = time.monotonic()
             if now >= self._next_tick:
@@ -164,6 +170,14 @@ class ForeignCompletions:
         finally:
             self._polling = False
             self._hand_over()
+
+    async def _wait(self) -> None:
+        fd, spin = self._wakeups.fileno(), self._spin
+        if spin is None:
+            await trio.lowlevel.wait_readable(fd)
+        elif not await spin.spin(fd):
+            await trio.lowlevel.wait_readable(fd)
+            spin.woke()
 
     def collect(self) -> None:
         """Finish the requests the library reports finished (those whose

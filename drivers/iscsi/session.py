@@ -33,6 +33,7 @@ import trio
 
 from imgfs.errors import ImgfsError, Unreachable
 from imgfs.pipeline import Lost, Pipeline, ProtocolError, Request
+from imgfs.spin import ReplySpin
 
 from . import binding
 from .binding import COMMAND_CB, ScsiTask, UnmapList
@@ -123,6 +124,7 @@ class Session(Pipeline):
         #: every command libiscsi holds, by id, until its callback: what keeps
         #: the buffers it points into alive, whatever becomes of the waiter
         self._queued: dict[int, Command] = {}
+        self._spin = ReplySpin()
         #: the login succeeded: commands may be sent the moment they are queued
         self._sending_at_once = False
 
@@ -277,7 +279,13 @@ class Session(Pipeline):
                 await trio.lowlevel.checkpoint()
             return
         self._busy = 0
+        spun = events == select.POLLIN and self._sending_at_once
+        if spun and await self._spin.spin(fd):
+            self._service(select.POLLIN)
+            return
         woken_by = await self._sleep_on(fd, events)
+        if spun and woken_by is Wake.READABLE:
+            self._spin.woke()
         if woken_by is Wake.TIMER:
             self._service(0)
         elif woken_by is Wake.READABLE and self._sending_at_once:

@@ -10,6 +10,7 @@ import os
 import random
 import threading
 import time
+from collections.abc import Iterator
 
 import pytest
 import trio
@@ -22,6 +23,7 @@ from imgfs.foreign_io import (
     QueuedCompletions,
     read_buffer,
 )
+from imgfs.spin import Awake
 
 
 class FakeLibrary:
@@ -44,16 +46,31 @@ class FakeLibrary:
         thread.join()
 
 
+@pytest.fixture(params=[False, True], ids=["sleeping", "spinning"])
+def spin(request: pytest.FixtureRequest) -> Iterator[bool]:
+    """Whether the poller spins: as inside a mount whose Awake runs, with
+    a polled request in flight (ReplySpin)."""
+    if not request.param:
+        yield False
+        return
+    Awake.running = awake = Awake()
+    try:
+        with awake:
+            yield True
+    finally:
+        Awake.running = None
+
+
 async def wait_started(library: FakeLibrary, count: int) -> None:
     while len(library.started) < count:
         await trio.sleep(0.001)
 
 
-def test_many_requests_in_flight_complete_in_any_order() -> None:
+def test_many_requests_in_flight_complete_in_any_order(spin: bool) -> None:
     """Every waiting task gets its own result, whichever task polls; the
     library completes them from another thread, out of order."""
     library = FakeLibrary()
-    completions = ForeignCompletions(library.events)
+    completions = ForeignCompletions(library.events, spin=spin)
     results: dict[int, int] = {}
 
     async def request(index: int) -> None:
@@ -76,9 +93,9 @@ def test_many_requests_in_flight_complete_in_any_order() -> None:
     assert sorted(results) == list(range(32)) and set(results.values()) == {4096}
 
 
-def test_a_failed_request_raises_its_errno() -> None:
+def test_a_failed_request_raises_its_errno(spin: bool) -> None:
     library = FakeLibrary()
-    completions = ForeignCompletions(library.events)
+    completions = ForeignCompletions(library.events, spin=spin)
 
     async def main() -> None:
         async with trio.open_nursery() as nursery:
@@ -94,12 +111,12 @@ def test_a_failed_request_raises_its_errno() -> None:
     trio.run(main)
 
 
-def test_a_request_without_answer_times_out_and_keeps_its_buffer() -> None:
+def test_a_request_without_answer_times_out_and_keeps_its_buffer(spin: bool) -> None:
     """Unreachable after the timeout (late by at most a tick); the buffer
     stays referenced until the library completes the request, and the late
     completion is then dropped without harm."""
     library = FakeLibrary()
-    completions = ForeignCompletions(library.events)
+    completions = ForeignCompletions(library.events, spin=spin)
     buffer = bytearray(4096)
 
     async def main() -> None:
@@ -119,11 +136,11 @@ def test_a_request_without_answer_times_out_and_keeps_its_buffer() -> None:
     trio.run(main)
 
 
-def test_a_cancelled_poller_hands_polling_over() -> None:
+def test_a_cancelled_poller_hands_polling_over(spin: bool) -> None:
     """The task polling is cancelled while others wait: one of them polls
     in turn, and its request completes."""
     library = FakeLibrary()
-    completions = ForeignCompletions(library.events)
+    completions = ForeignCompletions(library.events, spin=spin)
     done: list[int] = []
 
     async def request(scope_box: list[trio.CancelScope] | None) -> None:

@@ -1,12 +1,15 @@
-"""imgfs.spin.Awake: trio's loop kept awake around requests, windows adapted."""
+"""imgfs.spin: trio's loop kept awake around requests (Awake), a reader
+spinning on its socket (ReplySpin), windows adapted."""
 from __future__ import annotations
 
+import contextlib
 import os
 import time
+from collections.abc import Iterator
 
 import trio
 
-from imgfs.spin import FIRST_WINDOW, MAX_WINDOW, Awake
+from imgfs.spin import FIRST_WINDOW, MAX_WINDOW, Awake, ReplySpin
 
 
 def test_quick_events_grow_the_window_up_to_the_maximum() -> None:
@@ -83,3 +86,89 @@ def test_large_requests_and_their_tails_are_not_polled() -> None:
             nursery.cancel_scope.cancel()
 
     trio.run(main)
+
+
+@contextlib.contextmanager
+def polling() -> Iterator[None]:
+    """As inside a mount whose Awake runs, with a polled request in flight."""
+    awake = Awake()
+    Awake.running = awake
+    try:
+        with awake:
+            yield
+    finally:
+        Awake.running = None
+
+
+def test_a_reply_within_the_window_is_found_while_other_tasks_run() -> None:
+    """The spinning reader lets other tasks run between its polls (here the
+    one that writes the reply after sleeping)."""
+    spin = ReplySpin()
+    spin.window = MAX_WINDOW
+    reader, writer = os.pipe()
+
+    async def reply_soon() -> None:
+        await trio.sleep(0.0002)
+        os.write(writer, b"x")
+
+    async def main() -> None:
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(reply_soon)
+            assert await spin.spin(reader)
+        assert spin.window == MAX_WINDOW
+
+    try:
+        with polling():
+            trio.run(main)
+    finally:
+        os.close(reader)
+        os.close(writer)
+
+
+def test_a_late_reply_ends_the_spin_and_adapts_the_window() -> None:
+    """Nothing within the window: the reader is told to sleep; a reply that
+    came soon after grows the window, none at all (window 0) means no spin."""
+    spin = ReplySpin()
+    reader, writer = os.pipe()
+
+    async def main() -> None:
+        started = time.perf_counter_ns()
+        assert not await spin.spin(reader)
+        assert time.perf_counter_ns() - started >= FIRST_WINDOW
+        spin.woke()                         # the reply came at once after
+        assert spin.window == 2 * FIRST_WINDOW
+        spin.window = 0
+        started = time.perf_counter_ns()
+        assert not await spin.spin(reader)
+        assert time.perf_counter_ns() - started < MAX_WINDOW
+
+    try:
+        with polling():
+            trio.run(main)
+    finally:
+        os.close(reader)
+        os.close(writer)
+
+
+def test_no_spinning_unless_the_loop_is_kept_awake_for_a_request() -> None:
+    """Outside a mount (no Awake running), or with no polled request in
+    flight (large ones, idle): the reader sleeps at once, window unchanged."""
+    spin = ReplySpin()
+    spin.window = MAX_WINDOW
+    reader, writer = os.pipe()
+
+    async def main() -> None:
+        for _ in range(2):
+            started = time.perf_counter_ns()
+            assert not await spin.spin(reader)
+            assert time.perf_counter_ns() - started < MAX_WINDOW
+            spin.woke()
+            assert spin.window == MAX_WINDOW
+            Awake.running = Awake()         # running, nothing in flight
+
+    try:
+        trio.run(main)
+    finally:
+        Awake.running = None
+        os.close(reader)
+        os.close(writer)
