@@ -109,7 +109,7 @@ class Node:
     """One node of the graph: a driver instance plus the core's rules."""
 
     __slots__ = ("driver", "filename", "read_only", "ctx", "probed",
-                 "_rmw_lock", "_closed", "_driver_errors")
+                 "_rmw_lock", "_tail", "_closed", "_driver_errors")
 
     def __init__(self, driver: BlockDriver, filename: str, read_only: bool,
                  ctx: OpenContext) -> None:
@@ -119,6 +119,10 @@ class Node:
         self.ctx = ctx
         self.probed = False
         self._rmw_lock = trio.Lock()
+        #: (offset, bytes) of the partial block a write ended in, as it
+        #: wrote it: the next write's read-modify-write needs that block
+        #: (a 1 MiB write the kernel cut in two, 1048560 bytes then 16)
+        self._tail: tuple[int, bytes] | None = None
         self._closed = False
         self._driver_errors = DriverErrors(self)
         driver.node = self
@@ -192,6 +196,12 @@ class Node:
                              f"{self.driver.size}-byte node {self.filename}")
 
     def _check_writable(self) -> None:
+        """Where every change but `write` begins (they may change the block
+        `_tail` keeps)."""
+        self._tail = None
+        self._refuse_read_only()
+
+    def _refuse_read_only(self) -> None:
         if self.read_only:
             raise ReadOnly(f"{self.filename} is open read-only")
 
@@ -275,7 +285,7 @@ class Node:
     # -- writes ---------------------------------------------------------------
 
     async def write(self, offset: int, data: bytes) -> None:
-        self._check_writable()
+        self._refuse_read_only()
         self._check_range(offset, len(data))
         if not data:
             return
@@ -291,6 +301,7 @@ class Node:
         end = offset + len(data)
         start = offset & ~(align - 1)
         aligned_end = -(-end // align) * align
+        known, self._tail = self._tail, None        # unknown until written
         if start == offset and aligned_end == end:
             await self._write_split(offset, data)
             return
@@ -299,18 +310,25 @@ class Node:
         # aligned reaches us as 1 MiB - 16 bytes and 16 bytes (FUSE's
         # 256-page limit), and reading the whole range back cost a LUKS
         # image half its time per MiB (bench/README.md).
-        first = await self._read_block(start, align) if start < offset else None
+        first = await self._read_block(start, align, known) if start < offset else None
         head = first[:offset - start] if first is not None else b""
         tail = b""
+        last_start = aligned_end - align
         if end < aligned_end:
-            last_start = aligned_end - align
             last = first if first is not None and last_start == start else \
-                await self._read_block(last_start, align)
+                await self._read_block(last_start, align, known)
             tail = last[end - last_start:]
-        await self._write_split(start, b"".join((head, data, tail)))
+        whole = b"".join((head, data, tail))
+        await self._write_split(start, whole)
+        if tail:
+            self._tail = (last_start, whole[last_start - start:])
 
-    async def _read_block(self, offset: int, align: int) -> bytes:
-        """The aligned block at `offset`, zero-padded past the end."""
+    async def _read_block(self, offset: int, align: int,
+                          known: tuple[int, bytes] | None = None) -> bytes:
+        """The aligned block at `offset`, zero-padded past the end (`known`:
+        a block whose contents are known without reading)."""
+        if known is not None and known[0] == offset:
+            return known[1]
         length = min(align, self._aligned_size() - offset)
         if length <= 0:
             return bytes(align)

@@ -100,6 +100,40 @@ def test_o_direct_alignment_and_read_modify_write(image: Path, workdir: Path) ->
     run("qemu-img", "compare", "-f", "raw", "-F", "raw", image, workdir / "expected.raw")
 
 
+def test_a_split_write_reads_the_block_its_halves_share_once(image: Path, workdir: Path) -> None:
+    """The kernel cuts a 1 MiB write from a buffer 16 bytes into a page in
+    two (1048560 bytes, then 16): the second half's read-modify-write uses
+    the block as the first half wrote it, and reads it again after any
+    other change in between."""
+    expected = bytearray(qemu_raw(image, workdir / "before.raw"))
+    data = random_bytes(MiB, 3)
+    reads: list[tuple[int, int]] = []
+
+    async def check(node: Node) -> None:
+        assert node.file is not None and node.file.driver.request_alignment >= 512
+        driver = node.file.driver
+        read = driver.read
+
+        async def counted(offset: int, length: int) -> bytes:
+            reads.append((offset, length))
+            return await read(offset, length)
+        driver.read = counted  # type: ignore[method-assign]
+        await node.write(MiB, data[:-16])
+        await node.write(2 * MiB - 16, data[-16:])
+        assert len(reads) == 1                  # the first half's last block
+        await node.write(2 * MiB, data[:-16])
+        await node.write_zeroes(3 * MiB - 4096, 4096)
+        await node.write(3 * MiB - 16, data[-16:])
+        assert len(reads) == 3                  # read again after the zeroing
+        await node.flush()
+
+    with_node(str(image), check, read_only=False, cache="none")
+    expected[MiB:3 * MiB] = data * 2
+    expected[3 * MiB - 4096:3 * MiB - 16] = bytes(4096 - 16)
+    (workdir / "expected.raw").write_bytes(expected)
+    run("qemu-img", "compare", "-f", "raw", "-F", "raw", image, workdir / "expected.raw")
+
+
 def test_block_status_matches_qemu_img_map(image: Path) -> None:
     theirs = json.loads(run("qemu-img", "map", "--output=json", "-f", "raw", image).stdout)
     ours = json.loads(imgfs("map", "--output=json", "-f", "raw", image).stdout)
