@@ -28,6 +28,7 @@ from imgfs.errors import (
     Unreachable,
     Unsupported,
 )
+from imgfs.foreign_io import read_buffer
 from imgfs.node import OpenContext
 from imgfs.options import MiB, Opt, Schema, Str, in_range, parse_int
 
@@ -223,10 +224,10 @@ class IscsiDriver(BlockDriver):
         """READs received in place, in pieces in flight together: the
         target reads the later pieces from its disk while the earlier ones
         travel."""
-        lib, buffer = binding.lib(), bytearray(length)
+        lib, buffer = binding.lib(), read_buffer(length)
         queue = lib.iscsi_read10_iov_task if self.use_read10 else lib.iscsi_read16_iov_task
         await self._in_pieces("read", queue, offset, buffer, lambda lba, size: (
-            lba, size, self.block_size, 0, 0, 0, 0, 0))
+            lba, size, self.block_size, 0, 0, 0, 0, 0), must_fill=True)
         # Received in place: a bytearray serves every caller as bytes would.
         return cast(bytes, buffer)
 
@@ -240,7 +241,8 @@ class IscsiDriver(BlockDriver):
                                                  self.fua, 0, 0))
 
     async def _in_pieces(self, what: str, queue: Any, offset: int, buffer: Any,
-                         arguments: Callable[[int, int], tuple[Any, ...]]) -> None:
+                         arguments: Callable[[int, int], tuple[Any, ...]],
+                         must_fill: bool = False) -> None:
         """One command per PIECE of `buffer` (guest bytes from `offset`),
         ``queue``'s arguments after the LUN given by ``arguments(lba,
         size)``; all queued at once, then waited for."""
@@ -250,7 +252,7 @@ class IscsiDriver(BlockDriver):
             vec = ScsiIovec(address + start, min(PIECE, len(buffer) - start))
             commands.append(await session.submit(
                 what, queue, *arguments((offset + start) // self.block_size, vec.iov_len),
-                after=(vec, 1), keep=(storage, vec)))
+                after=(vec, 1), keep=(storage, vec), must_fill=must_fill))
         for command in commands:
             await session.wait(command)
 

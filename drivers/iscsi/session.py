@@ -67,9 +67,9 @@ DIGESTS = {
 class Command(Request):
     """One command in flight, and what came back."""
 
-    __slots__ = ("what", "status", "sense", "data", "keep")
+    __slots__ = ("what", "status", "sense", "data", "keep", "must_fill", "short")
 
-    def __init__(self, keep: tuple[Any, ...] = ()) -> None:
+    def __init__(self, keep: tuple[Any, ...] = (), must_fill: bool = False) -> None:
         super().__init__()
         #: the command's name, for messages
         self.what = "command"
@@ -80,6 +80,10 @@ class Command(Request):
         self.data = b""
         #: buffers the C side points into until the command completes
         self.keep = keep
+        #: a read whose buffer is not zeroed first: all of it must come
+        self.must_fill = must_fill
+        #: the bytes such a read did not fill
+        self.short = 0
 
 
 class Wake(enum.Enum):
@@ -190,11 +194,12 @@ class Session(Pipeline):
         return command
 
     async def submit(self, what: str, queue: Any, *args: Any, after: tuple[Any, ...] = (),
-                     keep: tuple[Any, ...] = ()) -> Command:
+                     keep: tuple[Any, ...] = (), must_fill: bool = False) -> Command:
         """Queue one command without waiting for it (then `wait`): several
-        queued at once travel together."""
+        queued at once travel together.  `must_fill`: a read that fails
+        unless the target sent every byte asked for."""
         self.check_usable()
-        command, request_id = Command(keep), self.new_id()
+        command, request_id = Command(keep, must_fill), self.new_id()
         command.what = what
         if not queue(self._ctx, self.lun, *args, self._callback, request_id, *after):
             raise ImgfsError(f"{self.name}: {what}: {self.error_text()}")
@@ -242,6 +247,10 @@ class Session(Pipeline):
                     self._collect(command, task.contents)
                 if status != binding.SCSI_STATUS_GOOD:
                     command.fail(self._failure(command))
+                elif command.short:
+                    command.fail(ImgfsError(f"{self.name}: {command.what}: the target sent "
+                                            f"{command.short} bytes less than asked",
+                                            errno_=errno.EIO))
                 self.complete(private)
             if task is not None:
                 self._lib.scsi_free_scsi_task(task)
@@ -254,6 +263,8 @@ class Session(Pipeline):
             command.sense = (task.sense.key, task.sense.ascq)
         if task.datain.size > 0 and task.datain.data:
             command.data = ctypes.string_at(task.datain.data, task.datain.size)
+        if command.must_fill and task.residual_status == binding.SCSI_RESIDUAL_UNDERFLOW:
+            command.short = task.residual
 
     # -- driving the socket (the pipeline's reader) -------------------------------------
 
