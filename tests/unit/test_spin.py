@@ -7,6 +7,7 @@ import os
 import time
 from collections.abc import Iterator
 
+import pytest
 import trio
 
 from imgfs.spin import FIRST_WINDOW, MAX_WINDOW, Awake, ReplySpin
@@ -100,12 +101,20 @@ def polling() -> Iterator[None]:
         Awake.running = None
 
 
-def test_a_reply_within_the_window_is_found_while_other_tasks_run() -> None:
+@pytest.fixture
+def pipe() -> Iterator[tuple[int, int]]:
+    reader, writer = os.pipe()
+    yield reader, writer
+    os.close(reader)
+    os.close(writer)
+
+
+def test_a_reply_within_the_window_is_found_while_other_tasks_run(
+        pipe: tuple[int, int]) -> None:
     """The spinning reader lets other tasks run between its polls (here the
     one that writes the reply after sleeping)."""
-    spin = ReplySpin()
+    spin, (reader, writer) = ReplySpin(), pipe
     spin.window = MAX_WINDOW
-    reader, writer = os.pipe()
 
     async def reply_soon() -> None:
         await trio.sleep(0.0002)
@@ -117,19 +126,14 @@ def test_a_reply_within_the_window_is_found_while_other_tasks_run() -> None:
             assert await spin.spin(reader)
         assert spin.window == MAX_WINDOW
 
-    try:
-        with polling():
-            trio.run(main)
-    finally:
-        os.close(reader)
-        os.close(writer)
+    with polling():
+        trio.run(main)
 
 
-def test_a_late_reply_ends_the_spin_and_adapts_the_window() -> None:
+def test_a_late_reply_ends_the_spin_and_adapts_the_window(pipe: tuple[int, int]) -> None:
     """Nothing within the window: the reader is told to sleep; a reply that
     came soon after grows the window, none at all (window 0) means no spin."""
-    spin = ReplySpin()
-    reader, writer = os.pipe()
+    spin, (reader, _) = ReplySpin(), pipe
 
     async def main() -> None:
         started = time.perf_counter_ns()
@@ -142,20 +146,16 @@ def test_a_late_reply_ends_the_spin_and_adapts_the_window() -> None:
         assert not await spin.spin(reader)
         assert time.perf_counter_ns() - started < MAX_WINDOW
 
-    try:
-        with polling():
-            trio.run(main)
-    finally:
-        os.close(reader)
-        os.close(writer)
+    with polling():
+        trio.run(main)
 
 
-def test_no_spinning_unless_the_loop_is_kept_awake_for_a_request() -> None:
+def test_no_spinning_unless_the_loop_is_kept_awake_for_a_request(
+        pipe: tuple[int, int]) -> None:
     """Outside a mount (no Awake running), or with no polled request in
     flight (large ones, idle): the reader sleeps at once, window unchanged."""
-    spin = ReplySpin()
+    spin, (reader, _) = ReplySpin(), pipe
     spin.window = MAX_WINDOW
-    reader, writer = os.pipe()
 
     async def main() -> None:
         for _ in range(2):
@@ -170,5 +170,3 @@ def test_no_spinning_unless_the_loop_is_kept_awake_for_a_request() -> None:
         trio.run(main)
     finally:
         Awake.running = None
-        os.close(reader)
-        os.close(writer)
