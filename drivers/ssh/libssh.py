@@ -279,8 +279,7 @@ class Channel:
     server that never grows the window never answers either: this covers
     both)."""
 
-    def __init__(self, session: Session, receive_size: int,
-                 reply_timeout: float | None = None) -> None:
+    def __init__(self, session: Session, reply_timeout: float | None = None) -> None:
         self.session = session
         self.lib = session.lib
         self.handle = session.handle
@@ -288,9 +287,11 @@ class Channel:
         self.fd = self.lib.ssh_get_fd(self.handle)
         self.closed = False
         self.reply_timeout = reply_timeout
-        self._buffer = ctypes.create_string_buffer(receive_size)
-        self._address = ctypes.addressof(self._buffer)
-        self._receive_size = receive_size
+        #: the buffer received into last, pinned (exported) while its
+        #: address is kept here
+        self._target: bytearray | None = None
+        self._target_view: Any = None
+        self._target_address = 0
         #: messages (or their ends) the channel's window could not take yet
         self._outbox: collections.deque[bytes] = collections.deque()
         #: what libssh has taken from the socket and sent to it, counted by
@@ -341,20 +342,23 @@ class Channel:
 
     # -- receiving ------------------------------------------------------------------
 
-    async def receive_into(self, target: bytearray) -> int:
-        """Append what the channel has (at least a byte) to `target`: the
-        count, 0 at the channel's end.  Meanwhile the outbox goes out as
-        the server's window adjustments come in."""
+    async def receive_into(self, buffer: bytearray, start: int, stop: int) -> int:
+        """Put what the channel has (at least a byte, at most up to `stop`)
+        in `buffer` from `start` on: the count, 0 at the channel's end.
+        Meanwhile the outbox goes out as the server's window adjustments
+        come in.  libssh writes into `buffer` itself, which stays exported
+        (not resizable) until another buffer is given."""
+        if buffer is not self._target:
+            self._pin(buffer)
+        address, size = self._target_address + start, stop - start
         deadline = (math.inf if self.reply_timeout is None
                     else trio.current_time() + self.reply_timeout)
         while True:
             self._check_open()
-            count = self._drain(self._receive_size)
+            count = self._drain(address, size)
             if self._outbox and count >= 0:
                 self._flush()       # the drain may have taken in a window adjustment
             if count > 0:
-                with memoryview(self._buffer) as view:
-                    target += view[:count]
                 return count
             if count == SSH_EOF:
                 return 0
@@ -362,14 +366,19 @@ class Channel:
                 raise self._failed("receiving")
             await self._sleep(self.lib.ssh_get_status(self.handle), deadline)
 
-    def _drain(self, size: int) -> int:
-        """Take up to `size` bytes into the buffer while libssh has them or
+    def _pin(self, buffer: bytearray) -> None:
+        self._target_view = (ctypes.c_char * len(buffer)).from_buffer(buffer)
+        self._target_address = ctypes.addressof(self._target_view)
+        self._target = buffer
+
+    def _drain(self, address: int, size: int) -> int:
+        """Take up to `size` bytes to `address` while libssh has them or
         still finds more in the socket: the count, or a libssh error code."""
         read, counter = self.lib.ssh_channel_read_nonblocking, self.socket_counter
         total = 0
         while total < size:
             before = counter.in_bytes
-            count = read(self.channel, self._address + total, size - total, 0)
+            count = read(self.channel, address + total, size - total, 0)
             taken = counter.in_bytes - before
             if count > 0:
                 total += count

@@ -69,8 +69,12 @@ DEFAULT_TRANSFER = 32 * 1024
 MAX_TRANSFER = 4 << 20
 #: largest packet accepted from the server (a DATA reply plus headers)
 MAX_PACKET = MAX_TRANSFER + 1024
-#: how much the reader takes from the channel at once
+#: the most the reader takes from the channel at once
 RECEIVE_CHUNK = 1 << 20
+#: the receive buffer's first size (it doubles while a packet outgrows it)
+RECEIVE_BUFFER = RECEIVE_CHUNK
+#: less room than this after the last packet received: move it to the front
+MIN_ROOM = 64 * 1024
 
 STATUS_NAMES = {
     SSH_FX_EOF: "end of file", SSH_FX_NO_SUCH_FILE: "no such file",
@@ -126,7 +130,7 @@ class Reader:
 
     __slots__ = ("data", "at")
 
-    def __init__(self, data: bytes | memoryview, at: int = 0) -> None:
+    def __init__(self, data: bytes | bytearray | memoryview, at: int = 0) -> None:
         self.data = data
         self.at = at
 
@@ -220,7 +224,8 @@ def status_error(code: int, message: str, what: str) -> ImgfsError:
 
 
 class _Call(Request):
-    """A request and its reply: the reply's type and body (after the id)."""
+    """A request and its reply: the reply's type and body (after the id),
+    a buffer of its own."""
 
     __slots__ = ("what", "kind", "body")
 
@@ -228,7 +233,7 @@ class _Call(Request):
         super().__init__()
         self.what = what
         self.kind = 0
-        self.body: bytes | memoryview = b""
+        self.body = bytearray()
 
 
 class ByteChannel(Protocol):
@@ -237,7 +242,10 @@ class ByteChannel(Protocol):
     def send(self, data: bytes) -> None:
         """Queue all of `data`, in order, without waiting (or raise)."""
 
-    async def receive_into(self, target: bytearray) -> int: ...
+    async def receive_into(self, buffer: bytearray, start: int, stop: int) -> int:
+        """Put what the channel has (at least a byte, at most up to `stop`)
+        in `buffer` from `start` on: the count, 0 at the channel's end.
+        The buffer is never resized: the channel may keep it exported."""
 
     def close(self) -> None: ...
 
@@ -254,7 +262,9 @@ class SftpSession(Pipeline):
         self.channel = channel
         self.extensions: dict[str, bytes] = {}
         self.limits = Limits()
-        self._buffer = bytearray()
+        #: received bytes not yet taken as packets: [_start, _end)
+        self._buffer = bytearray(RECEIVE_BUFFER)
+        self._start = self._end = 0
 
     # -- the channel ----------------------------------------------------------------
 
@@ -269,40 +279,56 @@ class SftpSession(Pipeline):
             raise Lost(str(exc) or "the connection closed") from None
 
     async def _receive_some(self) -> None:
+        """Receive what the channel has into the buffer, after the bytes
+        not taken yet (moved to the front first when little room is left,
+        into a buffer twice the size when a packet needs it)."""
+        start, end = self._start, self._end
+        if start == end:
+            start = end = self._start = self._end = 0
+        elif len(self._buffer) - end < MIN_ROOM:
+            kept = self._buffer[start:end]
+            if len(self._buffer) - len(kept) < MIN_ROOM:
+                # a new buffer: the channel may hold the old one exported
+                self._buffer = bytearray(2 * len(self._buffer))
+            self._buffer[:len(kept)] = kept
+            start, end = self._start, self._end = 0, len(kept)
         try:
-            count = await self.channel.receive_into(self._buffer)
+            count = await self.channel.receive_into(
+                self._buffer, end, min(end + RECEIVE_CHUNK, len(self._buffer)))
         except (trio.BrokenResourceError, trio.ClosedResourceError, OSError) as exc:
             raise Lost(str(exc) or "the connection closed") from None
         if not count:
             raise Lost("the server closed the SFTP channel")
+        self._end += count
 
-    def _next_packet(self) -> tuple[int, memoryview] | None:
-        """The next complete packet in the buffer (type, body after the type)."""
-        if len(self._buffer) < 4:
-            return None
-        length = U32.unpack_from(self._buffer)[0]
+    def _packet_end(self, start: int) -> int:
+        """Where the packet at `start` ends, if it is all in the buffer, else 0."""
+        if self._end - start < 4:
+            return 0
+        length = U32.unpack_from(self._buffer, start)[0]
         if not 5 <= length <= MAX_PACKET:
             raise ProtocolError(f"packet of {length} bytes")
-        if len(self._buffer) < 4 + length:
+        return start + 4 + length if start + 4 + length <= self._end else 0
+
+    def _next_packet(self) -> tuple[int, bytearray] | None:
+        """The next complete packet in the buffer (type, body after the type)."""
+        start = self._start
+        if not (end := self._packet_end(start)):
             return None
-        with memoryview(self._buffer) as view:
-            body = bytes(view[5:4 + length])        # the one copy of the payload
-        kind = self._buffer[4]
-        del self._buffer[:4 + length]
-        return kind, memoryview(body)
+        self._start = end
+        return self._buffer[start + 4], self._buffer[start + 5:end]
 
     async def receive(self) -> None:
         """Receive what the stream has, and complete every request answered.
         Cancelling between reads loses nothing: the buffer stays."""
         await self._receive_some()
-        while (message := self._next_packet()) is not None:
-            kind, body = message
-            if len(body) < 4:
-                raise ProtocolError(f"reply of type {kind} without a request id")
-            request_id = U32.unpack_from(body)[0]
+        buffer, start = self._buffer, self._start
+        while end := self._packet_end(start):
+            _, kind, request_id = HEADER.unpack_from(buffer, start)
             call = self.pending(request_id)
             assert isinstance(call, _Call)
-            call.kind, call.body = kind, body[4:]
+            call.kind, call.body = kind, buffer[start + 9:end]
+            self._start = start = end
             self.complete(request_id)
 
     def hang_up(self) -> None:
@@ -342,10 +368,10 @@ class SftpSession(Pipeline):
         message = reader.string().decode("utf-8", "replace") if reader.remaining() else ""
         return code, "".join(char if char.isprintable() else " " for char in message).strip()
 
-    def _expect(self, call: _Call, kind: int) -> memoryview:
+    def _expect(self, call: _Call, kind: int) -> bytearray:
         """The reply's body when it has the type asked for; raise its status."""
         if call.kind == kind:
-            return memoryview(call.body)
+            return call.body
         if call.kind == SSH_FXP_STATUS:
             code, message = self._status(call)
             raise status_error(code, message, call.what)
@@ -397,7 +423,8 @@ class SftpSession(Pipeline):
             body = call.body
             if (call.kind == SSH_FXP_DATA and len(body) == 4 + length
                     and U32.unpack_from(body)[0] == length):
-                return bytearray(body[4:])
+                del body[:4]            # in place, no copy
+                return body
             result = bytearray(length)
             await self._fill(handle, offset, result, 0, length, call)
             return result
