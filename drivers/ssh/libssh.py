@@ -314,13 +314,15 @@ class Channel:
     def send(self, data: bytes) -> None:
         """Queue all of `data` on the channel, without waiting: libssh sends
         what the socket takes, the outbox keeps what the window cannot."""
-        self._check_open()
+        if self.closed:
+            self._check_open()
         if self._outbox:
             self._outbox.append(data)
             self._flush()
             return
         written = self.lib.ssh_channel_write(self.channel, data, len(data))
-        self._progressed()
+        if self._watch is not None:
+            self._watch.cancel()        # `_progressed`, inline: once per request
         if written != len(data):
             if written < 0:
                 raise self._failed("sending")
@@ -351,8 +353,7 @@ class Channel:
         if buffer is not self._target:
             self._pin(buffer)
         address, size = self._target_address + start, stop - start
-        deadline = (math.inf if self.reply_timeout is None
-                    else trio.current_time() + self.reply_timeout)
+        deadline = 0.0      # set at the first sleep: none when the answer is there
         while True:
             self._check_open()
             count = self._drain(address, size)
@@ -364,6 +365,9 @@ class Channel:
                 return 0
             if count < 0:
                 raise self._failed("receiving")
+            if not deadline:
+                deadline = (math.inf if self.reply_timeout is None
+                            else trio.current_time() + self.reply_timeout)
             await self._sleep(self.lib.ssh_get_status(self.handle), deadline)
 
     def _pin(self, buffer: bytearray) -> None:
@@ -373,7 +377,9 @@ class Channel:
 
     def _drain(self, address: int, size: int) -> int:
         """Take up to `size` bytes to `address` while libssh has them or
-        still finds more in the socket: the count, or a libssh error code."""
+        still finds more in the socket: the count, or a libssh error code.
+        (Only the receiving task drains, never while it sleeps: nobody to
+        wake.)"""
         read, counter = self.lib.ssh_channel_read_nonblocking, self.socket_counter
         total = 0
         while total < size:
@@ -385,9 +391,7 @@ class Channel:
                 if 0 < taken < SOCKET_READ_SIZE:
                     break       # that read emptied the socket
             elif count < 0 or not taken:
-                self._progressed()
                 return total or count
-        self._progressed()
         return total
 
     # -- waiting on the socket --------------------------------------------------------

@@ -322,14 +322,20 @@ class SftpSession(Pipeline):
         """Receive what the stream has, and complete every request answered.
         Cancelling between reads loses nothing: the buffer stays."""
         await self._receive_some()
-        buffer, start = self._buffer, self._start
-        while end := self._packet_end(start):
-            _, kind, request_id = HEADER.unpack_from(buffer, start)
+        buffer, start, received = self._buffer, self._start, self._end
+        while received - start >= 9:
+            length, kind, request_id = HEADER.unpack_from(buffer, start)
+            end = start + 4 + length
+            if not 5 <= length <= MAX_PACKET:
+                raise ProtocolError(f"packet of {length} bytes")
+            if end > received:
+                break
             call = self.pending(request_id)
             assert isinstance(call, _Call)
             call.kind, call.body = kind, buffer[start + 9:end]
             self._start = start = end
             self.complete(request_id)
+        self._packet_end(start)         # a partial packet's length, checked
 
     def hang_up(self) -> None:
         # The owner of the connection frees it; the channel just stops.
