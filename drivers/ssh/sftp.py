@@ -265,6 +265,8 @@ class SftpSession(Pipeline):
         #: received bytes not yet taken as packets: [_start, _end)
         self._buffer = bytearray(RECEIVE_BUFFER)
         self._start = self._end = 0
+        #: the server's SSH_FXP_VERSION after its type, once received
+        self.version_body: bytearray | None = None
 
     # -- the channel ----------------------------------------------------------------
 
@@ -278,51 +280,39 @@ class SftpSession(Pipeline):
         except (trio.BrokenResourceError, trio.ClosedResourceError, OSError) as exc:
             raise Lost(str(exc) or "the connection closed") from None
 
-    async def _receive_some(self) -> None:
-        """Receive what the channel has into the buffer, after the bytes
-        not taken yet (moved to the front first when little room is left,
-        into a buffer twice the size when a packet needs it)."""
+    def _make_room(self) -> int:
+        """Where the next bytes received go: after those not taken yet,
+        moved to the front first when little room is left (into a buffer
+        twice the size when a packet needs it)."""
         start, end = self._start, self._end
         if start == end:
-            start = end = self._start = self._end = 0
-        elif len(self._buffer) - end < MIN_ROOM:
-            kept = self._buffer[start:end]
-            if len(self._buffer) - len(kept) < MIN_ROOM:
-                # a new buffer: the channel may hold the old one exported
-                self._buffer = bytearray(2 * len(self._buffer))
-            self._buffer[:len(kept)] = kept
-            start, end = self._start, self._end = 0, len(kept)
+            self._start = self._end = 0
+            return 0
+        if len(self._buffer) - end >= MIN_ROOM:
+            return end
+        kept = self._buffer[start:end]
+        if len(self._buffer) - len(kept) < MIN_ROOM:
+            # a new buffer: the channel may hold the old one exported
+            self._buffer = bytearray(2 * len(self._buffer))
+        self._buffer[:len(kept)] = kept
+        self._start, self._end = 0, len(kept)
+        return len(kept)
+
+    async def receive(self) -> None:
+        """Receive what the stream has, and complete every request answered
+        (or keep the SSH_FXP_VERSION, which answers no request).  Cancelling
+        between reads loses nothing: the buffer stays."""
+        end = self._make_room()
+        buffer = self._buffer
         try:
-            count = await self.channel.receive_into(
-                self._buffer, end, min(end + RECEIVE_CHUNK, len(self._buffer)))
+            count = await self.channel.receive_into(buffer, end,
+                                                    min(end + RECEIVE_CHUNK, len(buffer)))
         except (trio.BrokenResourceError, trio.ClosedResourceError, OSError) as exc:
             raise Lost(str(exc) or "the connection closed") from None
         if not count:
             raise Lost("the server closed the SFTP channel")
-        self._end += count
-
-    def _packet_end(self, start: int) -> int:
-        """Where the packet at `start` ends, if it is all in the buffer, else 0."""
-        if self._end - start < 4:
-            return 0
-        length = U32.unpack_from(self._buffer, start)[0]
-        if not 5 <= length <= MAX_PACKET:
-            raise ProtocolError(f"packet of {length} bytes")
-        return start + 4 + length if start + 4 + length <= self._end else 0
-
-    def _next_packet(self) -> tuple[int, bytearray] | None:
-        """The next complete packet in the buffer (type, body after the type)."""
+        self._end = received = end + count
         start = self._start
-        if not (end := self._packet_end(start)):
-            return None
-        self._start = end
-        return self._buffer[start + 4], self._buffer[start + 5:end]
-
-    async def receive(self) -> None:
-        """Receive what the stream has, and complete every request answered.
-        Cancelling between reads loses nothing: the buffer stays."""
-        await self._receive_some()
-        buffer, start, received = self._buffer, self._start, self._end
         while received - start >= 9:
             length, kind, request_id = HEADER.unpack_from(buffer, start)
             end = start + 4 + length
@@ -330,12 +320,18 @@ class SftpSession(Pipeline):
                 raise ProtocolError(f"packet of {length} bytes")
             if end > received:
                 break
+            self._start = start = end
+            if kind == SSH_FXP_VERSION:     # its body has no request id
+                self.version_body = buffer[end - length + 1:end]
+                continue
             call = self.pending(request_id)
             assert isinstance(call, _Call)
-            call.kind, call.body = kind, buffer[start + 9:end]
-            self._start = start = end
+            call.kind, call.body = kind, buffer[end - length + 5:end]
             self.complete(request_id)
-        self._packet_end(start)         # a partial packet's length, checked
+        if received - start >= 4:       # a partial packet's length, checked
+            length = U32.unpack_from(buffer, start)[0]
+            if not 5 <= length <= MAX_PACKET:
+                raise ProtocolError(f"packet of {length} bytes")
 
     def hang_up(self) -> None:
         # The owner of the connection frees it; the channel just stops.
@@ -346,12 +342,9 @@ class SftpSession(Pipeline):
     async def initialise(self) -> None:
         """SSH_FXP_INIT / SSH_FXP_VERSION, then the server's limits."""
         await self.transmit(HEADER.pack(5, SSH_FXP_INIT, SFTP_VERSION))
-        while (message := self._next_packet()) is None:
-            await self._receive_some()
-        kind, body = message
-        if kind != SSH_FXP_VERSION:
-            raise ProtocolError(f"answer of type {kind} to SSH_FXP_INIT")
-        version, self.extensions = parse_version(bytes(body))
+        while self.version_body is None:
+            await self.receive()
+        version, self.extensions = parse_version(bytes(self.version_body))
         if version < SFTP_VERSION:
             raise ProtocolError(f"the server speaks SFTP version {version}, 3 is needed")
         if LIMITS_EXTENSION in self.extensions:
@@ -425,7 +418,8 @@ class SftpSession(Pipeline):
             # one piece, the common case: a whole answer is its own result
             request_id = self.new_id()
             call = _Call("read")
-            await self.exchange(request_id, call, read_packet(request_id, handle, offset, length))
+            await self.send(request_id, call, read_packet(request_id, handle, offset, length))
+            await self.wait(call)
             body = call.body
             if (call.kind == SSH_FXP_DATA and len(body) == 4 + length
                     and U32.unpack_from(body)[0] == length):
