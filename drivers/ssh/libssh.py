@@ -299,8 +299,14 @@ class Channel:
         #: socket is empty (libssh reads at most SOCKET_READ_SIZE per call)
         self.socket_counter = Counter()
         self.lib.ssh_set_counters(self.handle, ctypes.byref(self.socket_counter), None)
-        #: the cancel scope of the task sleeping on the socket, if any
-        self._watch: trio.CancelScope | None = None
+        #: a task sleeps on the socket (the receiver, in `_sleep`)
+        self._sleeping = False
+        #: when the receiver waiting now counts the server as gone
+        self._deadline = math.inf
+        #: the receiver waited past its deadline: the connection is lost
+        self._expired = False
+        #: the scope of the task that enforces deadlines (`_watch_deadlines`)
+        self._watchdog: trio.CancelScope | None = None
 
     def _failed(self, what: str) -> ChannelClosed:
         return ChannelClosed(f"{what}: {self.session.error()}")
@@ -320,9 +326,10 @@ class Channel:
             self._outbox.append(data)
             self._flush()
             return
+        taken = self.socket_counter.in_bytes
         written = self.lib.ssh_channel_write(self.channel, data, len(data))
-        if self._watch is not None:
-            self._watch.cancel()        # `_progressed`, inline: once per request
+        if self._sleeping:
+            self._progressed(taken, written)
         if written != len(data):
             if written < 0:
                 raise self._failed("sending")
@@ -333,8 +340,9 @@ class Channel:
         outbox, write = self._outbox, self.lib.ssh_channel_write
         while outbox:
             data = outbox[0]
+            taken = self.socket_counter.in_bytes
             written = write(self.channel, data, len(data))
-            self._progressed()
+            self._progressed(taken, written)
             if written < 0:
                 raise self._failed("sending")
             if written < len(data):
@@ -353,22 +361,26 @@ class Channel:
         if buffer is not self._target:
             self._pin(buffer)
         address, size = self._target_address + start, stop - start
-        deadline = 0.0      # set at the first sleep: none when the answer is there
-        while True:
-            self._check_open()
-            count = self._drain(address, size)
-            if self._outbox and count >= 0:
-                self._flush()       # the drain may have taken in a window adjustment
-            if count > 0:
-                return count
-            if count == SSH_EOF:
-                return 0
-            if count < 0:
-                raise self._failed("receiving")
-            if not deadline:
-                deadline = (math.inf if self.reply_timeout is None
-                            else trio.current_time() + self.reply_timeout)
-            await self._sleep(self.lib.ssh_get_status(self.handle), deadline)
+        try:
+            while True:
+                self._check_open()
+                count = self._drain(address, size)
+                if self._outbox and count >= 0:
+                    self._flush()   # the drain may have taken in a window adjustment
+                if count > 0:
+                    return count
+                if count == SSH_EOF:
+                    return 0
+                if count < 0:
+                    raise self._failed("receiving")
+                if self._deadline == math.inf and self.reply_timeout is not None:
+                    # set at the first sleep: none when the answer is there
+                    self._deadline = trio.current_time() + self.reply_timeout
+                    if self._watchdog is None:
+                        self._start_watchdog()
+                await self._sleep(self.lib.ssh_get_status(self.handle))
+        finally:
+            self._deadline = math.inf
 
     def _pin(self, buffer: bytearray) -> None:
         self._target_view = (ctypes.c_char * len(buffer)).from_buffer(buffer)
@@ -396,32 +408,71 @@ class Channel:
 
     # -- waiting on the socket --------------------------------------------------------
 
-    def _progressed(self) -> None:
-        """A libssh call ran: it may have taken in what the receiver sleeping
-        on the socket waits for, so that one looks again."""
-        if self._watch is not None:
-            self._watch.cancel()
+    def _progressed(self, taken: int, written: int) -> None:
+        """A libssh call (a write) ran while the receiver sleeps on the
+        socket: if libssh took in bytes from the socket meanwhile (what the
+        receiver waits for may be in libssh now), failed, or left output for
+        the socket to take (the receiver then waits for that too), the
+        receiver looks again."""
+        if self._sleeping and (self.socket_counter.in_bytes != taken or written < 0
+                               or self.lib.ssh_get_status(self.handle) & SSH_WRITE_PENDING):
+            self._wake()
 
-    async def _sleep(self, status: int, deadline: float) -> None:
+    def _wake(self) -> None:
+        """End the receiver's sleep (it looks again).  Telling trio the
+        socket closes is the one way to end another task's wait on a file
+        descriptor without a cancel scope around every wait; trio forgets
+        the descriptor until the next wait registers it again."""
+        if self._sleeping and not self.closed:
+            self._sleeping = False          # woken once is enough
+            trio.lowlevel.notify_closing(self.fd)
+
+    async def _sleep(self, status: int) -> None:
         """Until the socket is ready for libssh (readable, or writable while
-        libssh holds unsent output: `status` is ssh_get_status's), or another
-        task called libssh; ChannelClosed at `deadline`.  (One scope for
-        both: it is most of what a sleep costs.)"""
-        assert self._watch is None, "two tasks receiving at once"
-        watch = self._watch = trio.CancelScope(deadline=deadline)
+        libssh holds unsent output: `status` is ssh_get_status's), or
+        `_wake`; ChannelClosed past the deadline.  (No cancel scope: one per
+        sleep was most of what a sleep cost.)"""
+        self._sleeping = True
         try:
-            with watch:
-                if status & SSH_WRITE_PENDING:
-                    await self._wait_either()
-                else:
-                    await trio.lowlevel.wait_readable(self.fd)
-        except (trio.ClosedResourceError, OSError) as exc:
+            if status & SSH_WRITE_PENDING:
+                await self._wait_either()
+            else:
+                await trio.lowlevel.wait_readable(self.fd)
+        except trio.ClosedResourceError:
+            if self.closed:
+                raise ChannelClosed("the connection is closed") from None
+        except OSError as exc:
             self.closed = True
             raise ChannelClosed(f"the socket closed: {exc}") from None
         finally:
-            self._watch = None
-        if watch.cancelled_caught and trio.current_time() >= deadline:
+            self._sleeping = False
+        if self._expired:
             raise ChannelClosed(f"no reply from the server in {self.reply_timeout:g} s")
+
+    def _start_watchdog(self) -> None:
+        self._watchdog = trio.CancelScope()
+        trio.lowlevel.spawn_system_task(self._watch_deadlines, self._watchdog,
+                                        name="ssh reply timeouts")
+
+    async def _watch_deadlines(self, scope: trio.CancelScope) -> None:
+        """Wake a receiver still waiting at its deadline, which then fails.
+        (A task of its own, a trio system task since the channel has no
+        nursery, sleeping until the deadline of the receive in progress:
+        a deadline is set `reply_timeout` after the receive began, so one
+        set while this task sleeps lies after it wakes.)"""
+        assert self.reply_timeout is not None
+        try:
+            with scope:
+                while not self.closed:
+                    now = trio.current_time()
+                    if self._deadline <= now:
+                        self._expired = True
+                        self._wake()
+                    await trio.sleep_until(self._deadline if self._deadline > now
+                                           else now + self.reply_timeout)
+        finally:
+            if self._watchdog is scope:
+                self._watchdog = None       # (a later trio.run starts another)
 
     async def _wait_either(self) -> None:
         """Until the socket is readable or writable (or closed: the caller
@@ -441,6 +492,8 @@ class Channel:
         if self.closed:
             return
         self.closed = True
+        if self._watchdog is not None:
+            self._watchdog.cancel()
         # before libssh closes the socket, trio must forget it
         if self.fd >= 0:
             trio.lowlevel.notify_closing(self.fd)
