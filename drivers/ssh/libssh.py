@@ -9,8 +9,9 @@ imgfs's own SFTP (`sftp.SftpSession`) on it from trio: it sleeps on the
 session's socket, and before sleeping it looks at what libssh holds
 already (a reply decrypted by an earlier call, output not yet flushed).
 One task at a time receives and sleeps on the socket (the SFTP session's
-reader); any libssh call by another task wakes it to look again.  Sending
-never waits (what the channel window cannot take yet is queued).
+reader); a libssh call by another task that took in socket input (or left
+output to send) wakes it to look again.  Sending never waits (what the
+channel window cannot take yet is queued).
 
 Header: /usr/include/libssh/libssh.h (libssh-dev); every constant below
 carries its name there.

@@ -217,8 +217,8 @@ class SshConnection:
         ImgfsError saying why not."""
         deadline = trio.current_time() + timeout
         ssh = await open_in_thread(target, timeout)
-        # the channel times replies out: its cancel scope for sleeping on
-        # the socket does it at no cost (the session would need a second)
+        # the channel times replies out (its watchdog task; the pipeline's
+        # would need a cancel scope per receive)
         channel = Channel(ssh, reply_timeout=reply_timeout)
         session = SftpSession(channel, target.url())
         conn = cls(ssh, channel, session)
