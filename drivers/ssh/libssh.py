@@ -469,7 +469,9 @@ class Channel:
                     if self._deadline <= now:
                         self._expired = True
                         self._wake()
-                    await trio.sleep_until(self._deadline if self._deadline > now
+                    # no receive waiting (or one just woken): a receive
+                    # that starts meanwhile has its deadline after this one
+                    await trio.sleep_until(self._deadline if now < self._deadline < math.inf
                                            else now + self.reply_timeout)
         finally:
             if self._watchdog is scope:
