@@ -9,8 +9,9 @@ imgfs's own SFTP (`sftp.SftpSession`) on it from trio: it sleeps on the
 session's socket, and before sleeping it looks at what libssh holds
 already (a reply decrypted by an earlier call, output not yet flushed).
 One task at a time receives and sleeps on the socket (the SFTP session's
-reader); any libssh call by another task wakes it to look again.  Sending
-never waits (what the channel window cannot take yet is queued).
+reader); a libssh call by another task that took in socket input (or left
+output to send) wakes it to look again.  Sending never waits (what the
+channel window cannot take yet is queued).
 
 Header: /usr/include/libssh/libssh.h (libssh-dev); every constant below
 carries its name there.
@@ -279,8 +280,7 @@ class Channel:
     server that never grows the window never answers either: this covers
     both)."""
 
-    def __init__(self, session: Session, receive_size: int,
-                 reply_timeout: float | None = None) -> None:
+    def __init__(self, session: Session, reply_timeout: float | None = None) -> None:
         self.session = session
         self.lib = session.lib
         self.handle = session.handle
@@ -288,9 +288,11 @@ class Channel:
         self.fd = self.lib.ssh_get_fd(self.handle)
         self.closed = False
         self.reply_timeout = reply_timeout
-        self._buffer = ctypes.create_string_buffer(receive_size)
-        self._address = ctypes.addressof(self._buffer)
-        self._receive_size = receive_size
+        #: the buffer received into last, pinned (exported) while its
+        #: address is kept here
+        self._target: bytearray | None = None
+        self._target_view: Any = None
+        self._target_address = 0
         #: messages (or their ends) the channel's window could not take yet
         self._outbox: collections.deque[bytes] = collections.deque()
         #: what libssh has taken from the socket and sent to it, counted by
@@ -298,8 +300,14 @@ class Channel:
         #: socket is empty (libssh reads at most SOCKET_READ_SIZE per call)
         self.socket_counter = Counter()
         self.lib.ssh_set_counters(self.handle, ctypes.byref(self.socket_counter), None)
-        #: the cancel scope of the task sleeping on the socket, if any
-        self._watch: trio.CancelScope | None = None
+        #: a task sleeps on the socket (the receiver, in `_sleep`)
+        self._sleeping = False
+        #: when the receiver waiting now counts the server as gone
+        self._deadline = math.inf
+        #: the receiver waited past its deadline: the connection is lost
+        self._expired = False
+        #: the scope of the task that enforces deadlines (`_watch_deadlines`)
+        self._watchdog: trio.CancelScope | None = None
 
     def _failed(self, what: str) -> ChannelClosed:
         return ChannelClosed(f"{what}: {self.session.error()}")
@@ -313,13 +321,16 @@ class Channel:
     def send(self, data: bytes) -> None:
         """Queue all of `data` on the channel, without waiting: libssh sends
         what the socket takes, the outbox keeps what the window cannot."""
-        self._check_open()
+        if self.closed:
+            self._check_open()
         if self._outbox:
             self._outbox.append(data)
             self._flush()
             return
+        taken = self.socket_counter.in_bytes
         written = self.lib.ssh_channel_write(self.channel, data, len(data))
-        self._progressed()
+        if self._sleeping:
+            self._progressed(taken, written)
         if written != len(data):
             if written < 0:
                 raise self._failed("sending")
@@ -330,8 +341,9 @@ class Channel:
         outbox, write = self._outbox, self.lib.ssh_channel_write
         while outbox:
             data = outbox[0]
+            taken = self.socket_counter.in_bytes
             written = write(self.channel, data, len(data))
-            self._progressed()
+            self._progressed(taken, written)
             if written < 0:
                 raise self._failed("sending")
             if written < len(data):
@@ -341,74 +353,129 @@ class Channel:
 
     # -- receiving ------------------------------------------------------------------
 
-    async def receive_into(self, target: bytearray) -> int:
-        """Append what the channel has (at least a byte) to `target`: the
-        count, 0 at the channel's end.  Meanwhile the outbox goes out as
-        the server's window adjustments come in."""
-        deadline = (math.inf if self.reply_timeout is None
-                    else trio.current_time() + self.reply_timeout)
-        while True:
-            self._check_open()
-            count = self._drain(self._receive_size)
-            if self._outbox and count >= 0:
-                self._flush()       # the drain may have taken in a window adjustment
-            if count > 0:
-                with memoryview(self._buffer) as view:
-                    target += view[:count]
-                return count
-            if count == SSH_EOF:
-                return 0
-            if count < 0:
-                raise self._failed("receiving")
-            await self._sleep(self.lib.ssh_get_status(self.handle), deadline)
+    async def receive_into(self, buffer: bytearray, start: int, stop: int) -> int:
+        """Put what the channel has (at least a byte, at most up to `stop`)
+        in `buffer` from `start` on: the count, 0 at the channel's end.
+        Meanwhile the outbox goes out as the server's window adjustments
+        come in.  libssh writes into `buffer` itself, which stays exported
+        (not resizable) until another buffer is given."""
+        if buffer is not self._target:
+            self._pin(buffer)
+        address, size = self._target_address + start, stop - start
+        try:
+            while True:
+                self._check_open()
+                count = self._drain(address, size)
+                if self._outbox and count >= 0:
+                    self._flush()   # the drain may have taken in a window adjustment
+                if count > 0:
+                    return count
+                if count == SSH_EOF:
+                    return 0
+                if count < 0:
+                    raise self._failed("receiving")
+                if self._deadline == math.inf and self.reply_timeout is not None:
+                    # set at the first sleep: none when the answer is there
+                    self._deadline = trio.current_time() + self.reply_timeout
+                    if self._watchdog is None:
+                        self._start_watchdog()
+                await self._sleep(self.lib.ssh_get_status(self.handle))
+        finally:
+            self._deadline = math.inf
 
-    def _drain(self, size: int) -> int:
-        """Take up to `size` bytes into the buffer while libssh has them or
-        still finds more in the socket: the count, or a libssh error code."""
+    def _pin(self, buffer: bytearray) -> None:
+        self._target_view = (ctypes.c_char * len(buffer)).from_buffer(buffer)
+        self._target_address = ctypes.addressof(self._target_view)
+        self._target = buffer
+
+    def _drain(self, address: int, size: int) -> int:
+        """Take up to `size` bytes to `address` while libssh has them or
+        still finds more in the socket: the count, or a libssh error code.
+        (Only the receiving task drains, never while it sleeps: nobody to
+        wake.)"""
         read, counter = self.lib.ssh_channel_read_nonblocking, self.socket_counter
         total = 0
         while total < size:
             before = counter.in_bytes
-            count = read(self.channel, self._address + total, size - total, 0)
+            count = read(self.channel, address + total, size - total, 0)
             taken = counter.in_bytes - before
             if count > 0:
                 total += count
                 if 0 < taken < SOCKET_READ_SIZE:
                     break       # that read emptied the socket
             elif count < 0 or not taken:
-                self._progressed()
                 return total or count
-        self._progressed()
         return total
 
     # -- waiting on the socket --------------------------------------------------------
 
-    def _progressed(self) -> None:
-        """A libssh call ran: it may have taken in what the receiver sleeping
-        on the socket waits for, so that one looks again."""
-        if self._watch is not None:
-            self._watch.cancel()
+    def _progressed(self, taken: int, written: int) -> None:
+        """A libssh call (a write) ran while the receiver sleeps on the
+        socket: if libssh took in bytes from the socket meanwhile (what the
+        receiver waits for may be in libssh now), failed, or left output for
+        the socket to take (the receiver then waits for that too), the
+        receiver looks again."""
+        if self._sleeping and (self.socket_counter.in_bytes != taken or written < 0
+                               or self.lib.ssh_get_status(self.handle) & SSH_WRITE_PENDING):
+            self._wake()
 
-    async def _sleep(self, status: int, deadline: float) -> None:
+    def _wake(self) -> None:
+        """End the receiver's sleep (it looks again).  Telling trio the
+        socket closes is the one way to end another task's wait on a file
+        descriptor without a cancel scope around every wait; trio forgets
+        the descriptor until the next wait registers it again."""
+        if self._sleeping and not self.closed:
+            self._sleeping = False          # woken once is enough
+            trio.lowlevel.notify_closing(self.fd)
+
+    async def _sleep(self, status: int) -> None:
         """Until the socket is ready for libssh (readable, or writable while
-        libssh holds unsent output: `status` is ssh_get_status's), or another
-        task called libssh; ChannelClosed at `deadline`.  (One scope for
-        both: it is most of what a sleep costs.)"""
-        assert self._watch is None, "two tasks receiving at once"
-        watch = self._watch = trio.CancelScope(deadline=deadline)
+        libssh holds unsent output: `status` is ssh_get_status's), or
+        `_wake`; ChannelClosed past the deadline.  (No cancel scope: one per
+        sleep was most of what a sleep cost.)"""
+        self._sleeping = True
         try:
-            with watch:
-                if status & SSH_WRITE_PENDING:
-                    await self._wait_either()
-                else:
-                    await trio.lowlevel.wait_readable(self.fd)
-        except (trio.ClosedResourceError, OSError) as exc:
+            if status & SSH_WRITE_PENDING:
+                await self._wait_either()
+            else:
+                await trio.lowlevel.wait_readable(self.fd)
+        except trio.ClosedResourceError:
+            if self.closed:
+                raise ChannelClosed("the connection is closed") from None
+        except OSError as exc:
             self.closed = True
             raise ChannelClosed(f"the socket closed: {exc}") from None
         finally:
-            self._watch = None
-        if watch.cancelled_caught and trio.current_time() >= deadline:
+            self._sleeping = False
+        if self._expired:
             raise ChannelClosed(f"no reply from the server in {self.reply_timeout:g} s")
+
+    def _start_watchdog(self) -> None:
+        self._watchdog = trio.CancelScope()
+        trio.lowlevel.spawn_system_task(self._watch_deadlines, self._watchdog,
+                                        name="ssh reply timeouts")
+
+    async def _watch_deadlines(self, scope: trio.CancelScope) -> None:
+        """Wake a receiver still waiting at its deadline, which then fails.
+        (A task of its own, a trio system task since the channel has no
+        nursery, sleeping until the deadline of the receive in progress:
+        a deadline is set `reply_timeout` after the receive began, so one
+        set while this task sleeps lies after it wakes.)"""
+        assert self.reply_timeout is not None
+        try:
+            with scope:
+                while not self.closed:
+                    now = trio.current_time()
+                    if self._deadline <= now:
+                        self._expired = True
+                        self._wake()
+                    # no receive waiting (or one just woken): a receive
+                    # that starts meanwhile has its deadline after this one
+                    await trio.sleep_until(self._deadline if now < self._deadline < math.inf
+                                           else now + self.reply_timeout)
+        finally:
+            if self._watchdog is scope:
+                self._watchdog = None       # (a later trio.run starts another)
 
     async def _wait_either(self) -> None:
         """Until the socket is readable or writable (or closed: the caller
@@ -428,6 +495,8 @@ class Channel:
         if self.closed:
             return
         self.closed = True
+        if self._watchdog is not None:
+            self._watchdog.cancel()
         # before libssh closes the socket, trio must forget it
         if self.fd >= 0:
             trio.lowlevel.notify_closing(self.fd)

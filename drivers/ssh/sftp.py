@@ -69,8 +69,12 @@ DEFAULT_TRANSFER = 32 * 1024
 MAX_TRANSFER = 4 << 20
 #: largest packet accepted from the server (a DATA reply plus headers)
 MAX_PACKET = MAX_TRANSFER + 1024
-#: how much the reader takes from the channel at once
+#: the most the reader takes from the channel at once
 RECEIVE_CHUNK = 1 << 20
+#: the receive buffer's first size (it doubles while a packet outgrows it)
+RECEIVE_BUFFER = RECEIVE_CHUNK
+#: less room than this after the last packet received: move it to the front
+MIN_ROOM = 64 * 1024
 
 STATUS_NAMES = {
     SSH_FX_EOF: "end of file", SSH_FX_NO_SUCH_FILE: "no such file",
@@ -126,7 +130,7 @@ class Reader:
 
     __slots__ = ("data", "at")
 
-    def __init__(self, data: bytes | memoryview, at: int = 0) -> None:
+    def __init__(self, data: bytes | bytearray | memoryview, at: int = 0) -> None:
         self.data = data
         self.at = at
 
@@ -220,7 +224,8 @@ def status_error(code: int, message: str, what: str) -> ImgfsError:
 
 
 class _Call(Request):
-    """A request and its reply: the reply's type and body (after the id)."""
+    """A request and its reply: the reply's type and body (after the id),
+    a buffer of its own."""
 
     __slots__ = ("what", "kind", "body")
 
@@ -228,7 +233,7 @@ class _Call(Request):
         super().__init__()
         self.what = what
         self.kind = 0
-        self.body: bytes | memoryview = b""
+        self.body = bytearray()
 
 
 class ByteChannel(Protocol):
@@ -237,7 +242,10 @@ class ByteChannel(Protocol):
     def send(self, data: bytes) -> None:
         """Queue all of `data`, in order, without waiting (or raise)."""
 
-    async def receive_into(self, target: bytearray) -> int: ...
+    async def receive_into(self, buffer: bytearray, start: int, stop: int) -> int:
+        """Put what the channel has (at least a byte, at most up to `stop`)
+        in `buffer` from `start` on: the count, 0 at the channel's end.
+        The buffer is never resized: the channel may keep it exported."""
 
     def close(self) -> None: ...
 
@@ -254,7 +262,11 @@ class SftpSession(Pipeline):
         self.channel = channel
         self.extensions: dict[str, bytes] = {}
         self.limits = Limits()
-        self._buffer = bytearray()
+        #: received bytes not yet taken as packets: [_start, _end)
+        self._buffer = bytearray(RECEIVE_BUFFER)
+        self._start = self._end = 0
+        #: the server's SSH_FXP_VERSION after its type, once received
+        self.version_body: bytearray | None = None
 
     # -- the channel ----------------------------------------------------------------
 
@@ -268,42 +280,58 @@ class SftpSession(Pipeline):
         except (trio.BrokenResourceError, trio.ClosedResourceError, OSError) as exc:
             raise Lost(str(exc) or "the connection closed") from None
 
-    async def _receive_some(self) -> None:
+    def _make_room(self) -> int:
+        """Where the next bytes received go: after those not taken yet,
+        moved to the front first when little room is left (into a buffer
+        twice the size when a packet needs it)."""
+        start, end = self._start, self._end
+        if start == end:
+            self._start = self._end = 0
+            return 0
+        if len(self._buffer) - end >= MIN_ROOM:
+            return end
+        kept = self._buffer[start:end]
+        if len(self._buffer) - len(kept) < MIN_ROOM:
+            # a new buffer: the channel may hold the old one exported
+            self._buffer = bytearray(2 * len(self._buffer))
+        self._buffer[:len(kept)] = kept
+        self._start, self._end = 0, len(kept)
+        return len(kept)
+
+    async def receive(self) -> None:
+        """Receive what the stream has, and complete every request answered
+        (or keep the SSH_FXP_VERSION, which answers no request).  Cancelling
+        between reads loses nothing: the buffer stays."""
+        end = self._make_room()
+        buffer = self._buffer
         try:
-            count = await self.channel.receive_into(self._buffer)
+            count = await self.channel.receive_into(buffer, end,
+                                                    min(end + RECEIVE_CHUNK, len(buffer)))
         except (trio.BrokenResourceError, trio.ClosedResourceError, OSError) as exc:
             raise Lost(str(exc) or "the connection closed") from None
         if not count:
             raise Lost("the server closed the SFTP channel")
-
-    def _next_packet(self) -> tuple[int, memoryview] | None:
-        """The next complete packet in the buffer (type, body after the type)."""
-        if len(self._buffer) < 4:
-            return None
-        length = U32.unpack_from(self._buffer)[0]
-        if not 5 <= length <= MAX_PACKET:
-            raise ProtocolError(f"packet of {length} bytes")
-        if len(self._buffer) < 4 + length:
-            return None
-        with memoryview(self._buffer) as view:
-            body = bytes(view[5:4 + length])        # the one copy of the payload
-        kind = self._buffer[4]
-        del self._buffer[:4 + length]
-        return kind, memoryview(body)
-
-    async def receive(self) -> None:
-        """Receive what the stream has, and complete every request answered.
-        Cancelling between reads loses nothing: the buffer stays."""
-        await self._receive_some()
-        while (message := self._next_packet()) is not None:
-            kind, body = message
-            if len(body) < 4:
-                raise ProtocolError(f"reply of type {kind} without a request id")
-            request_id = U32.unpack_from(body)[0]
+        self._end = received = end + count
+        start = self._start
+        while received - start >= 9:
+            length, kind, request_id = HEADER.unpack_from(buffer, start)
+            end = start + 4 + length
+            if not 5 <= length <= MAX_PACKET:
+                raise ProtocolError(f"packet of {length} bytes")
+            if end > received:
+                break
+            self._start = start = end
+            if kind == SSH_FXP_VERSION:     # its body has no request id
+                self.version_body = buffer[end - length + 1:end]
+                continue
             call = self.pending(request_id)
             assert isinstance(call, _Call)
-            call.kind, call.body = kind, body[4:]
+            call.kind, call.body = kind, buffer[end - length + 5:end]
             self.complete(request_id)
+        if received - start >= 4:       # a partial packet's length, checked
+            length = U32.unpack_from(buffer, start)[0]
+            if not 5 <= length <= MAX_PACKET:
+                raise ProtocolError(f"packet of {length} bytes")
 
     def hang_up(self) -> None:
         # The owner of the connection frees it; the channel just stops.
@@ -314,12 +342,9 @@ class SftpSession(Pipeline):
     async def initialise(self) -> None:
         """SSH_FXP_INIT / SSH_FXP_VERSION, then the server's limits."""
         await self.transmit(HEADER.pack(5, SSH_FXP_INIT, SFTP_VERSION))
-        while (message := self._next_packet()) is None:
-            await self._receive_some()
-        kind, body = message
-        if kind != SSH_FXP_VERSION:
-            raise ProtocolError(f"answer of type {kind} to SSH_FXP_INIT")
-        version, self.extensions = parse_version(bytes(body))
+        while self.version_body is None:
+            await self.receive()
+        version, self.extensions = parse_version(bytes(self.version_body))
         if version < SFTP_VERSION:
             raise ProtocolError(f"the server speaks SFTP version {version}, 3 is needed")
         if LIMITS_EXTENSION in self.extensions:
@@ -342,10 +367,10 @@ class SftpSession(Pipeline):
         message = reader.string().decode("utf-8", "replace") if reader.remaining() else ""
         return code, "".join(char if char.isprintable() else " " for char in message).strip()
 
-    def _expect(self, call: _Call, kind: int) -> memoryview:
+    def _expect(self, call: _Call, kind: int) -> bytearray:
         """The reply's body when it has the type asked for; raise its status."""
         if call.kind == kind:
-            return memoryview(call.body)
+            return call.body
         if call.kind == SSH_FXP_STATUS:
             code, message = self._status(call)
             raise status_error(code, message, call.what)
@@ -389,15 +414,21 @@ class SftpSession(Pipeline):
     async def read(self, handle: bytes, offset: int, length: int) -> bytearray:
         """`length` bytes at `offset`, in pipelined pieces of the server's
         read limit; past the end of the file reads as zeros."""
-        result = bytearray(length)
         if length <= self.limits.read:
-            # one piece: the common case, with the fewest steps
+            # one piece, the common case: a whole answer is its own result
             request_id = self.new_id()
             call = _Call("read")
             await self.send(request_id, call, read_packet(request_id, handle, offset, length))
             await self.wait(call)
+            body = call.body
+            if (call.kind == SSH_FXP_DATA and len(body) == 4 + length
+                    and U32.unpack_from(body)[0] == length):
+                del body[:4]            # in place, no copy
+                return body
+            result = bytearray(length)
             await self._fill(handle, offset, result, 0, length, call)
             return result
+        result = bytearray(length)
         calls = []
         step = self.limits.read
         for start in range(0, length, step):

@@ -32,7 +32,7 @@ from imgfs.pipeline import Lost, ProtocolError
 
 from . import libssh
 from .libssh import Channel, ChannelClosed, Session, SshFailure
-from .sftp import RECEIVE_CHUNK, SftpSession
+from .sftp import SftpSession
 from .target import Target
 
 #: AES-GCM first where the CPU has AES instructions: there it moves data
@@ -217,9 +217,9 @@ class SshConnection:
         ImgfsError saying why not."""
         deadline = trio.current_time() + timeout
         ssh = await open_in_thread(target, timeout)
-        # the channel times replies out: its cancel scope for sleeping on
-        # the socket does it at no cost (the session would need a second)
-        channel = Channel(ssh, RECEIVE_CHUNK, reply_timeout=reply_timeout)
+        # the channel times replies out (its watchdog task; the pipeline's
+        # would need a cancel scope per receive)
+        channel = Channel(ssh, reply_timeout=reply_timeout)
         session = SftpSession(channel, target.url())
         conn = cls(ssh, channel, session)
         try:

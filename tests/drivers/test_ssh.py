@@ -374,7 +374,9 @@ def test_server_gone_gives_eio_for_good_within_bounds(sshd: Sshd, tmp_path: Path
 
 def test_a_silent_server_times_out(sshd: Sshd, tmp_path: Path) -> None:
     """timeout=2: a server that stops answering fails the request after
-    3 x 2 s; one that never speaks SSH is refused within the timeout."""
+    3 x 2 s, also after the connection sat idle longer than that (the
+    deadlines' watchdog slept through); one that never speaks SSH is
+    refused within the timeout."""
     image = tmp_path / "disk.raw"
     random_file(image, MiB)
     tree = {"driver": "ssh", "server": {"host": "127.0.0.1", "port": str(sshd.port)},
@@ -384,6 +386,8 @@ def test_a_silent_server_times_out(sshd: Sshd, tmp_path: Path) -> None:
         node = await open_image(tree, OpenContext(read_only=True))
         sessions = sshd.sessions()
         try:
+            await node.read(0, 4096)
+            await trio.sleep(6.5)
             for pid in sessions:
                 os.kill(pid, signal.SIGSTOP)
             started = trio.current_time()

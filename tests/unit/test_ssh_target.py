@@ -181,3 +181,67 @@ def test_status_errors_carry_their_errno() -> None:
     assert isinstance(sftp.status_error(sftp.SSH_FX_OP_UNSUPPORTED, "", "fsync"), Unsupported)
     error = sftp.status_error(sftp.SSH_FX_FAILURE, "disk on fire", "write")
     assert error.errno == 5 and "disk on fire" in str(error)
+
+
+# -- SFTP framing: replies cut anywhere, packets larger than the buffer --------------
+
+
+class ScriptedChannel:
+    """A byte channel whose server answers each READ with the bytes of a
+    file, handed over in receives of the sizes `cuts` cycles through."""
+
+    def __init__(self, content: bytes, cuts: list[int]) -> None:
+        self.content = content
+        self.cuts = cuts
+        self.turn = 0
+        self.replies = bytearray()
+
+    def send(self, data: bytes) -> None:
+        length, kind, request_id = sftp.HEADER.unpack_from(data)
+        assert kind == sftp.SSH_FXP_READ and len(data) == 4 + length
+        handle_length = struct.unpack_from(">I", data, 9)[0]
+        offset, count = struct.unpack_from(">QI", data, 13 + handle_length)
+        piece = self.content[offset:offset + count]
+        self.replies += sftp.packet(sftp.SSH_FXP_DATA, request_id, sftp.sftp_string(piece))
+
+    async def receive_into(self, buffer: bytearray, start: int, stop: int) -> int:
+        cut = self.cuts[self.turn % len(self.cuts)]
+        self.turn += 1
+        count = min(cut, stop - start, len(self.replies))
+        assert count > 0, "a receive with no reply to wait for"
+        buffer[start:start + count] = self.replies[:count]
+        del self.replies[:count]
+        return count
+
+    def close(self) -> None:
+        pass
+
+
+#: reads in turn: small ones, then pieces larger than the first receive buffer
+LARGE_READS = [(0, 4096), (5, 1), (4096 * 7 + 3, 70000), (1 << 20, 3 << 20),
+               (100, (12 << 20) - 100)]
+
+
+@pytest.mark.parametrize("cuts, reads", [([1], [(0, 4096), (3, 70000)]),
+                                         ([3, 5000, 7], LARGE_READS),
+                                         ([1 << 20], LARGE_READS),
+                                         ([9, 4109, 13], LARGE_READS)])
+def test_sftp_replies_cut_anywhere_are_framed(cuts: list[int],
+                                              reads: list[tuple[int, int]]) -> None:
+    import trio
+    content = bytes(range(256)) * (12 << 12)          # 12 MiB
+    session = sftp.SftpSession(ScriptedChannel(content, cuts), "scripted")
+    session.limits = sftp.Limits(read=sftp.MAX_TRANSFER)
+
+    async def check(offset: int, length: int) -> None:
+        assert await session.read(b"h", offset, length) == content[offset:offset + length]
+
+    async def main() -> None:
+        for offset, length in reads:
+            await check(offset, length)
+        async with trio.open_nursery() as nursery:      # several in flight
+            for offset in range(0, 64 << 10, 4096):
+                nursery.start_soon(check, offset, 4096)
+
+    trio.run(main)
+    assert session.in_flight == 0
