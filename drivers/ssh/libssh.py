@@ -29,6 +29,8 @@ from typing import Any
 
 import trio
 
+from imgfs.spin import ReplySpin
+
 # -- libssh.h constants ---------------------------------------------------------------
 
 SSH_OK = 0
@@ -308,6 +310,7 @@ class Channel:
         self._expired = False
         #: the scope of the task that enforces deadlines (`_watch_deadlines`)
         self._watchdog: trio.CancelScope | None = None
+        self._spin = ReplySpin()
 
     def _failed(self, what: str) -> ChannelClosed:
         return ChannelClosed(f"{what}: {self.session.error()}")
@@ -362,6 +365,7 @@ class Channel:
         if buffer is not self._target:
             self._pin(buffer)
         address, size = self._target_address + start, stop - start
+        spun = slept_after_spinning = False
         try:
             while True:
                 self._check_open()
@@ -374,12 +378,22 @@ class Channel:
                     return 0
                 if count < 0:
                     raise self._failed("receiving")
+                status = self.lib.ssh_get_status(self.handle)
+                if not spun and not status & SSH_WRITE_PENDING:
+                    # then look again either way: another task's write may
+                    # have taken the reply into libssh meanwhile
+                    spun = True
+                    slept_after_spinning = not await self._spin.spin(self.fd)
+                    continue
                 if self._deadline == math.inf and self.reply_timeout is not None:
                     # set at the first sleep: none when the answer is there
                     self._deadline = trio.current_time() + self.reply_timeout
                     if self._watchdog is None:
                         self._start_watchdog()
-                await self._sleep(self.lib.ssh_get_status(self.handle))
+                await self._sleep(status)
+                if slept_after_spinning:
+                    slept_after_spinning = False
+                    self._spin.woke()
         finally:
             self._deadline = math.inf
 
