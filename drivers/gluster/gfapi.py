@@ -96,7 +96,7 @@ try:
 except ImportError:                 # built without a C compiler
     _FINISHED, _CALLBACK = _python_callback()
     CALLBACK_IN_C = False
-_COMPLETIONS = ForeignCompletions(_FINISHED)
+_COMPLETIONS = ForeignCompletions(_FINISHED, spin=CALLBACK_IN_C)
 
 
 class Volume:

@@ -177,7 +177,7 @@ class Image:
         self.handle = handle
         self.events = _Events(handle)
         try:
-            self.completions = ForeignCompletions(self.events)
+            self.completions = ForeignCompletions(self.events, spin=True)
         except BaseException:
             self.events.close()
             raise
