@@ -277,6 +277,13 @@ class BlockDriver(abc.ABC):
     async def write(self, offset: int, data: bytes) -> None:
         raise ReadOnly(f"{self.name} images cannot be written")
 
+    async def write_parts(self, offset: int, parts: tuple[bytes, ...]) -> None:
+        """Write `parts` one after the other from `offset`, as one request
+        (the core's read-modify-write: head, data, tail).  The default
+        joins them; a driver that sends from several buffers at once saves
+        the copy."""
+        await self.write(offset, b"".join(parts))
+
     async def write_zeroes(self, offset: int, length: int, *, may_unmap: bool = False) -> None:
         """Make the range read as zeros (default: write zero bytes)."""
         chunk = min(length, 1 << 20)

@@ -318,10 +318,17 @@ class Node:
             last = first if first is not None and last_start == start else \
                 await self._read_block(last_start, align, known)
             tail = last[end - last_start:]
-        whole = b"".join((head, data, tail))
-        await self._write_split(start, whole)
+        await self._write_parts(start, (head, data, tail))
         if tail:
-            self._tail = (last_start, whole[last_start - start:])
+            written = (data[last_start - offset:],) if last_start >= offset else (head, data)
+            self._tail = (last_start, b"".join((*written, tail)))
+
+    async def _write_parts(self, offset: int, parts: tuple[bytes, ...]) -> None:
+        limit = self.driver.max_transfer
+        if limit and sum(map(len, parts)) > limit:
+            await self._write_split(offset, b"".join(parts))
+        else:
+            await self.driver.write_parts(offset, parts)
 
     async def _read_block(self, offset: int, align: int,
                           known: tuple[int, bytes] | None = None) -> bytes:

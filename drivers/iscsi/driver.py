@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import errno
 import os
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from typing import Any, cast
 
 from imgfs.block import DATA, ZERO, BlockDriver, Extent, Kind
@@ -226,33 +226,47 @@ class IscsiDriver(BlockDriver):
         travel."""
         lib, buffer = binding.lib(), read_buffer(length)
         queue = lib.iscsi_read10_iov_task if self.use_read10 else lib.iscsi_read16_iov_task
-        await self._in_pieces("read", queue, offset, buffer, lambda lba, size: (
+        await self._in_pieces("read", queue, offset, (buffer,), lambda lba, size: (
             lba, size, self.block_size, 0, 0, 0, 0, 0), must_fill=True)
         # Received in place: a bytearray serves every caller as bytes would.
         return cast(bytes, buffer)
 
     async def write(self, offset: int, data: bytes) -> None:
+        await self.write_parts(offset, (data,))
+
+    async def write_parts(self, offset: int, parts: tuple[bytes, ...]) -> None:
         """WRITE(16)s in pieces in flight together: each waits for the
-        target's R2Ts on its own, so their round trips overlap."""
+        target's R2Ts on its own, so their round trips overlap.  Sent from
+        the parts where they lie (a piece's iovecs may span several)."""
         if not self.writable:
             raise ReadOnly(f"{self._session().name}: {self.read_only_reason}")
-        await self._in_pieces("write", binding.lib().iscsi_write16_iov_task, offset, data,
+        await self._in_pieces("write", binding.lib().iscsi_write16_iov_task, offset, parts,
                               lambda lba, size: (lba, None, size, self.block_size, 0, 0,
                                                  self.fua, 0, 0))
 
-    async def _in_pieces(self, what: str, queue: Any, offset: int, buffer: Any,
+    async def _in_pieces(self, what: str, queue: Any, offset: int, buffers: tuple[Any, ...],
                          arguments: Callable[[int, int], tuple[Any, ...]],
                          must_fill: bool = False) -> None:
-        """One command per PIECE of `buffer` (guest bytes from `offset`),
-        ``queue``'s arguments after the LUN given by ``arguments(lba,
-        size)``; all queued at once, then waited for."""
-        session, (address, storage) = self._session(), buffer_address(buffer)
-        commands = []
-        for start in range(0, len(buffer), PIECE):
-            vec = ScsiIovec(address + start, min(PIECE, len(buffer) - start))
+        """One command per PIECE of the `buffers` laid end to end (guest
+        bytes from `offset`), ``queue``'s arguments after the LUN given by
+        ``arguments(lba, size)``; all queued at once, then waited for."""
+        session = self._session()
+        segments = [(*buffer_address(buffer), len(buffer)) for buffer in buffers if len(buffer)]
+        keep = tuple(storage for _, storage, _ in segments)
+        total, commands = sum(length for *_, length in segments), []
+        if total <= PIECE and len(segments) == 1:     # a small read or write
+            address, storage, _ = segments[0]
+            vec = ScsiIovec(address, total)
             commands.append(await session.submit(
-                what, queue, *arguments((offset + start) // self.block_size, vec.iov_len),
+                what, queue, *arguments(offset // self.block_size, total),
                 after=(vec, 1), keep=(storage, vec), must_fill=must_fill))
+        else:
+            for start, vecs in zip(range(0, total, PIECE), _iovecs(segments, PIECE),
+                                   strict=True):
+                size = sum(vec.iov_len for vec in vecs)
+                commands.append(await session.submit(
+                    what, queue, *arguments((offset + start) // self.block_size, size),
+                    after=(vecs, len(vecs)), keep=(keep, vecs), must_fill=must_fill))
         for command in commands:
             await session.wait(command)
 
@@ -328,6 +342,24 @@ class IscsiDriver(BlockDriver):
 
     def info(self) -> dict[str, Any]:
         return {"block-size": self.block_size}
+
+
+def _iovecs(segments: list[tuple[int, Any, int]], piece: int) -> Iterator[Any]:
+    """The iovec arrays of consecutive pieces of `piece` bytes (the last
+    shorter) over `segments` ((address, owner, length) laid end to end)."""
+    vecs: list[ScsiIovec] = []
+    room = piece
+    for address, _, length in segments:
+        done = 0
+        while done < length:
+            take = min(room, length - done)
+            vecs.append(ScsiIovec(address + done, take))
+            done, room = done + take, room - take
+            if not room:
+                yield (ScsiIovec * len(vecs))(*vecs)
+                vecs, room = [], piece
+    if vecs:
+        yield (ScsiIovec * len(vecs))(*vecs)
 
 
 def login_error(reason: str, url: str) -> ImgfsError:
