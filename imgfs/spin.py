@@ -66,7 +66,6 @@ class Awake:
         #: where the last large request ended
         self._large_end = -1
         self._asleep: trio.Event | None = None
-        self._running = False
 
     def around(self, offset: int, length: int) -> contextlib.AbstractContextManager[Any]:
         """What to wrap a request of `length` bytes at `offset` in.
@@ -75,7 +74,7 @@ class Awake:
         kernel cut off it (a 1 MiB write from a buffer that does not start
         on a page spans 257 pages, one more than a FUSE request carries:
         1048560 bytes, then 16), part of a stream, not polled either."""
-        if not self._running:
+        if Awake.running is not self:
             return _UNPOLLED
         if length > SMALL_REQUEST:
             self._large_end = offset + length
@@ -96,7 +95,6 @@ class Awake:
             self._asleep.set()
 
     async def run(self) -> None:
-        self._running = True
         Awake.running = self
         try:
             await self._keep_awake()
