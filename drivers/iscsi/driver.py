@@ -253,20 +253,12 @@ class IscsiDriver(BlockDriver):
         session = self._session()
         segments = [(*buffer_address(buffer), len(buffer)) for buffer in buffers if len(buffer)]
         keep = tuple(storage for _, storage, _ in segments)
-        total, commands = sum(length for *_, length in segments), []
-        if total <= PIECE and len(segments) == 1:     # a small read or write
-            address, storage, _ = segments[0]
-            vec = ScsiIovec(address, total)
+        commands, start = [], offset
+        for vecs, count, size in _iovecs(segments, PIECE):
             commands.append(await session.submit(
-                what, queue, *arguments(offset // self.block_size, total),
-                after=(vec, 1), keep=(storage, vec), must_fill=must_fill))
-        else:
-            for start, vecs in zip(range(0, total, PIECE), _iovecs(segments, PIECE),
-                                   strict=True):
-                size = sum(vec.iov_len for vec in vecs)
-                commands.append(await session.submit(
-                    what, queue, *arguments((offset + start) // self.block_size, size),
-                    after=(vecs, len(vecs)), keep=(keep, vecs), must_fill=must_fill))
+                what, queue, *arguments(start // self.block_size, size),
+                after=(vecs, count), keep=(keep, vecs), must_fill=must_fill))
+            start += size
         for command in commands:
             await session.wait(command)
 
@@ -344,9 +336,15 @@ class IscsiDriver(BlockDriver):
         return {"block-size": self.block_size}
 
 
-def _iovecs(segments: list[tuple[int, Any, int]], piece: int) -> Iterator[Any]:
-    """The iovec arrays of consecutive pieces of `piece` bytes (the last
-    shorter) over `segments` ((address, owner, length) laid end to end)."""
+def _iovecs(segments: list[tuple[int, Any, int]], piece: int) -> Iterator[tuple[Any, int, int]]:
+    """(iovecs, their count, bytes) of consecutive pieces of `piece` bytes
+    (the last shorter) over `segments` ((address, owner, length) laid end
+    to end)."""
+    if len(segments) == 1 and segments[0][2] <= piece:
+        # a small read or write, most requests: one iovec, no array
+        address, _, length = segments[0]
+        yield ScsiIovec(address, length), 1, length
+        return
     vecs: list[ScsiIovec] = []
     room = piece
     for address, _, length in segments:
@@ -356,10 +354,10 @@ def _iovecs(segments: list[tuple[int, Any, int]], piece: int) -> Iterator[Any]:
             vecs.append(ScsiIovec(address + done, take))
             done, room = done + take, room - take
             if not room:
-                yield (ScsiIovec * len(vecs))(*vecs)
+                yield (ScsiIovec * len(vecs))(*vecs), len(vecs), piece
                 vecs, room = [], piece
     if vecs:
-        yield (ScsiIovec * len(vecs))(*vecs)
+        yield (ScsiIovec * len(vecs))(*vecs), len(vecs), piece - room
 
 
 def login_error(reason: str, url: str) -> ImgfsError:
