@@ -40,9 +40,9 @@ from .session import LoginFailed, Session, buffer_address, unmap_list
 #: largest READ/WRITE when the LUN reports no limit (libiscsi splits it
 #: into PDUs of the negotiated MaxBurstLength itself)
 DEFAULT_MAX_TRANSFER = 8 * MiB
-#: reads and writes are split into commands of this size, sent together (the
+#: writes are split into commands of this size, sent together (the
 #: MaxBurstLength tgt and most targets offer: one R2T per command)
-PIECE = 256 * 1024
+WRITE_PIECE = 256 * 1024
 #: READ(10)'s transfer length is 16 bits
 READ10_MAX_BLOCKS = 0xFFFF
 #: UNMAP and WRITE SAME lengths are 32-bit block counts; keep each command modest
@@ -221,13 +221,13 @@ class IscsiDriver(BlockDriver):
             await self.session.close()
 
     async def read(self, offset: int, length: int) -> bytes:
-        """READs received in place, in pieces in flight together: the
-        target reads the later pieces from its disk while the earlier ones
-        travel."""
+        """One READ, received in place.  Not in pieces: each is one more
+        command for both ends, and a fresh tgtd gave the buffer of every
+        256 KiB piece back to the system (bench/README.md, twelfth session)."""
         lib, buffer = binding.lib(), read_buffer(length)
         queue = lib.iscsi_read10_iov_task if self.use_read10 else lib.iscsi_read16_iov_task
         await self._in_pieces("read", queue, offset, (buffer,), lambda lba, size: (
-            lba, size, self.block_size, 0, 0, 0, 0, 0), must_fill=True)
+            lba, size, self.block_size, 0, 0, 0, 0, 0), self.max_transfer, must_fill=True)
         # Received in place: a bytearray serves every caller as bytes would.
         return cast(bytes, buffer)
 
@@ -242,19 +242,19 @@ class IscsiDriver(BlockDriver):
             raise ReadOnly(f"{self._session().name}: {self.read_only_reason}")
         await self._in_pieces("write", binding.lib().iscsi_write16_iov_task, offset, parts,
                               lambda lba, size: (lba, None, size, self.block_size, 0, 0,
-                                                 self.fua, 0, 0))
+                                                 self.fua, 0, 0), WRITE_PIECE)
 
     async def _in_pieces(self, what: str, queue: Any, offset: int, buffers: tuple[Any, ...],
-                         arguments: Callable[[int, int], tuple[Any, ...]],
+                         arguments: Callable[[int, int], tuple[Any, ...]], piece: int,
                          must_fill: bool = False) -> None:
-        """One command per PIECE of the `buffers` laid end to end (guest
+        """One command per `piece` bytes of the `buffers` laid end to end (guest
         bytes from `offset`), ``queue``'s arguments after the LUN given by
         ``arguments(lba, size)``; all queued at once, then waited for."""
         session = self._session()
         segments = [(*buffer_address(buffer), len(buffer)) for buffer in buffers if len(buffer)]
         keep = tuple(storage for _, storage, _ in segments)
         commands, start = [], offset
-        for vecs, count, size in _iovecs(segments, PIECE):
+        for vecs, count, size in _iovecs(segments, piece):
             commands.append(await session.submit(
                 what, queue, *arguments(start // self.block_size, size),
                 after=(vecs, count), keep=(keep, vecs), must_fill=must_fill))
