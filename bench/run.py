@@ -50,7 +50,12 @@ benchmark measures memory copies instead of the exporter:
 * Random reads are safe as time-based jobs: fio's random map visits every
   block once before repeating any, and fio's fadvise(RANDOM) turns off
   read-ahead, so every 4 KiB read reaches the daemon unless the run covers
-  the whole file (only with --quick's small image).
+  the whole file (only with --quick's small image).  Each job reads its own
+  random sequence of blocks, so that a server's own cache favours neither
+  exporter (see rand_read_job).
+* A server that keeps state of its own, which the first job would leave
+  behind for the next, is settled before the first job (bench/servers.py:
+  tgtd's allocator).
 * Write jobs end with fsync (end_fsync=1), counted in fio's runtime: a
   write is "done" only once the layers below the daemon have made it
   durable.
@@ -632,7 +637,11 @@ def seq_read_job(path: Path, settings: Settings) -> tuple[float, dict]:
 
 
 def rand_read_job(path: Path, settings: Settings) -> tuple[float, dict]:
-    job = fio(path, "rand_read", rw="randread", bs="4k",
+    # randrepeat=0: a new sequence of blocks for every job.  With fio's
+    # default, every job read the blocks the first one did, which a server
+    # with its own cache (Ceph's OSD) then answered from it: the first
+    # job, imgfs's in every run, was the only one served cold.
+    job = fio(path, "rand_read", rw="randread", bs="4k", randrepeat=0,
               time_based=1, runtime=settings.runtime)
     return job["read"]["iops"], {"ios": job["read"]["total_ios"]}
 
