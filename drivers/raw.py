@@ -90,6 +90,13 @@ class RawDriver(BlockDriver):
             await self._refuse_new_format(offset, len(data), data)
             await self.children["file"].write(offset, data)
 
+    async def write_parts(self, offset: int, parts: tuple[bytes, ...]) -> None:
+        length = sum(map(len, parts))
+        if self._reaches_probed_bytes(offset, length):
+            await self.write(offset, b"".join(parts))
+            return
+        await self.children["file"].write_parts(self.offset + offset, parts)
+
     async def write_zeroes(self, offset: int, length: int, *, may_unmap: bool = False) -> None:
         if not self._reaches_probed_bytes(offset, length):
             await self.children["file"].write_zeroes(self.offset + offset, length,

@@ -100,6 +100,38 @@ def test_o_direct_alignment_and_read_modify_write(image: Path, workdir: Path) ->
     run("qemu-img", "compare", "-f", "raw", "-F", "raw", image, workdir / "expected.raw")
 
 
+def test_an_unaligned_write_reaches_the_file_in_its_parts(image: Path, workdir: Path) -> None:
+    """The raw format passes the core's head, data and tail down to its
+    file as they are (a driver such as iSCSI's sends them without joining
+    them); a write over the probed first bytes is still checked whole."""
+    expected = bytearray(qemu_raw(image, workdir / "before.raw"))
+    data = random_bytes(MiB - 16, 4)
+    received: list[tuple[int, tuple[int, ...]]] = []
+    aligns = []
+
+    async def check(node: Node) -> None:
+        assert node.file is not None and node.file.driver.request_alignment >= 512
+        driver = node.file.driver
+        aligns.append(driver.request_alignment)
+        write_parts = driver.write_parts
+
+        async def recorded(offset: int, parts: tuple[bytes, ...]) -> None:
+            received.append((offset, tuple(map(len, parts))))
+            await write_parts(offset, parts)
+        driver.write_parts = recorded  # type: ignore[method-assign]
+        await node.write(MiB + 100, data)
+        expected[MiB + 100:2 * MiB + 84] = data
+        await node.write(10, b"\x77" * 20)
+        expected[10:30] = b"\x77" * 20
+        await node.flush()
+
+    with_node(str(image), check, read_only=False, cache="none")
+    tail = -(MiB + 100 + MiB - 16) % aligns[0]
+    assert received == [(MiB, (100, MiB - 16, tail))]
+    (workdir / "expected.raw").write_bytes(expected)
+    run("qemu-img", "compare", "-f", "raw", "-F", "raw", image, workdir / "expected.raw")
+
+
 def test_a_split_write_reads_the_block_its_halves_share_once(image: Path, workdir: Path) -> None:
     """The kernel cuts a 1 MiB write from a buffer 16 bytes into a page in
     two (1048560 bytes, then 16): the second half's read-modify-write uses
