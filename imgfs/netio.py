@@ -7,12 +7,14 @@
   never again once the server has been unreachable for a bounded time.
   Requests that arrive while it waits fail at once (EIO) rather than
   queueing behind a dead server: a mount must answer, not hang.
+* `tcp_corked`: full segments from a library that writes in small pieces.
 """
 from __future__ import annotations
 
+import contextlib
 import os
 import socket
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 
 import trio
 
@@ -34,6 +36,33 @@ def socket_reason(exc: BaseException) -> str:
     if isinstance(cause, BaseExceptionGroup) and cause.exceptions:
         return socket_reason(cause.exceptions[-1])   # trio's "all attempts failed"
     return str(exc) or type(exc).__name__
+
+
+@contextlib.contextmanager
+def tcp_corked(fd: int) -> Iterator[None]:
+    """TCP_CORK on the TCP socket `fd`, which a C library owns, while the
+    block runs: what the library writes in many small calls then leaves in
+    full segments, not a segment per call, each delivered and woken for at
+    the other end."""
+    _set_tcp_cork(fd, True)
+    try:
+        yield
+    finally:
+        _set_tcp_cork(fd, False)       # sends what is held back
+
+
+def _set_tcp_cork(fd: int, on: bool) -> None:
+    # A socket object over the library's descriptor, given up again unclosed.
+    try:
+        sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM, socket.IPPROTO_TCP, fd)
+    except OSError:
+        return                         # not a socket (or gone): nothing to hold back
+    try:
+        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_CORK, on)
+    except OSError:
+        pass                           # not TCP
+    finally:
+        sock.detach()
 
 
 def printable(data: bytes | bytearray | str) -> str:

@@ -32,6 +32,7 @@ from typing import Any
 import trio
 
 from imgfs.errors import ImgfsError, Unreachable
+from imgfs.netio import tcp_corked
 from imgfs.pipeline import Lost, Pipeline, ProtocolError, Request
 from imgfs.spin import ReplySpin
 
@@ -282,8 +283,14 @@ class Session(Pipeline):
         revents = self._ready(fd, events)
         if revents & (select.POLLERR | select.POLLHUP) and self._socket_error is None:
             self._socket_error = _pending_socket_error(fd)
-        if revents:
+        if revents & select.POLLOUT:
+            # libiscsi writes each PDU's header and data in two calls: the
+            # burst of Data-Out PDUs an R2T asks for leaves in full segments.
+            with tcp_corked(fd):
+                self._service(revents)
+        elif revents:
             self._service(revents)
+        if revents:
             self._busy += 1
             if self._busy >= BUSY_TURNS:
                 self._busy = 0
