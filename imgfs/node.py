@@ -309,6 +309,8 @@ class Node:
             return
         self._refuse_read_only()
         self._check_range(offset, length)
+        if not length:
+            return
         with self._driver_errors:
             async with self._rmw_lock:
                 self._tail = None

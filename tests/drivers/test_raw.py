@@ -119,6 +119,7 @@ def test_an_unaligned_write_reaches_the_file_in_its_parts(image: Path, workdir: 
             received.append((offset, tuple(map(len, parts))))
             await write_parts(offset, parts)
         driver.write_parts = recorded  # type: ignore[method-assign]
+        await node.write_parts(4096, (b"", b""))        # nothing to write
         await node.write(MiB + 100, data)
         expected[MiB + 100:2 * MiB + 84] = data
         await node.write(10, b"\x77" * 20)
