@@ -285,45 +285,36 @@ class Node:
     # -- writes ---------------------------------------------------------------
 
     async def write(self, offset: int, data: bytes) -> None:
+        await self.write_parts(offset, (data,))
+
+    async def write_parts(self, offset: int, parts: tuple[bytes, ...]) -> None:
+        """Write `parts` laid end to end from `offset` (`write`: one part).
+        They reach the driver as they are where they cover whole blocks (a
+        format passing the core's head, data and tail down to its file
+        saves the copy that joining them costs)."""
         self._refuse_read_only()
-        self._check_range(offset, len(data))
-        if not data:
+        length = sum(map(len, parts))
+        self._check_range(offset, length)
+        if not length:
             return
         align = self.driver.request_alignment
         with self._driver_errors:
             if align > 1:
                 async with self._rmw_lock:
-                    await self._write_aligned(offset, data, align)
+                    await self._write_aligned(offset, parts, length, align)
             else:
-                await self._write_split(offset, data)
+                await self._write_parts(offset, parts, length)
 
-    async def write_parts(self, offset: int, parts: tuple[bytes, ...]) -> None:
-        """Write `parts` laid end to end from `offset`, as write() writes
-        them joined.  Whole blocks go to the driver as they are (a format
-        passing the core's head, data and tail down to its file saves the
-        copy that joining them costs)."""
-        length = sum(map(len, parts))
-        align = self.driver.request_alignment
-        if len(parts) == 1 or (offset | length) & (align - 1):
-            await self.write(offset, parts[0] if len(parts) == 1 else b"".join(parts))
-            return
-        self._refuse_read_only()
-        self._check_range(offset, length)
-        if not length:
-            return
-        with self._driver_errors:
-            async with self._rmw_lock:
-                self._tail = None
-                await self._write_parts(offset, parts)
-
-    async def _write_aligned(self, offset: int, data: bytes, align: int) -> None:
-        end = offset + len(data)
+    async def _write_aligned(self, offset: int, parts: tuple[bytes, ...], length: int,
+                             align: int) -> None:
+        end = offset + length
         start = offset & ~(align - 1)
         aligned_end = -(-end // align) * align
         known, self._tail = self._tail, None        # unknown until written
         if start == offset and aligned_end == end:
-            await self._write_split(offset, data)
+            await self._write_parts(offset, parts, length)
             return
+        data = parts[0] if len(parts) == 1 else b"".join(parts)
         # Read-modify-write of the partial head and tail blocks, and of
         # nothing between them: a 1 MiB write from a buffer that is not page
         # aligned reaches us as 1 MiB - 16 bytes and 16 bytes (FUSE's
@@ -337,14 +328,17 @@ class Node:
             last = first if first is not None and last_start == start else \
                 await self._read_block(last_start, align, known)
             tail = last[end - last_start:]
-        await self._write_parts(start, (head, data, tail))
+        await self._write_parts(start, (head, data, tail), aligned_end - start)
         if tail:
             written = (data[last_start - offset:],) if last_start >= offset else (head, data)
             self._tail = (last_start, b"".join((*written, tail)))
 
-    async def _write_parts(self, offset: int, parts: tuple[bytes, ...]) -> None:
-        limit = self.driver.max_transfer
-        if limit and sum(map(len, parts)) > limit:
+    async def _write_parts(self, offset: int, parts: tuple[bytes, ...], length: int) -> None:
+        """One part: the driver's write (split by max_transfer); several:
+        its write_parts, unless they exceed max_transfer together."""
+        if len(parts) == 1:
+            await self._write_split(offset, parts[0])
+        elif self.driver.max_transfer and length > self.driver.max_transfer:
             await self._write_split(offset, b"".join(parts))
         else:
             await self.driver.write_parts(offset, parts)
