@@ -283,14 +283,14 @@ class Session(Pipeline):
         revents = self._ready(fd, events)
         if revents & (select.POLLERR | select.POLLHUP) and self._socket_error is None:
             self._socket_error = _pending_socket_error(fd)
-        if revents & select.POLLOUT:
-            # libiscsi writes each PDU's header and data in two calls: the
-            # burst of Data-Out PDUs an R2T asks for leaves in full segments.
-            with tcp_corked(fd):
-                self._service(revents)
-        elif revents:
-            self._service(revents)
         if revents:
+            if revents & select.POLLOUT:
+                # libiscsi writes each PDU's header and data in two calls: the
+                # burst of Data-Out PDUs an R2T asks for leaves in full segments.
+                with tcp_corked(fd):
+                    self._service(revents)
+            else:
+                self._service(revents)
             self._busy += 1
             if self._busy >= BUSY_TURNS:
                 self._busy = 0
