@@ -296,6 +296,7 @@ async def _mount(sources: list[str], mountpoint: str, opts: MountOptions, nodes:
     # Resolved before mounting: once mounted, a stat() of the mountpoint
     # waits for the session we have not started serving.
     real_mountpoint = os.path.realpath(mountpoint)
+    devices_before = fuse_devices()
     try:
         pyfuse3.init(operations, mountpoint, fuse_options(
             opts, sources, read_only=all(view.read_only for view in images)))
@@ -303,6 +304,8 @@ async def _mount(sources: list[str], mountpoint: str, opts: MountOptions, nodes:
         # libfuse has already printed why (no /dev/fuse access, no
         # fusermount3, mountpoint not allowed...)
         raise ImgfsError(f"cannot mount on {mountpoint} ({exc})") from None
+    opened = fuse_devices() - devices_before
+    operations.awake.client_fd = opened.pop() if len(opened) == 1 else None
     try:
         nursery.start_soon(_run_session, session_done, worker_tasks(nodes))
         if any(leaf.driver.busy_poll for leaf in leaves(nodes)):
@@ -316,6 +319,19 @@ async def _mount(sources: list[str], mountpoint: str, opts: MountOptions, nodes:
     # from its own max_readahead: tune the device only now.
     await trio.sleep(0)
     tune_bdi(real_mountpoint)
+
+
+def fuse_devices() -> set[int]:
+    """This process's descriptors open on /dev/fuse (pyfuse3 does not say
+    which one its session reads)."""
+    devices = set()
+    for name in os.listdir("/proc/self/fd"):
+        try:
+            if os.readlink(f"/proc/self/fd/{name}") == "/dev/fuse":
+                devices.add(int(name))
+        except OSError:
+            pass        # closed meanwhile (the listing's own descriptor)
+    return devices
 
 
 def worker_tasks(nodes: list[Any]) -> int:

@@ -221,13 +221,19 @@ class IscsiDriver(BlockDriver):
             await self.session.close()
 
     async def read(self, offset: int, length: int) -> bytes:
-        """One READ, received in place.  Not in pieces: each is one more
-        command for both ends, and a fresh tgtd gave the buffer of every
-        256 KiB piece back to the system (bench/README.md, twelfth session)."""
+        """One READ (the core splits at max_transfer), received in place.
+        Not in pieces: each is one more command for both ends, and a fresh
+        tgtd gave the buffer of every 256 KiB piece back to the system
+        (bench/README.md, twelfth session)."""
         lib, buffer = binding.lib(), read_buffer(length)
         queue = lib.iscsi_read10_iov_task if self.use_read10 else lib.iscsi_read16_iov_task
-        await self._in_pieces("read", queue, offset, (buffer,), lambda lba, size: (
-            lba, size, self.block_size, 0, 0, 0, 0, 0), self.max_transfer, must_fill=True)
+        address, storage = buffer_address(buffer)
+        vec = ScsiIovec(address, length)
+        session = self._session()
+        command = await session.submit(
+            "read", queue, offset // self.block_size, length, self.block_size, 0, 0, 0, 0, 0,
+            after=(vec, 1), keep=(storage, vec), must_fill=True)
+        await session.wait(command)
         # Received in place: a bytearray serves every caller as bytes would.
         return cast(bytes, buffer)
 
@@ -245,8 +251,7 @@ class IscsiDriver(BlockDriver):
                                                  self.fua, 0, 0), WRITE_PIECE)
 
     async def _in_pieces(self, what: str, queue: Any, offset: int, buffers: tuple[Any, ...],
-                         arguments: Callable[[int, int], tuple[Any, ...]], piece: int,
-                         must_fill: bool = False) -> None:
+                         arguments: Callable[[int, int], tuple[Any, ...]], piece: int) -> None:
         """One command per `piece` bytes of the `buffers` laid end to end (guest
         bytes from `offset`), ``queue``'s arguments after the LUN given by
         ``arguments(lba, size)``; all queued at once, then waited for."""
@@ -257,7 +262,7 @@ class IscsiDriver(BlockDriver):
         for vecs, count, size in _iovecs(segments, piece):
             commands.append(await session.submit(
                 what, queue, *arguments(start // self.block_size, size),
-                after=(vecs, count), keep=(keep, vecs), must_fill=must_fill))
+                after=(vecs, count), keep=(keep, vecs)))
             start += size
         for command in commands:
             await session.wait(command)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import threading
 import time
 from collections.abc import Iterator
 
@@ -90,9 +91,11 @@ def test_large_requests_and_their_tails_are_not_polled() -> None:
 
 
 @contextlib.contextmanager
-def polling() -> Iterator[None]:
-    """As inside a mount whose Awake runs, with a polled request in flight."""
+def polling(client_fd: int | None = None) -> Iterator[None]:
+    """As inside a mount whose Awake runs, with a polled request in flight
+    (and the client's requests arriving on `client_fd`)."""
     awake = Awake()
+    awake.client_fd = client_fd
     Awake.running = awake
     try:
         with awake:
@@ -101,12 +104,23 @@ def polling() -> Iterator[None]:
         Awake.running = None
 
 
-@pytest.fixture
-def pipe() -> Iterator[tuple[int, int]]:
+def open_pipe() -> Iterator[tuple[int, int]]:
     reader, writer = os.pipe()
     yield reader, writer
     os.close(reader)
     os.close(writer)
+
+
+@pytest.fixture
+def pipe() -> Iterator[tuple[int, int]]:
+    """The reader's socket, as it were."""
+    yield from open_pipe()
+
+
+@pytest.fixture
+def client() -> Iterator[tuple[int, int]]:
+    """/dev/fuse, as it were."""
+    yield from open_pipe()
 
 
 def test_a_reply_within_the_window_is_found_while_other_tasks_run(
@@ -127,6 +141,58 @@ def test_a_reply_within_the_window_is_found_while_other_tasks_run(
         assert spin.window == MAX_WINDOW
 
     with polling():
+        trio.run(main)
+
+
+def test_alone_the_reader_polls_without_letting_the_loop_run(
+        pipe: tuple[int, int], client: tuple[int, int]) -> None:
+    """The only request in flight, the client quiet: nothing else has to
+    run before the reply, and the loop does not (a task counting its own
+    turns gets none while the reader spins)."""
+    spin, (reader, writer) = ReplySpin(), pipe
+    spin.window = MAX_WINDOW
+    turns = 0
+
+    async def count_turns() -> None:
+        nonlocal turns
+        while True:
+            turns += 1
+            await trio.lowlevel.checkpoint()
+
+    async def main() -> None:
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(count_turns)
+            await trio.sleep(0.001)
+            before = turns
+            threading.Timer(0.0002, os.write, (writer, b"x")).start()
+            assert await spin.spin(reader)
+            assert turns == before
+            nursery.cancel_scope.cancel()
+
+    with polling(client_fd=client[0]):
+        trio.run(main)
+
+
+def test_alone_the_reader_lets_the_loop_take_the_clients_next_request(
+        pipe: tuple[int, int], client: tuple[int, int]) -> None:
+    """The client's descriptor readable: the loop runs, and the task that
+    reads it (here, the one that then sends the reply) gets its turn."""
+    spin, (reader, writer) = ReplySpin(), pipe
+    spin.window = MAX_WINDOW
+
+    async def take_request() -> None:
+        await trio.lowlevel.wait_readable(client[0])
+        os.read(client[0], 1)
+        os.write(writer, b"x")
+
+    async def main() -> None:
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(take_request)
+            await trio.sleep(0.001)
+            os.write(client[1], b"r")
+            assert await spin.spin(reader)
+
+    with polling(client_fd=client[0]):
         trio.run(main)
 
 
