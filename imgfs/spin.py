@@ -59,7 +59,11 @@ class Awake:
     running: ClassVar[Awake | None] = None
 
     def __init__(self) -> None:
+        #: polled (small) requests in flight
         self.in_flight = 0
+        #: requests in flight that are not polled (large ones, their tails)
+        self.others_in_flight = 0
+        self._unpolled = _Unpolled(self)
         #: ns the loop stays awake after the last event: [idle, busy]
         self.windows = [FIRST_WINDOW, FIRST_WINDOW]
         self._last = 0
@@ -81,8 +85,13 @@ class Awake:
             return _UNPOLLED
         if length > SMALL_REQUEST:
             self._large_end = offset + length
-            return _UNPOLLED
-        return _UNPOLLED if offset == self._large_end else self
+            return self._unpolled
+        return self._unpolled if offset == self._large_end else self
+
+    @property
+    def alone(self) -> bool:
+        """One polled request in flight and nothing else."""
+        return self.in_flight == 1 and not self.others_in_flight
 
     def __enter__(self) -> None:
         self.in_flight += 1
@@ -118,6 +127,21 @@ class Awake:
         self.windows[busy] = adapted(self.windows[busy], slept)
 
 
+class _Unpolled:
+    """Counts a request Awake does not poll for (`Awake.others_in_flight`)."""
+
+    __slots__ = ("awake",)
+
+    def __init__(self, awake: Awake) -> None:
+        self.awake = awake
+
+    def __enter__(self) -> None:
+        self.awake.others_in_flight += 1
+
+    def __exit__(self, *_: object) -> None:
+        self.awake.others_in_flight -= 1
+
+
 class ReplySpin:
     """A reader's wait for its socket (or a library's completion
     descriptor), spinning before it sleeps while the loop is kept awake.
@@ -130,8 +154,9 @@ class ReplySpin:
     the reply's latency.  The window adapts as Awake's do, to how long
     replies took when the reader had to sleep.
 
-    While the reply is the only one awaited, nothing else has to run
-    before it comes but the client's next request: the reader polls its
+    While its request is the only one in flight (`Awake.alone`), nothing
+    else has to run before the reply but the client's next request: the
+    reader polls its
     descriptor and the client's together and lets the loop run only when
     the client's is readable (a trio iteration between polls, a task
     switch and an epoll over every descriptor, costs as much as a tenth of
@@ -159,7 +184,7 @@ class ReplySpin:
         now, window = time.perf_counter_ns, self.window
         self._since = start = now()
         while True:
-            if awake.in_flight > 1 or client_fd is None:
+            if not awake.alone or client_fd is None:
                 await trio.lowlevel.checkpoint()    # for the other requests' tasks
             ready = poll(0)
             if ready:

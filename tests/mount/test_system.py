@@ -9,8 +9,10 @@ import time
 from collections.abc import Iterator
 from pathlib import Path
 
+import pyfuse3
 import pytest
 
+from imgfs.mount import fuse_devices
 from tests.conftest import (
     BIN,
     IMGFS,
@@ -461,3 +463,17 @@ def test_daemon_warnings_go_to_syslog(workdir: Path, mnt: Path) -> None:
     finally:
         listener.close()
         os.unlink("/dev/log")
+
+
+def test_the_mount_knows_which_descriptor_its_fuse_session_reads(mnt: Path) -> None:
+    """pyfuse3 does not say which descriptor its session reads: the mount
+    takes the /dev/fuse descriptor that init opened (a reader spinning for
+    its reply gives way to it: imgfs.spin)."""
+    before = fuse_devices()
+    pyfuse3.init(pyfuse3.Operations(), str(mnt), set())
+    try:
+        opened = fuse_devices() - before
+        assert len(opened) == 1
+        assert os.readlink(f"/proc/self/fd/{opened.pop()}") == "/dev/fuse"
+    finally:
+        pyfuse3.close(unmount=True)

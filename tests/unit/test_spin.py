@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import os
-import threading
+import subprocess
 import time
 from collections.abc import Iterator
 
@@ -144,13 +144,19 @@ def test_a_reply_within_the_window_is_found_while_other_tasks_run(
         trio.run(main)
 
 
+def reply_later(writer: int) -> subprocess.Popen[bytes]:
+    """A reply written by another process (a thread of this one would need
+    the interpreter, which the spinning task holds)."""
+    return subprocess.Popen(["sh", "-c", "sleep 0.01; printf x"], stdout=writer)
+
+
 def test_alone_the_reader_polls_without_letting_the_loop_run(
         pipe: tuple[int, int], client: tuple[int, int]) -> None:
     """The only request in flight, the client quiet: nothing else has to
     run before the reply, and the loop does not (a task counting its own
     turns gets none while the reader spins)."""
     spin, (reader, writer) = ReplySpin(), pipe
-    spin.window = MAX_WINDOW
+    spin.window = 2_000_000_000          # the reply's process starting
     turns = 0
 
     async def count_turns() -> None:
@@ -164,9 +170,44 @@ def test_alone_the_reader_polls_without_letting_the_loop_run(
             nursery.start_soon(count_turns)
             await trio.sleep(0.001)
             before = turns
-            threading.Timer(0.0002, os.write, (writer, b"x")).start()
+            replier = reply_later(writer)
             assert await spin.spin(reader)
+            replier.wait()
             assert turns == before
+            nursery.cancel_scope.cancel()
+
+    with polling(client_fd=client[0]):
+        trio.run(main)
+
+
+def test_with_a_large_request_in_flight_the_loop_runs_between_polls(
+        pipe: tuple[int, int], client: tuple[int, int]) -> None:
+    """A large request is not polled for, but its task may need the loop
+    (its reply read, it resumes): the reader is not alone."""
+    spin, (reader, writer) = ReplySpin(), pipe
+    spin.window = 2_000_000_000          # the reply's process starting
+    turns = 0
+
+    async def count_turns() -> None:
+        nonlocal turns
+        while True:
+            turns += 1
+            await trio.lowlevel.checkpoint()
+
+    async def main() -> None:
+        awake = Awake.running
+        assert awake is not None
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(count_turns)
+            await trio.sleep(0.001)
+            before = turns
+            with awake.around(0, 1 << 20):
+                assert not awake.alone
+                replier = reply_later(writer)
+                assert await spin.spin(reader)
+            replier.wait()
+            assert awake.alone
+            assert turns > before
             nursery.cancel_scope.cancel()
 
     with polling(client_fd=client[0]):
