@@ -150,11 +150,10 @@ def reply_later(writer: int) -> subprocess.Popen[bytes]:
     return subprocess.Popen(["sh", "-c", "sleep 0.01; printf x"], stdout=writer)
 
 
-def test_alone_the_reader_polls_without_letting_the_loop_run(
-        pipe: tuple[int, int], client: tuple[int, int]) -> None:
-    """The only request in flight, the client quiet: nothing else has to
-    run before the reply, and the loop does not (a task counting its own
-    turns gets none while the reader spins)."""
+def turns_while_spinning(pipe: tuple[int, int], large_in_flight: bool) -> int:
+    """The turns another task gets while a reader spins for its reply
+    (the only polled request in flight, the client quiet), with or
+    without a large request in flight beside it."""
     spin, (reader, writer) = ReplySpin(), pipe
     spin.window = 2_000_000_000          # the reply's process starting
     turns = 0
@@ -165,53 +164,37 @@ def test_alone_the_reader_polls_without_letting_the_loop_run(
             turns += 1
             await trio.lowlevel.checkpoint()
 
-    async def main() -> None:
-        async with trio.open_nursery() as nursery:
-            nursery.start_soon(count_turns)
-            await trio.sleep(0.001)
-            before = turns
-            replier = reply_later(writer)
-            assert await spin.spin(reader)
-            replier.wait()
-            assert turns == before
-            nursery.cancel_scope.cancel()
-
-    with polling(client_fd=client[0]):
-        trio.run(main)
-
-
-def test_with_a_large_request_in_flight_the_loop_runs_between_polls(
-        pipe: tuple[int, int], client: tuple[int, int]) -> None:
-    """A large request is not polled for, but its task may need the loop
-    (its reply read, it resumes): the reader is not alone."""
-    spin, (reader, writer) = ReplySpin(), pipe
-    spin.window = 2_000_000_000          # the reply's process starting
-    turns = 0
-
-    async def count_turns() -> None:
-        nonlocal turns
-        while True:
-            turns += 1
-            await trio.lowlevel.checkpoint()
-
-    async def main() -> None:
+    async def main() -> int:
         awake = Awake.running
         assert awake is not None
         async with trio.open_nursery() as nursery:
             nursery.start_soon(count_turns)
             await trio.sleep(0.001)
             before = turns
-            with awake.around(0, 1 << 20):
-                assert not awake.alone
+            with awake.around(0, 1 << 20) if large_in_flight else contextlib.nullcontext():
+                assert awake.alone is not large_in_flight
                 replier = reply_later(writer)
                 assert await spin.spin(reader)
             replier.wait()
-            assert awake.alone
-            assert turns > before
             nursery.cancel_scope.cancel()
+        return turns - before
 
+    return trio.run(main)
+
+
+def test_alone_the_reader_polls_without_letting_the_loop_run(
+        pipe: tuple[int, int], client: tuple[int, int]) -> None:
+    """Nothing else has to run before the reply, and the loop does not."""
     with polling(client_fd=client[0]):
-        trio.run(main)
+        assert turns_while_spinning(pipe, large_in_flight=False) == 0
+
+
+def test_with_a_large_request_in_flight_the_loop_runs_between_polls(
+        pipe: tuple[int, int], client: tuple[int, int]) -> None:
+    """A large request is not polled for, but its task may need the loop
+    (its reply read, it resumes): the reader is not alone."""
+    with polling(client_fd=client[0]):
+        assert turns_while_spinning(pipe, large_in_flight=True) > 0
 
 
 def test_alone_the_reader_lets_the_loop_take_the_clients_next_request(
