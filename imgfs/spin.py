@@ -156,12 +156,12 @@ class ReplySpin:
 
     While its request is the only one in flight (`Awake.alone`), nothing
     else has to run before the reply but the client's next request: the
-    reader polls its
-    descriptor and the client's together and lets the loop run only when
-    the client's is readable (a trio iteration between polls, a task
-    switch and an epoll over every descriptor, costs as much as a tenth of
-    a 4 KiB iSCSI read; bench/README.md, thirteenth session).  With more
-    requests in flight the loop runs between polls, for their tasks."""
+    reader polls its descriptor and the client's together, and lets the
+    loop run only when the client's is readable.  A trio iteration between
+    two polls (an epoll over every descriptor, a turn of every task) showed
+    in the time of a 4 KiB iSCSI read (bench/README.md, thirteenth
+    session).  With more requests in flight the loop runs between polls,
+    for their tasks."""
 
     __slots__ = ("window", "_poller", "_fds", "_since")
 
