@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import errno
 import os
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from typing import Any, cast
 
 from imgfs.block import DATA, ZERO, BlockDriver, Extent, Kind
@@ -246,23 +246,14 @@ class IscsiDriver(BlockDriver):
         the parts where they lie (a piece's iovecs may span several)."""
         if not self.writable:
             raise ReadOnly(f"{self._session().name}: {self.read_only_reason}")
-        await self._in_pieces("write", binding.lib().iscsi_write16_iov_task, offset, parts,
-                              lambda lba, size: (lba, None, size, self.block_size, 0, 0,
-                                                 self.fua, 0, 0), WRITE_PIECE)
-
-    async def _in_pieces(self, what: str, queue: Any, offset: int, buffers: tuple[Any, ...],
-                         arguments: Callable[[int, int], tuple[Any, ...]], piece: int) -> None:
-        """One command per `piece` bytes of the `buffers` laid end to end (guest
-        bytes from `offset`), ``queue``'s arguments after the LUN given by
-        ``arguments(lba, size)``; all queued at once, then waited for."""
-        session = self._session()
-        segments = [(*buffer_address(buffer), len(buffer)) for buffer in buffers if len(buffer)]
+        lib, session = binding.lib(), self._session()
+        segments = [(*buffer_address(part), len(part)) for part in parts if len(part)]
         keep = tuple(storage for _, storage, _ in segments)
         commands, start = [], offset
-        for vecs, count, size in _iovecs(segments, piece):
+        for vecs, count, size in _iovecs(segments, WRITE_PIECE):
             commands.append(await session.submit(
-                what, queue, *arguments(start // self.block_size, size),
-                after=(vecs, count), keep=(keep, vecs)))
+                "write", lib.iscsi_write16_iov_task, start // self.block_size, None, size,
+                self.block_size, 0, 0, self.fua, 0, 0, after=(vecs, count), keep=(keep, vecs)))
             start += size
         for command in commands:
             await session.wait(command)
@@ -346,7 +337,7 @@ def _iovecs(segments: list[tuple[int, Any, int]], piece: int) -> Iterator[tuple[
     (the last shorter) over `segments` ((address, owner, length) laid end
     to end)."""
     if len(segments) == 1 and segments[0][2] <= piece:
-        # a small read or write, most requests: one iovec, no array
+        # a small write, most of them: one iovec, no array
         address, _, length = segments[0]
         yield ScsiIovec(address, length), 1, length
         return
