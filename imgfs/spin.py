@@ -43,7 +43,8 @@ MAX_WINDOW = 1_000_000
 FIRST_WINDOW = 8_000
 
 
-_UNPOLLED = contextlib.nullcontext()
+#: what wraps a request while Awake does not run: nothing is tracked
+_UNTRACKED = contextlib.nullcontext()
 
 
 class Awake:
@@ -82,7 +83,7 @@ class Awake:
         on a page spans 257 pages, one more than a FUSE request carries:
         1048560 bytes, then 16), part of a stream, not polled either."""
         if Awake.running is not self:
-            return _UNPOLLED
+            return _UNTRACKED
         if length > SMALL_REQUEST:
             self._large_end = offset + length
             return self._unpolled
